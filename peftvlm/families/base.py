@@ -1,0 +1,50 @@
+"""The declarative description of a model family: the only place that knows its quirks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+DEFAULT_LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What peftvlm needs to know about one architecture family.
+
+    Module names are dotted prefixes of `model.named_modules()` (transformers 5 layout).
+    `training_chat_template` wraps assistant turns in `{% generation %}` markers so that only
+    those tokens carry loss; `None` means the family has no chat template (PaliGemma) and is
+    rendered as prompt + suffix instead.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    kind: Literal["generative", "dual_encoder"] = "generative"
+    vision_module: str = "model.vision_tower"
+    projector_module: str | None = "model.multi_modal_projector"
+    language_module: str | None = "model.language_model"
+    language_targets: tuple[str, ...] = DEFAULT_LM_TARGETS
+    vision_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    projector_targets: tuple[str, ...] = ("linear_1", "linear_2")
+    image_token: str | None = "<image>"
+    training_chat_template: str | None = None
+    end_of_turn: str | None = None
+    box_format: Literal["norm1", "abs1000"] = "norm1"
+    tiny_name: str | None = None
+    build_tiny: Callable[[Path], None] | None = field(default=None, compare=False, repr=False)
+
+    def module_prefix(self, part: str) -> str | None:
+        """The module prefix of a part: `vision`, `projector` or `language`."""
+        return {"vision": self.vision_module, "projector": self.projector_module,
+                "language": self.language_module}[part]
+
+    def part_targets(self, part: str) -> tuple[str, ...]:
+        """The linear-layer names LoRA targets by default inside a part."""
+        return {"vision": self.vision_targets, "projector": self.projector_targets,
+                "language": self.language_targets}[part]
+
+    def quantization_skip_modules(self) -> list[str]:
+        """Full prefixes kept in full precision by QLoRA (transformers matches them as prefixes)."""
+        return [m for m in (self.vision_module, self.projector_module) if m] + ["lm_head"]

@@ -1,0 +1,64 @@
+"""LLaVA (llava-hf/llava-1.5-*): CLIP vision tower, MLP projector, Llama/Vicuna language model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peftvlm.families.base import FamilySpec
+
+# Vicuna-style "USER: ... ASSISTANT: ..." as in llava-hf's template, with generation markers
+# around each assistant reply and its end-of-sequence token (the end-of-turn it must learn).
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'][0]['text'] + ' ' }}{% endif %}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' }}{% generation %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{{ eos_token }}{% endgeneration %}{{ ' ' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_tiny(out_dir: Path) -> None:
+    """A 2-layer random LLaVA with a local tokenizer and processor, saved like a Hub model."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    from peftvlm.families._tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(["<image>"], chat_template=CHAT_TEMPLATE)
+    image_proc = CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                       crop_size={"height": 32, "width": 32})
+    # "default" feature selection drops CLS, so one additional token is removed from the count.
+    processor = LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=8,
+                               vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=64,
+                                       intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, projection_dim=64),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-2)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+SPEC = FamilySpec(
+    name="llava",
+    model_types=("llava",),
+    vision_module="model.vision_tower",
+    projector_module="model.multi_modal_projector",
+    language_module="model.language_model",
+    projector_targets=("linear_1", "linear_2"),
+    image_token="<image>",
+    training_chat_template=CHAT_TEMPLATE,
+    tiny_name="tiny-llava",
+    build_tiny=build_tiny,
+)

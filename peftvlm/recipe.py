@@ -1,0 +1,346 @@
+"""The recipe schema (pydantic v2) and `load_recipe()`: YAML + `key=value` overrides -> `Recipe`.
+
+Unknown keys are errors at any depth; defaults are documented once, here, in field descriptions.
+This module must not import torch: `peftvlm validate` runs on it alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from peftvlm._schema import Section
+from peftvlm.errors import RecipeError
+from peftvlm.registry import method_config_classes
+
+
+class QuantizationConfig(Section):
+    bits: Literal[4, 8] = Field(4, description="Weight precision of the quantized modules.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Matmul dtype of 4-bit layers; auto = bfloat16 on GPU, float32 on CPU.")
+    skip_modules: list[str] | None = Field(
+        None, description="Module prefixes kept in full precision; default: the family's vision "
+                          "tower, projector and lm_head (the language model alone is quantized).")
+
+
+class ModelConfig(Section):
+    id: str = Field(..., description="Hub id, local folder, or a built-in tiny model "
+                                     "(tiny-llava, tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-smolvlm, "
+                                     "tiny-paligemma, tiny-clip).")
+    family: str | None = Field(None, description="Model family; default: read from the config's "
+                                                 "model_type (see `peftvlm ls families`).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(False, description="Run model code from the Hub repo. Off "
+                                                       "unless you trust the repo.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = bfloat16 on a GPU that supports it, else float32.")
+    quantization: QuantizationConfig | None = Field(
+        None, description="bitsandbytes quantization of the base (QLoRA sets 4-bit nf4 by default).")
+
+
+class SourceConfig(Section):
+    path: str | None = Field(None, description="JSONL/JSON/CSV/Parquet file or image folder, "
+                                               "relative to the recipe file.")
+    dataset: str | None = Field(None, description="A `datasets` id or local dataset folder.")
+    split: str = Field("train", description="Split to read, with slicing (`train[:1000]`).")
+    weight: float = Field(1.0, gt=0, description="Mixing weight among several sources.")
+    template: str | None = Field(None, description="Data template that turns annotations into "
+                                                   "conversations; none = rows have `messages`.")
+    columns: dict[str, str] = Field(default_factory=dict,
+                                    description="Template column -> column in this source.")
+    max_samples: int | None = Field(None, gt=0, description="Keep at most this many rows.")
+
+    @field_validator("dataset")
+    @classmethod
+    def _one_location(cls, v, info):
+        if v is not None and info.data.get("path") is not None:
+            raise ValueError("give either `path` or `dataset`, not both")
+        return v
+
+
+class SyntheticConfig(Section):
+    name: Literal["colour-vqa", "colour-classes"] = Field(
+        "colour-vqa", description="Built-in offline task: `colour-vqa` (What color is the "
+                                  "shape? -> red/green/blue/yellow) or `colour-classes` (labels).")
+    train_size: int = Field(2000, gt=0, description="Training rows to generate.")
+    eval_size: int = Field(100, gt=0, description="Held-out rows to generate.")
+    image_size: int = Field(32, gt=0, description="Side of the generated square images.")
+    seed: int = Field(0, description="Seed of the generator.")
+
+
+def _as_sources(value: Any) -> Any:
+    if value is None or isinstance(value, list):
+        return value
+    return [{"path": value} if isinstance(value, str) else value]
+
+
+class DataConfig(Section):
+    train: list[SourceConfig] | None = Field(None, description="Training data: a path, a source, "
+                                                               "or a list of sources.")
+    eval: list[SourceConfig] | None = Field(None, description="Held-out data for `eval` metrics.")
+    synthetic: SyntheticConfig | None = Field(None, description="Generate a built-in offline task "
+                                                                "instead of reading files.")
+    template: str | None = Field(None, description="Default data template for every source.")
+    system_prompt: str | None = Field(None, description="System message prepended to every "
+                                                        "conversation.")
+    on_bad_row: Literal["skip", "error"] = Field(
+        "skip", description="Bad rows (missing image, empty answer...): skip and count, or stop.")
+    on_overflow: Literal["drop", "error"] = Field(
+        "drop", description="Rows longer than train.max_length: drop and count, or stop.")
+    seed: int = Field(0, description="Seed for phrasing choice, mixing and shuffling.")
+    num_proc: int | None = Field(None, gt=0, description="Processes for preprocessing.")
+
+    _coerce_train = field_validator("train", "eval", mode="before")(
+        classmethod(lambda cls, v: _as_sources(v)))
+
+
+class TrainConfig(Section):
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Total optimizer steps; -1 = use epochs.")
+    per_device_train_batch_size: int = Field(4, ge=1, description="Batch size per device.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per step.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule.")
+    warmup_steps: float = Field(0, ge=0, description="Warm-up: steps, or a fraction of the "
+                                                     "total steps when below 1.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optim: str = Field("adamw_torch", description="Optimizer name as in transformers.")
+    max_length: int = Field(1024, ge=16, description="Longest tokenized example; longer ones are "
+                                                     "dropped (see data.on_overflow).")
+    logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
+    save_steps: int = Field(100, ge=1, description="Checkpoint every N steps.")
+    save_total_limit: int | None = Field(2, ge=1, description="Checkpoints to keep.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate held-out metrics every N "
+                                                           "steps (default: before and after).")
+    seed: int = Field(42, description="Seed of initialisation and data order.")
+    bf16: bool | None = Field(None, description="bf16 mixed precision; default: on where the GPU "
+                                                "supports it, never on CPU.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (GPU).")
+    assistant_only_loss: bool = Field(True, description="Loss only on assistant tokens.")
+    dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
+
+
+class WandbConfig(Section):
+    project: str = Field("peftvlm", description="W&B project.")
+    entity: str | None = Field(None, description="W&B team or user.")
+    name: str | None = Field(None, description="Run name; default: the recipe name.")
+    tags: list[str] = Field(default_factory=list, description="Run tags.")
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="Default: online with an API key, else offline with a notice.")
+
+
+class TrackingConfig(Section):
+    wandb: WandbConfig | None = Field(None, description="Weights & Biases tracking; off if absent.")
+
+
+class EvalConfig(Section):
+    metrics: list[str] = Field(default_factory=lambda: ["exact_match"],
+                               description="Metrics on the held-out data (`peftvlm ls metrics`).")
+    max_new_tokens: int = Field(16, ge=1, description="Generation length.")
+    batch_size: int = Field(16, ge=1, description="Generation batch size.")
+    max_samples: int | None = Field(None, ge=1, description="Score at most this many rows.")
+    before_training: bool = Field(True, description="Also score the base model before training.")
+
+
+class ExportConfig(Section):
+    merge: bool = Field(False, description="Merge the adapter into the base after training.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Merged dtype.")
+    push_to_hub: str | None = Field(None, description="Hub repo id to push the export to.")
+    private: bool = Field(True, description="Create the Hub repo as private.")
+
+
+def _method_union():
+    classes = tuple(method_config_classes())
+    return Annotated[Union[classes], Field(discriminator="name")]  # noqa: UP007
+
+
+class Recipe(Section):
+    """A whole recipe: what to train, how, on what, and where to report."""
+
+    name: str | None = Field(None, description="Run name; default: the recipe file's stem.")
+    description: str | None = Field(None, description="Free text, shown in the model card.")
+    model: ModelConfig
+    method: _method_union()  # type: ignore[valid-type]
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    source_path: Path | None = Field(None, exclude=True, description="Where it was read from.")
+
+    def base_dir(self) -> Path:
+        """Folder that relative data paths are resolved against."""
+        return self.source_path.parent if self.source_path else Path.cwd()
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML (secrets never live in recipes)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def apply_overrides(data: dict, overrides: list[str], file: str = "<recipe>") -> dict:
+    """Apply `dotted.key=value` overrides; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"{file}: override `{item}` is not of the form key=value",
+                              hint="write e.g. train.learning_rate=1e-4")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def read_recipe_yaml(path: Path) -> dict:
+    """Read a recipe file into a dict, with clear errors for missing/empty/invalid files."""
+    if not path.exists():
+        raise RecipeError(f"recipe file {path} does not exist",
+                          hint="check the path, or list the shipped ones: `peftvlm ls recipes`")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}: invalid YAML{where}: {problem}",
+                          hint="check indentation and quoting around that line") from exc
+    if data is None:
+        raise RecipeError(f"{path}: the recipe is empty",
+                          hint="start from a shipped one: `peftvlm cp quickstart my.yaml`")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections "
+                          f"(model, method, data, train, tracking), got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; every problem becomes one `RecipeError`."""
+    path = Path(path)
+    data = apply_overrides(read_recipe_yaml(path), overrides or [], str(path))
+    recipe = validate_recipe_dict(data, str(path))
+    recipe.source_path = path.resolve()
+    if recipe.name is None:
+        recipe.name = path.stem
+    check_recipe_files(recipe)
+    return recipe
+
+
+def validate_recipe_dict(data: dict, file: str = "<recipe>") -> Recipe:
+    """Validate a dict against the schema, turning pydantic errors into one clear message."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(describe_validation_error(exc, file, data)) from exc
+
+
+def check_recipe_files(recipe: Recipe) -> None:
+    """Files the recipe names must exist (checked at validate time, before any model loads)."""
+    from peftvlm.registry import get_method
+
+    get_method(recipe.method.name)
+    base = recipe.base_dir()
+    for section in ("train", "eval"):
+        for i, src in enumerate(getattr(recipe.data, section) or []):
+            if src.path and not _is_remote(src.path) and not (base / src.path).exists():
+                raise RecipeError(
+                    f"{recipe.source_path}: data.{section}[{i}].path: file {src.path} does not "
+                    f"exist (looked in {base})", hint="paths are relative to the recipe file")
+    if recipe.data.train is None and recipe.data.synthetic is None:
+        raise RecipeError(f"{recipe.source_path}: data: give `train` (files or a dataset) or "
+                          f"`synthetic` (a built-in offline task)")
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def describe_validation_error(exc: ValidationError, file: str, data: dict) -> str:
+    """One short paragraph per problem: file, dotted field, what is wrong and what is allowed."""
+    lines = []
+    for err in exc.errors()[:3]:
+        loc = _dotted(err["loc"])
+        lines.append(f"{file}: {loc}: {_explain(err, data)}")
+    more = len(exc.errors()) - 3
+    if more > 0:
+        lines.append(f"... and {more} more problem(s)")
+    return "\n".join(lines)
+
+
+def _dotted(loc) -> str:
+    parts = []
+    for p in loc:
+        if isinstance(p, int):
+            parts[-1:] = [f"{parts[-1]}[{p}]"] if parts else [f"[{p}]"]
+        elif p in method_names() and parts and parts[-1] == "method":
+            continue  # the tagged-union branch name is noise in the path
+        else:
+            parts.append(str(p))
+    return ".".join(parts) or "(top level)"
+
+
+def method_names() -> list[str]:
+    return [cls.model_fields["name"].default for cls in method_config_classes()]
+
+
+def _explain(err: dict, data: dict) -> str:
+    kind, loc = err["type"], err["loc"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1], data)
+        return f"unknown key `{loc[-1]}`" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        return (f"unknown method {_tag_value(data)!r}; available: {', '.join(method_names())}"
+                if kind == "union_tag_invalid" else
+                f"`name` is required; one of: {', '.join(method_names())}")
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "literal_error":
+        return f"{err['msg'].replace('Input should be', 'must be')} (got {err['input']!r})"
+    return f"{err['msg']} (got {err.get('input')!r})"
+
+
+def _tag_value(data: dict):
+    method = data.get("method")
+    return method.get("name") if isinstance(method, dict) else method
+
+
+def _allowed_keys(loc, data) -> list[str]:
+    model = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is Recipe and part == "method":
+            name = _tag_value(data)
+            model = next((c for c in method_config_classes()
+                          if c.model_fields["name"].default == name), None)
+            continue
+        if part in method_names():
+            continue
+        field = model.model_fields.get(part) if model else None
+        model = _section_class(field.annotation) if field else None
+    return sorted(k for k in model.model_fields if k != "source_path") if model else []
+
+
+def _section_class(annotation):
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_class(arg)
+        if found is not None:
+            return found
+    return None
