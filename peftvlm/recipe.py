@@ -92,11 +92,36 @@ class DataConfig(Section):
         "skip", description="Bad rows (missing image, empty answer...): skip and count, or stop.")
     on_overflow: Literal["drop", "error"] = Field(
         "drop", description="Rows longer than train.max_length: drop and count, or stop.")
-    seed: int = Field(0, description="Seed for phrasing choice, mixing and shuffling.")
+    seed: int = Field(0, description="Seed for phrasing choice, mixing, shuffling and "
+                                     "few-shot sampling.")
     num_proc: int | None = Field(None, gt=0, description="Processes for preprocessing.")
+    # Image classification (CLIP-family methods: coop, vpt, clip_adapter).
+    classnames: list[str] | None = Field(
+        None, description="Class names in label order (classification). Default: the sorted "
+                          "labels found in the data; for `colour-classes`, red/green/blue/yellow. "
+                          "Synthetic colour classes must be names of colours it can draw.")
+    shots: int | None = Field(None, ge=1, description="Few-shot: training images per class, "
+                                                      "sampled with data.seed; default: all.")
+    prompt_templates: list[str] = Field(
+        default_factory=lambda: ["a photo of a {}."],
+        description="Hand-written prompts for zero-shot class features; `{}` is the class name; "
+                    "features of several templates are averaged.")
+    base_to_new: bool = Field(False, description="Train on the first half of the classes (base) "
+                                                 "and report accuracy on base and new classes "
+                                                 "and their harmonic mean.")
 
     _coerce_train = field_validator("train", "eval", mode="before")(
         classmethod(lambda cls, v: _as_sources(v)))
+
+    @field_validator("prompt_templates")
+    @classmethod
+    def _templates_name_the_class(cls, v):
+        if not v:
+            raise ValueError("give at least one template, e.g. 'a photo of a {}.'")
+        for template in v:
+            if template.count("{}") != 1:
+                raise ValueError(f"template {template!r} must contain `{{}}` exactly once")
+        return v
 
 
 class TrainConfig(Section):

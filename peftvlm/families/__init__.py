@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from peftvlm.errors import ModelError
-from peftvlm.families import llava
+from peftvlm.families import clip, llava
 from peftvlm.families.base import FamilySpec
 
-FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (llava.SPEC,)}
+FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (llava.SPEC, clip.SPEC)}
 
 
 def get_family(name: str) -> FamilySpec:

@@ -1,0 +1,1 @@
+"""Training loops: `sft` (TRL, generative VLMs) and `clip` (CLIP-family methods)."""
