@@ -358,6 +358,10 @@ def train_dual_encoder(recipe, run_dir: Path, resume: bool = False) -> dict:
                           hint="use coop, vpt or clip_adapter with a CLIP model")
     classifier = method.apply(model, family, recipe.method, tokenizer=tokenizer,
                               classnames=classnames, templates=templates)
+    if recipe.data.base_to_new and not classifier.transfers_to_new_classes:
+        raise RecipeError(f"data.base_to_new: method {method.name!r} as configured learns "
+                          f"per-class parameters and cannot score new classes",
+                          hint="for CoOp set method.csc=false")
     trainable, total = classifier.parameter_counts()
 
     settings = optim_settings(recipe, len(train_data.labels), accelerator.num_processes)

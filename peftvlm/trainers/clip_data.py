@@ -52,7 +52,8 @@ def colour_image(rgb, size: int, rng: random.Random):
     fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in rgb)
     shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
     shape([x, y, x + side, y + side], fill=fill)
-    noise = Image.effect_noise((size, size), 12).convert("RGB")
+    # Noise from our seeded RNG (PIL's effect_noise has its own, unseeded one).
+    noise = Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3))
     return Image.blend(image, noise, 0.1)
 
 

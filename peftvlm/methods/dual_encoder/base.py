@@ -76,6 +76,11 @@ class DualEncoderClassifier(nn.Module):
         """Projected class features [n_cls, D] (not necessarily normalised)."""
         return self.zero_shot_features
 
+    @property
+    def transfers_to_new_classes(self) -> bool:
+        """Whether the learned parts apply to classes unseen in training (base-to-new)."""
+        return True
+
     # --- shared behaviour ---------------------------------------------------------------------
     def forward(self, pixel_values):
         """Class logits [B, n_cls]: scaled cosine similarity, as in CLIP."""

@@ -25,6 +25,10 @@ from peftvlm.errors import RecipeError
 from peftvlm.methods.dual_encoder.base import DualEncoderClassifier
 
 
+CSC_NO_TRANSFER = ("method.csc: class-specific context is learned per class and cannot score "
+                   "other classes")
+
+
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -77,12 +81,16 @@ class CoOpClassifier(DualEncoderClassifier):
             nn.init.normal_(ctx, std=0.02)
         self.ctx = nn.Parameter(ctx)
 
+    @property
+    def transfers_to_new_classes(self) -> bool:
+        return not self.method_config.csc
+
     def set_classnames(self, classnames: list[str]) -> None:
         """Re-lay the class prompts; class-specific context cannot follow new classes."""
-        if self.method_config.csc and len(classnames) != self.ctx.shape[0]:
-            raise RecipeError("method.csc: class-specific context is learned per class and "
-                              "cannot be used for other classes",
-                              hint="set method.csc=false for base-to-new evaluation")
+        trained = getattr(self, "classnames", None)
+        if self.method_config.csc and trained is not None and list(classnames) != trained:
+            raise RecipeError(CSC_NO_TRANSFER, hint="set method.csc=false for base-to-new "
+                                                    "evaluation")
         self.classnames = list(classnames)
         layouts = [prompt_layout(self.tokenizer, self.n_ctx, name,
                                  self.method_config.class_token_position) for name in classnames]
