@@ -127,6 +127,32 @@ def cp(recipe: str = typer.Argument(..., help="Shipped recipe name."),
     typer.echo(f"copied {source.name} -> {dest}")
 
 
+@app.command()
+def metrics(
+    predictions: Path = typer.Option(..., "--predictions", "-p",
+                                     help='JSONL rows {"id", "prediction"}.'),
+    references: Path = typer.Option(..., "--references", "-r",
+                                    help='JSONL rows {"id", "references": [...]}, optional '
+                                         '"question_type".'),
+    metric_names: str = typer.Option(..., "--metrics", "-m",
+                                     help="Comma-separated names, e.g. vqa_accuracy or "
+                                          "bleu,cider_d,rouge_l (an unknown name lists all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Score predictions against references (VQA, captioning, classification, retrieval,
+    grounding)."""
+    import json
+
+    from peftvlm.metrics.files import print_table, score_files
+
+    names = [m.strip() for m in metric_names.split(",") if m.strip()]
+    result = score_files(predictions, references, names)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+
+
 def main() -> None:
     """Console entry point: user errors print one message (exit 2); PEFTVLM_DEBUG=1 re-raises."""
     try:

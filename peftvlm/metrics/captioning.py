@@ -214,8 +214,9 @@ def rouge_l(predictions: list[str], references: list[list[str]]) -> dict[str, fl
     return {"rouge_l": float(Rouge().compute_score(gts, res)[0])}
 
 
-def meteor(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    """METEOR 1.5 via pycocoevalcap's jar; needs `java`."""
+def meteor_per_image(predictions: list[str], references: list[list[str]]
+                     ) -> tuple[float, list[float]]:
+    """METEOR 1.5 via pycocoevalcap's jar (needs `java`): corpus score and per-image scores."""
     if not shutil.which("java"):
         raise MetricUnavailable("METEOR needs `java` on PATH (pycocoevalcap runs meteor-1.5.jar)")
     from pycocoevalcap.meteor.meteor import Meteor
@@ -223,9 +224,15 @@ def meteor(predictions: list[str], references: list[list[str]]) -> dict[str, flo
     gts, res = _as_coco(predictions, references)
     scorer = Meteor()
     try:
-        return {"meteor": float(scorer.compute_score(gts, res)[0])}
+        corpus, per_image = scorer.compute_score(gts, res)
     finally:
-        del scorer  # closes the Java process
+        del scorer  # its __del__ stops the Java process
+    return float(corpus), [float(x) for x in per_image]
+
+
+def meteor(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """METEOR 1.5 (pycocoevalcap's corpus score)."""
+    return {"meteor": meteor_per_image(predictions, references)[0]}
 
 
 SPICE_CORENLP = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")

@@ -123,6 +123,8 @@ def score_files(predictions_path: str | Path, references_path: str | Path,
     `{"num_examples", "scores": {score name: value or None}, "notes": {...},
       "higher_is_better": {score name: bool}}`; a metric that cannot run here (SPICE
     offline) scores None with its reason in `notes`."""
+    if not metric_names:
+        raise MetricsError("no metrics given", hint="e.g. --metrics vqa_accuracy,anls")
     metrics = get_metrics(list(metric_names))
     for m in metrics:
         if m.prediction == "model":
@@ -144,7 +146,7 @@ def score_files(predictions_path: str | Path, references_path: str | Path,
                 prepared[m.prepare] = m.prepare(predictions, references)
             preds, refs, note = prepared[m.prepare]
             if note:
-                result["notes"][m.name] = note
+                result["notes"][m.family] = note
         extras = {kw: [r.get(key) for _, r in pairs] for key, kw in m.extras.items()
                   if any(key in r for _, r in pairs)}
         try:
