@@ -76,6 +76,8 @@ def test_prediction_is_always_normalised_answers_only_when_they_disagree():
     assert vqa.vqa_question_accuracy("Two.\n", ["2"] * 10) == 1.0
     # unanimous answers are compared raw: "Yes" is not "yes"
     assert vqa.vqa_question_accuracy("yes", ["Yes"] * 10) == 0.0
+    assert vqa.vqa_question_accuracy("dog.", ["dog."] * 10) == 0.0  # prediction becomes "dog"
+    assert vqa.vqa_question_accuracy("dog.", ["dog."] * 9 + ["cat"]) == 1.0
     # disagreeing answers get the punctuation step only (official quirk): "black  white"
     # (double space) never equals the prediction's "black white"
     assert vqa.vqa_question_accuracy("black / white", ["black / white"] * 5 + ["x"] * 5) == 0.0
@@ -216,13 +218,21 @@ def test_cider_d_equals_pycocoevalcap_per_image():
     assert captioning.cider_d(preds, refs)["cider_d"] == pytest.approx(corpus, abs=1e-6)
 
 
-def test_rouge_l_equals_pycocoevalcap():
+def test_rouge_l_equals_pycocoevalcap_per_image():
     from pycocoevalcap.rouge.rouge import Rouge
 
     preds, refs = _caption_set()
-    preds = [p or "x" for p in preds]  # pycocoevalcap's Rouge divides by zero on ""
-    theirs, _ = Rouge().compute_score(*_coco(preds, refs))
-    assert captioning.rouge_l(preds, refs)["rouge_l"] == pytest.approx(theirs, abs=1e-6)
+    corpus, per_image = Rouge().compute_score(*_coco(preds, refs))
+    assert captioning.rouge_l_per_image(preds, refs) == pytest.approx(list(per_image), abs=1e-6)
+    assert captioning.rouge_l(preds, refs)["rouge_l"] == pytest.approx(corpus, abs=1e-6)
+
+
+def test_bench_script_runs_and_checks_agreement():
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_metrics.py"),
+                          "--images", "60"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert "CIDEr-D" in out.stdout and "speed-up" in out.stdout
 
 
 @pytest.mark.slow

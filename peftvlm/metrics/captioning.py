@@ -1,15 +1,15 @@
 """Captioning metrics that equal pycocoevalcap's: BLEU-1..4, ROUGE-L, CIDEr-D, METEOR, SPICE.
 
-Captions are first tokenised the COCO way: Stanford's PTBTokenizer (through pycocoevalcap,
-needs `java`), lower-cased, punctuation tokens removed. Without Java a Python tokenizer that
-mimics it is used and the result says so. BLEU and CIDEr-D are re-implemented here (same
-formulas, same quirks, 4-6x faster than pycocoevalcap's; tests check agreement to 1e-6);
-ROUGE-L and METEOR call pycocoevalcap's scorers; SPICE runs only when its Java models are
-present, else it is reported unavailable with the reason.
+Captions are first tokenised the COCO way: Stanford's PTBTokenizer (the jar pycocoevalcap
+ships, run with its flags; needs `java`), lower-cased, punctuation tokens removed. Without Java
+(or pycocoevalcap) a Python tokenizer that mimics it is used and the result says so. BLEU,
+CIDEr-D and ROUGE-L are re-implemented here with the same formulas and quirks (BLEU and CIDEr-D
+vectorised with numpy: 3x and 7-10x faster than pycocoevalcap's; tests check agreement to
+1e-6). METEOR runs pycocoevalcap's jar; SPICE runs only when its Java models are present, else
+it is reported unavailable with the reason.
 
     toks_pred, toks_refs, note = tokenize(predictions, references)
-    bleu(toks_pred, toks_refs)   # {'bleu_1': ..., 'bleu_4': ...}
-"""
+    bleu(toks_pred, toks_refs)   # {'bleu_1': ..., 'bleu_4': ...}"""
 
 from __future__ import annotations
 
@@ -34,13 +34,14 @@ CIDER_SIGMA = 6.0
 def tokenize(predictions: list[str], references: list[list[str]]
              ) -> tuple[list[str], list[list[str]], str]:
     """PTB-tokenise predictions and references in one pass; returns them plus a note naming the
-    tokenizer used (Java PTBTokenizer, or the Python fallback when Java is missing)."""
+    tokenizer used (Java PTBTokenizer, or the Python fallback and why)."""
     flat = list(predictions) + [r for refs in references for r in refs]
-    if shutil.which("java"):
-        tokens, note = _java_ptb(flat), "tokenizer: Stanford PTBTokenizer (java)"
+    jar, why_not = _ptb_jar()
+    if jar is not None:
+        tokens, note = _java_ptb(jar, flat), "tokenizer: Stanford PTBTokenizer (java)"
     else:
         tokens = [python_ptb_tokenize(s) for s in flat]
-        note = "tokenizer: Python PTB fallback (java not found; scores may differ slightly)"
+        note = f"tokenizer: Python PTB fallback ({why_not}; scores may differ slightly)"
     toks_pred, pos = tokens[:len(predictions)], len(predictions)
     toks_refs = []
     for refs in references:
@@ -49,12 +50,20 @@ def tokenize(predictions: list[str], references: list[list[str]]
     return toks_pred, toks_refs, note
 
 
-def _java_ptb(sentences: list[str]) -> list[str]:
+def _ptb_jar() -> tuple[Path | None, str]:
+    """pycocoevalcap's Stanford CoreNLP jar when Java can run it, else (None, reason)."""
+    if not shutil.which("java"):
+        return None, "java not found"
+    try:
+        import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+    except ImportError:
+        return None, "pycocoevalcap not installed"
+    return Path(ptb.__file__).parent / ptb.STANFORD_CORENLP_3_4_1_JAR, ""
+
+
+def _java_ptb(jar: Path, sentences: list[str]) -> list[str]:
     """Run the PTBTokenizer jar that ships with pycocoevalcap, with pycocoevalcap's flags, one
     sentence per line; stderr (its progress line) is captured, not printed."""
-    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
-
-    jar = Path(ptb.__file__).parent / ptb.STANFORD_CORENLP_3_4_1_JAR
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "captions.txt"
         path.write_text("\n".join(s.replace("\n", " ") for s in sentences), encoding="utf-8")
@@ -191,7 +200,8 @@ def cider_d_per_image(predictions: list[str], references: list[list[str]], n: in
     ref_img = image[num:]
     denom = norm[ref_img] * norm[num:]
     val = np.divide(val, denom, out=val, where=denom != 0)
-    # pycocoevalcap's "length" is the bigram count (words - 1), kept for identical penalties
+    # pycocoevalcap's "length" is the bigram count (words - 1); the gap is the same as in words
+    # except next to an empty caption, whose similarity is 0 anyway
     length = np.maximum(table.lengths - 1, 0).astype(np.float64)
     penalty = np.exp(-((length[ref_img] - length[num:]) ** 2) / (2 * CIDER_SIGMA ** 2))
     per_ref = val.sum(axis=1) * penalty / n
@@ -206,12 +216,35 @@ def cider_d(predictions: list[str], references: list[list[str]]) -> dict[str, fl
 
 # ---------------------------------------------------------------- ROUGE-L, METEOR, SPICE
 
-def rouge_l(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    """ROUGE-L (beta 1.2, max precision/recall over references), via pycocoevalcap."""
-    from pycocoevalcap.rouge.rouge import Rouge
+def _lcs_length(a: list[str], b: list[str]) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
 
-    gts, res = _as_coco(predictions, references)
-    return {"rouge_l": float(Rouge().compute_score(gts, res)[0])}
+
+def rouge_l_per_image(predictions: list[str], references: list[list[str]],
+                      beta: float = 1.2) -> list[float]:
+    """ROUGE-L of each tokenised caption as pycocoevalcap's Rouge: LCS-based F-measure from the
+    best precision and the best recall over the references (each taken separately), beta 1.2."""
+    scores = []
+    for pred, refs in zip(predictions, references):
+        cand = pred.split(" ")  # split(" ") as pycocoevalcap: "" is one empty token
+        lcs = [(_lcs_length(r.split(" "), cand), len(r.split(" "))) for r in refs]
+        prec = max(m / len(cand) for m, _ in lcs)
+        rec = max(m / n for m, n in lcs)
+        scores.append((1 + beta ** 2) * prec * rec / (rec + beta ** 2 * prec)
+                      if prec and rec else 0.0)
+    return scores
+
+
+def rouge_l(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Mean ROUGE-L over images (equal to pycocoevalcap's)."""
+    return {"rouge_l": mean(rouge_l_per_image(predictions, references))}
 
 
 def meteor_per_image(predictions: list[str], references: list[list[str]]
@@ -219,7 +252,10 @@ def meteor_per_image(predictions: list[str], references: list[list[str]]
     """METEOR 1.5 via pycocoevalcap's jar (needs `java`): corpus score and per-image scores."""
     if not shutil.which("java"):
         raise MetricUnavailable("METEOR needs `java` on PATH (pycocoevalcap runs meteor-1.5.jar)")
-    from pycocoevalcap.meteor.meteor import Meteor
+    try:
+        from pycocoevalcap.meteor.meteor import Meteor
+    except ImportError:
+        raise MetricUnavailable("METEOR needs pycocoevalcap (pip install pycocoevalcap)") from None
 
     gts, res = _as_coco(predictions, references)
     scorer = Meteor()
