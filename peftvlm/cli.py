@@ -83,8 +83,9 @@ def validate(recipes: List[str] = typer.Argument(..., help="Recipe files to chec
 
 
 @app.command("ls")
-def ls(what: str = typer.Argument("recipes", help="methods, families, models or recipes")):
-    """List methods, model families, built-in tiny models or shipped recipes."""
+def ls(what: str = typer.Argument("recipes", help="methods, families, models, metrics or "
+                                                  "recipes")):
+    """List methods, model families, built-in tiny models, metrics or shipped recipes."""
     if what == "methods":
         from peftvlm.registry import METHODS, method_config_classes
 
@@ -102,13 +103,18 @@ def ls(what: str = typer.Argument("recipes", help="methods, families, models or 
 
         for name, f in tiny_models().items():
             typer.echo(f"{name:18} family {f.name}")
+    elif what == "metrics":
+        from peftvlm.metrics import available_metrics
+
+        for m in available_metrics().values():
+            typer.echo(f"{m.name:20} {m.family:15} {m.summary}")
     elif what == "recipes":
         for name, path in shipped_recipes().items():
             first = next((l[1:].strip() for l in path.read_text().splitlines()
                           if l.startswith("#") and l[1:].strip()), "")
             typer.echo(f"{name:24} {first}")
     else:
-        raise RecipeError(f"cannot list {what!r}", hint="use methods, families, models or recipes")
+        raise RecipeError(f"cannot list {what!r}", hint="use methods, families, models, metrics or recipes")
 
 
 @app.command()

@@ -504,3 +504,9 @@ def test_cli_metrics_errors_exit_2_with_one_message(tmp_path, preds, raw, metric
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and message in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_cli_ls_metrics_lists_registry():
+    out = run_cli("ls", "metrics")
+    assert out.returncode == 0
+    assert all(name in out.stdout for name in ("vqa_accuracy", "cider_d", "ndcg", "clipscore"))

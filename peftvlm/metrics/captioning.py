@@ -312,7 +312,7 @@ def _prepare(predictions: list, references: list) -> tuple[list, list, str]:
 
 _KW = {"higher_is_better": True, "prepare": _prepare}
 register("bleu", bleu, summary="corpus BLEU-1..4 (pycocoevalcap-equal)", **_KW)
-register("rouge_l", rouge_l, summary="ROUGE-L F (beta 1.2), pycocoevalcap", **_KW)
+register("rouge_l", rouge_l, summary="ROUGE-L F (beta 1.2), pycocoevalcap-equal", **_KW)
 register("cider_d", cider_d, summary="CIDEr-D x10 (pycocoevalcap's Cider)", **_KW)
 register("meteor", meteor, summary="METEOR 1.5 (pycocoevalcap jar; needs java)", **_KW)
 register("spice", spice, summary="SPICE (needs java + Stanford CoreNLP models)", **_KW)
