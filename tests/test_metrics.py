@@ -218,6 +218,26 @@ def test_cider_d_equals_pycocoevalcap_per_image():
     assert captioning.cider_d(preds, refs)["cider_d"] == pytest.approx(corpus, abs=1e-6)
 
 
+@pytest.mark.parametrize("preds, refs", [
+    (["", ""], [["a b"], ["c"]]),                                  # empty candidates
+    (["a"], [["a b c"]]),                                          # one image: idf is 0
+    (["a b c", "x"], [["", "a b"], ["x", "x x x"]]),               # empty reference
+    (["the the the", "a b c d e f"], [["the cat"], ["a b c d e f", "f e d c b a"]]),
+])
+def test_caption_edge_cases_equal_pycocoevalcap(preds, refs):
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts, res = _coco(preds, refs)
+    assert list(captioning.bleu(preds, refs).values()) == pytest.approx(
+        Bleu(4).compute_score(gts, res, verbose=0)[0], abs=1e-9)
+    assert captioning.cider_d_per_image(preds, refs) == pytest.approx(
+        list(Cider().compute_score(gts, res)[1]), abs=1e-9)
+    assert captioning.rouge_l_per_image(preds, refs) == pytest.approx(
+        list(Rouge().compute_score(gts, res)[1]), abs=1e-9)
+
+
 def test_rouge_l_equals_pycocoevalcap_per_image():
     from pycocoevalcap.rouge.rouge import Rouge
 

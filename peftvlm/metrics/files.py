@@ -138,7 +138,7 @@ def score_files(predictions_path: str | Path, references_path: str | Path,
     predictions = [p["prediction"] for p, _ in pairs]
     references = [r["references"] for _, r in pairs]
     result = {"num_examples": len(pairs), "scores": {}, "notes": {}, "higher_is_better": {}}
-    prepared: dict = {}
+    prepared: dict = {}  # one prepare() pass (e.g. tokenisation) per family of metrics
     for m in metrics:
         preds, refs = predictions, references
         if m.prepare is not None:
@@ -149,14 +149,18 @@ def score_files(predictions_path: str | Path, references_path: str | Path,
                 result["notes"][m.family] = note
         extras = {kw: [r.get(key) for _, r in pairs] for key, kw in m.extras.items()
                   if any(key in r for _, r in pairs)}
-        try:
-            scores = m.func(preds, refs, **extras)
-        except MetricUnavailable as exc:
-            scores = {m.name: None}
-            result["notes"][m.name] = f"unavailable: {exc.message}"
-        result["scores"].update(scores)
-        result["higher_is_better"].update({k: m.higher_is_better for k in scores})
+        _run_metric(m, preds, refs, extras, result)
     return result
+
+
+def _run_metric(m: MetricInfo, preds: list, refs: list, extras: dict, result: dict) -> None:
+    try:
+        scores = m.func(preds, refs, **extras)
+    except MetricUnavailable as exc:
+        scores = {m.name: None}
+        result["notes"][m.name] = f"unavailable: {exc.message}"
+    result["scores"].update(scores)
+    result["higher_is_better"].update({k: m.higher_is_better for k in scores})
 
 
 def print_table(result: dict, console=None) -> None:
