@@ -359,6 +359,7 @@ def test_cross_modal_recall_both_directions():
     ("<|box_start|>(100,200),(500,600)<|box_end|>", (0.1, 0.2, 0.5, 0.6)),
     ("(10, 20), (30, 40) then [0.1, 0.2, 0.3, 0.4]", (0.01, 0.02, 0.03, 0.04)),  # first wins
     ("[12, 30, 80, 90]", None),  # bracketed boxes must be normalised 0-1
+    ("[12, 30, 80, 90] or rather [0.5, 0.5, 1, 1]", (0.5, 0.5, 1.0, 1.0)),
     ("no box here", None),
 ])
 def test_parse_box(text, box):
@@ -380,7 +381,7 @@ def test_box_iou_and_accuracy():
 
 # ---------------------------------------------------------------- CLIPScore
 
-def test_clipscore_and_refclipscore_match_the_model_outputs():
+def test_clipscore_and_refclipscore_match_the_model_outputs(tmp_path):
     torch = pytest.importorskip("torch")
     from PIL import Image
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
@@ -402,7 +403,9 @@ def test_clipscore_and_refclipscore_match_the_model_outputs():
     images = [Image.new("RGB", (40, 40), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
     captions, refs = ["a red square", "blue", "green grass"], [["red"], ["a blue box", "sky"],
                                                                ["grass"]]
-    scores = clip_score(model, processor, images, captions, refs, batch_size=2)
+    images[2].save(tmp_path / "green.png")  # paths are accepted too
+    scores = clip_score(model, processor, images[:2] + [tmp_path / "green.png"], captions, refs,
+                        batch_size=2)
 
     def embed(texts):
         batch = processor(text=[PREFIX + t for t in texts], padding=True, return_tensors="pt")

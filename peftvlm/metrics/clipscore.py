@@ -3,10 +3,13 @@
 CLIPScore = w * max(cos(image, "A photo depicts " + caption), 0) with w = 2.5. RefCLIPScore is
 the harmonic mean of that and the best cosine between the caption and any (equally prefixed)
 reference, as the authors' code computes it. Scores are per-image means. torch is imported
-inside the functions only; pass any `CLIPModel` + `CLIPProcessor` (a tiny random one in tests).
+inside the functions only; pass any `CLIPModel` + `CLIPProcessor` (a tiny random one in tests)
+and PIL images or image paths.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from peftvlm.metrics import mean, register
 
@@ -31,12 +34,22 @@ def _text_features(model, processor, texts: list[str], batch_size: int):
     return torch.cat(out)
 
 
+def _load(image):
+    """A PIL image as is; a path is opened as RGB."""
+    if isinstance(image, (str, Path)):
+        from PIL import Image
+
+        return Image.open(image).convert("RGB")
+    return image
+
+
 def _image_features(model, processor, images: list, batch_size: int):
     import torch
 
     out = []
     for i in range(0, len(images), batch_size):
-        batch = processor(images=images[i:i + batch_size], return_tensors="pt").to(model.device)
+        batch = processor(images=[_load(im) for im in images[i:i + batch_size]],
+                          return_tensors="pt").to(model.device, dtype=model.dtype)
         with torch.no_grad():
             out.append(_normalised(model.get_image_features(**batch)))
     return torch.cat(out)

@@ -23,7 +23,7 @@ _QWEN = re.compile(r"\(" + _NUM + "," + _NUM + r"\)\s*,?\s*(?:to\s*)?\(" + _NUM 
 
 def parse_box(text: str) -> Box | None:
     """The first box in `text` as normalised (x1, y1, x2, y2), or None when there is none."""
-    found = [m for m in (_BRACKET.search(text), _QWEN.search(text)) if m]
+    found = [*_BRACKET.finditer(text), *_QWEN.finditer(text)]
     for match in sorted(found, key=lambda m: m.start()):
         values = tuple(float(v) for v in match.groups())
         if match.re is _QWEN:
