@@ -114,7 +114,8 @@ def ls(what: str = typer.Argument("recipes", help="methods, families, models, me
                           if l.startswith("#") and l[1:].strip()), "")
             typer.echo(f"{name:24} {first}")
     else:
-        raise RecipeError(f"cannot list {what!r}", hint="use methods, families, models, metrics or recipes")
+        raise RecipeError(f"cannot list {what!r}",
+                          hint="use methods, families, models, metrics or recipes")
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """Tests for peftvlm.metrics: hand-computed values for every metric, the official VQA
 normalisation quirks, agreement with pycocoevalcap, and `peftvlm metrics` through its real
-entry point (`python -m peftvlm metrics ...`)."""
+entry point (`python -m peftvlm metrics ...`, via conftest's `cli` fixture)."""
 
 from __future__ import annotations
 
@@ -302,7 +302,8 @@ def test_spice_reports_unavailable_with_reason(tmp_path):
                          [{"id": 1, "references": ["a dog"]}])
     result = score_files(preds, refs, ["spice", "bleu"])
     assert result["scores"]["spice"] is None
-    assert result["notes"]["spice"].startswith("unavailable: ") and reason in result["notes"]["spice"]
+    note = result["notes"]["spice"]
+    assert note.startswith("unavailable: ") and reason in note
     assert result["scores"]["bleu_1"] == pytest.approx(1.0)
 
 
@@ -496,20 +497,14 @@ def test_captioning_metrics_share_one_tokenisation(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- CLI (real entry point)
 
-def run_cli(*args):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "peftvlm", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_cli_metrics_json_and_table(tmp_path):
+def test_cli_metrics_json_and_table(tmp_path, cli):
     p, r = _write(tmp_path, [{"id": 1, "prediction": "2"}, {"id": "q2", "prediction": "yes"}],
                   VQA_REFS)
-    out = run_cli("metrics", "--predictions", p, "--references", r, "--metrics",
+    out = cli("metrics", "--predictions", p, "--references", r, "--metrics",
                   "vqa_accuracy,exact_match", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["scores"]["vqa_accuracy"] == 1.0
-    table = run_cli("metrics", "-p", p, "-r", r, "-m", "anls")
+    table = cli("metrics", "-p", p, "-r", r, "-m", "anls")
     assert table.returncode == 0 and "anls" in table.stdout and "1.0000" in table.stdout
 
 
@@ -521,15 +516,16 @@ def test_cli_metrics_json_and_table(tmp_path):
     ([{"id": 1, "prediction": "2"}, {"id": "q2", "prediction": "yes"}], None, "vqa,blue",
      "unknown metric(s): vqa, blue"),
 ])
-def test_cli_metrics_errors_exit_2_with_one_message(tmp_path, preds, raw, metrics, message):
+def test_cli_metrics_errors_exit_2_with_one_message(tmp_path, cli, preds, raw, metrics,
+                                                   message):
     p, r = _write(tmp_path, preds, VQA_REFS, raw)
-    out = run_cli("metrics", "--predictions", p, "--references", r, "--metrics", metrics)
+    out = cli("metrics", "--predictions", p, "--references", r, "--metrics", metrics)
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and message in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
 
 
-def test_cli_ls_metrics_lists_registry():
-    out = run_cli("ls", "metrics")
+def test_cli_ls_metrics_lists_registry(cli):
+    out = cli("ls", "metrics")
     assert out.returncode == 0
     assert all(name in out.stdout for name in ("vqa_accuracy", "cider_d", "ndcg", "clipscore"))
