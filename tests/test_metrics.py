@@ -37,6 +37,7 @@ def test_registry_lists_every_family_with_direction_and_summary():
 def test_unknown_metrics_are_named_together():
     with pytest.raises(MetricsError, match="unknown metric.*: foo, bar"):
         get_metrics(["bleu", "foo", "bar"])
+    assert get_metric("vqa_accuracy").func(["Two"], [["2"] * 10]) == {"vqa_accuracy": 1.0}
 
 
 def test_importing_metrics_does_not_import_torch():

@@ -7,7 +7,7 @@ of named scores, so one metric may report several numbers (`bleu` -> `bleu_1` ..
 Nothing here imports torch; `clipscore` imports it inside its functions.
 
     from peftvlm.metrics import get_metric
-    get_metric("vqa_accuracy").func(["2"], [["two"] * 10])   # {'vqa_accuracy': 1.0}
+    get_metric("vqa_accuracy").func(["Two"], [["2"] * 10])   # {"vqa_accuracy": 1.0}
 
 Scoring prediction/reference JSONL files is `peftvlm.metrics.files.score_files`.
 """
