@@ -172,6 +172,13 @@ def test_cider_d_hand_computed():
     assert longer[1] > 0 and longer[0] < 10
 
 
+def test_caption_scorers_reject_misaligned_inputs():
+    with pytest.raises(MetricsError, match="1 empty"):
+        captioning.cider_d(["a", "b"], [["a"], []])
+    with pytest.raises(MetricsError, match="2 predictions, 1 reference"):
+        captioning.bleu(["a", "b"], [["a"]])
+
+
 def test_rouge_l_hand_computed():
     p, r = 2 / 3, 2 / 4  # LCS("a b c", "a c d e") = 2
     expected = (1 + 1.2 ** 2) * p * r / (r + 1.2 ** 2 * p)
@@ -237,6 +244,21 @@ def test_caption_edge_cases_equal_pycocoevalcap(preds, refs):
         list(Cider().compute_score(gts, res)[1]), abs=1e-9)
     assert captioning.rouge_l_per_image(preds, refs) == pytest.approx(
         list(Rouge().compute_score(gts, res)[1]), abs=1e-9)
+
+
+@pytest.mark.parametrize("preds", [["a b", "c"], ["", ""]])
+def test_only_empty_references(preds):
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    refs = [[""], [""]]
+    # pycocoevalcap's Cider raises here (max() of no document frequencies); we score 0
+    assert captioning.cider_d_per_image(preds, refs) == [0.0, 0.0]
+    gts, res = _coco(preds, refs)
+    assert captioning.rouge_l_per_image(preds, refs) == pytest.approx(
+        list(Rouge().compute_score(gts, res)[1]))  # "" vs "" is 1.0 there (one empty token)
+    assert list(captioning.bleu(preds, refs).values()) == pytest.approx(
+        Bleu(4).compute_score(gts, res, verbose=0)[0], abs=1e-12)
 
 
 def test_rouge_l_equals_pycocoevalcap_per_image():

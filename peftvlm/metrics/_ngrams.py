@@ -72,3 +72,19 @@ def lookup(keys: np.ndarray, values: np.ndarray, queries: np.ndarray) -> np.ndar
         return np.zeros(len(queries))
     found = sorted_keys[idx_clipped] == queries
     return np.where(found, values[order][idx_clipped], 0.0)
+
+
+def unique(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (a sort instead of np.unique's hashing, which is slower here)."""
+    values = np.sort(values)
+    return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
+
+
+def max_per_key(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique keys, the largest value of each)."""
+    if len(keys) == 0:
+        return keys, values
+    by_key = np.argsort(keys, kind="stable")
+    sorted_keys = keys[by_key]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    return sorted_keys[starts], np.maximum.reduceat(values[by_key], starts)

@@ -112,9 +112,14 @@ def python_ptb_tokenize(sentence: str) -> str:
 
 def _ngram_table(predictions: list[str], references: list[list[str]], n: int):
     """Count n-grams of predictions then references; also return each sentence's image index."""
-    from peftvlm.metrics._ngrams import NgramTable
     import numpy as np
 
+    from peftvlm.metrics._ngrams import NgramTable
+
+    if len(predictions) != len(references) or not all(references):
+        raise MetricsError("captioning metrics need one prediction and at least one reference "
+                           f"per image (got {len(predictions)} predictions, {len(references)} "
+                           f"reference lists, {sum(not r for r in references)} empty)")
     sentences = list(predictions) + [r for refs in references for r in refs]
     num_refs = np.array([len(refs) for refs in references], dtype=np.int64)
     image = np.concatenate([np.arange(len(predictions)),
@@ -129,18 +134,14 @@ def bleu(predictions: list[str], references: list[list[str]], n: int = 4) -> dic
     counts, the closest reference length (shorter on ties), its tiny/small smoothing."""
     import numpy as np
 
-    from peftvlm.metrics._ngrams import lookup
+    from peftvlm.metrics._ngrams import lookup, max_per_key
 
     table, image, num_refs = _ngram_table(predictions, references, n)
     num = len(predictions)
     key = image[table.sent] * table.num_grams + table.gram
     hyp, ref = table.sent < num, table.sent >= num
-    # the most times each n-gram occurs in any one reference of its image
-    by_key = np.argsort(key[ref], kind="stable")
-    sorted_keys = key[ref][by_key]
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    ref_keys = sorted_keys[starts]
-    max_ref = np.maximum.reduceat(table.count[ref][by_key], starts)
+    # clip each count at the most times the n-gram occurs in any one reference of its image
+    ref_keys, max_ref = max_per_key(key[ref], table.count[ref])
     clipped = np.minimum(table.count[hyp], lookup(ref_keys, max_ref, key[hyp]))
     correct = np.bincount(table.order[hyp], clipped, minlength=n)
 
@@ -177,14 +178,13 @@ def cider_d_per_image(predictions: list[str], references: list[list[str]], n: in
     """
     import numpy as np
 
-    from peftvlm.metrics._ngrams import lookup
+    from peftvlm.metrics._ngrams import lookup, unique
 
     table, image, num_refs = _ngram_table(predictions, references, n)
     num, grams = len(predictions), table.num_grams
     img = image[table.sent]
     hyp, ref = table.sent < num, table.sent >= num
-    doc = np.sort(img[ref] * grams + table.gram[ref])
-    doc = doc[np.r_[True, doc[1:] != doc[:-1]]]  # each (image, n-gram) once
+    doc = unique(img[ref] * grams + table.gram[ref])  # each (image, n-gram) once
     doc_freq = np.bincount(doc % grams, minlength=grams)
     log_n = math.log(float(len(references)))
     weight = table.count * (log_n - np.log(np.maximum(1.0, doc_freq)))[table.gram]
@@ -196,7 +196,7 @@ def cider_d_per_image(predictions: list[str], references: list[list[str]], n: in
                    img[ref] * grams + table.gram[ref])
     overlap = np.minimum(hyp_w, weight[ref]) * weight[ref]
     val = np.bincount(table.sent[ref] * n + table.order[ref], overlap,
-                      minlength=num_sent * n).reshape(num_sent, n)[num:]
+                      minlength=num_sent * n).reshape(num_sent, n)[num:].astype(np.float64)
     ref_img = image[num:]
     denom = norm[ref_img] * norm[num:]
     val = np.divide(val, denom, out=val, where=denom != 0)
