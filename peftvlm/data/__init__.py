@@ -1,0 +1,1 @@
+"""Data: sources, templates, self-instruct generation, collation."""
