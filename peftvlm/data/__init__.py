@@ -1,1 +1,0 @@
-"""Data: sources, templates, self-instruct generation, collation."""
