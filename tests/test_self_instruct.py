@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -506,15 +504,13 @@ def test_local_model_end_to_end_writes_report(tiny_lm, tmp_path):
 
 # --- the command line -----------------------------------------------------------------------
 
-def test_cli_runs_against_a_server_and_reports_config_errors(tmp_path, serve):
+def test_cli_runs_against_a_server_and_reports_config_errors(tmp_path, serve, cli):
     server = serve(scripted)
     good = write_config(tmp_path, num_instructions=1, batch_size=1,
                         generator={"type": "openai", "url": server.url, "model": "m"})
-    cmd = [sys.executable, "-m", "peftvlm", "data", "self-instruct"]
-    env_root = {"cwd": ROOT, "capture_output": True, "text": True, "timeout": 120}
-    done = subprocess.run(cmd + [str(good)], **env_root)
+    done = cli("data", "self-instruct", good)
     assert done.returncode == 0, done.stderr
     assert "kept 1/1" in done.stdout and (tmp_path / "out" / "gen.jsonl").exists()
-    bad = subprocess.run(cmd + [str(good), "generator.colour=red"], **env_root)
+    bad = cli("data", "self-instruct", good, "generator.colour=red")
     assert bad.returncode == 2
     assert "generator.colour: unknown key `colour`" in bad.stderr and "Traceback" not in bad.stderr

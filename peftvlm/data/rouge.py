@@ -82,9 +82,15 @@ def rouge_l(target: str, prediction: str, use_stemmer: bool = False) -> float:
 
 
 def _required_overlap(length: int, threshold: float) -> int:
-    """Fewest shared items a text of `length` tokens needs with any partner to exceed the
-    threshold (partners shorter than length*thr/(2-thr) can never exceed it); rounded down."""
-    return max(1, math.floor(threshold * length / (2 - threshold) - _SLACK))
+    """Fewest shared items a text of `length` tokens needs with any partner to reach the
+    threshold (partners shorter than length*thr/(2-thr) never reach it). Reaching, not only
+    exceeding: rouge-score's float F1 can land just above a threshold it exactly equals."""
+    return max(1, math.ceil(threshold * length / (2 - threshold) - _SLACK))
+
+
+def _pair_overlap(m: int, n: int, threshold: float) -> int:
+    """Fewest shared items for a pair of lengths m, n to reach the threshold."""
+    return max(1, math.ceil(threshold * (m + n) / 2 - _SLACK))
 
 
 class NoveltyIndex:
@@ -104,7 +110,8 @@ class NoveltyIndex:
         self.texts: list[str] = []
         self._tokens: list[list[str]] = []
         self._items: list[frozenset[int]] = []
-        self._postings: dict[tuple[int, int], list[int]] = {}
+        self._lengths: list[int] = []
+        self._postings: dict[int, dict[int, list[int]]] = {}
         self._max_len = 0
         self._item_ids: dict[tuple[str, int], int] = {}
         self._rank: dict[int, int] = {}
@@ -141,10 +148,11 @@ class NoveltyIndex:
         self._tokens.append(tokens)
         self._items.append(frozenset(items))
         n = len(items)
+        self._lengths.append(n)
         self._max_len = max(self._max_len, n)
-        # Postings are keyed by (item, length) so a probe only meets partners of feasible length.
+        # Postings: item -> partner length -> texts, so a probe meets only feasible lengths.
         for item in self._ordered(items)[:n - _required_overlap(n, self.threshold) + 1]:
-            self._postings.setdefault((item, n), []).append(idx)
+            self._postings.setdefault(item, {}).setdefault(n, []).append(idx)
 
     def find_similar(self, text: str) -> tuple[int, float] | None:
         """(pool index, F1) of the first pool text (in pool order) scoring above the threshold,
@@ -161,21 +169,24 @@ class NoveltyIndex:
         n_lo = max(1, math.ceil(thr * m / (2 - thr) - _SLACK))
         n_hi = self._max_len if thr == 0 else min(self._max_len,
                                                   math.floor(m * (2 - thr) / thr + _SLACK))
+        # A pair (m, n) reaching the threshold shares t(m, n) items, so this text's first
+        # m - t + 1 items already meet the partner's indexed prefix: the i-th item (from 0)
+        # only needs partners of the lengths n with i <= m - t(m, n).
+        last_position = {n: m - _pair_overlap(m, n, thr) for n in range(n_lo, n_hi + 1)}
         found: set[int] = set()
-        for n in range(n_lo, n_hi + 1):
-            # A pair (m, n) above the threshold shares > thr*(m+n)/2 items, so the first
-            # m - t + 1 items of this text already meet the partner's indexed prefix.
-            t = max(1, math.floor(thr * (m + n) / 2 - _SLACK))
-            for item in ordered[:m - t + 1]:
-                found.update(self._postings.get((item, n), ()))
+        for i, item in enumerate(ordered[:m - _required_overlap(m, thr) + 1]):
+            for n, texts in self._postings.get(item, {}).items():
+                if last_position.get(n, -1) >= i:
+                    found.update(texts)
         return sorted(found)
 
     def _first_above(self, tokens, items, candidates) -> tuple[int, float] | None:
         m, thr = len(tokens), self.threshold
+        pool_items, lengths = self._items, self._lengths
         masks = None
         for j in candidates:
-            n = len(self._tokens[j])
-            if 2 * len(items & self._items[j]) < thr * (m + n) - _SLACK:
+            n = lengths[j]
+            if 2 * len(items & pool_items[j]) < thr * (m + n) - _SLACK:
                 continue  # LCS <= multiset overlap
             masks = masks or _position_masks(tokens)
             f1 = f1_from_lcs(_lcs_with_masks(masks, m, self._tokens[j]), n, m)
