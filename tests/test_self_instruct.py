@@ -502,6 +502,18 @@ def test_local_model_end_to_end_writes_report(tiny_lm, tmp_path):
     assert state["prompts_done"] == 4 and state["kept"] == report["kept"]
 
 
+def test_a_local_vlm_generates_from_text_prompts(tiny_llava_path, tmp_path):
+    from peftvlm.data.self_instruct.config import LocalGeneratorConfig
+    from peftvlm.data.self_instruct.generators import LocalGenerator
+
+    gen = LocalGenerator(LocalGeneratorConfig(type="local", path=str(tiny_llava_path),
+                                              temperature=0), tmp_path)
+    assert type(gen.model).__name__ == "LlavaForConditionalGeneration"
+    assert gen._render("Describe the image.") == "USER: Describe the image. ASSISTANT:"
+    outputs = gen.generate(["Describe the image.", "Name a colour."], [0, 1], 6)
+    assert len(outputs) == 2 and all(isinstance(o.text, str) for o in outputs)
+
+
 # --- the command line -----------------------------------------------------------------------
 
 def test_cli_runs_against_a_server_and_reports_config_errors(tmp_path, serve, cli):
