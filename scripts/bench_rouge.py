@@ -80,8 +80,9 @@ def main() -> None:
           f"({naive_cpu:.1f} s CPU) "
           f"({per_naive * 1e3:.0f} ms/candidate); decisions identical to fast on this sample "
           f"(kept {sum(naive)}/{len(sample)})")
+    hours = per_naive * args.candidates / 3600
     print(f"speed-up per candidate (CPU time): {per_naive / per_fast:.0f}x; naive extrapolated "
-          f"to all {args.candidates} candidates: {per_naive * args.candidates / 3600:.1f} CPU hours")
+          f"to all {args.candidates} candidates: {hours:.1f} CPU hours")
 
 
 if __name__ == "__main__":

@@ -74,8 +74,9 @@ def test_exact_threshold_ties_are_decided_as_rouge_score_rounds_them(lcs, m, n):
     # 2*lcs/(m+n) is exactly the threshold, yet rouge-score's float F1 lands just above it,
     # so it rejects; the bounds of the fast filter must not skip such pairs.
     threshold = 2 * lcs / (m + n)
-    pool = " ".join(f"p{i}" for i in range(n - lcs)) + " " + " ".join(f"s{i}" for i in range(lcs))
-    candidate = " ".join(f"s{i}" for i in range(lcs)) + " " + " ".join(f"c{i}" for i in range(m - lcs))
+    shared = [f"s{i}" for i in range(lcs)]
+    pool = " ".join([f"p{i}" for i in range(n - lcs)] + shared)
+    candidate = " ".join(shared + [f"c{i}" for i in range(m - lcs)])
     naive = naive_novelty_filter([candidate], [pool], threshold)
     assert naive == [False] and fast_novelty_filter([candidate], [pool], threshold) == naive
 
@@ -119,6 +120,11 @@ def test_bad_configs_name_the_file_and_field(tmp_path, fields, message):
     with pytest.raises(RecipeError) as err:
         load_config(write_config(tmp_path, **fields))
     assert message in str(err.value)
+
+
+def test_missing_config_file_is_a_recipe_error(tmp_path):
+    with pytest.raises(RecipeError, match="self-instruct config .*nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
 
 
 def test_shipped_seeds_and_example_config_are_valid():
@@ -246,10 +252,11 @@ def test_openai_endpoint_every_filter_fires_with_exact_counts(tmp_path, serve, m
         "Describe the scene for a radio listener in full detail.",
         "Which season does the photograph of the park most likely show?",
         "Compare the two dogs in the image by size and colour."]
-    assert rows[0] == {"messages": [
-        {"role": "user", "content": [{"type": "text", "text": rows[0]["messages"][0]["content"][0]["text"]}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "The glass tower on the left."}]}],
-        "images": []}
+    first_question = rows[0]["messages"][0]["content"][0]["text"]
+    assert rows[0] == {"images": [], "messages": [
+        {"role": "user", "content": [{"type": "text", "text": first_question}]},
+        {"role": "assistant", "content": [{"type": "text",
+                                           "text": "The glass tower on the left."}]}]}
     assert json.loads((tmp_path / "out" / "gen.report.json").read_text()) == report
 
     # Requests: chat/completions with the key; 2 seeds + (from prompt 1 on) 1 kept example.
@@ -349,8 +356,10 @@ def test_visual_mode_writes_image_rows_the_trainer_reads(tmp_path, serve):
     conversation = rows[0]["messages"]
     assert [m["role"] for m in conversation] == ["user", "assistant"] * 2
     assert conversation[0]["content"][0] == {"type": "image"}
-    assert conversation[2]["content"] == [{"type": "text", "text": "Where is it placed in the room?"}]
-    assert len(rows[2]["messages"]) == 2 and "thoroughly" in rows[2]["messages"][0]["content"][1]["text"]
+    assert conversation[2]["content"] == [{"type": "text",
+                                           "text": "Where is it placed in the room?"}]
+    description = rows[2]["messages"]
+    assert len(description) == 2 and "thoroughly" in description[0]["content"][1]["text"]
     for row in rows:
         loaded = to_conversation(row, out.parent)
         assert Path(loaded["images"][0]).is_file()
@@ -374,7 +383,8 @@ def test_visual_images_outside_the_output_folder_are_refused(tmp_path):
 # --- resume and determinism (scripted in-process generator) ---------------------------------
 
 WORDS = ("apple bridge candle dragon engine forest garden harbor island jacket kettle lantern "
-         "meadow needle orchard pencil quarry river saddle tunnel violin window yacht zebra").split()
+         "meadow needle orchard pencil quarry river saddle tunnel violin window yacht "
+         "zebra").split()
 
 
 class HashGenerator:

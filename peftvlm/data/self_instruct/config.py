@@ -9,7 +9,6 @@ import typing
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from peftvlm._schema import Section
@@ -143,6 +142,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> SelfIns
     from peftvlm.recipe import apply_overrides, read_recipe_yaml
 
     path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"self-instruct config {path} does not exist",
+                          hint="start from data_templates/self_instruct/example.yaml")
     data = apply_overrides(read_recipe_yaml(path), overrides or [], str(path))
     try:
         config = SelfInstructConfig.model_validate(data)

@@ -36,7 +36,8 @@ class Filters:
         self.counts = dict.fromkeys(REASONS, 0)
         words = "|".join(re.escape(w.strip()) for w in config.blacklist if w.strip())
         self._blacklist = re.compile(rf"(?i)(?<!\w)(?:{words})(?!\w)") if words else None
-        self._hint = frequency_hint
+        # Per-image pools stay small, so only the global pool is worth ordering by frequency.
+        self._hint = [] if per_image else frequency_hint
         self._exact: set[tuple] = set()
         self._novelty: dict[str | None, NoveltyIndex] = {}
         self._near: dict[str | None, NoveltyIndex] = {}

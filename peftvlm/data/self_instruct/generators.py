@@ -50,7 +50,8 @@ class LocalGenerator:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                                   add_generation_prompt=True, tokenize=False)
 
-    def generate(self, prompts: list[str], seeds: list[int], max_new_tokens: int) -> list[Generation]:
+    def generate(self, prompts: list[str], seeds: list[int],
+                 max_new_tokens: int) -> list[Generation]:
         """One batch; seeded by its first prompt's seed, so a rerun of the batch is identical."""
         import torch
 
@@ -123,7 +124,8 @@ class OpenAIGenerator:
     def describe(self) -> str:
         return f"{self.config.model} at {self.endpoint}"
 
-    def generate(self, prompts: list[str], seeds: list[int], max_new_tokens: int) -> list[Generation]:
+    def generate(self, prompts: list[str], seeds: list[int],
+                 max_new_tokens: int) -> list[Generation]:
         """One request per prompt; results come back in prompt order."""
         import httpx
 

@@ -108,8 +108,8 @@ class SelfInstruct:
                            f"{self.config.source_path}",
                            hint="rerun with the same config (num_instructions and max_prompts "
                                 "may change), or pass --overwrite to start again")
-        for path, size in ((paths.output, state["output_bytes"]), (paths.pool, state["pool_bytes"])):
-            _cut_to(path, size)
+        _cut_to(paths.output, state["output_bytes"])
+        _cut_to(paths.pool, state["pool_bytes"])
         return state
 
     def load_kept(self) -> None:
@@ -127,8 +127,8 @@ class SelfInstruct:
     def _text_job(self, rng: random.Random) -> Job:
         c = self.config
         examples = _sample(rng, self.seed_triples, c.seed_examples_per_prompt)
-        generated = [(k.questions[0], k.input, k.turns[0][1]) for k in self.kept]
-        examples += _sample(rng, generated, c.generated_examples_per_prompt)
+        examples += [(k.questions[0], k.input, k.turns[0][1])
+                     for k in _sample(rng, self.kept, c.generated_examples_per_prompt)]
         rng.shuffle(examples)
         return Job(text_prompt(examples, c.tasks_per_prompt), parse_text_response)
 

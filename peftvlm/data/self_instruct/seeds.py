@@ -89,7 +89,8 @@ def load_images(path: Path, output_dir: Path) -> list[AnnotatedImage]:
     for n, row in enumerate(images, start=1):
         file = (path.parent / row.image).resolve()
         if not file.is_file():
-            raise DataError(f"{path}: row {n}: image {row.image} not found (looked in {path.parent})")
+            raise DataError(f"{path}: row {n}: image {row.image} not found (looked in "
+                            f"{path.parent})")
         if not file.is_relative_to(output_dir.resolve()):
             raise DataError(f"{path}: row {n}: image {file} is outside the output folder "
                             f"{output_dir}", hint="training reads images relative to the data "
