@@ -439,6 +439,16 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
     assert again["kept"] == 20 and out.read_text().splitlines() == lines
 
 
+def test_a_kill_inside_the_first_batch_resumes_too(tmp_path):
+    _, ref_out = run_hash(tmp_path, "ref", HashGenerator())
+    with pytest.raises(KeyboardInterrupt):
+        run_hash(tmp_path, "killed", HashGenerator(fail_on_call=1))
+    out = tmp_path / "killed" / "gen.jsonl"
+    out.write_text('{"messages": [')  # half a row, never committed
+    run_hash(tmp_path, "killed", HashGenerator())
+    assert out.read_bytes() == ref_out.read_bytes()
+
+
 def test_existing_output_without_state_and_changed_settings_are_refused(tmp_path):
     run_hash(tmp_path, "a", HashGenerator())
     with pytest.raises(RunError, match="different settings"):

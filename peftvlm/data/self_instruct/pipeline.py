@@ -101,7 +101,10 @@ class SelfInstruct:
                 raise RunError(f"{paths.output} exists but has no state file {paths.state.name}",
                                hint="pass --overwrite to start again, or choose another output")
             paths.output.parent.mkdir(parents=True, exist_ok=True)
-            return self.new_state()
+            state = self.new_state()
+            # Written before any row, so even a kill inside the first batch can be resumed.
+            _write_atomic(paths.state, json.dumps(state, indent=1) + "\n")
+            return state
         state = json.loads(paths.state.read_text())
         if state.get("fingerprint") != self.fingerprint():
             raise RunError(f"{paths.state} was written with different settings than "
