@@ -48,6 +48,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
 ):
     """Fine-tune a model as a recipe says."""
+    quiet_libraries()
     from peftvlm import api
     from peftvlm.recipe import load_recipe
 
@@ -55,6 +56,18 @@ def train(
     summary = api.train(loaded, output_dir, resume=resume, overwrite=overwrite, dry_run=dry_run)
     if not dry_run:
         print_summary(summary, output_dir or Path("runs") / loaded.name)
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for what the user needs: our messages, the progress bar, the summary."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*use_reentrant.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
