@@ -499,12 +499,12 @@ def test_local_generation_is_batched_with_left_padding_and_seeded(tiny_lm, tmp_p
     greedy = LocalGenerator(LocalGeneratorConfig(type="local", path=str(tiny_lm), temperature=0),
                             tmp_path)
     prompts = ["Describe the image.", "What color is the shape in the picture on the left?"]
-    batched = greedy.generate(prompts, [0, 1], 12)
-    single = [greedy.generate([p], [0], 12)[0] for p in prompts]
+    batched = greedy.generate(prompts, [0, 1], 8)
+    single = [greedy.generate([p], [0], 8)[0] for p in prompts]
     assert [g.text for g in batched] == [g.text for g in single]
     sampled = LocalGenerator(LocalGeneratorConfig(type="local", path=str(tiny_lm)), tmp_path)
-    first, again = sampled.generate(prompts, [5, 6], 12), sampled.generate(prompts, [5, 6], 12)
-    other = sampled.generate(prompts, [9, 10], 12)
+    first, again = sampled.generate(prompts, [5, 6], 8), sampled.generate(prompts, [5, 6], 8)
+    other = sampled.generate(prompts, [9, 10], 8)
     assert [g.text for g in first] == [g.text for g in again] != [g.text for g in other]
 
 
