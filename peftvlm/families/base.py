@@ -34,6 +34,10 @@ class FamilySpec:
     box_format: Literal["norm1", "abs1000"] = "norm1"
     tiny_name: str | None = None
     build_tiny: Callable[[Path], None] | None = field(default=None, compare=False, repr=False)
+    # Hooks for families without a chat template: (processor, conversations) -> batch dict with
+    # labels (training) or a left-padded prompt batch (generation).
+    encode: Callable | None = field(default=None, compare=False, repr=False)
+    encode_prompt: Callable | None = field(default=None, compare=False, repr=False)
 
     def module_prefix(self, part: str) -> str | None:
         """The module prefix of a part: `vision`, `projector` or `language`."""

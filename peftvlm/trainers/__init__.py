@@ -1,1 +1,1 @@
-"""Training loops: `sft` (TRL, generative VLMs) and `clip` (CLIP-family methods)."""
+"""Trainers: TRL's SFTTrainer for generative VLMs, a readable loop for CLIP-family methods."""
