@@ -22,9 +22,12 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     method = get_method(recipe.method.name)
     run_dir = Path(output_dir) if output_dir else default_run_dir(recipe)
     if "generative" not in method.kinds:
-        from peftvlm.trainers.clip import train_dual_encoder
+        from peftvlm.trainers.clip import dry_run_dual_encoder, train_dual_encoder
 
-        return train_dual_encoder(recipe, prepare_run_dir(run_dir, resume, overwrite), resume)
+        if dry_run:
+            return dry_run_dual_encoder(recipe, log)
+        return train_dual_encoder(recipe, prepare_run_dir(run_dir, resume, overwrite), resume,
+                                  log)
     from transformers import set_seed
 
     set_seed(recipe.train.seed)

@@ -16,7 +16,7 @@ import torch
 
 from peftvlm.errors import RecipeError
 from peftvlm.families import family_for_model_type
-from peftvlm.families.clip import SPEC, build_tiny
+from peftvlm.families.clip import SPEC
 from peftvlm.methods.clip_adapter import ClipAdapterMethod, apply_clip_adapter
 from peftvlm.methods.coop import CoopMethod, apply_coop
 from peftvlm.methods.dual_encoder import DualEncoderClassifier, load_method, save_method
@@ -29,10 +29,11 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @pytest.fixture(scope="session")
-def tiny_clip_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    build_tiny(folder)
-    return folder
+def tiny_clip_dir() -> Path:
+    """Built once per session into the test cache (see conftest), like `model.id: tiny-clip`."""
+    from peftvlm.models import tiny_model_path
+
+    return tiny_model_path("tiny-clip")
 
 
 @pytest.fixture
@@ -238,7 +239,7 @@ def test_save_then_reload_gives_identical_logits(clip, tiny_clip_dir, tmp_path, 
 # --- trainer -----------------------------------------------------------------------------------
 
 def recipe_for(tiny_clip_dir, method: dict, **train):
-    data = {"synthetic": {"name": "colour-classes", "train_size": 64, "eval_size": 60},
+    data = {"synthetic": {"name": "colour-classes", "train_size": 80, "eval_size": 60},
             "shots": 8}
     settings = {"max_steps": 40, "per_device_train_batch_size": 16, "learning_rate": 0.02,
                 "logging_steps": 5, "save_steps": 1000, "seed": 0, **train}
@@ -290,10 +291,9 @@ def test_base_to_new_reports_harmonic_mean(tiny_clip_dir, tmp_path):
     from peftvlm.trainers.clip import train_dual_encoder
 
     recipe = recipe_for(tiny_clip_dir, {"name": "coop", "n_ctx": 4}, max_steps=3)
-    recipe.data.classnames = ["red", "green", "blue", "yellow", "orange", "purple"]
     recipe.data.base_to_new = True
     summary = train_dual_encoder(recipe, tmp_path, resume=False)
-    assert summary["classnames"] == ["red", "green", "blue"]
+    assert summary["classnames"] == ["blue", "green"]  # first half of the sorted labels
     after = summary["eval"]["base_to_new"]["after"]
     b, n = after["base"], after["new"]
     assert after["harmonic_mean"] == pytest.approx(2 * b * n / (b + n) if b + n else 0.0)
@@ -323,13 +323,31 @@ def test_coop_paper_preset(tiny_clip_dir):
     assert lr_factor(19, s) < 0.02
 
 
-def test_wandb_offline_run_is_written(tiny_clip_dir, tmp_path):
+def test_wandb_offline_run_and_periodic_eval(tiny_clip_dir, tmp_path):
     from peftvlm.trainers.clip import train_dual_encoder
 
-    recipe = recipe_for(tiny_clip_dir, {"name": "clip_adapter"}, max_steps=2)
+    recipe = recipe_for(tiny_clip_dir, {"name": "clip_adapter"}, max_steps=2, eval_steps=1)
     recipe.tracking = type(recipe.tracking).model_validate({"wandb": {"mode": "offline"}})
     train_dual_encoder(recipe, tmp_path, resume=False)
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and (tmp_path / "recipe.yaml").exists()
+
+
+def test_dry_run_counts_parameters_and_writes_nothing(tmp_path):
+    from peftvlm import api
+
+    recipe = load_recipe(RECIPES / "clip-vpt.yaml")
+    result = api.train(recipe, tmp_path / "run", dry_run=True, log=lambda *_: None)
+    assert result["trainable_params"] == 2 * 5 * 64  # deep, 2 layers, 5 tokens, width 64
+    assert not (tmp_path / "run").exists()
+
+
+def test_dual_encoder_method_on_a_generative_model_is_refused(tiny_llava_path, tmp_path):
+    from peftvlm.trainers.clip import train_dual_encoder
+
+    recipe = recipe_for(tiny_llava_path, {"name": "coop"}, max_steps=1)
+    with pytest.raises(RecipeError, match="dual encoder"):
+        train_dual_encoder(recipe, tmp_path, resume=False)
 
 
 # --- recipes -----------------------------------------------------------------------------------

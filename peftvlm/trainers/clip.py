@@ -9,14 +9,13 @@ per device; with several processes each takes its slice of every global batch.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftvlm.errors import ModelError, RecipeError, RunError
+from peftvlm.errors import RecipeError, RunError
 from peftvlm.trainers import clip_data
 
 ADAPTER_DIR, CHECKPOINT_DIR = "adapter", "checkpoints"
@@ -24,45 +23,16 @@ ADAPTER_DIR, CHECKPOINT_DIR = "adapter", "checkpoints"
 
 # --- model ------------------------------------------------------------------------------------
 
-def tiny_model_dir(name: str) -> Path:
-    """Folder of a built-in tiny model, built on first use (atomically, so never half-built)."""
-    import tempfile
+def load_dual_encoder(recipe):
+    """The recipe's base model (frozen later by the method), processor and family."""
+    from peftvlm.models import load_base
 
-    from peftvlm.families import tiny_models
-
-    folder = Path.home() / ".cache" / "peftvlm" / "tiny" / name
-    if not (folder / "config.json").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent))
-        tiny_models()[name].build_tiny(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    return folder
-
-
-def load_dual_encoder(model_cfg):
-    """(model, processor, family) for a dual-encoder recipe; float32 unless dtype says else."""
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoProcessor
-
-    from peftvlm.families import family_for_model_type, get_family, tiny_models
-
-    source = str(tiny_model_dir(model_cfg.id)) if model_cfg.id in tiny_models() else model_cfg.id
-    kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
-    try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model.id: cannot load {model_cfg.id!r} ({exc})") from exc
-    family = get_family(model_cfg.family) if model_cfg.family else \
-        family_for_model_type(config.model_type)
-    if family.kind != "dual_encoder":
-        raise RecipeError(f"model.id: {model_cfg.id!r} is a {family.name} model; CoOp, VPT and "
-                          f"CLIP-Adapter need a dual encoder (CLIP)")
-    # Prompts and adapters are tiny; full precision keeps SGD on them exact. "auto" = float32.
-    dtype = torch.float32 if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype)
-    model = AutoModel.from_pretrained(source, dtype=dtype, **kwargs)
-    processor = AutoProcessor.from_pretrained(source, **kwargs)
-    return model, processor, family
+    loaded = load_base(recipe.model, recipe.method.name)
+    if loaded.family.kind != "dual_encoder":
+        raise RecipeError(f"model.id: {recipe.model.id!r} is a {loaded.family.name} model; "
+                          f"{recipe.method.name} needs a dual encoder such as CLIP",
+                          hint="use model.id=tiny-clip or a CLIP checkpoint")
+    return loaded
 
 
 # --- optimisation -----------------------------------------------------------------------------
@@ -170,7 +140,7 @@ def batches(n: int, batch: int, seed: int, rank: int, world: int, skip: int):
         epoch, i = epoch + 1, 0
 
 
-def accuracy(classifier, data: Tensors, batch_size: int = 256) -> float:
+def accuracy(classifier, data: Tensors, batch_size: int = 64) -> float:
     """Top-1 accuracy of `classifier` on preprocessed images."""
     import torch
 
@@ -280,88 +250,56 @@ def load_checkpoint(run_dir: Path, classifier, optimizer, scheduler) -> LoopStat
     return LoopState(saved["step"], saved["history"])
 
 
-# --- reporting --------------------------------------------------------------------------------
-
-def start_wandb(recipe, run_dir: Path):
-    """A W&B run when the recipe asks for one. Without an API key it runs offline (with a
-    notice) instead of failing; a short init timeout keeps a dead network from hanging us."""
-    cfg = recipe.tracking.wandb
-    if cfg is None:
-        return None
-    import wandb
-
-    mode = cfg.mode or ("online" if _wandb_key_available() else "offline")
-    if cfg.mode is None and mode == "offline":
-        print("W&B: no API key found, logging offline (sync later with `wandb sync`).")
-    try:
-        return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or recipe.name,
-                          tags=cfg.tags, mode=mode, dir=str(run_dir),
-                          config=recipe.model_dump(mode="json"),
-                          settings=wandb.Settings(init_timeout=30))
-    except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-        print(f"W&B: could not start ({exc}); training continues without it.")
-        return None
-
-
-def _wandb_key_available() -> bool:
-    import netrc
-    import os
-
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def plot_loss(history: list[dict], path: Path) -> None:
-    """loss.png: training loss against optimiser step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker=".")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # --- the run ----------------------------------------------------------------------------------
 
-def train_dual_encoder(recipe, run_dir: Path, resume: bool = False) -> dict:
+def build_classifier(recipe, loaded, classnames: list[str]):
+    """Apply the recipe's method to the frozen base, over `classnames`."""
+    from peftvlm.registry import get_method
+
+    method = get_method(recipe.method.name)
+    if "dual_encoder" not in method.kinds:
+        raise RecipeError(f"method.name: {method.name!r} is not a CLIP-family method",
+                          hint="use coop, vpt or clip_adapter with a CLIP model")
+    classifier = method.apply(loaded.model, loaded.family, recipe.method,
+                              tokenizer=loaded.processor.tokenizer, classnames=classnames,
+                              templates=recipe.data.prompt_templates)
+    if recipe.data.base_to_new and not classifier.transfers_to_new_classes:
+        raise RecipeError(f"data.base_to_new: method {method.name!r} as configured learns "
+                          f"per-class parameters and cannot score new classes",
+                          hint="for CoOp set method.csc=false")
+    return classifier
+
+
+def dry_run_dual_encoder(recipe, log=print) -> dict:
+    """Load, apply the method and report parameter counts; trains and writes nothing."""
+    loaded = load_dual_encoder(recipe)
+    classnames, train_data, eval_sets = prepare_task(recipe, loaded.processor)
+    trainable, total = build_classifier(recipe, loaded, classnames).parameter_counts()
+    log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
+    log(f"classes: {', '.join(classnames)}; train images: {len(train_data.labels)}")
+    return {"trainable_params": trainable, "total_params": total,
+            "train_examples": len(train_data.labels), "classnames": classnames}
+
+
+def train_dual_encoder(recipe, run_dir: Path, resume: bool = False, log=print) -> dict:
     """Train the recipe's CLIP-family method; returns (and writes) the run summary."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from peftvlm.methods.dual_encoder import DualEncoderClassifier, save_method
-    from peftvlm.registry import get_method
+    from peftvlm.runs import plot_loss, write_json
+    from peftvlm.tracking import start_wandb
 
-    run_dir = Path(run_dir)
-    accelerator = Accelerator()
+    run_dir, accelerator = Path(run_dir), Accelerator()
     set_seed(recipe.train.seed)
-    model, processor, family = load_dual_encoder(recipe.model)
-    model.to(accelerator.device)
-    classnames, train_data, eval_sets = prepare_task(recipe, processor)
-    templates, tokenizer = recipe.data.prompt_templates, processor.tokenizer
-
-    zero_shot = DualEncoderClassifier(model, family, None, tokenizer, classnames, templates)
-    before = evaluate(zero_shot, eval_sets)
-    method = get_method(recipe.method.name)
-    if "dual_encoder" not in method.kinds:
-        raise RecipeError(f"method.name: {method.name!r} is not a CLIP-family method",
-                          hint="use coop, vpt or clip_adapter with a CLIP model")
-    classifier = method.apply(model, family, recipe.method, tokenizer=tokenizer,
-                              classnames=classnames, templates=templates)
-    if recipe.data.base_to_new and not classifier.transfers_to_new_classes:
-        raise RecipeError(f"data.base_to_new: method {method.name!r} as configured learns "
-                          f"per-class parameters and cannot score new classes",
-                          hint="for CoOp set method.csc=false")
+    loaded = load_dual_encoder(recipe)
+    loaded.model.to(accelerator.device)
+    classnames, train_data, eval_sets = prepare_task(recipe, loaded.processor)
+    zero_shot = DualEncoderClassifier(loaded.model, loaded.family, None, loaded.processor.tokenizer,
+                                      classnames, recipe.data.prompt_templates)
+    before = evaluate(zero_shot, eval_sets) if recipe.eval.before_training else None
+    classifier = build_classifier(recipe, loaded, classnames)
     trainable, total = classifier.parameter_counts()
 
     settings = optim_settings(recipe, len(train_data.labels), accelerator.num_processes)
@@ -369,74 +307,101 @@ def train_dual_encoder(recipe, run_dir: Path, resume: bool = False) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, settings))
     state = load_checkpoint(run_dir, classifier, optimizer, scheduler) if resume else LoopState()
     wrapped, optimizer = accelerator.prepare(classifier, optimizer)
+    if accelerator.is_main_process:
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    tracker = start_wandb(recipe, run_dir, log) if accelerator.is_main_process else None
 
-    tracker = start_wandb(recipe, run_dir) if accelerator.is_main_process else None
     started = time.time()
-    run_loop(recipe, accelerator, wrapped, classifier, optimizer, scheduler, settings,
-             train_data, state, run_dir, tracker)
-    runtime = time.time() - started
-
-    after = evaluate(classifier, eval_sets)
+    parts = Parts(accelerator, wrapped, classifier, optimizer, scheduler, settings)
+    run_loop(recipe, parts, train_data, eval_sets, state, run_dir, tracker)
     summary = {
         "method": recipe.method.name, "kind": "dual_encoder", "model": recipe.model.id,
         "trainable_params": trainable, "total_params": total,
-        "train_runtime_s": round(runtime, 3), "global_step": state.step,
+        "train_runtime_s": round(time.time() - started, 3), "global_step": state.step,
         "final_loss": state.history[-1]["loss"] if state.history else None,
         "train_examples": len(train_data.labels), "classnames": classnames,
-        "eval": {"accuracy": {"before": before and before["base"],
-                              "after": after and after["base"]}},
+        "eval": eval_summary(before, evaluate(classifier, eval_sets), recipe.data.base_to_new),
     }
-    if recipe.data.base_to_new:
-        summary["eval"]["base_to_new"] = {"before": before, "after": after}
     if accelerator.is_main_process:
         save_method(classifier, run_dir / ADAPTER_DIR)
-        plot_loss(state.history, run_dir / "loss.png")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_loss(state.history, run_dir / "loss.png", title=f"{recipe.method.name} loss")
+        write_json(run_dir / "summary.json", summary)
         if tracker is not None:
-            tracker.summary.update({"accuracy_before": summary["eval"]["accuracy"]["before"],
-                                    "accuracy_after": summary["eval"]["accuracy"]["after"]})
+            tracker.summary.update({"eval/accuracy": summary["eval"]["accuracy"]["after"]})
             tracker.finish()
     return summary
 
 
-def run_loop(recipe, accelerator, wrapped, classifier, optimizer, scheduler, settings,
-             data: Tensors, state: LoopState, run_dir: Path, tracker) -> None:
-    """Optimiser steps from `state.step` to the end, logging, checkpointing and updating
-    `state` in place."""
-    import torch.nn.functional as F
+def eval_summary(before: dict | None, after: dict | None, base_to_new: bool) -> dict:
+    """`accuracy` {before, after} on the trained (base) classes; base/new/harmonic mean too."""
+    out = {"accuracy": {"before": before and before["base"], "after": after and after["base"]}}
+    if base_to_new:
+        out["base_to_new"] = {"before": before, "after": after}
+    return out
+
+
+@dataclass
+class Parts:
+    """What one training run moves: the (possibly wrapped) classifier and its optimisation."""
+
+    accelerator: object
+    wrapped: object  # what the forward runs through (DDP-wrapped with several processes)
+    classifier: object  # the plain classifier: parameters, checkpoints, evaluation
+    optimizer: object
+    scheduler: object
+    settings: OptimSettings
+
+
+def run_loop(recipe, parts: Parts, data: Tensors, eval_sets: EvalSets, state: LoopState,
+             run_dir: Path, tracker) -> None:
+    """Optimiser steps from `state.step` to the end, logging, evaluating every
+    train.eval_steps, checkpointing every train.save_steps; updates `state` in place."""
     from tqdm.auto import tqdm
 
-    train, accum = recipe.train, recipe.train.gradient_accumulation_steps
-    stream = batches(len(data.labels), settings.batch_size, recipe.train.seed,
-                     accelerator.process_index, accelerator.num_processes, state.step * accum)
-    bar = tqdm(total=settings.total_steps, initial=state.step, desc="training",
-               disable=not accelerator.is_main_process)
-    wrapped.train()
+    train, acc, s = recipe.train, parts.accelerator, parts.settings
+    stream = batches(len(data.labels), s.batch_size, train.seed, acc.process_index,
+                     acc.num_processes, state.step * train.gradient_accumulation_steps)
+    bar = tqdm(total=s.total_steps, initial=state.step, desc="training",
+               disable=not acc.is_main_process)
+    parts.wrapped.train()
     since_log = []
-    while state.step < settings.total_steps:
-        for _ in range(accum):
-            epoch, idx = next(stream)
-            pixels = data.pixels[idx].to(accelerator.device)
-            loss = F.cross_entropy(wrapped(pixels), data.labels[idx].to(accelerator.device))
-            accelerator.backward(loss / accum)
-            since_log.append(loss.item())
-        accelerator.clip_grad_norm_(classifier.parameters(), train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+    while state.step < s.total_steps:
+        epoch, loss = optimizer_step(parts, data, stream, train)
+        since_log.append(loss)
         state.step += 1
         bar.update(1)
-        if state.step % train.logging_steps == 0 or state.step == settings.total_steps:
-            entry = {"step": state.step, "epoch": epoch,
-                     "loss": sum(since_log) / len(since_log),
-                     "learning_rate": scheduler.get_last_lr()[0]}
+        logs = {}
+        if state.step % train.logging_steps == 0 or state.step == s.total_steps:
+            entry = {"step": state.step, "epoch": epoch, "loss": sum(since_log) / len(since_log),
+                     "learning_rate": parts.scheduler.get_last_lr()[0]}
             state.history.append(entry)
             since_log = []
             bar.set_postfix(loss=f"{entry['loss']:.4f}")
-            if tracker is not None:
-                tracker.log({"train/loss": entry["loss"],
-                             "train/learning_rate": entry["learning_rate"]}, step=state.step)
-        if state.step % train.save_steps == 0 and accelerator.is_main_process:
-            save_checkpoint(run_dir, classifier, optimizer, scheduler, state,
+            logs.update({"train/loss": entry["loss"], "train/learning_rate": entry["learning_rate"]})
+        if train.eval_steps and state.step % train.eval_steps == 0 and eval_sets.data:
+            scores = evaluate(parts.classifier, eval_sets)
+            logs.update({f"eval/accuracy_{k}": v for k, v in scores.items()})
+        if tracker is not None and logs:
+            tracker.log(logs, step=state.step)
+        if state.step % train.save_steps == 0 and acc.is_main_process:
+            save_checkpoint(run_dir, parts.classifier, parts.optimizer, parts.scheduler, state,
                             train.save_total_limit)
     bar.close()
+
+
+def optimizer_step(parts: Parts, data: Tensors, stream, train) -> tuple[int, float]:
+    """One optimiser step over gradient_accumulation_steps micro-batches: (epoch, mean loss)."""
+    import torch.nn.functional as F
+
+    accum, device, losses = train.gradient_accumulation_steps, parts.accelerator.device, []
+    for _ in range(accum):
+        epoch, idx = next(stream)
+        logits = parts.wrapped(data.pixels[idx].to(device))
+        loss = F.cross_entropy(logits, data.labels[idx].to(device))
+        parts.accelerator.backward(loss / accum)
+        losses.append(loss.item())
+    parts.accelerator.clip_grad_norm_(parts.classifier.parameters(), train.max_grad_norm)
+    parts.optimizer.step()
+    parts.scheduler.step()
+    parts.optimizer.zero_grad()
+    return epoch, sum(losses) / len(losses)

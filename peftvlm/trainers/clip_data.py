@@ -1,10 +1,10 @@
-"""Image-classification data for the CLIP trainer: synthetic colour classes, image folders and
-JSONL/CSV rows, seeded k-shot sampling, and the base/new class split.
+"""Image-classification data for the CLIP trainer: image folders and JSONL/CSV rows (the
+synthetic `colour-classes` task is written as JSONL by `peftvlm.data.synthetic`), seeded k-shot
+sampling, and the base/new class split.
 
-A task is a list of PIL images, integer labels and the class names they index. The
-`colour-classes` generator draws one filled shape of the class colour on a grey, noisy
-background at a random place and size: colour is learnable by tiny random models, while the
-shape and position are distractors.
+A task is a list of PIL images, integer labels and the class names they index. Folders hold
+one subfolder per class; JSONL/CSV rows hold `image` (a path relative to the file) and `label`
+(rename with the source's `columns`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,6 @@ from pathlib import Path
 
 from peftvlm.errors import DataError, RecipeError
 
-COLOURS = {
-    "red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
-    "yellow": (235, 215, 30), "orange": (245, 140, 20), "purple": (140, 40, 170),
-    "white": (250, 250, 250), "black": (10, 10, 10),
-}
-DEFAULT_COLOUR_CLASSES = ["red", "green", "blue", "yellow"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
 
@@ -38,35 +32,6 @@ class ClassificationTask:
     classnames: list[str]
     train: Split
     eval: Split | None
-
-
-def colour_image(rgb, size: int, rng: random.Random):
-    """One image: a shape filled with `rgb` (jittered) on a noisy grey background."""
-    from PIL import Image, ImageDraw
-
-    grey = rng.randint(90, 170)
-    image = Image.new("RGB", (size, size), (grey, grey, grey))
-    draw = ImageDraw.Draw(image)
-    side = rng.randint(size // 3, size * 3 // 4)
-    x, y = rng.randint(0, size - side), rng.randint(0, size - side)
-    fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in rgb)
-    shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-    shape([x, y, x + side, y + side], fill=fill)
-    # Noise from our seeded RNG (PIL's effect_noise has its own, unseeded one).
-    noise = Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3))
-    return Image.blend(image, noise, 0.1)
-
-
-def colour_classes(classnames: list[str], n: int, size: int, seed: int) -> Split:
-    """`n` images, classes balanced round-robin, reproducible from `seed`."""
-    unknown = [c for c in classnames if c not in COLOURS]
-    if unknown:
-        raise RecipeError(f"data.classnames: colour-classes cannot draw {unknown}",
-                          hint=f"use colours from: {', '.join(COLOURS)}")
-    rng = random.Random(seed)
-    labels = [i % len(classnames) for i in range(n)]
-    rng.shuffle(labels)
-    return Split([colour_image(COLOURS[classnames[y]], size, rng) for y in labels], labels)
 
 
 def _rows_from_folder(folder: Path) -> list[tuple[Path, str]]:
@@ -126,21 +91,40 @@ def _split_from_rows(rows, classnames: list[str]) -> Split:
 
 
 def load_task(data, base_dir: Path) -> ClassificationTask:
-    """The recipe's classification task (synthetic or from files)."""
+    """The recipe's classification task; synthetic data is written to the cache first."""
+    train_sources, eval_sources = data.train, data.eval
     if data.synthetic is not None:
-        syn = data.synthetic
-        if syn.name != "colour-classes":
-            raise RecipeError(f"data.synthetic.name: {syn.name!r} is not a classification task",
-                              hint="CLIP-family methods use `colour-classes`")
-        names = data.classnames or DEFAULT_COLOUR_CLASSES
-        return ClassificationTask(
-            names, colour_classes(names, syn.train_size, syn.image_size, syn.seed),
-            colour_classes(names, syn.eval_size, syn.image_size, syn.seed + 1))
-    train_rows = read_sources(data.train, base_dir)
-    eval_rows = read_sources(data.eval, base_dir) if data.eval else []
+        train_sources, eval_sources = synthetic_sources(data.synthetic)
+    train_rows = read_sources(train_sources, base_dir)
+    eval_rows = read_sources(eval_sources, base_dir) if eval_sources else []
     names = data.classnames or sorted({label for _, label in train_rows})
+    if data.synthetic is not None:  # a subset of the drawn colours: keep only those rows
+        train_rows, eval_rows = _only(train_rows, names), _only(eval_rows, names)
     return ClassificationTask(names, _split_from_rows(train_rows, names),
                               _split_from_rows(eval_rows, names) if eval_rows else None)
+
+
+def synthetic_sources(cfg):
+    """(train, eval) sources of the built-in task, written once into the cache."""
+    from peftvlm.data.synthetic import write_synthetic
+    from peftvlm.models import cache_dir
+    from peftvlm.recipe import SourceConfig
+
+    if cfg.name != "colour-classes":
+        raise RecipeError(f"data.synthetic.name: {cfg.name!r} is not a classification task",
+                          hint="CLIP-family methods use `colour-classes`")
+    paths = write_synthetic(cfg, cache_dir())
+    return [SourceConfig(path=str(paths["train"]))], [SourceConfig(path=str(paths["test"]))]
+
+
+def _only(rows, names):
+    from peftvlm.data.synthetic import COLOURS
+
+    unknown = [n for n in names if n not in COLOURS]
+    if unknown:
+        raise RecipeError(f"data.classnames: colour-classes draws no {unknown}",
+                          hint=f"pick from: {', '.join(COLOURS)}")
+    return [(path, label) for path, label in rows if label in names]
 
 
 def few_shot(split: Split, shots: int, n_classes: int, seed: int) -> Split:
