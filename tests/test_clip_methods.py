@@ -364,3 +364,43 @@ def test_prompt_template_needs_a_class_slot():
         validate_recipe_dict({"model": {"id": "tiny-clip"}, "method": {"name": "coop"},
                               "data": {"synthetic": {"name": "colour-classes"},
                                        "prompt_templates": ["a photo"]}})
+
+
+# --- user data ---------------------------------------------------------------------------------
+
+def write_image_folder(root: Path, per_class: int = 3) -> None:
+    from PIL import Image
+
+    for name, rgb in (("cat", (200, 50, 50)), ("dog", (50, 50, 200))):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (40, 40), rgb).save(root / name / f"{i}.png")
+
+
+def test_trains_from_image_folders(tiny_clip_dir, tmp_path):
+    from peftvlm.trainers.clip import train_dual_encoder
+
+    write_image_folder(tmp_path / "train")
+    write_image_folder(tmp_path / "val", per_class=2)
+    recipe = validate_recipe_dict({
+        "model": {"id": str(tiny_clip_dir)}, "method": {"name": "clip_adapter"},
+        "data": {"train": str(tmp_path / "train"), "eval": str(tmp_path / "val"), "shots": 2},
+        "train": {"max_steps": 2, "per_device_train_batch_size": 2}})
+    summary = train_dual_encoder(recipe, tmp_path / "run", resume=False)
+    assert summary["classnames"] == ["cat", "dog"] and summary["train_examples"] == 4
+    assert summary["eval"]["accuracy"]["after"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_jsonl_label_outside_classnames_names_the_row(tiny_clip_dir, tmp_path):
+    from peftvlm.errors import DataError
+    from peftvlm.trainers.clip import train_dual_encoder
+
+    write_image_folder(tmp_path)
+    rows = [{"image": "cat/0.png", "label": "cat"}, {"image": "dog/0.png", "label": "bird"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = validate_recipe_dict({
+        "model": {"id": str(tiny_clip_dir)}, "method": {"name": "coop"},
+        "data": {"train": str(tmp_path / "train.jsonl"), "classnames": ["cat", "dog"]},
+        "train": {"max_steps": 1}})
+    with pytest.raises(DataError, match="'bird' is not in data.classnames"):
+        train_dual_encoder(recipe, tmp_path / "run", resume=False)

@@ -111,17 +111,23 @@ def lr_factor(step: int, s: OptimSettings) -> float:
 # --- data -------------------------------------------------------------------------------------
 
 @dataclass
-class Tensors:
-    pixels: object  # [N, 3, H, W]
-    labels: object  # [N]
+class ImageSet:
+    """Images with label ids; pixels are made per batch by the model's image processor."""
+
+    images: list
+    labels: object  # LongTensor [N]
+    processor: object
+
+    def pixels(self, index) -> object:
+        """Preprocessed pixel values [len(index), 3, H, W] of the images at `index`."""
+        chosen = [clip_data.open_image(self.images[i]) for i in index.tolist()]
+        return self.processor.image_processor(images=chosen, return_tensors="pt")["pixel_values"]
 
 
-def to_tensors(split: clip_data.Split, processor) -> Tensors:
-    """Preprocess every image once (few-shot sets are small)."""
+def image_set(split: clip_data.Split, processor) -> ImageSet:
     import torch
 
-    pixels = processor.image_processor(images=split.images, return_tensors="pt")["pixel_values"]
-    return Tensors(pixels, torch.tensor(split.labels, dtype=torch.long))
+    return ImageSet(split.images, torch.tensor(split.labels, dtype=torch.long), processor)
 
 
 def batches(n: int, batch: int, seed: int, rank: int, world: int, skip: int):
@@ -140,8 +146,8 @@ def batches(n: int, batch: int, seed: int, rank: int, world: int, skip: int):
         epoch, i = epoch + 1, 0
 
 
-def accuracy(classifier, data: Tensors, batch_size: int = 64) -> float:
-    """Top-1 accuracy of `classifier` on preprocessed images."""
+def accuracy(classifier, data: ImageSet, batch_size: int = 64) -> float:
+    """Top-1 accuracy of `classifier` on `data`."""
     import torch
 
     was_training = classifier.training
@@ -149,11 +155,11 @@ def accuracy(classifier, data: Tensors, batch_size: int = 64) -> float:
     device = next(classifier.parameters()).device
     correct = 0
     with torch.no_grad():
-        for start in range(0, len(data.labels), batch_size):
-            logits = classifier(data.pixels[start:start + batch_size].to(device))
-            correct += (logits.argmax(-1).cpu() == data.labels[start:start + batch_size]).sum()
+        for index in torch.arange(len(data.labels)).split(batch_size):
+            predicted = classifier(data.pixels(index).to(device)).argmax(-1).cpu()
+            correct += int((predicted == data.labels[index]).sum())
     classifier.train(was_training)
-    return float(correct) / max(1, len(data.labels))
+    return correct / max(1, len(data.labels))
 
 
 # --- evaluation sets --------------------------------------------------------------------------
@@ -163,11 +169,12 @@ class EvalSets:
     """Held-out images per class group: `base` (trained classes) and, base-to-new, `new`."""
 
     classnames: dict[str, list[str]]
-    data: dict[str, Tensors]
+    data: dict[str, ImageSet]
+    batch_size: int = 64
 
 
 def prepare_task(recipe, processor):
-    """(training classes, training tensors, eval sets) for the recipe's task."""
+    """(training class names, training images, held-out sets) for the recipe's task."""
     data = recipe.data
     task = clip_data.load_task(data, recipe.base_dir())
     groups = {"base": list(range(len(task.classnames)))}
@@ -177,9 +184,15 @@ def prepare_task(recipe, processor):
     if data.shots:
         train = clip_data.few_shot(train, data.shots, len(groups["base"]), data.seed)
     names = {g: [task.classnames[c] for c in cs] for g, cs in groups.items()}
-    evals = {} if task.eval is None else {
-        g: to_tensors(clip_data.keep_classes(task.eval, cs), processor) for g, cs in groups.items()}
-    return names["base"], to_tensors(train, processor), EvalSets(names, evals)
+    evals = {}
+    if task.eval is not None:  # no held-out data: accuracies are reported as null
+        limit = recipe.eval.max_samples
+        for group, classes in groups.items():
+            held_out = clip_data.keep_classes(task.eval, classes)
+            held_out = clip_data.Split(held_out.images[:limit], held_out.labels[:limit])
+            evals[group] = image_set(held_out, processor)
+    sets = EvalSets(names, evals, recipe.eval.batch_size)
+    return names["base"], image_set(train, processor), sets
 
 
 def evaluate(classifier, sets: EvalSets) -> dict | None:
@@ -190,7 +203,7 @@ def evaluate(classifier, sets: EvalSets) -> dict | None:
     scores = {}
     for group, tensors in sets.data.items():
         classifier.set_classnames(sets.classnames[group])
-        scores[group] = accuracy(classifier, tensors)
+        scores[group] = accuracy(classifier, tensors, sets.batch_size)
     classifier.set_classnames(trained)
     if "new" in scores:
         b, n = scores["base"], scores["new"]
@@ -308,6 +321,7 @@ def train_dual_encoder(recipe, run_dir: Path, resume: bool = False, log=print) -
     state = load_checkpoint(run_dir, classifier, optimizer, scheduler) if resume else LoopState()
     wrapped, optimizer = accelerator.prepare(classifier, optimizer)
     if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     tracker = start_wandb(recipe, run_dir, log) if accelerator.is_main_process else None
 
@@ -352,7 +366,7 @@ class Parts:
     settings: OptimSettings
 
 
-def run_loop(recipe, parts: Parts, data: Tensors, eval_sets: EvalSets, state: LoopState,
+def run_loop(recipe, parts: Parts, data: ImageSet, eval_sets: EvalSets, state: LoopState,
              run_dir: Path, tracker) -> None:
     """Optimiser steps from `state.step` to the end, logging, evaluating every
     train.eval_steps, checkpointing every train.save_steps; updates `state` in place."""
@@ -389,14 +403,14 @@ def run_loop(recipe, parts: Parts, data: Tensors, eval_sets: EvalSets, state: Lo
     bar.close()
 
 
-def optimizer_step(parts: Parts, data: Tensors, stream, train) -> tuple[int, float]:
+def optimizer_step(parts: Parts, data: ImageSet, stream, train) -> tuple[int, float]:
     """One optimiser step over gradient_accumulation_steps micro-batches: (epoch, mean loss)."""
     import torch.nn.functional as F
 
     accum, device, losses = train.gradient_accumulation_steps, parts.accelerator.device, []
     for _ in range(accum):
         epoch, idx = next(stream)
-        logits = parts.wrapped(data.pixels[idx].to(device))
+        logits = parts.wrapped(data.pixels(idx).to(device))
         loss = F.cross_entropy(logits, data.labels[idx].to(device))
         parts.accelerator.backward(loss / accum)
         losses.append(loss.item())

@@ -21,7 +21,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
 @dataclass
 class Split:
-    """Images with integer labels into `classnames`."""
+    """Images (paths or PIL images) with integer labels into `classnames`."""
 
     images: list
     labels: list[int]
@@ -75,19 +75,28 @@ def read_sources(sources, base_dir: Path) -> list[tuple[Path, str]]:
 
 
 def _split_from_rows(rows, classnames: list[str]) -> Split:
-    from PIL import Image
-
+    """Image paths (decoded per batch, so large sets never sit in memory) and label ids."""
     index = {name: i for i, name in enumerate(classnames)}
-    images, labels = [], []
     for path, label in rows:
         if label not in index:
-            raise DataError(f"{path}: label {label!r} is not in data.classnames")
-        try:
-            images.append(Image.open(path).convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: cannot read image ({exc})") from exc
-        labels.append(index[label])
-    return Split(images, labels)
+            raise DataError(f"{path}: label {label!r} is not in data.classnames "
+                            f"({', '.join(classnames)})")
+        if not Path(path).is_file():
+            raise DataError(f"{path}: image not found")
+    return Split([path for path, _ in rows], [index[label] for _, label in rows])
+
+
+def open_image(image):
+    """An RGB PIL image from a path (or an image already in memory)."""
+    from PIL import Image
+
+    if not isinstance(image, (str, Path)):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{image}: cannot read image ({exc})") from exc
 
 
 def load_task(data, base_dir: Path) -> ClassificationTask:
