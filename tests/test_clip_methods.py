@@ -404,3 +404,38 @@ def test_jsonl_label_outside_classnames_names_the_row(tiny_clip_dir, tmp_path):
         "train": {"max_steps": 1}})
     with pytest.raises(DataError, match="'bird' is not in data.classnames"):
         train_dual_encoder(recipe, tmp_path / "run", resume=False)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO, run_cli
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside this python")
+    for name, per_device in (("one", 8), ("two", 4)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({
+            "model": {"id": "tiny-clip"}, "method": {"name": "vpt", "deep": True},
+            "data": {"synthetic": {"name": "colour-classes", "train_size": 64, "eval_size": 16},
+                     "shots": 8},
+            "train": {"max_steps": 4, "per_device_train_batch_size": per_device,
+                      "logging_steps": 1, "learning_rate": 0.05}}))
+    res = run_cli("train", tmp_path / "one.yaml", "-o", tmp_path / "run1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29519", "-m",
+                          "peftvlm", "train", str(tmp_path / "two.yaml"), "-o",
+                          str(tmp_path / "run2")], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    curves = [json.loads((tmp_path / r / "summary.json").read_text())["loss_curve"]
+              for r in ("run1", "run2")]
+    assert [s for s, _ in curves[0]] == [s for s, _ in curves[1]] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(*curves):
+        assert abs(a - b) < 1e-4, curves

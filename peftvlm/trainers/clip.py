@@ -304,7 +304,8 @@ def train_dual_encoder(recipe, run_dir: Path, resume: bool = False, log=print) -
     from peftvlm.runs import plot_loss, write_json
     from peftvlm.tracking import start_wandb
 
-    run_dir, accelerator = Path(run_dir), Accelerator()
+    # cpu=True on CPU-only machines: torchrun ranks then join one gloo process group.
+    run_dir, accelerator = Path(run_dir), Accelerator(cpu=not torch.cuda.is_available())
     set_seed(recipe.train.seed)
     loaded = load_dual_encoder(recipe)
     loaded.model.to(accelerator.device)
@@ -318,7 +319,11 @@ def train_dual_encoder(recipe, run_dir: Path, resume: bool = False, log=print) -
     settings = optim_settings(recipe, len(train_data.labels), accelerator.num_processes)
     optimizer = build_optimizer([p for p in classifier.parameters() if p.requires_grad], settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, settings))
-    state = load_checkpoint(run_dir, classifier, optimizer, scheduler) if resume else LoopState()
+    state = LoopState()
+    if resume and list_checkpoints(run_dir):
+        state = load_checkpoint(run_dir, classifier, optimizer, scheduler)
+    elif resume:  # as the generative trainer does: nothing saved yet, so start afresh
+        log(f"no checkpoint in {run_dir / CHECKPOINT_DIR}: starting from scratch")
     wrapped, optimizer = accelerator.prepare(classifier, optimizer)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -329,12 +334,15 @@ def train_dual_encoder(recipe, run_dir: Path, resume: bool = False, log=print) -
     parts = Parts(accelerator, wrapped, classifier, optimizer, scheduler, settings)
     run_loop(recipe, parts, train_data, eval_sets, state, run_dir, tracker)
     summary = {
-        "method": recipe.method.name, "kind": "dual_encoder", "model": recipe.model.id,
+        "name": recipe.name, "method": recipe.method.name, "kind": "dual_encoder",
+        "model": recipe.model.id, "family": loaded.family.name,
         "trainable_params": trainable, "total_params": total,
         "train_runtime_s": round(time.time() - started, 3), "global_step": state.step,
         "final_loss": state.history[-1]["loss"] if state.history else None,
+        "loss_curve": [[h["step"], round(h["loss"], 6)] for h in state.history],
         "train_examples": len(train_data.labels), "classnames": classnames,
         "eval": eval_summary(before, evaluate(classifier, eval_sets), recipe.data.base_to_new),
+        "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
     if accelerator.is_main_process:
         save_method(classifier, run_dir / ADAPTER_DIR)
@@ -413,7 +421,8 @@ def optimizer_step(parts: Parts, data: ImageSet, stream, train) -> tuple[int, fl
         logits = parts.wrapped(data.pixels(idx).to(device))
         loss = F.cross_entropy(logits, data.labels[idx].to(device))
         parts.accelerator.backward(loss / accum)
-        losses.append(loss.item())
+        # Each process sees a slice of the global batch: log the mean over all of them.
+        losses.append(parts.accelerator.reduce(loss.detach(), reduction="mean").item())
     parts.accelerator.clip_grad_norm_(parts.classifier.parameters(), train.max_grad_norm)
     parts.optimizer.step()
     parts.scheduler.step()
