@@ -47,7 +47,13 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     summary = summarise(recipe, trainer, loaded, data, runtime, before, after)
     write_json(run_dir / "summary.json", summary)
     plot_loss(trainer.state.log_history, run_dir / "loss.png", f"{recipe.name}: training loss")
-    finish_tracking(trainer, summary)
+    try:
+        if recipe.export.merge or recipe.export.push_to_hub:
+            from peftvlm.export import export_run
+
+            summary["export"] = export_run(run_dir, log=log)
+    finally:
+        finish_tracking(trainer, summary)
     return summary
 
 
@@ -127,6 +133,7 @@ def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
     import torch
 
     from peftvlm.runs import loss_history
+    from peftvlm.tracking import active_run_info
 
     trainable, total = parameter_counts(trainer.model)
     _, losses = loss_history(trainer.state.log_history)
@@ -140,6 +147,7 @@ def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
                  for m in metrics},
         "data": data.report(),
         "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "wandb": active_run_info(),
     }
 
 

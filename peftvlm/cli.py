@@ -127,6 +127,31 @@ def cp(recipe: str = typer.Argument(..., help="Shipped recipe name."),
     typer.echo(f"copied {source.name} -> {dest}")
 
 
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (runs/<name>)."),
+    merge: Optional[bool] = typer.Option(None, "--merge/--adapter-only", help="Merge the adapter "
+                                         "into the base (default: the recipe's export.merge)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Export folder (default: "
+                                       "RUN_DIR/merged or RUN_DIR/export)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Merged dtype: float16, bfloat16 "
+                                        "or float32 (default: the recipe's export.dtype)."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Hub repo id to push "
+                                              "to (token from HF_TOKEN or `hf auth login`)."),
+    private: Optional[bool] = typer.Option(None, "--private/--public", help="Visibility of a "
+                                           "newly created Hub repo (default: private)."),
+    wandb_merged: Optional[bool] = typer.Option(None, "--wandb-merged", help="Also log the "
+                                                "merged model as a W&B artifact."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the run and options and show "
+                                 "the plan; load, write and push nothing."),
+):
+    """Export a trained run: adapter-only or merged, verified, with a model card; push if asked."""
+    from peftvlm.export import export_run
+
+    export_run(run_dir, merge=merge, out=out, dtype=dtype, push_to_hub=push_to_hub,
+               private=private, dry_run=dry_run, wandb_merged=wandb_merged, log=typer.echo)
+
+
 def main() -> None:
     """Console entry point: user errors print one message (exit 2); PEFTVLM_DEBUG=1 re-raises."""
     try:

@@ -150,10 +150,20 @@ class EvalConfig(Section):
 
 
 class ExportConfig(Section):
-    merge: bool = Field(False, description="Merge the adapter into the base after training.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Merged dtype.")
-    push_to_hub: str | None = Field(None, description="Hub repo id to push the export to.")
+    """What `peftvlm export` does by default, and what `train` does at the end of a run: with
+    `merge` or `push_to_hub` set, training finishes with an export (see `peftvlm export --help`)."""
+
+    merge: bool = Field(False, description="Merge the adapter into the (unquantized) base; "
+                                           "false = export the adapter alone.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the merged weights (QLoRA bases are reloaded "
+                               "unquantized in it).")
+    push_to_hub: str | None = Field(None, description="Hub repo id (`user/name`) to push the "
+                                                      "export to; token from HF_TOKEN or "
+                                                      "`hf auth login`.")
     private: bool = Field(True, description="Create the Hub repo as private.")
+    wandb_merged: bool = Field(False, description="With W&B tracking, also log the merged model "
+                                                  "as an artifact (the adapter always is).")
 
 
 def _method_union():

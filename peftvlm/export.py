@@ -1,0 +1,513 @@
+"""Export a finished run: the adapter alone, or merged into its base; verified, carded, pushed.
+
+    peftvlm export runs/quickstart                      # adapter-only (PeftModel.from_pretrained)
+    peftvlm export runs/quickstart --merge --dtype bfloat16 --push-to-hub me/quickstart-llava
+
+Every export is checked before it counts: the exported folder is reloaded with plain
+transformers / peft and its logits are compared with the trained adapter model on a few
+held-out rows, merged weights must differ from the base wherever the adapter is non-zero (a merge
+that silently did nothing is caught), and one short generation must run. The numbers go into
+`export_report.json`; any failed check raises `ExportError` and nothing is pushed.
+
+QLoRA (and any run trained on a quantized base) is merged into the base reloaded UNQUANTIZED in
+the chosen dtype; the model card shows how to quantize it again at load time.
+
+Methods that are not peft adapters on a generative model (CoOp, VPT, CLIP-Adapter) save their
+own format: `export_run` hands them to `export_custom_method` (the extension point below).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from peftvlm.errors import ExportError, PeftVLMError
+
+DTYPES = ("float32", "bfloat16", "float16")
+# Logit tolerance of the merged model against the adapter model: fp32 is absolute; for half
+# precisions it is relative to the largest logit, since rounding error grows with magnitude.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+PROBE_ROWS = 3
+GENERATION_TOKENS = 8
+PROCESSOR_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json",
+                   "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+@dataclass
+class Run:
+    """A finished run folder, read back: its recipe, summary and adapter folder."""
+
+    dir: Path
+    recipe: object
+    summary: dict
+    adapter_dir: Path
+
+
+@dataclass
+class ExportOptions:
+    merge: bool
+    dtype: str
+    out: Path
+    push_to_hub: str | None
+    private: bool
+    wandb_merged: bool
+    max_shard_size: str = "4GB"
+
+
+# --- the flow -------------------------------------------------------------------------------
+
+def export_run(run_dir: str | Path, *, merge: bool | None = None, out: str | Path | None = None,
+               dtype: str | None = None, push_to_hub: str | None = None,
+               private: bool | None = None, dry_run: bool = False,
+               wandb_merged: bool | None = None, max_shard_size: str = "4GB",
+               log=print) -> dict:
+    """Export a finished run; options left as None come from the recipe's `export` section.
+
+    Returns the export report (also written to `<out>/export_report.json`); with `dry_run`,
+    returns the plan without loading a model, writing or pushing anything.
+    """
+    run = read_run(run_dir)
+    opts = resolve_options(run, merge, out, dtype, push_to_hub, private, wandb_merged,
+                           max_shard_size)
+    check_out_dir(opts.out)
+    if opts.push_to_hub:
+        from peftvlm.hub import require_token
+
+        require_token()
+    if dry_run:
+        return print_plan(run, opts, log)
+    from peftvlm.registry import get_method
+
+    method = get_method(run.recipe.method.name)
+    if "generative" not in method.kinds:
+        return export_custom_method(run, opts, log)
+    fresh_out_dir(opts.out)
+    report = export_merged(run, opts, log) if opts.merge else export_adapter(run, opts, log)
+    return finish_export(run, opts, report, log)
+
+
+def finish_export(run: Run, opts: ExportOptions, report: dict, log) -> dict:
+    """Card, report, failure check, then the Hub and W&B (only for exports that passed)."""
+    from peftvlm.modelcard import write_model_card
+
+    write_model_card(opts.out, run, report, repo_id=opts.push_to_hub)
+    failures = [f"{name}: {check['error']}" for name, check in report["checks"].items()
+                if not check["passed"]]
+    report["passed"] = not failures
+    write_json(opts.out / "export_report.json", report)
+    if failures:
+        raise ExportError(f"export of {run.dir} failed its checks ({opts.out}/export_report.json):"
+                          "\n  " + "\n  ".join(failures),
+                          hint="nothing was pushed; PEFTVLM_DEBUG=1 shows more")
+    log(f"export ok: {opts.out} ({report['kind']}; " + ", ".join(
+        f"{k} ok" for k in report["checks"]) + ")")
+    if opts.push_to_hub:
+        from peftvlm.hub import push_folder
+
+        report["hub"] = push_folder(opts.out, opts.push_to_hub, private=opts.private,
+                                    commit_message=f"peftvlm export of run {run.recipe.name} "
+                                                   f"({report['kind']})", log=log)
+        write_json(opts.out / "export_report.json", report)
+    if run.recipe.tracking.wandb is not None:
+        from peftvlm.tracking import log_export_artifacts
+
+        folders = {"adapter": run.adapter_dir}
+        if opts.merge and opts.wandb_merged:
+            folders["merged"] = opts.out
+        report["wandb_artifacts"] = log_export_artifacts(run.recipe, run.dir, folders, log)
+    return report
+
+
+def export_custom_method(run: Run, opts: ExportOptions, log) -> dict:
+    """Extension point for methods outside peft (CoOp, VPT, CLIP-Adapter).
+
+    Such a method module may define `export_adapter(run_dir, adapter_dir, out_dir, merge) ->
+    report dict` (with a `checks` dict of `{"passed": bool, "error": str}` entries); the report
+    then goes through the same card / push / W&B steps as peft adapters.
+    """
+    import importlib
+
+    from peftvlm.registry import get_method
+
+    info = get_method(run.recipe.method.name)
+    module = importlib.import_module(info.apply_path.partition(":")[0])
+    exporter = getattr(module, "export_adapter", None)
+    if exporter is None:
+        raise ExportError(f"method {info.name!r} has no exporter yet",
+                          hint=f"its adapter is in {run.adapter_dir} in the method's own format")
+    fresh_out_dir(opts.out)
+    report = exporter(run.dir, run.adapter_dir, opts.out, opts.merge)
+    report.setdefault("kind", "merged" if opts.merge else "adapter")
+    return finish_export(run, opts, report, log)
+
+
+# --- reading the run and the options ---------------------------------------------------------
+
+def read_run(run_dir: str | Path) -> Run:
+    """The run folder's recipe, summary and adapter; a clear error for anything missing."""
+    from peftvlm.recipe import validate_recipe_dict
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"run folder {run_dir} does not exist",
+                          hint="give the folder `peftvlm train` wrote (runs/<name> by default)")
+    if not (run_dir / "summary.json").exists():
+        raise ExportError(f"{run_dir} has no summary.json: the run is unfinished (or not a run)",
+                          hint="finish it with `peftvlm train RECIPE --resume`, then export")
+    adapter_dir = run_dir / "adapter"
+    if not adapter_dir.is_dir():
+        raise ExportError(f"{run_dir} has no adapter/ folder to export",
+                          hint="the run folder is incomplete: train it again with --overwrite")
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.exists():
+        raise ExportError(f"{run_dir} has no recipe.yaml", hint="the run folder is incomplete")
+    try:
+        recipe = validate_recipe_dict(yaml.safe_load(recipe_file.read_text()), str(recipe_file))
+    except PeftVLMError as exc:
+        raise ExportError(f"{recipe_file} does not validate: {exc.message}") from exc
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return Run(run_dir, recipe, summary, adapter_dir)
+
+
+def resolve_options(run: Run, merge, out, dtype, push_to_hub, private, wandb_merged,
+                    max_shard_size) -> ExportOptions:
+    """Explicit arguments win; the rest come from the recipe's `export` section."""
+    cfg = run.recipe.export
+    merge = cfg.merge if merge is None else merge
+    dtype = dtype or cfg.dtype
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r} for the export",
+                          hint=f"use one of: {', '.join(DTYPES)}")
+    if not merge and dtype != "float32" and dtype != cfg.dtype:
+        raise ExportError("--dtype applies to merged exports only",
+                          hint="add --merge, or leave --dtype out for an adapter-only export")
+    out = Path(out) if out else run.dir / ("merged" if merge else "export")
+    return ExportOptions(
+        merge=merge, dtype=dtype, out=out, push_to_hub=push_to_hub or cfg.push_to_hub,
+        private=cfg.private if private is None else private,
+        wandb_merged=cfg.wandb_merged if wandb_merged is None else wandb_merged,
+        max_shard_size=max_shard_size)
+
+
+def check_out_dir(out: Path) -> None:
+    """Only an empty folder or an earlier export may be replaced; anything else is the user's."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir())
+                                              and not (out / "export_report.json").exists())):
+        raise ExportError(f"output folder {out} exists and is not an earlier export",
+                          hint="choose another --out, or remove that folder yourself")
+
+
+def fresh_out_dir(out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def print_plan(run: Run, opts: ExportOptions, log) -> dict:
+    """What an export would do, without loading a model or writing anything."""
+    plan = {"run": str(run.dir), "method": run.recipe.method.name, "merge": opts.merge,
+            "dtype": opts.dtype if opts.merge else "as trained", "out": str(opts.out),
+            "push_to_hub": opts.push_to_hub, "private": opts.private, "dry_run": True}
+    for key, value in plan.items():
+        log(f"{key:12} {value}")
+    return plan
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# --- loading models ---------------------------------------------------------------------------
+
+def load_unquantized_base(recipe, dtype: str | None):
+    """The run's base model without quantization (QLoRA bases too), in `dtype`."""
+    from peftvlm.models import load_base
+
+    update = {"quantization": None}
+    if dtype:
+        update["dtype"] = dtype
+    return load_base(recipe.model.model_copy(update=update))
+
+
+def device():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def probe_rows(recipe) -> tuple[list[dict], str]:
+    """A few held-out rows of the recipe (training rows if it has none; a drawn image if the data
+    cannot be read from here)."""
+    from peftvlm.data.loading import recipe_sources
+    from peftvlm.data.sources import BadRowReport, load_conversations
+
+    try:
+        train_sources, eval_sources = recipe_sources(recipe)
+        for what, sources in (("held-out rows", eval_sources), ("training rows", train_sources)):
+            rows = load_conversations(sources[:1], recipe.base_dir(), BadRowReport())
+            if rows:
+                return rows[:PROBE_ROWS], what
+    except (PeftVLMError, OSError):
+        pass
+    return [synthetic_probe()], "a drawn probe image (the recipe's data is not readable here)"
+
+
+def synthetic_probe() -> dict:
+    import random
+
+    from peftvlm.data.synthetic import COLOURS, QUESTION, draw_shape, vqa_row
+
+    row = vqa_row("", "red")
+    row["images"] = [draw_shape(random.Random(0), COLOURS["red"], 32)]
+    row["messages"][0]["content"][1]["text"] = QUESTION
+    return row
+
+
+def prompt_text(row: dict) -> str | None:
+    """The text of a row's first user turn (the model card's example question)."""
+    user = next((m for m in row["messages"] if m["role"] == "user"), None)
+    texts = [c.get("text", "") for c in (user or {}).get("content", []) if c["type"] == "text"]
+    return " ".join(t for t in texts if t) or None
+
+
+def encode_rows(processor, family, rows: list[dict]) -> dict:
+    """Whole conversations (prompt + answer) as one padded batch, without labels."""
+    from peftvlm.data.collate import ConversationCollator
+
+    batch = ConversationCollator(processor, family)(rows)
+    batch.pop("labels", None)
+    return batch
+
+
+def logits_of(model, batch: dict):
+    import torch
+
+    model.eval()
+    batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
+    with torch.no_grad():
+        logits = model(**batch).logits.float().cpu()
+    return logits[batch["attention_mask"].cpu().bool()]
+
+
+def generate_text(model, processor, family, row: dict) -> tuple[str, int]:
+    """Greedy answer to one row's prompt, and how many new tokens it has."""
+    from peftvlm.data.collate import encode_prompts
+
+    import torch
+
+    batch = encode_prompts(processor, family, [row])
+    batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=GENERATION_TOKENS, do_sample=False,
+                             pad_token_id=processor.tokenizer.pad_token_id)
+    new = out[0, batch["input_ids"].shape[1]:]
+    return processor.decode(new, skip_special_tokens=True).strip(), int(new.numel())
+
+
+# --- merged export ----------------------------------------------------------------------------
+
+def export_merged(run: Run, opts: ExportOptions, log) -> dict:
+    """Merge the adapter into the unquantized base, save, reload plainly, and check."""
+    from peft import PeftModel
+
+    loaded = load_unquantized_base(run.recipe, opts.dtype)
+    rows, source = probe_rows(run.recipe)
+    batch = encode_rows(loaded.processor, loaded.family, rows)
+    model = PeftModel.from_pretrained(loaded.model, run.adapter_dir).to(device())
+    reference = logits_of(model, batch)
+    ref_text, _ = generate_text(model, loaded.processor, loaded.family, rows[0])
+    probes = weight_probes(model, opts.dtype)
+    log(f"merging {run.recipe.method.name} adapter into the base in {opts.dtype}")
+    merged = merge_adapter(model)
+    merged.save_pretrained(opts.out, max_shard_size=opts.max_shard_size)
+    loaded.processor.save_pretrained(opts.out)
+    del merged, model
+    loaded.model = None  # the base now holds merged weights; free it before reloading
+    reloaded = reload_merged(opts.out, opts.dtype)
+    checks = {
+        "logits": compare_logits(reference, logits_of(reloaded, batch), opts.dtype, source),
+        "weights_changed": check_weights_changed(reloaded, probes),
+        "generation": check_generation(reloaded, loaded.processor, loaded.family, rows[0],
+                                       ref_text),
+        "files": check_merged_files(opts.out),
+    }
+    return {"kind": "merged", "dtype": opts.dtype, "method": run.recipe.method.name,
+            "example_prompt": prompt_text(rows[0]),
+            "base_quantized_in_training": base_was_quantized(run.recipe),
+            "model_class": type(reloaded).__name__, "checks": checks}
+
+
+def merge_adapter(peft_model):
+    """Fold the adapter into the base weights and drop the peft wrappers."""
+    return peft_model.merge_and_unload(safe_merge=True)
+
+
+def reload_merged(folder: Path, dtype: str):
+    """Reload the merged folder the way a user would: plain transformers, nothing of ours."""
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        return AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(device())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"the merged folder {folder} does not load with "
+                          f"AutoModelForImageTextToText: {str(exc).splitlines()[0]}") from exc
+
+
+def base_was_quantized(recipe) -> bool:
+    return recipe.method.name == "qlora" or recipe.model.quantization is not None
+
+
+def tuner_layers(peft_model) -> dict:
+    """Adapted modules by their name in the merged model (peft's wrapper prefix removed)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    prefix = "base_model.model."
+    return {name.removeprefix(prefix): m for name, m in peft_model.named_modules()
+            if isinstance(m, BaseTunerLayer) and hasattr(m, "get_delta_weight")
+            and hasattr(m.get_base_layer(), "weight")}
+
+
+def weight_probes(peft_model, dtype: str) -> dict:
+    """Per adapted module: the weight element the adapter moves most, its base value, and whether
+    the move survives rounding to `dtype` (so a bf16 merge is not blamed for tiny updates)."""
+    import torch
+
+    probes = {}
+    target = getattr(torch, dtype)
+    with torch.no_grad():
+        for name, layer in tuner_layers(peft_model).items():
+            weight = layer.get_base_layer().weight
+            delta = layer.get_delta_weight(layer.active_adapters[0]).float().reshape(weight.shape)
+            index = int(delta.abs().argmax())
+            base = weight.reshape(-1)[index].float()
+            moved = (base + delta.reshape(-1)[index]).to(target) != base.to(target)
+            probes[name] = {"index": index, "base": float(base), "delta": float(delta.abs().max()),
+                            "should_change": bool(moved)}
+    return probes
+
+
+def check_weights_changed(model, probes: dict) -> dict:
+    """Merged weights must differ from the base where the adapter is non-zero (PEFT #2586)."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    expected = [n for n, p in probes.items() if p["should_change"]]
+    unchanged = [n for n in expected
+                 if float(params[f"{n}.weight"].reshape(-1)[probes[n]["index"]]) == probes[n]["base"]]
+    check = {"adapted_modules": len(probes), "nonzero_adapter_modules": len(expected),
+             "changed_after_merge": len(expected) - len(unchanged), "unchanged": unchanged[:5],
+             "passed": bool(expected) and not unchanged}
+    if not expected:
+        check["error"] = ("the adapter is all zeros: every update is 0 (or below the precision "
+                          "of the dtype), so the export would equal the base model")
+    elif unchanged:
+        check["error"] = (f"merge did nothing: {len(unchanged)} of {len(expected)} adapted "
+                          f"modules still hold the base weights (e.g. {unchanged[0]})")
+    return check
+
+
+def compare_logits(reference, actual, dtype: str, source: str) -> dict:
+    """Max |logit difference| against the stated tolerance of the dtype."""
+    diff = float((reference - actual).abs().max()) if reference.shape == actual.shape else None
+    scale = 1.0 if dtype == "float32" else max(1.0, float(reference.abs().max()))
+    tolerance = TOLERANCE[dtype] * scale
+    check = {"examples": source, "positions": int(reference.shape[0]), "max_abs_diff": diff,
+             "tolerance": tolerance,
+             "tolerance_rule": "absolute" if dtype == "float32"
+             else f"{TOLERANCE[dtype]} x max(1, max |logit|)",
+             "top1_agreement": float((reference.argmax(-1) == actual.argmax(-1)).float().mean())
+             if diff is not None else None,
+             "passed": diff is not None and diff <= tolerance}
+    if not check["passed"]:
+        check["error"] = (f"logits differ from the adapter model by {diff} "
+                          f"(tolerance {tolerance:.2e})" if diff is not None
+                          else f"logit shapes differ: {tuple(reference.shape)} vs "
+                               f"{tuple(actual.shape)}")
+    return check
+
+
+def check_generation(model, processor, family, row: dict, reference_text: str | None) -> dict:
+    try:
+        text, new_tokens = generate_text(model, processor, family, row)
+    except Exception as exc:  # any failure here means the export is not usable
+        return {"passed": False, "error": f"generation failed: {exc!r}"}
+    check = {"text": text, "new_tokens": new_tokens, "passed": new_tokens > 0}
+    if reference_text is not None:
+        check["matches_adapter_model"] = text == reference_text
+    if not check["passed"]:
+        check["error"] = "generation produced no tokens"
+    return check
+
+
+def check_merged_files(out: Path) -> dict:
+    """Weights as safetensors (no pickles), config, generation config and processor files."""
+    names = {p.name for p in out.iterdir()}
+    missing = [n for n in ("config.json", "generation_config.json") if n not in names]
+    if not any(n.endswith(".safetensors") for n in names):
+        missing.append("*.safetensors")
+    if not names & {"tokenizer.json", "tokenizer.model", "vocab.json"}:
+        missing.append("tokenizer files")
+    pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth")))
+    check = {"files": sorted(names), "passed": not missing and not pickles}
+    if not check["passed"]:
+        check["error"] = f"missing {missing}" if missing else f"pickled weights {pickles}"
+    return check
+
+
+# --- adapter-only export ----------------------------------------------------------------------
+
+def export_adapter(run: Run, opts: ExportOptions, log) -> dict:
+    """Copy the adapter and processor; check it loads with plain PeftModel and does something."""
+    from peft import PeftModel
+
+    copy_adapter_files(run.adapter_dir, opts.out)
+    loaded = load_unquantized_base(run.recipe, None)
+    rows, source = probe_rows(run.recipe)
+    batch = encode_rows(loaded.processor, loaded.family, rows)
+    base_logits = logits_of(loaded.model.to(device()), batch)
+    try:
+        model = PeftModel.from_pretrained(loaded.model, opts.out)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"the exported adapter in {opts.out} does not load with "
+                          f"PeftModel.from_pretrained: {str(exc).splitlines()[0]}") from exc
+    checks = {
+        "adapter_effect": check_adapter_effect(base_logits, logits_of(model, batch), source),
+        "generation": check_generation(model, loaded.processor, loaded.family, rows[0], None),
+        "files": check_adapter_files(opts.out),
+    }
+    return {"kind": "adapter", "method": run.recipe.method.name,
+            "example_prompt": prompt_text(rows[0]),
+            "base_quantized_in_training": base_was_quantized(run.recipe),
+            "base_model": adapter_base(opts.out), "checks": checks}
+
+
+def copy_adapter_files(adapter_dir: Path, out: Path) -> None:
+    """The peft adapter files and the processor; peft's auto-generated README is replaced."""
+    for path in adapter_dir.iterdir():
+        if path.is_file() and (path.name.startswith("adapter_") or path.name in PROCESSOR_FILES):
+            shutil.copy2(path, out / path.name)
+
+
+def adapter_base(folder: Path) -> str | None:
+    return json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+
+
+def check_adapter_effect(base_logits, adapter_logits, source: str) -> dict:
+    """A loaded adapter must change the base model's outputs (an all-zero one does nothing)."""
+    diff = float((base_logits - adapter_logits).abs().max())
+    check = {"examples": source, "max_abs_diff_from_base": diff, "passed": diff > 0}
+    if not check["passed"]:
+        check["error"] = "the loaded adapter does not change the base model's logits (all zeros?)"
+    return check
+
+
+def check_adapter_files(out: Path) -> dict:
+    names = {p.name for p in out.iterdir()}
+    missing = [n for n in ("adapter_config.json", "adapter_model.safetensors") if n not in names]
+    check = {"files": sorted(names), "passed": not missing}
+    if missing:
+        check["error"] = f"missing {missing}"
+    return check
