@@ -72,9 +72,11 @@ def http_status(exc) -> int | None:
 
 
 def is_connection_error(exc) -> bool:
-    import httpx
-
-    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError))
+    """Connection refused, DNS failure, timeout: by class name, since huggingface_hub's HTTP
+    client (httpx or its httpx2 fork, depending on the version) defines its own classes."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return bool({c.__name__ for c in type(exc).__mro__} & {"TransportError", "TimeoutException"})
 
 
 def describe(exc, status: int | None) -> str:
