@@ -36,7 +36,7 @@ def build_model_card(run, report: dict, model_ref: str) -> str:
         tracking_note(summary),
         "## Training recipe\n\nThe resolved recipe (`peftvlm train recipe.yaml` reproduces the "
         "run):\n\n```yaml\n" + public_recipe_yaml(recipe) + "```",
-        "*Exported with [peftvlm](https://github.com/peftvlm/peftvlm).*",
+        "*Exported with peftvlm (`peftvlm export`).*",
     ]
     body = "\n\n".join(s for s in sections if s) + "\n"
     return f"---\n{card_metadata(run, report).to_yaml()}\n---\n\n{body}"

@@ -205,7 +205,8 @@ def test_exports_load_with_plain_libraries_in_a_fresh_process(merged_export, ada
     import torch
     from peft import PeftModel
 
-    from peftvlm.export import encode_rows, load_unquantized_base, logits_of, probe_rows, read_run
+    from peftvlm.export import load_unquantized_base, read_run
+    from peftvlm.export_checks import encode_rows, logits_of, probe_rows
 
     (merged, _), (adapter, adapter_report) = merged_export, adapter_export
     merged_code = card_snippet((merged / "README.md").read_text())
@@ -500,6 +501,23 @@ def test_cli_unknown_dtype(fake_run):
     assert result.returncode == 2
     assert "error: unknown dtype 'float8' for the export" in result.stderr
     assert "float32, bfloat16, float16" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_dtype_needs_merge(fake_run):
+    result = cli("export", str(fake_run), "--dtype", "bfloat16")
+    assert result.returncode == 2 and "--dtype applies to merged exports only" in result.stderr
+
+
+def test_probe_falls_back_to_a_drawn_image_when_data_is_unreadable(tmp_path, monkeypatch):
+    from peftvlm.export_checks import probe_rows
+    from peftvlm.recipe import validate_recipe_dict
+
+    monkeypatch.chdir(tmp_path)  # relative data paths resolve here, where nothing exists
+    recipe = validate_recipe_dict({**recipe_dict("lora"), "data": {"train": "gone.jsonl"}})
+    rows, source = probe_rows(recipe)
+    assert source.startswith("a drawn probe image") and len(rows) == 1
+    assert rows[0]["images"][0].size == (32, 32)
+    assert rows[0]["messages"][0]["content"][1]["text"] == "What color is the shape?"
 
 
 def test_cli_push_without_token(fake_run, tmp_path):
