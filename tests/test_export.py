@@ -29,19 +29,6 @@ TOKEN = "hf_exportTestSecret1234567890"
 
 # --- building runs ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def export_cache(tmp_path_factory):
-    """A private model/data cache for this file (tiny models are built into it once)."""
-    cache = tmp_path_factory.mktemp("export-cache")
-    old = os.environ.get("PEFTVLM_CACHE")
-    os.environ["PEFTVLM_CACHE"] = str(cache)
-    yield cache
-    if old is None:
-        os.environ.pop("PEFTVLM_CACHE", None)
-    else:
-        os.environ["PEFTVLM_CACHE"] = old
-
-
 def recipe_dict(method: str, **extra) -> dict:
     settings = {"name": method, "r": 4}
     if method != "vera":
@@ -70,7 +57,8 @@ def make_run(run_dir: Path, method: str, **extra) -> Path:
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     run_dir.mkdir(parents=True)
-    api.save_adapter(model, loaded.processor, run_dir)
+    model.save_pretrained(run_dir / "adapter")
+    loaded.processor.save_pretrained(run_dir / "adapter")
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     trainable, total = api.parameter_counts(model)
     summary = {"name": recipe.name, "method": method, "model": "tiny-llava", "family": "llava",
@@ -83,7 +71,7 @@ def make_run(run_dir: Path, method: str, **extra) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lora_run(export_cache, tmp_path_factory):
+def lora_run(tmp_path_factory):
     return make_run(tmp_path_factory.mktemp("runs") / "lora", "lora")
 
 
@@ -107,7 +95,7 @@ def adapter_export(lora_run, tmp_path_factory):
 # --- merge equality ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["lora", "dora", "vera", "qlora"])
-def test_merged_logits_match_adapter_model(method, export_cache, tmp_path):
+def test_merged_logits_match_adapter_model(method, tmp_path):
     from safetensors import safe_open
 
     from peftvlm.export import export_run
@@ -166,7 +154,7 @@ def test_merge_that_did_nothing_is_caught(lora_run, tmp_path, monkeypatch):
     assert report["passed"] is False and report["checks"]["weights_changed"]["passed"] is False
 
 
-def test_all_zero_adapter_is_reported(export_cache, tmp_path):
+def test_all_zero_adapter_is_reported(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -256,7 +244,7 @@ def test_model_card_content(merged_export, adapter_export):
     assert adapter_meta["library_name"] == "peft" and "adapter" in adapter_meta["tags"]
 
 
-def test_card_carries_license_and_base_from_local_base(export_cache, tmp_path):
+def test_card_carries_license_and_base_from_local_base(tmp_path):
     from peftvlm.export import export_run
     from peftvlm.models import tiny_model_path
 
@@ -439,7 +427,7 @@ def test_push_network_down(adapter_export, monkeypatch):
 # --- W&B ---------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_wandb_offline_artifacts(export_cache, tmp_path, monkeypatch):
+def test_wandb_offline_artifacts(tmp_path, monkeypatch):
     from peftvlm.export import export_run
 
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -463,12 +451,6 @@ def test_wandb_offline_artifacts(export_cache, tmp_path, monkeypatch):
 
 # --- the CLI -----------------------------------------------------------------------------------
 
-def cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "peftvlm", *args], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=ROOT)
-
-
 @pytest.fixture
 def fake_run(tmp_path):
     """A run folder with the files export reads before loading any model."""
@@ -481,14 +463,14 @@ def fake_run(tmp_path):
     return run
 
 
-def test_cli_missing_run(tmp_path):
+def test_cli_missing_run(tmp_path, cli):
     result = cli("export", str(tmp_path / "nope"))
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: run folder {tmp_path / 'nope'} does not exist")
     assert "Traceback" not in result.stderr
 
 
-def test_cli_unfinished_run(fake_run):
+def test_cli_unfinished_run(fake_run, cli):
     (fake_run / "summary.json").unlink()
     result = cli("export", str(fake_run))
     assert result.returncode == 2
@@ -496,14 +478,14 @@ def test_cli_unfinished_run(fake_run):
     assert "Traceback" not in result.stderr
 
 
-def test_cli_unknown_dtype(fake_run):
+def test_cli_unknown_dtype(fake_run, cli):
     result = cli("export", str(fake_run), "--merge", "--dtype", "float8")
     assert result.returncode == 2
     assert "error: unknown dtype 'float8' for the export" in result.stderr
     assert "float32, bfloat16, float16" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_cli_dtype_needs_merge(fake_run):
+def test_cli_dtype_needs_merge(fake_run, cli):
     result = cli("export", str(fake_run), "--dtype", "bfloat16")
     assert result.returncode == 2 and "--dtype applies to merged exports only" in result.stderr
 
@@ -530,7 +512,7 @@ def test_cli_push_without_token(fake_run, tmp_path):
     assert "no Hugging Face token found" in result.stderr and "HF_TOKEN" in result.stderr
 
 
-def test_cli_dry_run_and_out_dir_safety(fake_run, tmp_path):
+def test_cli_dry_run_and_out_dir_safety(fake_run, tmp_path, cli):
     result = cli("export", str(fake_run), "--merge", "--dtype", "bfloat16", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert re.search(r"merge\s+True", result.stdout) and re.search(r"dtype\s+bfloat16",
@@ -545,12 +527,12 @@ def test_cli_dry_run_and_out_dir_safety(fake_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_then_export_and_push_through_the_cli(tmp_path):
+def test_train_then_export_and_push_through_the_cli(tmp_path, cli):
     """`peftvlm train` with export.merge + push_to_hub: trains, merges, checks, pushes."""
     server = FakeHub()
     try:
         env = {"HF_ENDPOINT": server.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN,
-               "HF_HOME": str(tmp_path / "hf-home"), "PEFTVLM_CACHE": str(tmp_path / "cache")}
+               "HF_HOME": str(tmp_path / "hf-home")}
         result = cli("train", "quickstart", "-o", str(tmp_path / "run"), "train.max_steps=3",
                      "data.synthetic.train_size=48", "data.synthetic.eval_size=8",
                      "export.merge=true", "export.push_to_hub=me/quick", "export.private=false",
