@@ -182,13 +182,14 @@ def requantize_note(recipe, family_name: str | None, report: dict) -> str:
                   f"    bnb_4bit_use_double_quant={q.double_quant}, "
                   "bnb_4bit_compute_dtype=torch.bfloat16,\n"
                   f"    llm_int8_skip_modules={skip!r})")
-    what = "merged weights are saved unquantized" if report["kind"] == "merged" else \
-        "load the base quantized as in training"
+    merged = report["kind"] == "merged"
+    what = "merged weights are saved unquantized" if merged else "adapter applies to the base"
+    model_var = "model_id" if merged else "base_id"
     return ("### Quantized loading\n\nThe base was quantized during training; the "
             f"{what}. To load in {q.bits}-bit again (needs bitsandbytes):\n\n"
             "```python\nimport torch\nfrom transformers import BitsAndBytesConfig\n\n"
             f"quantization_config = {config}\n"
-            "model = AutoModelForImageTextToText.from_pretrained(model_id, "
+            f"model = AutoModelForImageTextToText.from_pretrained({model_var}, "
             "quantization_config=quantization_config)\n```")
 
 

@@ -64,7 +64,8 @@ def active_run_info() -> dict | None:
     run = getattr(wandb, "run", None) if wandb is not None else None
     if run is None:
         return None
-    offline = bool(getattr(run, "offline", False)) or run.settings.mode == "offline"
+    offline = bool(getattr(run, "offline", False)) or \
+        getattr(getattr(run, "settings", None), "mode", None) == "offline"
     return {"id": run.id, "project": run.project, "entity": run.entity or None,
             "url": None if offline else run.url, "mode": "offline" if offline else "online",
             "dir": str(run.dir)}
@@ -80,6 +81,14 @@ def log_export_artifacts(recipe, run_dir, folders: dict, log=print) -> list[str]
     mode = resolve_mode(cfg.mode, log)
     if mode == "disabled":
         return []
+    try:
+        return _log_artifacts(recipe, cfg, mode, run_dir, folders, log)
+    except Exception as exc:  # tracking never fails an export that already passed its checks
+        log(f"W&B: could not log the export artifacts ({type(exc).__name__}: {exc})")
+        return []
+
+
+def _log_artifacts(recipe, cfg, mode: str, run_dir, folders: dict, log) -> list[str]:
     import wandb
 
     own_run = wandb.run is None

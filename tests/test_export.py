@@ -449,6 +449,48 @@ def test_wandb_offline_artifacts(tmp_path, monkeypatch):
     assert "Logged to W&B offline (project `pv-test`, run id `abc123`)" in card
 
 
+# --- the extension point for methods outside peft -------------------------------------------
+
+def export_adapter(run_dir, adapter_dir, out_dir, merge):
+    """A stand-in for a CLIP-family method's exporter (its module defines this function)."""
+    (out_dir / "prompt.safetensors").write_bytes(b"weights")
+    ok = (adapter_dir / "prompt.json").exists()
+    return {"kind": "adapter", "method": "coop-like",
+            "checks": {"reload": {"passed": ok, "error": "prompt.json missing"}}}
+
+
+@pytest.fixture
+def dual_encoder_lora(monkeypatch):
+    """Pretend `lora` is a dual-encoder method whose module is this test file."""
+    from peftvlm.registry import METHODS, MethodInfo, get_method
+
+    info = get_method("lora")
+    monkeypatch.setitem(METHODS, "lora", MethodInfo("lora", info.config_cls,
+                                                    f"{__name__}:export_adapter",
+                                                    ("dual_encoder",), info.summary))
+
+
+def test_custom_method_exporter_goes_through_card_and_checks(fake_run, dual_encoder_lora,
+                                                             tmp_path):
+    from peftvlm.export import export_run
+
+    (fake_run / "adapter" / "prompt.json").write_text("{}")
+    report = export_run(fake_run, out=tmp_path / "out", log=lambda m: None)
+    assert report["passed"] and (tmp_path / "out" / "prompt.safetensors").exists()
+    assert "| reload | pass |" in (tmp_path / "out" / "README.md").read_text()
+    (fake_run / "adapter" / "prompt.json").unlink()
+    with pytest.raises(ExportError, match="reload: prompt.json missing"):
+        export_run(fake_run, out=tmp_path / "out", log=lambda m: None)
+
+
+def test_custom_method_without_exporter(fake_run, dual_encoder_lora, monkeypatch):
+    from peftvlm.export import export_run
+
+    monkeypatch.delitem(globals(), "export_adapter")
+    with pytest.raises(ExportError, match="method 'lora' has no exporter yet"):
+        export_run(fake_run, log=lambda m: None)
+
+
 # --- the CLI -----------------------------------------------------------------------------------
 
 @pytest.fixture
