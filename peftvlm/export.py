@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from peftvlm.errors import ExportError, PeftVLMError
+from peftvlm.runs import write_json
 from peftvlm.export_checks import (check_adapter_effect, check_adapter_files, check_generation,
                                    check_merged_files, check_weights_changed, compare_logits,
                                    device, encode_rows, generate_text, logits_of, probe_rows,
@@ -94,6 +95,7 @@ def finish_export(run: Run, opts: ExportOptions, report: dict, log) -> dict:
     """Card, report, failure check, then the Hub and W&B (only for exports that passed)."""
     from peftvlm.modelcard import write_model_card
 
+    report["out"] = str(opts.out)
     write_model_card(opts.out, run, report, repo_id=opts.push_to_hub)
     failures = [f"{name}: {check['error']}" for name, check in report["checks"].items()
                 if not check["passed"]]
@@ -169,7 +171,11 @@ def read_run(run_dir: str | Path) -> Run:
         recipe = validate_recipe_dict(yaml.safe_load(recipe_file.read_text()), str(recipe_file))
     except PeftVLMError as exc:
         raise ExportError(f"{recipe_file} does not validate: {exc.message}") from exc
-    summary = json.loads((run_dir / "summary.json").read_text())
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{run_dir / 'summary.json'} is not valid JSON ({exc.msg}, line "
+                          f"{exc.lineno})", hint="the run folder is damaged: train it again") from exc
     return Run(run_dir, recipe, summary, adapter_dir)
 
 
@@ -215,10 +221,6 @@ def print_plan(run: Run, opts: ExportOptions, log) -> dict:
     for key, value in plan.items():
         log(f"{key:12} {value}")
     return plan
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 # --- loading models ---------------------------------------------------------------------------

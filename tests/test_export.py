@@ -29,11 +29,11 @@ TOKEN = "hf_exportTestSecret1234567890"
 
 # --- building runs ---------------------------------------------------------------------------
 
-def recipe_dict(method: str, **extra) -> dict:
-    settings = {"name": method, "r": 4}
-    if method != "vera":
+def recipe_dict(method_name: str, **extra) -> dict:
+    settings = {"name": method_name, "r": 4}
+    if method_name != "vera":
         settings["lora_alpha"] = 8
-    data = {"name": f"tiny-{method}", "model": {"id": "tiny-llava"}, "method": settings,
+    data = {"name": f"tiny-{method_name}", "model": {"id": "tiny-llava"}, "method": settings,
             "data": {"synthetic": {"name": "colour-vqa", "train_size": 8, "eval_size": 4}},
             "eval": {"metrics": ["exact_match"]}}
     for key, value in extra.items():
@@ -41,7 +41,7 @@ def recipe_dict(method: str, **extra) -> dict:
     return data
 
 
-def make_run(run_dir: Path, method: str, **extra) -> Path:
+def make_run(run_dir: Path, method_name: str, **extra) -> Path:
     """A finished run folder whose adapter is non-zero, without spending time on training."""
     import torch
 
@@ -49,9 +49,9 @@ def make_run(run_dir: Path, method: str, **extra) -> Path:
     from peftvlm.recipe import validate_recipe_dict
     from peftvlm.registry import get_method
 
-    recipe = validate_recipe_dict(recipe_dict(method, **extra))
+    recipe = validate_recipe_dict(recipe_dict(method_name, **extra))
     torch.manual_seed(0)
-    loaded, model = api.load_model_with_method(recipe, get_method(method))
+    loaded, model = api.load_model_with_method(recipe, get_method(method_name))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -61,7 +61,7 @@ def make_run(run_dir: Path, method: str, **extra) -> Path:
     loaded.processor.save_pretrained(run_dir / "adapter")
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     trainable, total = api.parameter_counts(model)
-    summary = {"name": recipe.name, "method": method, "model": "tiny-llava", "family": "llava",
+    summary = {"name": recipe.name, "method": method_name, "model": "tiny-llava", "family": "llava",
                "trainable_params": trainable, "total_params": total, "train_runtime_s": 1.5,
                "global_step": 3, "final_loss": 2.5, "hardware": "cpu",
                "eval": {"exact_match": {"before": 0.25, "after": 0.75}},
@@ -94,13 +94,17 @@ def adapter_export(lora_run, tmp_path_factory):
 
 # --- merge equality ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["lora", "dora", "vera", "qlora"])
-def test_merged_logits_match_adapter_model(method, tmp_path):
+@pytest.mark.parametrize("method, extra", [
+    ("lora", {}), ("dora", {}), ("vera", {}), ("qlora", {}),
+    ("lora", {"modules_to_save": ["projector"]}),  # a fully trained projector is merged too
+], ids=["lora", "dora", "vera", "qlora", "lora+projector"])
+def test_merged_logits_match_adapter_model(method, extra, tmp_path):
     from safetensors import safe_open
 
     from peftvlm.export import export_run
 
-    run = make_run(tmp_path / "run", method)
+    settings = {**recipe_dict(method)["method"], **extra}
+    run = make_run(tmp_path / "run", method, method=settings)
     report = export_run(run, merge=True, out=tmp_path / "out", log=lambda m: None)
     checks = report["checks"]
     assert report["passed"] and report["kind"] == "merged"
