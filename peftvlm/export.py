@@ -259,17 +259,22 @@ def export_merged(run: Run, opts: ExportOptions, log) -> dict:
     del merged, model
     loaded.model = None  # the base now holds merged weights; free it before reloading
     reloaded = reload_merged(opts.out, opts.dtype)
+    merged_logits = logits_of(reloaded, batch)
     checks = {
-        "logits": compare_logits(reference, logits_of(reloaded, batch), opts.dtype, source),
+        "logits": compare_logits(reference, merged_logits, opts.dtype, source),
         "weights_changed": check_weights_changed(reloaded, probes),
         "generation": check_generation(reloaded, loaded.processor, loaded.family, rows[0],
                                        ref_text),
         "files": check_merged_files(opts.out),
     }
-    return {"kind": "merged", "dtype": opts.dtype, "method": run.recipe.method.name,
-            "example_prompt": prompt_text(rows[0]),
-            "base_quantized_in_training": base_was_quantized(run.recipe),
-            "model_class": type(reloaded).__name__, "checks": checks}
+    report = {"kind": "merged", "dtype": opts.dtype, "method": run.recipe.method.name,
+              "example_prompt": prompt_text(rows[0]),
+              "base_quantized_in_training": base_was_quantized(run.recipe),
+              "model_class": type(reloaded).__name__, "checks": checks}
+    if report["base_quantized_in_training"]:
+        del reloaded
+        report["vs_quantized_training_model"] = quantization_gap(run, batch, merged_logits)
+    return report
 
 
 def merge_adapter(peft_model):
@@ -286,6 +291,21 @@ def reload_merged(folder: Path, dtype: str):
     except (OSError, ValueError) as exc:
         raise ExportError(f"the merged folder {folder} does not load with "
                           f"AutoModelForImageTextToText: {str(exc).splitlines()[0]}") from exc
+
+
+def quantization_gap(run: Run, batch: dict, merged_logits) -> dict:
+    """How far the unquantized merge is from the model as trained (adapter on the quantized
+    base): informative, not a check, since quantization error is expected here."""
+    from peft import PeftModel
+
+    from peftvlm.models import load_base
+
+    loaded = load_base(run.recipe.model, run.recipe.method.name)
+    model = PeftModel.from_pretrained(loaded.model, run.adapter_dir)
+    trained = logits_of(model, batch)
+    return {"max_abs_diff": float((trained - merged_logits).abs().max()),
+            "top1_agreement": float((trained.argmax(-1) == merged_logits.argmax(-1))
+                                    .float().mean())}
 
 
 def base_was_quantized(recipe) -> bool:

@@ -52,7 +52,9 @@ def card_metadata(run, report: dict):
                        if s.dataset and is_hub_id(s.dataset)})
     tags = ["peftvlm", recipe.method.name, run.summary.get("family") or "vlm",
             "merged" if report["kind"] == "merged" else "adapter", "vision-language"]
+    relation = {"base_model_relation": "merge" if report["kind"] == "merged" else "adapter"}
     return ModelCardData(
+        **(relation if base else {}),
         base_model=base, library_name="transformers" if report["kind"] == "merged" else "peft",
         pipeline_tag="image-text-to-text", tags=list(dict.fromkeys(tags)),
         datasets=datasets or None, license=base_license(recipe.model))
@@ -185,8 +187,13 @@ def requantize_note(recipe, family_name: str | None, report: dict) -> str:
     merged = report["kind"] == "merged"
     what = "merged weights are saved unquantized" if merged else "adapter applies to the base"
     model_var = "model_id" if merged else "base_id"
+    gap = report.get("vs_quantized_training_model")
+    measured = (f" Against the model as trained (adapter on the quantized base) the merged "
+                f"model's logits differ by at most {gap['max_abs_diff']:.3g}, with "
+                f"{100 * gap['top1_agreement']:.1f}% top-1 agreement on the probe rows."
+                if gap else "")
     return ("### Quantized loading\n\nThe base was quantized during training; the "
-            f"{what}. To load in {q.bits}-bit again (needs bitsandbytes):\n\n"
+            f"{what}.{measured} To load in {q.bits}-bit again (needs bitsandbytes):\n\n"
             "```python\nimport torch\nfrom transformers import BitsAndBytesConfig\n\n"
             f"quantization_config = {config}\n"
             f"model = AutoModelForImageTextToText.from_pretrained({model_var}, "

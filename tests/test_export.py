@@ -115,6 +115,10 @@ def test_merged_logits_match_adapter_model(method, extra, tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in config  # QLoRA merges into the unquantized base
     assert report["base_quantized_in_training"] == (method == "qlora")
+    if method == "qlora":  # the gap to the model as trained (4-bit base) is reported, not zero
+        gap = report["vs_quantized_training_model"]
+        assert gap["max_abs_diff"] > checks["logits"]["max_abs_diff"]
+        assert 0 <= gap["top1_agreement"] <= 1
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         keys = list(f.keys())
     assert not [k for k in keys if "lora" in k or "vera" in k or "base_layer" in k]
@@ -274,6 +278,7 @@ def test_card_metadata_for_hub_models(monkeypatch):
     run = SimpleNamespace(recipe=recipe, summary={"family": "llava"})
     meta = yaml.safe_load(metadata(run, {"kind": "merged"}).to_yaml())
     assert meta["base_model"] == "llava-hf/llava-1.5-7b-hf"
+    assert meta["base_model_relation"] == "merge" and meta["library_name"] == "transformers"
 
 
 # --- the Hub -----------------------------------------------------------------------------------
