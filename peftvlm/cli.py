@@ -173,6 +173,29 @@ def metrics(
         print_table(result)
 
 
+data_app = typer.Typer(help="Build datasets: self-instruct generation.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("self-instruct")
+def self_instruct(
+    config: Path = typer.Argument(..., help="Self-instruct config (see "
+                                            "data_templates/self_instruct/example.yaml)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. "
+                                                               "num_instructions=50"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again, deleting the output, "
+                                                              "its state and its report."),
+):
+    """Generate an instruction dataset; rerun the same command to resume an interrupted run."""
+    from peftvlm.data.self_instruct import load_config, run_self_instruct
+
+    report = run_self_instruct(load_config(config, overrides or []), overwrite=overwrite,
+                               log=typer.echo)
+    rejected = ", ".join(f"{k} {v}" for k, v in report["rejected"].items() if v) or "none"
+    typer.echo(f"kept {report['kept']}/{report['target']} from {report['candidates']} candidates "
+               f"({report['stopped_because']}); rejected: {rejected}\noutput: {report['output']}")
+
+
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="A finished run folder (runs/<name>)."),

@@ -135,9 +135,18 @@ def score_files(predictions_path: str | Path, references_path: str | Path,
                   predictions_path, references_path)
     for m in metrics:
         _check_types(m, pairs, predictions_path, references_path)
-    predictions = [p["prediction"] for p, _ in pairs]
-    references = [r["references"] for _, r in pairs]
-    result = {"num_examples": len(pairs), "scores": {}, "notes": {}, "higher_is_better": {}}
+    return score_predictions(metrics, [p["prediction"] for p, _ in pairs],
+                             [r["references"] for _, r in pairs], [r for _, r in pairs])
+
+
+def score_predictions(metrics: list[MetricInfo], predictions: list, references: list,
+                      reference_rows: list[dict] | None = None) -> dict:
+    """Score aligned lists with each metric (shared by files and `peftvlm eval`).
+
+    `reference_rows` supply per-row extras such as `question_type`."""
+    rows = reference_rows or [{} for _ in references]
+    result = {"num_examples": len(predictions), "scores": {}, "notes": {},
+              "higher_is_better": {}}
     prepared: dict = {}  # one prepare() pass (e.g. tokenisation) per family of metrics
     for m in metrics:
         preds, refs = predictions, references
@@ -147,8 +156,8 @@ def score_files(predictions_path: str | Path, references_path: str | Path,
             preds, refs, note = prepared[m.prepare]
             if note:
                 result["notes"][m.family] = note
-        extras = {kw: [r.get(key) for _, r in pairs] for key, kw in m.extras.items()
-                  if any(key in r for _, r in pairs)}
+        extras = {kw: [r.get(key) for r in rows] for key, kw in m.extras.items()
+                  if any(key in r for r in rows)}
         _run_metric(m, preds, refs, extras, result)
     return result
 
