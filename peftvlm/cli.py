@@ -22,6 +22,10 @@ app = typer.Typer(help="Parameter-efficient fine-tuning of vision-language model
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
+data_app = typer.Typer(help="Look at a recipe's data as the trainer will see it.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
 
 def shipped_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
@@ -82,9 +86,55 @@ def validate(recipes: List[str] = typer.Argument(..., help="Recipe files to chec
         typer.echo(f"ok: {path}")
 
 
+@data_app.command("preview")
+def data_preview(
+    recipe: str = typer.Argument(..., help="Recipe file, or the name of a shipped recipe."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
+    n: int = typer.Option(3, "-n", "--num", min=1, help="Examples to show."),
+):
+    """Show training examples exactly as encoded: loss tokens in green, image token counts."""
+    from peftvlm.data.report import preview
+    from peftvlm.recipe import load_recipe
+
+    preview(load_recipe(resolve_recipe_path(recipe), overrides or []), n)
+
+
+@data_app.command("stats")
+def data_stats(
+    recipe: str = typer.Argument(..., help="Recipe file, or the name of a shipped recipe."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Histogram PNG (default: "
+                                                             "runs/<name>/data_stats.png)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stats as JSON."),
+):
+    """Rows per source, token-length histogram, rows over train.max_length, bad rows."""
+    import json
+
+    from peftvlm.data.report import print_stats, stats
+    from peftvlm.recipe import load_recipe
+    from peftvlm.runs import default_run_dir
+
+    loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    result = stats(loaded, plot or default_run_dir(loaded) / "data_stats.png")
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+    else:
+        print_stats(result)
+
+
+def list_templates() -> None:
+    from peftvlm.data.templates import list_templates as specs
+
+    for spec in specs():
+        columns = ", ".join(c if spec.columns[c].required else f"[{c}]" for c in spec.columns)
+        typer.echo(f"{spec.name:16} {spec.kind:15} columns: {columns}")
+        typer.echo(f"{'':16} {spec.description}")
+
+
 @app.command("ls")
-def ls(what: str = typer.Argument("recipes", help="methods, families, models or recipes")):
-    """List methods, model families, built-in tiny models or shipped recipes."""
+def ls(what: str = typer.Argument("recipes", help="methods, families, models, recipes or "
+                                                  "templates")):
+    """List methods, model families, built-in tiny models, shipped recipes or data templates."""
     if what == "methods":
         from peftvlm.registry import METHODS, method_config_classes
 
@@ -107,8 +157,11 @@ def ls(what: str = typer.Argument("recipes", help="methods, families, models or 
             first = next((l[1:].strip() for l in path.read_text().splitlines()
                           if l.startswith("#") and l[1:].strip()), "")
             typer.echo(f"{name:24} {first}")
+    elif what == "templates":
+        list_templates()
     else:
-        raise RecipeError(f"cannot list {what!r}", hint="use methods, families, models or recipes")
+        raise RecipeError(f"cannot list {what!r}",
+                          hint="use methods, families, models, recipes or templates")
 
 
 @app.command()

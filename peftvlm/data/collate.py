@@ -16,6 +16,10 @@ def open_image(image):
 
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if isinstance(image, dict):  # encoded bytes kept compact until batched (data/sources.py)
+        import io
+
+        image = io.BytesIO(image["bytes"])
     with Image.open(image) as im:
         return im.convert("RGB")
 
