@@ -231,7 +231,9 @@ def read_dataset(src, base_dir: Path) -> SourceData:
         raise DataError(f"data source {name}: streaming reads whole splits; use "
                         f"max_samples instead of slicing ({split!r})")
     try:
-        dataset = datasets.load_dataset(name, split=split, streaming=src.streaming)
+        # A local folder of data files (not saved with save_to_disk) is read like a Hub repo.
+        dataset = datasets.load_dataset(str(local) if local.is_dir() else name, split=split,
+                                        streaming=src.streaming)
     except Exception as exc:  # datasets raises many types (network, missing config...)
         raise DataError(f"data source {name}: cannot load dataset: {str(exc).splitlines()[0]}",
                         hint="give a Hub id (needs network), or a folder saved with "
