@@ -268,3 +268,20 @@ def test_data_cli_stops_on_bad_rows_naming_them(tmp_path, data_cache):
                      cache=data_cache)
     assert failed.returncode == 2 and "qa.jsonl:13" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_paths_and_bytes_sources_mix_into_one_trainable_dataset(tmp_path, llava_collator):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    save_image(tmp_path / "a.png")
+    write_jsonl(tmp_path / "paths.jsonl", QA)
+    pq.write_table(pa.Table.from_pylist([{**r, "image": {"bytes": png_bytes(), "path": None}}
+                                         for r in QA]), tmp_path / "bytes.parquet")
+    recipe = load_recipe(recipe_file(tmp_path, {"template": "vqa", "train": [
+        {"path": "paths.jsonl"}, {"path": "bytes.parquet"}]}))
+    rows = load_rows(recipe).train
+    dataset = datasets.Dataset.from_list(rows)  # what the trainer does with the rows
+    batch = llava_collator([dataset[0], dataset[len(rows) - 1]])
+    assert batch["pixel_values"].shape[0] == 2 and len(rows) == 8

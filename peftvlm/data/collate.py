@@ -16,10 +16,10 @@ def open_image(image):
 
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    if isinstance(image, dict):  # encoded bytes kept compact until batched (data/sources.py)
+    if isinstance(image, dict):  # {"bytes"} or {"path"}: kept compact until batched (loading.py)
         import io
 
-        image = io.BytesIO(image["bytes"])
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
     with Image.open(image) as im:
         return im.convert("RGB")
 

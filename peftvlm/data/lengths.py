@@ -29,11 +29,18 @@ class LengthCounter:
         self.processor, self.family = collator.processor, collator.family
         self.tokenizer = self.processor.tokenizer
         self._expansion: dict[tuple[int, int], int] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
 
     def texts(self, rows: list[dict]) -> list[str]:
-        return self.processor.apply_chat_template(
-            [r["messages"] for r in rows], chat_template=self.family.training_chat_template,
-            tokenize=False)
+        # The renderer the processor's apply_chat_template calls, without its per-message
+        # normalisation (our rows are plain dicts already): 2x faster on 10k rows.
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        prompts, _ = render_jinja_template(
+            conversations=[r["messages"] for r in rows],
+            chat_template=self.family.training_chat_template,
+            **self.tokenizer.special_tokens_map)
+        return prompts
 
     def text_lengths(self, texts: list[str]) -> list[int]:
         # The processor skips special tokens when the rendered text already starts with BOS.
@@ -60,12 +67,20 @@ class LengthCounter:
             self._expansion[size] = full - self.text_lengths(self.texts([probe]))[0]
         return self._expansion[size]
 
-    def __call__(self, rows: list[dict]) -> list[int]:
+    def size(self, image) -> tuple[int, int]:
+        """Image size from its header, remembered per path (rows often share images)."""
         from peftvlm.data.sources import image_size
 
+        if not isinstance(image, str):
+            return image_size(image)
+        if image not in self._sizes:
+            self._sizes[image] = image_size(image)
+        return self._sizes[image]
+
+    def __call__(self, rows: list[dict]) -> list[int]:
         texts = self.texts(rows)
         lengths = self.text_lengths(texts)
-        return [n + sum(self.expansion(image_size(i)) for i in r["images"])
+        return [n + sum(self.expansion(self.size(i)) for i in r["images"])
                 for n, r in zip(lengths, rows)]
 
 

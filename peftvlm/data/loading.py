@@ -219,6 +219,27 @@ def with_system_prompt(rows: list[dict], prompt: str | None) -> list[dict]:
             else {**r, "messages": [system, *r["messages"]]} for r in rows]
 
 
+def uniform_images(rows: list[dict]) -> list[dict]:
+    """One image representation for all rows, so `datasets.Dataset.from_list` (in the trainer)
+    accepts them: paths stay strings when every image is a path; otherwise every image becomes
+    `{"bytes", "path"}` (PIL images are PNG-encoded)."""
+    if all(isinstance(i, str) for r in rows for i in r["images"]):
+        return rows
+    return [{**r, "images": [encoded_image(i) for i in r["images"]]} for r in rows]
+
+
+def encoded_image(image) -> dict:
+    if isinstance(image, str):
+        return {"bytes": None, "path": image}
+    if isinstance(image, dict):
+        return {"bytes": image.get("bytes"), "path": image.get("path")}
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
 def load_rows(recipe, box_format: str = "norm1") -> PreparedData:
     """Checked conversations of the recipe's train and eval sources (no length filter yet)."""
     train_sources, eval_sources = recipe_sources(recipe)
@@ -232,8 +253,8 @@ def load_rows(recipe, box_format: str = "norm1") -> PreparedData:
     if not train:
         raise DataError("data.train: no usable rows" +
                         (f" ({train_report.describe()})" if train_report.total else ""))
-    return PreparedData(with_system_prompt(train, data_cfg.system_prompt),
-                        with_system_prompt(evaluation, data_cfg.system_prompt),
+    return PreparedData(uniform_images(with_system_prompt(train, data_cfg.system_prompt)),
+                        uniform_images(with_system_prompt(evaluation, data_cfg.system_prompt)),
                         {"train": train_report.as_dict(), "eval": eval_report.as_dict()},
                         sources=train_info + eval_info)
 

@@ -1,7 +1,7 @@
 """Check rows and images: the normalised conversation format and the bad-row report.
 
-A row the trainer reads is `{"messages": [...], "images": [...]}` (images: absolute paths,
-`{"bytes": ...}` encoded images, or PIL images) where each
+A row the trainer reads is `{"messages": [...], "images": [...]}` (images: absolute paths, or
+`{"bytes", "path"}` dicts when a source holds encoded images, or PIL images) where each
 message's `content` is a list of `{"type": "image"}` / `{"type": "text", "text": ...}` items.
 Bad rows (missing, corrupt or escaping images, malformed messages, wrong column types, empty
 answers, boxes outside the image) are counted by reason with their row ids, then skipped or
@@ -147,7 +147,9 @@ def image_size(image) -> tuple[int, int]:
 
     if isinstance(image, Image.Image):
         return image.size
-    source = io.BytesIO(image["bytes"]) if isinstance(image, dict) else image
+    if isinstance(image, dict):
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    source = image
     with Image.open(source) as im:
         return im.size
 

@@ -330,6 +330,7 @@ class TemplateRenderer:
         self.columns = {c: columns.get(c, c) for c in template.spec.columns}
         self.root, self.box_format, self.seed, self.salt = root, box_format, seed, salt
         self.system_prompt = system_prompt if system_prompt is not None else self.spec.system_prompt
+        self._checked: dict[str, Any] = {}
 
     def values(self, record) -> dict:
         """Template column -> value, via the column mapping; missing required ones are bad."""
@@ -360,13 +361,30 @@ class TemplateRenderer:
         if isinstance(record, BadRow):
             raise record
         values = self.values(record)
-        image = resolve_image(values["image"], self.root) if values.get("image") is not None else None
+        image = self.image(values.get("image"))
         values["image"] = image
         rng = random.Random(f"{self.seed}:{self.salt}:{row_id}")
+        make_turns = KIND_TURNS[self.spec.kind]
         turns = [(self.phrase(task, variables, rng), answer)
-                 for task, variables, answer in KIND_TURNS[self.spec.kind](values, self.options,
-                                                                        rng, self)]
+                 for task, variables, answer in make_turns(values, self.options, rng, self)]
         return Piece(image_key(image), image, turns)
+
+    def image(self, value):
+        """Resolve and check an image once per path (VQA rows often share one image)."""
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            return resolve_image(value, self.root)
+        checked = self._checked.get(value)
+        if checked is None:
+            try:
+                checked = resolve_image(value, self.root)
+            except BadRow as bad:
+                checked = bad
+            self._checked[value] = checked
+        if isinstance(checked, BadRow):
+            raise BadRow(checked.reason, checked.detail)
+        return checked
 
     def phrase(self, task: str, variables: dict, rng: random.Random) -> str:
         text = fill(rng.choice(self.spec.prompts[task]), variables)
