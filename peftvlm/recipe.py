@@ -87,6 +87,13 @@ class SourceConfig(Section):
             raise ValueError("give either `path` or `dataset`, not both")
         return v
 
+    @field_validator("streaming")
+    @classmethod
+    def _streaming_needs_dataset(cls, v, info):
+        if v and info.data.get("path") is not None:
+            raise ValueError("streaming reads `dataset:` sources; files are read whole")
+        return v
+
 
 class SyntheticConfig(Section):
     name: Literal["colour-vqa", "colour-classes", "coco-captions", "vqav2", "refcoco"] = Field(
