@@ -291,9 +291,18 @@ def validate_recipe_dict(data: dict, file: str = "<recipe>") -> Recipe:
 def check_recipe_files(recipe: Recipe) -> None:
     """Files and templates the recipe names must exist (checked at validate time, before any
     model loads)."""
-    from peftvlm.registry import get_method
+    from peftvlm.families import FAMILIES
 
-    get_method(recipe.method.name)
+    if recipe.model.family is not None and recipe.model.family not in FAMILIES:
+        raise RecipeError(f"{recipe.source_path}: model.family: unknown family "
+                          f"{recipe.model.family!r}; known: {', '.join(FAMILIES)}",
+                          hint="or leave it out to detect the family from the model's config")
+    from peftvlm.metrics import available_metrics
+
+    unknown = [m for m in recipe.eval.metrics if m not in available_metrics()]
+    if unknown:
+        raise RecipeError(f"{recipe.source_path}: eval.metrics: unknown metric(s) "
+                          f"{', '.join(unknown)}", hint="see `peftvlm ls metrics`")
     base = recipe.base_dir()
     for section in ("train", "eval"):
         for i, src in enumerate(getattr(recipe.data, section) or []):

@@ -287,4 +287,8 @@ def prepare_data(recipe, collator) -> PreparedData:
     data = load_rows(recipe, collator.family.box_format)
     data.train, data.overflow = drop_overflowing(data.train, collator, recipe.train.max_length,
                                                  recipe.data.on_overflow, "data.train")
+    if not data.train:
+        raise DataError(f"data.train: every row is longer than train.max_length="
+                        f"{recipe.train.max_length} (longest: {data.overflow['longest']} tokens)",
+                        hint="raise train.max_length")
     return data
