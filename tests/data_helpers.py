@@ -14,15 +14,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
-    """A peftvlm cache folder for these tests (tiny models are built into it once)."""
-    path = tmp_path_factory.mktemp("peftvlm-data-cache")
-    old = os.environ.get("PEFTVLM_CACHE")
-    os.environ["PEFTVLM_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("PEFTVLM_CACHE", None)
-    else:
-        os.environ["PEFTVLM_CACHE"] = old
+    """The session's peftvlm cache (conftest sets PEFTVLM_CACHE; tiny models are built once)."""
+    if "PEFTVLM_CACHE" not in os.environ:
+        os.environ["PEFTVLM_CACHE"] = str(tmp_path_factory.mktemp("peftvlm-data-cache"))
+    return Path(os.environ["PEFTVLM_CACHE"])
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from data_helpers import REPO, data_cache, llava_collator, recipe_file, run_cli, save_image  # noqa: F401
+from data_helpers import data_cache, llava_collator, recipe_file, run_cli, save_image  # noqa: F401
 
 from peftvlm.data.boxes import box_text, clip_box, format_box, read_box
 from peftvlm.data.sources import BadRow
@@ -241,14 +241,3 @@ def test_ls_templates_cli(data_cache):
     out = run_cli("ls", "templates", cache=data_cache)
     assert out.returncode == 0, out.stderr
     assert "grounding" in out.stdout and "image, expression, box, [width], [height]" in out.stdout
-
-
-@pytest.mark.parametrize("name", ["captions-tiny", "vqav2-tiny", "refcoco-grounding-tiny"])
-def test_shipped_template_recipes_validate_and_dry_run(name, data_cache):
-    from peftvlm import api
-    from peftvlm.recipe import load_recipe
-
-    recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
-    result = api.train(recipe, dry_run=True, log=lambda *a: None)
-    assert result["train_rows"] > 100 and result["trained_tokens"] > 0
-    assert result["bad_rows"]["train"] == {}
