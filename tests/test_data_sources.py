@@ -49,9 +49,12 @@ def test_file_kinds(kind, tmp_path):
     elif kind == "json":
         path.write_text(json.dumps({"data": QA}))
     elif kind == "csv":
-        path.write_text("image,question,answers\n" + "".join(
-            f'{r["image"]},{r["question"]},"{json.dumps(r["answers"]).replace(chr(34), chr(34) * 2)}"\n'
-            for r in QA))
+        import csv
+
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "question", "answers"])
+            writer.writerows([r["image"], r["question"], json.dumps(r["answers"])] for r in QA)
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -150,7 +153,8 @@ EXPECTED_BAD = {"missing_image": ["bad.jsonl:2"], "corrupt_image": ["bad.jsonl:3
 def test_each_bad_row_reason_is_counted(tmp_path):
     result = load(tmp_path, path=bad_rows_file(tmp_path))
     report = result.report.as_dict()
-    assert {r: i["count"] for r, i in report.items()} == {r: len(v) for r, v in EXPECTED_BAD.items()}
+    assert {r: i["count"] for r, i in report.items()} == \
+        {r: len(v) for r, v in EXPECTED_BAD.items()}
     for reason, ids in EXPECTED_BAD.items():
         assert [row.split(" ")[0] for row in report[reason]["first_rows"]] == ids
     assert result.records == 11 and len(result.rows) == 2
@@ -260,6 +264,7 @@ def test_data_stats_cli(tmp_path, data_cache):
     assert stats["train_rows"] == 12 and stats["sources"][0]["bad_rows"] == 1
     assert stats["bad_rows"]["train"]["missing_image"]["count"] == 1
     assert stats["token_lengths"]["min"] > 30 and stats["over_max_length"]["count"] == 12
+    assert stats["over_max_length"]["first_rows"][0].startswith("row 0 (")
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -17,8 +17,9 @@ BOX_INPUTS = ("xyxy", "xywh")
 
 def read_box(value, box_input: str = "xyxy") -> tuple[float, float, float, float]:
     """Four finite pixel numbers -> `(x1, y1, x2, y2)`; COCO `xywh` is converted."""
-    if isinstance(value, dict):  # {"x": .., "y": .., "w"/"width": ..} style
-        value = [value.get(k) for k in ("x", "y", "w", "h")] if "w" in value else list(value.values())
+    if isinstance(value, dict):  # {"x", "y", "w", "h"} or {"x1", "y1", "x2", "y2"}
+        keys = ("x", "y", "w", "h") if "w" in value else ("x1", "y1", "x2", "y2")
+        value = [value.get(k) for k in keys]
     try:
         nums = [float(v) for v in value]
     except (TypeError, ValueError):

@@ -126,7 +126,8 @@ def write_fixture(name: str, folder: Path, train_size: int = 200, eval_size: int
     folder = Path(folder)
     done = folder / ".complete.json"
     if done.exists():
-        return {s: {k: Path(v) for k, v in f.items()} for s, f in json.loads(done.read_text()).items()}
+        written = json.loads(done.read_text())
+        return {s: {k: Path(v) for k, v in f.items()} for s, f in written.items()}
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     out = {"train": write_split(name, folder, "train", train_size, image_size, rng, 1),

@@ -274,7 +274,8 @@ def drop_overflowing(rows, collator, max_length: int, policy: str, what: str):
     over = [i for i, n in enumerate(lengths) if n > max_length]
     if over and policy == "error":
         listed = ", ".join(f"row {i} ({lengths[i]} tokens)" for i in over[:5])
-        raise DataError(f"{what}: {len(over)} row(s) exceed train.max_length={max_length}: {listed}",
+        raise DataError(f"{what}: {len(over)} row(s) exceed train.max_length={max_length}: "
+                        f"{listed}",
                         hint="raise train.max_length, shorten those rows, or set "
                              "data.on_overflow: drop")
     dropped = set(over)

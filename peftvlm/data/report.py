@@ -63,9 +63,14 @@ def stats(recipe, plot_path: Path) -> dict:
     plot_lengths(lengths, max_length, plot_path, f"{recipe.name}: training rows by token length")
     return {"recipe": recipe.name, "train_rows": len(data.train), "eval_rows": len(data.eval),
             "sources": data.sources, "token_lengths": summarise_lengths(lengths),
-            "over_max_length": {"count": sum(n > max_length for n in lengths),
-                                "max_length": max_length, "policy": recipe.data.on_overflow},
+            "over_max_length": over_max_length(lengths, max_length, recipe.data.on_overflow),
             "bad_rows": data.bad_rows, "histogram": str(plot_path)}
+
+
+def over_max_length(lengths: list[int], max_length: int, policy: str) -> dict:
+    over = [i for i, n in enumerate(lengths) if n > max_length]
+    return {"count": len(over), "max_length": max_length, "policy": policy,
+            "first_rows": [f"row {i} ({lengths[i]} tokens)" for i in over[:5]]}
 
 
 def summarise_lengths(lengths: list[int]) -> dict:
@@ -112,7 +117,8 @@ def print_stats(result: dict, console=None) -> None:
     console.print(f"train rows {result['train_rows']}, eval rows {result['eval_rows']}; tokens "
                   f"min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}")
     console.print(f"over train.max_length={over['max_length']}: {over['count']} row(s) "
-                  f"(data.on_overflow: {over['policy']})")
+                  f"(data.on_overflow: {over['policy']})"
+                  + (f", e.g. {', '.join(over['first_rows'][:3])}" if over["count"] else ""))
     for section, reasons in result["bad_rows"].items():
         for reason, info in reasons.items():
             console.print(f"bad rows ({section}) {reason}: {info['count']}, e.g. "
