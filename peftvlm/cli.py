@@ -245,9 +245,11 @@ def self_instruct(
 
 
 def main() -> None:
-    """Console entry point: user errors print one message (exit 2); PEFTVLM_DEBUG=1 re-raises."""
+    """Console entry point: user errors print one message (exit 2); PEFTVLM_DEBUG=1 re-raises.
+
+    Usage errors (unknown command, missing argument) are click's own, also exit 2."""
     try:
-        app(standalone_mode=False)
+        app()
     except PeftVLMError as err:
         if os.environ.get("PEFTVLM_DEBUG") == "1":
             raise
@@ -256,15 +258,6 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as err:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":
