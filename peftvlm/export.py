@@ -175,7 +175,8 @@ def read_run(run_dir: str | Path) -> Run:
         summary = json.loads((run_dir / "summary.json").read_text())
     except json.JSONDecodeError as exc:
         raise ExportError(f"{run_dir / 'summary.json'} is not valid JSON ({exc.msg}, line "
-                          f"{exc.lineno})", hint="the run folder is damaged: train it again") from exc
+                          f"{exc.lineno})",
+                          hint="the run folder is damaged: train it again") from exc
     return Run(run_dir, recipe, summary, adapter_dir)
 
 
@@ -246,7 +247,7 @@ def export_merged(run: Run, opts: ExportOptions, log) -> dict:
     from peft import PeftModel
 
     loaded = load_unquantized_base(run.recipe, opts.dtype, run.adapter_dir)
-    rows, source = probe_rows(run.recipe)
+    rows, source = probe_rows(run.recipe, loaded.family)
     batch = encode_rows(loaded.processor, loaded.family, rows)
     model = PeftModel.from_pretrained(loaded.model, run.adapter_dir).to(device())
     reference = logits_of(model, batch)
@@ -320,7 +321,7 @@ def export_adapter(run: Run, opts: ExportOptions, log) -> dict:
 
     copy_adapter_files(run.adapter_dir, opts.out)
     loaded = load_unquantized_base(run.recipe, None, run.adapter_dir)
-    rows, source = probe_rows(run.recipe)
+    rows, source = probe_rows(run.recipe, loaded.family)
     batch = encode_rows(loaded.processor, loaded.family, rows)
     base_logits = logits_of(loaded.model.to(device()), batch)
     try:

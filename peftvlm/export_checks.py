@@ -26,18 +26,19 @@ def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def probe_rows(recipe) -> tuple[list[dict], str]:
-    """A few held-out rows of the recipe (training rows if it has none; a drawn image if the data
-    cannot be read from here)."""
-    from peftvlm.data.loading import recipe_sources
-    from peftvlm.data.sources import BadRowReport, load_conversations
+def probe_rows(recipe, family) -> tuple[list[dict], str]:
+    """A few held-out rows of the recipe, rendered as in training (training rows if it has no
+    held-out data; a drawn image if its data cannot be read from here)."""
+    from peftvlm.data.loading import load_source, recipe_sources, with_system_prompt
 
     try:
         train_sources, eval_sources = recipe_sources(recipe)
         for what, sources in (("held-out rows", eval_sources), ("training rows", train_sources)):
-            rows = load_conversations(sources[:1], recipe.base_dir(), BadRowReport())
-            if rows:
-                return rows[:PROBE_ROWS], what
+            for src in sources:
+                first = src.model_copy(update={"max_samples": PROBE_ROWS})
+                rows = load_source(first, recipe.data, recipe.base_dir(), family.box_format).rows
+                if rows:
+                    return with_system_prompt(rows, recipe.data.system_prompt), what
     except (PeftVLMError, OSError):
         pass
     return [synthetic_probe()], "a drawn probe image (the recipe's data is not readable here)"
@@ -129,8 +130,8 @@ def check_weights_changed(model, probes: dict) -> dict:
     """Merged weights must differ from the base where the adapter is non-zero (PEFT #2586)."""
     params = {name: p.detach() for name, p in model.named_parameters()}
     expected = [n for n, p in probes.items() if p["should_change"]]
-    unchanged = [n for n in expected
-                 if float(params[f"{n}.weight"].reshape(-1)[probes[n]["index"]]) == probes[n]["base"]]
+    unchanged = [n for n in expected if float(
+        params[f"{n}.weight"].reshape(-1)[probes[n]["index"]]) == probes[n]["base"]]
     check = {"adapted_modules": len(probes), "nonzero_adapter_modules": len(expected),
              "changed_after_merge": len(expected) - len(unchanged), "unchanged": unchanged[:5],
              "passed": bool(expected) and not unchanged}

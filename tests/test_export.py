@@ -213,14 +213,16 @@ def test_exports_load_with_plain_libraries_in_a_fresh_process(merged_export, ada
 
     run = read_run(lora_run)
     loaded = load_unquantized_base(run.recipe, "float32")
-    batch = encode_rows(loaded.processor, loaded.family, probe_rows(run.recipe)[0])
+    rows, _ = probe_rows(run.recipe, loaded.family)
+    batch = encode_rows(loaded.processor, loaded.family, rows)
     expected = logits_of(PeftModel.from_pretrained(loaded.model, run.adapter_dir), batch)
     torch.save(batch, tmp_path / "batch.pt")
     script = (
         f"exec({merged_code!r}, merged := {{}})\n"
         f"exec({adapter_code!r}, adapted := {{}})\n"
         "assert not [m for m in sys.modules if m.startswith('peftvlm')]\n"
-        "print('MERGED', type(merged['model']).__name__, next(merged['model'].parameters()).dtype)\n"
+        "print('MERGED', type(merged['model']).__name__,\n"
+        "      next(merged['model'].parameters()).dtype)\n"
         "print('ADAPTER', type(adapted['model']).__name__, sorted(adapted['model'].peft_config))\n"
         "import torch\nbatch = torch.load('batch.pt')\n"
         "with torch.no_grad():\n    logits = merged['model'].eval()(**batch).logits\n"
@@ -543,11 +545,12 @@ def test_cli_dtype_needs_merge(fake_run, cli):
 
 def test_probe_falls_back_to_a_drawn_image_when_data_is_unreadable(tmp_path, monkeypatch):
     from peftvlm.export_checks import probe_rows
+    from peftvlm.families import get_family
     from peftvlm.recipe import validate_recipe_dict
 
     monkeypatch.chdir(tmp_path)  # relative data paths resolve here, where nothing exists
     recipe = validate_recipe_dict({**recipe_dict("lora"), "data": {"train": "gone.jsonl"}})
-    rows, source = probe_rows(recipe)
+    rows, source = probe_rows(recipe, get_family("llava"))
     assert source.startswith("a drawn probe image") and len(rows) == 1
     assert rows[0]["images"][0].size == (32, 32)
     assert rows[0]["messages"][0]["content"][1]["text"] == "What color is the shape?"
