@@ -531,6 +531,14 @@ def test_cli_unfinished_run(fake_run, cli):
     assert "Traceback" not in result.stderr
 
 
+def test_damaged_summary_is_one_clear_error(fake_run):
+    from peftvlm.export import export_run
+
+    (fake_run / "summary.json").write_text('{"name": ')
+    with pytest.raises(ExportError, match="summary.json is not valid JSON"):
+        export_run(fake_run, dry_run=True, log=lambda m: None)
+
+
 def test_cli_unknown_dtype(fake_run, cli):
     result = cli("export", str(fake_run), "--merge", "--dtype", "float8")
     assert result.returncode == 2
