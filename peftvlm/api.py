@@ -1,0 +1,153 @@
+"""The top-level flows: train, validate. Each step is one function; read `train` top to bottom."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from peftvlm.recipe import Recipe, load_recipe
+from peftvlm.runs import default_run_dir, plot_loss, prepare_run_dir, write_json
+
+
+def validate(paths: list[str], overrides: list[str] | None = None) -> list[Recipe]:
+    """Check recipes without importing torch: schema, methods, files they name."""
+    return [load_recipe(p, overrides) for p in paths]
+
+
+def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool = False,
+          overwrite: bool = False, dry_run: bool = False, log=print, callbacks=()) -> dict:
+    """Train the recipe's method on its data; return the run summary (also in summary.json)."""
+    from peftvlm.registry import get_method
+
+    method = get_method(recipe.method.name)
+    run_dir = Path(output_dir) if output_dir else default_run_dir(recipe)
+    if "generative" not in method.kinds:
+        from peftvlm.trainers.clip import train_dual_encoder
+
+        return train_dual_encoder(recipe, prepare_run_dir(run_dir, resume, overwrite), resume)
+    from transformers import set_seed
+
+    set_seed(recipe.train.seed)
+    loaded, model = load_model_with_method(recipe, method)
+    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.loading import prepare_data
+
+    collator = ConversationCollator(loaded.processor, loaded.family,
+                                    recipe.train.assistant_only_loss)
+    data = prepare_data(recipe, collator)
+    if dry_run:
+        return print_dry_run(model, collator, data, loaded.family, log)
+    run_dir = prepare_run_dir(run_dir, resume, overwrite)
+    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    before = evaluate_if_asked(recipe, model, loaded, data, recipe.eval.before_training, log)
+    trainer, runtime = run_trainer(recipe, model, loaded, collator, data, run_dir, resume,
+                                   callbacks, log)
+    save_adapter(trainer.model, loaded.processor, run_dir)
+    after = evaluate_if_asked(recipe, trainer.model, loaded, data, True, log)
+    summary = summarise(recipe, trainer, loaded, data, runtime, before, after)
+    write_json(run_dir / "summary.json", summary)
+    plot_loss(trainer.state.log_history, run_dir / "loss.png", f"{recipe.name}: training loss")
+    finish_tracking(trainer, summary)
+    return summary
+
+
+def load_model_with_method(recipe: Recipe, method):
+    """Load the base (quantized if the method asks) and apply the method to it."""
+    from peftvlm.models import load_base
+
+    loaded = load_base(recipe.model, recipe.method.name)
+    model = method.apply(loaded.model, loaded.family, recipe.method, quantized=loaded.quantized,
+                         gradient_checkpointing=recipe.train.gradient_checkpointing)
+    return loaded, model
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def print_dry_run(model, collator, data, family, log) -> dict:
+    """Show parameter counts and one rendered example with its loss mask, then stop."""
+    from rich.console import Console
+
+    from peftvlm.data.preview import render_example
+
+    trainable, total = parameter_counts(model)
+    text, counts = render_example(collator, data.train[0], family.image_token)
+    console = Console()
+    console.print(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
+    console.print(f"train rows: {len(data.train)}, eval rows: {len(data.eval)}, "
+                  f"dropped (too long): {data.overflow.get('count', 0)}")
+    console.print(f"example 0 ({counts['tokens']} tokens, {counts['trained_tokens']} carry loss, "
+                  f"[bold green]green[/]):")
+    console.print(text)
+    return {"trainable_params": trainable, "total_params": total, **counts, **data.report()}
+
+
+def evaluate_if_asked(recipe, model, loaded, data, enabled: bool, log) -> dict | None:
+    if not (enabled and data.eval and recipe.eval.metrics):
+        return None
+    from peftvlm.evaluate import evaluate_rows
+
+    result = evaluate_rows(model, loaded.processor, loaded.family, data.eval, recipe.eval)
+    log("eval: " + ", ".join(f"{k} = {v:.4f}" for k, v in result["scores"].items()))
+    return result["scores"]
+
+
+def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callbacks, log):
+    """Train with TRL (resuming from the last checkpoint if asked); Ctrl-C saves and stops."""
+    from peftvlm.errors import RunError
+    from peftvlm.tracking import start_wandb
+    from peftvlm.trainers.sft import (StopOnInterrupt, build_trainer, last_checkpoint,
+                                      sft_config)
+
+    wandb_run = start_wandb(recipe, run_dir, log)
+    args = sft_config(recipe.train, run_dir, ["wandb"] if wandb_run else [], recipe.name)
+    stopper = StopOnInterrupt()
+    trainer = build_trainer(model, loaded.processor, collator, data.train, args,
+                            [stopper, *callbacks])
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        log(f"no checkpoint in {run_dir / 'checkpoints'}: starting from scratch")
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if stopper.interrupted:
+        raise RunError(f"interrupted: progress saved in {run_dir / 'checkpoints'}",
+                       hint="continue with the same command plus --resume")
+    return trainer, time.perf_counter() - started
+
+
+def save_adapter(model, processor, run_dir: Path) -> None:
+    """The adapter in PEFT format with the processor beside it (PeftModel.from_pretrained works)."""
+    model.save_pretrained(run_dir / "adapter")
+    processor.save_pretrained(run_dir / "adapter")
+
+
+def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
+    import torch
+
+    from peftvlm.runs import loss_history
+
+    trainable, total = parameter_counts(trainer.model)
+    _, losses = loss_history(trainer.state.log_history)
+    metrics = sorted(set(before or {}) | set(after or {}))
+    return {
+        "name": recipe.name, "method": recipe.method.name, "model": recipe.model.id,
+        "family": loaded.family.name, "trainable_params": trainable, "total_params": total,
+        "train_runtime_s": round(runtime, 2), "global_step": trainer.state.global_step,
+        "final_loss": losses[-1] if losses else None,
+        "eval": {m: {"before": (before or {}).get(m), "after": (after or {}).get(m)}
+                 for m in metrics},
+        "data": data.report(),
+        "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+
+
+def finish_tracking(trainer, summary: dict) -> None:
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.run.summary.update({f"eval/{k}_{when}": v for k, d in summary["eval"].items()
+                                  for when, v in d.items() if v is not None})
+        wandb.finish()

@@ -1,0 +1,154 @@
+"""The `peftvlm` command line: a thin typer app over `peftvlm.api`.
+
+Run `peftvlm --help`. Heavy libraries (torch, transformers, trl) are imported inside commands
+only, so `--help`, `validate`, `ls` and `cp` start in well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from peftvlm.errors import PeftVLMError, RecipeError, format_error
+
+app = typer.Typer(help="Parameter-efficient fine-tuning of vision-language models from one YAML "
+                       "recipe.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def resolve_recipe_path(name: str) -> Path:
+    """A path as given, or the name of a shipped recipe (`quickstart`)."""
+    path = Path(name)
+    if path.exists() or path.suffix in (".yaml", ".yml") and not name in shipped_recipes():
+        return path
+    return shipped_recipes().get(name.removesuffix(".yaml"), path)
+
+
+@app.command()
+def train(
+    recipe: str = typer.Argument(..., help="Recipe file, or the name of a shipped recipe."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. "
+                                                               "train.learning_rate=1e-4"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o",
+                                              help="Run folder (default: runs/<recipe name>)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Build model, method and data; show "
+                                                          "one example with its loss mask; stop."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+):
+    """Fine-tune a model as a recipe says."""
+    from peftvlm import api
+    from peftvlm.recipe import load_recipe
+
+    loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    summary = api.train(loaded, output_dir, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    if not dry_run:
+        print_summary(summary, output_dir or Path("runs") / loaded.name)
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"\n[bold]done[/] in {summary.get('train_runtime_s', 0):.1f} s; "
+                  f"final loss {summary.get('final_loss') or float('nan'):.4f}; "
+                  f"trainable {summary['trainable_params']:,} of {summary['total_params']:,} "
+                  "parameters")
+    for metric, values in summary.get("eval", {}).items():
+        before, after = values.get("before"), values.get("after")
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        console.print(f"  {metric}: {fmt(before)} before -> [bold]{fmt(after)}[/] after")
+    console.print(f"run folder: {run_dir}  (adapter/, summary.json, loss.png, recipe.yaml)")
+
+
+@app.command()
+def validate(recipes: List[str] = typer.Argument(..., help="Recipe files to check.")):
+    """Check recipes without running them (no model is loaded)."""
+    from peftvlm.api import validate as validate_recipes
+
+    for path in recipes:
+        validate_recipes([str(resolve_recipe_path(path))])
+        typer.echo(f"ok: {path}")
+
+
+@app.command("ls")
+def ls(what: str = typer.Argument("recipes", help="methods, families, models or recipes")):
+    """List methods, model families, built-in tiny models or shipped recipes."""
+    if what == "methods":
+        from peftvlm.registry import METHODS, method_config_classes
+
+        method_config_classes()
+        for m in METHODS.values():
+            typer.echo(f"{m.name:14} {'/'.join(m.kinds):24} {m.summary}")
+    elif what == "families":
+        from peftvlm.families import FAMILIES
+
+        for f in FAMILIES.values():
+            typer.echo(f"{f.name:12} {f.kind:13} model_type: {', '.join(f.model_types):20} "
+                       f"tiny: {f.tiny_name or '-'}")
+    elif what == "models":
+        from peftvlm.families import tiny_models
+
+        for name, f in tiny_models().items():
+            typer.echo(f"{name:18} family {f.name}")
+    elif what == "recipes":
+        for name, path in shipped_recipes().items():
+            first = next((l[1:].strip() for l in path.read_text().splitlines()
+                          if l.startswith("#") and l[1:].strip()), "")
+            typer.echo(f"{name:24} {first}")
+    else:
+        raise RecipeError(f"cannot list {what!r}", hint="use methods, families, models or recipes")
+
+
+@app.command()
+def cp(recipe: str = typer.Argument(..., help="Shipped recipe name."),
+       dest: Path = typer.Argument(..., help="Where to copy it.")):
+    """Copy a shipped recipe to edit it."""
+    source = shipped_recipes().get(recipe.removesuffix(".yaml"))
+    if source is None:
+        raise RecipeError(f"no shipped recipe named {recipe!r}",
+                          hint=f"available: {', '.join(shipped_recipes())}")
+    if dest.is_dir():
+        dest = dest / source.name
+    if dest.exists():
+        raise RecipeError(f"{dest} already exists", hint="choose another destination")
+    shutil.copyfile(source, dest)
+    typer.echo(f"copied {source.name} -> {dest}")
+
+
+def main() -> None:
+    """Console entry point: user errors print one message (exit 2); PEFTVLM_DEBUG=1 re-raises."""
+    try:
+        app(standalone_mode=False)
+    except PeftVLMError as err:
+        if os.environ.get("PEFTVLM_DEBUG") == "1":
+            raise
+        typer.echo(format_error(err), err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as err:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

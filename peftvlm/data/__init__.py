@@ -1,0 +1,1 @@
+"""Data: sources, synthetic offline tasks, templates, and the training collator."""

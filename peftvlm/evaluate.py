@@ -1,0 +1,57 @@
+"""Held-out evaluation of generative models: batched greedy generation, then metrics."""
+
+from __future__ import annotations
+
+import re
+import string
+
+from peftvlm.data.collate import encode_prompts, last_answer
+
+
+def generate_answers(model, processor, family, rows: list[dict], batch_size: int = 16,
+                     max_new_tokens: int = 16, progress: bool = False) -> list[str]:
+    """Greedy answers to the prompt of each row (all turns before its last answer)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    answers = []
+    starts = range(0, len(rows), batch_size)
+    for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
+        batch = encode_prompts(processor, family, rows[start:start + batch_size])
+        batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=processor.tokenizer.pad_token_id)
+        new_tokens = out[:, batch["input_ids"].shape[1]:]
+        answers += [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+    model.train(was_training)
+    return answers
+
+
+def normalise_answer(text: str) -> str:
+    text = text.lower().strip()
+    text = text.translate(str.maketrans("", "", string.punctuation))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Share of predictions equal to their reference after lower-casing and removing punctuation."""
+    if not predictions:
+        return 0.0
+    hits = sum(normalise_answer(p) == normalise_answer(r) for p, r in zip(predictions, references))
+    return hits / len(predictions)
+
+
+METRICS = {"exact_match": exact_match}
+
+
+def evaluate_rows(model, processor, family, rows: list[dict], eval_cfg) -> dict:
+    """Generate on `rows` and score every metric of the recipe's `eval` section."""
+    rows = rows[: eval_cfg.max_samples] if eval_cfg.max_samples else rows
+    predictions = generate_answers(model, processor, family, rows, eval_cfg.batch_size,
+                                   eval_cfg.max_new_tokens)
+    references = [last_answer(r["messages"]) for r in rows]
+    scores = {name: METRICS[name](predictions, references) for name in eval_cfg.metrics}
+    return {"scores": scores, "predictions": predictions, "references": references}

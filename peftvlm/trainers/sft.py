@@ -1,0 +1,78 @@
+"""Generative VLM training through TRL's `SFTTrainer`, with our assistant-only collator.
+
+TRL's flags that trip people up on CPU (bf16 and `use_cpu`) are derived from the hardware; the
+recipe's `train` section maps one-to-one onto `SFTConfig` fields of the same names.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+# Recipe `train` fields passed to SFTConfig unchanged (the names are Hugging Face's).
+PASSTHROUGH = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+               "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay",
+               "max_grad_norm", "optim", "logging_steps", "save_steps", "save_total_limit", "seed",
+               "gradient_checkpointing", "dataloader_num_workers")
+
+
+def sft_config(train_cfg, run_dir: Path, report_to: list[str], run_name: str | None):
+    """The SFTConfig for a recipe's `train` section on this machine's hardware."""
+    import torch
+    from trl import SFTConfig
+
+    on_gpu = torch.cuda.is_available()
+    bf16 = train_cfg.bf16 if train_cfg.bf16 is not None else (on_gpu and torch.cuda.is_bf16_supported())
+    args = {k: getattr(train_cfg, k) for k in PASSTHROUGH}
+    args["gradient_checkpointing"] = train_cfg.gradient_checkpointing and on_gpu
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"), use_cpu=not on_gpu, bf16=bf16 and on_gpu,
+        report_to=report_to, run_name=run_name, remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True}, assistant_only_loss=False,
+        max_length=None, save_only_model=False, disable_tqdm=False, **args)
+
+
+class StopOnInterrupt(TrainerCallback):
+    """Ctrl-C finishes the current step, saves a checkpoint and stops, so no work is lost."""
+
+    def __init__(self):
+        self.interrupted = False
+        self._previous = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        self.interrupted = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def last_checkpoint(run_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = run_dir / "checkpoints"
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def build_trainer(model, processor, collator, train_rows, args, callbacks=()):
+    """An SFTTrainer over in-memory conversation rows, collated by `collator`."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    dataset = Dataset.from_list(train_rows)
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                      processing_class=processor, callbacks=list(callbacks))
