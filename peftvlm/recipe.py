@@ -249,9 +249,12 @@ def validate_recipe_dict(data: dict, file: str = "<recipe>") -> Recipe:
 
 def check_recipe_files(recipe: Recipe) -> None:
     """Files the recipe names must exist (checked at validate time, before any model loads)."""
-    from peftvlm.registry import get_method
+    from peftvlm.families import FAMILIES
 
-    get_method(recipe.method.name)
+    if recipe.model.family is not None and recipe.model.family not in FAMILIES:
+        raise RecipeError(f"{recipe.source_path}: model.family: unknown family "
+                          f"{recipe.model.family!r}; known: {', '.join(FAMILIES)}",
+                          hint="or leave it out to detect the family from the model's config")
     base = recipe.base_dir()
     for section in ("train", "eval"):
         for i, src in enumerate(getattr(recipe.data, section) or []):
