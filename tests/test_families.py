@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 from PIL import Image  # noqa: E402
 
+from peftvlm.data.collate import ConversationCollator, encode_prompts  # noqa: E402
 from peftvlm.errors import DataError  # noqa: E402
 from peftvlm.families import FAMILIES, family_for_model_type, idefics3, paligemma, qwen2_vl  # noqa: E402
 from peftvlm.families import tiny_models  # noqa: E402
@@ -25,22 +26,16 @@ INFERENCE_TEMPLATES = {"qwen2_vl": qwen2_vl.CHAT_TEMPLATE, "qwen2_5_vl": qwen2_v
                        "smolvlm": idefics3.CHAT_TEMPLATE, "paligemma": None}
 
 
-# --- helpers: the collator's and evaluator's calls, as peftvlm/data/collate.py makes them ------
+# --- helpers ---------------------------------------------------------------------------------
 
 def training_batch(spec, processor, conversations):
-    """Inputs + labels: the family's `encode` hook, else the generic chat-template path."""
-    if spec.encode is not None:
-        return dict(spec.encode(processor, conversations))
-    batch = dict(processor.apply_chat_template(
-        conversations, chat_template=spec.training_chat_template, tokenize=True, return_dict=True,
-        return_assistant_tokens_mask=True, return_tensors="pt", processor_kwargs={"padding": True}))
-    mask = batch.pop("assistant_masks").bool() & batch["attention_mask"].bool()
-    batch["labels"] = batch["input_ids"].masked_fill(~mask, -100)
-    return batch
+    """Inputs + labels exactly as the trainer's collator builds them."""
+    return ConversationCollator(processor, spec).encode(conversations)
 
 
 def prompt_batch(spec, processor, prompts):
-    """Left-padded generation inputs with the model's own (inference) chat template."""
+    """Left-padded generation inputs with the model's own (inference) chat template, as a user
+    of the base model would build them."""
     processor.tokenizer.padding_side = "left"
     try:
         if spec.encode_prompt is not None:
@@ -198,6 +193,24 @@ def test_training_prompt_matches_generation_prompt(loaded):
     first_label = int((train["labels"][0] != -100).nonzero()[0])
     prompt = prompt_batch(spec, processor, [single_turn("red")[:1]])
     assert prompt["input_ids"][0].tolist() == train["input_ids"][0, :first_label].tolist()
+
+
+def as_row(conversation):
+    """A dataset row: image items become placeholders, the images a separate list."""
+    images = [c["image"] for m in conversation for c in m["content"] if c["type"] == "image"]
+    messages = [{"role": m["role"], "content": [{"type": "image"} if c["type"] == "image" else c
+                                                for c in m["content"]]} for m in conversation]
+    return {"messages": messages, "images": images}
+
+
+def test_evaluator_prompts_match_the_inference_template(loaded):
+    """peftvlm's eval prompts (training template + cue) equal the model's own prompts."""
+    spec, _, processor = loaded
+    conversations = [single_turn("red"), single_turn("blue", "Which shape is in the image?")]
+    ours = encode_prompts(processor, spec, [as_row(c) for c in conversations])
+    reference = prompt_batch(spec, processor, [c[:-1] for c in conversations])
+    assert ours["input_ids"].tolist() == reference["input_ids"].tolist()
+    assert ours["attention_mask"].tolist() == reference["attention_mask"].tolist()
 
 
 def test_generation_prompts_are_left_padded(loaded):
