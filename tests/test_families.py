@@ -6,6 +6,7 @@ Run: PYTHONPATH=. python -m pytest tests/test_families.py -q
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -145,6 +146,10 @@ def test_qwen_needs_its_processor_class(tiny_dirs, name):
     processor = FAMILIES[name].processor_class().from_pretrained(tiny_dirs[name])
     assert processor.image_processor.patch_size * processor.image_processor.merge_size == 16
     assert not hasattr(processor, "video_processor")
+    # saved folders name the stock processor class, like Hub checkpoints (and exports) should
+    saved = json.loads((tiny_dirs[name] / "processor_config.json").read_text())
+    assert saved["processor_class"] == {"qwen2_vl": "Qwen2VLProcessor",
+                                       "qwen2_5_vl": "Qwen2_5_VLProcessor"}[name]
 
 
 def test_forward_backward_and_generate(loaded):

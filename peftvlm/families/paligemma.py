@@ -123,6 +123,7 @@ SPEC = FamilySpec(
     projector_targets=("linear",),
     image_token="<image>",
     end_of_turn="<eos>",
+    box_format="loc1024",
     training_chat_template=None,
     tiny_name="tiny-paligemma",
     build_tiny=build_tiny,

@@ -1,9 +1,9 @@
 """Qwen2-VL and Qwen2.5-VL (Qwen/Qwen2-VL-*, Qwen/Qwen2.5-VL-*): a native-resolution ViT whose
 patch merger is the projector, and a Qwen2 language model with multimodal rotary positions.
 
-Both ship the same ChatML template (`<|im_start|>role ... <|im_end|>`) and write boxes as
-absolute 0-1000 integers. Their processors ask for a video processor, which needs torchvision;
-`processor_class` is an image-only subclass, so they load without it.
+Both ship the same ChatML template (`<|im_start|>role ... <|im_end|>`). Qwen2-VL writes boxes
+as 0-1000 integers, Qwen2.5-VL as absolute pixels. Their processors ask for a video processor,
+which needs torchvision; `processor_class` is an image-only subclass that loads without it.
 """
 
 from __future__ import annotations
@@ -69,8 +69,10 @@ def _image_only(processor_cls):
             super(processor_cls, self).__init__(image_processor, tokenizer,
                                                 chat_template=chat_template)
 
-    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = (
-        "ImageOnly" + processor_cls.__name__)
+    # transformers writes `__name__` into saved configs as `processor_class`: saved and exported
+    # folders then name the stock class, as Hub checkpoints do.
+    ImageOnlyProcessor.__name__ = processor_cls.__name__
+    ImageOnlyProcessor.__qualname__ = "ImageOnly" + processor_cls.__name__
     return ImageOnlyProcessor
 
 
@@ -147,7 +149,6 @@ _COMMON = dict(
     image_token="<|image_pad|>",
     end_of_turn="<|im_end|>",
     training_chat_template=TRAINING_CHAT_TEMPLATE,
-    box_format="abs1000",
 )
 
 QWEN2_VL_SPEC = FamilySpec(
@@ -159,6 +160,7 @@ QWEN2_VL_SPEC = FamilySpec(
     tiny_name="tiny-qwen2-vl",
     build_tiny=build_tiny_qwen2_vl,
     processor_class=functools.partial(processor_class, "2"),
+    box_format="abs1000",
     **_COMMON,
 )
 
@@ -170,5 +172,6 @@ QWEN2_5_VL_SPEC = FamilySpec(
     tiny_name="tiny-qwen2.5-vl",
     build_tiny=build_tiny_qwen2_5_vl,
     processor_class=functools.partial(processor_class, "2.5"),
+    box_format="pixels",  # Qwen2.5-VL dropped Qwen2-VL's 0-1000 scale for absolute pixels
     **_COMMON,
 )
