@@ -10,16 +10,14 @@ import json
 import math
 
 import pytest
+import torch
+from PIL import Image
 
-torch = pytest.importorskip("torch")
-
-from PIL import Image  # noqa: E402
-
-from peftvlm.data.collate import ConversationCollator, encode_prompts  # noqa: E402
-from peftvlm.errors import DataError  # noqa: E402
-from peftvlm.families import FAMILIES, family_for_model_type, idefics3, paligemma, qwen2_vl  # noqa: E402
-from peftvlm.families import tiny_models  # noqa: E402
-from peftvlm.methods.lora import LoraMethod, apply_peft  # noqa: E402
+from peftvlm.data.collate import ConversationCollator, encode_prompts
+from peftvlm.errors import DataError
+from peftvlm.families import FAMILIES, family_for_model_type, tiny_models
+from peftvlm.families import idefics3, paligemma, qwen2_vl
+from peftvlm.methods.lora import LoraMethod, apply_peft
 
 NAMES = ["qwen2_vl", "qwen2_5_vl", "smolvlm", "paligemma"]
 CHAT_NAMES = ["qwen2_vl", "qwen2_5_vl", "smolvlm"]
@@ -120,7 +118,8 @@ def loaded(request, tiny_dirs):
 # --- registry and loading ---------------------------------------------------------------------
 
 def test_families_are_registered_with_tiny_models():
-    assert {"tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-paligemma"} <= set(tiny_models())
+    tiny = {"tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-paligemma"}
+    assert tiny <= set(tiny_models())
     assert family_for_model_type("idefics3").name == "smolvlm"
     assert family_for_model_type("smolvlm").name == "smolvlm"
     assert family_for_model_type("qwen2_5_vl").name == "qwen2_5_vl"
@@ -142,7 +141,7 @@ def test_builds_and_reloads_through_from_pretrained(loaded):
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_needs_its_processor_class(tiny_dirs, name):
-    """Without torchvision AutoProcessor gives a bare tokenizer; the family's class is whole."""
+    """Without torchvision AutoProcessor cannot build Qwen's processor; the family's class can."""
     processor = FAMILIES[name].processor_class().from_pretrained(tiny_dirs[name])
     assert processor.image_processor.patch_size * processor.image_processor.merge_size == 16
     assert not hasattr(processor, "video_processor")
@@ -160,8 +159,9 @@ def test_forward_backward_and_generate(loaded):
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
-    prompts = prompt_batch(spec, processor, [single_turn("red")[:1], two_turns("a", "b")[:-1]
-                                             if spec.name != "paligemma" else [user("Where?")]])
+    # a longer second prompt (a whole earlier turn where the family supports it)
+    second = [user("Where?")] if spec.name == "paligemma" else two_turns("a", "b")[:-1]
+    prompts = prompt_batch(spec, processor, [single_turn("red")[:1], second])
     out = model.generate(**prompts, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (2, prompts["input_ids"].shape[1] + 4)
 
@@ -189,6 +189,18 @@ def test_multi_turn_labels_cover_every_reply_and_nothing_else(tiny_dirs, name):
     assert label_runs(processor, batch["labels"][1]) == [expected_reply(spec, "blue")]
     text = processor.tokenizer.decode(batch["input_ids"][0])
     assert "Answer in one word." in text and "Which shape is it?" in text
+
+
+@pytest.mark.parametrize("name", CHAT_NAMES)
+def test_training_template_renders_like_the_inference_template(tiny_dirs, name):
+    """Generation markers are the only difference from the model's own template."""
+    spec = FAMILIES[name]
+    processor = load(spec, tiny_dirs[name])[1]
+    for conversation, cue in ((two_turns("red", "circle"), False),
+                              (single_turn("red")[:1], True)):
+        ours = processor.apply_chat_template(conversation, add_generation_prompt=cue,
+                                             chat_template=spec.training_chat_template)
+        assert ours == processor.apply_chat_template(conversation, add_generation_prompt=cue)
 
 
 def test_training_prompt_matches_generation_prompt(loaded):
@@ -221,7 +233,8 @@ def test_evaluator_prompts_match_the_inference_template(loaded):
 def test_generation_prompts_are_left_padded(loaded):
     spec, _, processor = loaded
     long_question = "What color is the shape in the center of this image?"
-    batch = prompt_batch(spec, processor, [single_turn("x")[:1], single_turn("x", long_question)[:1]])
+    batch = prompt_batch(spec, processor,
+                         [single_turn("x")[:1], single_turn("x", long_question)[:1]])
     mask = batch["attention_mask"]
     assert mask[0, 0] == 0 and mask[:, -1].all()
 
@@ -273,8 +286,9 @@ def test_lora_on_all_reaches_vision_and_projector_and_every_trainable_param_move
 
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2,
-                                  weight_decay=0.0)
+    # no weight decay: a parameter may only move because it got a gradient
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
+                                  lr=1e-2, weight_decay=0.0)
     batch = training_batch(spec, processor, [single_turn("red"), single_turn("blue circle")])
     for _ in range(2):  # LoRA B starts at zero, so A only gets a gradient from the second step
         optimizer.zero_grad()
