@@ -42,11 +42,10 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     before = evaluate_if_asked(recipe, model, loaded, data, recipe.eval.before_training, log)
     trainer, runtime = run_trainer(recipe, model, loaded, collator, data, run_dir, resume,
                                    callbacks, log)
-    save_adapter(trainer.model, loaded.processor, run_dir)
     after = evaluate_if_asked(recipe, trainer.model, loaded, data, True, log)
     summary = summarise(recipe, trainer, loaded, data, runtime, before, after)
-    write_json(run_dir / "summary.json", summary)
-    plot_loss(trainer.state.log_history, run_dir / "loss.png", f"{recipe.name}: training loss")
+    if trainer.is_world_process_zero():  # one writer when several processes train
+        write_run_outputs(trainer, loaded.processor, summary, run_dir, recipe.name)
     finish_tracking(trainer, summary)
     return summary
 
@@ -117,10 +116,12 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
     return trainer, time.perf_counter() - started
 
 
-def save_adapter(model, processor, run_dir: Path) -> None:
-    """The adapter in PEFT format with the processor beside it (PeftModel.from_pretrained works)."""
-    model.save_pretrained(run_dir / "adapter")
+def write_run_outputs(trainer, processor, summary: dict, run_dir: Path, name: str) -> None:
+    """The adapter in PEFT format with the processor beside it, summary.json and loss.png."""
+    trainer.model.save_pretrained(run_dir / "adapter")
     processor.save_pretrained(run_dir / "adapter")
+    write_json(run_dir / "summary.json", summary)
+    plot_loss(trainer.state.log_history, run_dir / "loss.png", f"{name}: training loss")
 
 
 def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
@@ -129,13 +130,14 @@ def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
     from peftvlm.runs import loss_history
 
     trainable, total = parameter_counts(trainer.model)
-    _, losses = loss_history(trainer.state.log_history)
+    steps, losses = loss_history(trainer.state.log_history)
     metrics = sorted(set(before or {}) | set(after or {}))
     return {
         "name": recipe.name, "method": recipe.method.name, "model": recipe.model.id,
         "family": loaded.family.name, "trainable_params": trainable, "total_params": total,
         "train_runtime_s": round(runtime, 2), "global_step": trainer.state.global_step,
         "final_loss": losses[-1] if losses else None,
+        "loss_curve": [[s, round(l, 6)] for s, l in zip(steps, losses)],
         "eval": {m: {"before": (before or {}).get(m), "after": (after or {}).get(m)}
                  for m in metrics},
         "data": data.report(),

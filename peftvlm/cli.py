@@ -48,6 +48,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
 ):
     """Fine-tune a model as a recipe says."""
+    quiet_libraries()
     from peftvlm import api
     from peftvlm.recipe import load_recipe
 
@@ -55,6 +56,18 @@ def train(
     summary = api.train(loaded, output_dir, resume=resume, overwrite=overwrite, dry_run=dry_run)
     if not dry_run:
         print_summary(summary, output_dir or Path("runs") / loaded.name)
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for what the user needs: our messages, the progress bar, the summary."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*use_reentrant.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
@@ -83,8 +96,9 @@ def validate(recipes: List[str] = typer.Argument(..., help="Recipe files to chec
 
 
 @app.command("ls")
-def ls(what: str = typer.Argument("recipes", help="methods, families, models or recipes")):
-    """List methods, model families, built-in tiny models or shipped recipes."""
+def ls(what: str = typer.Argument("recipes", help="methods, families, models, metrics or "
+                                                  "recipes")):
+    """List methods, model families, built-in tiny models, metrics or shipped recipes."""
     if what == "methods":
         from peftvlm.registry import METHODS, method_config_classes
 
@@ -102,13 +116,19 @@ def ls(what: str = typer.Argument("recipes", help="methods, families, models or 
 
         for name, f in tiny_models().items():
             typer.echo(f"{name:18} family {f.name}")
+    elif what == "metrics":
+        from peftvlm.metrics import available_metrics
+
+        for m in available_metrics().values():
+            typer.echo(f"{m.name:20} {m.family:15} {m.summary}")
     elif what == "recipes":
         for name, path in shipped_recipes().items():
             first = next((l[1:].strip() for l in path.read_text().splitlines()
                           if l.startswith("#") and l[1:].strip()), "")
             typer.echo(f"{name:24} {first}")
     else:
-        raise RecipeError(f"cannot list {what!r}", hint="use methods, families, models or recipes")
+        raise RecipeError(f"cannot list {what!r}",
+                          hint="use methods, families, models, metrics or recipes")
 
 
 @app.command()
@@ -125,6 +145,55 @@ def cp(recipe: str = typer.Argument(..., help="Shipped recipe name."),
         raise RecipeError(f"{dest} already exists", hint="choose another destination")
     shutil.copyfile(source, dest)
     typer.echo(f"copied {source.name} -> {dest}")
+
+
+@app.command()
+def metrics(
+    predictions: Path = typer.Option(..., "--predictions", "-p",
+                                     help='JSONL rows {"id", "prediction"}.'),
+    references: Path = typer.Option(..., "--references", "-r",
+                                    help='JSONL rows {"id", "references": [...]}, optional '
+                                         '"question_type".'),
+    metric_names: str = typer.Option(..., "--metrics", "-m",
+                                     help="Comma-separated names, e.g. vqa_accuracy or "
+                                          "bleu,cider_d,rouge_l (an unknown name lists all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Score predictions against references (VQA, captioning, classification, retrieval,
+    grounding)."""
+    import json
+
+    from peftvlm.metrics.files import print_table, score_files
+
+    names = [m.strip() for m in metric_names.split(",") if m.strip()]
+    result = score_files(predictions, references, names)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+
+
+data_app = typer.Typer(help="Build datasets: self-instruct generation.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("self-instruct")
+def self_instruct(
+    config: Path = typer.Argument(..., help="Self-instruct config (see "
+                                            "data_templates/self_instruct/example.yaml)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. "
+                                                               "num_instructions=50"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again, deleting the output, "
+                                                              "its state and its report."),
+):
+    """Generate an instruction dataset; rerun the same command to resume an interrupted run."""
+    from peftvlm.data.self_instruct import load_config, run_self_instruct
+
+    report = run_self_instruct(load_config(config, overrides or []), overwrite=overwrite,
+                               log=typer.echo)
+    rejected = ", ".join(f"{k} {v}" for k, v in report["rejected"].items() if v) or "none"
+    typer.echo(f"kept {report['kept']}/{report['target']} from {report['candidates']} candidates "
+               f"({report['stopped_because']}); rejected: {rejected}\noutput: {report['output']}")
 
 
 def main() -> None:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import re
-import string
-
 from peftvlm.data.collate import encode_prompts, last_answer
+from peftvlm.metrics import get_metrics
+from peftvlm.metrics.files import score_predictions
 
 
 def generate_answers(model, processor, family, rows: list[dict], batch_size: int = 16,
@@ -30,28 +29,13 @@ def generate_answers(model, processor, family, rows: list[dict], batch_size: int
     return answers
 
 
-def normalise_answer(text: str) -> str:
-    text = text.lower().strip()
-    text = text.translate(str.maketrans("", "", string.punctuation))
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Share of predictions equal to their reference after lower-casing and removing punctuation."""
-    if not predictions:
-        return 0.0
-    hits = sum(normalise_answer(p) == normalise_answer(r) for p, r in zip(predictions, references))
-    return hits / len(predictions)
-
-
-METRICS = {"exact_match": exact_match}
-
-
 def evaluate_rows(model, processor, family, rows: list[dict], eval_cfg) -> dict:
     """Generate on `rows` and score every metric of the recipe's `eval` section."""
     rows = rows[: eval_cfg.max_samples] if eval_cfg.max_samples else rows
     predictions = generate_answers(model, processor, family, rows, eval_cfg.batch_size,
                                    eval_cfg.max_new_tokens)
     references = [last_answer(r["messages"]) for r in rows]
-    scores = {name: METRICS[name](predictions, references) for name in eval_cfg.metrics}
-    return {"scores": scores, "predictions": predictions, "references": references}
+    result = score_predictions(get_metrics(eval_cfg.metrics), predictions,
+                               [[ref] for ref in references])
+    return {"scores": result["scores"], "notes": result["notes"], "predictions": predictions,
+            "references": references}

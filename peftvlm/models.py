@@ -42,7 +42,13 @@ def tiny_model_path(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     try:
-        spec.build_tiny(tmp)
+        import torch
+
+        # Same weights on every machine, and the caller's RNG (adapter init, data order) is
+        # left exactly as if the model had been cached already.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            spec.build_tiny(tmp)
         os.replace(tmp, target)  # another process may have won the race: that is fine
     except OSError:
         if not (target / "config.json").exists():

@@ -255,6 +255,12 @@ def check_recipe_files(recipe: Recipe) -> None:
         raise RecipeError(f"{recipe.source_path}: model.family: unknown family "
                           f"{recipe.model.family!r}; known: {', '.join(FAMILIES)}",
                           hint="or leave it out to detect the family from the model's config")
+    from peftvlm.metrics import available_metrics
+
+    unknown = [m for m in recipe.eval.metrics if m not in available_metrics()]
+    if unknown:
+        raise RecipeError(f"{recipe.source_path}: eval.metrics: unknown metric(s) "
+                          f"{', '.join(unknown)}", hint="see `peftvlm ls metrics`")
     base = recipe.base_dir()
     for section in ("train", "eval"):
         for i, src in enumerate(getattr(recipe.data, section) or []):

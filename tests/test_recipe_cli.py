@@ -44,6 +44,8 @@ BAD = [
     ("not a mapping", "- a\n- b\n", ["mapping"]),
     ("unknown family", GOOD.replace("id: tiny-llava", "id: tiny-llava, family: lava"),
      ["model.family", "lava", "llava"]),
+    ("unknown metric", GOOD + "eval: {metrics: [exact_match, bleuu]}\n",
+     ["eval.metrics", "bleuu", "peftvlm ls metrics"]),
     ("missing data file", GOOD.replace("{synthetic: {name: colour-vqa}}", "{train: nowhere.jsonl}"),
      ["data.train[0].path", "nowhere.jsonl", "does not exist"]),
 ]

@@ -83,6 +83,10 @@ def prepare_data(recipe, collator) -> PreparedData:
                         (f" ({train_report.describe()})" if train_report.total else ""))
     train, overflow = drop_overflowing(train, collator, recipe.train.max_length,
                                        recipe.data.on_overflow, "data.train")
+    if not train:
+        raise DataError(f"data.train: every row is longer than train.max_length="
+                        f"{recipe.train.max_length} (longest: {overflow['longest']} tokens)",
+                        hint="raise train.max_length")
     return PreparedData(train, evaluation,
                         {"train": train_report.as_dict(), "eval": eval_report.as_dict()},
                         overflow)

@@ -26,7 +26,6 @@ def sft_config(train_cfg, run_dir: Path, report_to: list[str], run_name: str | N
     on_gpu = torch.cuda.is_available()
     bf16 = train_cfg.bf16 if train_cfg.bf16 is not None else (on_gpu and torch.cuda.is_bf16_supported())
     args = {k: getattr(train_cfg, k) for k in PASSTHROUGH}
-    args["gradient_checkpointing"] = train_cfg.gradient_checkpointing and on_gpu
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"), use_cpu=not on_gpu, bf16=bf16 and on_gpu,
         report_to=report_to, run_name=run_name, remove_unused_columns=False,

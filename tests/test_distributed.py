@@ -1,0 +1,41 @@
+"""Data-parallel training: 2 CPU processes (gloo, via torchrun) give the same losses as one
+process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, run_cli
+from test_train_run import tiny_recipe
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    if shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None:
+        pytest.skip("torchrun not installed beside this python")
+    common = {"eval": {"metrics": []}}
+    one = tiny_recipe(train={"max_steps": 4, "per_device_train_batch_size": 4}, **common)
+    two = tiny_recipe(train={"max_steps": 4, "per_device_train_batch_size": 2}, **common)
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(one))
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
+    res = run_cli("train", tmp_path / "one.yaml", "-o", tmp_path / "run1")
+    assert res.returncode == 0, res.stderr
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m",
+                          "peftvlm", "train", str(tmp_path / "two.yaml"), "-o",
+                          str(tmp_path / "run2")], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    curve1 = json.loads((tmp_path / "run1" / "summary.json").read_text())["loss_curve"]
+    curve2 = json.loads((tmp_path / "run2" / "summary.json").read_text())["loss_curve"]
+    assert [s for s, _ in curve1] == [s for s, _ in curve2] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(curve1, curve2):
+        assert abs(a - b) < 1e-4, (curve1, curve2)

@@ -1,0 +1,21 @@
+"""The README's promise: the shipped quickstart learns colour VQA offline to >= 0.95."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_095_held_out_exact_match(tmp_path):
+    res = run_cli("train", "recipes/quickstart.yaml", "-o", tmp_path / "qs")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
+    assert summary["eval"]["exact_match"]["after"] >= 0.95
+    assert summary["eval"]["exact_match"]["before"] < 0.5
+    assert summary["loss_curve"][-1][1] < summary["loss_curve"][0][1]
+    assert "exact_match" in res.stdout and "run folder" in res.stdout
+    assert "Traceback" not in res.stderr
