@@ -27,7 +27,7 @@ class FamilySpec:
     Hooks (callables, so that importing a spec never imports transformers):
     - `processor_class()`: the ProcessorMixin subclass to load processors with instead of
       AutoProcessor: `family.processor_class().from_pretrained(path, revision=...)`. Qwen2-VL
-      sets it because, without torchvision, AutoProcessor silently returns a bare tokenizer.
+      sets it: its stock processor needs a torchvision-backed video processor.
     - `encode(processor, conversations)`: training inputs for a batch of full conversations
       (images inside the content items), replacing the generic path
       `processor.apply_chat_template(conversations, chat_template=training_chat_template,
