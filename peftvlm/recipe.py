@@ -44,15 +44,40 @@ class ModelConfig(Section):
 
 
 class SourceConfig(Section):
-    path: str | None = Field(None, description="JSONL/JSON/CSV/Parquet file or image folder, "
-                                               "relative to the recipe file.")
-    dataset: str | None = Field(None, description="A `datasets` id or local dataset folder.")
-    split: str = Field("train", description="Split to read, with slicing (`train[:1000]`).")
-    weight: float = Field(1.0, gt=0, description="Mixing weight among several sources.")
+    path: str | None = Field(None, description="JSONL/JSON/CSV/TSV/Parquet file, image folder "
+                                               "(one subfolder per class) or saved `datasets` "
+                                               "folder, relative to the recipe file.")
+    dataset: str | None = Field(None, description="A `datasets` Hub id (load_dataset) or a folder "
+                                                  "saved with save_to_disk (load_from_disk).")
+    split: str = Field("train", description="Split to read, with slicing (`train[:1000]`, "
+                                            "`train[10%:20%]`).")
+    streaming: bool = Field(False, description="Read a Hub dataset lazily, stopping after "
+                                               "max_samples rows (no full download).")
+    format: Literal["auto", "coco_captions", "vqav2"] = Field(
+        "auto", description="Annotation layout: auto (by file type; a JSON with `images` + "
+                            "`annotations` lists is COCO captions), coco_captions, or vqav2 "
+                            "(path = questions file, `annotations` = annotations file).")
+    annotations: str | None = Field(None, description="vqav2: the annotations file, relative to "
+                                                      "the recipe.")
+    image_root: str | None = Field(None, description="Folder that image paths are relative to "
+                                                     "(and must stay inside); default: the data "
+                                                     "file's folder.")
+    image_pattern: str | None = Field(None, description="vqav2: image file from image_id; default "
+                                                        "`{data_subtype}/COCO_{data_subtype}_"
+                                                        "{image_id:012d}.jpg`.")
+    weight: float = Field(1.0, gt=0, description="Mixing weight among several training sources: "
+                                                 "when any source sets one, source i gets "
+                                                 "total_rows * weight_i / sum(weights) rows "
+                                                 "(sampled down or repeated, seeded).")
     template: str | None = Field(None, description="Data template that turns annotations into "
-                                                   "conversations; none = rows have `messages`.")
+                                                   "conversations (`peftvlm ls templates`, or a "
+                                                   "YAML path); default: data.template; none = "
+                                                   "rows have `messages`.")
     columns: dict[str, str] = Field(default_factory=dict,
                                     description="Template column -> column in this source.")
+    template_options: dict[str, Any] = Field(default_factory=dict,
+                                             description="Options of this source's template "
+                                                         "(over data.template_options).")
     max_samples: int | None = Field(None, gt=0, description="Keep at most this many rows.")
 
     @field_validator("dataset")
@@ -62,11 +87,20 @@ class SourceConfig(Section):
             raise ValueError("give either `path` or `dataset`, not both")
         return v
 
+    @field_validator("streaming")
+    @classmethod
+    def _streaming_needs_dataset(cls, v, info):
+        if v and info.data.get("path") is not None:
+            raise ValueError("streaming reads `dataset:` sources; files are read whole")
+        return v
+
 
 class SyntheticConfig(Section):
-    name: Literal["colour-vqa", "colour-classes"] = Field(
+    name: Literal["colour-vqa", "colour-classes", "coco-captions", "vqav2", "refcoco"] = Field(
         "colour-vqa", description="Built-in offline task: `colour-vqa` (What color is the "
-                                  "shape? -> red/green/blue/yellow) or `colour-classes` (labels).")
+                                  "shape? -> red/green/blue/yellow), `colour-classes` (labels), or "
+                                  "annotation files in public layouts rendered by data.template: "
+                                  "`coco-captions`, `vqav2`, `refcoco` (boxes).")
     train_size: int = Field(2000, gt=0, description="Training rows to generate.")
     eval_size: int = Field(100, gt=0, description="Held-out rows to generate.")
     image_size: int = Field(32, gt=0, description="Side of the generated square images.")
@@ -85,7 +119,11 @@ class DataConfig(Section):
     eval: list[SourceConfig] | None = Field(None, description="Held-out data for `eval` metrics.")
     synthetic: SyntheticConfig | None = Field(None, description="Generate a built-in offline task "
                                                                 "instead of reading files.")
-    template: str | None = Field(None, description="Default data template for every source.")
+    template: str | None = Field(None, description="Default data template for every source "
+                                                   "(`peftvlm ls templates`, or a YAML path).")
+    template_options: dict[str, Any] = Field(default_factory=dict,
+                                             description="Template options for every source "
+                                                         "(e.g. answer_selection: all_weighted).")
     system_prompt: str | None = Field(None, description="System message prepended to every "
                                                         "conversation.")
     on_bad_row: Literal["skip", "error"] = Field(
@@ -93,7 +131,10 @@ class DataConfig(Section):
     on_overflow: Literal["drop", "error"] = Field(
         "drop", description="Rows longer than train.max_length: drop and count, or stop.")
     seed: int = Field(0, description="Seed for phrasing choice, mixing and shuffling.")
-    num_proc: int | None = Field(None, gt=0, description="Processes for preprocessing.")
+    num_proc: int | None = Field(None, gt=0, description="Processes for preprocessing large "
+                                                         "sources (rendering, image checks).")
+    cache: bool = Field(True, description="Cache preprocessed large sources (fingerprinted by "
+                                          "files, template and options) so re-runs skip it.")
 
     _coerce_train = field_validator("train", "eval", mode="before")(
         classmethod(lambda cls, v: _as_sources(v)))
@@ -248,7 +289,8 @@ def validate_recipe_dict(data: dict, file: str = "<recipe>") -> Recipe:
 
 
 def check_recipe_files(recipe: Recipe) -> None:
-    """Files the recipe names must exist (checked at validate time, before any model loads)."""
+    """Files and templates the recipe names must exist (checked at validate time, before any
+    model loads)."""
     from peftvlm.families import FAMILIES
 
     if recipe.model.family is not None and recipe.model.family not in FAMILIES:
@@ -264,13 +306,38 @@ def check_recipe_files(recipe: Recipe) -> None:
     base = recipe.base_dir()
     for section in ("train", "eval"):
         for i, src in enumerate(getattr(recipe.data, section) or []):
-            if src.path and not _is_remote(src.path) and not (base / src.path).exists():
-                raise RecipeError(
-                    f"{recipe.source_path}: data.{section}[{i}].path: file {src.path} does not "
-                    f"exist (looked in {base})", hint="paths are relative to the recipe file")
+            where = f"{recipe.source_path}: data.{section}[{i}]"
+            for key in ("path", "annotations", "image_root"):
+                value = getattr(src, key)
+                if value and not _is_remote(value) and not (base / value).exists():
+                    raise RecipeError(f"{where}.{key}: {value} does not exist (looked in {base})",
+                                      hint="paths are relative to the recipe file")
+            _check_template(recipe, src, where)
     if recipe.data.train is None and recipe.data.synthetic is None:
         raise RecipeError(f"{recipe.source_path}: data: give `train` (files or a dataset) or "
                           f"`synthetic` (a built-in offline task)")
+    if recipe.data.template:
+        _check_template(recipe, None, f"{recipe.source_path}: data")
+
+
+def _check_template(recipe: Recipe, src, where: str) -> None:
+    """The template a source uses exists, parses, and accepts the options given."""
+    from peftvlm.data.templates import load_template, merged_options
+    from peftvlm.errors import DataError
+
+    name = (src.template if src else None) or recipe.data.template
+    if name is None:
+        return
+    try:
+        spec = load_template(name, recipe.base_dir()).spec
+        merged_options(spec, {**recipe.data.template_options,
+                              **(src.template_options if src else {})}, where)
+        unknown = set(src.columns if src else {}) - set(spec.columns)
+    except DataError as exc:
+        raise RecipeError(f"{where}: {exc.message}", hint=exc.hint) from exc
+    if unknown:
+        raise RecipeError(f"{where}.columns: template {name!r} has no column(s) "
+                          f"{sorted(unknown)}; its columns: {', '.join(spec.columns)}")
 
 
 def _is_remote(path: str) -> bool:
