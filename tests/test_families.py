@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from peftvlm.data.boxes import BOX_FORMATS
 from peftvlm.data.collate import ConversationCollator, encode_prompts
 from peftvlm.errors import DataError
 from peftvlm.families import FAMILIES, family_for_model_type, tiny_models
@@ -124,6 +125,8 @@ def test_families_are_registered_with_tiny_models():
     assert family_for_model_type("smolvlm").name == "smolvlm"
     assert family_for_model_type("qwen2_5_vl").name == "qwen2_5_vl"
     assert FAMILIES["qwen2_vl"].box_format == "abs1000"
+    # grounding data must be able to write every family's boxes
+    assert {spec.box_format for spec in FAMILIES.values()} <= set(BOX_FORMATS)
 
 
 def test_builds_and_reloads_through_from_pretrained(loaded):

@@ -52,11 +52,8 @@ class FamilySpec:
     image_token: str | None = "<image>"
     training_chat_template: str | None = None
     end_of_turn: str | None = None
-    # How the model writes boxes in text: "norm1" [x1, y1, x2, y2] as 0-1 fractions (LLaVA-1.5);
-    # "abs1000" (x1,y1),(x2,y2) as 0-1000 integers (Qwen2-VL); "pixels" absolute pixels of the
-    # resized input image (Qwen2.5-VL); "loc1024" <locYYYY><locXXXX><locYYYY><locXXXX> tokens,
-    # y before x, 1024 bins (PaliGemma).
-    box_format: Literal["norm1", "abs1000", "pixels", "loc1024"] = "norm1"
+    # How grounding data writes boxes for this family (one of `peftvlm.data.boxes.BOX_FORMATS`).
+    box_format: Literal["norm1", "abs1000"] = "norm1"
     tiny_name: str | None = None
     build_tiny: Callable[[Path], None] | None = field(default=None, compare=False, repr=False)
     # Hooks for families the generic paths do not fit; None = the generic path (see above).

@@ -2,8 +2,9 @@
 patch merger is the projector, and a Qwen2 language model with multimodal rotary positions.
 
 Both ship the same ChatML template (`<|im_start|>role ... <|im_end|>`). Qwen2-VL writes boxes
-as 0-1000 integers, Qwen2.5-VL as absolute pixels. Their processors ask for a video processor,
-which needs torchvision; `processor_class` is an image-only subclass that loads without it.
+as 0-1000 integers; Qwen2.5-VL natively uses absolute pixels of its resized input, but is
+trained here on 0-1000 too. Their processors ask for a video processor, which needs
+torchvision; `processor_class` is an image-only subclass that loads without it.
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ _COMMON = dict(
     image_token="<|image_pad|>",
     end_of_turn="<|im_end|>",
     training_chat_template=TRAINING_CHAT_TEMPLATE,
+    box_format="abs1000",
 )
 
 QWEN2_VL_SPEC = FamilySpec(
@@ -160,7 +162,6 @@ QWEN2_VL_SPEC = FamilySpec(
     tiny_name="tiny-qwen2-vl",
     build_tiny=build_tiny_qwen2_vl,
     processor_class=functools.partial(processor_class, "2"),
-    box_format="abs1000",
     **_COMMON,
 )
 
@@ -172,6 +173,5 @@ QWEN2_5_VL_SPEC = FamilySpec(
     tiny_name="tiny-qwen2.5-vl",
     build_tiny=build_tiny_qwen2_5_vl,
     processor_class=functools.partial(processor_class, "2.5"),
-    box_format="pixels",  # Qwen2.5-VL dropped Qwen2-VL's 0-1000 scale for absolute pixels
     **_COMMON,
 )
