@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from peftvlm._schema import Section
+from peftvlm._schema import Section, describe_validation_error
 from peftvlm.errors import RecipeError
 from peftvlm.registry import method_config_classes
 
@@ -225,15 +225,21 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
+    base_dir_: str | None = Field(None, alias="base_dir", description="Folder that relative "
+                                  "paths resolve against; default: the recipe file's folder. "
+                                  "Run folders' recipe.yaml records it, so they reload anywhere.")
     source_path: Path | None = Field(None, exclude=True, description="Where it was read from.")
 
     def base_dir(self) -> Path:
         """Folder that relative data paths are resolved against."""
+        if self.base_dir_:
+            return Path(self.base_dir_)
         return self.source_path.parent if self.source_path else Path.cwd()
 
     def to_yaml(self) -> str:
-        """The resolved recipe as YAML (secrets never live in recipes)."""
-        data = self.model_dump(mode="json", exclude_none=True)
+        """The resolved recipe as YAML, with its base folder (secrets never live in recipes)."""
+        data = self.model_dump(mode="json", exclude_none=True, by_alias=True)
+        data["base_dir"] = str(self.base_dir().resolve())
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -295,7 +301,7 @@ def validate_recipe_dict(data: dict, file: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(describe_validation_error(exc, file, data)) from exc
+        raise RecipeError(describe_validation_error(exc, file, Recipe)) from exc
 
 
 def check_recipe_files(recipe: Recipe) -> None:
@@ -354,79 +360,3 @@ def _is_remote(path: str) -> bool:
     return "://" in path
 
 
-def describe_validation_error(exc: ValidationError, file: str, data: dict) -> str:
-    """One short paragraph per problem: file, dotted field, what is wrong and what is allowed."""
-    lines = []
-    for err in exc.errors()[:3]:
-        loc = _dotted(err["loc"])
-        lines.append(f"{file}: {loc}: {_explain(err, data)}")
-    more = len(exc.errors()) - 3
-    if more > 0:
-        lines.append(f"... and {more} more problem(s)")
-    return "\n".join(lines)
-
-
-def _dotted(loc) -> str:
-    parts = []
-    for p in loc:
-        if isinstance(p, int):
-            parts[-1:] = [f"{parts[-1]}[{p}]"] if parts else [f"[{p}]"]
-        elif p in method_names() and parts and parts[-1] == "method":
-            continue  # the tagged-union branch name is noise in the path
-        else:
-            parts.append(str(p))
-    return ".".join(parts) or "(top level)"
-
-
-def method_names() -> list[str]:
-    return [cls.model_fields["name"].default for cls in method_config_classes()]
-
-
-def _explain(err: dict, data: dict) -> str:
-    kind, loc = err["type"], err["loc"]
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1], data)
-        return f"unknown key `{loc[-1]}`" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
-    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
-        return (f"unknown method {_tag_value(data)!r}; available: {', '.join(method_names())}"
-                if kind == "union_tag_invalid" else
-                f"`name` is required; one of: {', '.join(method_names())}")
-    if kind == "missing":
-        return "required field is missing"
-    if kind == "literal_error":
-        return f"{err['msg'].replace('Input should be', 'must be')} (got {err['input']!r})"
-    return f"{err['msg']} (got {err.get('input')!r})"
-
-
-def _tag_value(data: dict):
-    method = data.get("method")
-    return method.get("name") if isinstance(method, dict) else method
-
-
-def _allowed_keys(loc, data) -> list[str]:
-    model = Recipe
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if model is Recipe and part == "method":
-            name = _tag_value(data)
-            model = next((c for c in method_config_classes()
-                          if c.model_fields["name"].default == name), None)
-            continue
-        if part in method_names():
-            continue
-        field = model.model_fields.get(part) if model else None
-        model = _section_class(field.annotation) if field else None
-    return sorted(k for k in model.model_fields if k != "source_path") if model else []
-
-
-def _section_class(annotation):
-    import typing
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _section_class(arg)
-        if found is not None:
-            return found
-    return None
