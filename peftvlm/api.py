@@ -49,7 +49,13 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     summary = summarise(recipe, trainer, loaded, data, runtime, before, after)
     if trainer.is_world_process_zero():  # one writer when several processes train
         write_run_outputs(trainer, loaded.processor, summary, run_dir, recipe.name)
-    finish_tracking(trainer, summary)
+    try:
+        if (recipe.export.merge or recipe.export.push_to_hub) and trainer.is_world_process_zero():
+            from peftvlm.export import export_run
+
+            summary["export"] = export_run(run_dir, log=log)
+    finally:
+        finish_tracking(trainer, summary)
     return summary
 
 
@@ -131,6 +137,7 @@ def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
     import torch
 
     from peftvlm.runs import loss_history
+    from peftvlm.tracking import active_run_info
 
     trainable, total = parameter_counts(trainer.model)
     steps, losses = loss_history(trainer.state.log_history)
@@ -145,6 +152,7 @@ def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
                  for m in metrics},
         "data": data.report(),
         "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "wandb": active_run_info(),
     }
 
 

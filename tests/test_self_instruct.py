@@ -109,7 +109,7 @@ def write_config(tmp_path: Path, **fields) -> Path:
     ({"generator": {"type": "openai", "url": "u", "model": "m", "key": "x"}},
      "si.yaml: generator.key: unknown key `key`; allowed: api_key_env"),
     ({"generator": {"type": "local"}}, "si.yaml: generator.path: required field is missing"),
-    ({"generator": {"type": "gpt"}}, "si.yaml: generator: `type` must be `local` or `openai`"),
+    ({"generator": {"type": "gpt"}}, "si.yaml: generator: unknown type 'gpt'; available: local, openai"),
     ({"num_instructions": 0}, "si.yaml: num_instructions: Input should be greater than or equal"),
     ({"filters": {"min_words": 9, "max_words": 5}}, "si.yaml: filters: Value error, min_words"),
     ({"mode": "visual"}, "visual mode needs `images`"),

@@ -5,13 +5,12 @@ Unknown keys are errors; defaults are documented once, in the field descriptions
 
 from __future__ import annotations
 
-import typing
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from peftvlm._schema import Section
+from peftvlm._schema import Section, describe_validation_error
 from peftvlm.errors import RecipeError
 
 # Words a model answering about one image cannot act on. Unlike the text-only Self-Instruct
@@ -149,7 +148,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> SelfIns
     try:
         config = SelfInstructConfig.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(describe_errors(exc, str(path))) from exc
+        raise RecipeError(describe_validation_error(exc, str(path), SelfInstructConfig)) from exc
     config.source_path = path.resolve()
     check_files(config, path)
     return config
@@ -164,49 +163,3 @@ def check_files(config: SelfInstructConfig, path: Path) -> None:
                               f"{config.base_dir()})", hint="paths are relative to the config file")
 
 
-def describe_errors(exc: ValidationError, file: str) -> str:
-    """One line per problem: file, dotted field, what is wrong (and allowed keys)."""
-    lines = []
-    for err in exc.errors()[:3]:
-        loc, cls = _walk(err["loc"])
-        if err["type"] == "extra_forbidden":
-            allowed = sorted(k for k in (cls.model_fields if cls else {}) if k != "source_path")
-            what = f"unknown key `{err['loc'][-1]}`; allowed: {', '.join(allowed)}"
-        elif err["type"] == "missing":
-            what = "required field is missing"
-        elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            what = "`type` must be `local` or `openai`"
-        else:
-            what = f"{err['msg']} (got {err.get('input')!r})"
-        lines.append(f"{file}: {loc or '(top level)'}: {what}")
-    if len(exc.errors()) > 3:
-        lines.append(f"... and {len(exc.errors()) - 3} more problem(s)")
-    return "\n".join(lines)
-
-
-def _walk(loc) -> tuple[str, type | None]:
-    """Dotted path without tagged-union branch names, and the section class holding the leaf."""
-    parts: list[str] = []
-    cls: type | None = SelfInstructConfig
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            parts[-1:] = [f"{parts[-1]}[{part}]"] if parts else [f"[{part}]"]
-            continue
-        if cls is not None and part not in cls.model_fields and part in ("local", "openai"):
-            cls = _section({"local": LocalGeneratorConfig, "openai": OpenAIGeneratorConfig}[part])
-            continue
-        parts.append(str(part))
-        field = cls.model_fields.get(part) if cls is not None else None
-        if i < len(loc) - 1:
-            cls = _section(field.annotation) if field else None
-    return ".".join(parts), cls
-
-
-def _section(annotation) -> type | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _section(arg)
-        if found is not None:
-            return found
-    return None
