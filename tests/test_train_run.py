@@ -184,7 +184,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     import yaml
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(train={"max_steps": 300, "save_steps": 1000})))
+    recipe.write_text(yaml.safe_dump(tiny_recipe(train={"max_steps": 150, "save_steps": 1000})))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "peftvlm", "train", str(recipe), "-o",
                              str(tmp_path / "run")], env=env, stdout=subprocess.PIPE,
@@ -200,7 +200,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     assert list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
     res = run_cli("train", recipe, "-o", tmp_path / "run", "--resume")
     assert res.returncode == 0, res.stderr
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 300
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 150
 
 
 @pytest.mark.slow
