@@ -147,8 +147,7 @@ def list_templates() -> None:
 @app.command("ls")
 def ls(what: str = typer.Argument("recipes", help="methods, families, models, metrics, "
                                                   "recipes or templates")):
-    """List methods, model families, built-in tiny models, metrics, shipped recipes or data
-    templates."""
+    """List methods, families, tiny models, metrics, recipes or data templates."""
     if what == "methods":
         from peftvlm.registry import METHODS, method_config_classes
 
@@ -211,8 +210,7 @@ def metrics(
                                           "bleu,cider_d,rouge_l (an unknown name lists all)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
-    """Score predictions against references (VQA, captioning, classification, retrieval,
-    grounding)."""
+    """Score a predictions file against references with the field's metrics."""
     import json
 
     from peftvlm.metrics.files import print_table, score_files
