@@ -3,8 +3,10 @@
     runs/<name>/recipe.yaml      the resolved recipe
     runs/<name>/adapter/         PEFT adapter + processor (loads with PeftModel.from_pretrained)
     runs/<name>/checkpoints/     trainer checkpoints (--resume continues from the last)
-    runs/<name>/summary.json     parameters, runtime, final loss, eval before/after
+    runs/<name>/summary.json     parameters, runtime, final loss, eval before/after (and every
+                                 train.eval_steps: eval_history)
     runs/<name>/loss.png         the training loss curve
+    runs/<name>/eval/            `peftvlm eval` outputs: predictions, metrics.json, metrics.png
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def read_summary(run_dir: Path) -> dict:
 def loss_history(log_history: list[dict]) -> tuple[list[int], list[float]]:
     steps = [e["step"] for e in log_history if "loss" in e]
     return steps, [e["loss"] for e in log_history if "loss" in e]
+
+
+def eval_history(log_history: list[dict]) -> list[list]:
+    """[[step, {metric: value}], ...] of the `train.eval_steps` evaluations in a trainer log."""
+    prefix = "eval_"
+    return [[e["step"], {k[len(prefix):]: v for k, v in e.items() if k.startswith(prefix)}]
+            for e in log_history if any(k.startswith(prefix) for k in e)]
 
 
 def plot_loss(log_history: list[dict], path: Path, title: str = "training loss") -> Path | None:
