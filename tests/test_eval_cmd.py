@@ -184,8 +184,11 @@ class LogRecorder(TrainerCallback):
         self.logs.append((state.global_step, dict(logs or {})))
 
 
-def test_eval_steps_log_generation_metrics_into_history(tmp_path):
-    recipe = write_recipe(tmp_path, train={"max_steps": 6, "eval_steps": 3, "save_steps": 100})
+@pytest.mark.slow
+def test_eval_steps_log_generation_metrics_into_history_and_wandb(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    recipe = write_recipe(tmp_path, train={"max_steps": 6, "eval_steps": 3, "save_steps": 100},
+                          tracking={"wandb": {"mode": "offline", "project": "peftvlm-test"}})
     recorder = LogRecorder()
     summary = api.train(load_recipe(recipe), tmp_path / "run", log=lambda *_: None,
                         callbacks=[recorder])
@@ -199,7 +202,22 @@ def test_eval_steps_log_generation_metrics_into_history(tmp_path):
     assert history[-1][1]["exact_match"] == summary["eval"]["exact_match"]["after"]
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["eval_history"] == history
+    (wandb_run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    blob = b"".join(p.read_bytes() for p in wandb_run.rglob("*.wandb"))
+    assert b"eval/exact_match" in blob  # W&B's callback got them as eval/<metric>
 
 
 def test_eval_history_is_empty_without_eval_steps(finished_run):
     assert finished_run[2]["eval_history"] == []
+
+
+@pytest.mark.slow
+def test_eval_history_survives_a_resume(tmp_path):
+    from test_train_run import CrashAt
+
+    recipe = load_recipe(write_recipe(tmp_path, train={"max_steps": 6, "eval_steps": 2,
+                                                       "save_steps": 2}))
+    with pytest.raises(SystemExit):
+        api.train(recipe, tmp_path / "run", callbacks=[CrashAt(5)], log=lambda *_: None)
+    summary = api.train(recipe, tmp_path / "run", resume=True, log=lambda *_: None)
+    assert [step for step, _ in summary["eval_history"]] == [2, 4, 6]
