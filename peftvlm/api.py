@@ -31,9 +31,12 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     method = get_method(recipe.method.name)
     run_dir = Path(output_dir) if output_dir else default_run_dir(recipe)
     if "generative" not in method.kinds:
-        from peftvlm.trainers.clip import train_dual_encoder
+        from peftvlm.trainers.clip import dry_run_dual_encoder, train_dual_encoder
 
-        return train_dual_encoder(recipe, prepare_run_dir(run_dir, resume, overwrite), resume)
+        if dry_run:
+            return dry_run_dual_encoder(recipe, log)
+        return train_dual_encoder(recipe, prepare_run_dir(run_dir, resume, overwrite), resume,
+                                  log)
     from transformers import set_seed
 
     set_seed(recipe.train.seed)
@@ -55,7 +58,13 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     summary = summarise(recipe, trainer, loaded, data, runtime, before, after)
     if trainer.is_world_process_zero():  # one writer when several processes train
         write_run_outputs(trainer, loaded.processor, summary, run_dir, recipe.name)
-    finish_tracking(trainer, summary)
+    try:
+        if (recipe.export.merge or recipe.export.push_to_hub) and trainer.is_world_process_zero():
+            from peftvlm.export import export_run
+
+            summary["export"] = export_run(run_dir, log=log)
+    finally:
+        finish_tracking(trainer, summary)
     return summary
 
 
@@ -152,6 +161,7 @@ def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
     import torch
 
     from peftvlm.runs import eval_history, loss_history
+    from peftvlm.tracking import active_run_info
 
     trainable, total = parameter_counts(trainer.model)
     steps, losses = loss_history(trainer.state.log_history)
@@ -167,6 +177,7 @@ def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
         "eval_history": eval_history(trainer.state.log_history),
         "data": data.report(),
         "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "wandb": active_run_info(),
     }
 
 

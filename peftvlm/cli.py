@@ -22,6 +22,10 @@ app = typer.Typer(help="Parameter-efficient fine-tuning of vision-language model
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
+data_app = typer.Typer(help="Data: preview and stats of a recipe's rows as the trainer sees "
+                            "them; self-instruct generation.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
 
 def shipped_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
@@ -120,10 +124,56 @@ def validate(recipes: List[str] = typer.Argument(..., help="Recipe files to chec
         typer.echo(f"ok: {path}")
 
 
+@data_app.command("preview")
+def data_preview(
+    recipe: str = typer.Argument(..., help="Recipe file, or the name of a shipped recipe."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
+    n: int = typer.Option(3, "-n", "--num", min=1, help="Examples to show."),
+):
+    """Show training examples exactly as encoded: loss tokens in green, image token counts."""
+    from peftvlm.data.report import preview
+    from peftvlm.recipe import load_recipe
+
+    preview(load_recipe(resolve_recipe_path(recipe), overrides or []), n)
+
+
+@data_app.command("stats")
+def data_stats(
+    recipe: str = typer.Argument(..., help="Recipe file, or the name of a shipped recipe."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Histogram PNG (default: "
+                                                             "runs/<name>/data_stats.png)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stats as JSON."),
+):
+    """Rows per source, token-length histogram, rows over train.max_length, bad rows."""
+    import json
+
+    from peftvlm.data.report import print_stats, stats
+    from peftvlm.recipe import load_recipe
+    from peftvlm.runs import default_run_dir
+
+    loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    result = stats(loaded, plot or default_run_dir(loaded) / "data_stats.png")
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+    else:
+        print_stats(result)
+
+
+def list_templates() -> None:
+    from peftvlm.data.templates import list_templates as specs
+
+    for spec in specs():
+        columns = ", ".join(c if spec.columns[c].required else f"[{c}]" for c in spec.columns)
+        typer.echo(f"{spec.name:16} {spec.kind:15} columns: {columns}")
+        typer.echo(f"{'':16} {spec.description}")
+
+
 @app.command("ls")
-def ls(what: str = typer.Argument("recipes", help="methods, families, models, metrics or "
-                                                  "recipes")):
-    """List methods, model families, built-in tiny models, metrics or shipped recipes."""
+def ls(what: str = typer.Argument("recipes", help="methods, families, models, metrics, "
+                                                  "recipes or templates")):
+    """List methods, model families, built-in tiny models, metrics, shipped recipes or data
+    templates."""
     if what == "methods":
         from peftvlm.registry import METHODS, method_config_classes
 
@@ -151,9 +201,11 @@ def ls(what: str = typer.Argument("recipes", help="methods, families, models, me
             first = next((l[1:].strip() for l in path.read_text().splitlines()
                           if l.startswith("#") and l[1:].strip()), "")
             typer.echo(f"{name:24} {first}")
+    elif what == "templates":
+        list_templates()
     else:
         raise RecipeError(f"cannot list {what!r}",
-                          hint="use methods, families, models, metrics or recipes")
+                          hint="use methods, families, models, metrics, recipes or templates")
 
 
 @app.command()
@@ -198,10 +250,56 @@ def metrics(
         print_table(result)
 
 
+@data_app.command("self-instruct")
+def self_instruct(
+    config: Path = typer.Argument(..., help="Self-instruct config (see "
+                                            "data_templates/self_instruct/example.yaml)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. "
+                                                               "num_instructions=50"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again, deleting the output, "
+                                                              "its state and its report."),
+):
+    """Generate an instruction dataset; rerun the same command to resume an interrupted run."""
+    from peftvlm.data.self_instruct import load_config, run_self_instruct
+
+    report = run_self_instruct(load_config(config, overrides or []), overwrite=overwrite,
+                               log=typer.echo)
+    rejected = ", ".join(f"{k} {v}" for k, v in report["rejected"].items() if v) or "none"
+    typer.echo(f"kept {report['kept']}/{report['target']} from {report['candidates']} candidates "
+               f"({report['stopped_because']}); rejected: {rejected}\noutput: {report['output']}")
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (runs/<name>)."),
+    merge: Optional[bool] = typer.Option(None, "--merge/--adapter-only", help="Merge the adapter "
+                                         "into the base (default: the recipe's export.merge)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Export folder (default: "
+                                       "RUN_DIR/merged or RUN_DIR/export)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Merged dtype: float16, bfloat16 "
+                                        "or float32 (default: the recipe's export.dtype)."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Hub repo id to push "
+                                              "to (token from HF_TOKEN or `hf auth login`)."),
+    private: Optional[bool] = typer.Option(None, "--private/--public", help="Visibility of a "
+                                           "newly created Hub repo (default: private)."),
+    wandb_merged: Optional[bool] = typer.Option(None, "--wandb-merged", help="Also log the "
+                                                "merged model as a W&B artifact."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the run and options and show "
+                                 "the plan; load, write and push nothing."),
+):
+    """Export a trained run: adapter-only or merged, verified, with a model card; push if asked."""
+    from peftvlm.export import export_run
+
+    export_run(run_dir, merge=merge, out=out, dtype=dtype, push_to_hub=push_to_hub,
+               private=private, dry_run=dry_run, wandb_merged=wandb_merged, log=typer.echo)
+
+
 def main() -> None:
-    """Console entry point: user errors print one message (exit 2); PEFTVLM_DEBUG=1 re-raises."""
+    """Console entry point: user errors print one message (exit 2); PEFTVLM_DEBUG=1 re-raises.
+
+    Usage errors (unknown command, missing argument) are click's own, also exit 2."""
     try:
-        app(standalone_mode=False)
+        app()
     except PeftVLMError as err:
         if os.environ.get("PEFTVLM_DEBUG") == "1":
             raise
@@ -210,15 +308,6 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as err:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":

@@ -142,6 +142,19 @@ def load_processor(path: str, cfg, family: FamilySpec):
                                   trust_remote_code=cfg.trust_remote_code)
 
 
+def load_processor_only(cfg) -> tuple[object, FamilySpec]:
+    """The processor and family of a recipe's model without loading its weights (data preview
+    and stats); a built-in tiny model is still built into the cache once if missing."""
+    path = resolve_model_path(cfg.id)
+    family = detect_family(path, cfg)
+    try:
+        return load_processor(path, cfg, family), family
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.id: cannot load a processor from {cfg.id!r}: "
+                         f"{str(exc).splitlines()[0]}",
+                         hint="the folder needs the processor/tokenizer files") from exc
+
+
 def load_base(cfg, method_name: str = "lora") -> LoadedModel:
     """Load the recipe's base model (safetensors only) and processor, quantized if asked."""
     path = resolve_model_path(cfg.id)

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from peftvlm._schema import Section
+from peftvlm._schema import Section, describe_validation_error
 from peftvlm.errors import RecipeError
 from peftvlm.registry import method_config_classes
 
@@ -44,15 +44,40 @@ class ModelConfig(Section):
 
 
 class SourceConfig(Section):
-    path: str | None = Field(None, description="JSONL/JSON/CSV/Parquet file or image folder, "
-                                               "relative to the recipe file.")
-    dataset: str | None = Field(None, description="A `datasets` id or local dataset folder.")
-    split: str = Field("train", description="Split to read, with slicing (`train[:1000]`).")
-    weight: float = Field(1.0, gt=0, description="Mixing weight among several sources.")
+    path: str | None = Field(None, description="JSONL/JSON/CSV/TSV/Parquet file, image folder "
+                                               "(one subfolder per class) or saved `datasets` "
+                                               "folder, relative to the recipe file.")
+    dataset: str | None = Field(None, description="A `datasets` Hub id (load_dataset) or a folder "
+                                                  "saved with save_to_disk (load_from_disk).")
+    split: str = Field("train", description="Split to read, with slicing (`train[:1000]`, "
+                                            "`train[10%:20%]`).")
+    streaming: bool = Field(False, description="Read a Hub dataset lazily, stopping after "
+                                               "max_samples rows (no full download).")
+    format: Literal["auto", "coco_captions", "vqav2"] = Field(
+        "auto", description="Annotation layout: auto (by file type; a JSON with `images` + "
+                            "`annotations` lists is COCO captions), coco_captions, or vqav2 "
+                            "(path = questions file, `annotations` = annotations file).")
+    annotations: str | None = Field(None, description="vqav2: the annotations file, relative to "
+                                                      "the recipe.")
+    image_root: str | None = Field(None, description="Folder that image paths are relative to "
+                                                     "(and must stay inside); default: the data "
+                                                     "file's folder.")
+    image_pattern: str | None = Field(None, description="vqav2: image file from image_id; default "
+                                                        "`{data_subtype}/COCO_{data_subtype}_"
+                                                        "{image_id:012d}.jpg`.")
+    weight: float = Field(1.0, gt=0, description="Mixing weight among several training sources: "
+                                                 "when any source sets one, source i gets "
+                                                 "total_rows * weight_i / sum(weights) rows "
+                                                 "(sampled down or repeated, seeded).")
     template: str | None = Field(None, description="Data template that turns annotations into "
-                                                   "conversations; none = rows have `messages`.")
+                                                   "conversations (`peftvlm ls templates`, or a "
+                                                   "YAML path); default: data.template; none = "
+                                                   "rows have `messages`.")
     columns: dict[str, str] = Field(default_factory=dict,
                                     description="Template column -> column in this source.")
+    template_options: dict[str, Any] = Field(default_factory=dict,
+                                             description="Options of this source's template "
+                                                         "(over data.template_options).")
     max_samples: int | None = Field(None, gt=0, description="Keep at most this many rows.")
 
     @field_validator("dataset")
@@ -62,11 +87,20 @@ class SourceConfig(Section):
             raise ValueError("give either `path` or `dataset`, not both")
         return v
 
+    @field_validator("streaming")
+    @classmethod
+    def _streaming_needs_dataset(cls, v, info):
+        if v and info.data.get("path") is not None:
+            raise ValueError("streaming reads `dataset:` sources; files are read whole")
+        return v
+
 
 class SyntheticConfig(Section):
-    name: Literal["colour-vqa", "colour-classes"] = Field(
+    name: Literal["colour-vqa", "colour-classes", "coco-captions", "vqav2", "refcoco"] = Field(
         "colour-vqa", description="Built-in offline task: `colour-vqa` (What color is the "
-                                  "shape? -> red/green/blue/yellow) or `colour-classes` (labels).")
+                                  "shape? -> red/green/blue/yellow), `colour-classes` (labels), or "
+                                  "annotation files in public layouts rendered by data.template: "
+                                  "`coco-captions`, `vqav2`, `refcoco` (boxes).")
     train_size: int = Field(2000, gt=0, description="Training rows to generate.")
     eval_size: int = Field(100, gt=0, description="Held-out rows to generate.")
     image_size: int = Field(32, gt=0, description="Side of the generated square images.")
@@ -85,18 +119,50 @@ class DataConfig(Section):
     eval: list[SourceConfig] | None = Field(None, description="Held-out data for `eval` metrics.")
     synthetic: SyntheticConfig | None = Field(None, description="Generate a built-in offline task "
                                                                 "instead of reading files.")
-    template: str | None = Field(None, description="Default data template for every source.")
+    template: str | None = Field(None, description="Default data template for every source "
+                                                   "(`peftvlm ls templates`, or a YAML path).")
+    template_options: dict[str, Any] = Field(default_factory=dict,
+                                             description="Template options for every source "
+                                                         "(e.g. answer_selection: all_weighted).")
     system_prompt: str | None = Field(None, description="System message prepended to every "
                                                         "conversation.")
     on_bad_row: Literal["skip", "error"] = Field(
         "skip", description="Bad rows (missing image, empty answer...): skip and count, or stop.")
     on_overflow: Literal["drop", "error"] = Field(
         "drop", description="Rows longer than train.max_length: drop and count, or stop.")
-    seed: int = Field(0, description="Seed for phrasing choice, mixing and shuffling.")
-    num_proc: int | None = Field(None, gt=0, description="Processes for preprocessing.")
+    seed: int = Field(0, description="Seed for phrasing choice, mixing, shuffling and "
+                                     "few-shot sampling.")
+    num_proc: int | None = Field(None, gt=0, description="Processes for preprocessing large "
+                                                         "sources (rendering, image checks).")
+    cache: bool = Field(True, description="Cache preprocessed large sources (fingerprinted by "
+                                          "files, template and options) so re-runs skip it.")
+    # Image classification (CLIP-family methods: coop, vpt, clip_adapter).
+    classnames: list[str] | None = Field(
+        None, description="Class names in label order (classification). Default: the sorted "
+                          "labels found in the data. With `colour-classes`, a subset of "
+                          "red/green/blue/yellow.")
+    shots: int | None = Field(None, ge=1, description="Few-shot: training images per class, "
+                                                      "sampled with data.seed; default: all.")
+    prompt_templates: list[str] = Field(
+        default_factory=lambda: ["a photo of a {}."],
+        description="Hand-written prompts for zero-shot class features; `{}` is the class name; "
+                    "features of several templates are averaged.")
+    base_to_new: bool = Field(False, description="Train on the first half of the classes (base) "
+                                                 "and report accuracy on base and new classes "
+                                                 "and their harmonic mean.")
 
     _coerce_train = field_validator("train", "eval", mode="before")(
         classmethod(lambda cls, v: _as_sources(v)))
+
+    @field_validator("prompt_templates")
+    @classmethod
+    def _templates_name_the_class(cls, v):
+        if not v:
+            raise ValueError("give at least one template, e.g. 'a photo of a {}.'")
+        for template in v:
+            if template.count("{}") != 1:
+                raise ValueError(f"template {template!r} must contain `{{}}` exactly once")
+        return v
 
 
 class TrainConfig(Section):
@@ -161,10 +227,20 @@ class EvalConfig(Section):
 
 
 class ExportConfig(Section):
-    merge: bool = Field(False, description="Merge the adapter into the base after training.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Merged dtype.")
-    push_to_hub: str | None = Field(None, description="Hub repo id to push the export to.")
+    """What `peftvlm export` does by default, and what `train` does at the end of a run: with
+    `merge` or `push_to_hub` set, training finishes with an export (see `peftvlm export --help`)."""
+
+    merge: bool = Field(False, description="Merge the adapter into the (unquantized) base; "
+                                           "false = export the adapter alone.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the merged weights (QLoRA bases are reloaded "
+                               "unquantized in it).")
+    push_to_hub: str | None = Field(None, description="Hub repo id (`user/name`) to push the "
+                                                      "export to; token from HF_TOKEN or "
+                                                      "`hf auth login`.")
     private: bool = Field(True, description="Create the Hub repo as private.")
+    wandb_merged: bool = Field(False, description="With W&B tracking, also log the merged model "
+                                                  "as an artifact (the adapter always is).")
 
 
 def _method_union():
@@ -185,15 +261,21 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
+    base_dir_: str | None = Field(None, alias="base_dir", description="Folder that relative "
+                                  "paths resolve against; default: the recipe file's folder. "
+                                  "Run folders' recipe.yaml records it, so they reload anywhere.")
     source_path: Path | None = Field(None, exclude=True, description="Where it was read from.")
 
     def base_dir(self) -> Path:
         """Folder that relative data paths are resolved against."""
+        if self.base_dir_:
+            return Path(self.base_dir_)
         return self.source_path.parent if self.source_path else Path.cwd()
 
     def to_yaml(self) -> str:
-        """The resolved recipe as YAML (secrets never live in recipes)."""
-        data = self.model_dump(mode="json", exclude_none=True)
+        """The resolved recipe as YAML, with its base folder (secrets never live in recipes)."""
+        data = self.model_dump(mode="json", exclude_none=True, by_alias=True)
+        data["base_dir"] = str(self.base_dir().resolve())
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -255,11 +337,12 @@ def validate_recipe_dict(data: dict, file: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(describe_validation_error(exc, file, data)) from exc
+        raise RecipeError(describe_validation_error(exc, file, Recipe)) from exc
 
 
 def check_recipe_files(recipe: Recipe) -> None:
-    """Files the recipe names must exist (checked at validate time, before any model loads)."""
+    """Files and templates the recipe names must exist (checked at validate time, before any
+    model loads)."""
     from peftvlm.families import FAMILIES
 
     if recipe.model.family is not None and recipe.model.family not in FAMILIES:
@@ -275,92 +358,41 @@ def check_recipe_files(recipe: Recipe) -> None:
     base = recipe.base_dir()
     for section in ("train", "eval"):
         for i, src in enumerate(getattr(recipe.data, section) or []):
-            if src.path and not _is_remote(src.path) and not (base / src.path).exists():
-                raise RecipeError(
-                    f"{recipe.source_path}: data.{section}[{i}].path: file {src.path} does not "
-                    f"exist (looked in {base})", hint="paths are relative to the recipe file")
+            where = f"{recipe.source_path}: data.{section}[{i}]"
+            for key in ("path", "annotations", "image_root"):
+                value = getattr(src, key)
+                if value and not _is_remote(value) and not (base / value).exists():
+                    raise RecipeError(f"{where}.{key}: {value} does not exist (looked in {base})",
+                                      hint="paths are relative to the recipe file")
+            _check_template(recipe, src, where)
     if recipe.data.train is None and recipe.data.synthetic is None:
         raise RecipeError(f"{recipe.source_path}: data: give `train` (files or a dataset) or "
                           f"`synthetic` (a built-in offline task)")
+    if recipe.data.template:
+        _check_template(recipe, None, f"{recipe.source_path}: data")
+
+
+def _check_template(recipe: Recipe, src, where: str) -> None:
+    """The template a source uses exists, parses, and accepts the options given."""
+    from peftvlm.data.templates import load_template, merged_options
+    from peftvlm.errors import DataError
+
+    name = (src.template if src else None) or recipe.data.template
+    if name is None:
+        return
+    try:
+        spec = load_template(name, recipe.base_dir()).spec
+        merged_options(spec, {**recipe.data.template_options,
+                              **(src.template_options if src else {})}, where)
+        unknown = set(src.columns if src else {}) - set(spec.columns)
+    except DataError as exc:
+        raise RecipeError(f"{where}: {exc.message}", hint=exc.hint) from exc
+    if unknown:
+        raise RecipeError(f"{where}.columns: template {name!r} has no column(s) "
+                          f"{sorted(unknown)}; its columns: {', '.join(spec.columns)}")
 
 
 def _is_remote(path: str) -> bool:
     return "://" in path
 
 
-def describe_validation_error(exc: ValidationError, file: str, data: dict) -> str:
-    """One short paragraph per problem: file, dotted field, what is wrong and what is allowed."""
-    lines = []
-    for err in exc.errors()[:3]:
-        loc = _dotted(err["loc"])
-        lines.append(f"{file}: {loc}: {_explain(err, data)}")
-    more = len(exc.errors()) - 3
-    if more > 0:
-        lines.append(f"... and {more} more problem(s)")
-    return "\n".join(lines)
-
-
-def _dotted(loc) -> str:
-    parts = []
-    for p in loc:
-        if isinstance(p, int):
-            parts[-1:] = [f"{parts[-1]}[{p}]"] if parts else [f"[{p}]"]
-        elif p in method_names() and parts and parts[-1] == "method":
-            continue  # the tagged-union branch name is noise in the path
-        else:
-            parts.append(str(p))
-    return ".".join(parts) or "(top level)"
-
-
-def method_names() -> list[str]:
-    return [cls.model_fields["name"].default for cls in method_config_classes()]
-
-
-def _explain(err: dict, data: dict) -> str:
-    kind, loc = err["type"], err["loc"]
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1], data)
-        return f"unknown key `{loc[-1]}`" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
-    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
-        return (f"unknown method {_tag_value(data)!r}; available: {', '.join(method_names())}"
-                if kind == "union_tag_invalid" else
-                f"`name` is required; one of: {', '.join(method_names())}")
-    if kind == "missing":
-        return "required field is missing"
-    if kind == "literal_error":
-        return f"{err['msg'].replace('Input should be', 'must be')} (got {err['input']!r})"
-    return f"{err['msg']} (got {err.get('input')!r})"
-
-
-def _tag_value(data: dict):
-    method = data.get("method")
-    return method.get("name") if isinstance(method, dict) else method
-
-
-def _allowed_keys(loc, data) -> list[str]:
-    model = Recipe
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if model is Recipe and part == "method":
-            name = _tag_value(data)
-            model = next((c for c in method_config_classes()
-                          if c.model_fields["name"].default == name), None)
-            continue
-        if part in method_names():
-            continue
-        field = model.model_fields.get(part) if model else None
-        model = _section_class(field.annotation) if field else None
-    return sorted(k for k in model.model_fields if k != "source_path") if model else []
-
-
-def _section_class(annotation):
-    import typing
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _section_class(arg)
-        if found is not None:
-            return found
-    return None

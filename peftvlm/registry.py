@@ -30,7 +30,8 @@ class MethodInfo:
 
 
 METHODS: dict[str, MethodInfo] = {}
-_BUILTIN_MODULES = ("peftvlm.methods.lora",)
+_BUILTIN_MODULES = ("peftvlm.methods.lora", "peftvlm.methods.coop", "peftvlm.methods.vpt",
+                    "peftvlm.methods.clip_adapter")
 
 
 def register(name: str, config_cls: type, apply_path: str, kinds: tuple[Kind, ...],

@@ -117,3 +117,10 @@ def test_ls_and_cp(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
     missing = run_cli("cp", "nope", tmp_path)
     assert missing.returncode == 2 and "quickstart" in missing.stderr
+
+
+def test_usage_errors_are_short_and_exit_2():
+    for args in (("data", "bogus"), ("train",)):
+        res = run_cli(*args)
+        assert res.returncode == 2 and "Traceback" not in res.stderr
+        assert "Usage:" in res.stderr

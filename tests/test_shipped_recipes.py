@@ -32,10 +32,16 @@ def offline_overrides(recipe) -> list[str]:
         out.append(f"model.id={FAMILIES[recipe.model.family].tiny_name}")
     uses_remote_data = any(s.dataset for s in (recipe.data.train or []))
     if uses_remote_data and FAMILIES[recipe.model.family].kind == "generative":
-        out += ["data.train=null", "data.eval=null", "data.template=null",
-                "data.synthetic.name=colour-vqa", "data.synthetic.train_size=16",
-                "data.synthetic.eval_size=4"]
+        # Same template on a local fixture in the same public layout where one exists.
+        fixture = FIXTURE_FOR_TEMPLATE.get(recipe.data.template)
+        out += ["data.train=null", "data.eval=null", "data.synthetic.train_size=16",
+                "data.synthetic.eval_size=4", f"data.synthetic.name={fixture or 'colour-vqa'}"]
+        if fixture is None:
+            out += ["data.template=null", "data.template_options={}"]
     return out
+
+
+FIXTURE_FOR_TEMPLATE = {"vqa": "vqav2", "caption": "coco-captions", "grounding": "refcoco"}
 
 
 @pytest.mark.parametrize("name", list(RECIPES))

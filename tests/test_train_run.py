@@ -201,3 +201,20 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     res = run_cli("train", recipe, "-o", tmp_path / "run", "--resume")
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 300
+
+
+@pytest.mark.slow
+def test_unreachable_wandb_server_falls_back_to_offline(tmp_path, monkeypatch):
+    from peftvlm.tracking import start_wandb
+
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    notices = []
+    recipe = validate_recipe_dict(tiny_recipe(tracking={"wandb": {"mode": "online"}}))
+    run = start_wandb(recipe, tmp_path, log=notices.append)
+    try:
+        assert run.settings.mode == "offline"
+        assert any("logging offline" in n for n in notices)
+        assert list((tmp_path / "wandb").glob("offline-run-*"))
+    finally:
+        run.finish()

@@ -16,6 +16,10 @@ def open_image(image):
 
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if isinstance(image, dict):  # {"bytes"} or {"path"}: kept compact until batched (loading.py)
+        import io
+
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
     with Image.open(image) as im:
         return im.convert("RGB")
 

@@ -32,4 +32,6 @@ def render_example(collator, row: dict, image_token: str | None = None):
                                   f"{image_token}x{piece.count(image_token)}")
         text.append(piece, style="bold green" if trained else "dim")
     n_trained = sum(lab != IGNORE_INDEX for lab in labels)
-    return text, {"tokens": len(ids), "trained_tokens": n_trained}
+    image_id = tokenizer.convert_tokens_to_ids(image_token) if image_token else None
+    return text, {"tokens": len(ids), "trained_tokens": n_trained,
+                  "image_tokens": ids.count(image_id) if image_id is not None else 0}

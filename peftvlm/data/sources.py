@@ -1,15 +1,17 @@
-"""Read training/eval rows from the recipe's sources into normalised conversations.
+"""Check rows and images: the normalised conversation format and the bad-row report.
 
-A row the trainer reads is `{"messages": [...], "images": [path or PIL image, ...]}` where each
+A row the trainer reads is `{"messages": [...], "images": [...]}` (images: absolute paths, or
+`{"bytes", "path"}` dicts when a source holds encoded images, or PIL images) where each
 message's `content` is a list of `{"type": "image"}` / `{"type": "text", "text": ...}` items;
 `id`, `references` and `question_type` are kept when present (evaluation reads them).
-Bad rows (missing, corrupt or escaping images, malformed messages, empty answers) are counted by
-reason with their row ids, then skipped or reported before training (`data.on_bad_row`).
+Bad rows (missing, corrupt or escaping images, malformed messages, wrong column types, empty
+answers, boxes outside the image) are counted by reason with their row ids, then skipped or
+reported before training (`data.on_bad_row`). Reading files is `readers.py`; templates that make
+conversations from annotations are `templates.py`.
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,12 @@ class BadRowReport:
         if len(self.examples[reason]) < MAX_LISTED_ROWS:
             self.examples[reason].append(f"{row_id} ({detail})")
 
+    def merge(self, other: "BadRowReport") -> None:
+        for reason, count in other.counts.items():
+            self.counts[reason] += count
+            room = MAX_LISTED_ROWS - len(self.examples[reason])
+            self.examples[reason].extend(other.examples[reason][:max(room, 0)])
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
@@ -49,29 +57,6 @@ class BadRowReport:
     def describe(self) -> str:
         return "; ".join(f"{c} {r.replace('_', ' ')} (e.g. {self.examples[r][0]})"
                          for r, c in self.counts.items())
-
-
-def read_records(path: Path) -> list[tuple[str, dict]]:
-    """(row id, record) pairs of a JSONL or JSON file; row ids are `file:line`."""
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-        if isinstance(data, dict):  # {"data": [...]}-style wrappers
-            data = next((v for v in data.values() if isinstance(v, list)), [])
-        return [(f"{path.name}[{i}]", r) for i, r in enumerate(data)]
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{path.name}:{n}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            records.append((f"{path.name}:{n}", BadRow("invalid_json", exc.msg)))
-    return records
 
 
 def normalise_content(content) -> list[dict]:
@@ -113,18 +98,21 @@ def normalise_messages(messages, n_images: int) -> list[dict]:
 
 
 def resolve_image(image, root: Path):
-    """A path relative to `root` (must stay inside it) or an in-memory image; checked to decode."""
-    from PIL import Image, UnidentifiedImageError
+    """A checked image: a path relative to `root` (must stay inside it) becomes an absolute
+    path; encoded bytes stay `{"bytes": ...}` (decoded when batched); PIL images pass through."""
+    from PIL import Image
 
     if isinstance(image, Image.Image):
         return image
+    if isinstance(image, (bytes, bytearray)):
+        image = {"bytes": bytes(image)}
     if isinstance(image, dict) and image.get("bytes"):
-        import io
-        return Image.open(io.BytesIO(image["bytes"])).convert("RGB")
+        verify_image_bytes(image["bytes"])
+        return {"bytes": image["bytes"]}
     if isinstance(image, dict) and image.get("path"):
         image = image["path"]
-    if not isinstance(image, str) or not image:
-        raise BadRow("bad_image", f"image {image!r} is not a path")
+    if not isinstance(image, str) or not image.strip():
+        raise BadRow("bad_image", f"image {str(image)[:60]!r} is not a path, bytes or an image")
     path = (root / image).resolve()
     if not path.is_relative_to(root.resolve()):
         raise BadRow("path_escapes_root", f"{image} is outside the data folder {root}")
@@ -135,9 +123,36 @@ def resolve_image(image, root: Path):
     try:
         with Image.open(path) as im:
             im.verify()
-    except (UnidentifiedImageError, OSError) as exc:
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises all three for broken files
         raise BadRow("corrupt_image", f"{image}: {exc}") from exc
     return str(path)
+
+
+def verify_image_bytes(data: bytes) -> None:
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadRow("corrupt_image", f"image bytes do not decode: {exc}") from exc
+
+
+def image_size(image) -> tuple[int, int]:
+    """(width, height) of a resolved image, reading only the file header."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.size
+    if isinstance(image, dict):
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    source = image
+    with Image.open(source) as im:
+        return im.size
 
 
 def to_conversation(record, root: Path) -> dict:
@@ -167,23 +182,6 @@ def eval_fields(record: dict) -> dict:
     if record.get("question_type") is not None:
         out["question_type"] = str(record["question_type"])
     return out
-
-
-def load_conversations(sources, base_dir: Path, report: BadRowReport) -> list[dict]:
-    """All rows of `sources` (recipe `SourceConfig`s) as conversations; bad ones go to `report`."""
-    rows = []
-    for src in sources:
-        if src.dataset:
-            raise DataError(f"data source {src.dataset!r}: `dataset` sources need the data "
-                            f"templates module", hint="use a JSONL file with messages + images")
-        path = (base_dir / src.path).resolve()
-        records = read_records(path)[: src.max_samples]
-        for row_id, record in records:
-            try:
-                rows.append(to_conversation(record, path.parent))
-            except BadRow as bad:
-                report.add(bad.reason, row_id, bad.detail)
-    return rows
 
 
 def enforce_policy(report: BadRowReport, policy: str, what: str) -> None:

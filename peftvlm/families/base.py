@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
+
+# A conversation: messages {"role": ..., "content": [{"type": "image", "image": PIL.Image} |
+# {"type": "text", "text": str}, ...]} with roles system / user / assistant.
+Conversation = list[dict]
 
 DEFAULT_LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -13,10 +17,27 @@ DEFAULT_LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 class FamilySpec:
     """What peftvlm needs to know about one architecture family.
 
-    Module names are dotted prefixes of `model.named_modules()` (transformers 5 layout).
+    Module names are dotted prefixes of `model.named_modules()` (transformers 5 layout); a part's
+    LoRA targets are name suffixes inside that prefix (`attn.proj` where a bare `proj` would also
+    hit a convolution).
     `training_chat_template` wraps assistant turns in `{% generation %}` markers so that only
-    those tokens carry loss; `None` means the family has no chat template (PaliGemma) and is
-    rendered as prompt + suffix instead.
+    those tokens (each reply and its `end_of_turn`) carry loss; `None` means the family has no
+    chat template (PaliGemma) and sets the `encode` / `encode_prompt` hooks instead.
+
+    Hooks (callables, so that importing a spec never imports transformers):
+    - `processor_class()`: the ProcessorMixin subclass to load processors with instead of
+      AutoProcessor: `family.processor_class().from_pretrained(path, revision=...)`. Qwen2-VL
+      sets it: its stock processor needs a torchvision-backed video processor.
+    - `encode(processor, conversations)`: training inputs for a batch of full conversations
+      (images inside the content items), replacing the generic path
+      `processor.apply_chat_template(conversations, chat_template=training_chat_template,
+      tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt",
+      processor_kwargs={"padding": True})` + labels -100 where `assistant_masks == 0` or on
+      padding. It returns the model's inputs plus `labels`, already masked the same way.
+    - `encode_prompt(processor, prompts)`: left-padded inputs for `model.generate`, where each
+      prompt is a conversation up to its last user turn (no answer), replacing the generic
+      `apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, ...)`. New tokens
+      are `output[:, batch["input_ids"].shape[1]:]`.
     """
 
     name: str
@@ -31,13 +52,16 @@ class FamilySpec:
     image_token: str | None = "<image>"
     training_chat_template: str | None = None
     end_of_turn: str | None = None
+    # How grounding data writes boxes for this family (one of `peftvlm.data.boxes.BOX_FORMATS`).
     box_format: Literal["norm1", "abs1000"] = "norm1"
     tiny_name: str | None = None
     build_tiny: Callable[[Path], None] | None = field(default=None, compare=False, repr=False)
-    # Hooks for families without a chat template: (processor, conversations) -> batch dict with
-    # labels (training) or a left-padded prompt batch (generation).
-    encode: Callable | None = field(default=None, compare=False, repr=False)
-    encode_prompt: Callable | None = field(default=None, compare=False, repr=False)
+    # Hooks for families the generic paths do not fit; None = the generic path (see above).
+    processor_class: Callable[[], type] | None = field(default=None, compare=False, repr=False)
+    encode: Callable[[Any, list[Conversation]], dict] | None = field(
+        default=None, compare=False, repr=False)
+    encode_prompt: Callable[[Any, list[Conversation]], dict] | None = field(
+        default=None, compare=False, repr=False)
 
     def module_prefix(self, part: str) -> str | None:
         """The module prefix of a part: `vision`, `projector` or `language`."""

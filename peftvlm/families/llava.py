@@ -59,6 +59,7 @@ SPEC = FamilySpec(
     projector_targets=("linear_1", "linear_2"),
     image_token="<image>",
     training_chat_template=CHAT_TEMPLATE,
+    end_of_turn="</s>",
     tiny_name="tiny-llava",
     build_tiny=build_tiny,
 )

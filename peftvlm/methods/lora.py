@@ -86,7 +86,8 @@ def target_regex(family, cfg: TargetSelection) -> str:
             raise RecipeError(f"method.target: family {family.name!r} has no {part} module",
                               hint=f"use one of: {', '.join(p for p in PARTS if family.module_prefix(p))}")
         names = "|".join(map(re.escape, family.part_targets(part)))
-        alternatives.append(rf"{re.escape(prefix)}\..*\.(?:{names})")
+        # `(?:.*\.)?`: a layer may sit directly under the prefix (LLaVA's projector.linear_1)
+        alternatives.append(rf"{re.escape(prefix)}\.(?:.*\.)?(?:{names})")
     return "^(?:" + "|".join(alternatives) + ")$"
 
 

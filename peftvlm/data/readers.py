@@ -1,0 +1,280 @@
+"""Read a recipe source into `(row id, record)` pairs, whatever its layout.
+
+Kinds (by `source.format`, else the path's suffix):
+- files: `.jsonl`, `.json` (a list, or `{"data": [...]}`), `.csv`/`.tsv` (cells that hold JSON
+  lists/objects are parsed), `.parquet`;
+- an image folder with one subfolder per class -> `{"image", "label"}` records;
+- `format: coco_captions`: COCO captions JSON (`images` + `annotations` lists) -> one
+  `{"image", "captions", "width", "height", "image_id"}` record per image;
+- `format: vqav2`: a VQAv2 questions file (`path`) + annotations file (`annotations`) -> one
+  `{"image", "question", "answers", "question_id", "image_id"}` record per question; image files
+  come from `image_pattern` (default `{data_subtype}/COCO_{data_subtype}_{image_id:012d}.jpg`);
+- `dataset:` a `datasets` folder saved with `save_to_disk` (split slicing as in `datasets`), or a
+  Hub id read with `load_dataset` (`streaming: true` reads lazily and stops at `max_samples`).
+
+Row ids (`file:line`, `file[index]`) are what bad-row reports name.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from peftvlm.data.sources import BadRow
+from peftvlm.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+VQAV2_PATTERN = "{data_subtype}/COCO_{data_subtype}_{image_id:012d}.jpg"
+
+
+@dataclass
+class SourceData:
+    """A source opened for reading: its records, the folder its images are relative to, and
+    the files whose size/mtime fingerprint it (empty: not cacheable, e.g. a Hub dataset)."""
+
+    name: str
+    records: Iterable[tuple[str, Any]]
+    root: Path
+    files: list[Path] = field(default_factory=list)
+    default_template: str | None = None
+
+
+def open_source(src, base_dir: Path) -> SourceData:
+    """Open one `SourceConfig` (paths relative to the recipe folder `base_dir`)."""
+    if src.dataset:
+        return read_dataset(src, base_dir)
+    path = (base_dir / src.path).resolve()
+    root = (base_dir / src.image_root).resolve() if src.image_root else None
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist", hint="paths are relative to the recipe")
+    if path.is_dir():
+        if is_saved_dataset(path):
+            return read_dataset(src, base_dir)
+        records = read_image_folder(path)
+        return SourceData(src.path, records, root or path, folder_files(path), "classification")
+    fmt = src.format
+    if fmt == "auto" and path.suffix == ".json":
+        fmt = "coco_captions" if looks_like_coco(path) else "auto"
+    if fmt == "coco_captions":
+        records = read_coco_captions(path)
+    elif fmt == "vqav2":
+        if not src.annotations:
+            raise DataError(f"data source {src.path}: format vqav2 needs `annotations:` (the "
+                            "annotations file beside the questions file)")
+        annotations = (base_dir / src.annotations).resolve()
+        records = read_vqav2(path, annotations, src.image_pattern or VQAV2_PATTERN)
+        return SourceData(src.path, records, root or path.parent, [path, annotations])
+    else:
+        records = read_file(path)
+    return SourceData(src.path, records, root or path.parent, [path])
+
+
+def read_file(path: Path) -> list[tuple[str, Any]]:
+    readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".tsv": read_csv,
+               ".parquet": read_parquet}
+    if path.suffix not in readers:
+        raise DataError(f"data file {path}: unknown type {path.suffix!r}",
+                        hint="use .jsonl, .json, .csv, .tsv, .parquet, an image folder, or "
+                             "`dataset:` for a datasets folder or Hub id")
+    return readers[path.suffix](path)
+
+
+def read_jsonl(path: Path) -> list[tuple[str, Any]]:
+    records = []
+    with path.open() as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path.name}:{n}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                records.append((f"{path.name}:{n}", BadRow("invalid_json", exc.msg)))
+    return records
+
+
+def load_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+
+
+def read_json(path: Path) -> list[tuple[str, Any]]:
+    data = load_json(path)
+    if isinstance(data, dict):  # {"data": [...]}-style wrappers
+        data = next((v for v in data.values() if isinstance(v, list)), [])
+    return [(f"{path.name}[{i}]", r) for i, r in enumerate(data)]
+
+
+def read_csv(path: Path) -> list[tuple[str, Any]]:
+    """Rows as dicts; empty cells are missing values, JSON-looking cells are parsed."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+        return [(f"{path.name}:{n}", {k: csv_cell(v) for k, v in row.items() if k})
+                for n, row in enumerate(reader, start=2)]
+
+
+def csv_cell(value: str | None):
+    if value is None or value == "":
+        return None
+    if value[0] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def read_parquet(path: Path) -> list[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises its own hierarchy for unreadable files
+        raise DataError(f"{path}: cannot read Parquet: {exc}") from exc
+    return [(f"{path.name}[{i}]", r) for i, r in enumerate(rows)]
+
+
+def read_image_folder(path: Path) -> list[tuple[str, Any]]:
+    """`<folder>/<class>/<image>` -> `{"image": "<class>/<image>", "label": "<class>"}`."""
+    records = []
+    for class_dir in sorted(p for p in path.iterdir() if p.is_dir()):
+        for image in sorted(class_dir.iterdir()):
+            if image.suffix.lower() in IMAGE_SUFFIXES:
+                rel = f"{class_dir.name}/{image.name}"
+                records.append((rel, {"image": rel, "label": class_dir.name}))
+    if not records:
+        raise DataError(f"image folder {path} has no class subfolders with images",
+                        hint="lay it out as <folder>/<class name>/<image files>")
+    return records
+
+
+def folder_files(path: Path) -> list[Path]:
+    return [path, *sorted(p for p in path.iterdir() if p.is_dir())]
+
+
+def looks_like_coco(path: Path) -> bool:
+    """A JSON object with `images` and `annotations` lists (read only the first 64 KiB)."""
+    with path.open() as f:
+        head = f.read(65536)
+    return head.lstrip().startswith("{") and '"images"' in head and '"annotations"' in head
+
+
+def read_coco_captions(path: Path) -> list[tuple[str, Any]]:
+    data = load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
+        raise DataError(f"{path}: a COCO captions file needs `images` and `annotations` lists")
+    captions: dict[Any, list] = {}
+    for ann in data["annotations"]:
+        if isinstance(ann, dict):
+            captions.setdefault(ann.get("image_id"), []).append(ann.get("caption"))
+    records = []
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict):
+            records.append((f"{path.name}:images[{i}]", BadRow("bad_row", "not an object")))
+            continue
+        records.append((f"{path.name}:image_id={img.get('id')}",
+                        {"image": img.get("file_name"), "captions": captions.get(img.get("id"), []),
+                         "width": img.get("width"), "height": img.get("height"),
+                         "image_id": img.get("id")}))
+    return records
+
+
+def read_vqav2(questions: Path, annotations: Path, pattern: str) -> list[tuple[str, Any]]:
+    q_data, a_data = load_json(questions), load_json(annotations)
+    if not isinstance(q_data, dict) or not isinstance(q_data.get("questions"), list):
+        raise DataError(f"{questions}: a VQAv2 questions file needs a `questions` list")
+    if not isinstance(a_data, dict) or not isinstance(a_data.get("annotations"), list):
+        raise DataError(f"{annotations}: a VQAv2 annotations file needs an `annotations` list")
+    answers = {a.get("question_id"): a.get("answers") for a in a_data["annotations"]
+               if isinstance(a, dict)}
+    subtype = q_data.get("data_subtype", "")
+    records = []
+    for q in q_data["questions"]:
+        row_id = f"{questions.name}:question_id={q.get('question_id')}"
+        try:
+            image = pattern.format(image_id=int(q["image_id"]), data_subtype=subtype)
+        except (KeyError, TypeError, ValueError) as exc:
+            records.append((row_id, BadRow("bad_column_type", f"image_id: {exc}")))
+            continue
+        records.append((row_id, {"image": image, "question": q.get("question"),
+                                 "answers": answers.get(q.get("question_id")),
+                                 "question_id": q.get("question_id"), "image_id": q["image_id"]}))
+    return records
+
+
+# --- datasets --------------------------------------------------------------------------------
+
+def is_saved_dataset(path: Path) -> bool:
+    return any((path / f).exists() for f in ("dataset_info.json", "state.json",
+                                             "dataset_dict.json"))
+
+
+def read_dataset(src, base_dir: Path) -> SourceData:
+    """A `save_to_disk` folder (local, cacheable) or a Hub id via `load_dataset`."""
+    name = src.dataset or src.path
+    local = (base_dir / name).resolve()
+    root = (base_dir / src.image_root).resolve() if src.image_root else None
+    if local.is_dir() and is_saved_dataset(local):
+        dataset = load_saved_split(local, src.split)
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        return SourceData(name, dataset_records(dataset, name), root or local, files)
+    import datasets
+
+    split = src.split
+    if src.streaming and "[" in split:
+        raise DataError(f"data source {name}: streaming reads whole splits; use "
+                        f"max_samples instead of slicing ({split!r})")
+    try:
+        # A local folder of data files (not saved with save_to_disk) is read like a Hub repo.
+        dataset = datasets.load_dataset(str(local) if local.is_dir() else name, split=split,
+                                        streaming=src.streaming)
+    except Exception as exc:  # datasets raises many types (network, missing config...)
+        raise DataError(f"data source {name}: cannot load dataset: {str(exc).splitlines()[0]}",
+                        hint="give a Hub id (needs network), or a folder saved with "
+                             "Dataset.save_to_disk, relative to the recipe") from exc
+    return SourceData(name, dataset_records(dataset, name), root or base_dir)
+
+
+def load_saved_split(path: Path, split: str):
+    """`load_from_disk`, then the split (for a DatasetDict) and its slice (`train[:10%]`)."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    name = split.split("[")[0]
+    if isinstance(loaded, datasets.DatasetDict):
+        if name not in loaded:
+            raise DataError(f"dataset {path} has no split {name!r}; it has {', '.join(loaded)}")
+        loaded = loaded[name]
+    if "[" not in split:
+        return loaded
+    try:
+        parts = datasets.ReadInstruction.from_spec(split).to_absolute({name: len(loaded)})
+    except (ValueError, AssertionError) as exc:
+        raise DataError(f"dataset {path}: bad split {split!r}: {exc}",
+                        hint="write e.g. train, train[:1000] or train[10%:20%]") from exc
+    indices = [i for p in parts for i in range(p.from_, p.to)]
+    return loaded.select(indices)
+
+
+def dataset_records(dataset, name: str) -> Iterable[tuple[str, Any]]:
+    """Rows with `Image` features kept encoded (`{"bytes", "path"}`), decoded when batched."""
+    import datasets
+
+    features = getattr(dataset, "features", None) or {}
+    for column, feature in features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    label = name.rstrip("/").split("/")[-1]
+    rows = dataset.to_list() if isinstance(dataset, datasets.Dataset) else dataset
+    return ((f"{label}[{i}]", row) for i, row in enumerate(rows))
+
+
+def take(records: Iterable, limit: int | None) -> list:
+    """The first `limit` records (all when None), reading no further (streaming-safe)."""
+    return list(itertools.islice(records, limit))

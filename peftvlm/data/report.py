@@ -1,0 +1,126 @@
+"""`peftvlm data preview` and `peftvlm data stats`: the data exactly as the trainer will see it,
+from the processor alone (no model weights are loaded).
+
+Run: `peftvlm data preview RECIPE -n 3` (examples with the tokens that carry loss in green) and
+`peftvlm data stats RECIPE` (rows per source, token-length histogram PNG, rows over
+train.max_length, bad rows per reason).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from peftvlm.errors import DataError
+
+
+def processor_collator(recipe):
+    """The trainer's collator built on the recipe model's processor (weights are not loaded)."""
+    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.models import load_processor_only
+
+    processor, family = load_processor_only(recipe.model)
+    if family.kind != "generative":
+        raise DataError(f"data preview/stats render conversations for generative models; "
+                        f"{recipe.model.id} is a {family.kind} ({family.name})",
+                        hint="for CLIP-family recipes look at the source files directly")
+    return ConversationCollator(processor, family, recipe.train.assistant_only_loss)
+
+
+def preview(recipe, n: int = 3, console=None) -> list[dict]:
+    """Print the first `n` training rows as encoded for training; return their token counts."""
+    from rich.console import Console
+    from rich.rule import Rule
+
+    from peftvlm.data.loading import prepare_data
+    from peftvlm.data.preview import render_example
+
+    console = console or Console()
+    collator = processor_collator(recipe)
+    data = prepare_data(recipe, collator)
+    console.print(f"{recipe.name}: {len(data.train)} training rows, {len(data.eval)} held-out; "
+                  f"tokens that carry loss in [bold green]green[/]")
+    shown = []
+    for i, row in enumerate(data.train[:n]):
+        text, counts = render_example(collator, row, collator.family.image_token)
+        console.print(Rule(f"example {i}: {counts['tokens']} tokens, {counts['trained_tokens']} "
+                           f"carry loss, {counts['image_tokens']} image tokens "
+                           f"({len(row['images'])} image(s))", align="left"))
+        console.print(text)
+        shown.append(counts)
+    return shown
+
+
+def stats(recipe, plot_path: Path) -> dict:
+    """Rows per source, token lengths (histogram written to `plot_path`), overflow, bad rows."""
+    from peftvlm.data.lengths import token_lengths
+    from peftvlm.data.loading import load_rows
+
+    collator = processor_collator(recipe)
+    data = load_rows(recipe, collator.family.box_format)
+    lengths = token_lengths(collator, data.train)
+    max_length = recipe.train.max_length
+    plot_lengths(lengths, max_length, plot_path, f"{recipe.name}: training rows by token length")
+    return {"recipe": recipe.name, "train_rows": len(data.train), "eval_rows": len(data.eval),
+            "sources": data.sources, "token_lengths": summarise_lengths(lengths),
+            "over_max_length": over_max_length(lengths, max_length, recipe.data.on_overflow),
+            "bad_rows": data.bad_rows, "histogram": str(plot_path)}
+
+
+def over_max_length(lengths: list[int], max_length: int, policy: str) -> dict:
+    over = [i for i, n in enumerate(lengths) if n > max_length]
+    return {"count": len(over), "max_length": max_length, "policy": policy,
+            "first_rows": [f"row {i} ({lengths[i]} tokens)" for i in over[:5]]}
+
+
+def summarise_lengths(lengths: list[int]) -> dict:
+    ordered = sorted(lengths)
+    return {"min": ordered[0], "median": statistics.median(ordered),
+            "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "max": ordered[-1],
+            "mean": round(statistics.fmean(ordered), 1)}
+
+
+def plot_lengths(lengths: list[int], max_length: int, path: Path, title: str) -> None:
+    """Histogram of token lengths with train.max_length marked (matplotlib, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(lengths, bins=min(50, max(5, len(set(lengths)))), color="#4878cf")
+    ax.axvline(max_length, color="#d62728", linestyle="--", label=f"max_length {max_length}")
+    ax.set_xlabel("tokens per row (image tokens included)")
+    ax.set_ylabel("rows")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_stats(result: dict, console=None) -> None:
+    """The stats as a few readable tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table("section", "source", "records", "rows", "used", "bad", "cached",
+                  title=f"{result['recipe']}: sources")
+    for s in result["sources"]:
+        table.add_row(s["section"], s["source"], str(s["records"]), str(s["rows"]),
+                      str(s["used"]), str(s["bad_rows"]), "yes" if s["from_cache"] else "no")
+    console.print(table)
+    t = result["token_lengths"]
+    over = result["over_max_length"]
+    console.print(f"train rows {result['train_rows']}, eval rows {result['eval_rows']}; tokens "
+                  f"min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}")
+    console.print(f"over train.max_length={over['max_length']}: {over['count']} row(s) "
+                  f"(data.on_overflow: {over['policy']})"
+                  + (f", e.g. {', '.join(over['first_rows'][:3])}" if over["count"] else ""))
+    for section, reasons in result["bad_rows"].items():
+        for reason, info in reasons.items():
+            console.print(f"bad rows ({section}) {reason}: {info['count']}, e.g. "
+                          f"{'; '.join(info['first_rows'][:2])}")
+    console.print(f"histogram: {result['histogram']}")

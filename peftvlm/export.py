@@ -1,0 +1,353 @@
+"""Export a finished run: the adapter alone, or merged into its base; verified, carded, pushed.
+
+    peftvlm export runs/quickstart                      # adapter-only (PeftModel.from_pretrained)
+    peftvlm export runs/quickstart --merge --dtype bfloat16 --push-to-hub me/quickstart-llava
+
+Every export is checked before it counts: the exported folder is reloaded with plain
+transformers / peft and its logits are compared with the trained adapter model on a few
+held-out rows, merged weights must differ from the base wherever the adapter is non-zero (a merge
+that silently did nothing is caught), and one short generation must run. The numbers go into
+`export_report.json`; any failed check raises `ExportError` and nothing is pushed.
+
+QLoRA (and any run trained on a quantized base) is merged into the base reloaded UNQUANTIZED in
+the chosen dtype; the model card shows how to quantize it again at load time.
+
+Methods that are not peft adapters on a generative model (CoOp, VPT, CLIP-Adapter) save their
+own format: `export_run` hands them to `export_custom_method` (the extension point below).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from peftvlm.errors import ExportError, PeftVLMError
+from peftvlm.runs import write_json
+from peftvlm.export_checks import (check_adapter_effect, check_adapter_files, check_generation,
+                                   check_merged_files, check_weights_changed, compare_logits,
+                                   device, encode_rows, generate_text, logits_of, probe_rows,
+                                   prompt_text, weight_probes)
+
+DTYPES = ("float32", "bfloat16", "float16")
+PROCESSOR_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json",
+                   "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+@dataclass
+class Run:
+    """A finished run folder, read back: its recipe, summary and adapter folder."""
+
+    dir: Path
+    recipe: object
+    summary: dict
+    adapter_dir: Path
+
+
+@dataclass
+class ExportOptions:
+    merge: bool
+    dtype: str
+    out: Path
+    push_to_hub: str | None
+    private: bool
+    wandb_merged: bool
+    max_shard_size: str = "4GB"
+
+
+# --- the flow -------------------------------------------------------------------------------
+
+def export_run(run_dir: str | Path, *, merge: bool | None = None, out: str | Path | None = None,
+               dtype: str | None = None, push_to_hub: str | None = None,
+               private: bool | None = None, dry_run: bool = False,
+               wandb_merged: bool | None = None, max_shard_size: str = "4GB",
+               log=print) -> dict:
+    """Export a finished run; options left as None come from the recipe's `export` section.
+
+    Returns the export report (also written to `<out>/export_report.json`); with `dry_run`,
+    returns the plan without loading a model, writing or pushing anything.
+    """
+    run = read_run(run_dir)
+    opts = resolve_options(run, merge, out, dtype, push_to_hub, private, wandb_merged,
+                           max_shard_size)
+    check_out_dir(opts.out)
+    if opts.push_to_hub:
+        from peftvlm.hub import require_token
+
+        require_token()
+    if dry_run:
+        return print_plan(run, opts, log)
+    from peftvlm.registry import get_method
+
+    method = get_method(run.recipe.method.name)
+    if "generative" not in method.kinds:
+        return export_custom_method(run, opts, log)
+    fresh_out_dir(opts.out)
+    report = export_merged(run, opts, log) if opts.merge else export_adapter(run, opts, log)
+    return finish_export(run, opts, report, log)
+
+
+def finish_export(run: Run, opts: ExportOptions, report: dict, log) -> dict:
+    """Card, report, failure check, then the Hub and W&B (only for exports that passed)."""
+    from peftvlm.modelcard import write_model_card
+
+    report["out"] = str(opts.out)
+    write_model_card(opts.out, run, report, repo_id=opts.push_to_hub)
+    failures = [f"{name}: {check['error']}" for name, check in report["checks"].items()
+                if not check["passed"]]
+    report["passed"] = not failures
+    write_json(opts.out / "export_report.json", report)
+    if failures:
+        raise ExportError(f"export of {run.dir} failed its checks ({opts.out}/export_report.json):"
+                          "\n  " + "\n  ".join(failures),
+                          hint="nothing was pushed; PEFTVLM_DEBUG=1 shows more")
+    log(f"export ok: {opts.out} ({report['kind']}; " + ", ".join(
+        f"{k} ok" for k in report["checks"]) + ")")
+    if opts.push_to_hub:
+        from peftvlm.hub import push_folder
+
+        report["hub"] = push_folder(opts.out, opts.push_to_hub, private=opts.private,
+                                    commit_message=f"peftvlm export of run {run.recipe.name} "
+                                                   f"({report['kind']})", log=log)
+        write_json(opts.out / "export_report.json", report)
+    if run.recipe.tracking.wandb is not None:
+        from peftvlm.tracking import log_export_artifacts
+
+        folders = {"adapter": run.adapter_dir}
+        if opts.merge and opts.wandb_merged:
+            folders["merged"] = opts.out
+        report["wandb_artifacts"] = log_export_artifacts(run.recipe, run.dir, folders, log)
+    return report
+
+
+def export_custom_method(run: Run, opts: ExportOptions, log) -> dict:
+    """Extension point for methods outside peft (CoOp, VPT, CLIP-Adapter).
+
+    Such a method module may define `export_adapter(run_dir, adapter_dir, out_dir, merge) ->
+    report dict` (with a `checks` dict of `{"passed": bool, "error": str}` entries); the report
+    then goes through the same card / push / W&B steps as peft adapters.
+    """
+    import importlib
+
+    from peftvlm.registry import get_method
+
+    info = get_method(run.recipe.method.name)
+    module = importlib.import_module(info.apply_path.partition(":")[0])
+    exporter = getattr(module, "export_adapter", None)
+    if exporter is None:
+        raise ExportError(f"method {info.name!r} has no exporter yet",
+                          hint=f"its adapter is in {run.adapter_dir} in the method's own format")
+    fresh_out_dir(opts.out)
+    report = exporter(run.dir, run.adapter_dir, opts.out, opts.merge)
+    report.setdefault("kind", "merged" if opts.merge else "adapter")
+    return finish_export(run, opts, report, log)
+
+
+# --- reading the run and the options ---------------------------------------------------------
+
+def read_run(run_dir: str | Path) -> Run:
+    """The run folder's recipe, summary and adapter; a clear error for anything missing."""
+    from peftvlm.recipe import validate_recipe_dict
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"run folder {run_dir} does not exist",
+                          hint="give the folder `peftvlm train` wrote (runs/<name> by default)")
+    if not (run_dir / "summary.json").exists():
+        raise ExportError(f"{run_dir} has no summary.json: the run is unfinished (or not a run)",
+                          hint="finish it with `peftvlm train RECIPE --resume`, then export")
+    adapter_dir = run_dir / "adapter"
+    if not adapter_dir.is_dir():
+        raise ExportError(f"{run_dir} has no adapter/ folder to export",
+                          hint="the run folder is incomplete: train it again with --overwrite")
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.exists():
+        raise ExportError(f"{run_dir} has no recipe.yaml", hint="the run folder is incomplete")
+    try:
+        recipe = validate_recipe_dict(yaml.safe_load(recipe_file.read_text()), str(recipe_file))
+    except PeftVLMError as exc:
+        raise ExportError(f"{recipe_file} does not validate: {exc.message}") from exc
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{run_dir / 'summary.json'} is not valid JSON ({exc.msg}, line "
+                          f"{exc.lineno})",
+                          hint="the run folder is damaged: train it again") from exc
+    return Run(run_dir, recipe, summary, adapter_dir)
+
+
+def resolve_options(run: Run, merge, out, dtype, push_to_hub, private, wandb_merged,
+                    max_shard_size) -> ExportOptions:
+    """Explicit arguments win; the rest come from the recipe's `export` section."""
+    cfg = run.recipe.export
+    merge = cfg.merge if merge is None else merge
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r} for the export",
+                          hint=f"use one of: {', '.join(DTYPES)}")
+    if dtype is not None and not merge:
+        raise ExportError("--dtype applies to merged exports only (an adapter is exported as "
+                          "trained)", hint="add --merge, or leave --dtype out")
+    dtype = dtype or cfg.dtype
+    out = Path(out) if out else run.dir / ("merged" if merge else "export")
+    return ExportOptions(
+        merge=merge, dtype=dtype, out=out, push_to_hub=push_to_hub or cfg.push_to_hub,
+        private=cfg.private if private is None else private,
+        wandb_merged=cfg.wandb_merged if wandb_merged is None else wandb_merged,
+        max_shard_size=max_shard_size)
+
+
+def check_out_dir(out: Path) -> None:
+    """Only an empty folder or an earlier export may be replaced; anything else is the user's."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir())
+                                              and not (out / "export_report.json").exists())):
+        raise ExportError(f"output folder {out} exists and is not an earlier export",
+                          hint="choose another --out, or remove that folder yourself")
+
+
+def fresh_out_dir(out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def print_plan(run: Run, opts: ExportOptions, log) -> dict:
+    """What an export would do, without loading a model or writing anything."""
+    plan = {"run": str(run.dir), "method": run.recipe.method.name, "merge": opts.merge,
+            "dtype": opts.dtype if opts.merge else "as trained", "out": str(opts.out),
+            "push_to_hub": opts.push_to_hub, "private": opts.private, "dry_run": True}
+    for key, value in plan.items():
+        log(f"{key:12} {value}")
+    return plan
+
+
+# --- loading models ---------------------------------------------------------------------------
+
+def load_unquantized_base(recipe, dtype: str | None, processor_dir: Path | None = None):
+    """The run's base model without quantization (QLoRA bases too), in `dtype`, with the
+    processor the run saved beside its adapter (the one it trained with) when there is one."""
+    from peftvlm.models import load_base, load_processor
+
+    update = {"quantization": None}
+    if dtype:
+        update["dtype"] = dtype
+    loaded = load_base(recipe.model.model_copy(update=update))
+    if processor_dir is not None and (processor_dir / "tokenizer_config.json").exists():
+        loaded.processor = load_processor(str(processor_dir), recipe.model, loaded.family)
+    return loaded
+
+
+# --- merged export ----------------------------------------------------------------------------
+
+def export_merged(run: Run, opts: ExportOptions, log) -> dict:
+    """Merge the adapter into the unquantized base, save, reload plainly, and check."""
+    from peft import PeftModel
+
+    loaded = load_unquantized_base(run.recipe, opts.dtype, run.adapter_dir)
+    rows, source = probe_rows(run.recipe, loaded.family)
+    batch = encode_rows(loaded.processor, loaded.family, rows)
+    model = PeftModel.from_pretrained(loaded.model, run.adapter_dir).to(device())
+    reference = logits_of(model, batch)
+    ref_text, _ = generate_text(model, loaded.processor, loaded.family, rows[0])
+    probes = weight_probes(model, opts.dtype)
+    log(f"merging {run.recipe.method.name} adapter into the base in {opts.dtype}")
+    merged = merge_adapter(model)
+    merged.save_pretrained(opts.out, max_shard_size=opts.max_shard_size)
+    loaded.processor.save_pretrained(opts.out)
+    del merged, model
+    loaded.model = None  # the base now holds merged weights; free it before reloading
+    reloaded = reload_merged(opts.out, opts.dtype)
+    merged_logits = logits_of(reloaded, batch)
+    checks = {
+        "logits": compare_logits(reference, merged_logits, opts.dtype, source),
+        "weights_changed": check_weights_changed(reloaded, probes),
+        "generation": check_generation(reloaded, loaded.processor, loaded.family, rows[0],
+                                       ref_text),
+        "files": check_merged_files(opts.out),
+    }
+    report = {"kind": "merged", "dtype": opts.dtype, "method": run.recipe.method.name,
+              "example_prompt": prompt_text(rows[0]),
+              "base_quantized_in_training": base_was_quantized(run.recipe),
+              "model_class": type(reloaded).__name__, "checks": checks}
+    if report["base_quantized_in_training"]:
+        del reloaded
+        report["vs_quantized_training_model"] = quantization_gap(run, batch, merged_logits)
+    return report
+
+
+def merge_adapter(peft_model):
+    """Fold the adapter into the base weights and drop the peft wrappers."""
+    return peft_model.merge_and_unload(safe_merge=True)
+
+
+def reload_merged(folder: Path, dtype: str):
+    """Reload the merged folder the way a user would: plain transformers, nothing of ours."""
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        return AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(device())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"the merged folder {folder} does not load with "
+                          f"AutoModelForImageTextToText: {str(exc).splitlines()[0]}") from exc
+
+
+def quantization_gap(run: Run, batch: dict, merged_logits) -> dict:
+    """How far the unquantized merge is from the model as trained (adapter on the quantized
+    base): informative, not a check, since quantization error is expected here."""
+    from peft import PeftModel
+
+    from peftvlm.models import load_base
+
+    loaded = load_base(run.recipe.model, run.recipe.method.name)
+    model = PeftModel.from_pretrained(loaded.model, run.adapter_dir)
+    trained = logits_of(model, batch)
+    return {"max_abs_diff": float((trained - merged_logits).abs().max()),
+            "top1_agreement": float((trained.argmax(-1) == merged_logits.argmax(-1))
+                                    .float().mean())}
+
+
+def base_was_quantized(recipe) -> bool:
+    return recipe.method.name == "qlora" or recipe.model.quantization is not None
+
+
+# --- adapter-only export ----------------------------------------------------------------------
+
+def export_adapter(run: Run, opts: ExportOptions, log) -> dict:
+    """Copy the adapter and processor; check it loads with plain PeftModel and does something."""
+    from peft import PeftModel
+
+    copy_adapter_files(run.adapter_dir, opts.out)
+    loaded = load_unquantized_base(run.recipe, None, run.adapter_dir)
+    rows, source = probe_rows(run.recipe, loaded.family)
+    batch = encode_rows(loaded.processor, loaded.family, rows)
+    base_logits = logits_of(loaded.model.to(device()), batch)
+    try:
+        model = PeftModel.from_pretrained(loaded.model, opts.out)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"the exported adapter in {opts.out} does not load with "
+                          f"PeftModel.from_pretrained: {str(exc).splitlines()[0]}") from exc
+    checks = {
+        "adapter_effect": check_adapter_effect(base_logits, logits_of(model, batch), source),
+        "generation": check_generation(model, loaded.processor, loaded.family, rows[0], None),
+        "files": check_adapter_files(opts.out),
+    }
+    return {"kind": "adapter", "method": run.recipe.method.name,
+            "example_prompt": prompt_text(rows[0]),
+            "base_quantized_in_training": base_was_quantized(run.recipe),
+            "base_model": adapter_base(opts.out), "checks": checks}
+
+
+def copy_adapter_files(adapter_dir: Path, out: Path) -> None:
+    """The peft adapter files and the processor; peft's auto-generated README is replaced."""
+    for path in adapter_dir.iterdir():
+        if path.is_file() and (path.name.startswith("adapter_") or path.name in PROCESSOR_FILES):
+            shutil.copy2(path, out / path.name)
+
+
+def adapter_base(folder: Path) -> str | None:
+    return json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+
+

@@ -1,0 +1,88 @@
+"""SmolVLM / Idefics3 (HuggingFaceTB/SmolVLM-*, SmolVLM2-*, HuggingFaceM4/Idefics3-*): a SigLIP
+vision model, a pixel-shuffle connector, and a Llama-style text model at `model.text_model`.
+
+SmolVLM v1 checkpoints have model_type `idefics3`, SmolVLM2 ones `smolvlm`; both keep the same
+module layout and chat template (`User:<image>question<end_of_utterance>\\nAssistant: answer`).
+The tiny model is an Idefics3 with SmolVLM's template: SmolVLM2's processor also needs a video
+processor, which needs torchvision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peftvlm.families.base import FamilySpec
+
+_ITEMS = ("{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+          "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}")
+# "Role:" is followed by a space unless the message opens with an image.
+_ROLE = ("{{ message['role'] | capitalize }}{% if message['content'][0]['type'] == 'image' %}"
+         "{{ ':' }}{% else %}{{ ': ' }}{% endif %}")
+_TAIL = "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+
+# The template SmolVLM-Instruct and SmolVLM2-*-Instruct ship.
+CHAT_TEMPLATE = ("{{ '<|im_start|>' }}{% for message in messages %}" + _ROLE + _ITEMS
+                 + "{{ '<end_of_utterance>\n' }}" + _TAIL)
+
+# Same rendering; an assistant reply after the "Assistant:" cue (including its leading space)
+# up to and including <end_of_utterance> carries loss. The newline after it is never generated.
+TRAINING_CHAT_TEMPLATE = (
+    "{{ '<|im_start|>' }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ 'Assistant:' }}{% generation %}{% if message['content'][0]['type'] != 'image' %}"
+    "{{ ' ' }}{% endif %}" + _ITEMS + "{{ '<end_of_utterance>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}" + _ROLE + _ITEMS + "{{ '<end_of_utterance>\n' }}{% endif %}" + _TAIL
+)
+
+SPECIAL_TOKENS = ("<|im_start|>", "<fake_token_around_image>", "<global-img>", "<image>",
+                  "<end_of_utterance>")
+IMAGE_SIZE, PATCH, SCALE_FACTOR = 32, 8, 2
+
+
+def build_tiny(out_dir: Path) -> None:
+    """A 2-layer random SmolVLM (Idefics3 architecture) with a local tokenizer and processor."""
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor,
+                              Idefics3VisionConfig, LlamaConfig)
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from peftvlm.families._tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE,
+                               bos_token="<|im_start|>", eos_token="<end_of_utterance>")
+    # One global image, no tiling: (32/8)^2 patches, pixel-shuffled by 2x2 into 4 tokens.
+    image_proc = Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": IMAGE_SIZE},
+        max_image_size={"longest_edge": IMAGE_SIZE})
+    seq_len = (IMAGE_SIZE // PATCH) ** 2 // SCALE_FACTOR ** 2
+    processor = Idefics3Processor(image_processor=image_proc, tokenizer=tok,
+                                  image_seq_len=seq_len, chat_template=CHAT_TEMPLATE)
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=64,
+                                           intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=SCALE_FACTOR,
+        pad_token_id=tok.pad_token_id)
+    model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+SPEC = FamilySpec(
+    name="smolvlm",
+    model_types=("idefics3", "smolvlm"),
+    vision_module="model.vision_model",
+    projector_module="model.connector",
+    language_module="model.text_model",
+    vision_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    projector_targets=("proj",),  # connector.modality_projection.proj
+    image_token="<image>",
+    end_of_turn="<end_of_utterance>",
+    training_chat_template=TRAINING_CHAT_TEMPLATE,
+    tiny_name="tiny-smolvlm",
+    build_tiny=build_tiny,
+)

@@ -1,0 +1,177 @@
+"""Qwen2-VL and Qwen2.5-VL (Qwen/Qwen2-VL-*, Qwen/Qwen2.5-VL-*): a native-resolution ViT whose
+patch merger is the projector, and a Qwen2 language model with multimodal rotary positions.
+
+Both ship the same ChatML template (`<|im_start|>role ... <|im_end|>`). Qwen2-VL writes boxes
+as 0-1000 integers; Qwen2.5-VL natively uses absolute pixels of its resized input, but is
+trained here on 0-1000 too. Their processors ask for a video processor, which needs
+torchvision; `processor_class` is an image-only subclass that loads without it.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from peftvlm.families.base import FamilySpec
+
+_IMAGE = "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+_VIDEO = "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+# One content item of a message, as Qwen's template renders it (add_vision_id numbering kept).
+_ITEM = (
+    "{% if c['type'] == 'image' or 'image' in c or 'image_url' in c %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}{{ 'Picture ' ~ image_count.value ~ ': ' }}{% endif %}" + _IMAGE +
+    "{% elif c['type'] == 'video' or 'video' in c %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}{{ 'Video ' ~ video_count.value ~ ': ' }}{% endif %}" + _VIDEO +
+    "{% elif 'text' in c %}{{ c['text'] }}{% endif %}"
+)
+_CONTENT = ("{% if message['content'] is string %}{{ message['content'] }}"
+            "{% else %}{% for c in message['content'] %}" + _ITEM + "{% endfor %}{% endif %}")
+_HEAD = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+)
+_TAIL = "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+
+# The template Qwen2-VL-*-Instruct and Qwen2.5-VL-*-Instruct ship (identical in both).
+CHAT_TEMPLATE = (_HEAD + "{{ '<|im_start|>' + message['role'] + '\n' }}" + _CONTENT
+                 + "{{ '<|im_end|>\n' }}" + _TAIL)
+
+# The same rendering, with each assistant reply and its <|im_end|> inside generation markers. The
+# newline after <|im_end|> stays outside: generation stops at <|im_end|>, so it is never produced.
+TRAINING_CHAT_TEMPLATE = (
+    _HEAD + "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}" + _CONTENT + "{{ '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\n' }}{% else %}" + _CONTENT + "{{ '<|im_end|>\n' }}{% endif %}" + _TAIL
+)
+
+PATCH, MERGE = 8, 2
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>", "<|endoftext|>")
+
+
+def _image_only(processor_cls):
+    """A subclass of a Qwen processor whose sub-processors are the image processor and tokenizer.
+
+    `ProcessorMixin` reads sub-processors from the `__init__` signature, so leaving
+    `video_processor` out of it keeps transformers from looking for the torchvision-backed video
+    processor when building, saving or loading.
+    """
+
+    class ImageOnlyProcessor(processor_cls):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            # The parent's __init__ insists on a video processor: set what it sets, skip the rest.
+            self.image_token = getattr(tokenizer, "image_token", "<|image_pad|>")
+            self.video_token = getattr(tokenizer, "video_token", "<|video_pad|>")
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            super(processor_cls, self).__init__(image_processor, tokenizer,
+                                                chat_template=chat_template)
+
+    # transformers writes `__name__` into saved configs as `processor_class`: saved and exported
+    # folders then name the stock class, as Hub checkpoints do.
+    ImageOnlyProcessor.__name__ = processor_cls.__name__
+    ImageOnlyProcessor.__qualname__ = "ImageOnly" + processor_cls.__name__
+    return ImageOnlyProcessor
+
+
+@functools.cache
+def processor_class(version: str):
+    """The image-only processor class of Qwen2-VL (`"2"`) or Qwen2.5-VL (`"2.5"`)."""
+    from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl import Qwen2VLProcessor
+
+    return _image_only(Qwen2VLProcessor if version == "2" else Qwen2_5_VLProcessor)
+
+
+def _vision_config(version: str):
+    from transformers.models.qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_vl import Qwen2VLVisionConfig
+
+    common = dict(depth=2, hidden_size=64, num_heads=4, in_channels=3, patch_size=PATCH,
+                  spatial_merge_size=MERGE, temporal_patch_size=2)
+    if version == "2":
+        # Qwen2-VL: embed_dim is the ViT width, hidden_size the merger's output (the LM width).
+        return Qwen2VLVisionConfig(embed_dim=64, mlp_ratio=2, **common)
+    return Qwen2_5_VLVisionConfig(intermediate_size=128, out_hidden_size=64, window_size=32,
+                                  fullatt_block_indexes=[1], **common)
+
+
+def _build_tiny(version: str, out_dir: Path) -> None:
+    """A 2-layer random Qwen{version}-VL with a local tokenizer and image-only processor."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from peftvlm.families._tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE,
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    # 32x32 images: a 4x4 patch grid, merged 2x2 into 4 image tokens.
+    image_proc = Qwen2VLImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 32 * 32},
+                                          patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
+    processor = processor_class(version)(image_processor=image_proc, tokenizer=tok,
+                                         chat_template=CHAT_TEMPLATE)
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    # head_dim 16: the three multimodal rotary sections (time, height, width) sum to 16 / 2.
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3]},
+                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id)
+    model_type = "qwen2_vl" if version == "2" else "qwen2_5_vl"
+    config = AutoConfig.for_model(model_type, text_config=text,
+                                  vision_config=_vision_config(version).to_dict(), **ids)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def build_tiny_qwen2_vl(out_dir: Path) -> None:
+    """A 2-layer random Qwen2-VL saved like a Hub model."""
+    _build_tiny("2", out_dir)
+
+
+def build_tiny_qwen2_5_vl(out_dir: Path) -> None:
+    """A 2-layer random Qwen2.5-VL saved like a Hub model."""
+    _build_tiny("2.5", out_dir)
+
+
+_COMMON = dict(
+    vision_module="model.visual",
+    projector_module="model.visual.merger",
+    language_module="model.language_model",
+    image_token="<|image_pad|>",
+    end_of_turn="<|im_end|>",
+    training_chat_template=TRAINING_CHAT_TEMPLATE,
+    box_format="abs1000",
+)
+
+QWEN2_VL_SPEC = FamilySpec(
+    name="qwen2_vl",
+    model_types=("qwen2_vl",),
+    # Dotted, so that patch_embed.proj (a Conv3d) is left alone.
+    vision_targets=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+    projector_targets=("mlp.0", "mlp.2"),  # merger.mlp: Linear, GELU, Linear
+    tiny_name="tiny-qwen2-vl",
+    build_tiny=build_tiny_qwen2_vl,
+    processor_class=functools.partial(processor_class, "2"),
+    **_COMMON,
+)
+
+QWEN2_5_VL_SPEC = FamilySpec(
+    name="qwen2_5_vl",
+    model_types=("qwen2_5_vl",),
+    vision_targets=("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    projector_targets=("mlp.0", "mlp.2"),
+    tiny_name="tiny-qwen2.5-vl",
+    build_tiny=build_tiny_qwen2_5_vl,
+    processor_class=functools.partial(processor_class, "2.5"),
+    **_COMMON,
+)

@@ -1,0 +1,61 @@
+"""CoOp: Context Optimization (Zhou et al. 2022, IJCV, https://arxiv.org/abs/2109.01134).
+
+Learns M context vectors that replace the hand-written words of a prompt such as
+"a photo of a {class}."; the whole CLIP model stays frozen. Trainable parameters: n_ctx * d
+(unified context) or n_cls * n_ctx * d (class-specific context, `csc`), d = the text
+encoder's width. The implementation is in `peftvlm.methods.dual_encoder.coop`.
+
+`optim_preset: paper` trains with the paper's optimisation (SGD, lr 0.002, momentum 0.9,
+weight decay 5e-4, cosine schedule, one warm-up epoch at a constant 1e-5, batch 32) instead of
+the recipe's `train` optimiser settings.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from peftvlm._schema import Section
+from peftvlm.registry import register
+
+# Paper defaults (CoOp's configs/trainers on Dassl); applied by the CLIP trainer.
+PAPER_OPTIM = {"optim": "sgd", "learning_rate": 0.002, "momentum": 0.9, "weight_decay": 5e-4,
+               "lr_scheduler_type": "cosine", "warmup_epochs": 1, "warmup_lr": 1e-5,
+               "per_device_train_batch_size": 32}
+
+
+class CoopMethod(Section):
+    """Learnable prompt context for CLIP's text encoder (CoOp)."""
+
+    name: Literal["coop"] = "coop"
+    n_ctx: int = Field(16, ge=1, description="Number of context vectors M (16 in the paper); "
+                                             "ignored when ctx_init is set.")
+    ctx_init: str | None = Field(None, description="Initialise the context from these words "
+                                 "(e.g. 'a photo of a'); n_ctx becomes their token count. "
+                                 "Default: random N(0, 0.02).")
+    csc: bool = Field(False, description="Class-specific context (one set per class) instead "
+                                         "of one unified context shared by all classes.")
+    class_token_position: Literal["end", "middle", "front"] = Field(
+        "end", description="Where the class name sits relative to the context.")
+    optim_preset: Literal["recipe", "paper"] = Field(
+        "recipe", description="`paper`: SGD lr 0.002, momentum 0.9, weight decay 5e-4, cosine, "
+                              "1 warm-up epoch at constant 1e-5, batch 32 (overrides those "
+                              "train.* fields); `recipe`: use the train section as written.")
+
+    @model_validator(mode="after")
+    def _init_words(self):
+        if self.ctx_init is not None and not self.ctx_init.strip():
+            raise ValueError("ctx_init must contain words, or be left out")
+        return self
+
+
+def apply_coop(model, family, cfg: CoopMethod, *, tokenizer, classnames, templates):
+    """CLIP with CoOp context over `classnames`; only the context trains."""
+    from peftvlm.methods.dual_encoder.coop import CoOpClassifier
+
+    return CoOpClassifier(model, family, cfg, tokenizer, classnames, templates)
+
+
+register("coop", CoopMethod, "peftvlm.methods.coop:apply_coop", ("dual_encoder",),
+         "CoOp learnable prompt context for CLIP's text encoder (Zhou et al. 2022)")

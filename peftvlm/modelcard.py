@@ -1,0 +1,218 @@
+"""The model card (`README.md`) of an export: Hub metadata, what was trained, how well, how to load.
+
+The metadata header is built with huggingface_hub's `ModelCardData`; the resolved recipe is
+shown with secret-looking keys removed. The first Python block under "How to load" is a complete
+program (tests run it against the exported folder).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def write_model_card(out: Path, run, report: dict, repo_id: str | None = None) -> Path:
+    """Write `out/README.md`; the snippet loads `repo_id` when pushing, else the folder itself."""
+    path = out / "README.md"
+    path.write_text(build_model_card(run, report, repo_id or str(out.resolve())))
+    return path
+
+
+def build_model_card(run, report: dict, model_ref: str) -> str:
+    recipe, summary = run.recipe, run.summary
+    sections = [
+        f"# {recipe.name}: {recipe.method.name} on {recipe.model.id}",
+        recipe.description or "",
+        what_was_trained(recipe, summary, report),
+        eval_table(summary),
+        checks_table(report),
+        "## How to load\n\n" + loading_snippet(run, report, model_ref),
+        requantize_note(recipe, summary.get("family"), report),
+        tracking_note(summary),
+        "## Training recipe\n\nThe resolved recipe (`peftvlm train recipe.yaml` reproduces the "
+        "run):\n\n```yaml\n" + public_recipe_yaml(recipe) + "```",
+        "*Exported with peftvlm (`peftvlm export`).*",
+    ]
+    body = "\n\n".join(s for s in sections if s) + "\n"
+    return f"---\n{card_metadata(run, report).to_yaml()}\n---\n\n{body}"
+
+
+def card_metadata(run, report: dict):
+    """Hub metadata: base_model, library, pipeline, tags, datasets, license (when known)."""
+    from huggingface_hub import ModelCardData
+
+    recipe = run.recipe
+    base = recipe.model.id if is_hub_id(recipe.model.id) else None
+    datasets = sorted({s.dataset for s in (recipe.data.train or []) + (recipe.data.eval or [])
+                       if s.dataset and is_hub_id(s.dataset)})
+    tags = ["peftvlm", recipe.method.name, run.summary.get("family") or "vlm",
+            "merged" if report["kind"] == "merged" else "adapter", "vision-language"]
+    relation = {"base_model_relation": "merge" if report["kind"] == "merged" else "adapter"}
+    return ModelCardData(
+        **(relation if base else {}),
+        base_model=base, library_name="transformers" if report["kind"] == "merged" else "peft",
+        pipeline_tag="image-text-to-text", tags=list(dict.fromkeys(tags)),
+        datasets=datasets or None, license=base_license(recipe.model))
+
+
+def is_hub_id(name: str) -> bool:
+    """A Hub repo id, not a local folder or a built-in tiny model."""
+    return bool(HUB_ID.fullmatch(name)) and not Path(name).exists()
+
+
+def base_license(model_cfg) -> str | None:
+    """The base model's license from its model card (local folder, HF cache, or the Hub)."""
+    from huggingface_hub import ModelCard
+
+    try:
+        if Path(model_cfg.id, "README.md").exists():
+            return ModelCard.load(Path(model_cfg.id, "README.md")).data.license
+        if not is_hub_id(model_cfg.id) or os.environ.get("HF_HUB_OFFLINE") == "1":
+            return None
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(model_cfg.id, revision=model_cfg.revision, timeout=5)
+        return getattr(info.card_data, "license", None) if info.card_data else None
+    except Exception:  # a license we cannot read is simply not carried over
+        return None
+
+
+def what_was_trained(recipe, summary: dict, report: dict) -> str:
+    trainable, total = summary.get("trainable_params"), summary.get("total_params")
+    share = f" ({100 * trainable / total:.3f}%)" if trainable and total else ""
+    data = summary.get("data", {})
+    if recipe.data.synthetic:
+        source = f"built-in synthetic task `{recipe.data.synthetic.name}`"
+    else:
+        source = ", ".join(s.dataset or s.path for s in recipe.data.train or []) or "n/a"
+    bullets = [
+        f"- Base model: `{recipe.model.id}` (family {summary.get('family')})",
+        f"- Method: {recipe.method.name}" + (", trained on a quantized base, merged into the "
+                                             "unquantized base" if report["kind"] == "merged"
+                                             and report.get("base_quantized_in_training") else ""),
+        f"- Export: {describe_export(report)}",
+        f"- Trainable parameters: {trainable:,} of {total:,}{share}" if trainable else "",
+        f"- Data: {source}; {data.get('train_rows', '?')} training rows, "
+        f"{data.get('eval_rows', '?')} held-out rows",
+        f"- Training: {summary.get('global_step')} steps in {summary.get('train_runtime_s')} s "
+        f"on {summary.get('hardware')}; final loss {fmt(summary.get('final_loss'))}",
+    ]
+    return "## What was trained\n\n" + "\n".join(b for b in bullets if b)
+
+
+def describe_export(report: dict) -> str:
+    if report["kind"] == "merged":
+        return f"adapter merged into the base, {report.get('dtype')} safetensors"
+    return "adapter only (peft format)"
+
+
+def fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def eval_table(summary: dict) -> str:
+    rows = summary.get("eval") or {}
+    if not rows:
+        return ""
+    lines = ["## Evaluation (held-out)", "", "| metric | base model | fine-tuned |",
+             "|---|---|---|"]
+    lines += [f"| {m} | {fmt(v.get('before'))} | {fmt(v.get('after'))} |" for m, v in rows.items()]
+    return "\n".join(lines)
+
+
+def checks_table(report: dict) -> str:
+    """The export's own verification, so readers know the merge was checked."""
+    lines = ["## Export checks", "", "| check | result | details |", "|---|---|---|"]
+    for name, check in report["checks"].items():
+        details = ", ".join(f"{k}: {fmt(v)}" for k, v in check.items()
+                            if k in ("max_abs_diff", "tolerance", "max_abs_diff_from_base",
+                                     "changed_after_merge", "nonzero_adapter_modules",
+                                     "new_tokens", "examples"))
+        lines.append(f"| {name} | {'pass' if check['passed'] else 'FAIL'} | {details} |")
+    return "\n".join(lines)
+
+
+def loading_snippet(run, report: dict, model_ref: str) -> str:
+    """A complete program that loads the export and answers one question about an image."""
+    prompt = report.get("example_prompt") or "Describe the image."
+    if report["kind"] == "merged":
+        load = (f"model_id = {model_ref!r}\n"
+                "model = AutoModelForImageTextToText.from_pretrained(model_id)\n"
+                "processor = AutoProcessor.from_pretrained(model_id)\n")
+        imports = "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
+    else:
+        load = (f"base_id = {report.get('base_model')!r}\n"
+                f"adapter_id = {model_ref!r}\n"
+                "base = AutoModelForImageTextToText.from_pretrained(base_id)\n"
+                "model = PeftModel.from_pretrained(base, adapter_id)\n"
+                "processor = AutoProcessor.from_pretrained(adapter_id)\n")
+        imports = ("from peft import PeftModel\n"
+                   "from transformers import AutoModelForImageTextToText, AutoProcessor\n")
+    return ("```python\nfrom PIL import Image\n" + imports + "\n" + load + "\n"
+            'image = Image.new("RGB", (64, 64), "red")  # or Image.open("your_image.jpg")\n'
+            'messages = [{"role": "user", "content": [{"type": "image", "image": image},\n'
+            f'                                         {{"type": "text", "text": {prompt!r}}}]}}]\n'
+            "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, "
+            "tokenize=True,\n"
+            '                                       return_dict=True, return_tensors="pt")\n'
+            "output = model.generate(**inputs, max_new_tokens=32, do_sample=False)\n"
+            'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], '
+            "skip_special_tokens=True))\n```")
+
+
+def requantize_note(recipe, family_name: str | None, report: dict) -> str:
+    """Merged QLoRA weights are saved unquantized; say how to get 4-bit back at load time."""
+    if not report.get("base_quantized_in_training"):
+        return ""
+    from peftvlm.recipe import QuantizationConfig
+
+    q = recipe.model.quantization or QuantizationConfig()
+    skip = q.skip_modules
+    if skip is None and family_name:
+        from peftvlm.families import get_family
+
+        skip = get_family(family_name).quantization_skip_modules()
+    if q.bits == 8:
+        config = f"BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules={skip!r})"
+    else:
+        config = (f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={q.quant_type!r},\n"
+                  f"    bnb_4bit_use_double_quant={q.double_quant}, "
+                  "bnb_4bit_compute_dtype=torch.bfloat16,\n"
+                  f"    llm_int8_skip_modules={skip!r})")
+    merged = report["kind"] == "merged"
+    what = "merged weights are saved unquantized" if merged else "adapter applies to the base"
+    model_var = "model_id" if merged else "base_id"
+    gap = report.get("vs_quantized_training_model")
+    measured = (f" Against the model as trained (adapter on the quantized base) the merged "
+                f"model's logits differ by at most {gap['max_abs_diff']:.3g}, with "
+                f"{100 * gap['top1_agreement']:.1f}% top-1 agreement on the probe rows."
+                if gap else "")
+    return ("### Quantized loading\n\nThe base was quantized during training; the "
+            f"{what}.{measured} To load in {q.bits}-bit again (needs bitsandbytes):\n\n"
+            "```python\nimport torch\nfrom transformers import BitsAndBytesConfig\n\n"
+            f"quantization_config = {config}\n"
+            f"model = AutoModelForImageTextToText.from_pretrained({model_var}, "
+            "quantization_config=quantization_config)\n```")
+
+
+def tracking_note(summary: dict) -> str:
+    info = summary.get("wandb")
+    if not info:
+        return ""
+    if info.get("url"):
+        return f"## Tracking\n\nTraining curves and artifacts: [W&B run]({info['url']})."
+    return (f"## Tracking\n\nLogged to W&B offline (project `{info.get('project')}`, run id "
+            f"`{info.get('id')}`); upload with `wandb sync` from the run folder.")
+
+
+def public_recipe_yaml(recipe) -> str:
+    """The resolved recipe without anything that looks like a secret."""
+    from peftvlm.tracking import scrub_secrets
+
+    return yaml.safe_dump(scrub_secrets(recipe.model_dump(mode="json", exclude_none=True)),
+                          sort_keys=False)
