@@ -113,10 +113,17 @@ def load_base_and_rows(recipe, split: str, max_samples: int | None):
 
 
 def place_on_device(loaded) -> None:
-    """On a GPU, move an unquantized model there (bitsandbytes places quantized ones itself)."""
+    """On a GPU, move an unquantized model there (bitsandbytes places quantized ones itself).
+    A quantized base gets the preparation QLoRA training gave it (norms and other
+    full-precision weights in fp32), so its numbers match the ones scored during training."""
     import torch
 
-    if torch.cuda.is_available() and not loaded.quantized:
+    if loaded.quantized:
+        from peft import prepare_model_for_kbit_training
+
+        loaded.model = prepare_model_for_kbit_training(loaded.model,
+                                                       use_gradient_checkpointing=False)
+    elif torch.cuda.is_available():
         loaded.model.to("cuda")
 
 
