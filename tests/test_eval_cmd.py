@@ -248,12 +248,11 @@ def test_clip_family_runs_are_dispatched_or_refused_clearly(tmp_path):
         api.evaluate(recipe, run)
 
 
-@pytest.mark.slow
 def test_qlora_run_is_reproduced_on_its_quantized_base(tmp_path):
     path = write_recipe(tmp_path, method={"name": "qlora", "r": 4, "lora_dropout": 0.0},
                         train={"max_steps": 4, "save_steps": 100, "learning_rate": 1e-2})
     summary = api.train(load_recipe(path), tmp_path / "run", log=lambda *_: None)
     result = api.evaluate(load_recipe(path), tmp_path / "run", log=lambda *_: None)
     em = result["metrics"]["exact_match"]
-    assert em["fine_tuned"] == summary["eval"]["exact_match"]["after"]
+    assert em["fine_tuned"] == summary["eval"]["exact_match"]["after"] != em["base"]
     assert em["base"] == summary["eval"]["exact_match"]["before"]
