@@ -48,11 +48,20 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def read_summary(run_dir: Path) -> dict:
+    """A finished run's summary.json; a missing or damaged one is a RunError."""
     path = Path(run_dir) / "summary.json"
     if not path.exists():
         raise RunError(f"{run_dir} has no summary.json: the run is missing or unfinished",
                        hint="finish it with `peftvlm train RECIPE --resume`")
-    return json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is damaged (not valid JSON: {exc})",
+                       hint="train the run again with --overwrite") from None
+    if not isinstance(summary, dict):
+        raise RunError(f"{path} is damaged (not a JSON object)",
+                       hint="train the run again with --overwrite")
+    return summary
 
 
 def loss_history(log_history: list[dict]) -> tuple[list[int], list[float]]:

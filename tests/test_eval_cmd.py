@@ -99,6 +99,8 @@ def test_cli_errors_are_one_clear_message(finished_run, tmp_path, cli):
     assert "does not exist" in error_of(cli, recipe_path, "--run", tmp_path / "nope")
     (tmp_path / "unfinished").mkdir()
     assert "unfinished" in error_of(cli, recipe_path, "--run", tmp_path / "unfinished")
+    (tmp_path / "unfinished" / "summary.json").write_text('{"model": ')
+    assert "is damaged" in error_of(cli, recipe_path, "--run", tmp_path / "unfinished")
     other = write_recipe(tmp_path, "dora.yaml", method={"name": "dora"})
     err = error_of(cli, other, "--run", run)
     assert "method 'lora' (recipe: 'dora')" in err and "recipe.yaml" in err
