@@ -111,6 +111,11 @@ def print_summary(summary: dict, run_dir: Path) -> None:
         before, after = values.get("before"), values.get("after")
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         console.print(f"  {metric}: {fmt(before)} before -> [bold]{fmt(after)}[/] after")
+    history = summary.get("eval_history") or []
+    for metric in sorted({k for _, scores in history for k in scores if "/" not in k}):
+        points = [f"{step}: {scores[metric]:.3f}" for step, scores in history[-8:]
+                  if metric in scores]
+        console.print(f"  {metric} during training (step: value): " + ", ".join(points))
     console.print(f"run folder: {run_dir}  (adapter/, summary.json, loss.png, recipe.yaml)")
 
 
