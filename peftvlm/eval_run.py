@@ -32,10 +32,13 @@ def evaluate_run(recipe, run_dir: str | Path, split: str = "test", max_samples: 
     from peftvlm.registry import get_method
 
     run_dir = Path(run_dir)
-    check_request(recipe, split)
+    if split not in SPLITS:
+        raise RecipeError(f"--split {split!r} is not a split",
+                          hint="; ".join(f"{k} = {v}" for k, v in SPLITS.items()))
     check_run(recipe, run_dir)
     if "generative" not in get_method(recipe.method.name).kinds:
         return evaluate_dual_encoder_run(recipe, run_dir, split, max_samples, with_base)
+    check_request(recipe, split)
     check_adapter(run_dir)
     cfg = recipe.eval if max_samples is None else recipe.eval.model_copy(
         update={"max_samples": max_samples})
@@ -52,10 +55,7 @@ def evaluate_run(recipe, run_dir: str | Path, split: str = "test", max_samples: 
 
 
 def check_request(recipe, split: str) -> None:
-    """Split and metrics must make sense before anything is loaded."""
-    if split not in SPLITS:
-        raise RecipeError(f"--split {split!r} is not a split",
-                          hint="; ".join(f"{k} = {v}" for k, v in SPLITS.items()))
+    """Metrics and held-out data must exist before any model is loaded."""
     if not recipe.eval.metrics:
         raise RecipeError(f"{recipe.source_path}: eval.metrics is empty: nothing to score",
                           hint="e.g. eval.metrics=[exact_match] (see `peftvlm ls metrics`)")
