@@ -44,15 +44,13 @@ def run_peftvlm(steps, batch):
 
 def lora_model_and_rows(steps, batch):
     from peftvlm.api import load_model_with_method
-    from peftvlm.data.loading import recipe_sources
-    from peftvlm.data.sources import BadRowReport, load_conversations
+    from peftvlm.data.loading import load_rows
     from peftvlm.recipe import validate_recipe_dict
     from peftvlm.registry import get_method
 
     recipe = validate_recipe_dict(recipe_dict(steps, batch))
     loaded, model = load_model_with_method(recipe, get_method("lora"))
-    rows = load_conversations(recipe_sources(recipe)[0], Path.cwd(), BadRowReport())
-    return recipe, loaded, model, rows
+    return recipe, loaded, model, load_rows(recipe).train
 
 
 def run_trl_stock(steps, batch):

@@ -126,6 +126,20 @@ def test_merged_logits_match_adapter_model(method, extra, tmp_path):
     assert on_disk["checks"]["logits"]["max_abs_diff"] == checks["logits"]["max_abs_diff"]
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "vera", "qlora"])
+@pytest.mark.parametrize("tiny", ["tiny-qwen2-vl", "tiny-smolvlm"])
+def test_merge_equality_on_other_families(tiny, method, tmp_path):
+    from peftvlm.export import export_run
+
+    run = make_run(tmp_path / "run", method, model={"id": tiny})
+    report = export_run(run, merge=True, out=tmp_path / "out", log=lambda m: None)
+    checks = report["checks"]
+    assert report["passed"], report
+    assert checks["logits"]["max_abs_diff"] <= 1e-4 and checks["logits"]["positions"] > 4
+    assert checks["weights_changed"]["changed_after_merge"] > 0
+    assert checks["generation"]["new_tokens"] > 0
+
+
 def test_merged_export_is_sharded_and_complete(merged_export):
     out, report = merged_export
     names = {p.name for p in out.iterdir()}
