@@ -243,6 +243,16 @@ def test_api_train_runs_and_reloads(tmp_path, llava_path):
     model = load_trained(load_base(recipe.model).model, adapter)
     assert model.visual_prompts.prompts.shape == (1, 5, 64)  # tiny-llava: 2 layers, reads -2
 
+    from peftvlm.errors import ExportError
+    from peftvlm.export import export_run
+
+    report = export_run(tmp_path / "run", out=tmp_path / "export", log=lambda *_: None)
+    assert report["passed"] and report["checks"]["logits"]["max_abs_diff"] == 0
+    assert {PROMPTS_CONFIG, PROMPTS_WEIGHTS, "adapter_model.safetensors", "README.md"} <= {
+        p.name for p in (tmp_path / "export").iterdir()}
+    with pytest.raises(ExportError, match="cannot be merged"):
+        export_run(tmp_path / "run", merge=True, out=tmp_path / "merged", log=lambda *_: None)
+
 
 @pytest.mark.slow
 def test_shipped_recipe_improves_held_out_exact_match(tmp_path):

@@ -95,3 +95,10 @@ def load_trained(model, adapter_dir, is_trainable: bool = False):
 register("per_part", PerPartMethod, "peftvlm.methods.per_part:apply_per_part", ("generative",),
          "one method per part of a generative VLM, each at its own learning rate "
          "(VPT on the vision tower + LoRA/DoRA/VeRA on the language model)")
+
+
+def export_adapter(run_dir, adapter_dir, out_dir, merge: bool) -> dict:
+    """`peftvlm export` hook (see `peftvlm.export.export_custom_method`): adapter + prompts."""
+    from peftvlm.methods.vision_prompts import export_per_part
+
+    return export_per_part(run_dir, adapter_dir, out_dir, merge)

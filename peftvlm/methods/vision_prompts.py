@@ -170,3 +170,50 @@ def _wrap(model, config) -> PeftModelWithPrompts:
     # As get_peft_model does: record the base (a from-config model's "" is no Hub id).
     config.base_model_name_or_path = model.__dict__.get("name_or_path") or None
     return PeftModelWithPrompts(model, config)
+
+
+# --- export ------------------------------------------------------------------------------------
+
+def export_per_part(run_dir, adapter_dir: Path, out_dir: Path, merge: bool) -> dict:
+    """`peftvlm export` for per_part runs: peft's adapter + the prompts + the processor, checked
+    by reloading the export as a user would and comparing with the run's own adapter folder.
+    Merging is refused: prompts are extra tokens in the tower's input, not weight deltas."""
+    import shutil
+
+    from peftvlm.errors import ExportError
+    from peftvlm.export import (base_was_quantized, copy_adapter_files, load_unquantized_base,
+                                read_run)
+    from peftvlm.export_checks import (check_adapter_effect, check_adapter_files,
+                                       check_generation, compare_logits, device, encode_rows,
+                                       logits_of, probe_rows, prompt_text)
+
+    if merge:
+        raise ExportError("per_part runs cannot be merged: VPT prompts are extra tokens fed to "
+                          "the vision tower, not weights that fold into the base",
+                          hint="export the adapter (leave out --merge / export.merge)")
+    run = read_run(run_dir)
+    copy_adapter_files(adapter_dir, out_dir)
+    for name in (PROMPTS_CONFIG, PROMPTS_WEIGHTS):
+        shutil.copy2(adapter_dir / name, out_dir / name)
+    loaded = load_unquantized_base(run.recipe, None, adapter_dir)
+    rows, source = probe_rows(run.recipe, loaded.family)
+    batch = encode_rows(loaded.processor, loaded.family, rows)
+    base_logits = logits_of(loaded.model.to(device()), batch)
+    trained = logits_of(PeftModelWithPrompts.from_pretrained(loaded.model, adapter_dir), batch)
+    exported = load_unquantized_base(run.recipe, None, out_dir)
+    model = PeftModelWithPrompts.from_pretrained(exported.model.to(device()), out_dir)
+    prompt_files = check_adapter_files(out_dir)
+    missing = [n for n in (PROMPTS_CONFIG, PROMPTS_WEIGHTS) if n not in prompt_files["files"]]
+    if missing:
+        prompt_files.update(passed=False, error=f"missing {missing}")
+    checks = {"logits": compare_logits(trained, logits_of(model, batch), "float32", source),
+              "adapter_effect": check_adapter_effect(base_logits, logits_of(model, batch), source),
+              "generation": check_generation(model, exported.processor, exported.family, rows[0],
+                                             None),
+              "files": prompt_files}
+    return {"kind": "adapter", "method": run.recipe.method.name,
+            "example_prompt": prompt_text(rows[0]),
+            "base_quantized_in_training": base_was_quantized(run.recipe),
+            "base_model": model.peft_config["default"].base_model_name_or_path,
+            "loader": "peftvlm.methods.per_part.load_trained(base_model, folder)",
+            "checks": checks}
