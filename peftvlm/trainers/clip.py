@@ -428,3 +428,97 @@ def optimizer_step(parts: Parts, data: ImageSet, stream, train) -> tuple[int, fl
     parts.scheduler.step()
     parts.optimizer.zero_grad()
     return epoch, sum(losses) / len(losses)
+
+
+# --- evaluating a finished run ------------------------------------------------------------------
+
+EVAL_SPLITS = ("eval", "train")
+
+
+def evaluate_dual_encoder(recipe, run_dir, split: str = "eval", max_samples: int | None = None,
+                          log=print) -> dict:
+    """Score a finished CLIP-family run: zero-shot CLIP vs the trained method, on its classes.
+
+    Reloads the base model and the run's `adapter/` (`load_method`) and scores `split`
+    (`eval`: the held-out images, `train`: the (few-shot) training images) exactly as training
+    did (same images, order, `eval.max_samples` and `eval.batch_size`), so top-1 on the held-out
+    split reproduces summary.json's `eval.accuracy.before/after` exactly. `max_samples`
+    overrides `eval.max_samples` (per class group). Reports top-1 (as `accuracy`), per-class
+    accuracy and their mean, top-5 when there are more than 5 classes, and for base-to-new runs
+    each group plus the harmonic mean. Writes `<run_dir>/eval/metrics.json` and returns it.
+    """
+    import torch
+
+    from peftvlm.methods.dual_encoder import DualEncoderClassifier, load_method
+    from peftvlm.runs import write_json
+
+    run_dir = Path(run_dir)
+    if split not in EVAL_SPLITS:
+        raise RecipeError(f"split {split!r}: a CLIP-family run has splits "
+                          f"{', '.join(EVAL_SPLITS)}")
+    if max_samples is not None:
+        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(
+            update={"max_samples": max_samples})})
+    loaded = load_dual_encoder(recipe)
+    loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
+    classnames, train_data, sets = prepare_task(recipe, loaded.processor)
+    if split == "train":
+        sets = EvalSets({"base": classnames}, {"base": train_data}, recipe.eval.batch_size)
+    if not sets.data:
+        raise RunError(f"{run_dir}: the recipe has no held-out images to evaluate on",
+                       hint="add data.eval (or use the synthetic task), or pass split='train'")
+    tokenizer = loaded.processor.tokenizer
+    classifiers = {
+        "zero_shot": DualEncoderClassifier(loaded.model, loaded.family, None, tokenizer,
+                                           classnames, recipe.data.prompt_templates),
+        "trained": load_method(loaded.model, loaded.family, tokenizer, run_dir / ADAPTER_DIR)}
+    groups = {group: {"examples": len(sets.data[group].labels), "classnames": names,
+                      **{which: score_classes(c, names, sets.data[group], sets.batch_size)
+                         for which, c in classifiers.items()}}
+              for group, names in sets.classnames.items()}
+    metrics = {"run": str(run_dir), "method": recipe.method.name, "split": split,
+               "max_samples": recipe.eval.max_samples,
+               "accuracy": {"before": groups["base"]["zero_shot"]["top1_accuracy"],
+                            "after": groups["base"]["trained"]["top1_accuracy"]},
+               "groups": groups}
+    if "new" in groups:
+        metrics["harmonic_mean"] = {
+            when: _harmonic(groups["base"][which]["top1_accuracy"],
+                            groups["new"][which]["top1_accuracy"])
+            for when, which in (("before", "zero_shot"), ("after", "trained"))}
+    (run_dir / "eval").mkdir(exist_ok=True)
+    write_json(run_dir / "eval" / "metrics.json", metrics)
+    log(f"{split}: accuracy {metrics['accuracy']['before']:.4f} zero-shot -> "
+        f"{metrics['accuracy']['after']:.4f} {recipe.method.name}")
+    return metrics
+
+
+def _harmonic(b: float, n: float) -> float:
+    return 2 * b * n / (b + n) if b + n else 0.0
+
+
+def score_classes(classifier, classnames: list[str], data: ImageSet, batch_size: int) -> dict:
+    """top-1 (+ top-5 beyond 5 classes) and per-class accuracy of `classifier` over
+    `classnames` on `data`, through `peftvlm.metrics`; the classifier's classes are restored."""
+    import torch
+
+    from peftvlm.metrics.classification import per_class_accuracy, top1_accuracy, top5_accuracy
+
+    trained = classifier.classnames
+    classifier.set_classnames(classnames)
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    ranked = []
+    with torch.no_grad():
+        for index in torch.arange(len(data.labels)).split(batch_size):
+            logits = classifier(data.pixels(index).to(device)).cpu()
+            # stable: ties rank the lower class first, as argmax (training's accuracy) does
+            ranked += torch.argsort(logits, dim=-1, descending=True, stable=True).tolist()
+    classifier.set_classnames(trained)
+    predictions = [[classnames[i] for i in row] for row in ranked]
+    references = [[classnames[i]] for i in data.labels.tolist()]
+    scores = {**top1_accuracy(predictions, references),
+              **per_class_accuracy(predictions, references)}
+    if len(classnames) > 5:
+        scores.update(top5_accuracy(predictions, references))
+    return scores

@@ -1,0 +1,101 @@
+"""Finished CLIP-family runs: `evaluate_dual_encoder` reproduces the run's accuracies, and
+`peftvlm export` writes learned tensors with a loader (CoOp: also a fixed linear head)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from peftvlm.errors import RecipeError
+from test_clip_methods import recipe_for
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One short run per method (module-scoped: each takes ~2 s on the tiny CLIP)."""
+    from peftvlm.models import tiny_model_path
+    from peftvlm.trainers.clip import train_dual_encoder
+
+    tiny = tiny_model_path("tiny-clip")
+    out = {}
+    for method in ({"name": "coop", "n_ctx": 4}, {"name": "vpt", "deep": True},
+                   {"name": "clip_adapter", "side": "both"}):
+        recipe = recipe_for(tiny, method, max_steps=8, learning_rate=0.05,
+                            lr_scheduler_type="constant")
+        run_dir = tmp_path_factory.mktemp(method["name"])
+        train_dual_encoder(recipe, run_dir, resume=False, log=lambda *_: None)
+        out[method["name"]] = (recipe, run_dir)
+    return out
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["coop", "vpt", "clip_adapter"])
+def test_eval_reproduces_the_run_summary_exactly(runs, method):
+    from peftvlm.trainers.clip import evaluate_dual_encoder
+
+    recipe, run_dir = runs[method]
+    metrics = evaluate_dual_encoder(recipe, run_dir, log=lambda *_: None)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert metrics["accuracy"] == summary["eval"]["accuracy"]  # before and after, exactly
+    base = metrics["groups"]["base"]
+    assert base["examples"] == 60 and base["classnames"] == summary["classnames"]
+    per_class = [v for k, v in base["trained"].items() if k.startswith("per_class_accuracy/")]
+    assert len(per_class) == 4
+    assert base["trained"]["per_class_accuracy"] == pytest.approx(sum(per_class) / 4)
+    assert "top5_accuracy" not in base["trained"]  # 4 classes: top-5 says nothing
+    assert json.loads((run_dir / "eval" / "metrics.json").read_text()) == metrics
+
+
+def test_eval_other_split_limit_and_errors(runs):
+    from peftvlm.trainers.clip import evaluate_dual_encoder
+
+    recipe, run_dir = runs["coop"]
+    small = evaluate_dual_encoder(recipe, run_dir, max_samples=10, log=lambda *_: None)
+    assert small["groups"]["base"]["examples"] == 10 and small["max_samples"] == 10
+    train = evaluate_dual_encoder(recipe, run_dir, split="train", log=lambda *_: None)
+    assert train["groups"]["base"]["examples"] == 32  # 8 shots x 4 classes
+    with pytest.raises(RecipeError, match="split 'test'"):
+        evaluate_dual_encoder(recipe, run_dir, split="test")
+
+
+def test_eval_top5_beyond_five_classes():
+    from peftvlm.trainers.clip import score_classes
+
+    class Fixed(torch.nn.Module):  # logits favour class 0, then 1, ...
+        classnames = [str(i) for i in range(7)]
+
+        def set_classnames(self, names):
+            self.classnames = names
+
+        def forward(self, pixels):
+            return torch.arange(7, 0, -1.0).expand(len(pixels), 7)
+
+    class Images:
+        labels = torch.tensor([0, 4, 6])
+
+        def pixels(self, index):
+            return torch.zeros(len(index), 3, 2, 2)
+
+    model = Fixed()
+    model.register_parameter("p", torch.nn.Parameter(torch.zeros(1)))
+    scores = score_classes(model, model.classnames, Images(), 2)
+    assert scores["top1_accuracy"] == pytest.approx(1 / 3)
+    assert scores["top5_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_eval_base_to_new_reports_each_group(tmp_path):
+    from peftvlm.models import tiny_model_path
+    from peftvlm.trainers.clip import evaluate_dual_encoder, train_dual_encoder
+
+    recipe = recipe_for(tiny_model_path("tiny-clip"), {"name": "coop", "n_ctx": 4}, max_steps=3)
+    recipe.data.base_to_new = True
+    summary = train_dual_encoder(recipe, tmp_path, resume=False, log=lambda *_: None)
+    metrics = evaluate_dual_encoder(recipe, tmp_path, log=lambda *_: None)
+    for when, which in (("before", "zero_shot"), ("after", "trained")):
+        expected = summary["eval"]["base_to_new"][when]
+        assert metrics["groups"]["base"][which]["top1_accuracy"] == expected["base"]
+        assert metrics["groups"]["new"][which]["top1_accuracy"] == expected["new"]
+        assert metrics["harmonic_mean"][when] == pytest.approx(expected["harmonic_mean"])
