@@ -99,3 +99,71 @@ def test_eval_base_to_new_reports_each_group(tmp_path):
         assert metrics["groups"]["base"][which]["top1_accuracy"] == expected["base"]
         assert metrics["groups"]["new"][which]["top1_accuracy"] == expected["new"]
         assert metrics["harmonic_mean"][when] == pytest.approx(expected["harmonic_mean"])
+
+
+# --- export -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["coop", "vpt", "clip_adapter"])
+def test_adapter_export_reloads_with_the_runs_logits_and_accuracy(runs, method, tmp_path):
+    from peftvlm.export import export_run
+
+    _, run_dir = runs[method]
+    report = export_run(run_dir, out=tmp_path / "out", log=lambda *_: None)
+    assert report["passed"] and report["kind"] == "adapter"
+    checks = report["checks"]
+    assert checks["logits"]["max_abs_diff"] == 0
+    assert checks["adapter_effect"]["max_abs_diff_from_zero_shot"] > 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert checks["accuracy"]["accuracy"] == summary["eval"]["accuracy"]["after"]
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"peftvlm_method.json", "peftvlm_method.safetensors", "README.md",
+            "export_report.json", "tokenizer_config.json"} <= names
+    assert "load_method(model" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_coop_merged_export_is_a_plain_linear_head_with_coop_logits(runs, tmp_path):
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoProcessor
+
+    from peftvlm.export import export_run
+    from peftvlm.families import get_family
+    from peftvlm.methods.dual_encoder import load_method
+    from test_clip_methods import pixels
+
+    _, run_dir = runs["coop"]
+    report = export_run(run_dir, merge=True, out=tmp_path / "merged", log=lambda *_: None)
+    assert report["passed"] and report["kind"] == "merged"
+    out = tmp_path / "merged"
+    # What a user does: plain transformers + safetensors, nothing of peftvlm.
+    clip = AutoModel.from_pretrained(out).eval()
+    head = torch.nn.Linear(clip.config.projection_dim, 4, bias=False)
+    head.load_state_dict(load_file(out / "class_head.safetensors"))
+    assert json.loads((out / "class_head.json").read_text())["classnames"] == \
+        report["classnames"]
+    x = pixels(6)
+    with torch.no_grad():
+        head_logits = head(F.normalize(clip.get_image_features(pixel_values=x).pooler_output,
+                                       dim=-1))
+        coop = load_method(AutoModel.from_pretrained(out), get_family("clip"),
+                           AutoProcessor.from_pretrained(out).tokenizer, run_dir / "adapter")
+        coop_logits = coop(x)
+    assert torch.allclose(head_logits, coop_logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(head_logits.argmax(-1), coop_logits.argmax(-1))
+    assert not torch.allclose(head_logits[:, :1], head_logits[:, 1:2])  # not a constant head
+
+
+@pytest.mark.parametrize("method", ["vpt", "clip_adapter"])  # the adapter run adapts images too
+def test_merge_is_refused_when_the_image_side_is_learned(runs, method, tmp_path):
+    from peftvlm.errors import ExportError
+    from peftvlm.export import export_run
+
+    with pytest.raises(ExportError, match="learns the image side"):
+        export_run(runs[method][1], merge=True, out=tmp_path / "m", log=lambda *_: None)
+
+
+def test_cli_exports_a_clip_run(runs, tmp_path, cli):
+    result = cli("export", runs["coop"][1], "--merge", "--out", tmp_path / "m")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "export ok" in result.stdout
+    assert json.loads((tmp_path / "m" / "export_report.json").read_text())["passed"]

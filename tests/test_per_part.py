@@ -250,6 +250,7 @@ def test_api_train_runs_and_reloads(tmp_path, llava_path):
     assert report["passed"] and report["checks"]["logits"]["max_abs_diff"] == 0
     assert {PROMPTS_CONFIG, PROMPTS_WEIGHTS, "adapter_model.safetensors", "README.md"} <= {
         p.name for p in (tmp_path / "export").iterdir()}
+    assert "load_trained(base" in (tmp_path / "export" / "README.md").read_text()
     with pytest.raises(ExportError, match="cannot be merged"):
         export_run(tmp_path / "run", merge=True, out=tmp_path / "merged", log=lambda *_: None)
 

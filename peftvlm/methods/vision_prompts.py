@@ -215,5 +215,23 @@ def export_per_part(run_dir, adapter_dir: Path, out_dir: Path, merge: bool) -> d
             "example_prompt": prompt_text(rows[0]),
             "base_quantized_in_training": base_was_quantized(run.recipe),
             "base_model": model.peft_config["default"].base_model_name_or_path,
-            "loader": "peftvlm.methods.per_part.load_trained(base_model, folder)",
+            "loading_snippet": LOADING_SNIPPET.replace("BASE_ID", repr(run.recipe.model.id)),
             "checks": checks}
+
+
+LOADING_SNIPPET = """```python
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from peftvlm.methods.per_part import load_trained
+
+base = AutoModelForImageTextToText.from_pretrained(BASE_ID)
+model = load_trained(base, "EXPORT_FOLDER")  # LoRA via peft + the vision prompts
+processor = AutoProcessor.from_pretrained("EXPORT_FOLDER")
+image = Image.open("your_image.jpg").convert("RGB")
+messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                         {"type": "text", "text": "What color is the shape?"}]}]
+inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                       return_dict=True, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```"""

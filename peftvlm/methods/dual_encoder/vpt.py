@@ -96,6 +96,10 @@ class VPTClassifier(DualEncoderClassifier):
         ref = self.model.logit_scale
         self.visual_prompts = prompts.to(device=ref.device, dtype=ref.dtype)
 
+    @property
+    def learns_image_side(self) -> bool:
+        return True
+
     def image_features(self, pixel_values):
         with self.visual_prompts.attached(self.vision_encoder):
             return super().image_features(pixel_values)
