@@ -95,9 +95,11 @@ def test_layers_see_prompts_and_the_image_token_count_is_unchanged():
     loaded, model = adapted()
     tower = model.get_base_model().get_submodule(loaded.family.vision_module)
     seen, returned = [], {}
-    handles = [layer.register_forward_pre_hook(
-        lambda _m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
-        with_kwargs=True) for layer in tower.encoder.layers]
+    def record(_m, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+
+    handles = [layer.register_forward_pre_hook(record, with_kwargs=True)
+               for layer in tower.encoder.layers]
     handles.append(tower.register_forward_hook(lambda _m, _i, out: returned.update(
         hidden=[h.shape[1] for h in out.hidden_states if h is not None],
         last=out.last_hidden_state.shape[1])))

@@ -58,8 +58,8 @@ def apply_coop(model, family, cfg: CoopMethod, *, tokenizer, classnames, templat
 
 
 def export_adapter(run_dir, adapter_dir, out_dir, merge: bool) -> dict:
-    """`peftvlm export` hook: learned context + loader; --merge: the class features as a fixed linear head
-    (see `peftvlm.methods.dual_encoder.export`)."""
+    """`peftvlm export` hook: learned context + loader; --merge: the class features as a
+    fixed linear head (see `peftvlm.methods.dual_encoder.export`)."""
     from peftvlm.methods.dual_encoder.export import export_dual_encoder
 
     return export_dual_encoder(run_dir, adapter_dir, out_dir, merge)
