@@ -1,4 +1,5 @@
-"""The top-level flows: train, validate. Each step is one function; read `train` top to bottom."""
+"""The top-level flows: train, evaluate, validate. Each step is one function; read `train`
+top to bottom."""
 
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ from peftvlm.runs import default_run_dir, plot_loss, prepare_run_dir, write_json
 def validate(paths: list[str], overrides: list[str] | None = None) -> list[Recipe]:
     """Check recipes without importing torch: schema, methods, files they name."""
     return [load_recipe(p, overrides) for p in paths]
+
+
+def evaluate(recipe: Recipe, run_dir: str | Path, *, split: str = "test",
+             max_samples: int | None = None, with_base: bool = True, log=print) -> dict:
+    """Score a finished run's base and fine-tuned model on a split; writes RUN/eval/."""
+    from peftvlm.eval_run import evaluate_run
+
+    return evaluate_run(recipe, run_dir, split, max_samples, with_base, log)
 
 
 def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool = False,
@@ -114,6 +123,7 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
     stopper = StopOnInterrupt()
     trainer = build_trainer(model, loaded.processor, collator, data.train, args,
                             [stopper, *callbacks])
+    add_periodic_eval(trainer, recipe, loaded, data)
     checkpoint = last_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         log(f"no checkpoint in {run_dir / 'checkpoints'}: starting from scratch")
@@ -123,6 +133,20 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
         raise RunError(f"interrupted: progress saved in {run_dir / 'checkpoints'}",
                        hint="continue with the same command plus --resume")
     return trainer, time.perf_counter() - started
+
+
+def add_periodic_eval(trainer, recipe, loaded, data) -> None:
+    """With `train.eval_steps`, score the held-out metrics every N steps into the trainer log."""
+    if not (recipe.train.eval_steps and data.eval and recipe.eval.metrics):
+        return
+    from peftvlm.evaluate import evaluate_rows
+    from peftvlm.trainers.sft import PeriodicEval
+
+    def scores(model) -> dict:
+        return evaluate_rows(model, loaded.processor, loaded.family, data.eval,
+                             recipe.eval)["scores"]
+
+    trainer.add_callback(PeriodicEval(scores, recipe.train.eval_steps, trainer.log))
 
 
 def write_run_outputs(trainer, processor, summary: dict, run_dir: Path, name: str) -> None:
@@ -136,7 +160,7 @@ def write_run_outputs(trainer, processor, summary: dict, run_dir: Path, name: st
 def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
     import torch
 
-    from peftvlm.runs import loss_history
+    from peftvlm.runs import eval_history, loss_history
     from peftvlm.tracking import active_run_info
 
     trainable, total = parameter_counts(trainer.model)
@@ -150,6 +174,7 @@ def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
         "loss_curve": [[s, round(l, 6)] for s, l in zip(steps, losses)],
         "eval": {m: {"before": (before or {}).get(m), "after": (after or {}).get(m)}
                  for m in metrics},
+        "eval_history": eval_history(trainer.state.log_history),
         "data": data.report(),
         "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "wandb": active_run_info(),

@@ -62,6 +62,31 @@ def train(
         print_summary(summary, output_dir or Path("runs") / loaded.name)
 
 
+@app.command("eval")
+def eval_run(
+    recipe: str = typer.Argument(..., help="The run's recipe file, or a shipped recipe name."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. "
+                                                               "eval.batch_size=8"),
+    run: Path = typer.Option(..., "--run", "-r", help="Run folder of a finished training run."),
+    split: str = typer.Option("test", "--split", help="test = the recipe's data.eval (held-out "
+                                                      "rows); train = its data.train rows."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1,
+                                              help="Score the first N rows (default: "
+                                                   "eval.max_samples, else all)."),
+    no_base: bool = typer.Option(False, "--no-base", help="Skip scoring the base model."),
+):
+    """Score a trained run against its base model; writes RUN/eval/ (predictions, metrics, plot)."""
+    quiet_libraries()
+    from peftvlm import api
+    from peftvlm.eval_report import print_comparison
+    from peftvlm.recipe import load_recipe
+
+    loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    result = api.evaluate(loaded, run, split=split, max_samples=max_samples,
+                          with_base=not no_base)
+    print_comparison(result)
+
+
 def quiet_libraries() -> None:
     """Keep the terminal for what the user needs: our messages, the progress bar, the summary."""
     import logging
@@ -86,6 +111,11 @@ def print_summary(summary: dict, run_dir: Path) -> None:
         before, after = values.get("before"), values.get("after")
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         console.print(f"  {metric}: {fmt(before)} before -> [bold]{fmt(after)}[/] after")
+    history = summary.get("eval_history") or []
+    for metric in sorted({k for _, scores in history for k in scores if "/" not in k}):
+        points = [f"{step}: {scores[metric]:.3f}" for step, scores in history[-8:]
+                  if metric in scores]
+        console.print(f"  {metric} during training (step: value): " + ", ".join(points))
     console.print(f"run folder: {run_dir}  (adapter/, summary.json, loss.png, recipe.yaml)")
 
 
@@ -147,8 +177,7 @@ def list_templates() -> None:
 @app.command("ls")
 def ls(what: str = typer.Argument("recipes", help="methods, families, models, metrics, "
                                                   "recipes or templates")):
-    """List methods, model families, built-in tiny models, metrics, shipped recipes or data
-    templates."""
+    """List methods, families, tiny models, metrics, recipes or data templates."""
     if what == "methods":
         from peftvlm.registry import METHODS, method_config_classes
 
@@ -211,8 +240,7 @@ def metrics(
                                           "bleu,cider_d,rouge_l (an unknown name lists all)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
-    """Score predictions against references (VQA, captioning, classification, retrieval,
-    grounding)."""
+    """Score a predictions file against references with the field's metrics."""
     import json
 
     from peftvlm.metrics.files import print_table, score_files

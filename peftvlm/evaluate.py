@@ -1,4 +1,8 @@
-"""Held-out evaluation of generative models: batched greedy generation, then metrics."""
+"""Held-out evaluation of generative models: batched generation, then the recipe's metrics.
+
+Used before/after training, every `train.eval_steps` during it, and by `peftvlm eval`; all three
+go through `evaluate_rows`, so the same rows and settings give the same numbers.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,24 @@ from peftvlm.metrics import get_metrics
 from peftvlm.metrics.files import score_predictions
 
 
+def generation_kwargs(eval_cfg) -> dict:
+    """`generate()` options from a recipe's `eval` section (greedy unless it asks otherwise)."""
+    kwargs = {"max_new_tokens": eval_cfg.max_new_tokens, "num_beams": eval_cfg.num_beams,
+              "do_sample": eval_cfg.do_sample}
+    if eval_cfg.do_sample:
+        kwargs.update(temperature=eval_cfg.temperature, top_p=eval_cfg.top_p)
+    return kwargs
+
+
 def generate_answers(model, processor, family, rows: list[dict], batch_size: int = 16,
-                     max_new_tokens: int = 16, progress: bool = False) -> list[str]:
-    """Greedy answers to the prompt of each row (all turns before its last answer)."""
+                     max_new_tokens: int = 16, progress: bool = False,
+                     generation: dict | None = None) -> list[str]:
+    """Answers to the prompt of each row (all turns before its last answer), generated in
+    left-padded batches; `generation` overrides `generate()` options (default: greedy)."""
     import torch
     from tqdm.auto import tqdm
 
+    options = {"max_new_tokens": max_new_tokens, "do_sample": False, **(generation or {})}
     was_training = model.training
     model.eval()
     answers = []
@@ -21,7 +37,7 @@ def generate_answers(model, processor, family, rows: list[dict], batch_size: int
         batch = encode_prompts(processor, family, rows[start:start + batch_size])
         batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
         with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(**batch, **options,
                                  pad_token_id=processor.tokenizer.pad_token_id)
         new_tokens = out[:, batch["input_ids"].shape[1]:]
         answers += [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -29,13 +45,22 @@ def generate_answers(model, processor, family, rows: list[dict], batch_size: int
     return answers
 
 
-def evaluate_rows(model, processor, family, rows: list[dict], eval_cfg) -> dict:
-    """Generate on `rows` and score every metric of the recipe's `eval` section."""
+def row_references(row: dict) -> list[str]:
+    """A row's `references` (e.g. VQA's 10 answers) when it has them, else its last answer."""
+    refs = row.get("references")
+    return [str(r) for r in refs] if refs else [last_answer(row["messages"])]
+
+
+def evaluate_rows(model, processor, family, rows: list[dict], eval_cfg,
+                  progress: bool = False) -> dict:
+    """Generate on `rows` (the first `eval.max_samples`) and score every metric of the recipe's
+    `eval` section; rows' `question_type` gives per-type scores (`vqa_accuracy/number`)."""
     rows = rows[: eval_cfg.max_samples] if eval_cfg.max_samples else rows
     predictions = generate_answers(model, processor, family, rows, eval_cfg.batch_size,
-                                   eval_cfg.max_new_tokens)
-    references = [last_answer(r["messages"]) for r in rows]
-    result = score_predictions(get_metrics(eval_cfg.metrics), predictions,
-                               [[ref] for ref in references])
-    return {"scores": result["scores"], "notes": result["notes"], "predictions": predictions,
+                                   eval_cfg.max_new_tokens, progress, generation_kwargs(eval_cfg))
+    references = [row_references(r) for r in rows]
+    result = score_predictions(get_metrics(eval_cfg.metrics), predictions, references,
+                               [{k: r[k] for k in ("question_type",) if k in r} for r in rows])
+    return {"scores": result["scores"], "notes": result["notes"],
+            "higher_is_better": result["higher_is_better"], "predictions": predictions,
             "references": references}

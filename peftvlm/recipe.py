@@ -183,8 +183,10 @@ class TrainConfig(Section):
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
     save_steps: int = Field(100, ge=1, description="Checkpoint every N steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Checkpoints to keep.")
-    eval_steps: int | None = Field(None, ge=1, description="Evaluate held-out metrics every N "
-                                                           "steps (default: before and after).")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Also score the `eval` metrics on the held-out data every N "
+                                "steps (logged as eval/<metric>, kept in summary.json's "
+                                "eval_history); default: only before and after training.")
     seed: int = Field(42, description="Seed of initialisation and data order.")
     bf16: bool | None = Field(None, description="bf16 mixed precision; default: on where the GPU "
                                                 "supports it, never on CPU.")
@@ -207,12 +209,21 @@ class TrackingConfig(Section):
 
 
 class EvalConfig(Section):
+    """How held-out data is scored: before/after training, every `train.eval_steps`, and by
+    `peftvlm eval RECIPE --run RUN` (which reproduces the summary's numbers with these settings)."""
+
     metrics: list[str] = Field(default_factory=lambda: ["exact_match"],
                                description="Metrics on the held-out data (`peftvlm ls metrics`).")
     max_new_tokens: int = Field(16, ge=1, description="Generation length.")
-    batch_size: int = Field(16, ge=1, description="Generation batch size.")
-    max_samples: int | None = Field(None, ge=1, description="Score at most this many rows.")
+    batch_size: int = Field(16, ge=1, description="Generation batch size (prompts left-padded).")
+    max_samples: int | None = Field(None, ge=1, description="Score at most this many rows (the "
+                                                            "first N of the held-out data).")
     before_training: bool = Field(True, description="Also score the base model before training.")
+    num_beams: int = Field(1, ge=1, description="Beam search width; 1 = greedy decoding.")
+    do_sample: bool = Field(False, description="Sample instead of greedy/beam decoding (seeded "
+                                               "by train.seed, so reruns repeat).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (with do_sample).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
 
 
 class ExportConfig(Section):

@@ -3,8 +3,10 @@
     runs/<name>/recipe.yaml      the resolved recipe
     runs/<name>/adapter/         PEFT adapter + processor (loads with PeftModel.from_pretrained)
     runs/<name>/checkpoints/     trainer checkpoints (--resume continues from the last)
-    runs/<name>/summary.json     parameters, runtime, final loss, eval before/after
+    runs/<name>/summary.json     parameters, runtime, final loss, eval before/after (and every
+                                 train.eval_steps: eval_history)
     runs/<name>/loss.png         the training loss curve
+    runs/<name>/eval/            `peftvlm eval` outputs: predictions, metrics.json, metrics.png
 """
 
 from __future__ import annotations
@@ -46,16 +48,32 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def read_summary(run_dir: Path) -> dict:
+    """A finished run's summary.json; a missing or damaged one is a RunError."""
     path = Path(run_dir) / "summary.json"
     if not path.exists():
         raise RunError(f"{run_dir} has no summary.json: the run is missing or unfinished",
                        hint="finish it with `peftvlm train RECIPE --resume`")
-    return json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is damaged (not valid JSON: {exc})",
+                       hint="train the run again with --overwrite") from None
+    if not isinstance(summary, dict):
+        raise RunError(f"{path} is damaged (not a JSON object)",
+                       hint="train the run again with --overwrite")
+    return summary
 
 
 def loss_history(log_history: list[dict]) -> tuple[list[int], list[float]]:
     steps = [e["step"] for e in log_history if "loss" in e]
     return steps, [e["loss"] for e in log_history if "loss" in e]
+
+
+def eval_history(log_history: list[dict]) -> list[list]:
+    """[[step, {metric: value}], ...] of the `train.eval_steps` evaluations in a trainer log."""
+    prefix = "eval_"
+    return [[e["step"], {k[len(prefix):]: v for k, v in e.items() if k.startswith(prefix)}]
+            for e in log_history if any(k.startswith(prefix) for k in e)]
 
 
 def plot_loss(log_history: list[dict], path: Path, title: str = "training loss") -> Path | None:

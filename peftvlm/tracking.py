@@ -29,6 +29,9 @@ def has_wandb_key() -> bool:
         return False
 
 
+ONLINE_TIMEOUT_S = 20
+
+
 def resolve_mode(mode: str | None, log) -> str:
     """The recipe's mode; with none, online only when a key exists, else offline with a notice."""
     if mode:
@@ -51,9 +54,18 @@ def start_wandb(recipe, run_dir, log=print):
         return None
     import wandb
 
-    return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or recipe.name,
-                      tags=cfg.tags, mode=mode, dir=str(run_dir),
-                      config=scrub_secrets(recipe.model_dump(mode="json")))
+    kwargs = dict(project=cfg.project, entity=cfg.entity, name=cfg.name or recipe.name,
+                  tags=cfg.tags, dir=str(run_dir),
+                  config=scrub_secrets(recipe.model_dump(mode="json")))
+    if mode != "online":
+        return wandb.init(mode=mode, **kwargs)
+    try:  # an unreachable server must cost seconds, not the ~2 minutes of W&B's default
+        return wandb.init(mode="online", settings=wandb.Settings(init_timeout=ONLINE_TIMEOUT_S),
+                          **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any W&B failure falls back, never kills the run
+        log(f"W&B: online start failed ({type(exc).__name__}); logging offline instead "
+            "(sync later with `wandb sync`).")
+        return wandb.init(mode="offline", **kwargs)
 
 
 def active_run_info() -> dict | None:

@@ -184,20 +184,37 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     import yaml
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(train={"max_steps": 300, "save_steps": 1000})))
+    recipe.write_text(yaml.safe_dump(tiny_recipe(train={"max_steps": 60, "save_steps": 1})))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "peftvlm", "train", str(recipe), "-o",
                              str(tmp_path / "run")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list((tmp_path / "run").glob("recipe.yaml")) and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(8)  # past the before-training eval, into the training loop
-    proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 300
+    while not list((tmp_path / "run" / "checkpoints").glob("checkpoint-1")):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # mid-training: step 1 is saved, 59 steps to go
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
     assert "interrupted" in err and "--resume" in err
     assert list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
     res = run_cli("train", recipe, "-o", tmp_path / "run", "--resume")
     assert res.returncode == 0, res.stderr
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 300
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 60
+
+
+@pytest.mark.slow
+def test_unreachable_wandb_server_falls_back_to_offline(tmp_path, monkeypatch):
+    from peftvlm.tracking import start_wandb
+
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    notices = []
+    recipe = validate_recipe_dict(tiny_recipe(tracking={"wandb": {"mode": "online"}}))
+    run = start_wandb(recipe, tmp_path, log=notices.append)
+    try:
+        assert run.settings.mode == "offline"
+        assert any("logging offline" in n for n in notices)
+        assert list((tmp_path / "wandb").glob("offline-run-*"))
+    finally:
+        run.finish()

@@ -2,7 +2,8 @@
 
 A row the trainer reads is `{"messages": [...], "images": [...]}` (images: absolute paths, or
 `{"bytes", "path"}` dicts when a source holds encoded images, or PIL images) where each
-message's `content` is a list of `{"type": "image"}` / `{"type": "text", "text": ...}` items.
+message's `content` is a list of `{"type": "image"}` / `{"type": "text", "text": ...}` items;
+`id`, `references` and `question_type` are kept when present (evaluation reads them).
 Bad rows (missing, corrupt or escaping images, malformed messages, wrong column types, empty
 answers, boxes outside the image) are counted by reason with their row ids, then skipped or
 reported before training (`data.on_bad_row`). Reading files is `readers.py`; templates that make
@@ -163,7 +164,24 @@ def to_conversation(record, root: Path) -> dict:
     images = record.get("images", [])
     images = [images] if isinstance(images, (str, dict)) else list(images or [])
     messages = normalise_messages(record.get("messages"), len(images))
-    return {"messages": messages, "images": [resolve_image(i, root) for i in images]}
+    row = {"messages": messages, "images": [resolve_image(i, root) for i in images]}
+    return {**row, **eval_fields(record)}
+
+
+def eval_fields(record: dict) -> dict:
+    """Optional fields evaluation reads: `id`, `references` (e.g. VQA's 10 answers, scored
+    instead of the last answer) and `question_type` (per-type scores)."""
+    out = {}
+    if record.get("id") is not None:
+        out["id"] = str(record["id"])
+    refs = record.get("references")
+    if isinstance(refs, list) and refs and all(isinstance(r, (str, int, float)) for r in refs):
+        out["references"] = [str(r) for r in refs]
+    elif refs is not None:
+        raise BadRow("bad_references", "`references` must be a non-empty list of strings")
+    if record.get("question_type") is not None:
+        out["question_type"] = str(record["question_type"])
+    return out
 
 
 def enforce_policy(report: BadRowReport, policy: str, what: str) -> None:

@@ -61,6 +61,21 @@ class StopOnInterrupt(TrainerCallback):
             signal.signal(signal.SIGINT, self._previous)
 
 
+class PeriodicEval(TrainerCallback):
+    """Every `every` steps, score held-out generation metrics and log them as `eval_<metric>`
+    through `log` (the trainer's `log`): they land in the log history, so in checkpoints and
+    summary.json's eval_history, and W&B's callback shows them as `eval/<metric>`."""
+
+    def __init__(self, scores, every: int, log):
+        self.scores, self.every, self.log = scores, every, log
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            values = self.scores(model)
+            self.log({f"eval_{k}": v for k, v in values.items() if v is not None})
+        return control
+
+
 def last_checkpoint(run_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
