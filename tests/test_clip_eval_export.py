@@ -37,28 +37,36 @@ def test_eval_reproduces_the_run_summary_exactly(runs, method):
     from peftvlm.trainers.clip import evaluate_dual_encoder
 
     recipe, run_dir = runs[method]
-    metrics = evaluate_dual_encoder(recipe, run_dir, log=lambda *_: None)
+    result = evaluate_dual_encoder(recipe, run_dir, log=lambda *_: None)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert metrics["accuracy"] == summary["eval"]["accuracy"]  # before and after, exactly
-    base = metrics["groups"]["base"]
-    assert base["examples"] == 60 and base["classnames"] == summary["classnames"]
-    per_class = [v for k, v in base["trained"].items() if k.startswith("per_class_accuracy/")]
-    assert len(per_class) == 4
-    assert base["trained"]["per_class_accuracy"] == pytest.approx(sum(per_class) / 4)
-    assert "top5_accuracy" not in base["trained"]  # 4 classes: top-5 says nothing
-    assert json.loads((run_dir / "eval" / "metrics.json").read_text()) == metrics
+    assert result["accuracy"] == summary["eval"]["accuracy"]  # before and after, exactly
+    acc = result["metrics"]["accuracy"]
+    assert (acc["base"], acc["fine_tuned"]) == (summary["eval"]["accuracy"]["before"],
+                                                summary["eval"]["accuracy"]["after"])
+    assert result["num_examples"] == 60 and result["split"] == "test"
+    per_class = result["per_class"]
+    assert sorted(per_class) == sorted(summary["classnames"])
+    mean = sum(v["fine_tuned"] for v in per_class.values()) / 4
+    assert result["metrics"]["per_class_accuracy"]["fine_tuned"] == pytest.approx(mean)
+    assert "top5_accuracy" not in result["metrics"]  # 4 classes: top-5 says nothing
+    written = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert written["metrics"] == result["metrics"]
+    rows = (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert len(rows) == 60 and {"label", "prediction", "base_prediction"} <= set(
+        json.loads(rows[0]))
 
 
-def test_eval_other_split_limit_and_errors(runs):
+def test_eval_other_split_limit_no_base_and_errors(runs):
     from peftvlm.trainers.clip import evaluate_dual_encoder
 
     recipe, run_dir = runs["coop"]
-    small = evaluate_dual_encoder(recipe, run_dir, max_samples=10, log=lambda *_: None)
-    assert small["groups"]["base"]["examples"] == 10 and small["max_samples"] == 10
+    small = evaluate_dual_encoder(recipe, run_dir, max_samples=10, with_base=False,
+                                  log=lambda *_: None)
+    assert small["num_examples"] == 10 and small["metrics"]["accuracy"]["base"] is None
     train = evaluate_dual_encoder(recipe, run_dir, split="train", log=lambda *_: None)
-    assert train["groups"]["base"]["examples"] == 32  # 8 shots x 4 classes
-    with pytest.raises(RecipeError, match="split 'test'"):
-        evaluate_dual_encoder(recipe, run_dir, split="test")
+    assert train["num_examples"] == 32  # 8 shots x 4 classes
+    with pytest.raises(RecipeError, match="split 'valid'"):
+        evaluate_dual_encoder(recipe, run_dir, split="valid")
 
 
 def test_eval_top5_beyond_five_classes():
@@ -81,9 +89,10 @@ def test_eval_top5_beyond_five_classes():
 
     model = Fixed()
     model.register_parameter("p", torch.nn.Parameter(torch.zeros(1)))
-    scores = score_classes(model, model.classnames, Images(), 2)
+    scores, ranked = score_classes(model, model.classnames, Images(), 2)
     assert scores["top1_accuracy"] == pytest.approx(1 / 3)
     assert scores["top5_accuracy"] == pytest.approx(2 / 3)
+    assert ranked[0][:3] == ["0", "1", "2"]
 
 
 def test_eval_base_to_new_reports_each_group(tmp_path):
@@ -93,12 +102,21 @@ def test_eval_base_to_new_reports_each_group(tmp_path):
     recipe = recipe_for(tiny_model_path("tiny-clip"), {"name": "coop", "n_ctx": 4}, max_steps=3)
     recipe.data.base_to_new = True
     summary = train_dual_encoder(recipe, tmp_path, resume=False, log=lambda *_: None)
-    metrics = evaluate_dual_encoder(recipe, tmp_path, log=lambda *_: None)
-    for when, which in (("before", "zero_shot"), ("after", "trained")):
+    metrics = evaluate_dual_encoder(recipe, tmp_path, log=lambda *_: None)["metrics"]
+    for when, which in (("before", "base"), ("after", "fine_tuned")):
         expected = summary["eval"]["base_to_new"][when]
-        assert metrics["groups"]["base"][which]["top1_accuracy"] == expected["base"]
-        assert metrics["groups"]["new"][which]["top1_accuracy"] == expected["new"]
-        assert metrics["harmonic_mean"][when] == pytest.approx(expected["harmonic_mean"])
+        assert metrics["accuracy"][which] == expected["base"]
+        assert metrics["accuracy_new"][which] == expected["new"]
+        assert metrics["harmonic_mean"][which] == pytest.approx(expected["harmonic_mean"])
+
+
+def test_peftvlm_eval_command_dispatches_clip_runs(runs, cli):
+    recipe, run_dir = runs["vpt"]
+    (run_dir / "recipe_copy.yaml").write_text(recipe.to_yaml())
+    result = cli("eval", run_dir / "recipe_copy.yaml", "--run", run_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert f"{summary['eval']['accuracy']['after']:.4f}" in result.stdout
 
 
 # --- export -------------------------------------------------------------------------------------
