@@ -266,3 +266,30 @@ def test_shipped_recipe_improves_held_out_exact_match(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     em = summary["eval"]["exact_match"]
     assert em["after"] >= 0.9 and em["after"] > em["before"]
+
+
+def test_resume_restores_the_prompts_and_ends_as_an_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from peftvlm import api
+
+    class CrashAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise SystemExit("simulated kill")
+
+    recipe = load_recipe("recipes/llava-vpt-lora-tiny.yaml", [
+        "train.max_steps=6", "train.save_steps=3", "train.per_device_train_batch_size=4",
+        "train.warmup_steps=0", "data.synthetic.train_size=32", "data.synthetic.eval_size=4",
+        "eval.before_training=false"])
+    api.train(recipe, tmp_path / "straight", log=lambda *_: None)
+    with pytest.raises(SystemExit):
+        api.train(recipe, tmp_path / "crashed", callbacks=[CrashAt()], log=lambda *_: None)
+    api.train(recipe, tmp_path / "crashed", resume=True, log=lambda *_: None)
+    for name in (PROMPTS_WEIGHTS, "adapter_model.safetensors"):
+        straight = load_file(tmp_path / "straight" / "adapter" / name)
+        resumed = load_file(tmp_path / "crashed" / "adapter" / name)
+        assert straight.keys() == resumed.keys()
+        for key in straight:
+            torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
