@@ -166,6 +166,19 @@ def test_multiple_choice_shuffle_keeps_the_right_letter(root):
         assert f"{letter}. red" in question
 
 
+def test_rows_keep_every_reference_for_evaluation(root):
+    conv = render("vqa", {**RECORDS["vqa"], "answer_type": "other"}, root)[0]
+    assert turns(conv)[0][1] == "red"  # trained on the most agreed answer...
+    every_answer = [a["answer"] for a in RECORDS["vqa"]["answers"]]
+    assert conv["references"] == every_answer  # ...scored against all of them
+    assert conv["question_type"] == "other"
+    captions = render("caption", RECORDS["caption"], root)
+    assert all(c["references"] == RECORDS["caption"]["captions"] for c in captions)
+    r = renderer("vqa", root, options={"group_by_image": True})
+    pieces = [r.render("q1", RECORDS["vqa"]), r.render("q2", {**RECORDS["vqa"], "answers": ["no"]})]
+    assert r.conversations(pieces)[0]["references"] == ["no"]  # the last turn's answers
+
+
 def test_group_by_image_makes_multi_turn_conversations(root):
     r = renderer("vqa", root, options={"group_by_image": True, "max_turns": 2})
     pieces = [r.render(f"q{i}", {**RECORDS["vqa"], "question": f"q{i}?"}) for i in range(3)]

@@ -22,7 +22,7 @@ from peftvlm.errors import DataError
 
 CACHE_MIN_ROWS = 1000      # below this, rendering is faster than reading a cache file
 PARALLEL_MIN_ROWS = 2000   # below this, starting worker processes costs more than it saves
-CACHE_VERSION = "2"        # bump when rendering changes (2: rows keep id, references...)
+CACHE_VERSION = "3"        # bump when rendering changes (2: rows keep id, references...)
 
 
 @dataclass

@@ -316,6 +316,10 @@ class Piece:
     image_key: Any
     image: Any
     turns: list[tuple[str, str]]
+    # What evaluation scores the row's last answer against: every annotator answer or caption
+    # (VQA accuracy, CIDEr need them all), and the VQA answer type for per-type scores.
+    references: list[str] | None = None
+    question_type: str | None = None
 
 
 class TemplateRenderer:
@@ -367,7 +371,9 @@ class TemplateRenderer:
         make_turns = KIND_TURNS[self.spec.kind]
         turns = [(self.phrase(task, variables, rng), answer)
                  for task, variables, answer in make_turns(values, self.options, rng, self)]
-        return Piece(image_key(image), image, turns)
+        qtype = record.get("answer_type") or record.get("question_type")
+        return Piece(image_key(image), image, turns, reference_answers(self.spec.kind, values),
+                     qtype if isinstance(qtype, str) else None)
 
     def image(self, value):
         """Resolve and check an image once per path (VQA rows often share one image)."""
@@ -394,23 +400,37 @@ class TemplateRenderer:
     def conversations(self, pieces: list[Piece]) -> list[dict]:
         """Pieces -> conversations: one per turn, or grouped per image (up to max_turns)."""
         if not self.options["group_by_image"]:
-            return [self.conversation(p.image, [t]) for p in pieces for t in p.turns]
+            return [self.conversation(p.image, [(*t, p)]) for p in pieces for t in p.turns]
         groups: dict[Any, list] = {}
         for p in pieces:
-            groups.setdefault(p.image_key, [p.image, []])[1].extend(p.turns)
+            groups.setdefault(p.image_key, [p.image, []])[1].extend((*t, p) for t in p.turns)
         step = self.options["max_turns"]
         return [self.conversation(image, turns[i:i + step])
                 for image, turns in groups.values() for i in range(0, len(turns), step)]
 
-    def conversation(self, image, turns: list[tuple[str, str]]) -> dict:
+    def conversation(self, image, turns: list[tuple[str, str, Piece]]) -> dict:
         messages = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}
                     ] if self.system_prompt else []
-        for i, (question, answer) in enumerate(turns):
+        for i, (question, answer, _) in enumerate(turns):
             content = [{"type": "image"}] if i == 0 and image is not None else []
             messages.append({"role": "user", "content": [*content,
                                                          {"type": "text", "text": question}]})
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        return {"messages": messages, "images": [image] if image is not None else []}
+        row = {"messages": messages, "images": [image] if image is not None else []}
+        last = turns[-1][2]
+        if last.references:
+            row["references"] = last.references
+        if last.question_type:
+            row["question_type"] = last.question_type
+        return row
+
+
+def reference_answers(kind: str, values: dict) -> list[str] | None:
+    """All acceptable answers of a row, for evaluation (training uses the selected ones)."""
+    column = {"vqa": "answers", "doc_qa": "answers", "caption": "captions"}.get(kind)
+    if column is None or values.get(column) is None:
+        return None
+    return as_text_list(values[column], column)
 
 
 def image_key(image) -> Any:
