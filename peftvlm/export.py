@@ -12,8 +12,9 @@ that silently did nothing is caught), and one short generation must run. The num
 QLoRA (and any run trained on a quantized base) is merged into the base reloaded UNQUANTIZED in
 the chosen dtype; the model card shows how to quantize it again at load time.
 
-Methods that are not peft adapters on a generative model (CoOp, VPT, CLIP-Adapter) save their
-own format: `export_run` hands them to `export_custom_method` (the extension point below).
+Methods that are not peft adapters on a generative model (CoOp, VPT, CLIP-Adapter), or that
+save more than peft's files (per_part), define their own `export_adapter`: `export_run` hands
+them to `export_custom_method` (the extension point below).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def export_run(run_dir: str | Path, *, merge: bool | None = None, out: str | Pat
     from peftvlm.registry import get_method
 
     method = get_method(run.recipe.method.name)
-    if "generative" not in method.kinds:
+    if "generative" not in method.kinds or own_exporter(method) is not None:
         return export_custom_method(run, opts, log)
     fresh_out_dir(opts.out)
     report = export_merged(run, opts, log) if opts.merge else export_adapter(run, opts, log)
@@ -131,13 +132,10 @@ def export_custom_method(run: Run, opts: ExportOptions, log) -> dict:
     report dict` (with a `checks` dict of `{"passed": bool, "error": str}` entries); the report
     then goes through the same card / push / W&B steps as peft adapters.
     """
-    import importlib
-
     from peftvlm.registry import get_method
 
     info = get_method(run.recipe.method.name)
-    module = importlib.import_module(info.apply_path.partition(":")[0])
-    exporter = getattr(module, "export_adapter", None)
+    exporter = own_exporter(info)
     if exporter is None:
         raise ExportError(f"method {info.name!r} has no exporter yet",
                           hint=f"its adapter is in {run.adapter_dir} in the method's own format")
@@ -145,6 +143,15 @@ def export_custom_method(run: Run, opts: ExportOptions, log) -> dict:
     report = exporter(run.dir, run.adapter_dir, opts.out, opts.merge)
     report.setdefault("kind", "merged" if opts.merge else "adapter")
     return finish_export(run, opts, report, log)
+
+
+def own_exporter(info):
+    """The method module's `export_adapter`, if it has one (generative methods with files
+    beyond peft's, such as per_part's prompts, have one too)."""
+    import importlib
+
+    module = importlib.import_module(info.apply_path.partition(":")[0])
+    return getattr(module, "export_adapter", None)
 
 
 # --- reading the run and the options ---------------------------------------------------------

@@ -138,7 +138,10 @@ def checks_table(report: dict) -> str:
 
 
 def loading_snippet(run, report: dict, model_ref: str) -> str:
-    """A complete program that loads the export and answers one question about an image."""
+    """A complete program that loads the export and answers one question about an image
+    (methods with their own exporter may give their own as `report["loading_snippet"]`)."""
+    if report.get("loading_snippet"):
+        return report["loading_snippet"].replace("EXPORT_FOLDER", model_ref)
     prompt = report.get("example_prompt") or "Describe the image."
     if report["kind"] == "merged":
         load = (f"model_id = {model_ref!r}\n"

@@ -31,7 +31,7 @@ class MethodInfo:
 
 METHODS: dict[str, MethodInfo] = {}
 _BUILTIN_MODULES = ("peftvlm.methods.lora", "peftvlm.methods.coop", "peftvlm.methods.vpt",
-                    "peftvlm.methods.clip_adapter")
+                    "peftvlm.methods.clip_adapter", "peftvlm.methods.per_part")
 
 
 def register(name: str, config_cls: type, apply_path: str, kinds: tuple[Kind, ...],

@@ -35,6 +35,14 @@ def apply_clip_adapter(model, family, cfg: ClipAdapterMethod, *, tokenizer, clas
     return ClipAdapterClassifier(model, family, cfg, tokenizer, classnames, templates)
 
 
+def export_adapter(run_dir, adapter_dir, out_dir, merge: bool) -> dict:
+    """`peftvlm export` hook: adapters + loader; --merge (text side only): a fixed linear head
+    (see `peftvlm.methods.dual_encoder.export`)."""
+    from peftvlm.methods.dual_encoder.export import export_dual_encoder
+
+    return export_dual_encoder(run_dir, adapter_dir, out_dir, merge)
+
+
 register("clip_adapter", ClipAdapterMethod, "peftvlm.methods.clip_adapter:apply_clip_adapter",
          ("dual_encoder",), "CLIP-Adapter residual bottleneck adapters on CLIP features "
                             "(Gao et al. 2021)")

@@ -57,5 +57,13 @@ def apply_coop(model, family, cfg: CoopMethod, *, tokenizer, classnames, templat
     return CoOpClassifier(model, family, cfg, tokenizer, classnames, templates)
 
 
+def export_adapter(run_dir, adapter_dir, out_dir, merge: bool) -> dict:
+    """`peftvlm export` hook: learned context + loader; --merge: the class features as a
+    fixed linear head (see `peftvlm.methods.dual_encoder.export`)."""
+    from peftvlm.methods.dual_encoder.export import export_dual_encoder
+
+    return export_dual_encoder(run_dir, adapter_dir, out_dir, merge)
+
+
 register("coop", CoopMethod, "peftvlm.methods.coop:apply_coop", ("dual_encoder",),
          "CoOp learnable prompt context for CLIP's text encoder (Zhou et al. 2022)")

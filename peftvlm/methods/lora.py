@@ -111,8 +111,12 @@ def peft_config(family, cfg):
                       **common)
 
 
-def apply_peft(model, family, cfg, *, quantized: bool = False, gradient_checkpointing=False):
-    """Wrap `model` with the adapter; only adapter (and modules_to_save) parameters train."""
+def apply_peft(model, family, cfg, *, quantized: bool = False, gradient_checkpointing=False,
+               wrap=None):
+    """Wrap `model` with the adapter; only adapter (and modules_to_save) parameters train.
+
+    `wrap(model, peft_config)` builds the peft model (default `peft.get_peft_model`; `per_part`
+    passes a PeftModel subclass that also carries vision prompts)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -120,7 +124,7 @@ def apply_peft(model, family, cfg, *, quantized: bool = False, gradient_checkpoi
             model, use_gradient_checkpointing=gradient_checkpointing)
     config = peft_config(family, cfg)
     try:
-        return get_peft_model(model, config)
+        return (wrap or get_peft_model)(model, config)
     except ValueError as exc:
         if "not found in the base model" in str(exc) or "Target modules" in str(exc):
             raise RecipeError(f"method.target: no module of this model matches "

@@ -37,5 +37,13 @@ def apply_vpt(model, family, cfg: VptMethod, *, tokenizer, classnames, templates
     return VPTClassifier(model, family, cfg, tokenizer, classnames, templates)
 
 
+def export_adapter(run_dir, adapter_dir, out_dir, merge: bool) -> dict:
+    """`peftvlm export` hook: learned prompts + loader (merging is refused: VPT changes the
+    image side; see `peftvlm.methods.dual_encoder.export`)."""
+    from peftvlm.methods.dual_encoder.export import export_dual_encoder
+
+    return export_dual_encoder(run_dir, adapter_dir, out_dir, merge)
+
+
 register("vpt", VptMethod, "peftvlm.methods.vpt:apply_vpt", ("dual_encoder",),
          "VPT prompt tokens in CLIP's vision transformer, shallow or deep (Jia et al. 2022)")

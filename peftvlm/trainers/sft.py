@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import trl
 from transformers import TrainerCallback
 
 # Recipe `train` fields passed to SFTConfig unchanged (the names are Hugging Face's).
@@ -82,10 +83,23 @@ def last_checkpoint(run_dir: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+class SFTTrainer(trl.SFTTrainer):
+    """TRL's SFTTrainer; a model that names its own optimiser parameter groups
+    (`optimizer_param_groups(lr, weight_decay)`, e.g. `per_part`: one group per part, each at
+    its own learning rate) gets them, in the optimiser `train.optim` names."""
+
+    def create_optimizer(self, model=None):
+        groups_of = getattr(self.model, "optimizer_param_groups", None)
+        if self.optimizer is None and groups_of is not None:
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.optimizer = cls(groups_of(self.args.learning_rate, self.args.weight_decay),
+                                 **kwargs)
+        return super().create_optimizer(model)
+
+
 def build_trainer(model, processor, collator, train_rows, args, callbacks=()):
     """An SFTTrainer over in-memory conversation rows, collated by `collator`."""
     from datasets import Dataset
-    from trl import SFTTrainer
 
     dataset = Dataset.from_list(train_rows)
     return SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,

@@ -81,6 +81,12 @@ class DualEncoderClassifier(nn.Module):
         """Whether the learned parts apply to classes unseen in training (base-to-new)."""
         return True
 
+    @property
+    def learns_image_side(self) -> bool:
+        """Whether the method changes image features (if not, its class scores fold into a
+        linear head on CLIP's own image features: the merged export)."""
+        return False
+
     # --- shared behaviour ---------------------------------------------------------------------
     def forward(self, pixel_values):
         """Class logits [B, n_cls]: scaled cosine similarity, as in CLIP."""

@@ -40,6 +40,10 @@ class ClipAdapterClassifier(DualEncoderClassifier):
         self.adapters = nn.ModuleDict({side: Adapter(dim, cfg.reduction) for side in sides})
         self.adapters.to(device=ref.device, dtype=ref.dtype)
 
+    @property
+    def learns_image_side(self) -> bool:
+        return "image" in self.adapters
+
     def _blend(self, side: str, features):
         if side not in self.adapters:
             return features

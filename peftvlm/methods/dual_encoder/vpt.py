@@ -29,10 +29,13 @@ from peftvlm.methods.dual_encoder.base import DualEncoderClassifier
 class VisualPrompts(nn.Module):
     """The prompt sets [n_sets, num_tokens, dim] and the hooks that place them."""
 
-    def __init__(self, vision_config, num_tokens: int, deep: bool, dropout: float):
+    def __init__(self, vision_config, num_tokens: int, deep: bool, dropout: float,
+                 deep_layers: int | None = None):
+        """`deep_layers`: how many leading layers get a prompt set when deep (default: all;
+        fewer when only an earlier layer's output is used, as in LLaVA)."""
         super().__init__()
         dim, patch = vision_config.hidden_size, vision_config.patch_size
-        n_sets = vision_config.num_hidden_layers if deep else 1
+        n_sets = (deep_layers or vision_config.num_hidden_layers) if deep else 1
         channels = getattr(vision_config, "num_channels", 3)
         # Xavier-uniform bound over the patch-embedding fan-in + prompt width, as in VPT.
         bound = math.sqrt(6.0 / (channels * patch * patch + dim))
@@ -46,18 +49,29 @@ class VisualPrompts(nn.Module):
         rest = hidden[:, 1 + self.num_tokens:] if replace else hidden[:, 1:]
         return torch.cat([hidden[:, :1], prompts, rest], dim=1)
 
-    @contextmanager
-    def attached(self, vision_model):
-        """Place the prompts in `vision_model`'s forward while the context is open."""
+    def attach(self, vision_model) -> list:
+        """Place the prompts in every later forward of `vision_model`; returns the hook handles
+        (`handle.remove()` detaches). Generative VLMs call the tower inside their own forward,
+        so there the prompts stay attached for the model's lifetime."""
         handles = [vision_model.embeddings.register_forward_hook(
             lambda _m, _i, out: self._with_prompts(out, 0, replace=False))]
         for i, layer in enumerate(vision_model.encoder.layers[1:self.prompts.shape[0]], start=1):
             handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+        return handles
+
+    @contextmanager
+    def attached(self, vision_model):
+        """Place the prompts in `vision_model`'s forward while the context is open."""
+        handles = self.attach(vision_model)
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+
+    def strip(self, hidden):
+        """`[CLS] [prompts] [patches]` -> `[CLS] [patches]`: the layout the model expects back."""
+        return torch.cat([hidden[:, :1], hidden[:, 1 + self.num_tokens:]], dim=1)
 
     def _layer_hook(self, index: int):
         def swap(_module, args, kwargs):
@@ -81,6 +95,10 @@ class VPTClassifier(DualEncoderClassifier):
         prompts = VisualPrompts(self.vision_encoder.config, cfg.num_tokens, cfg.deep, cfg.dropout)
         ref = self.model.logit_scale
         self.visual_prompts = prompts.to(device=ref.device, dtype=ref.dtype)
+
+    @property
+    def learns_image_side(self) -> bool:
+        return True
 
     def image_features(self, pixel_values):
         with self.visual_prompts.attached(self.vision_encoder):
