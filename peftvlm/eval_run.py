@@ -45,7 +45,8 @@ def evaluate_run(recipe, run_dir: str | Path, split: str = "test", max_samples: 
     loaded, rows = load_base_and_rows(recipe, split, cfg.max_samples)
     log(f"scoring {len(rows)} {split} rows with {', '.join(cfg.metrics)}")
     base = score(recipe, loaded, loaded.model, rows, cfg) if with_base else None
-    tuned = score(recipe, loaded, load_adapter(loaded.model, run_dir), rows, cfg)
+    tuned = score(recipe, loaded, load_adapter(loaded.model, run_dir, recipe.method.name), rows,
+                  cfg)
     result = build_result(recipe, run_dir, split, cfg, base, tuned)
     predictions = prediction_rows(rows, split, tuned["predictions"],
                                   base and base["predictions"], tuned["references"])
@@ -127,12 +128,16 @@ def place_on_device(loaded) -> None:
         loaded.model.to("cuda")
 
 
-def load_adapter(model, run_dir: Path):
-    """The run's adapter on top of `model` (modified in place: score the base first)."""
+def load_adapter(model, run_dir: Path, method_name: str):
+    """The run's adapter on top of `model` (modified in place: score the base first), by the
+    method's own loader where it saves more than peft does (per_part's prompts)."""
     from peft import PeftModel
 
+    from peftvlm.registry import get_method
+
+    loader = get_method(method_name).hook("load_trained") or PeftModel.from_pretrained
     try:
-        return PeftModel.from_pretrained(model, run_dir / "adapter")
+        return loader(model, run_dir / "adapter")
     except (RuntimeError, ValueError, KeyError) as exc:
         raise RunError(f"cannot load the adapter of {run_dir} onto the base model: "
                        f"{str(exc).splitlines()[0]}",

@@ -148,10 +148,7 @@ def export_custom_method(run: Run, opts: ExportOptions, log) -> dict:
 def own_exporter(info):
     """The method module's `export_adapter`, if it has one (generative methods with files
     beyond peft's, such as per_part's prompts, have one too)."""
-    import importlib
-
-    module = importlib.import_module(info.apply_path.partition(":")[0])
-    return getattr(module, "export_adapter", None)
+    return info.hook("export_adapter")
 
 
 # --- reading the run and the options ---------------------------------------------------------

@@ -28,6 +28,12 @@ class MethodInfo:
         module, _, func = self.apply_path.partition(":")
         return getattr(importlib.import_module(module), func)
 
+    def hook(self, name: str) -> Callable | None:
+        """An optional function of the method's module: `load_trained(base, adapter_dir)` to
+        reload a run's adapter (default: peft's), `export_adapter(...)` to export it."""
+        module = importlib.import_module(self.apply_path.partition(":")[0])
+        return getattr(module, name, None)
+
 
 METHODS: dict[str, MethodInfo] = {}
 _BUILTIN_MODULES = ("peftvlm.methods.lora", "peftvlm.methods.coop", "peftvlm.methods.vpt",

@@ -256,6 +256,14 @@ def test_api_train_runs_and_reloads(tmp_path, llava_path):
     with pytest.raises(ExportError, match="cannot be merged"):
         export_run(tmp_path / "run", merge=True, out=tmp_path / "merged", log=lambda *_: None)
 
+    # `peftvlm eval` reloads the prompts too (peft alone would silently drop them).
+    from peftvlm.eval_run import load_adapter
+
+    reloaded = load_adapter(load_base(recipe.model).model, tmp_path / "run", "per_part")
+    assert torch.equal(reloaded.visual_prompts.prompts, model.visual_prompts.prompts)
+    result = api.evaluate(recipe, tmp_path / "run", with_base=False, log=lambda *_: None)
+    assert result["metrics"]["exact_match"]["fine_tuned"] == summary["eval"]["exact_match"]["after"]
+
 
 @pytest.mark.slow
 def test_shipped_recipe_improves_held_out_exact_match(tmp_path):
