@@ -37,13 +37,18 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
             return dry_run_dual_encoder(recipe, log)
         return train_dual_encoder(recipe, prepare_run_dir(run_dir, resume, overwrite), resume,
                                   log)
+    return train_generative(recipe, method, run_dir, resume, overwrite, dry_run, log, callbacks)
+
+
+def train_generative(recipe, method, run_dir: Path, resume, overwrite, dry_run, log, callbacks):
+    """Load, adapt, check data, evaluate, train with TRL, evaluate, write the run folder."""
     from transformers import set_seed
 
-    set_seed(recipe.train.seed)
-    loaded, model = load_model_with_method(recipe, method)
     from peftvlm.data.collate import ConversationCollator
     from peftvlm.data.loading import prepare_data
 
+    set_seed(recipe.train.seed)
+    loaded, model = load_model_with_method(recipe, method)
     collator = ConversationCollator(loaded.processor, loaded.family,
                                     recipe.train.assistant_only_loss)
     data = prepare_data(recipe, collator)
@@ -56,16 +61,21 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
                                    callbacks, log)
     after = evaluate_if_asked(recipe, trainer.model, loaded, data, True, log)
     summary = summarise(recipe, trainer, loaded, data, runtime, before, after)
-    if trainer.is_world_process_zero():  # one writer when several processes train
-        write_run_outputs(trainer, loaded.processor, summary, run_dir, recipe.name)
     try:
-        if (recipe.export.merge or recipe.export.push_to_hub) and trainer.is_world_process_zero():
-            from peftvlm.export import export_run
-
-            summary["export"] = export_run(run_dir, log=log)
+        if trainer.is_world_process_zero():  # one writer when several processes train
+            write_run_outputs(trainer, loaded.processor, summary, run_dir, recipe.name)
+            export_if_asked(recipe, run_dir, summary, log)
     finally:
         finish_tracking(trainer, summary)
     return summary
+
+
+def export_if_asked(recipe, run_dir: Path, summary: dict, log) -> None:
+    """The recipe's `export` section: merge and/or push once training has finished."""
+    if recipe.export.merge or recipe.export.push_to_hub:
+        from peftvlm.export import export_run
+
+        summary["export"] = export_run(run_dir, log=log)
 
 
 def load_model_with_method(recipe: Recipe, method):
