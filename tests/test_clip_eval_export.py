@@ -130,7 +130,7 @@ def test_adapter_export_reloads_with_the_runs_logits_and_accuracy(runs, method, 
     assert report["passed"] and report["kind"] == "adapter"
     checks = report["checks"]
     assert checks["logits"]["max_abs_diff"] == 0
-    assert checks["adapter_effect"]["max_abs_diff_from_zero_shot"] > 0
+    assert checks["adapter_effect"]["max_abs_diff_from_base"] > 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert checks["accuracy"]["accuracy"] == summary["eval"]["accuracy"]["after"]
     names = {p.name for p in (tmp_path / "out").iterdir()}

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftvlm.errors import ExportError
+from peftvlm.export_checks import check_adapter_effect, compare_logits
 from peftvlm.methods.dual_encoder.base import (CONFIG_FILE, WEIGHTS_FILE, DualEncoderClassifier,
                                                load_method)
 
@@ -88,8 +89,8 @@ def export_dual_encoder(run_dir, adapter_dir: Path, out_dir: Path, merge: bool) 
     with torch.no_grad():
         reference, actual, base = trained(pixels), exported(pixels), zero_shot(pixels)
     source = f"{len(pixels)} {'held-out' if held_out else 'training'} images"
-    checks = {"logits": logits_check(reference, actual, source),
-              "adapter_effect": effect_check(base, reference, source),
+    checks = {"logits": compare_logits(reference, actual, "float32", source),
+              "adapter_effect": check_adapter_effect(base, reference, source),
               "accuracy": accuracy_check(exported, held_out, run.summary),
               "files": files(out_dir)}
     return {"kind": "merged" if merge else "adapter", "method": run.recipe.method.name,
@@ -117,24 +118,6 @@ def write_head_export(trained, model, out_dir: Path) -> HeadClassifier:
 
 
 # --- checks ------------------------------------------------------------------------------------
-
-def logits_check(reference, actual, source: str, tolerance: float = 1e-4) -> dict:
-    diff = float((reference - actual).abs().max())
-    check = {"examples": source, "max_abs_diff": diff, "tolerance": tolerance,
-             "top1_agreement": float((reference.argmax(-1) == actual.argmax(-1)).float().mean()),
-             "passed": diff <= tolerance}
-    if not check["passed"]:
-        check["error"] = f"exported logits differ from the run's by {diff} (tolerance {tolerance})"
-    return check
-
-
-def effect_check(zero_shot, trained, source: str) -> dict:
-    diff = float((zero_shot - trained).abs().max())
-    check = {"examples": source, "max_abs_diff_from_zero_shot": diff, "passed": diff > 0}
-    if not check["passed"]:
-        check["error"] = "the method does not change zero-shot CLIP's logits (untrained?)"
-    return check
-
 
 def accuracy_check(exported, held_out, summary: dict) -> dict:
     """The export's held-out accuracy against the one the run reported."""
