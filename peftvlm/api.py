@@ -54,6 +54,12 @@ def train_generative(recipe, method, run_dir: Path, resume, overwrite, dry_run, 
     data = prepare_data(recipe, collator)
     if dry_run:
         return print_dry_run(model, collator, data, loaded.family, log)
+    trainable, total = parameter_counts(model)
+    log(f"model: {recipe.model.id} ({loaded.family.name}), {recipe.method.name}: "
+        f"{trainable:,} of {total:,} parameters train")
+    log(f"data: {len(data.train)} training rows, {len(data.eval)} held-out rows, "
+        f"{data.overflow.get('count', 0)} too long, "
+        f"{sum(v['count'] for v in data.bad_rows.get('train', {}).values())} bad")
     run_dir = prepare_run_dir(run_dir, resume, overwrite)
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     before = evaluate_if_asked(recipe, model, loaded, data, recipe.eval.before_training, log)
@@ -180,7 +186,9 @@ def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
         "name": recipe.name, "method": recipe.method.name, "model": recipe.model.id,
         "family": loaded.family.name, "trainable_params": trainable, "total_params": total,
         "train_runtime_s": round(runtime, 2), "global_step": trainer.state.global_step,
-        "final_loss": losses[-1] if losses else None,
+        # the last logged loss; with fewer steps than logging_steps, the run's mean loss
+        "final_loss": losses[-1] if losses else trainer.state.log_history[-1].get("train_loss")
+        if trainer.state.log_history else None,
         "loss_curve": [[s, round(l, 6)] for s, l in zip(steps, losses)],
         "eval": {m: {"before": (before or {}).get(m), "after": (after or {}).get(m)}
                  for m in metrics},

@@ -103,9 +103,10 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     from rich.console import Console
 
     console = Console()
+    loss = summary.get("final_loss")
     console.print(f"\n[bold]done[/] in {summary.get('train_runtime_s', 0):.1f} s; "
-                  f"final loss {summary.get('final_loss') or float('nan'):.4f}; "
-                  f"trainable {summary['trainable_params']:,} of {summary['total_params']:,} "
+                  + (f"final loss {loss:.4f}; " if loss is not None else "no loss logged; ")
+                  + f"trainable {summary['trainable_params']:,} of {summary['total_params']:,} "
                   "parameters")
     for metric, values in summary.get("eval", {}).items():
         before, after = values.get("before"), values.get("after")
