@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from peftvlm.errors import ModelError
-from peftvlm.families import clip, idefics3, llava, paligemma, qwen2_vl
+from peftvlm.families import clip, idefics3, llava, paligemma, qwen2_vl, siglip
 from peftvlm.families.base import FamilySpec
 
 FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
     llava.SPEC, qwen2_vl.QWEN2_VL_SPEC, qwen2_vl.QWEN2_5_VL_SPEC, idefics3.SPEC, paligemma.SPEC,
-    clip.SPEC)}
+    clip.SPEC, siglip.SPEC)}
 
 
 def get_family(name: str) -> FamilySpec:

@@ -62,6 +62,23 @@ class FamilySpec:
         default=None, compare=False, repr=False)
     encode_prompt: Callable[[Any, list[Conversation]], dict] | None = field(
         default=None, compare=False, repr=False)
+    # Dual encoders (CLIP-family methods). `text_padding`: "longest" (CLIP pools the end-of-text
+    # token, so padding length is irrelevant) or "max_length" (SigLIP pools the last position:
+    # texts must be padded to the text encoder's max_position_embeddings, as in training).
+    text_padding: Literal["longest", "max_length"] = "longest"
+    # Whether the vision transformer starts with a CLS token that carries the image feature
+    # (CLIP); SigLIP pools every token with an attention head instead.
+    vision_cls_token: bool = True
+    # Whether class logits add the model's learned `logit_bias` (SigLIP's sigmoid scoring).
+    logit_bias: bool = False
+    # Dotted path in the model config to the joint embedding width.
+    joint_dim_config: str = "projection_dim"
+
+    def joint_dim(self, config) -> int:
+        """The width of the joint image-text feature space of a dual encoder."""
+        for name in self.joint_dim_config.split("."):
+            config = getattr(config, name)
+        return int(config)
 
     def module_prefix(self, part: str) -> str | None:
         """The module prefix of a part: `vision`, `projector` or `language`."""

@@ -1,7 +1,8 @@
 """A frozen CLIP-style dual encoder as an image classifier, and method save/load.
 
 `DualEncoderClassifier` scores images against class names: logits = logit_scale.exp() *
-cosine(image feature, class text feature), as CLIP's zero-shot classifier does. Each method
+cosine(image feature, class text feature), as CLIP's zero-shot classifier does (+ logit_bias
+for SigLIP, whose sigmoid loss was trained on those logits). Each method
 subclasses it and overrides `image_features` and/or `class_text_features`; the base model's
 own parameters are frozen and stay in eval mode, so dropout inside it never fires.
 
@@ -26,20 +27,38 @@ WEIGHTS_FILE = "peftvlm_method.safetensors"
 BASE_PREFIX = "model."
 
 
-def _tokenize(tokenizer, texts: list[str], device) -> dict:
-    batch = tokenizer(texts, padding=True, return_tensors="pt")
-    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+def text_length(model, family) -> int | None:
+    """The fixed length every text is padded to (`max_length` families), else None."""
+    if family is None or family.text_padding != "max_length":
+        return None
+    return model.get_submodule(family.language_module).config.max_position_embeddings
+
+
+def _tokenize(model, family, tokenizer, texts: list[str], device) -> dict:
+    length = text_length(model, family)
+    if length is None:
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        keep = ("input_ids", "attention_mask")
+    else:
+        # SigLIP: pad to max_length and attend to the pads, as the text model was trained.
+        batch = tokenizer(texts, padding="max_length", max_length=length, truncation=True,
+                          return_tensors="pt")
+        keep = ("input_ids",)
+    return {k: v.to(device) for k, v in batch.items() if k in keep}
 
 
 @torch.no_grad()
-def prompt_text_features(model, tokenizer, classnames: list[str], templates: list[str]):
+def prompt_text_features(model, tokenizer, classnames: list[str], templates: list[str],
+                         family=None):
     """Hand-written prompt features [n_cls, D]: each template filled with each class name,
-    encoded, L2-normalised and averaged over templates (CLIP's prompt ensembling)."""
+    encoded, L2-normalised and averaged over templates (CLIP's prompt ensembling). `family`
+    says how texts are padded (default: CLIP's pad-to-longest)."""
     device = next(model.parameters()).device
     per_template = []
     for template in templates:
         texts = [template.format(name) for name in classnames]
-        feats = model.get_text_features(**_tokenize(tokenizer, texts, device)).pooler_output
+        inputs = _tokenize(model, family, tokenizer, texts, device)
+        feats = model.get_text_features(**inputs).pooler_output
         per_template.append(F.normalize(feats, dim=-1))
     return F.normalize(torch.stack(per_template).mean(0), dim=-1)
 
@@ -66,7 +85,8 @@ class DualEncoderClassifier(nn.Module):
         """Point the classifier at new classes (base-to-new evaluation calls this)."""
         self.classnames = list(classnames)
         self.register_buffer("zero_shot_features", prompt_text_features(
-            self.model, self.tokenizer, self.classnames, self.templates), persistent=False)
+            self.model, self.tokenizer, self.classnames, self.templates, self.family),
+            persistent=False)
 
     def image_features(self, pixel_values):
         """Projected image features [B, D] (not normalised)."""
@@ -89,10 +109,14 @@ class DualEncoderClassifier(nn.Module):
 
     # --- shared behaviour ---------------------------------------------------------------------
     def forward(self, pixel_values):
-        """Class logits [B, n_cls]: scaled cosine similarity, as in CLIP."""
+        """Class logits [B, n_cls]: scaled cosine similarity, as in CLIP (plus SigLIP's
+        learned bias where the family scores with one)."""
         image = F.normalize(self.image_features(pixel_values), dim=-1)
         text = F.normalize(self.class_text_features(), dim=-1)
-        return self.model.logit_scale.exp() * image @ text.t()
+        logits = self.model.logit_scale.exp() * image @ text.t()
+        if self.family.logit_bias:
+            logits = logits + self.model.logit_bias
+        return logits
 
     def train(self, mode: bool = True):
         """Train the method's own modules; the frozen backbone always stays in eval mode."""

@@ -31,7 +31,7 @@ class ClipAdapterClassifier(DualEncoderClassifier):
 
     def build_learned(self, classnames: list[str]) -> None:
         cfg = self.method_config
-        dim = self.model.config.projection_dim
+        dim = self.family.joint_dim(self.model.config)
         if dim % cfg.reduction:
             raise RecipeError(f"method.reduction: {cfg.reduction} does not divide the feature "
                               f"width {dim}", hint="pick a divisor of it (the paper uses 4)")

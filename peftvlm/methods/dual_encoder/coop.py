@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from peftvlm.errors import RecipeError
-from peftvlm.methods.dual_encoder.base import DualEncoderClassifier
+from peftvlm.methods.dual_encoder.base import DualEncoderClassifier, text_length
 
 
 CSC_NO_TRANSFER = ("method.csc: class-specific context is learned per class and cannot score "
@@ -33,13 +33,30 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def special_wrapping(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after every text: CLIP `[SOS]` / `[EOS]`,
+    SigLIP nothing / `</s>`. Read from the tokenizer itself, so no family is named here."""
+    bare = _ids(tokenizer, ".")
+    wrapped = tokenizer(".")["input_ids"]
+    for i in range(len(wrapped) - len(bare) + 1):
+        if wrapped[i:i + len(bare)] == bare:
+            return wrapped[:i], wrapped[i + len(bare):]
+    raise RecipeError("the tokenizer changes a text's own tokens when it adds special tokens; "
+                      "CoOp cannot lay its prompts out with it")
+
+
 def prompt_layout(tokenizer, n_ctx: int, name: str, position: str):
     """Token ids of one class prompt and the indices of its context slots.
 
-    Slots hold a placeholder id (the start token: never the end-of-text token the text
-    model pools at); the hook replaces their embeddings.
+    `prefix [V]_1..[V]_M name . suffix`, the prefix/suffix being what the tokenizer wraps every
+    text in: with CLIP's `[SOS]`, the context follows the start token as in the paper; SigLIP
+    has no start token, so the context opens the sequence. Slots hold a placeholder id (the
+    start token, or unk: never the end token a text model may pool at); the hook replaces
+    their embeddings.
     """
-    placeholder = tokenizer.bos_token_id
+    prefix, suffix = special_wrapping(tokenizer)
+    placeholder = (tokenizer.bos_token_id if tokenizer.bos_token_id is not None
+                   else tokenizer.unk_token_id)
     name_ids, period = _ids(tokenizer, " " + name), _ids(tokenizer, ".")
     half = n_ctx // 2
     if position == "end":
@@ -48,14 +65,14 @@ def prompt_layout(tokenizer, n_ctx: int, name: str, position: str):
         body = [("ctx", half), ("name", name_ids), ("ctx", n_ctx - half)]
     else:
         body = [("name", name_ids), ("ctx", n_ctx)]
-    ids, slots = [tokenizer.bos_token_id], []
+    ids, slots = list(prefix), []
     for kind, part in body:
         if kind == "ctx":
             slots += range(len(ids), len(ids) + part)
             ids += [placeholder] * part
         else:
             ids += part
-    return ids + period + [tokenizer.eos_token_id], slots
+    return ids + period + suffix, slots
 
 
 class CoOpClassifier(DualEncoderClassifier):
@@ -95,15 +112,18 @@ class CoOpClassifier(DualEncoderClassifier):
         layouts = [prompt_layout(self.tokenizer, self.n_ctx, name,
                                  self.method_config.class_token_position) for name in classnames]
         longest = max(len(ids) for ids, _ in layouts)
+        fixed = text_length(self.model, self.family)
         if longest > self.text_encoder.config.max_position_embeddings:
             raise RecipeError(f"method.n_ctx: class prompts need {longest} tokens, more than the "
                               f"text encoder's {self.text_encoder.config.max_position_embeddings}",
                               hint="use fewer context tokens or shorter class names")
         pad = self.tokenizer.pad_token_id
         device = self.ctx.device
-        ids = torch.tensor([i + [pad] * (longest - len(i)) for i, _ in layouts], device=device)
-        mask = torch.tensor([[1] * len(i) + [0] * (longest - len(i)) for i, _ in layouts],
-                            device=device)
+        length = fixed or longest  # SigLIP: max_length padding, pooled at the last position
+        ids = torch.tensor([i + [pad] * (length - len(i)) for i, _ in layouts], device=device)
+        # Max-length families are run without a mask, exactly as their hand-written prompts.
+        mask = None if fixed else torch.tensor(
+            [[1] * len(i) + [0] * (length - len(i)) for i, _ in layouts], device=device)
         self.register_buffer("prompt_ids", ids, persistent=False)
         self.register_buffer("prompt_mask", mask, persistent=False)
         self.register_buffer("ctx_slots", torch.tensor([s for _, s in layouts], device=device),

@@ -42,6 +42,10 @@ def class_head(classifier: DualEncoderClassifier) -> nn.Linear:
                           f"(prompts or adapters on image features): its class scores do not "
                           f"fold into a linear head on CLIP's image features",
                           hint="export without --merge (the learned tensors + load_method)")
+    if classifier.family.logit_bias:
+        raise ExportError(f"--merge: {classifier.family.name} scores with a learned logit bias; "
+                          f"the merged export's bias-free class head does not carry it yet",
+                          hint="export without --merge (the learned tensors + load_method)")
     with torch.no_grad():
         text = F.normalize(classifier.class_text_features(), dim=-1)
         weight = classifier.model.logit_scale.exp() * text

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from peftvlm.errors import RecipeError
 from peftvlm.methods.dual_encoder.base import DualEncoderClassifier
 
 
@@ -92,6 +93,13 @@ class VPTClassifier(DualEncoderClassifier):
 
     def build_learned(self, classnames: list[str]) -> None:
         cfg = self.method_config
+        if not self.family.vision_cls_token:
+            raise RecipeError(
+                f"method.name: vpt needs a vision transformer whose image feature is a leading "
+                f"CLS token (prompts go between CLS and the patches); {self.family.name}'s vision "
+                f"tower has no CLS token and pools all tokens with an attention head, so VPT as "
+                f"written does not apply to it",
+                hint="use clip_adapter (or coop) with this model, or a CLIP model for vpt")
         prompts = VisualPrompts(self.vision_encoder.config, cfg.num_tokens, cfg.deep, cfg.dropout)
         ref = self.model.logit_scale
         self.visual_prompts = prompts.to(device=ref.device, dtype=ref.dtype)
