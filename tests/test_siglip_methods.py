@@ -149,8 +149,11 @@ def test_merged_export_is_refused_with_the_reason(siglip):
 
 
 @pytest.mark.parametrize("method", [{"name": "clip_adapter"}, {"name": "coop"}])
-def test_each_method_beats_zero_shot_siglip(tmp_path, method):
+def test_each_method_beats_zero_shot_siglip_then_evals_and_exports(tmp_path, method):
+    """Recipe path end to end: train, `peftvlm eval` reproduces the run's accuracies, the
+    adapter export reloads with the run's logits, --merge is refused."""
     from peftvlm import api
+    from peftvlm.export import export_run
 
     recipe = load_recipe(RECIPES / "siglip-adapter.yaml", [
         "data.synthetic.train_size=80",
@@ -162,3 +165,11 @@ def test_each_method_beats_zero_shot_siglip(tmp_path, method):
     acc = summary["eval"]["accuracy"]
     assert acc["after"] >= acc["before"] + 0.25, acc
     assert summary["family"] == "siglip"
+    run_dir = tmp_path / "run"
+    assert api.evaluate(recipe, run_dir, log=lambda *_: None)["accuracy"] == acc
+    report = export_run(run_dir, out=tmp_path / "out", log=lambda *_: None)
+    assert report["passed"], report["checks"]
+    assert "get_family('siglip')" in report["loading_snippet"]
+    reason = "logit bias" if method["name"] == "coop" else "learns the image side"
+    with pytest.raises(ExportError, match=reason):
+        export_run(run_dir, merge=True, out=tmp_path / "merged", log=lambda *_: None)

@@ -99,7 +99,7 @@ def export_dual_encoder(run_dir, adapter_dir: Path, out_dir: Path, merge: bool) 
               "files": files(out_dir)}
     return {"kind": "merged" if merge else "adapter", "method": run.recipe.method.name,
             "base_model": run.recipe.model.id, "classnames": trained.classnames,
-            "loading_snippet": snippet(run.recipe.model.id, merge), "checks": checks}
+            "loading_snippet": snippet(run.recipe.model.id, merge, loaded.family.name), "checks": checks}
 
 
 def write_head_export(trained, model, out_dir: Path) -> HeadClassifier:
@@ -157,7 +157,7 @@ def merged_files(out_dir: Path) -> dict:
                                   "tokenizer_config.json"))
 
 
-def snippet(base_id: str, merge: bool) -> str:
+def snippet(base_id: str, merge: bool, family: str = "clip") -> str:
     """The model card's loading example."""
     if merge:
         body = ("import json\nimport torch.nn.functional as F\nfrom safetensors.torch import "
@@ -177,7 +177,7 @@ def snippet(base_id: str, merge: bool) -> str:
                 "from peftvlm.methods.dual_encoder import load_method\n\n"
                 f"model = AutoModel.from_pretrained({base_id!r})  # the base it was trained on\n"
                 "processor = AutoProcessor.from_pretrained('EXPORT_FOLDER')\n"
-                "classifier = load_method(model, get_family('clip'), processor.tokenizer, "
+                f"classifier = load_method(model, get_family({family!r}), processor.tokenizer, "
                 "'EXPORT_FOLDER')\n"
                 "image = Image.open('your_image.jpg').convert('RGB')\n"
                 "pixels = processor(images=[image], return_tensors='pt')['pixel_values']\n"
