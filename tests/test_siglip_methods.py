@@ -156,11 +156,9 @@ def test_each_method_beats_zero_shot_siglip_then_evals_and_exports(tmp_path, met
     from peftvlm.export import export_run
 
     recipe = load_recipe(RECIPES / "siglip-adapter.yaml", [
-        "data.synthetic.train_size=80",
+        f"method={{name: {method['name']}}}", "data.synthetic.train_size=80",
         "data.synthetic.eval_size=60", "data.shots=8", "train.max_steps=40",
         "train.lr_scheduler_type=constant", "train.save_steps=1000", "train.seed=0"])
-    if method["name"] == "coop":
-        recipe = recipe.model_copy(update={"method": CoopMethod()})
     summary = api.train(recipe, tmp_path / "run", log=lambda *a, **k: None)
     acc = summary["eval"]["accuracy"]
     assert acc["after"] >= acc["before"] + 0.25, acc
