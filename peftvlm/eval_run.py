@@ -9,7 +9,7 @@ it (`PeftModel.from_pretrained`) and scored on the same rows with the recipe's `
 in the run's summary.json. Outputs go to RUN/eval/ (see `peftvlm.eval_report`).
 
 CLIP-family runs (method kind `dual_encoder`) are dispatched to
-`peftvlm.trainers.clip.evaluate_dual_encoder(recipe, run_dir, split=, max_samples=,
+`peftvlm.trainers.clip_eval.evaluate_dual_encoder(recipe, run_dir, split=, max_samples=,
 with_base=)`, which returns the same result dict.
 """
 
@@ -174,15 +174,8 @@ def build_result(recipe, run_dir: Path, split: str, cfg, base: dict | None, tune
 
 def evaluate_dual_encoder_run(recipe, run_dir: Path, split: str, max_samples: int | None,
                               with_base: bool) -> dict:
-    """CLIP-family runs: zero-shot vs trained accuracy, from the CLIP trainer's evaluator."""
-    try:
-        from peftvlm.trainers import clip
-    except ImportError:
-        clip = None
-    evaluate = getattr(clip, "evaluate_dual_encoder", None)
-    if evaluate is None:
-        raise RunError(f"`peftvlm eval` does not support {recipe.method.name} (CLIP-family) "
-                       "runs yet",
-                       hint=f"zero-shot (before) and trained (after) accuracy are in "
-                            f"{run_dir / 'summary.json'}")
-    return evaluate(recipe, run_dir, split=split, max_samples=max_samples, with_base=with_base)
+    """CLIP-family runs: zero-shot vs trained accuracy (`trainers/clip_eval.py`)."""
+    from peftvlm.trainers.clip_eval import evaluate_dual_encoder
+
+    return evaluate_dual_encoder(recipe, run_dir, split=split, max_samples=max_samples,
+                                 with_base=with_base)

@@ -298,8 +298,10 @@ def apply_overrides(data: dict, overrides: list[str], file: str = "<recipe>") ->
     return data
 
 
-def read_recipe_yaml(path: Path) -> dict:
-    """Read a recipe file into a dict, with clear errors for missing/empty/invalid files."""
+def read_recipe_yaml(path: Path, what: str = "recipe",
+                     start_from: str = "`peftvlm cp quickstart my.yaml`") -> dict:
+    """Read a YAML config (a recipe by default) into a dict, with clear errors for
+    missing/empty/invalid files."""
     if not path.exists():
         raise RecipeError(f"recipe file {path} does not exist",
                           hint="check the path, or list the shipped ones: `peftvlm ls recipes`")
@@ -312,11 +314,10 @@ def read_recipe_yaml(path: Path) -> dict:
         raise RecipeError(f"{path}: invalid YAML{where}: {problem}",
                           hint="check indentation and quoting around that line") from exc
     if data is None:
-        raise RecipeError(f"{path}: the recipe is empty",
-                          hint="start from a shipped one: `peftvlm cp quickstart my.yaml`")
+        raise RecipeError(f"{path}: the {what} is empty", hint=f"start from {start_from}")
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of sections "
-                          f"(model, method, data, train, tracking), got {type(data).__name__}")
+        raise RecipeError(f"{path}: a {what} must be a mapping of sections, "
+                          f"got {type(data).__name__}", hint=f"start from {start_from}")
     return data
 
 

@@ -34,7 +34,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["coop", "vpt", "clip_adapter"])
 def test_eval_reproduces_the_run_summary_exactly(runs, method):
-    from peftvlm.trainers.clip import evaluate_dual_encoder
+    from peftvlm.trainers.clip_eval import evaluate_dual_encoder
 
     recipe, run_dir = runs[method]
     result = evaluate_dual_encoder(recipe, run_dir, log=lambda *_: None)
@@ -57,7 +57,7 @@ def test_eval_reproduces_the_run_summary_exactly(runs, method):
 
 
 def test_eval_other_split_limit_no_base_and_errors(runs):
-    from peftvlm.trainers.clip import evaluate_dual_encoder
+    from peftvlm.trainers.clip_eval import evaluate_dual_encoder
 
     recipe, run_dir = runs["coop"]
     small = evaluate_dual_encoder(recipe, run_dir, max_samples=10, with_base=False,
@@ -70,7 +70,7 @@ def test_eval_other_split_limit_no_base_and_errors(runs):
 
 
 def test_eval_top5_beyond_five_classes():
-    from peftvlm.trainers.clip import score_classes
+    from peftvlm.trainers.clip_eval import score_classes
 
     class Fixed(torch.nn.Module):  # logits favour class 0, then 1, ...
         classnames = [str(i) for i in range(7)]
@@ -97,7 +97,8 @@ def test_eval_top5_beyond_five_classes():
 
 def test_eval_base_to_new_reports_each_group(tmp_path):
     from peftvlm.models import tiny_model_path
-    from peftvlm.trainers.clip import evaluate_dual_encoder, train_dual_encoder
+    from peftvlm.trainers.clip import train_dual_encoder
+    from peftvlm.trainers.clip_eval import evaluate_dual_encoder
 
     recipe = recipe_for(tiny_model_path("tiny-clip"), {"name": "coop", "n_ctx": 4}, max_steps=3)
     recipe.data.base_to_new = True

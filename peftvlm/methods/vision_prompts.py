@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from peft import PeftModel
 
 from peftvlm.errors import ModelError, RunError

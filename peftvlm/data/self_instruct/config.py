@@ -144,7 +144,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> SelfIns
     if not path.is_file():
         raise RecipeError(f"self-instruct config {path} does not exist",
                           hint="start from data_templates/self_instruct/example.yaml")
-    data = apply_overrides(read_recipe_yaml(path), overrides or [], str(path))
+    data = apply_overrides(read_recipe_yaml(path, "self-instruct config",
+                                            "data_templates/self_instruct/example.yaml"),
+                           overrides or [], str(path))
     try:
         config = SelfInstructConfig.model_validate(data)
     except ValidationError as exc:

@@ -71,7 +71,7 @@ def read_jsonl_models(path: Path, model: type[BaseModel]) -> list:
             err = exc.errors()[0]
             field = ".".join(str(p) for p in err["loc"]) or "(row)"
             raise DataError(f"{path}:{n}: {field}: {err['msg']}",
-                            hint=f"see data_templates/self_instruct/ for the row format") from exc
+                            hint="see data_templates/self_instruct/ for the row format") from exc
     if not rows:
         raise DataError(f"{path} has no rows")
     return rows

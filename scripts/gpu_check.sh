@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# GPU-only checks (bf16, gradient checkpointing, QLoRA with CUDA kernels, merging there).
+# Run on a machine with an NVIDIA GPU after `bash scripts/setup.sh`:
+#   bash scripts/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
+.venv/bin/python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py "$@"
