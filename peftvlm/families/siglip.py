@@ -42,8 +42,13 @@ def build_tiny_siglip_tokenizer():
 def build_tiny(out_dir: Path) -> None:
     """A 2-layer random SiglipModel (32x32 images, patch 8) with a local tokenizer."""
     import torch
-    from transformers import (SiglipConfig, SiglipModel, SiglipProcessor, SiglipTextConfig,
-                              SiglipVisionConfig)
+    from transformers import (
+        SiglipConfig,
+        SiglipModel,
+        SiglipProcessor,
+        SiglipTextConfig,
+        SiglipVisionConfig,
+    )
     from transformers.models.siglip import SiglipImageProcessorPil
 
     tok = build_tiny_siglip_tokenizer()

@@ -24,7 +24,6 @@ from torch import nn
 from peftvlm.errors import RecipeError
 from peftvlm.methods.dual_encoder.base import DualEncoderClassifier, text_length
 
-
 CSC_NO_TRANSFER = ("method.csc: class-specific context is learned per class and cannot score "
                    "other classes")
 
