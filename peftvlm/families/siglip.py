@@ -64,9 +64,7 @@ def build_tiny(out_dir: Path) -> None:
         vision_config=SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=64,
                                          intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4))
-    with torch.random.fork_rng():  # the same tiny model on every machine, global RNG untouched
-        torch.manual_seed(0)
-        model = SiglipModel(config)
+    model = SiglipModel(config)  # seeded by models.tiny_model_path, like every tiny builder
     with torch.no_grad():
         # The SigLIP paper's initial temperature and bias (t' = log 10, b = -10); transformers
         # zeroes both, which leaves the logits almost flat for a random model.
