@@ -19,3 +19,10 @@ def test_quickstart_reaches_095_held_out_exact_match(tmp_path):
     assert summary["loss_curve"][-1][1] < summary["loss_curve"][0][1]
     assert "exact_match" in res.stdout and "run folder" in res.stdout
     assert "Traceback" not in res.stderr
+
+    # `peftvlm eval` on the same run reproduces the summary's numbers exactly.
+    res = run_cli("eval", "recipes/quickstart.yaml", "--run", tmp_path / "qs")
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "qs" / "eval" / "metrics.json").read_text())["metrics"]
+    assert metrics["exact_match"]["fine_tuned"] == summary["eval"]["exact_match"]["after"]
+    assert metrics["exact_match"]["base"] == summary["eval"]["exact_match"]["before"]
