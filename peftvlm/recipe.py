@@ -43,6 +43,24 @@ class ModelConfig(Section):
         None, description="bitsandbytes quantization of the base (QLoRA sets 4-bit nf4 by default).")
 
 
+# Row formats (peftvlm/data/formats.py) and annotation layouts (peftvlm/data/readers.py).
+RowFormat = Literal["auto", "messages", "openai_messages", "llava_conversations"]
+SourceFormat = Literal["auto", "messages", "openai_messages", "llava_conversations",
+                       "coco_captions", "vqav2"]
+
+
+FORMAT_ALIASES = {"sharegpt": "llava_conversations", "openai": "openai_messages"}
+
+
+def _format_name(value: Any) -> Any:
+    """`llava-conversations` and `llava_conversations` name the same format (so do sharegpt and
+    openai, the names other tools use)."""
+    if not isinstance(value, str):
+        return value
+    value = value.replace("-", "_")
+    return FORMAT_ALIASES.get(value, value)
+
+
 class SourceConfig(Section):
     path: str | None = Field(None, description="JSONL/JSON/CSV/TSV/Parquet file, image folder "
                                                "(one subfolder per class) or saved `datasets` "
@@ -53,10 +71,17 @@ class SourceConfig(Section):
                                             "`train[10%:20%]`).")
     streaming: bool = Field(False, description="Read a Hub dataset lazily, stopping after "
                                                "max_samples rows (no full download).")
-    format: Literal["auto", "coco_captions", "vqav2"] = Field(
-        "auto", description="Annotation layout: auto (by file type; a JSON with `images` + "
-                            "`annotations` lists is COCO captions), coco_captions, or vqav2 "
-                            "(path = questions file, `annotations` = annotations file).")
+    format: SourceFormat = Field(
+        "auto", description="How the source is laid out. auto: detected (a JSON with `images` + "
+                            "`annotations` lists is COCO captions; rows with `conversations` "
+                            "are llava_conversations, with `messages` messages or, with OpenAI "
+                            "`image_url` items, openai_messages). Annotation layouts: "
+                            "coco_captions, vqav2 (path = questions file, `annotations` = "
+                            "annotations file). Row formats (forced): messages, openai_messages, "
+                            "llava_conversations (docs/data.md). Default: data.format.")
+
+    _format_names = field_validator("format", mode="before")(
+        classmethod(lambda cls, v: _format_name(v)))
     annotations: str | None = Field(None, description="vqav2: the annotations file, relative to "
                                                       "the recipe.")
     image_root: str | None = Field(None, description="Folder that image paths are relative to "
@@ -126,6 +151,15 @@ class DataConfig(Section):
                                                          "(e.g. answer_selection: all_weighted).")
     system_prompt: str | None = Field(None, description="System message prepended to every "
                                                         "conversation.")
+    format: RowFormat = Field(
+        "auto", description="Row format of every source whose own `format` is auto: auto "
+                            "(detected per source and reported by `data stats`), messages, "
+                            "openai_messages or llava_conversations (docs/data.md).")
+    video_fps: float | None = Field(
+        2.0, gt=0, description="Frames sampled per second of a video file (`videos` field); "
+                               "None = every frame. Frame folders are used frame by frame.")
+    video_max_frames: int = Field(
+        16, ge=1, description="At most this many frames per video, sampled evenly.")
     on_bad_row: Literal["skip", "error"] = Field(
         "skip", description="Bad rows (missing image, empty answer...): skip and count, or stop.")
     on_overflow: Literal["drop", "error"] = Field(
@@ -153,6 +187,8 @@ class DataConfig(Section):
 
     _coerce_train = field_validator("train", "eval", mode="before")(
         classmethod(lambda cls, v: _as_sources(v)))
+    _format_names = field_validator("format", mode="before")(
+        classmethod(lambda cls, v: _format_name(v)))
 
     @field_validator("prompt_templates")
     @classmethod

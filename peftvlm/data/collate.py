@@ -12,24 +12,24 @@ IGNORE_INDEX = -100
 
 
 def open_image(image):
-    from PIL import Image
+    """The RGB image the processor gets: decoded as `peftvlm.data.images.load_rgb` says (EXIF
+    orientation applied, transparency on white, 16-bit scaled), from a path, bytes or PIL image."""
+    from peftvlm.data.images import load_rgb
 
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, dict):  # {"bytes"} or {"path"}: kept compact until batched (loading.py)
-        import io
-
-        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-    with Image.open(image) as im:
-        return im.convert("RGB")
+    return load_rgb(image)
 
 
-def with_images(messages: list[dict], images: list) -> list[dict]:
-    """Attach the row's images, in order, to its `{"type": "image"}` items."""
+def with_images(messages: list[dict], images: list, videos: list = ()) -> list[dict]:
+    """Attach the row's images (and videos: frame arrays), in order, to its media items."""
+    from peftvlm.data.video import load_frames
+
     pending = iter(open_image(i) for i in images)
+    clips = iter(load_frames(v) for v in videos)
+    media = {"image": lambda: {"type": "image", "image": next(pending)},
+             "video": lambda: {"type": "video", "video": next(clips)}}
     return [{"role": m["role"],
-             "content": [{"type": "image", "image": next(pending)} if c["type"] == "image" else c
-                         for c in m["content"]]} for m in messages]
+             "content": [media[c["type"]]() if c["type"] in media else c for c in m["content"]]}
+            for m in messages]
 
 
 def prompt_messages(messages: list[dict]) -> list[dict]:
@@ -77,12 +77,14 @@ class ConversationCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         self.processor.tokenizer.padding_side = "right"
-        return self.encode([with_images(r["messages"], r["images"]) for r in rows])
+        return self.encode([with_images(r["messages"], r["images"], r.get("videos") or ())
+                            for r in rows])
 
 
 def encode_prompts(processor, family, rows: list[dict]) -> dict:
     """Left-padded generation prompts (all turns before the last answer) for batched eval."""
-    conversations = [with_images(prompt_messages(r["messages"]), r["images"]) for r in rows]
+    conversations = [with_images(prompt_messages(r["messages"]), r["images"], r.get("videos") or ())
+                     for r in rows]
     processor.tokenizer.padding_side = "left"
     if family.encode_prompt is not None:
         return dict(family.encode_prompt(processor, conversations))

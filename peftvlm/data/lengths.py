@@ -78,6 +78,9 @@ class LengthCounter:
         return self._sizes[image]
 
     def __call__(self, rows: list[dict]) -> list[int]:
+        if any(r.get("videos") for r in rows):
+            # Video token counts depend on frame count and size: measured by the collator itself.
+            return collator_lengths(self.collator, rows)
         texts = self.texts(rows)
         lengths = self.text_lengths(texts)
         return [n + sum(self.expansion(self.size(i)) for i in r["images"])

@@ -22,7 +22,7 @@ from peftvlm.errors import DataError
 
 CACHE_MIN_ROWS = 1000      # below this, rendering is faster than reading a cache file
 PARALLEL_MIN_ROWS = 2000   # below this, starting worker processes costs more than it saves
-CACHE_VERSION = "3"        # bump when rendering changes (2: rows keep id, references...)
+CACHE_VERSION = "4"        # bump when rendering changes (4: row formats, full image checks)
 
 
 @dataclass
@@ -48,9 +48,11 @@ class SourceRows:
     report: BadRowReport
     records: int
     cached: bool = False
+    format: str = "messages"
 
     def info(self, section: str, used: int | None = None) -> dict:
-        return {"section": section, "source": self.name, "records": self.records,
+        return {"section": section, "source": self.name, "format": self.format,
+                "records": self.records,
                 "rows": len(self.rows), "used": len(self.rows) if used is None else used,
                 "bad_rows": self.report.total, "from_cache": self.cached}
 
@@ -78,13 +80,25 @@ def recipe_sources(recipe):
 # --- one source --------------------------------------------------------------------------------
 
 class MessagesRenderer:
-    """Rows that already hold `messages` (+ `images`): checked, not templated."""
+    """Rows that already are conversations, in one of the row formats of `formats.py`
+    (`messages`, `openai_messages`, `llava_conversations`): converted and checked, not templated."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, fmt: str = "auto", video=None):
+        self.root, self.format, self.video = root, fmt, video
+        self.options = {"format": fmt, "video": video}  # part of the cache key
+
+    def detect(self, records: list, name: str) -> None:
+        """Pick the source's row format from its first rows (when not forced)."""
+        from peftvlm.data.formats import detect_format, no_format_error
+
+        if self.format == "auto" and records:
+            self.format = detect_format(records) or no_format_error(records, name)
+
+    def describe(self) -> str:
+        return self.format
 
     def render(self, row_id: str, record) -> dict:
-        return to_conversation(record, self.root)
+        return to_conversation(record, self.root, self.format, self.video)
 
     def conversations(self, pieces: list) -> list[dict]:
         return pieces
@@ -94,7 +108,11 @@ def make_renderer(src, opened, data_cfg, box_format: str, base_dir: Path):
     """The template renderer this source asks for (own, recipe default, or the kind's default)."""
     name = src.template or data_cfg.template or opened.default_template
     if name is None:
-        return MessagesRenderer(opened.root)
+        from peftvlm.data.video import VideoOptions
+
+        fmt = data_cfg.format if src.format in ("auto", "coco_captions", "vqav2") else src.format
+        return MessagesRenderer(opened.root, fmt,
+                                VideoOptions(data_cfg.video_fps, data_cfg.video_max_frames))
     from peftvlm.data.templates import TemplateRenderer, load_template, merged_options
 
     template = load_template(name, base_dir)
@@ -156,14 +174,24 @@ def load_source(src, data_cfg, base_dir: Path, box_format: str = "norm1") -> Sou
     cache_file = prepared_cache_dir() / f"{key}.pkl" if key else None
     if cache_file and cache_file.exists():
         with cache_file.open("rb") as f:
-            rows, report, n = pickle.load(f)  # our own cache file, written below
-        return SourceRows(opened.name, rows, report, n, cached=True)
+            rows, report, n, fmt = pickle.load(f)  # our own cache file, written below
+        return SourceRows(opened.name, rows, report, n, cached=True, format=fmt)
     records = take(opened.records, src.max_samples)
+    if hasattr(renderer, "detect"):
+        renderer.detect(records, opened.name)
     pieces, report = render_records(renderer, records, data_cfg.num_proc)
     rows = renderer.conversations(pieces)
+    fmt = source_format(renderer, opened)
     if cache_file and len(records) >= CACHE_MIN_ROWS:
-        write_atomic(cache_file, pickle.dumps((rows, report, len(records)), protocol=5))
-    return SourceRows(opened.name, rows, report, len(records))
+        write_atomic(cache_file, pickle.dumps((rows, report, len(records), fmt), protocol=5))
+    return SourceRows(opened.name, rows, report, len(records), format=fmt)
+
+
+def source_format(renderer, opened) -> str:
+    """How a source was read: its row format, or its layout + the template that rendered it."""
+    if hasattr(renderer, "describe"):
+        return renderer.describe()
+    return f"{opened.layout or 'columns'} + template {renderer.spec.name}"
 
 
 def prepared_cache_dir() -> Path:
@@ -240,6 +268,13 @@ def encoded_image(image) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
+def trainer_rows(rows: list[dict], data_cfg) -> list[dict]:
+    """System prompt added; one image and video representation across rows (for `datasets`)."""
+    from peftvlm.data.video import uniform_videos
+
+    return uniform_videos(uniform_images(with_system_prompt(rows, data_cfg.system_prompt)))
+
+
 def load_rows(recipe, box_format: str = "norm1") -> PreparedData:
     """Checked conversations of the recipe's train and eval sources (no length filter yet)."""
     train_sources, eval_sources = recipe_sources(recipe)
@@ -253,8 +288,7 @@ def load_rows(recipe, box_format: str = "norm1") -> PreparedData:
     if not train:
         raise DataError("data.train: no usable rows" +
                         (f" ({train_report.describe()})" if train_report.total else ""))
-    return PreparedData(uniform_images(with_system_prompt(train, data_cfg.system_prompt)),
-                        uniform_images(with_system_prompt(evaluation, data_cfg.system_prompt)),
+    return PreparedData(trainer_rows(train, data_cfg), trainer_rows(evaluation, data_cfg),
                         {"train": train_report.as_dict(), "eval": eval_report.as_dict()},
                         sources=train_info + eval_info)
 
@@ -285,7 +319,10 @@ def drop_overflowing(rows, collator, max_length: int, policy: str, what: str):
 
 def prepare_data(recipe, collator) -> PreparedData:
     """Load, check and length-filter the recipe's rows; bad rows never crash training later."""
+    from peftvlm.data.video import check_video_support
+
     data = load_rows(recipe, collator.family.box_format)
+    check_video_support(data.train + data.eval, collator.family, recipe.model.id)
     data.train, data.overflow = drop_overflowing(data.train, collator, recipe.train.max_length,
                                                  recipe.data.on_overflow, "data.train")
     if not data.train:

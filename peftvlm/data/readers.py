@@ -18,8 +18,10 @@ Row ids (`file:line`, `file[index]`) are what bad-row reports name.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -41,6 +43,7 @@ class SourceData:
     root: Path
     files: list[Path] = field(default_factory=list)
     default_template: str | None = None
+    layout: str | None = None  # annotation layout read (coco_captions...); None: rows as they are
 
 
 def open_source(src, base_dir: Path) -> SourceData:
@@ -55,8 +58,9 @@ def open_source(src, base_dir: Path) -> SourceData:
         if is_saved_dataset(path):
             return read_dataset(src, base_dir)
         records = read_image_folder(path)
-        return SourceData(src.path, records, root or path, folder_files(path), "classification")
-    fmt = src.format
+        return SourceData(src.path, records, root or path, folder_files(path), "classification",
+                          "image_folder")
+    fmt = src.format  # row formats (messages, llava_conversations...) are read as plain rows
     if fmt == "auto" and path.suffix == ".json":
         fmt = "coco_captions" if looks_like_coco(path) else "auto"
     if fmt == "coco_captions":
@@ -67,10 +71,12 @@ def open_source(src, base_dir: Path) -> SourceData:
                             "annotations file beside the questions file)")
         annotations = (base_dir / src.annotations).resolve()
         records = read_vqav2(path, annotations, src.image_pattern or VQAV2_PATTERN)
-        return SourceData(src.path, records, root or path.parent, [path, annotations])
+        return SourceData(src.path, records, root or path.parent, [path, annotations],
+                          layout="vqav2")
     else:
         records = read_file(path)
-    return SourceData(src.path, records, root or path.parent, [path])
+    return SourceData(src.path, records, root or path.parent, [path],
+                      layout="coco_captions" if fmt == "coco_captions" else None)
 
 
 def read_file(path: Path) -> list[tuple[str, Any]]:
@@ -84,38 +90,89 @@ def read_file(path: Path) -> list[tuple[str, Any]]:
 
 
 def read_jsonl(path: Path) -> list[tuple[str, Any]]:
+    """One record per line, named `file:line`; a line that is not UTF-8 or not JSON is a bad
+    row of its own (read as bytes, so one bad byte never hides the rest of the file)."""
     records = []
-    with path.open() as f:
-        for n, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            row_id = f"{path.name}:{n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                records.append((row_id, BadRow("bad_encoding", f"byte {raw[exc.start]:#04x} at "
+                                                               f"column {exc.start + 1} is not "
+                                                               "UTF-8")))
+                continue
             if not line.strip():
                 continue
             try:
-                records.append((f"{path.name}:{n}", json.loads(line)))
+                records.append((row_id, json.loads(line)))
             except json.JSONDecodeError as exc:
-                records.append((f"{path.name}:{n}", BadRow("invalid_json", exc.msg)))
+                records.append((row_id, BadRow("invalid_json", exc.msg)))
     return records
+
+
+def read_text(path: Path) -> str:
+    """A whole text file as UTF-8 (a BOM dropped); a bad byte is an error naming its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: byte {data[exc.start]:#04x} is not UTF-8",
+                        hint="save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from exc
 
 
 def load_json(path: Path):
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
 
 
 def read_json(path: Path) -> list[tuple[str, Any]]:
-    data = load_json(path)
+    """A JSON list (or `{"data": [...]}`); each record is named by the line it starts on."""
+    text = read_text(path)
+    items = json_list_items(text, path)
+    if items is not None:
+        return [(f"{path.name}:{line}", r) for line, r in items]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
     if isinstance(data, dict):  # {"data": [...]}-style wrappers
         data = next((v for v in data.values() if isinstance(v, list)), [])
     return [(f"{path.name}[{i}]", r) for i, r in enumerate(data)]
 
 
+def json_list_items(text: str, path: Path) -> list[tuple[int, Any]] | None:
+    """(line, item) for each element of a top-level JSON list; None if the text is not one.
+    `json.loads` keeps no positions, so elements are decoded one by one with `raw_decode`."""
+    decoder, ws = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
+    pos = ws.match(text, 0).end()
+    if not text.startswith("[", pos):
+        return None
+    pos = ws.match(text, pos + 1).end()
+    items = []
+    while pos < len(text) and text[pos] != "]":
+        try:
+            item, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+        items.append((text.count("\n", 0, pos) + 1, item))
+        pos = ws.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = ws.match(text, pos + 1).end()
+    return items
+
+
 def read_csv(path: Path) -> list[tuple[str, Any]]:
-    """Rows as dicts; empty cells are missing values, JSON-looking cells are parsed."""
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-        return [(f"{path.name}:{n}", {k: csv_cell(v) for k, v in row.items() if k})
-                for n, row in enumerate(reader, start=2)]
+    """Rows as dicts; empty cells are missing values, JSON-looking cells are parsed. A UTF-8
+    BOM (Excel's "CSV UTF-8") is dropped, so the first column keeps its name."""
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""),
+                            delimiter="\t" if path.suffix == ".tsv" else ",")
+    return [(f"{path.name}:{reader.line_num}", {k: csv_cell(v) for k, v in row.items() if k})
+            for row in reader]
 
 
 def csv_cell(value: str | None):
@@ -159,7 +216,7 @@ def folder_files(path: Path) -> list[Path]:
 
 def looks_like_coco(path: Path) -> bool:
     """A JSON object with `images` and `annotations` lists (read only the first 64 KiB)."""
-    with path.open() as f:
+    with path.open(errors="replace") as f:  # a bad byte is reported when the file is read
         head = f.read(65536)
     return head.lstrip().startswith("{") and '"images"' in head and '"annotations"' in head
 

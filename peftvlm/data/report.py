@@ -56,8 +56,11 @@ def stats(recipe, plot_path: Path) -> dict:
     from peftvlm.data.lengths import token_lengths
     from peftvlm.data.loading import load_rows
 
+    from peftvlm.data.video import check_video_support
+
     collator = processor_collator(recipe)
     data = load_rows(recipe, collator.family.box_format)
+    check_video_support(data.train + data.eval, collator.family, recipe.model.id)
     lengths = token_lengths(collator, data.train)
     max_length = recipe.train.max_length
     plot_lengths(lengths, max_length, plot_path, f"{recipe.name}: training rows by token length")

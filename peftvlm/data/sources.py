@@ -59,41 +59,29 @@ class BadRowReport:
                          for r, c in self.counts.items())
 
 
-def normalise_content(content) -> list[dict]:
-    """String content becomes one text item; lists are kept (checked for known item types)."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if not isinstance(content, list):
-        raise BadRow("bad_messages", f"content must be a string or a list, got {type(content).__name__}")
-    items = []
-    for item in content:
-        if not isinstance(item, dict) or item.get("type") not in ("image", "text"):
-            raise BadRow("bad_messages", f"content item {item!r} is not an image or text item")
-        items.append({"type": "image"} if item["type"] == "image"
-                     else {"type": "text", "text": str(item.get("text") or "")})
-    return items
-
-
-def normalise_messages(messages, n_images: int) -> list[dict]:
-    """Check roles and answers; put image items in the first user turn if none are marked."""
-    if not isinstance(messages, list) or not messages:
-        raise BadRow("bad_messages", "`messages` must be a non-empty list")
+def normalise_messages(messages: list[dict], n_images: int, n_videos: int = 0) -> list[dict]:
+    """Check roles and answers; media items must match the media given (none marked: images
+    and videos go at the start of the first user turn, as most datasets mean)."""
     out = []
     for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+        if m.get("role") not in ("system", "user", "assistant"):
             raise BadRow("bad_messages", f"message {str(m)[:60]!r} needs role system/user/assistant")
-        out.append({"role": m["role"], "content": normalise_content(m.get("content", ""))})
+        out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
         raise BadRow("no_answer", "no assistant message")
     for m in out:
         if m["role"] == "assistant" and not "".join(i.get("text", "") for i in m["content"]).strip():
             raise BadRow("empty_answer", "an assistant message is empty")
-    marked = sum(i["type"] == "image" for m in out for i in m["content"])
-    if marked == 0 and n_images:
-        first_user = next(m for m in out if m["role"] == "user")
-        first_user["content"][:0] = [{"type": "image"}] * n_images
-    elif marked != n_images:
-        raise BadRow("image_count", f"{marked} image placeholders but {n_images} images")
+    for kind, given in (("video", n_videos), ("image", n_images)):
+        marked = sum(i["type"] == kind for m in out for i in m["content"])
+        if marked == 0 and given:
+            first_user = next((m for m in out if m["role"] == "user"), None)
+            if first_user is None:
+                raise BadRow(f"{kind}_count", f"{given} {kind}(s) but no user turn to put them in")
+            first_user["content"][:0] = [{"type": kind}] * given
+        elif marked != given:
+            raise BadRow(f"{kind}_count", f"{marked} {kind} placeholder(s) (<{kind}> tags or "
+                                          f"{kind} items) but {given} {kind}(s) given")
     return out
 
 
@@ -120,28 +108,20 @@ def resolve_image(image, root: Path):
         raise BadRow("missing_image", f"{image} not found")
     if path.stat().st_size == 0:
         raise BadRow("corrupt_image", f"{image} is empty")
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises all three for broken files
-        raise BadRow("corrupt_image", f"{image}: {exc}") from exc
+    from peftvlm.data.images import check_image
+
+    check_image(path, image)  # decoded whole, as training will: never a crash at step N
     return str(path)
 
 
 def verify_image_bytes(data: bytes) -> None:
-    import io
+    from peftvlm.data.images import check_image
 
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadRow("corrupt_image", f"image bytes do not decode: {exc}") from exc
+    check_image(data, "image bytes")
 
 
 def image_size(image) -> tuple[int, int]:
-    """(width, height) of a resolved image, reading only the file header."""
+    """(width, height) of a resolved image as training sees it, reading only the header."""
     import io
 
     from PIL import Image
@@ -150,21 +130,29 @@ def image_size(image) -> tuple[int, int]:
         return image.size
     if isinstance(image, dict):
         image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-    source = image
-    with Image.open(source) as im:
-        return im.size
+    with Image.open(image) as im:
+        width, height = im.size
+        # EXIF orientations 5-8 rotate by 90 degrees: training sees the transposed image.
+        rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    return (height, width) if rotated else (width, height)
 
 
-def to_conversation(record, root: Path) -> dict:
-    """A raw record -> `{"messages", "images"}` with images resolved, or `BadRow`."""
+def to_conversation(record, root: Path, fmt: str = "messages", video=None) -> dict:
+    """A raw record of row format `fmt` (`formats.py`) -> `{"messages", "images"}` (+ `videos`
+    when it has any) with media resolved and checked, or `BadRow`. `video`: `VideoOptions`."""
+    from peftvlm.data.formats import to_native
+
     if isinstance(record, BadRow):
         raise record
     if not isinstance(record, dict):
         raise BadRow("bad_row", "a row must be a JSON object")
-    images = record.get("images", [])
-    images = [images] if isinstance(images, (str, dict)) else list(images or [])
-    messages = normalise_messages(record.get("messages"), len(images))
-    row = {"messages": messages, "images": [resolve_image(i, root) for i in images]}
+    native = to_native(record, fmt)
+    messages = normalise_messages(native["messages"], len(native["images"]), len(native["videos"]))
+    row = {"messages": messages, "images": [resolve_image(i, root) for i in native["images"]]}
+    if native["videos"]:
+        from peftvlm.data.video import VideoOptions, resolve_video
+
+        row["videos"] = [resolve_video(v, root, video or VideoOptions()) for v in native["videos"]]
     return {**row, **eval_fields(record)}
 
 

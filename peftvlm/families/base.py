@@ -50,6 +50,12 @@ class FamilySpec:
     vision_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
     projector_targets: tuple[str, ...] = ("linear_1", "linear_2")
     image_token: str | None = "<image>"
+    # Whether rows may carry `videos` (`{"type": "video"}` items): the processor the family
+    # loads must turn frame arrays into the model's video inputs (see qwen2_vl.py).
+    takes_video: bool = False
+    # Whether the training chat template renders images where they stand among the text
+    # (interleaved); False: it puts a turn's images before its text (llava-1.5's template).
+    interleaved_images: bool = True
     training_chat_template: str | None = None
     end_of_turn: str | None = None
     # How grounding data writes boxes for this family (one of `peftvlm.data.boxes.BOX_FORMATS`).

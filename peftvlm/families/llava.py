@@ -58,6 +58,7 @@ SPEC = FamilySpec(
     language_module="model.language_model",
     projector_targets=("linear_1", "linear_2"),
     image_token="<image>",
+    interleaved_images=False,  # llava-1.5's published template puts a turn's images first
     training_chat_template=CHAT_TEMPLATE,
     end_of_turn="</s>",
     tiny_name="tiny-llava",

@@ -122,6 +122,7 @@ SPEC = FamilySpec(
     language_module="model.language_model",
     projector_targets=("linear",),
     image_token="<image>",
+    interleaved_images=False,  # the processor puts every image before the prompt
     end_of_turn="<eos>",
     box_format="norm1",  # natively <locYYYY><locXXXX>... tokens, not written by data.boxes yet
     training_chat_template=None,

@@ -4,7 +4,8 @@ patch merger is the projector, and a Qwen2 language model with multimodal rotary
 Both ship the same ChatML template (`<|im_start|>role ... <|im_end|>`). Qwen2-VL writes boxes
 as 0-1000 integers; Qwen2.5-VL natively uses absolute pixels of its resized input, but is
 trained here on 0-1000 too. Their processors ask for a video processor, which needs
-torchvision; `processor_class` is an image-only subclass that loads without it.
+torchvision; `processor_class` is an image-only subclass that loads without it and carries
+`FramesVideoProcessor` (NumPy) for rows with videos.
 """
 
 from __future__ import annotations
@@ -52,6 +53,70 @@ SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_en
                   "<|image_pad|>", "<|video_pad|>", "<|endoftext|>")
 
 
+class FramesVideoProcessor:
+    """Qwen2-VL's video preprocessing over decoded frames, in NumPy and Pillow.
+
+    transformers' `Qwen2VLVideoProcessor` imports torchvision, which does not load with this
+    torch build. This is the same computation (frames resized to the image processor's pixel
+    budget on a multiple of patch x merge, rescaled, normalised, grouped `temporal_patch_size`
+    frames per patch with the last frame repeated to fill a group), returning the model's
+    `pixel_values_videos` + `video_grid_thw`. Resizing is Pillow's bicubic, not torchvision's,
+    so pixels may differ from the stock processor's by interpolation rounding.
+    """
+
+    model_input_names = ["pixel_values_videos", "video_grid_thw"]
+
+    def __init__(self, image_processor, fps: float = 2.0):
+        self.image_processor, self.fps = image_processor, fps
+        self.patch_size = image_processor.patch_size
+        self.merge_size = image_processor.merge_size
+        self.temporal_patch_size = image_processor.temporal_patch_size
+
+    def __call__(self, videos, **kwargs):
+        import numpy as np
+        from transformers import BatchFeature
+        from transformers.video_utils import VideoMetadata, make_batched_videos
+
+        patches, grids, metadata = [], [], []
+        for video in make_batched_videos(videos):
+            video_patches, grid = self.patchify(self.frames(np.asarray(video)))
+            patches.append(video_patches)
+            grids.append(grid)
+            metadata.append(VideoMetadata(total_num_frames=len(video), fps=self.fps))
+        return BatchFeature({"pixel_values_videos": np.concatenate(patches).astype(np.float32),
+                             "video_grid_thw": np.array(grids, dtype=np.int64),
+                             "video_metadata": metadata})
+
+    def frames(self, video):
+        """(T, H, W, 3) uint8 -> (T, 3, h, w) float32, resized and normalised."""
+        import numpy as np
+        from PIL import Image
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        ip = self.image_processor
+        height, width = video.shape[1:3]
+        h, w = smart_resize(height, width, factor=self.patch_size * self.merge_size,
+                            min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
+        resized = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC))
+                            for f in video]).astype(np.float32) * ip.rescale_factor
+        mean, std = np.array(ip.image_mean, np.float32), np.array(ip.image_std, np.float32)
+        return ((resized - mean) / std).transpose(0, 3, 1, 2)
+
+    def patchify(self, video):
+        """(T, C, H, W) -> (grid_t * grid_h * grid_w, C * t * p * p) patches and [t, h, w]."""
+        import numpy as np
+
+        t, p, m = self.temporal_patch_size, self.patch_size, self.merge_size
+        if pad := -len(video) % t:
+            video = np.concatenate([video, np.repeat(video[-1:], pad, axis=0)])
+        frames, channels, height, width = video.shape
+        grid_t, grid_h, grid_w = frames // t, height // p, width // p
+        patches = video.reshape(grid_t, t, channels, grid_h // m, m, p, grid_w // m, m, p)
+        patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return patches.reshape(grid_t * grid_h * grid_w, channels * t * p * p), \
+            [grid_t, grid_h, grid_w]
+
+
 def _image_only(processor_cls):
     """A subclass of a Qwen processor whose sub-processors are the image processor and tokenizer.
 
@@ -69,6 +134,9 @@ def _image_only(processor_cls):
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
             super(processor_cls, self).__init__(image_processor, tokenizer,
                                                 chat_template=chat_template)
+            # Not a sub-processor (nothing saved or looked up): turns frame arrays into video
+            # inputs when rows carry videos.
+            self.video_processor = FramesVideoProcessor(image_processor)
 
     # transformers writes `__name__` into saved configs as `processor_class`: saved and exported
     # folders then name the stock class, as Hub checkpoints do.
@@ -151,6 +219,7 @@ _COMMON = dict(
     end_of_turn="<|im_end|>",
     training_chat_template=TRAINING_CHAT_TEMPLATE,
     box_format="abs1000",
+    takes_video=True,
 )
 
 QWEN2_VL_SPEC = FamilySpec(
