@@ -189,8 +189,11 @@ def ls(what: str = typer.Argument("recipes", help="methods, families, models, me
         from peftvlm.families import FAMILIES
 
         for f in FAMILIES.values():
+            media = "" if f.kind != "generative" else (
+                "images where they stand" if f.interleaved_images else "images first in a turn"
+            ) + (", video" if f.takes_video else "")
             typer.echo(f"{f.name:12} {f.kind:13} model_type: {', '.join(f.model_types):20} "
-                       f"tiny: {f.tiny_name or '-'}")
+                       f"tiny: {f.tiny_name or '-':16} {media}".rstrip())
     elif what == "models":
         from peftvlm.families import tiny_models
 

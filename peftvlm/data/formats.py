@@ -200,3 +200,25 @@ def no_format_error(records: list, name: str):
                     f"(first row's keys: {', '.join(map(str, list(first)[:8]))})",
                     hint="give conversations in one of the formats of docs/data.md, or name a "
                          "data template (`peftvlm ls templates`) that builds them from columns")
+
+
+def interleaving_note(rows: list[dict], family) -> str | None:
+    """Say so when rows place images mid-text but the family's template puts them first."""
+    if family.interleaved_images:
+        return None
+    moved = sum(1 for r in rows if any(image_after_text(m["content"]) for m in r["messages"]))
+    if not moved:
+        return None
+    return (f"{moved} row(s) place images between text, but {family.name}'s chat template puts "
+            "each turn's images before its text: they are rendered there (the model was "
+            "trained that way)")
+
+
+def image_after_text(content: list[dict]) -> bool:
+    seen_text = False
+    for item in content:
+        if item["type"] == "text" and item.get("text", "").strip():
+            seen_text = True
+        elif item["type"] in ("image", "video") and seen_text:
+            return True
+    return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from peftvlm.data.formats import interleaving_note
 from peftvlm.errors import DataError
 
 
@@ -40,15 +41,27 @@ def preview(recipe, n: int = 3, console=None) -> list[dict]:
     data = prepare_data(recipe, collator)
     console.print(f"{recipe.name}: {len(data.train)} training rows, {len(data.eval)} held-out; "
                   f"tokens that carry loss in [bold green]green[/]")
+    print_formats(data.sources, console)
+    note = interleaving_note(data.train, collator.family)
+    if note:
+        console.print(f"note: {note}")
     shown = []
     for i, row in enumerate(data.train[:n]):
         text, counts = render_example(collator, row, collator.family.image_token)
+        videos = f", {len(row['videos'])} video(s)" if row.get("videos") else ""
         console.print(Rule(f"example {i}: {counts['tokens']} tokens, {counts['trained_tokens']} "
                            f"carry loss, {counts['image_tokens']} image tokens "
-                           f"({len(row['images'])} image(s))", align="left"))
+                           f"({len(row['images'])} image(s){videos})", align="left"))
         console.print(text)
         shown.append(counts)
     return shown
+
+
+def print_formats(sources: list[dict], console) -> None:
+    """One line per source: the format it was read as (detected or forced) and its rows."""
+    for s in sources:
+        console.print(f"{s['section']} {s['source']}: format: {s['format']}, "
+                      f"{s['records']:,} rows", highlight=False)
 
 
 def stats(recipe, plot_path: Path) -> dict:
@@ -67,7 +80,8 @@ def stats(recipe, plot_path: Path) -> dict:
     return {"recipe": recipe.name, "train_rows": len(data.train), "eval_rows": len(data.eval),
             "sources": data.sources, "token_lengths": summarise_lengths(lengths),
             "over_max_length": over_max_length(lengths, max_length, recipe.data.on_overflow),
-            "bad_rows": data.bad_rows, "histogram": str(plot_path)}
+            "bad_rows": data.bad_rows, "histogram": str(plot_path),
+            "notes": [n for n in [interleaving_note(data.train, collator.family)] if n]}
 
 
 def over_max_length(lengths: list[int], max_length: int, policy: str) -> dict:
@@ -115,6 +129,7 @@ def print_stats(result: dict, console=None) -> None:
         table.add_row(s["section"], s["source"], str(s["records"]), str(s["rows"]),
                       str(s["used"]), str(s["bad_rows"]), "yes" if s["from_cache"] else "no")
     console.print(table)
+    print_formats(result["sources"], console)
     t = result["token_lengths"]
     over = result["over_max_length"]
     console.print(f"train rows {result['train_rows']}, eval rows {result['eval_rows']}; tokens "
@@ -126,4 +141,6 @@ def print_stats(result: dict, console=None) -> None:
         for reason, info in reasons.items():
             console.print(f"bad rows ({section}) {reason}: {info['count']}, e.g. "
                           f"{'; '.join(info['first_rows'][:2])}")
+    for note in result.get("notes", []):
+        console.print(f"note: {note}")
     console.print(f"histogram: {result['histogram']}")

@@ -1,0 +1,276 @@
+"""Row formats (messages, `<image>` placeholders, `image`, OpenAI `image_url`, LLaVA
+`conversations`) on tiny-llava and tiny-qwen2-vl: detection, equality of the encoded batch with
+the native format, interleaving, counted bad rows with their original line, file encodings."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from data_helpers import data_cache, llava_collator, run_cli, save_image  # noqa: F401
+from peftvlm.data.loading import load_rows
+from peftvlm.errors import DataError
+from peftvlm.recipe import validate_recipe_dict
+
+QUESTION = "What color is the shape?"
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 220)}
+FAMILIES = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl"}
+
+
+@pytest.fixture(scope="session")
+def collators(data_cache):  # noqa: F811
+    """The trainer's collator per family, on the processor alone."""
+    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.models import load_processor_only
+    from peftvlm.recipe import ModelConfig
+
+    out = {}
+    for family, model_id in FAMILIES.items():
+        processor, spec = load_processor_only(ModelConfig(id=model_id))
+        out[family] = ConversationCollator(processor, spec)
+    return out
+
+
+def task_images(folder) -> list[tuple[str, str]]:
+    """Three 32x32 images (relative paths) with their colour answers."""
+    for colour, rgb in COLOURS.items():
+        save_image(folder / "img" / f"{colour}.png", (32, 32), rgb)
+    return [(f"img/{c}.png", c) for c in COLOURS]
+
+
+def native(rel, colour):
+    return {"messages": [{"role": "user", "content": [{"type": "image"},
+                                                      {"type": "text", "text": QUESTION}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": colour}]}],
+            "images": [rel]}
+
+
+def openai(url, colour):
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": QUESTION}]},
+                         {"role": "assistant", "content": colour}]}
+
+
+def data_url(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+# format name -> (file name, expected detected format, rows from (folder, rel, colour))
+FORMATS = {
+    "native": ("n.jsonl", "messages", lambda f, rel, c: native(rel, c)),
+    "placeholder": ("p.jsonl", "messages", lambda f, rel, c: {
+        "messages": [{"role": "user", "content": f"<image>{QUESTION}"},
+                     {"role": "assistant", "content": c}], "images": [rel]}),
+    "placeholder_list": ("pl.jsonl", "messages", lambda f, rel, c: {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": f"<image>\n{QUESTION}"}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": c}]}],
+        "images": [rel]}),
+    "image_singular": ("s.jsonl", "messages", lambda f, rel, c: {
+        "image": rel, "messages": [{"role": "user", "content": QUESTION},
+                                   {"role": "assistant", "content": c}]}),
+    "llava_json": ("llava.json", "llava_conversations", lambda f, rel, c: {
+        "id": c, "image": rel, "conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"},
+                                                 {"from": "gpt", "value": c}]}),
+    "openai_path": ("o.jsonl", "openai_messages", lambda f, rel, c: openai(rel, c)),
+    "openai_file_url": ("of.jsonl", "openai_messages",
+                        lambda f, rel, c: openai(f"file://{(f / rel).resolve()}", c)),
+    "openai_data_url": ("od.jsonl", "openai_messages",
+                        lambda f, rel, c: openai(data_url(f / rel), c)),
+}
+
+
+def write_rows(path, rows) -> None:
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows, indent=2))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_format(folder, name) -> tuple:
+    file_name, detected, make = FORMATS[name]
+    rows = [make(folder, rel, c) for rel, c in task_images(folder)]
+    write_rows(folder / file_name, rows)
+    return folder / file_name, detected
+
+
+def rows_of(folder, source, model_id="tiny-llava", **data):
+    recipe = validate_recipe_dict({"name": "f", "model": {"id": model_id},
+                                   "method": {"name": "lora"},
+                                   "data": {"train": source, **data}})
+    recipe.source_path = folder / "r.yaml"
+    return load_rows(recipe)
+
+
+@pytest.fixture
+def recipe_at(tmp_path):
+    def make(source, model_id="tiny-llava", **data):
+        return rows_of(tmp_path, source, model_id, **data)
+    return make
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "native"])
+def test_every_format_encodes_exactly_like_the_native_rows(fmt, family, tmp_path, collators):
+    path, detected = write_format(tmp_path, fmt)
+    native_path, _ = write_format(tmp_path, "native")
+    got, want = rows_of(tmp_path, path.name), rows_of(tmp_path, native_path.name)
+    assert got.sources[0]["format"] == detected and got.sources[0]["records"] == 3
+    assert not got.bad_rows["train"]
+    collator = collators[family]
+    a, b = collator(got.train), collator(want.train)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # Placeholder text is gone: the only image tokens are the processor's expansion.
+    text = collator.processor.tokenizer.decode(a["input_ids"][0])
+    expansion = {"llava": 16, "qwen2_vl": 4}[family]
+    assert text.count(collator.family.image_token) == expansion
+    assert family == "llava" or "<image>" not in text
+
+
+def test_base_dir_is_the_recipe_folder(tmp_path):
+    # rows_of relies on recipe.source_path deciding where paths are relative to.
+    path, _ = write_format(tmp_path, "native")
+    assert rows_of(tmp_path, path.name).train[0]["images"][0].startswith(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_preview_names_the_format_and_counts_images_and_loss(family, tmp_path, data_cache):  # noqa: F811
+    from peftvlm.data.report import preview
+
+    path, _ = write_format(tmp_path, "llava_json")
+    recipe = validate_recipe_dict({"name": "p", "model": {"id": FAMILIES[family]},
+                                   "method": {"name": "lora"}, "data": {"train": path.name}})
+    recipe.source_path = tmp_path / "r.yaml"
+    console = Console(record=True, width=200)
+    shown = preview(recipe, n=3, console=console)
+    out = console.export_text()
+    assert "train llava.json: format: llava_conversations, 3 rows" in out
+    per_image = {"llava": 16, "qwen2_vl": 4}[family]
+    assert [s["image_tokens"] for s in shown] == [per_image] * 3
+    # Loss only on the one-word answer and its end-of-turn token.
+    assert [s["trained_tokens"] for s in shown] == [2, 2, 2]
+    assert family == "llava" or "<image>" not in out
+
+
+def test_interleaved_images_stand_where_the_tags_are_on_qwen_and_first_on_llava(tmp_path,
+                                                                                 collators):
+    task_images(tmp_path)
+    row = {"messages": [{"role": "user", "content": "Left <image> right <image> which is red?"},
+                        {"role": "assistant", "content": "left"}],
+           "images": ["img/red.png", "img/blue.png"]}
+    write_rows(tmp_path / "i.jsonl", [row])
+    data = rows_of(tmp_path, "i.jsonl")
+    content = data.train[0]["messages"][0]["content"]
+    assert [c["type"] for c in content] == ["text", "image", "text", "image", "text"]
+    assert content[0]["text"] == "Left " and content[2]["text"] == " right "
+    qwen = collators["qwen2_vl"]
+    text = qwen.processor.tokenizer.decode(qwen(data.train)["input_ids"][0])
+    pad = "<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>"
+    assert f"Left {pad} right {pad} which is red?" in text
+    llava = collators["llava"]
+    text = llava.processor.tokenizer.decode(llava(data.train)["input_ids"][0])
+    assert text.index("Left") > text.rindex("<image>")  # llava-1.5 renders images first
+    from peftvlm.data.formats import interleaving_note
+
+    assert interleaving_note(data.train, llava.family).startswith("1 row(s) place images")
+    assert interleaving_note(data.train, qwen.family) is None
+
+
+def test_placeholder_mismatches_are_bad_rows_named_by_original_line(tmp_path, recipe_at):
+    task_images(tmp_path)
+    good = {"messages": [{"role": "user", "content": "<image>Q"},
+                         {"role": "assistant", "content": "red"}], "images": ["img/red.png"]}
+    two_tags = {"messages": [{"role": "user", "content": "<image><image>Q"},
+                             {"role": "assistant", "content": "red"}], "image": "img/red.png"}
+    no_image = {"messages": [{"role": "user", "content": "<image>Q"},
+                             {"role": "assistant", "content": "red"}]}
+    lines = [json.dumps(good), "", json.dumps(two_tags), json.dumps(good), json.dumps(no_image)]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    data = recipe_at("m.jsonl")
+    assert len(data.train) == 2
+    bad = data.bad_rows["train"]["image_count"]
+    assert bad["count"] == 2
+    assert bad["first_rows"][0].startswith("m.jsonl:3 (2 image placeholder(s)")
+    assert bad["first_rows"][1].startswith("m.jsonl:5 (1 image placeholder(s)")
+    # The same in a LLaVA JSON list: rows are named by the line they start on.
+    rows = [{"image": "img/red.png", "conversations": [
+        {"from": "human", "value": tags + "Q"}, {"from": "gpt", "value": "red"}]}
+        for tags in ("<image>\n", "<image>\n<image>\n", "")]
+    # One row per line with a blank line between: row i starts on line 2 + 2 i.
+    (tmp_path / "l.json").write_text("[\n" + ",\n\n".join(map(json.dumps, rows)) + "\n]\n")
+    data = recipe_at("l.json")
+    assert data.sources[0]["format"] == "llava_conversations" and len(data.train) == 2
+    assert data.bad_rows["train"]["image_count"]["first_rows"][0].startswith("l.json:4 (2 image")
+
+
+def test_remote_urls_wrong_formats_and_unknown_speakers_are_counted(tmp_path, recipe_at):
+    task_images(tmp_path)
+    rows = [openai("img/red.png", "red"), openai("https://example.com/x.png", "red"),
+            {"conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt",
+                                                                      "value": "red"}],
+             "image": "img/red.png"},
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+                "url": "data:image/png;base64,!!!"}}, {"type": "text", "text": "Q"}]},
+                {"role": "assistant", "content": "red"}]}]
+    write_rows(tmp_path / "o.jsonl", rows)
+    data = recipe_at("o.jsonl")
+    bad = data.bad_rows["train"]
+    assert data.sources[0]["format"] == "openai_messages" and len(data.train) == 1
+    assert "o.jsonl:2 (image https://example.com/x.png is a remote URL" in \
+        bad["remote_url"]["first_rows"][0]
+    assert bad["format_mismatch"]["first_rows"][0].startswith("o.jsonl:3 (no `messages`")
+    assert bad["bad_image"]["first_rows"][0].startswith("o.jsonl:4 ")
+    # Forcing the format reads conversations; ShareGPT's other speaker names are understood.
+    sharegpt = [{"conversations": [{"from": "system", "value": "Be brief."},
+                                   {"from": "user", "value": "Q"}, {"from": "bot", "value": "a"}]},
+                {"conversations": [{"from": "user", "value": "Q"},
+                                   {"from": "assistant", "value": "a"}]}]
+    write_rows(tmp_path / "g.jsonl", sharegpt)
+    data = recipe_at({"path": "g.jsonl", "format": "sharegpt"})
+    assert data.sources[0]["format"] == "llava_conversations" and len(data.train) == 1
+    assert "speaker 'bot'" in data.bad_rows["train"]["bad_messages"]["first_rows"][0]
+    assert [m["role"] for m in data.train[0]["messages"]] == ["user", "assistant"]
+
+
+def test_rows_without_conversations_are_a_source_error(tmp_path, recipe_at):
+    write_rows(tmp_path / "q.jsonl", [{"question": "Q", "answer": "a", "image": "x.png"}])
+    with pytest.raises(DataError, match=r"q.jsonl: rows have neither `messages` nor "
+                                        r"`conversations` \(first row's keys: question, answer"):
+        recipe_at("q.jsonl")
+
+
+def test_csv_with_bom_and_a_jsonl_with_a_bad_byte(tmp_path, recipe_at):
+    task_images(tmp_path)
+    messages = json.dumps(native("img/red.png", "red")["messages"]).replace('"', '""')
+    (tmp_path / "b.csv").write_bytes(
+        b"\xef\xbb\xbfimages,messages\n" + f'img/red.png,"{messages}"\n'.encode())
+    data = recipe_at("b.csv")
+    assert len(data.train) == 1 and data.train[0]["images"][0].endswith("red.png")
+    good = json.dumps(native("img/red.png", "red")).encode()
+    (tmp_path / "e.jsonl").write_bytes(good + b"\n" + good.replace(b"red\"}", b"r\xe9d\"}") + b"\n"
+                                       + good + b"\n")
+    data = recipe_at("e.jsonl")
+    assert len(data.train) == 2
+    assert data.bad_rows["train"]["bad_encoding"]["first_rows"] == [
+        "e.jsonl:2 (byte 0xe9 at column " + str(good.index(b"red\"}") + 2) + " is not UTF-8)"]
+    (tmp_path / "e.json").write_bytes(b'[\n{"a": 1},\n{"a": "\xff"}\n]')
+    with pytest.raises(DataError, match=r"e.json:3: byte 0xff is not UTF-8"):
+        recipe_at("e.json")
+
+
+def test_stats_cli_reports_formats(tmp_path, data_cache):  # noqa: F811
+    from data_helpers import recipe_file
+
+    path, _ = write_format(tmp_path, "llava_json")
+    write_format(tmp_path, "openai_path")
+    recipe = recipe_file(tmp_path, {"train": [{"path": path.name}, {"path": "o.jsonl"}]})
+    result = run_cli("data", "stats", str(recipe), cache=data_cache)
+    assert result.returncode == 0, result.stderr
+    assert "train llava.json: format: llava_conversations, 3 rows" in result.stdout
+    assert "train o.jsonl: format: openai_messages, 3 rows" in result.stdout
+    assert "images between text" not in result.stdout
