@@ -11,7 +11,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from data_helpers import data_cache, llava_collator, run_cli, save_image  # noqa: F401
+from data_helpers import data_cache, save_image  # noqa: F401
 from peftvlm.data.loading import load_rows
 from peftvlm.errors import DataError
 from peftvlm.recipe import validate_recipe_dict
@@ -263,14 +263,18 @@ def test_csv_with_bom_and_a_jsonl_with_a_bad_byte(tmp_path, recipe_at):
         recipe_at("e.json")
 
 
-def test_stats_cli_reports_formats(tmp_path, data_cache):  # noqa: F811
-    from data_helpers import recipe_file
+def test_stats_report_formats(tmp_path, data_cache):  # noqa: F811
+    from peftvlm.data.report import print_stats, stats
 
     path, _ = write_format(tmp_path, "llava_json")
     write_format(tmp_path, "openai_path")
-    recipe = recipe_file(tmp_path, {"train": [{"path": path.name}, {"path": "o.jsonl"}]})
-    result = run_cli("data", "stats", str(recipe), cache=data_cache)
-    assert result.returncode == 0, result.stderr
-    assert "train llava.json: format: llava_conversations, 3 rows" in result.stdout
-    assert "train o.jsonl: format: openai_messages, 3 rows" in result.stdout
-    assert "images between text" not in result.stdout
+    recipe = validate_recipe_dict({"name": "s", "model": {"id": "tiny-llava"},
+                                   "method": {"name": "lora"},
+                                   "data": {"train": [{"path": path.name}, {"path": "o.jsonl"}]}})
+    recipe.source_path = tmp_path / "r.yaml"
+    console = Console(record=True, width=120)
+    print_stats(stats(recipe, tmp_path / "hist.png"), console)
+    out = console.export_text()
+    assert "train llava.json: format: llava_conversations, 3 rows" in out
+    assert "train o.jsonl: format: openai_messages, 3 rows" in out
+    assert "images between text" not in out
