@@ -278,3 +278,32 @@ def test_stats_report_formats(tmp_path, data_cache):  # noqa: F811
     assert "train llava.json: format: llava_conversations, 3 rows" in out
     assert "train o.jsonl: format: openai_messages, 3 rows" in out
     assert "images between text" not in out
+
+
+def test_the_quickstart_task_as_llava_json_trains_exactly_like_native(tmp_path):
+    """Same rows in LLaVA-Instruct JSON: the same batches, so the same (falling) loss curve."""
+    from peftvlm import api
+    from peftvlm.data.synthetic import write_synthetic
+    from peftvlm.recipe import SyntheticConfig
+
+    paths = write_synthetic(SyntheticConfig(train_size=32, eval_size=4), tmp_path)
+    rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    llava = [{"id": i, "image": r["images"][0], "conversations": [
+        {"from": "human", "value": "<image>\n" + r["messages"][0]["content"][1]["text"]},
+        {"from": "gpt", "value": r["messages"][1]["content"][0]["text"]}]}
+        for i, r in enumerate(rows)]
+    write_rows(paths["train"].parent / "llava.json", llava)
+    curves = {}
+    for name in ("train.jsonl", "llava.json"):
+        recipe = validate_recipe_dict({
+            "name": "q", "model": {"id": "tiny-llava"},
+            "method": {"name": "lora", "r": 4, "lora_dropout": 0.0},
+            "data": {"train": str(paths["train"].parent / name)},
+            "train": {"max_steps": 8, "per_device_train_batch_size": 4, "logging_steps": 1,
+                      "learning_rate": 5e-3, "max_length": 64, "save_steps": 1000}})
+        summary = api.train(recipe, tmp_path / name.split(".")[1], log=lambda *_: None)
+        assert summary["data"]["sources"][0]["format"] == (
+            "llava_conversations" if name == "llava.json" else "messages")
+        curves[name] = [loss for _, loss in summary["loss_curve"]]
+    assert curves["llava.json"] == pytest.approx(curves["train.jsonl"], abs=1e-5)
+    assert len(curves["llava.json"]) == 8 and curves["llava.json"][-1] < curves["llava.json"][0]
