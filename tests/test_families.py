@@ -147,7 +147,11 @@ def test_qwen_needs_its_processor_class(tiny_dirs, name):
     """Without torchvision AutoProcessor cannot build Qwen's processor; the family's class can."""
     processor = FAMILIES[name].processor_class().from_pretrained(tiny_dirs[name])
     assert processor.image_processor.patch_size * processor.image_processor.merge_size == 16
-    assert not hasattr(processor, "video_processor")
+    # Its video processor is ours (NumPy, no torchvision), never a saved sub-processor.
+    from peftvlm.families.qwen2_vl import FramesVideoProcessor
+
+    assert isinstance(processor.video_processor, FramesVideoProcessor)
+    assert "video_processor" not in type(processor).get_attributes()
     # saved folders name the stock processor class, like Hub checkpoints (and exports) should
     saved = json.loads((tiny_dirs[name] / "processor_config.json").read_text())
     assert saved["processor_class"] == {"qwen2_vl": "Qwen2VLProcessor",
