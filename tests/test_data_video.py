@@ -96,7 +96,13 @@ def test_video_kinds_sampling_and_token_counts(tmp_path, qwen_collator):
     ids = batch["input_ids"]
     video_id = qwen_collator.processor.video_token_id
     assert (ids == video_id).sum(dim=1).tolist() == [12, 8, 4]  # t * h * w / merge 2x2
-    assert token_lengths(qwen_collator, data.train) == collator_lengths(qwen_collator, data.train)
+    frames_of(["red"])[0].save(tmp_path / "still.png")
+    image_row = {"messages": [{"role": "user", "content": [{"type": "image"},
+                                                           {"type": "text", "text": "Q"}]},
+                              {"role": "assistant", "content": [{"type": "text", "text": "a"}]}],
+                 "images": [str(tmp_path / "still.png")]}
+    mixed = [image_row, *data.train, image_row]
+    assert token_lengths(qwen_collator, mixed) == collator_lengths(qwen_collator, mixed)
     # Labels: only the answer and <|im_end|> carry loss, never the video tokens.
     assert ((batch["labels"] != -100).sum(dim=1) == 2).all()
     assert not ((batch["labels"] != -100) & (ids == video_id)).any()

@@ -78,9 +78,14 @@ class LengthCounter:
         return self._sizes[image]
 
     def __call__(self, rows: list[dict]) -> list[int]:
-        if any(r.get("videos") for r in rows):
-            # Video token counts depend on frame count and size: measured by the collator itself.
-            return collator_lengths(self.collator, rows)
+        with_video = [i for i, r in enumerate(rows) if r.get("videos")]
+        if with_video:
+            # Video token counts depend on frame count and size: the collator measures those rows.
+            lengths = dict(zip(with_video, collator_lengths(self.collator,
+                                                            [rows[i] for i in with_video])))
+            rest = [i for i in range(len(rows)) if i not in lengths]
+            lengths.update(zip(rest, self([rows[i] for i in rest]) if rest else []))
+            return [lengths[i] for i in range(len(rows))]
         texts = self.texts(rows)
         lengths = self.text_lengths(texts)
         return [n + sum(self.expansion(self.size(i)) for i in r["images"])
