@@ -172,3 +172,24 @@ def test_which_colour_appears_last_is_learned_from_video(tmp_path):
     # A text-only guess cannot beat 1/4 (the last colour is any of the four).
     assert summary["eval"]["exact_match"]["before"] < 0.3
     assert summary["eval"]["exact_match"]["after"] >= 0.5
+
+
+def test_qwen2_5_vl_trains_and_generates_on_a_video_row(tmp_path, data_cache):  # noqa: F811
+    from transformers import AutoModelForImageTextToText
+
+    from peftvlm.data.collate import ConversationCollator, encode_prompts
+    from peftvlm.models import load_processor_only, tiny_model_path
+    from peftvlm.recipe import ModelConfig
+
+    write_jsonl(tmp_path / "v.jsonl", [video_row(write_folder(tmp_path / "f", ["red", "blue"]))])
+    row = load_rows(recipe(tmp_path, "v.jsonl")).train[0]
+    processor, family = load_processor_only(ModelConfig(id="tiny-qwen2.5-vl"))
+    batch = ConversationCollator(processor, family)([row])
+    # Qwen2.5-VL's temporal rotary positions: 2 frames per patch at 2 fps = 1 s per patch.
+    assert batch["second_per_grid_ts"].tolist() == [1.0]
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_path("tiny-qwen2.5-vl"))
+    loss = model(**batch).loss
+    loss.backward()
+    assert loss.isfinite() and model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
+    prompt = encode_prompts(processor, family, [row])
+    assert model.generate(**prompt, max_new_tokens=2).shape[1] > prompt["input_ids"].shape[1]
