@@ -177,7 +177,11 @@ class TrainConfig(Section):
                                                      "total steps when below 1.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    optim: str = Field("adamw_torch", description="Optimizer name as in transformers.")
+    optim: str = Field("adamw_torch", description="Optimizer name as in transformers "
+                                                  "(adamw_torch, sgd, adamw_bnb_8bit...); the "
+                                                  "same class on generative and dual encoders.")
+    optim_args: str | None = Field(None, description="Optimizer arguments as transformers "
+                                                     "parses them, e.g. 'momentum=0.9' for sgd.")
     max_length: int = Field(1024, ge=16, description="Longest tokenized example; longer ones are "
                                                      "dropped (see data.on_overflow).")
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")

@@ -311,16 +311,26 @@ def test_base_to_new_rejects_class_specific_context(tiny_clip_dir, tmp_path):
 
 
 def test_coop_paper_preset(tiny_clip_dir):
-    from peftvlm.trainers.clip import lr_factor, optim_settings
+    from peftvlm.trainers.loop import build_optimizer, build_scheduler, optim_settings
 
     recipe = recipe_for(tiny_clip_dir, {"name": "coop", "optim_preset": "paper"}, max_steps=-1,
                         num_train_epochs=10)
     s = optim_settings(recipe, n_train=64, world_size=1)
-    assert (s.optim, s.learning_rate, s.momentum, s.batch_size) == ("sgd", 0.002, 0.9, 32)
+    assert (s.optim, s.optim_args, s.learning_rate, s.batch_size) == \
+        ("sgd", "momentum=0.9", 0.002, 32)
     assert (s.steps_per_epoch, s.total_steps, s.warmup_steps) == (2, 20, 2)
-    assert [s.learning_rate * lr_factor(i, s) for i in (0, 1)] == pytest.approx([1e-5, 1e-5])
-    assert s.learning_rate * lr_factor(2, s) == pytest.approx(0.002)  # cosine starts at peak
-    assert lr_factor(19, s) < 0.02
+    optimizer = build_optimizer([("ctx", torch.nn.Parameter(torch.zeros(4, 8)))], s)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["momentum"] == 0.9
+    assert optimizer.param_groups[0]["weight_decay"] == 5e-4
+    scheduler, lrs = build_scheduler(optimizer, s), []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:2] == pytest.approx([1e-5, 1e-5])  # constant warm-up epoch
+    assert lrs[2] == pytest.approx(0.002)  # cosine starts at the peak
+    assert lrs[19] < 0.002 * 0.02
 
 
 def test_wandb_offline_run_and_periodic_eval(tiny_clip_dir, tmp_path):

@@ -20,7 +20,8 @@ from peftvlm._schema import Section
 from peftvlm.registry import register
 
 # Paper defaults (CoOp's configs/trainers on Dassl); applied by the CLIP trainer.
-PAPER_OPTIM = {"optim": "sgd", "learning_rate": 0.002, "momentum": 0.9, "weight_decay": 5e-4,
+PAPER_OPTIM = {"optim": "sgd", "optim_args": "momentum=0.9", "learning_rate": 0.002,
+               "weight_decay": 5e-4,
                "lr_scheduler_type": "cosine", "warmup_epochs": 1, "warmup_lr": 1e-5,
                "per_device_train_batch_size": 32}
 
@@ -42,6 +43,10 @@ class CoopMethod(Section):
         "recipe", description="`paper`: SGD lr 0.002, momentum 0.9, weight decay 5e-4, cosine, "
                               "1 warm-up epoch at constant 1e-5, batch 32 (overrides those "
                               "train.* fields); `recipe`: use the train section as written.")
+
+    def optimisation_preset(self) -> dict | None:
+        """The paper's optimisation (read by the dual-encoder loop), or None: the recipe's."""
+        return PAPER_OPTIM if self.optim_preset == "paper" else None
 
     @model_validator(mode="after")
     def _init_words(self):
