@@ -82,8 +82,15 @@ def export_run(run_dir: str | Path, *, merge: bool | None = None, out: str | Pat
         require_token()
     if dry_run:
         return print_plan(run, opts, log)
+    from peftvlm.kinds import run_kind
     from peftvlm.registry import get_method
 
+    if run_kind(run.recipe) == "retrieval":  # peft adapter on a dual encoder
+        from peftvlm.export_retrieval import export_retrieval_adapter, export_retrieval_merged
+
+        fresh_out_dir(opts.out)
+        exporter = export_retrieval_merged if opts.merge else export_retrieval_adapter
+        return finish_export(run, opts, exporter(run, opts, log), log)
     method = get_method(run.recipe.method.name)
     if "generative" not in method.kinds or own_exporter(method) is not None:
         return export_custom_method(run, opts, log)
