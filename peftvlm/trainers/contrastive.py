@@ -314,3 +314,58 @@ def write_outputs(recipe, model, processor, done, summary: dict, run_dir: Path) 
     if done.tracker is not None:
         done.tracker.summary.update({f"eval/{k}": v["after"] for k, v in summary["eval"].items()})
         done.tracker.finish()
+
+
+# --- peftvlm eval -----------------------------------------------------------------------------
+
+LOWER_IS_BETTER = {"image_to_text_mean_rank": False, "text_to_image_mean_rank": False}
+
+
+def evaluate_retrieval(recipe, run_dir, split: str = "test", max_samples: int | None = None,
+                       with_base: bool = True, log=print) -> dict:
+    """`peftvlm eval` of a retrieval run: the base vs the run's adapter on the held-out pairs
+    (`test`, as training scored them, so the numbers equal summary.json's) or the training
+    pairs (`train`); writes RUN/eval/ (metrics.json, predictions.jsonl: each caption's rank of
+    its image, metrics.png)."""
+    from peft import PeftModel
+
+    from peftvlm.errors import RecipeError
+    from peftvlm.eval_report import compare, write_outputs
+    from peftvlm.models import load_base
+
+    run_dir, limit = Path(run_dir), max_samples or recipe.eval.max_samples
+    _, train, held_out = load_pairs(recipe, limit)
+    pairs = held_out if split == "test" else Pairs(train.images[:limit], train.captions[:limit])
+    if pairs is None:
+        raise RecipeError("--split test: the recipe has no held-out pairs (data.eval)",
+                          hint="add data.eval, or score the training pairs with --split train")
+    loaded = load_base(recipe.model, recipe.method.name)
+    loaded.model.to("cuda" if _cuda() else "cpu")
+    encoder, size = Encoder(loaded.model, loaded.family, loaded.processor), recipe.eval.batch_size
+    base, base_ranks = retrieval_scores(loaded.model, encoder, pairs, size, True) if with_base \
+        else (None, None)
+    tuned_model = PeftModel.from_pretrained(loaded.model, run_dir / ADAPTER_DIR)
+    tuned, ranks = retrieval_scores(tuned_model, encoder, pairs, size, True)
+    result = {"run": str(run_dir), "run_name": recipe.name, "recipe": str(recipe.source_path),
+              "model": recipe.model.id, "method": recipe.method.name, "split": split,
+              "num_examples": len(pairs), "metrics": compare(base, tuned, LOWER_IS_BETTER),
+              "per_class": {}, "notes": {}}
+    files = write_outputs(run_dir / "eval", result, prediction_rows(pairs, ranks, base_ranks))
+    result["files"] = {k: str(v) for k, v in files.items()}
+    log(f"{split}: rsum {tuned['rsum']:.2f} with {recipe.method.name}"
+        + (f" ({base['rsum']:.2f} base)" if base else ""))
+    return result
+
+
+def prediction_rows(pairs: Pairs, ranks: list[int], base_ranks: list[int] | None) -> list[dict]:
+    """One row per caption query: its text, its image, the rank of that image (and the base's)."""
+    texts, owner = pairs.flat_texts()
+    return [{"id": str(j), "text": text, "image": str(image_id(pairs.images[owner[j]]))[:200],
+             "rank": ranks[j], "base_rank": base_ranks[j] if base_ranks else None}
+            for j, text in enumerate(texts)]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
