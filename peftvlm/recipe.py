@@ -107,6 +107,20 @@ class SyntheticConfig(Section):
     seed: int = Field(0, description="Seed of the generator.")
 
 
+class FilterConfig(Section):
+    """CLIP-score filtering of the training pairs (`peftvlm data filter RECIPE`)."""
+
+    clipscore: float = Field(..., ge=0, le=2.5, description="Keep image-text pairs whose "
+                             "CLIPScore (2.5 x max(cos, 0), Hessel et al. 2021) is at least this; "
+                             "LAION's cosine 0.28 is 0.7.")
+    model: str | None = Field(None, description="CLIP model that scores (Hub id, folder or "
+                                                "tiny name); default: the recipe's model.")
+    batch_size: int = Field(64, ge=1, description="Images scored per batch.")
+    output: str | None = Field(None, description="Folder of the scores and the kept pairs; "
+                                                 "default: runs/<recipe name>-filtered. "
+                                                 "Training then reads its kept pairs.")
+
+
 def _as_sources(value: Any) -> Any:
     if value is None or isinstance(value, list):
         return value
@@ -147,6 +161,9 @@ class DataConfig(Section):
         default_factory=lambda: ["a photo of a {}."],
         description="Hand-written prompts for zero-shot class features; `{}` is the class name; "
                     "features of several templates are averaged.")
+    filter: FilterConfig | None = Field(None, description="Train on the pairs of data.train "
+                                        "that pass a CLIP-score threshold (written by "
+                                        "`peftvlm data filter`).")
     base_to_new: bool = Field(False, description="Train on the first half of the classes (base) "
                                                  "and report accuracy on base and new classes "
                                                  "and their harmonic mean.")

@@ -86,17 +86,26 @@ def test_eval_reproduces_the_summary_and_writes_predictions(clip_run):
     assert (run_dir / "eval" / "metrics.png").stat().st_size > 0
 
 
-def test_merged_export_is_a_plain_clipmodel_with_equal_features(clip_run, tmp_path):
+@pytest.fixture(scope="module")
+def merged_clip(clip_run):
+    from peftvlm.export import export_run
+
+    _, run_dir = clip_run
+    report = export_run(run_dir, merge=True, out=run_dir.parent / "merged", log=lambda *_: None)
+    return report, run_dir.parent / "merged"
+
+
+def test_merged_export_is_a_plain_clipmodel_with_equal_features(clip_run, merged_clip, tmp_path):
     from transformers import AutoModel
 
     from peftvlm.export import export_run
 
     _, run_dir = clip_run
-    report = export_run(run_dir, merge=True, out=tmp_path / "merged", log=lambda *_: None)
+    report, merged = merged_clip
     assert report["passed"] and report["checks"]["features"]["max_abs_diff"] <= 1e-5
     assert report["checks"]["weights_changed"]["changed_after_merge"] > 0
-    assert type(AutoModel.from_pretrained(tmp_path / "merged")).__name__ == "CLIPModel"
-    assert "PeftModel" not in (tmp_path / "merged" / "README.md").read_text()
+    assert type(AutoModel.from_pretrained(merged)).__name__ == "CLIPModel"
+    assert "PeftModel" not in (merged / "README.md").read_text()
 
     adapter = export_run(run_dir, merge=False, out=tmp_path / "adapter", log=lambda *_: None)
     assert adapter["passed"] and adapter["checks"]["adapter_effect"]["passed"]
@@ -145,6 +154,126 @@ def test_siglip_dora_on_the_vision_tower_merges_exactly(tmp_path):
     assert all(loss == loss for _, loss in summary["loss_curve"])  # sigmoid loss, finite
     report = export_run(tmp_path / "run", merge=True, out=tmp_path / "merged", log=lambda *_: None)
     assert report["passed"] and report["model_class"] == "SiglipModel"
+
+
+# --- CLIP-score filtering ---------------------------------------------------------------------
+
+def write_pairs(folder: Path, n: int = 24) -> Path:
+    """A JSONL of shape images, half with their true caption and half with a wrong colour."""
+    import random
+
+    from peftvlm.data.synthetic import COLOURS, draw_shape
+
+    rng, colours, rows = random.Random(1), list(COLOURS), []
+    (folder / "images").mkdir(parents=True)
+    for i in range(n):
+        colour = colours[i % 4]
+        draw_shape(rng, COLOURS[colour], 32).save(folder / "images" / f"{i}.png")
+        said = colour if i % 2 == 0 else colours[(i + 1) % 4]
+        rows.append({"image": f"images/{i}.png", "captions": [f"a {said} square"],
+                     "truth": i % 2 == 0})
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "pairs.jsonl"
+
+
+def filter_recipe(path: Path, **extra):
+    recipe = validate_recipe_dict({"model": {"id": "tiny-clip"}, "method": {"name": "lora"},
+                                   "data": {"train": str(path), "template": "caption", **extra}})
+    recipe.name = "filter-test"
+    return recipe
+
+
+def test_filter_keeps_exactly_the_pairs_at_or_above_min(tmp_path, monkeypatch):
+    """Scores equal CLIPScore of each pair alone (metrics.clipscore); kept = score >= MIN;
+    a new MIN re-scores nothing."""
+    from PIL import Image
+
+    from peftvlm.data import filter as data_filter
+    from peftvlm.metrics.clipscore import clip_scores_per_image
+    from peftvlm.models import load_base
+    from peftvlm.recipe import ModelConfig
+
+    path = write_pairs(tmp_path)
+    recipe = filter_recipe(path)
+    first = data_filter.run_filter(recipe, clipscore=0.0, batch_size=5,
+                                   output=str(tmp_path / "out"), log=lambda *_: None)
+    scores = [float(x) for x in (tmp_path / "out" / "scores.jsonl").read_text().split()]
+    rows = [json.loads(line) for line in path.open()]
+    loaded = load_base(ModelConfig(id="tiny-clip"))
+    alone = clip_scores_per_image(loaded.model, loaded.processor,
+                                  [Image.open(tmp_path / r["image"]).convert("RGB") for r in rows],
+                                  [r["captions"][0] for r in rows])
+    assert scores == pytest.approx(alone, abs=1e-5)
+    assert first["pairs"] == 24 and first["kept"] == 24
+    threshold = sorted(scores)[-8]
+    monkeypatch.setattr(data_filter, "load_scorer", None)  # a new MIN loads no model again
+    report = data_filter.run_filter(recipe, clipscore=threshold, output=str(tmp_path / "out"),
+                                    log=lambda *_: None)
+    kept = [json.loads(line) for line in (tmp_path / "out" / "kept.jsonl").open()]
+    assert sorted(r["row"] for r in kept) == [k for k, x in enumerate(scores) if x >= threshold]
+    assert report["kept"] == len(kept) >= 8 and report["dropped"] == 24 - len(kept)
+    assert report["lowest_kept"][0]["clipscore"] == min(r["clipscore"] for r in kept)
+    assert {"min", "p50", "max"} <= set(report["distribution"])
+    assert (tmp_path / "out" / "histogram.png").stat().st_size > 0
+    assert all((Path(report["image_root"]) / r["image"]).is_file() for r in kept)
+
+
+def test_filter_resumes_after_an_interruption(tmp_path, monkeypatch):
+    from peftvlm.data import filter as data_filter
+    from peftvlm.metrics import clipscore
+
+    path = write_pairs(tmp_path, n=12)
+    recipe = filter_recipe(path)
+    whole = data_filter.run_filter(recipe, clipscore=0.1, batch_size=4,
+                                   output=str(tmp_path / "a"), log=lambda *_: None)
+    real, calls = clipscore.clip_scores_per_caption, []
+
+    def stop_on_second_batch(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(clipscore, "clip_scores_per_caption", stop_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        data_filter.run_filter(recipe, clipscore=0.1, batch_size=4, output=str(tmp_path / "b"),
+                               log=lambda *_: None)
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["pairs_done"] == 4
+    resumed = data_filter.run_filter(recipe, clipscore=0.1, batch_size=4,
+                                     output=str(tmp_path / "b"), log=lambda *_: None)
+    assert calls == [4, 4, 4, 4]  # the interrupted batch is redone, the first is not
+    assert (tmp_path / "b" / "scores.jsonl").read_text() == \
+        (tmp_path / "a" / "scores.jsonl").read_text()
+    assert resumed["kept"] == whole["kept"]
+
+
+def test_recipe_data_filter_trains_on_the_kept_pairs(tmp_path):
+    from peftvlm.data.filter import run_filter
+    from peftvlm.trainers.contrastive import load_pairs
+
+    path = write_pairs(tmp_path, n=8)
+    cfg = {"filter": {"clipscore": 0.2, "output": str(tmp_path / "kept")}}
+    with pytest.raises(DataError, match="holds no filtered pairs yet"):
+        load_pairs(filter_recipe(path, **cfg), None)
+    report = run_filter(filter_recipe(path, **cfg), log=lambda *_: None)
+    _, train, _ = load_pairs(filter_recipe(path, **cfg), None)
+    assert sum(map(len, train.captions)) == report["kept"] > 0
+    with pytest.raises(DataError, match="was filtered at 0.2"):
+        load_pairs(filter_recipe(path, filter={**cfg["filter"], "clipscore": 0.5}), None)
+
+
+def test_filter_command_through_the_cli(tmp_path, cli):
+    path = write_pairs(tmp_path, n=6)
+    (tmp_path / "r.yaml").write_text(json.dumps({
+        "model": {"id": "tiny-clip"}, "method": {"name": "lora"},
+        "data": {"train": str(path), "template": "caption"}}))
+    res = cli("data", "filter", tmp_path / "r.yaml", "--clipscore", "0.05", "--out",
+              tmp_path / "out")
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert f"kept {report['kept']} of 6 pairs" in res.stdout
+    res = cli("data", "filter", tmp_path / "r.yaml")
+    assert res.returncode == 2 and "--clipscore" in res.stderr
 
 
 # --- pairs ------------------------------------------------------------------------------------
