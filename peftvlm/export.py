@@ -85,12 +85,20 @@ def export_run(run_dir: str | Path, *, merge: bool | None = None, out: str | Pat
     from peftvlm.kinds import run_kind
     from peftvlm.registry import get_method
 
-    if run_kind(run.recipe) == "retrieval":  # peft adapter on a dual encoder
+    kind = run_kind(run.recipe)
+    if kind == "retrieval":  # peft adapter on a dual encoder
         from peftvlm.export_retrieval import export_retrieval_adapter, export_retrieval_merged
 
         fresh_out_dir(opts.out)
         exporter = export_retrieval_merged if opts.merge else export_retrieval_adapter
         return finish_export(run, opts, exporter(run, opts, log), log)
+    if kind == "classification":  # CoOp / VPT / CLIP-Adapter: their own files
+        from peftvlm.export_classifier import export_dual_encoder
+
+        fresh_out_dir(opts.out)
+        report = export_dual_encoder(run.dir, run.adapter_dir, opts.out, opts.merge)
+        report.setdefault("kind", "merged" if opts.merge else "adapter")
+        return finish_export(run, opts, report, log)
     method = get_method(run.recipe.method.name)
     if "generative" not in method.kinds or own_exporter(method) is not None:
         return export_custom_method(run, opts, log)
@@ -133,7 +141,7 @@ def finish_export(run: Run, opts: ExportOptions, report: dict, log) -> dict:
 
 
 def export_custom_method(run: Run, opts: ExportOptions, log) -> dict:
-    """Extension point for methods outside peft (CoOp, VPT, CLIP-Adapter).
+    """Extension point for methods with files beyond peft's (per_part's prompts).
 
     Such a method module may define `export_adapter(run_dir, adapter_dir, out_dir, merge) ->
     report dict` (with a `checks` dict of `{"passed": bool, "error": str}` entries); the report

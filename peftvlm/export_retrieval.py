@@ -24,7 +24,8 @@ FEATURE_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
 
 def probe_inputs(recipe, loaded):
     """(text inputs, pixel values, where they came from) of a few probe pairs."""
-    from peftvlm.trainers.contrastive import Encoder, pairs_from_rows
+    from peftvlm.data.pairs import pairs_from_rows
+    from peftvlm.trainers.contrastive import Encoder
 
     rows, source = probe_rows(recipe, loaded.family)
     pairs = pairs_from_rows(rows, "probe rows")

@@ -279,7 +279,7 @@ def test_filter_command_through_the_cli(tmp_path, cli):
 # --- pairs ------------------------------------------------------------------------------------
 
 def test_pairs_group_captions_per_image_and_sample_one_per_epoch():
-    from peftvlm.trainers.contrastive import pairs_from_rows
+    from peftvlm.data.pairs import pairs_from_rows
 
     def row(image, caption, refs=None):
         r = {"messages": [{"role": "user", "content": [{"type": "image"}]},

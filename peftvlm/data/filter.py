@@ -71,7 +71,7 @@ def read_pairs(recipe) -> tuple[list[Pair], dict]:
     """Every (image, caption) pair of the training sources, and the bad rows per source."""
     from peftvlm.data.loading import load_source, recipe_sources
     from peftvlm.data.sources import BadRowReport, enforce_policy
-    from peftvlm.trainers.contrastive import pairs_from_rows
+    from peftvlm.data.pairs import pairs_from_rows
 
     train_sources, _ = recipe_sources(unfiltered(recipe))
     pairs, report, bad = [], BadRowReport(), {}
@@ -155,7 +155,7 @@ def score_pairs(pairs: list[Pair], s: FilterSettings, state: dict, log) -> list[
     from tqdm.auto import tqdm
 
     from peftvlm.metrics.clipscore import clip_scores_per_caption
-    from peftvlm.trainers.contrastive import open_rgb
+    from peftvlm.data.pairs import open_rgb
 
     out = s.out_dir
     if state["pairs_done"] < len(pairs):
@@ -190,7 +190,7 @@ def image_file(image, out: Path, index: int) -> str:
     """An absolute path for a kept pair's image (in-memory images are written as PNG)."""
     if isinstance(image, str):
         return image
-    from peftvlm.trainers.contrastive import open_rgb
+    from peftvlm.data.pairs import open_rgb
 
     path = out / "images" / f"{index:08d}.png"
     if not path.exists():

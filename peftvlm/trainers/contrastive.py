@@ -19,96 +19,13 @@ Recall@1/5/10, their sum `rsum`, and mean ranks (`peftvlm.metrics.retrieval`).
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftvlm.errors import DataError
+from peftvlm.data.pairs import Pairs, image_id, open_rgb, pairs_from_rows  # noqa: F401
 from peftvlm.trainers.loop import ADAPTER_DIR, fit, hardware, start_session
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-# --- pairs ------------------------------------------------------------------------------------
-
-@dataclass
-class Pairs:
-    """Images (paths, `{"bytes"}` dicts or PIL images) with every caption of each."""
-
-    images: list
-    captions: list[list[str]]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def caption(self, i: int, epoch: int, seed: int) -> str:
-        """The caption image `i` is paired with in `epoch` (seeded, so resume repeats it)."""
-        options = self.captions[i]
-        return options[random.Random(f"{seed}:{epoch}:{i}").randrange(len(options))]
-
-    def flat_texts(self) -> tuple[list[str], list[int]]:
-        """Every caption once, and the image each one describes (the retrieval gallery)."""
-        texts, owner = [], []
-        for i, caps in enumerate(self.captions):
-            texts += caps
-            owner += [i] * len(caps)
-        return texts, owner
-
-
-def row_captions(row: dict) -> list[str]:
-    """A rendered row's captions: every reference (caption template), else the last answer."""
-    if row.get("references"):
-        return list(row["references"])
-    answers = [m for m in row["messages"] if m["role"] == "assistant"]
-    texts = [c["text"] for c in answers[-1]["content"] if c.get("type") == "text"] if answers \
-        else []
-    return [" ".join(texts).strip()] if texts and " ".join(texts).strip() else []
-
-
-def image_id(image) -> object:
-    """What identifies an image across rows: its path, or its bytes."""
-    if isinstance(image, dict):
-        return image.get("path") or image.get("bytes")
-    return image if isinstance(image, str) else id(image)
-
-
-def pairs_from_rows(rows: list[dict], what: str) -> Pairs:
-    """Group rendered rows by image into pairs; rows without exactly one image or a caption
-    are not pairs, and say so."""
-    index: dict[object, int] = {}
-    images, captions, refused = [], [], []
-    for n, row in enumerate(rows):
-        caps = row_captions(row)
-        if len(row.get("images") or []) != 1 or not caps:
-            refused.append(n)
-            continue
-        key = image_id(row["images"][0])
-        if key not in index:
-            index[key] = len(images)
-            images.append(row["images"][0])
-            captions.append([])
-        known = captions[index[key]]
-        known += [c for c in caps if c not in known]
-    if refused:
-        raise DataError(f"{what}: {len(refused)} row(s) are not image-caption pairs (rows "
-                        f"{', '.join(map(str, refused[:5]))}: each needs one image and a caption)",
-                        hint="read captions with data.template: caption (columns image, "
-                             "captions), or give rows one image and one assistant answer")
-    return Pairs(images, captions)
-
-
-def open_rgb(image):
-    """An RGB PIL image from a path, `{"bytes"|"path"}` dict or PIL image."""
-    import io
-
-    from PIL import Image
-
-    if isinstance(image, dict):
-        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    with Image.open(image) as im:
-        return im.convert("RGB")
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -241,10 +158,14 @@ def load_and_adapt(recipe):
     return loaded, model, encoder
 
 
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 def dry_run_contrastive(recipe, log=print) -> dict:
     """Load, adapt and read the pairs; report parameter counts and one pair; train nothing."""
-    from peftvlm.api import parameter_counts
-
     loaded, model, _ = load_and_adapt(recipe)
     data, train, held_out = load_pairs(recipe, recipe.eval.max_samples)
     trainable, total = parameter_counts(model)
@@ -259,8 +180,6 @@ def dry_run_contrastive(recipe, log=print) -> dict:
 def train_contrastive(recipe, run_dir: Path, resume: bool = False, log=print) -> dict:
     """Train a peft adapter on a dual encoder contrastively; returns (and writes) the summary."""
     from accelerate.utils import set_seed
-
-    from peftvlm.api import parameter_counts
 
     run_dir, session = Path(run_dir), start_session(recipe)
     set_seed(recipe.train.seed)
