@@ -449,3 +449,37 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert [s for s, _ in curves[0]] == [s for s, _ in curves[1]] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(*curves):
         assert abs(a - b) < 1e-4, curves
+
+
+def test_classification_reads_parquet_bytes_with_the_bad_row_policy(tmp_path):
+    """The shared readers: image bytes in parquet, a corrupt image skipped (or an error)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from peftvlm.errors import DataError
+    from peftvlm.trainers.clip_data import load_task
+
+    def png(colour):
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    images = [{"bytes": png(c), "path": None} for c in ("red", "blue", "red")]
+    images.append({"bytes": b"not an image", "path": None})
+    pq.write_table(pa.table({"img": images, "kind": ["cat", "dog", "cat", "dog"]}),
+                   tmp_path / "train.parquet")
+
+    def data(policy):
+        return validate_recipe_dict({
+            "model": {"id": "tiny-clip"}, "method": {"name": "coop"},
+            "data": {"train": [{"path": str(tmp_path / "train.parquet"),
+                                "columns": {"image": "img", "label": "kind"}}],
+                     "on_bad_row": policy}}).data
+
+    task = load_task(data("skip"), tmp_path)
+    assert task.classnames == ["cat", "dog"] and task.train.labels == [0, 1, 0]
+    with pytest.raises(DataError, match="1 bad row"):
+        load_task(data("error"), tmp_path)
