@@ -85,6 +85,8 @@ def export_run(run_dir: str | Path, *, merge: bool | None = None, out: str | Pat
     from peftvlm.kinds import run_kind
     from peftvlm.registry import get_method
 
+    if own_exporter(get_method(run.recipe.method.name)) is not None:
+        return export_custom_method(run, opts, log)
     kind = run_kind(run.recipe)
     if kind == "retrieval":  # peft adapter on a dual encoder
         from peftvlm.export_retrieval import export_retrieval_adapter, export_retrieval_merged
@@ -99,9 +101,6 @@ def export_run(run_dir: str | Path, *, merge: bool | None = None, out: str | Pat
         report = export_dual_encoder(run.dir, run.adapter_dir, opts.out, opts.merge)
         report.setdefault("kind", "merged" if opts.merge else "adapter")
         return finish_export(run, opts, report, log)
-    method = get_method(run.recipe.method.name)
-    if "generative" not in method.kinds or own_exporter(method) is not None:
-        return export_custom_method(run, opts, log)
     fresh_out_dir(opts.out)
     report = export_merged(run, opts, log) if opts.merge else export_adapter(run, opts, log)
     return finish_export(run, opts, report, log)
@@ -149,11 +148,7 @@ def export_custom_method(run: Run, opts: ExportOptions, log) -> dict:
     """
     from peftvlm.registry import get_method
 
-    info = get_method(run.recipe.method.name)
-    exporter = own_exporter(info)
-    if exporter is None:
-        raise ExportError(f"method {info.name!r} has no exporter yet",
-                          hint=f"its adapter is in {run.adapter_dir} in the method's own format")
+    exporter = own_exporter(get_method(run.recipe.method.name))
     fresh_out_dir(opts.out)
     report = exporter(run.dir, run.adapter_dir, opts.out, opts.merge)
     report.setdefault("kind", "merged" if opts.merge else "adapter")

@@ -39,9 +39,9 @@ def main() -> None:
         for method in args.methods.split(","):
             overrides = [f"model.id={model}", f"method.name={method}", "tracking.wandb=null",
                          *args.set] + ([f"train.max_steps={args.steps}"] if args.steps else [])
-            if method == "vera":  # VeRA has no lora_alpha / lora_dropout
-                overrides += ["method.lora_alpha=null", "method.lora_dropout=null",
-                              "method.r=64", "train.learning_rate=0.01"]
+            if method == "vera":  # VeRA has no lora_alpha / lora_dropout: a whole section
+                overrides += ["method={name: vera, r: 64, target: all}",
+                              "train.learning_rate=0.01"]
             recipe = load_recipe(recipe_path, overrides)
             with tempfile.TemporaryDirectory() as tmp:
                 s = api.train(recipe, Path(tmp) / "run", log=lambda *_: None)

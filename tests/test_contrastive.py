@@ -156,6 +156,29 @@ def test_siglip_dora_on_the_vision_tower_merges_exactly(tmp_path):
     assert report["passed"] and report["model_class"] == "SiglipModel"
 
 
+def test_resume_repeats_the_uninterrupted_run_with_dropout(tmp_path):
+    """accelerate's load_state restores the adapter, optimiser, schedule and RNG (dropout)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from peftvlm.trainers.contrastive import train_contrastive
+
+    recipe = retrieval_recipe(method={"name": "lora", "r": 4, "lora_dropout": 0.3,
+                                      "target": "text"}, max_steps=4, save_steps=2,
+                              logging_steps=1, per_device_train_batch_size=8)
+    recipe.eval.before_training = False
+    recipe.data.synthetic.train_size, recipe.data.synthetic.eval_size = 32, 4
+    first = train_contrastive(recipe, tmp_path, log=lambda *_: None)
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    shutil.rmtree(tmp_path / "checkpoints" / "checkpoint-4")  # as if stopped after step 2
+    (tmp_path / "summary.json").unlink()
+    resumed = train_contrastive(recipe, tmp_path, resume=True, log=lambda *_: None)
+    again = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert resumed["loss_curve"] == first["loss_curve"]
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
 # --- CLIP-score filtering ---------------------------------------------------------------------
 
 def write_pairs(folder: Path, n: int = 24) -> Path:

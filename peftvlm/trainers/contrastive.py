@@ -73,8 +73,8 @@ def features(model, encoder: Encoder, pairs: Pairs, batch_size: int):
         txt = [pooled(model.get_text_features(**encoder.texts(texts[i:i + batch_size], device)))
                for i in range(0, len(texts), batch_size)]
     model.train(was_training)
-    return (F.normalize(torch.cat(img).float(), dim=-1), F.normalize(torch.cat(txt).float(), dim=-1),
-            owner)
+    return (F.normalize(torch.cat(img).float(), dim=-1),
+            F.normalize(torch.cat(txt).float(), dim=-1), owner)
 
 
 def retrieval_scores(model, encoder: Encoder, pairs: Pairs, batch_size: int,
@@ -129,7 +129,8 @@ class RetrievalTask:
         from safetensors.torch import load_file
 
         device = next(self.model.parameters()).device
-        set_peft_model_state_dict(self.model, load_file(folder / ADAPTER_WEIGHTS, device=str(device)))
+        tensors = load_file(folder / ADAPTER_WEIGHTS, device=str(device))
+        set_peft_model_state_dict(self.model, tensors)
 
 
 # --- the run ----------------------------------------------------------------------------------

@@ -301,7 +301,8 @@ def run_loop(recipe, parts: Parts, task: Task, state: LoopState, run_dir: Path,
             state.history.append(entry)
             since_log = []
             bar.set_postfix(loss=f"{entry['loss']:.4f}")
-            logs.update({"train/loss": entry["loss"], "train/learning_rate": entry["learning_rate"]})
+            logs.update({"train/loss": entry["loss"],
+                         "train/learning_rate": entry["learning_rate"]})
         if train.eval_steps and state.step % train.eval_steps == 0:
             logs.update({f"eval/{k}": v for k, v in (task.scores() or {}).items()})
             parts.wrapped.train()
