@@ -22,8 +22,8 @@ app = typer.Typer(help="Parameter-efficient fine-tuning of vision-language model
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
-data_app = typer.Typer(help="Data: preview and stats of a recipe's rows as the trainer sees "
-                            "them; self-instruct generation.", no_args_is_help=True)
+data_app = typer.Typer(help="Data: preview, stats and CLIP-score filtering of a recipe's rows; "
+                            "self-instruct generation.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
