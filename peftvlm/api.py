@@ -26,17 +26,23 @@ def evaluate(recipe: Recipe, run_dir: str | Path, *, split: str = "test",
 def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool = False,
           overwrite: bool = False, dry_run: bool = False, log=print, callbacks=()) -> dict:
     """Train the recipe's method on its data; return the run summary (also in summary.json)."""
+    from peftvlm.kinds import run_kind
     from peftvlm.registry import get_method
 
     method = get_method(recipe.method.name)
     run_dir = Path(output_dir) if output_dir else default_run_dir(recipe)
-    if "generative" not in method.kinds:
-        from peftvlm.trainers.clip import dry_run_dual_encoder, train_dual_encoder
+    kind = run_kind(recipe)
+    if kind != "generative":  # dual encoders: one shared loop, one task per kind
+        from peftvlm.trainers import clip, contrastive
 
+        dry, fit = {"classification": (clip.dry_run_dual_encoder, clip.train_dual_encoder),
+                    "retrieval": (contrastive.dry_run_contrastive,
+                                  contrastive.train_contrastive)}[kind]
         if dry_run:
-            return dry_run_dual_encoder(recipe, log)
-        return train_dual_encoder(recipe, prepare_run_dir(run_dir, resume, overwrite), resume,
-                                  log)
+            return dry(recipe, log)
+        summary = fit(recipe, prepare_run_dir(run_dir, resume, overwrite), resume, log)
+        export_if_asked(recipe, run_dir, summary, log)
+        return summary
     return train_generative(recipe, method, run_dir, resume, overwrite, dry_run, log, callbacks)
 
 

@@ -22,8 +22,8 @@ app = typer.Typer(help="Parameter-efficient fine-tuning of vision-language model
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
-data_app = typer.Typer(help="Data: preview and stats of a recipe's rows as the trainer sees "
-                            "them; self-instruct generation.", no_args_is_help=True)
+data_app = typer.Typer(help="Data: preview, stats and CLIP-score filtering of a recipe's rows; "
+                            "self-instruct generation.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -164,6 +164,40 @@ def data_stats(
         typer.echo(json.dumps(result, indent=2, default=str))
     else:
         print_stats(result)
+
+
+@data_app.command("filter")
+def data_filter(
+    recipe: str = typer.Argument(..., help="Recipe file, or the name of a shipped recipe."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
+    clipscore: Optional[float] = typer.Option(None, "--clipscore", min=0, max=2.5,
+                                              help="Keep pairs with CLIPScore >= MIN (2.5 x "
+                                                   "cosine; default: data.filter.clipscore)."),
+    model: Optional[str] = typer.Option(None, "--model", help="CLIP model that scores "
+                                        "(default: data.filter.model, else the recipe's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help="Images per batch (default 64)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: "
+                                       "data.filter.output, else runs/<name>-filtered)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Score again from scratch."),
+):
+    """Score the training pairs with CLIP, keep those above a CLIPScore; rerun to resume."""
+    quiet_libraries()
+    from peftvlm.data.filter import run_filter
+    from peftvlm.recipe import load_recipe
+
+    loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    report = run_filter(loaded, clipscore, model, batch_size, str(out) if out else None,
+                        overwrite, log=typer.echo)
+    d = report["distribution"]
+    typer.echo(f"kept {report['kept']} of {report['pairs']} pairs (dropped {report['dropped']}) "
+               f"at CLIPScore >= {report['min_score']}; scores min {d['min']:.3f}, median "
+               f"{d['p50']:.3f}, max {d['max']:.3f}")
+    for row in report["lowest_kept"]:
+        typer.echo(f"  lowest kept {row['clipscore']:.3f}: {row['caption'][:70]!r} "
+                   f"({row['source']} #{row['row']})")
+    typer.echo(f"kept pairs: {report['files']['kept.jsonl']}; histogram: "
+               f"{report['files']['histogram.png']}")
 
 
 def list_templates() -> None:

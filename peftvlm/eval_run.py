@@ -29,15 +29,20 @@ SPLITS = {"test": "data.eval (the held-out rows scored during training)",
 def evaluate_run(recipe, run_dir: str | Path, split: str = "test", max_samples: int | None = None,
                  with_base: bool = True, log=print) -> dict:
     """Score base and fine-tuned model of a finished run; write RUN/eval/; return the result."""
-    from peftvlm.registry import get_method
+    from peftvlm.kinds import run_kind
 
     run_dir = Path(run_dir)
     if split not in SPLITS:
         raise RecipeError(f"--split {split!r} is not a split",
                           hint="; ".join(f"{k} = {v}" for k, v in SPLITS.items()))
     check_run(recipe, run_dir)
-    if "generative" not in get_method(recipe.method.name).kinds:
+    kind = run_kind(recipe)
+    if kind == "classification":
         return evaluate_dual_encoder_run(recipe, run_dir, split, max_samples, with_base)
+    if kind == "retrieval":
+        from peftvlm.trainers.contrastive import evaluate_retrieval
+
+        return evaluate_retrieval(recipe, run_dir, split, max_samples, with_base, log)
     check_request(recipe, split)
     check_adapter(run_dir)
     cfg = recipe.eval if max_samples is None else recipe.eval.model_copy(

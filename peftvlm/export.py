@@ -82,11 +82,25 @@ def export_run(run_dir: str | Path, *, merge: bool | None = None, out: str | Pat
         require_token()
     if dry_run:
         return print_plan(run, opts, log)
+    from peftvlm.kinds import run_kind
     from peftvlm.registry import get_method
 
-    method = get_method(run.recipe.method.name)
-    if "generative" not in method.kinds or own_exporter(method) is not None:
+    if own_exporter(get_method(run.recipe.method.name)) is not None:
         return export_custom_method(run, opts, log)
+    kind = run_kind(run.recipe)
+    if kind == "retrieval":  # peft adapter on a dual encoder
+        from peftvlm.export_retrieval import export_retrieval_adapter, export_retrieval_merged
+
+        fresh_out_dir(opts.out)
+        exporter = export_retrieval_merged if opts.merge else export_retrieval_adapter
+        return finish_export(run, opts, exporter(run, opts, log), log)
+    if kind == "classification":  # CoOp / VPT / CLIP-Adapter: their own files
+        from peftvlm.export_classifier import export_dual_encoder
+
+        fresh_out_dir(opts.out)
+        report = export_dual_encoder(run.dir, run.adapter_dir, opts.out, opts.merge)
+        report.setdefault("kind", "merged" if opts.merge else "adapter")
+        return finish_export(run, opts, report, log)
     fresh_out_dir(opts.out)
     report = export_merged(run, opts, log) if opts.merge else export_adapter(run, opts, log)
     return finish_export(run, opts, report, log)
@@ -126,7 +140,7 @@ def finish_export(run: Run, opts: ExportOptions, report: dict, log) -> dict:
 
 
 def export_custom_method(run: Run, opts: ExportOptions, log) -> dict:
-    """Extension point for methods outside peft (CoOp, VPT, CLIP-Adapter).
+    """Extension point for methods with files beyond peft's (per_part's prompts).
 
     Such a method module may define `export_adapter(run_dir, adapter_dir, out_dir, merge) ->
     report dict` (with a `checks` dict of `{"passed": bool, "error": str}` entries); the report
@@ -134,11 +148,7 @@ def export_custom_method(run: Run, opts: ExportOptions, log) -> dict:
     """
     from peftvlm.registry import get_method
 
-    info = get_method(run.recipe.method.name)
-    exporter = own_exporter(info)
-    if exporter is None:
-        raise ExportError(f"method {info.name!r} has no exporter yet",
-                          hint=f"its adapter is in {run.adapter_dir} in the method's own format")
+    exporter = own_exporter(get_method(run.recipe.method.name))
     fresh_out_dir(opts.out)
     report = exporter(run.dir, run.adapter_dir, opts.out, opts.merge)
     report.setdefault("kind", "merged" if opts.merge else "adapter")

@@ -132,6 +132,20 @@ class SyntheticConfig(Section):
     seed: int = Field(0, description="Seed of the generator.")
 
 
+class FilterConfig(Section):
+    """CLIP-score filtering of the training pairs (`peftvlm data filter RECIPE`)."""
+
+    clipscore: float = Field(..., ge=0, le=2.5, description="Keep image-text pairs whose "
+                             "CLIPScore (2.5 x max(cos, 0), Hessel et al. 2021) is at least this; "
+                             "LAION's cosine 0.28 is 0.7.")
+    model: str | None = Field(None, description="CLIP model that scores (Hub id, folder or "
+                                                "tiny name); default: the recipe's model.")
+    batch_size: int = Field(64, ge=1, description="Images scored per batch.")
+    output: str | None = Field(None, description="Folder of the scores and the kept pairs; "
+                                                 "default: runs/<recipe name>-filtered. "
+                                                 "Training then reads its kept pairs.")
+
+
 def _as_sources(value: Any) -> Any:
     if value is None or isinstance(value, list):
         return value
@@ -181,6 +195,9 @@ class DataConfig(Section):
         default_factory=lambda: ["a photo of a {}."],
         description="Hand-written prompts for zero-shot class features; `{}` is the class name; "
                     "features of several templates are averaged.")
+    filter: FilterConfig | None = Field(None, description="Train on the pairs of data.train "
+                                        "that pass a CLIP-score threshold (written by "
+                                        "`peftvlm data filter`).")
     base_to_new: bool = Field(False, description="Train on the first half of the classes (base) "
                                                  "and report accuracy on base and new classes "
                                                  "and their harmonic mean.")
@@ -213,7 +230,11 @@ class TrainConfig(Section):
                                                      "total steps when below 1.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    optim: str = Field("adamw_torch", description="Optimizer name as in transformers.")
+    optim: str = Field("adamw_torch", description="Optimizer name as in transformers "
+                                                  "(adamw_torch, sgd, adamw_bnb_8bit...); the "
+                                                  "same class on generative and dual encoders.")
+    optim_args: str | None = Field(None, description="Optimizer arguments as transformers "
+                                                     "parses them, e.g. 'momentum=0.9' for sgd.")
     max_length: int = Field(1024, ge=16, description="Longest tokenized example; longer ones are "
                                                      "dropped (see data.on_overflow).")
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")

@@ -311,16 +311,26 @@ def test_base_to_new_rejects_class_specific_context(tiny_clip_dir, tmp_path):
 
 
 def test_coop_paper_preset(tiny_clip_dir):
-    from peftvlm.trainers.clip import lr_factor, optim_settings
+    from peftvlm.trainers.loop import build_optimizer, build_scheduler, optim_settings
 
     recipe = recipe_for(tiny_clip_dir, {"name": "coop", "optim_preset": "paper"}, max_steps=-1,
                         num_train_epochs=10)
     s = optim_settings(recipe, n_train=64, world_size=1)
-    assert (s.optim, s.learning_rate, s.momentum, s.batch_size) == ("sgd", 0.002, 0.9, 32)
+    assert (s.optim, s.optim_args, s.learning_rate, s.batch_size) == \
+        ("sgd", "momentum=0.9", 0.002, 32)
     assert (s.steps_per_epoch, s.total_steps, s.warmup_steps) == (2, 20, 2)
-    assert [s.learning_rate * lr_factor(i, s) for i in (0, 1)] == pytest.approx([1e-5, 1e-5])
-    assert s.learning_rate * lr_factor(2, s) == pytest.approx(0.002)  # cosine starts at peak
-    assert lr_factor(19, s) < 0.02
+    optimizer = build_optimizer([("ctx", torch.nn.Parameter(torch.zeros(4, 8)))], s)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["momentum"] == 0.9
+    assert optimizer.param_groups[0]["weight_decay"] == 5e-4
+    scheduler, lrs = build_scheduler(optimizer, s), []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:2] == pytest.approx([1e-5, 1e-5])  # constant warm-up epoch
+    assert lrs[2] == pytest.approx(0.002)  # cosine starts at the peak
+    assert lrs[19] < 0.002 * 0.02
 
 
 def test_wandb_offline_run_and_periodic_eval(tiny_clip_dir, tmp_path):
@@ -439,3 +449,37 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert [s for s, _ in curves[0]] == [s for s, _ in curves[1]] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(*curves):
         assert abs(a - b) < 1e-4, curves
+
+
+def test_classification_reads_parquet_bytes_with_the_bad_row_policy(tmp_path):
+    """The shared readers: image bytes in parquet, a corrupt image skipped (or an error)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from peftvlm.errors import DataError
+    from peftvlm.trainers.clip_data import load_task
+
+    def png(colour):
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    images = [{"bytes": png(c), "path": None} for c in ("red", "blue", "red")]
+    images.append({"bytes": b"not an image", "path": None})
+    pq.write_table(pa.table({"img": images, "kind": ["cat", "dog", "cat", "dog"]}),
+                   tmp_path / "train.parquet")
+
+    def data(policy):
+        return validate_recipe_dict({
+            "model": {"id": "tiny-clip"}, "method": {"name": "coop"},
+            "data": {"train": [{"path": str(tmp_path / "train.parquet"),
+                                "columns": {"image": "img", "label": "kind"}}],
+                     "on_bad_row": policy}}).data
+
+    task = load_task(data("skip"), tmp_path)
+    assert task.classnames == ["cat", "dog"] and task.train.labels == [0, 1, 0]
+    with pytest.raises(DataError, match="1 bad row"):
+        load_task(data("error"), tmp_path)

@@ -31,7 +31,7 @@ def offline_overrides(recipe) -> list[str]:
     if recipe.model.id not in tiny_models():
         out.append(f"model.id={FAMILIES[recipe.model.family].tiny_name}")
     uses_remote_data = any(s.dataset for s in (recipe.data.train or []))
-    if uses_remote_data and FAMILIES[recipe.model.family].kind == "generative":
+    if uses_remote_data:
         # Same template on a local fixture in the same public layout where one exists.
         fixture = FIXTURE_FOR_TEMPLATE.get(recipe.data.template)
         out += ["data.train=null", "data.eval=null", "data.synthetic.train_size=16",

@@ -142,7 +142,7 @@ def test_vpt_is_refused_with_the_reason(siglip):
 
 
 def test_merged_export_is_refused_with_the_reason(siglip):
-    from peftvlm.methods.dual_encoder.export import class_head
+    from peftvlm.export_classifier import class_head
 
     with pytest.raises(ExportError, match="logit bias"):
         class_head(build(CoopMethod(n_ctx=4), siglip))

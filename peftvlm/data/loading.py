@@ -60,8 +60,13 @@ class SourceRows:
 # --- which sources -----------------------------------------------------------------------------
 
 def recipe_sources(recipe):
-    """(train, eval) source lists; a synthetic task is written to the cache first."""
+    """(train, eval) source lists; a synthetic task is written to the cache first; with
+    `data.filter`, training reads the pairs `peftvlm data filter` kept."""
     data = recipe.data
+    if data.filter is not None:
+        from peftvlm.data.filter import filtered_sources, unfiltered
+
+        return filtered_sources(recipe), recipe_sources(unfiltered(recipe))[1]
     if data.synthetic is None:
         return data.train or [], data.eval or []
     from peftvlm.models import cache_dir

@@ -82,6 +82,11 @@ SPEC = FamilySpec(
     projector_module=None,
     language_module="text_model",
     language_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    # Named with their parents: the MAP head's `attention.out_proj` lives inside an
+    # nn.MultiheadAttention, whose forward reads the weight directly, so a LoRA there would do
+    # nothing in training and then change the model when merged.
+    vision_targets=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                    "self_attn.out_proj", "mlp.fc1", "mlp.fc2"),
     image_token=None,
     training_chat_template=None,
     tiny_name="tiny-siglip",

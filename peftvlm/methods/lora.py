@@ -16,13 +16,17 @@ from peftvlm._schema import Section
 from peftvlm.errors import RecipeError
 from peftvlm.registry import register
 
-Part = Literal["language", "vision", "projector", "all"]
+Part = Literal["language", "text", "vision", "projector", "all"]
 PARTS = ("vision", "projector", "language")
+# Dual encoders (CLIP, SigLIP) call their language part the text tower.
+ALIASES = {"text": "language"}
 
 
 class TargetSelection(Section):
     target: Part | list[Part] = Field("language", description="Parts whose linear layers get "
-                                                              "adapters; `all` = every part.")
+                                                              "adapters; `all` = every part the "
+                                                              "model has; `text` = `language` "
+                                                              "(a dual encoder's text tower).")
     target_regex: str | None = Field(None, description="Full-match regex over module names; "
                                                        "overrides `target`.")
     modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in "
@@ -78,7 +82,8 @@ def target_regex(family, cfg: TargetSelection) -> str:
     if cfg.target_regex:
         return cfg.target_regex
     parts = [cfg.target] if isinstance(cfg.target, str) else list(cfg.target)
-    parts = list(PARTS) if "all" in parts else parts
+    parts = [ALIASES.get(p, p) for p in parts]
+    parts = [p for p in PARTS if family.module_prefix(p)] if "all" in parts else parts
     alternatives = []
     for part in parts:
         prefix = family.module_prefix(part)
@@ -142,4 +147,6 @@ _SUMMARY = {
 }
 for _cls in (LoraMethod, QloraMethod, DoraMethod, VeraMethod):
     _name = _cls.model_fields["name"].default
-    register(_name, _cls, "peftvlm.methods.lora:apply_peft", ("generative",), _SUMMARY[_name])
+    # qlora stays generative-only: dual encoders are small enough to adapt unquantized.
+    kinds = ("generative",) if _name == "qlora" else ("generative", "dual_encoder")
+    register(_name, _cls, "peftvlm.methods.lora:apply_peft", kinds, _SUMMARY[_name])

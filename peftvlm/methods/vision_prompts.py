@@ -3,7 +3,7 @@
 `PeftModelWithPrompts` is a plain `PeftModel` (LoRA/DoRA/VeRA on the language model) that also
 owns a `VisualPrompts` module, attached to the vision tower for the model's lifetime:
 
-- the tower's embeddings / encoder layers get VPT's hooks (`dual_encoder.vpt.VisualPrompts`),
+- the tower's embeddings / encoder layers get VPT's hooks (`vpt.model.VisualPrompts`),
   so every layer sees `[CLS] [P_1..P_n] [patches]`;
 - a forward hook on the tower strips the prompt positions from everything it returns, so the
   VLM (which picks `hidden_states[vision_feature_layer]` and drops CLS) gets exactly the image
@@ -25,7 +25,7 @@ from pathlib import Path
 from peft import PeftModel
 
 from peftvlm.errors import ModelError, RunError
-from peftvlm.methods.dual_encoder.vpt import VisualPrompts
+from peftvlm.methods.vpt.model import VisualPrompts
 
 PROMPTS_CONFIG = "peftvlm_prompts.json"
 PROMPTS_WEIGHTS = "peftvlm_prompts.safetensors"

@@ -63,6 +63,22 @@ def clip_scores_per_image(model, processor, images: list, captions: list[str],
     return (CLIP_W * (img * txt).sum(-1).clamp(min=0)).tolist()
 
 
+def clip_scores_per_caption(model, processor, images: list, captions: list[list[str]],
+                            batch_size: int = 32) -> list[list[float]]:
+    """w * max(cos, 0) of every caption of each image, each image encoded once (data filtering
+    scores several captions per image)."""
+    img = _image_features(model, processor, images, batch_size)
+    flat = [c for caps in captions for c in caps]
+    txt = _text_features(model, processor, flat, batch_size)
+    owner = [i for i, caps in enumerate(captions) for _ in caps]
+    scores = (CLIP_W * (img[owner] * txt).sum(-1).clamp(min=0)).tolist()
+    out, start = [], 0
+    for caps in captions:
+        out.append(scores[start:start + len(caps)])
+        start += len(caps)
+    return out
+
+
 def clip_score(model, processor, images: list, captions: list[str],
                references: list[list[str]] | None = None, batch_size: int = 32
                ) -> dict[str, float]:

@@ -82,21 +82,34 @@ def _ranks_from_scores(scores, targets: list[list[int]]) -> list[int]:
     return ranks
 
 
-def cross_modal_recall(similarity: list[list[float]], text_to_image: list[int],
-                       ks=RECALL_KS) -> dict[str, float]:
-    """Image->text and text->image Recall@K from an (images x texts) similarity matrix, where
-    text j describes image `text_to_image[j]`: an image is found at the best rank of any of its
-    texts (COCO/Flickr30k protocol). Also returns `rsum`, the sum of all six recalls x100."""
+def cross_modal_ranks(similarity, text_to_image: list[int]) -> tuple[list[int], list[int]]:
+    """(image->text, text->image) best 1-based ranks from an (images x texts) similarity matrix,
+    where text j describes image `text_to_image[j]`: an image is found at the best rank of any
+    of its texts (COCO/Flickr30k protocol)."""
     import numpy as np
 
     sim = np.asarray(similarity, dtype=np.float64)
     texts_of: list[list[int]] = [[] for _ in range(sim.shape[0])]
     for j, i in enumerate(text_to_image):
         texts_of[i].append(j)
-    i2t = recall_at_ks(_ranks_from_scores(sim, texts_of), ks, "image_to_text_recall")
-    t2i = recall_at_ks(_ranks_from_scores(sim.T, [[i] for i in text_to_image]), ks,
-                       "text_to_image_recall")
+    return (_ranks_from_scores(sim, texts_of),
+            _ranks_from_scores(sim.T, [[i] for i in text_to_image]))
+
+
+def cross_modal_recall(similarity: list[list[float]], text_to_image: list[int],
+                       ks=RECALL_KS) -> dict[str, float]:
+    """Image->text and text->image Recall@K (see `cross_modal_ranks`). Also returns `rsum`,
+    the sum of all six recalls x100."""
+    i2t_ranks, t2i_ranks = cross_modal_ranks(similarity, text_to_image)
+    i2t = recall_at_ks(i2t_ranks, ks, "image_to_text_recall")
+    t2i = recall_at_ks(t2i_ranks, ks, "text_to_image_recall")
     return {**i2t, **t2i, "rsum": 100.0 * (sum(i2t.values()) + sum(t2i.values()))}
+
+
+def mean_ranks(i2t_ranks: list[int], t2i_ranks: list[int]) -> dict[str, float]:
+    """Mean best rank in each direction (1 = always first; lower is better)."""
+    return {"image_to_text_mean_rank": mean([float(r) for r in i2t_ranks]),
+            "text_to_image_mean_rank": mean([float(r) for r in t2i_ranks])}
 
 
 _KW = {"higher_is_better": True, "prediction": "ranking", "reference": "ids"}

@@ -1,22 +1,21 @@
-"""Image-classification data for the CLIP trainer: image folders and JSONL/CSV rows (the
-synthetic `colour-classes` task is written as JSONL by `peftvlm.data.synthetic`), seeded k-shot
-sampling, and the base/new class split.
+"""Image-classification data for the CLIP trainer, read by the shared readers (image folders,
+JSONL/CSV/parquet, saved and Hub datasets; the synthetic `colour-classes` task is written as
+JSONL by `peftvlm.data.synthetic`) through the `classification` template, with the same bad-row
+policy as every run; seeded k-shot sampling and the base/new class split.
 
-A task is a list of PIL images, integer labels and the class names they index. Folders hold
-one subfolder per class; JSONL/CSV rows hold `image` (a path relative to the file) and `label`
-(rename with the source's `columns`).
+A task is a list of images (checked paths or encoded bytes), integer labels and the class names
+they index. Folders hold one subfolder per class; rows hold `image` (a path relative to the
+file, or bytes) and `label` (rename with the source's `columns`; `_` in labels reads as a space).
 """
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from peftvlm.errors import DataError, RecipeError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
 
 @dataclass
@@ -34,62 +33,48 @@ class ClassificationTask:
     eval: Split | None
 
 
-def _rows_from_folder(folder: Path) -> list[tuple[Path, str]]:
-    rows = [(f, d.name) for d in sorted(folder.iterdir()) if d.is_dir()
-            for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-    if not rows:
-        raise DataError(f"{folder}: no images in class subfolders (expected "
-                        f"{folder}/<class name>/<image>.png)")
-    return rows
+def read_sources(sources, data_cfg, base_dir: Path, section: str = "train") -> list[tuple]:
+    """(image, label name) rows through the shared readers (`load_source`: image folders,
+    JSONL/CSV/parquet, saved or Hub datasets) and the `classification` template (columns
+    `image`, `label`; rename with the source's `columns`); bad rows follow data.on_bad_row."""
+    from peftvlm.data.loading import load_source
+    from peftvlm.data.pairs import row_captions
+    from peftvlm.data.sources import BadRowReport, enforce_policy
 
-
-def _rows_from_table(path: Path, columns: dict[str, str]) -> list[tuple[Path, str]]:
-    image_col, label_col = columns.get("image", "image"), columns.get("label", "label")
-    if path.suffix == ".csv":
-        import csv
-        with path.open(newline="") as f:
-            records = list(csv.DictReader(f))
-    else:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = []
-    for i, rec in enumerate(records, start=1):
-        if image_col not in rec or label_col not in rec:
-            raise DataError(f"{path}: row {i} lacks `{image_col}` or `{label_col}`",
-                            hint="map your columns with data.train[].columns: "
-                                 "{image: <col>, label: <col>}")
-        rows.append((path.parent / rec[image_col], str(rec[label_col])))
-    return rows
-
-
-def read_sources(sources, base_dir: Path) -> list[tuple[Path, str]]:
-    """(image path, label name) rows from image folders or JSONL/CSV files."""
-    rows = []
+    rows, report = [], BadRowReport()
     for src in sources:
-        if src.path is None:
-            raise RecipeError("data: classification reads image folders or JSONL/CSV files "
-                              "(`path`), not `dataset`")
-        path = base_dir / src.path
-        found = _rows_from_folder(path) if path.is_dir() else _rows_from_table(path, src.columns)
-        rows += found[:src.max_samples] if src.max_samples else found
+        if src.template is None:
+            src = src.model_copy(update={"template": "classification"})
+        loaded = load_source(src, data_cfg, base_dir)
+        report.merge(loaded.report)
+        rows += [(row["images"][0], row_captions(row)[0]) for row in loaded.rows]
+    enforce_policy(report, data_cfg.on_bad_row, f"data.{section}")
+    if report.total:
+        import logging
+
+        logging.getLogger("peftvlm").warning("data.%s: skipped %s", section, report.describe())
     return rows
 
 
 def _split_from_rows(rows, classnames: list[str]) -> Split:
     """Image paths (decoded per batch, so large sets never sit in memory) and label ids."""
     index = {name: i for i, name in enumerate(classnames)}
-    for path, label in rows:
+    for image, label in rows:  # images were checked by the reader (bad ones counted)
         if label not in index:
-            raise DataError(f"{path}: label {label!r} is not in data.classnames "
+            where = image if isinstance(image, str) else "an in-memory image"
+            raise DataError(f"{where}: label {label!r} is not in data.classnames "
                             f"({', '.join(classnames)})")
-        if not Path(path).is_file():
-            raise DataError(f"{path}: image not found")
-    return Split([path for path, _ in rows], [index[label] for _, label in rows])
+    return Split([image for image, _ in rows], [index[label] for _, label in rows])
 
 
 def open_image(image):
     """An RGB PIL image from a path (or an image already in memory)."""
     from PIL import Image
 
+    if isinstance(image, dict):  # encoded bytes from parquet / datasets
+        from peftvlm.data.pairs import open_rgb
+
+        return open_rgb(image)
     if not isinstance(image, (str, Path)):
         return image.convert("RGB")
     try:
@@ -104,8 +89,8 @@ def load_task(data, base_dir: Path) -> ClassificationTask:
     train_sources, eval_sources = data.train, data.eval
     if data.synthetic is not None:
         train_sources, eval_sources = synthetic_sources(data.synthetic)
-    train_rows = read_sources(train_sources, base_dir)
-    eval_rows = read_sources(eval_sources, base_dir) if eval_sources else []
+    train_rows = read_sources(train_sources, data, base_dir, "train")
+    eval_rows = read_sources(eval_sources, data, base_dir, "eval") if eval_sources else []
     names = data.classnames or sorted({label for _, label in train_rows})
     if data.synthetic is not None:  # a subset of the drawn colours: keep only those rows
         train_rows, eval_rows = _only(train_rows, names), _only(eval_rows, names)

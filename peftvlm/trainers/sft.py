@@ -15,8 +15,8 @@ from transformers import TrainerCallback
 # Recipe `train` fields passed to SFTConfig unchanged (the names are Hugging Face's).
 PASSTHROUGH = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay",
-               "max_grad_norm", "optim", "logging_steps", "save_steps", "save_total_limit", "seed",
-               "gradient_checkpointing", "dataloader_num_workers")
+               "max_grad_norm", "optim", "optim_args", "logging_steps", "save_steps",
+               "save_total_limit", "seed", "gradient_checkpointing", "dataloader_num_workers")
 
 
 def sft_config(train_cfg, run_dir: Path, report_to: list[str], run_name: str | None):

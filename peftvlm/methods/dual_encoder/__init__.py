@@ -1,9 +1,9 @@
-"""The torch side of the CLIP-family methods (CoOp, VPT, CLIP-Adapter).
+"""What the CLIP-family methods (CoOp, VPT, CLIP-Adapter) share: a frozen dual encoder turned
+into a classifier over class names, hand-written prompt features, and save/load (`base`).
 
-Their recipe configs live in `peftvlm.methods.coop`, `.vpt` and `.clip_adapter`, which must
-stay torch-free at import (the recipe schema imports them); the modules here are imported only
-when a method is applied. `base` holds what they share: a frozen dual encoder turned into a
-classifier over class names, hand-written prompt features, and save/load.
+Each method is one package, `peftvlm.methods.<name>`: `config.py` (its recipe config, no
+torch), `model.py` (its classifier, imported when the method is applied), and `__init__.py`
+(one `register(...)` line).
 """
 
 from peftvlm.methods.dual_encoder.base import (

@@ -1,14 +1,4 @@
-"""CoOp: Context Optimization (Zhou et al. 2022, IJCV, https://arxiv.org/abs/2109.01134).
-
-Learns M context vectors that replace the hand-written words of a prompt such as
-"a photo of a {class}."; the whole CLIP model stays frozen. Trainable parameters: n_ctx * d
-(unified context) or n_cls * n_ctx * d (class-specific context, `csc`), d = the text
-encoder's width. The implementation is in `peftvlm.methods.dual_encoder.coop`.
-
-`optim_preset: paper` trains with the paper's optimisation (SGD, lr 0.002, momentum 0.9,
-weight decay 5e-4, cosine schedule, one warm-up epoch at a constant 1e-5, batch 32) instead of
-the recipe's `train` optimiser settings.
-"""
+"""The recipe config of coop (pydantic, no torch: the recipe schema imports it)."""
 
 from __future__ import annotations
 
@@ -17,10 +7,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from peftvlm._schema import Section
-from peftvlm.registry import register
 
 # Paper defaults (CoOp's configs/trainers on Dassl); applied by the CLIP trainer.
-PAPER_OPTIM = {"optim": "sgd", "learning_rate": 0.002, "momentum": 0.9, "weight_decay": 5e-4,
+PAPER_OPTIM = {"optim": "sgd", "optim_args": "momentum=0.9", "learning_rate": 0.002,
+               "weight_decay": 5e-4,
                "lr_scheduler_type": "cosine", "warmup_epochs": 1, "warmup_lr": 1e-5,
                "per_device_train_batch_size": 32}
 
@@ -43,27 +33,12 @@ class CoopMethod(Section):
                               "1 warm-up epoch at constant 1e-5, batch 32 (overrides those "
                               "train.* fields); `recipe`: use the train section as written.")
 
+    def optimisation_preset(self) -> dict | None:
+        """The paper's optimisation (read by the dual-encoder loop), or None: the recipe's."""
+        return PAPER_OPTIM if self.optim_preset == "paper" else None
+
     @model_validator(mode="after")
     def _init_words(self):
         if self.ctx_init is not None and not self.ctx_init.strip():
             raise ValueError("ctx_init must contain words, or be left out")
         return self
-
-
-def apply_coop(model, family, cfg: CoopMethod, *, tokenizer, classnames, templates):
-    """CLIP with CoOp context over `classnames`; only the context trains."""
-    from peftvlm.methods.dual_encoder.coop import CoOpClassifier
-
-    return CoOpClassifier(model, family, cfg, tokenizer, classnames, templates)
-
-
-def export_adapter(run_dir, adapter_dir, out_dir, merge: bool) -> dict:
-    """`peftvlm export` hook: learned context + loader; --merge: the class features as a
-    fixed linear head (see `peftvlm.methods.dual_encoder.export`)."""
-    from peftvlm.methods.dual_encoder.export import export_dual_encoder
-
-    return export_dual_encoder(run_dir, adapter_dir, out_dir, merge)
-
-
-register("coop", CoopMethod, "peftvlm.methods.coop:apply_coop", ("dual_encoder",),
-         "CoOp learnable prompt context for CLIP's text encoder (Zhou et al. 2022)")
