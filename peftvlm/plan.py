@@ -188,12 +188,15 @@ def model_shape(recipe, model, config, family) -> tuple[memory.Shape, dict]:
 def image_tokens(source: ConfigSource, config, family, size: tuple[int, int]) -> dict | None:
     """Tokens and vision patches of one image of `size` (width, height), as the model's own
     image processor resizes and tiles it. None when the family cannot say."""
-    if family.image_tokens is None or not (source.folder / "preprocessor_config.json").is_file():
+    if family.image_tokens is None:
         return None
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    processor = AutoImageProcessor.from_pretrained(source.folder)
+    try:  # preprocessor_config.json, or the image processor inside processor_config.json
+        processor = AutoImageProcessor.from_pretrained(source.folder)
+    except (OSError, ValueError):
+        return None
     inputs = processor(images=[Image.new("RGB", size)], return_tensors="np")
     tokens, patches = family.image_tokens(dict(inputs), config)
     return {"size": list(size), "tokens": tokens, "patches": patches,
@@ -299,48 +302,58 @@ def pick_gpu(name: str | None) -> dict:
 
 
 def suggestions(recipe, shape, work, result, target, images) -> list[dict]:
-    """What to change so that the step fits `target`, each with its own estimate."""
+    """Changes that bring the step under `target`'s memory, applied one after another (each
+    line's estimate includes the changes above it), stopping at the first that fits."""
+    from dataclasses import replace
+
     limit = target["gib"] * memory.GIB
     if result["with_overhead"] <= limit:
         return []
-    options = []
+    out = []
+
+    def step(what: str, change: str, shape_changes=None, work_changes=None) -> bool:
+        nonlocal shape, work
+        shape, work = replace(shape, **(shape_changes or {})), replace(work, **(work_changes or {}))
+        est = memory.estimate(shape, work)["with_overhead"]
+        out.append({"what": what, "change": change, "gib": est / memory.GIB,
+                    "fits": est <= limit})
+        return est <= limit
+
+    if not work.gradient_checkpointing and step(
+            "gradient checkpointing", "train.gradient_checkpointing=true",
+            work_changes={"gradient_checkpointing": True}):
+        return out
+    accumulation = recipe.train.gradient_accumulation_steps
+    while work.batch_size > 1:
+        half, accumulation = work.batch_size // 2, accumulation * 2
+        if step("half the batch, same global batch",
+                f"train.per_device_train_batch_size={half} "
+                f"train.gradient_accumulation_steps={accumulation}",
+                work_changes={"batch_size": half}):
+            return out
     if shape.frozen_params_4bit == 0 and recipe.method.name in ("lora", "dora"):
-        quantizable = _quantizable(recipe, shape)
-        options.append(("QLoRA: the language model in 4-bit", "method.name=qlora",
-                        {"frozen_params_full": shape.frozen_params_full - quantizable,
-                         "frozen_params_4bit": quantizable}, {}))
-    if not work.gradient_checkpointing:
-        options.append(("gradient checkpointing", "train.gradient_checkpointing=true", {},
-                        {"gradient_checkpointing": True}))
-    if work.batch_size > 1:
-        half = work.batch_size // 2
-        accumulation = recipe.train.gradient_accumulation_steps * work.batch_size // half
-        options.append(("half the batch, same global batch",
-                        f"train.per_device_train_batch_size={half} "
-                        f"train.gradient_accumulation_steps={accumulation}", {},
-                        {"batch_size": half}))
+        quantizable = min(_quantizable(shape), shape.frozen_params_full)
+        if step("QLoRA: the language model's linear layers in 4-bit", "method.name=qlora",
+                {"frozen_params_full": shape.frozen_params_full - quantizable,
+                 "frozen_params_4bit": quantizable}):
+            return out
     if images and images["tokens"] * images["per_row"] > work.seq_len // 4:
-        options.append(("fewer image tokens: smaller images (the image processor's max_pixels/"
-                         "size) and a shorter train.max_length",
-                         f"train.max_length={max(256, work.seq_len // 2)}", {},
-                         {"seq_len": max(256, work.seq_len // 2),
-                          "vision_patches": work.vision_patches // 4}))
+        shorter = max(256, work.seq_len // 2)
+        if step("fewer image tokens: smaller images (the image processor's max_pixels / "
+                "size) and shorter rows", f"train.max_length={shorter}",
+                work_changes={"seq_len": shorter, "vision_patches": work.vision_patches // 4}):
+            return out
     for n in (2, 4, 8):
         if work.gpus < n:
             config = "fsdp-qlora" if shape.frozen_params_4bit else "fsdp"
-            options.append((f"FSDP over {n} GPUs",
-                            f"accelerate launch --config_file recipes/accelerate/{config}.yaml "
-                            f"--num_processes {n} -m peftvlm train RECIPE", {},
-                            {"gpus": n, "sharding": "fsdp"}))
-    out = []
-    for what, change, shape_changes, work_changes in options:
-        est = memory.with_changes(shape, work, shape_changes, work_changes)
-        out.append({"what": what, "change": change, "gib": est["with_overhead"] / memory.GIB,
-                    "fits": est["with_overhead"] <= limit})
+            if step(f"FSDP over {n} GPUs", f"accelerate launch --config_file "
+                    f"recipes/accelerate/{config}.yaml --num_processes {n} -m peftvlm train "
+                    "RECIPE", work_changes={"gpus": n, "sharding": "fsdp"}):
+                return out
     return out
 
 
-def _quantizable(recipe, shape) -> int:
+def _quantizable(shape) -> int:
     """Frozen language-model parameters QLoRA would store in 4 bits (linear weights): all
     frozen ones but the embeddings, norms and the parts QLoRA leaves in full precision."""
     return max(0, shape.layers * (2 * shape.hidden * shape.q_dim + 2 * shape.hidden * shape.kv_dim
@@ -404,7 +417,8 @@ def render(result: dict) -> str:
                                       f"{'yes' if g['fits'] else 'no'}" for g in result["fits"]))
     target = result["gpu"]
     if result["suggestions"]:
-        lines.append(f"does not fit {target['gib']} GiB ({target['cards']}); changes, each alone:")
+        lines.append(f"does not fit {target['gib']} GiB ({target['cards']}); changes, applied "
+                     "in turn (each estimate includes those above it):")
         lines += [f"  - {o['what']}: {o['change']} -> {o['gib']:.1f} GiB"
                   f"{' (fits)' if o['fits'] else ''}" for o in result["suggestions"]]
     elif target["asked"]:
