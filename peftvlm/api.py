@@ -160,7 +160,10 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
     args = sft_config(recipe.train, run_dir, ["wandb"] if wandb_run else [], recipe.name,
                       sharding)
     stopper = StopOnInterrupt()
-    trainer = build_trainer(model, loaded.processor, collator, data.train, args,
+    from peftvlm.data.mixed import for_training
+
+    # several processes: text-only batches carry a zero-weighted image, so no rank hangs
+    trainer = build_trainer(model, loaded.processor, for_training(collator), data.train, args,
                             [stopper, *callbacks])
     add_periodic_eval(trainer, recipe, loaded, data)
     checkpoint = last_checkpoint(run_dir) if resume else None

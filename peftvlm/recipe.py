@@ -193,7 +193,12 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (GPU).")
     assistant_only_loss: bool = Field(True, description="Loss only on assistant tokens.")
     dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
-    # Sharded training (Hugging Face TrainingArguments names; docs/distributed.md).
+    # Several processes and sharded training (Hugging Face TrainingArguments names;
+    # docs/distributed.md).
+    ddp_find_unused_parameters: bool | None = Field(
+        None, description="DDP: look for parameters without gradients each step; default: "
+                          "transformers' choice (on for adapters). Off is faster and safe: "
+                          "text-only batches still run the vision tower.")
     fsdp: bool | str | None = Field(
         None, description="PyTorch FSDP: true, or legacy options such as 'full_shard auto_wrap'. "
                           "Or launch with `accelerate launch --config_file "

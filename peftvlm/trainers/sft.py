@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 PASSTHROUGH = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay",
                "max_grad_norm", "optim", "logging_steps", "save_steps", "save_total_limit", "seed",
-               "gradient_checkpointing", "dataloader_num_workers")
+               "gradient_checkpointing", "dataloader_num_workers", "ddp_find_unused_parameters")
 
 
 def sft_config(train_cfg, run_dir: Path, report_to: list[str], run_name: str | None,
