@@ -133,8 +133,8 @@ def validate(recipes: List[str] = typer.Argument(..., help="Recipe files to chec
 @app.command()
 def plan(
     recipe: str = typer.Argument(..., help="Recipe file, or the name of a shipped recipe."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. "
-                                                               "train.per_device_train_batch_size=1"),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="key=value overrides, e.g. train.per_device_train_batch_size=1"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU to check and suggest changes for: "
                                       "GiB (24, 40, 48, 80, 141) or a card (4090, a100-40gb, "
                                       "h100, h200); default 24."),

@@ -8,7 +8,6 @@ No torch import at module level: `peftvlm validate` resolves these settings too.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -109,7 +108,3 @@ def sharding_args(train_cfg, base: Path, where: str, on_gpu: bool) -> dict:
                                "losses); drop train.fsdp / the --config_file")
     return args
 
-
-def dumps(args: dict) -> str:
-    """A one-line description for logs (configs are settings, never secrets)."""
-    return json.dumps(args, sort_keys=True, default=str)

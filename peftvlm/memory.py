@@ -94,7 +94,8 @@ def optimizer_bytes_per_param(optim: str) -> float:
 
 def layer_activation_values(s: Shape) -> int:
     """Values saved for backward per token in one decoder layer (SDPA, gated MLP)."""
-    return 4 * s.hidden + 2 * s.q_dim + 2 * s.kv_dim + 4 * s.intermediate + s.adapter_inputs_per_layer
+    return (4 * s.hidden + 2 * s.q_dim + 2 * s.kv_dim + 4 * s.intermediate
+            + s.adapter_inputs_per_layer)
 
 
 def vision_layer_values(s: Shape) -> int:

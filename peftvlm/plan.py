@@ -9,7 +9,6 @@ processor on a blank image of the data's size. `peftvlm.memory` turns that into 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 

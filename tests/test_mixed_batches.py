@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from peftvlm.data.collate import ConversationCollator
-from peftvlm.errors import DataError
 from peftvlm.data.mixed import WithDummyImage, for_training
+from peftvlm.errors import DataError
 from peftvlm.families import FAMILIES
 from peftvlm.models import load_base
 from peftvlm.recipe import ModelConfig

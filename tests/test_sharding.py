@@ -50,7 +50,8 @@ def test_launcher_environment_turns_fsdp_on_and_cpu_refuses_it(name, monkeypatch
     assert env["ACCELERATE_USE_FSDP"] == "true"
     assert env["FSDP_VERSION"] == EXPECTED[name][1]
     if name == "fsdp-qlora":
-        assert env["FSDP_USE_ORIG_PARAMS"] == "false" and env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
+        assert env["FSDP_USE_ORIG_PARAMS"] == "false"
+        assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     train = TrainConfig()

@@ -53,7 +53,8 @@ def build_tiny(out_dir: Path) -> None:
 def image_tokens(image_inputs: dict, config) -> tuple[int, int]:
     """One CLIP crop: a token per patch (the "default" strategy drops the CLS token)."""
     height, width = image_inputs["pixel_values"].shape[-2:]
-    patches = (height // config.vision_config.patch_size) * (width // config.vision_config.patch_size)
+    patch = config.vision_config.patch_size
+    patches = (height // patch) * (width // patch)
     full = config.vision_feature_select_strategy == "full"
     return patches + int(full), patches + 1
 

@@ -117,7 +117,8 @@ def build_tiny(out_dir: Path) -> None:
 def image_tokens(image_inputs: dict, config) -> tuple[int, int]:
     """One SigLIP image at the processor's fixed size: a token per patch."""
     height, width = image_inputs["pixel_values"].shape[-2:]
-    patches = (height // config.vision_config.patch_size) * (width // config.vision_config.patch_size)
+    patch = config.vision_config.patch_size
+    patches = (height // patch) * (width // patch)
     return patches, patches
 
 

@@ -33,7 +33,8 @@ def sft_config(train_cfg, run_dir: Path, report_to: list[str], run_name: str | N
         output_dir=str(run_dir / "checkpoints"), use_cpu=not on_gpu, bf16=bf16 and on_gpu,
         report_to=report_to, run_name=run_name, remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True}, assistant_only_loss=False,
-        max_length=None, save_only_model=False, disable_tqdm=False, **args, **(sharding or {}))
+        max_length=None, save_only_model=False, disable_tqdm=False, **args,
+        **(sharding or {}))
 
 
 class StopOnInterrupt(TrainerCallback):
