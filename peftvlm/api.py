@@ -54,6 +54,7 @@ def train_generative(recipe, method, run_dir: Path, resume, overwrite, dry_run, 
     from peftvlm.data.loading import prepare_data
 
     set_seed(recipe.train.seed)
+    sharding = resolve_sharding(recipe)  # refuses impossible set-ups before a model loads
     loaded, model = load_model_with_method(recipe, method)
     collator = ConversationCollator(loaded.processor, loaded.family,
                                     recipe.train.assistant_only_loss)
@@ -70,12 +71,14 @@ def train_generative(recipe, method, run_dir: Path, resume, overwrite, dry_run, 
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     before = evaluate_if_asked(recipe, model, loaded, data, recipe.eval.before_training, log)
     trainer, runtime = run_trainer(recipe, model, loaded, collator, data, run_dir, resume,
-                                   callbacks, log)
+                                   callbacks, log, sharding)
     after = evaluate_if_asked(recipe, trainer.model, loaded, data, True, log)
     summary = summarise(recipe, trainer, loaded, data, runtime, before, after)
+    state_dict = full_state_dict(trainer)  # a collective under FSDP: every rank takes part
     try:
         if trainer.is_world_process_zero():  # one writer when several processes train
-            write_run_outputs(trainer, loaded.processor, summary, run_dir, recipe.name)
+            write_run_outputs(trainer, loaded.processor, summary, run_dir, recipe.name,
+                              state_dict)
             export_if_asked(recipe, run_dir, summary, log)
     finally:
         finish_tracking(trainer, summary)
@@ -90,11 +93,29 @@ def export_if_asked(recipe, run_dir: Path, summary: dict, log) -> None:
         summary["export"] = export_run(run_dir, log=log)
 
 
+def resolve_sharding(recipe: Recipe) -> dict:
+    """The recipe's FSDP / DeepSpeed trainer fields, files read and set-ups checked."""
+    import torch
+
+    from peftvlm.distributed import sharding_args
+
+    return sharding_args(recipe.train, recipe.base_dir(), str(recipe.source_path or "recipe"),
+                         torch.cuda.is_available())
+
+
+def full_state_dict(trainer):
+    from peftvlm.trainers.sft import full_state_dict as gather
+
+    return gather(trainer)
+
+
 def load_model_with_method(recipe: Recipe, method):
-    """Load the base (quantized if the method asks) and apply the method to it."""
+    """Load the base (quantized if the method asks; stored for sharding under FSDP/ZeRO) and
+    apply the method to it."""
+    from peftvlm.distributed import sharding_mode
     from peftvlm.models import load_base
 
-    loaded = load_base(recipe.model, recipe.method.name)
+    loaded = load_base(recipe.model, recipe.method.name, sharding_mode(recipe.train) is not None)
     model = method.apply(loaded.model, loaded.family, recipe.method, quantized=loaded.quantized,
                          gradient_checkpointing=recipe.train.gradient_checkpointing)
     return loaded, model
@@ -133,7 +154,8 @@ def evaluate_if_asked(recipe, model, loaded, data, enabled: bool, log) -> dict |
     return result["scores"]
 
 
-def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callbacks, log):
+def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callbacks, log,
+                sharding=None):
     """Train with TRL (resuming from the last checkpoint if asked); Ctrl-C saves and stops."""
     from peftvlm.errors import RunError
     from peftvlm.tracking import start_wandb
@@ -141,9 +163,13 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
                                       sft_config)
 
     wandb_run = start_wandb(recipe, run_dir, log)
-    args = sft_config(recipe.train, run_dir, ["wandb"] if wandb_run else [], recipe.name)
+    args = sft_config(recipe.train, run_dir, ["wandb"] if wandb_run else [], recipe.name,
+                      sharding)
     stopper = StopOnInterrupt()
-    trainer = build_trainer(model, loaded.processor, collator, data.train, args,
+    from peftvlm.data.mixed import for_training
+
+    # several processes: text-only batches carry a zero-weighted image, so no rank hangs
+    trainer = build_trainer(model, loaded.processor, for_training(collator), data.train, args,
                             [stopper, *callbacks])
     add_periodic_eval(trainer, recipe, loaded, data)
     checkpoint = last_checkpoint(run_dir) if resume else None
@@ -171,9 +197,12 @@ def add_periodic_eval(trainer, recipe, loaded, data) -> None:
     trainer.add_callback(PeriodicEval(scores, recipe.train.eval_steps, trainer.log))
 
 
-def write_run_outputs(trainer, processor, summary: dict, run_dir: Path, name: str) -> None:
-    """The adapter in PEFT format with the processor beside it, summary.json and loss.png."""
-    trainer.model.save_pretrained(run_dir / "adapter")
+def write_run_outputs(trainer, processor, summary: dict, run_dir: Path, name: str,
+                      state_dict=None) -> None:
+    """The adapter in PEFT format with the processor beside it, summary.json and loss.png
+    (`state_dict`: the gathered full one under FSDP; peft keeps the adapter's tensors)."""
+    model = trainer.accelerator.unwrap_model(trainer.model) if state_dict else trainer.model
+    model.save_pretrained(run_dir / "adapter", state_dict=state_dict)
     processor.save_pretrained(run_dir / "adapter")
     write_json(run_dir / "summary.json", summary)
     plot_loss(trainer.state.log_history, run_dir / "loss.png", f"{name}: training loss")

@@ -130,6 +130,48 @@ def validate(recipes: List[str] = typer.Argument(..., help="Recipe files to chec
         typer.echo(f"ok: {path}")
 
 
+@app.command()
+def plan(
+    recipe: str = typer.Argument(..., help="Recipe file, or the name of a shipped recipe."),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="key=value overrides, e.g. train.per_device_train_batch_size=1"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU to check and suggest changes for: "
+                                      "GiB (24, 40, 48, 80, 141) or a card (4090, a100-40gb, "
+                                      "h100, h200); default 24."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="GPUs the run shards or "
+                                       "replicates over (default: 1, or 2 when sharded)."),
+    sharding: Optional[str] = typer.Option(None, "--sharding", help="none, ddp, fsdp, zero2 or "
+                                           "zero3 (default: from the recipe's train section)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="WxH of the largest "
+                                             "image (default: the data's, else the processor's "
+                                             "maximum)."),
+    images: Optional[int] = typer.Option(None, "--images", min=1, help="Images per row."),
+    text_tokens: Optional[int] = typer.Option(None, "--text-tokens", min=1, help="Text tokens "
+                                              "of the longest row (default: pad to "
+                                              "train.max_length)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+):
+    """Will it fit? Parameter counts and peak GPU memory, built on the meta device (no weights)."""
+    quiet_libraries()
+    import json
+
+    from peftvlm.plan import plan as make_plan, render
+    from peftvlm.recipe import load_recipe
+
+    if sharding not in (None, "none", "ddp", "fsdp", "zero2", "zero3"):
+        raise RecipeError(f"--sharding {sharding}: unknown", hint="none, ddp, fsdp, zero2, zero3")
+    size = None
+    if image_size:
+        w, sep, h = image_size.lower().partition("x")
+        if not (sep and w.isdigit() and h.isdigit()):
+            raise RecipeError(f"--image-size {image_size}: write it as WIDTHxHEIGHT, e.g. 1280x960")
+        size = (int(w), int(h))
+    result = make_plan(load_recipe(resolve_recipe_path(recipe), overrides or []), gpu=gpu,
+                       gpus=gpus, sharding=sharding, image_size=size, images_per_row=images,
+                       text_tokens=text_tokens)
+    typer.echo(json.dumps(result, indent=2, default=str) if as_json else render(result))
+
+
 @data_app.command("preview")
 def data_preview(
     recipe: str = typer.Argument(..., help="Recipe file, or the name of a shipped recipe."),

@@ -93,8 +93,11 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def quantization_config(model_cfg, family: FamilySpec, method_name: str):
-    """bitsandbytes config: the recipe's, or QLoRA's 4-bit nf4 default; None for no quantization."""
+def quantization_config(model_cfg, family: FamilySpec, method_name: str, sharded: bool = False):
+    """bitsandbytes config: the recipe's, or QLoRA's 4-bit nf4 default; None for no quantization.
+
+    `sharded` (FSDP / DeepSpeed ZeRO-3): 4-bit weights are stored in the compute dtype
+    (`bnb_4bit_quant_storage`), so FSDP can flatten and shard them with the bf16 parameters."""
     q = model_cfg.quantization
     if q is None and method_name == "qlora":
         from peftvlm.recipe import QuantizationConfig
@@ -107,10 +110,12 @@ def quantization_config(model_cfg, family: FamilySpec, method_name: str):
     skip = q.skip_modules if q.skip_modules is not None else family.quantization_skip_modules()
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    compute = torch_dtype(q.compute_dtype)
+    storage = {"bnb_4bit_quant_storage": compute} if sharded else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                               bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
-                              llm_int8_skip_modules=skip)
+                              bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip,
+                              **storage)
 
 
 def disable_cpu_inference_repacking(model) -> int:
@@ -155,11 +160,12 @@ def load_processor_only(cfg) -> tuple[object, FamilySpec]:
                          hint="the folder needs the processor/tokenizer files") from exc
 
 
-def load_base(cfg, method_name: str = "lora") -> LoadedModel:
-    """Load the recipe's base model (safetensors only) and processor, quantized if asked."""
+def load_base(cfg, method_name: str = "lora", sharded: bool = False) -> LoadedModel:
+    """Load the recipe's base model (safetensors only) and processor, quantized if asked
+    (`sharded`: stored so that FSDP / ZeRO-3 can shard the 4-bit weights)."""
     path = resolve_model_path(cfg.id)
     family = detect_family(path, cfg)
-    quant = quantization_config(cfg, family, method_name)
+    quant = quantization_config(cfg, family, method_name, sharded)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                   use_safetensors=True, dtype=torch_dtype(cfg.dtype))
     if quant is not None:

@@ -250,6 +250,23 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (GPU).")
     assistant_only_loss: bool = Field(True, description="Loss only on assistant tokens.")
     dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
+    # Several processes and sharded training (Hugging Face TrainingArguments names;
+    # docs/distributed.md).
+    ddp_find_unused_parameters: bool | None = Field(
+        None, description="DDP: look for parameters without gradients each step; default: "
+                          "transformers' choice (on for adapters). Off is faster and safe: "
+                          "text-only batches still run the vision tower.")
+    fsdp: bool | str | None = Field(
+        None, description="PyTorch FSDP: true, or legacy options such as 'full_shard auto_wrap'. "
+                          "Or launch with `accelerate launch --config_file "
+                          "recipes/accelerate/fsdp.yaml`.")
+    fsdp_config: dict[str, Any] | str | None = Field(
+        None, description="FSDP settings (version, reshard_after_forward, cpu_offload, "
+                          "activation_checkpointing, ...): a mapping, or a JSON/YAML file relative "
+                          "to the recipe.")
+    deepspeed: dict[str, Any] | str | None = Field(
+        None, description="DeepSpeed config: a mapping, or a JSON/YAML file relative to the "
+                          "recipe (ZeRO-2/3; CUDA GPUs only).")
 
 
 class WandbConfig(Section):
@@ -428,6 +445,17 @@ def check_recipe_files(recipe: Recipe) -> None:
                           f"`synthetic` (a built-in offline task)")
     if recipe.data.template:
         _check_template(recipe, None, f"{recipe.source_path}: data")
+    _check_sharding_files(recipe)
+
+
+def _check_sharding_files(recipe: Recipe) -> None:
+    """train.fsdp_config / train.deepspeed files exist and parse (validate time, no torch)."""
+    from peftvlm.distributed import read_config_file
+
+    for field in ("fsdp_config", "deepspeed"):
+        value = getattr(recipe.train, field)
+        if isinstance(value, str):
+            read_config_file(value, recipe.base_dir(), field, str(recipe.source_path))
 
 
 def _check_template(recipe: Recipe, src, where: str) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 220),
@@ -58,6 +60,20 @@ def write_synthetic(cfg, root: Path) -> dict[str, Path]:
     paths = {"train": folder / "train.jsonl", "test": folder / "test.jsonl"}
     if all(p.exists() for p in paths.values()):
         return paths
+    # Built in a private folder, then renamed into place: several training processes
+    # (torchrun) may build the same task at once, and none may read a half-written one.
+    build = folder.with_name(f".{folder.name}-{os.getpid()}")
+    shutil.rmtree(build, ignore_errors=True)
+    _write_task(cfg, build)
+    try:
+        os.replace(build, folder)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(build, ignore_errors=True)
+    return paths
+
+
+def _write_task(cfg, folder: Path) -> None:
+    paths = {"train": folder / "train.jsonl", "test": folder / "test.jsonl"}
     (folder / "images").mkdir(parents=True, exist_ok=True)
     make_row = vqa_row if cfg.name == "colour-vqa" else class_row
     rng = random.Random(cfg.seed)
@@ -70,7 +86,4 @@ def write_synthetic(cfg, root: Path) -> dict[str, Path]:
             draw_shape(rng, COLOURS[colour], cfg.image_size).save(folder / rel)
             rows.append(make_row(rel, colour))
             index += 1
-        tmp = paths[split].with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(paths[split])
-    return paths
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -79,6 +79,16 @@ class FamilySpec:
     logit_bias: bool = False
     # Dotted path in the model config to the joint embedding width.
     joint_dim_config: str = "projection_dim"
+    # Planning and mixed batches (`peftvlm plan`, `peftvlm.data.mixed`):
+    # `image_tokens(image_inputs, config) -> (tokens, patches)`: for ONE image as the family's
+    # image processor returns it (NumPy arrays), the tokens it takes in the language model's
+    # sequence and the patches its vision tower runs over. None: plan cannot count images.
+    image_tokens: Callable[[dict, Any], tuple[int, int]] | None = field(
+        default=None, compare=False, repr=False)
+    # The blank image that text-only batches carry under several processes (zero-weighted, so
+    # every rank runs the vision tower): its side, and image-processor settings for it.
+    dummy_image_side: int = 28
+    dummy_image_options: tuple[tuple[str, Any], ...] = ()
 
     def joint_dim(self, config) -> int:
         """The width of the joint image-text feature space of a dual encoder."""

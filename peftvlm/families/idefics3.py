@@ -72,6 +72,15 @@ def build_tiny(out_dir: Path) -> None:
     processor.save_pretrained(out_dir)
 
 
+def image_tokens(image_inputs: dict, config) -> tuple[int, int]:
+    """Every tile (and the global view) is pixel-shuffled by scale_factor^2 into fewer tokens;
+    each tile also adds a few text tokens (<fake_token_around_image>, <row_i_col_j>)."""
+    tiles = image_inputs["pixel_values"].shape[1]
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    per_tile = side * side // config.scale_factor ** 2
+    return tiles * (per_tile + 3), tiles * side * side
+
+
 SPEC = FamilySpec(
     name="smolvlm",
     model_types=("idefics3", "smolvlm"),
@@ -85,4 +94,7 @@ SPEC = FamilySpec(
     training_chat_template=TRAINING_CHAT_TEMPLATE,
     tiny_name="tiny-smolvlm",
     build_tiny=build_tiny,
+    image_tokens=image_tokens,
+    # a blank image needs no tiles: one view of 64 tokens instead of up to 17
+    dummy_image_options=(("do_image_splitting", False),),
 )

@@ -50,6 +50,15 @@ def build_tiny(out_dir: Path) -> None:
     processor.save_pretrained(out_dir)
 
 
+def image_tokens(image_inputs: dict, config) -> tuple[int, int]:
+    """One CLIP crop: a token per patch (the "default" strategy drops the CLS token)."""
+    height, width = image_inputs["pixel_values"].shape[-2:]
+    patch = config.vision_config.patch_size
+    patches = (height // patch) * (width // patch)
+    full = config.vision_feature_select_strategy == "full"
+    return patches + int(full), patches + 1
+
+
 SPEC = FamilySpec(
     name="llava",
     model_types=("llava",),
@@ -63,4 +72,5 @@ SPEC = FamilySpec(
     end_of_turn="</s>",
     tiny_name="tiny-llava",
     build_tiny=build_tiny,
+    image_tokens=image_tokens,
 )

@@ -114,6 +114,14 @@ def build_tiny(out_dir: Path) -> None:
     processor.save_pretrained(out_dir)
 
 
+def image_tokens(image_inputs: dict, config) -> tuple[int, int]:
+    """One SigLIP image at the processor's fixed size: a token per patch."""
+    height, width = image_inputs["pixel_values"].shape[-2:]
+    patch = config.vision_config.patch_size
+    patches = (height // patch) * (width // patch)
+    return patches, patches
+
+
 SPEC = FamilySpec(
     name="paligemma",
     model_types=("paligemma",),
@@ -130,4 +138,5 @@ SPEC = FamilySpec(
     build_tiny=build_tiny,
     encode=encode,
     encode_prompt=encode_prompt,
+    image_tokens=image_tokens,
 )

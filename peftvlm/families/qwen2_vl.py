@@ -211,6 +211,12 @@ def build_tiny_qwen2_5_vl(out_dir: Path) -> None:
     _build_tiny("2.5", out_dir)
 
 
+def image_tokens(image_inputs: dict, config) -> tuple[int, int]:
+    """Native resolution: the processor's (t, h, w) patch grid, merged merge x merge per token."""
+    grid = int(image_inputs["image_grid_thw"][0].prod())
+    return grid // config.vision_config.spatial_merge_size ** 2, grid
+
+
 _COMMON = dict(
     vision_module="model.visual",
     projector_module="model.visual.merger",
@@ -220,6 +226,8 @@ _COMMON = dict(
     training_chat_template=TRAINING_CHAT_TEMPLATE,
     box_format="abs1000",
     takes_video=True,
+    image_tokens=image_tokens,
+    dummy_image_side=PATCH * MERGE * 2,  # a multiple of patch x merge the tiny models accept
 )
 
 QWEN2_VL_SPEC = FamilySpec(

@@ -16,11 +16,14 @@ from transformers import TrainerCallback
 PASSTHROUGH = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay",
                "max_grad_norm", "optim", "optim_args", "logging_steps", "save_steps",
-               "save_total_limit", "seed", "gradient_checkpointing", "dataloader_num_workers")
+               "save_total_limit", "seed", "gradient_checkpointing", "dataloader_num_workers",
+               "ddp_find_unused_parameters")
 
 
-def sft_config(train_cfg, run_dir: Path, report_to: list[str], run_name: str | None):
-    """The SFTConfig for a recipe's `train` section on this machine's hardware."""
+def sft_config(train_cfg, run_dir: Path, report_to: list[str], run_name: str | None,
+               sharding: dict | None = None):
+    """The SFTConfig for a recipe's `train` section on this machine's hardware; `sharding` holds
+    the resolved fsdp / fsdp_config / deepspeed fields (`peftvlm.distributed.sharding_args`)."""
     import torch
     from trl import SFTConfig
 
@@ -31,7 +34,8 @@ def sft_config(train_cfg, run_dir: Path, report_to: list[str], run_name: str | N
         output_dir=str(run_dir / "checkpoints"), use_cpu=not on_gpu, bf16=bf16 and on_gpu,
         report_to=report_to, run_name=run_name, remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True}, assistant_only_loss=False,
-        max_length=None, save_only_model=False, disable_tqdm=False, **args)
+        max_length=None, save_only_model=False, disable_tqdm=False, **args,
+        **(sharding or {}))
 
 
 class StopOnInterrupt(TrainerCallback):
@@ -95,6 +99,14 @@ class SFTTrainer(trl.SFTTrainer):
             self.optimizer = cls(groups_of(self.args.learning_rate, self.args.weight_decay),
                                  **kwargs)
         return super().create_optimizer(model)
+
+
+def full_state_dict(trainer):
+    """Under FSDP the full (unsharded) state dict, gathered collectively: call on every rank.
+    None elsewhere, where `save_pretrained` reads the model itself."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return trainer.accelerator.get_state_dict(trainer.model)
+    return None
 
 
 def build_trainer(model, processor, collator, train_rows, args, callbacks=()):

@@ -1,0 +1,147 @@
+"""Peak GPU memory of a training step, from parameter counts, layer sizes and tokens.
+
+Pure arithmetic (no torch), so a model of any size is estimated in microseconds once
+`peftvlm.plan` has measured it on the meta device. Every term says how it was computed; the
+assumptions are listed in `ASSUMPTIONS` and printed by `peftvlm plan`. Published measurements
+it is compared with are in docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+GIB = 1024 ** 3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# bitsandbytes nf4/fp4: 4 bits a weight plus one absmax per 64 weights (fp32, or 8-bit with a
+# second-level fp32 constant per 256 blocks when double quantization is on).
+BYTES_4BIT = {True: 0.5 + (1 + 4 / 256) / 64, False: 0.5 + 4 / 64}
+BYTES_8BIT = 1.0 + 4 / 4096  # int8 weights plus one fp32 scale per row (rows of ~4k)
+
+GPUS = [  # (GiB, common cards with that much memory)
+    (24, "RTX 3090/4090, A10G, L4"), (40, "A100 40GB"), (48, "L40S, RTX 6000 Ada, A6000"),
+    (80, "A100 80GB, H100"), (141, "H200"),
+]
+
+ASSUMPTIONS = [
+    "weights at the recipe's dtype (bf16 on a GPU when `auto`); quantized linear layers of the "
+    "language model at 4 bits + block constants (nf4, blocks of 64), or 8 bits",
+    "trainable parameters, their gradients and optimizer states in fp32 (peft keeps adapters "
+    "in fp32 under bf16 mixed precision)",
+    "optimizer states by `train.optim`: AdamW 8 B/param, 8-bit AdamW 2 B/param, Lion 4, "
+    "SGD 0, Adafactor ~0 (factored); unknown names are counted as AdamW",
+    "activations in the compute dtype with SDPA/flash attention (no stored attention matrix): "
+    "per token and decoder layer the inputs of the norms, q/k/v/o and the gated MLP; with "
+    "gradient checkpointing one layer input per layer plus one layer recomputed",
+    "every row padded to the longest allowed (train.max_length) unless --text-tokens is given",
+    "logits for every position in the compute dtype, their fp32 copy for the loss and its "
+    "gradient (transformers computes the full-vocabulary cross-entropy)",
+    "a frozen vision tower keeps no activations (one layer's worth is live while it runs)",
+    "FSDP / ZeRO-3 divide weights, gradients and optimizer states by the GPU count (plus one "
+    "gathered layer); ZeRO-2 divides gradients and optimizer states; DDP divides nothing",
+    "beyond PyTorch's peak allocation: CUDA context ~0.75 GiB and ~10% allocator slack "
+    "(what nvidia-smi shows)",
+]
+
+
+@dataclass
+class Shape:
+    """What the estimate needs to know about a model, a method and a batch."""
+
+    total_params: int
+    trainable_params: int
+    frozen_params_full: int        # frozen, stored at `dtype`
+    frozen_params_4bit: int = 0
+    frozen_params_8bit: int = 0
+    double_quant: bool = True
+    dtype: str = "bfloat16"
+    layers: int = 1
+    hidden: int = 1
+    intermediate: int = 1
+    q_dim: int = 1                 # heads x head_dim
+    kv_dim: int = 1                # key/value heads x head_dim
+    vocab: int = 1
+    adapter_inputs_per_layer: int = 0  # extra per-token values per layer (LoRA dropout copies, r)
+    vision_layers: int = 0
+    vision_hidden: int = 0
+    vision_intermediate: int = 0
+    vision_trainable: bool = False
+    largest_layer_params: int = 0
+
+
+@dataclass
+class Workload:
+    batch_size: int = 1
+    seq_len: int = 1024
+    vision_patches: int = 0        # per row, all images
+    gradient_checkpointing: bool = False
+    optim: str = "adamw_torch"
+    gpus: int = 1
+    sharding: str = "none"         # none | ddp | fsdp | zero2 | zero3
+
+
+def optimizer_bytes_per_param(optim: str) -> float:
+    name = optim.lower()
+    if "8bit" in name:
+        return 1.0 if "lion" in name else 2.0
+    if "lion" in name or "rmsprop" in name:
+        return 4.0
+    if name.startswith("sgd"):
+        return 0.0
+    if "adafactor" in name:
+        return 0.0
+    return 8.0
+
+
+def layer_activation_values(s: Shape) -> int:
+    """Values saved for backward per token in one decoder layer (SDPA, gated MLP)."""
+    return (4 * s.hidden + 2 * s.q_dim + 2 * s.kv_dim + 4 * s.intermediate
+            + s.adapter_inputs_per_layer)
+
+
+def vision_layer_values(s: Shape) -> int:
+    return 6 * s.vision_hidden + 2 * s.vision_intermediate
+
+
+def estimate(s: Shape, w: Workload) -> dict:
+    """Bytes per GPU by part, and the total a training step peaks at."""
+    a = DTYPE_BYTES[s.dtype]
+    weights = (s.frozen_params_full * a + s.frozen_params_4bit * BYTES_4BIT[s.double_quant]
+               + s.frozen_params_8bit * BYTES_8BIT)
+    adapter = s.trainable_params * 4.0
+    grads = s.trainable_params * 4.0
+    optim = s.trainable_params * optimizer_bytes_per_param(w.optim)
+    weight_shards = w.gpus if w.sharding in ("fsdp", "zero3") else 1
+    state_shards = w.gpus if w.sharding in ("fsdp", "zero3", "zero2") else 1
+    gathered = s.largest_layer_params * a if weight_shards > 1 else 0
+    tokens = w.batch_size * w.seq_len
+    per_layer = layer_activation_values(s) * a
+    if w.gradient_checkpointing:
+        activations = tokens * (s.layers * s.hidden * a + per_layer)
+    else:
+        activations = tokens * s.layers * per_layer
+    logits = tokens * s.vocab * (a + 4 + 4)
+    patches = w.batch_size * w.vision_patches
+    vision_layer = patches * vision_layer_values(s) * a
+    if s.vision_trainable:
+        vision = (patches * s.vision_layers * s.vision_hidden * a + vision_layer
+                  if w.gradient_checkpointing else vision_layer * s.vision_layers)
+    else:
+        vision = vision_layer
+    parts = {"weights": weights / weight_shards + gathered, "adapter": adapter / weight_shards,
+             "gradients": grads / state_shards, "optimizer": optim / state_shards,
+             "activations": activations, "logits": logits, "vision": vision}
+    peak = sum(parts.values())
+    return {"parts": parts, "peak_allocated": peak, "with_overhead": peak * 1.10 + 0.75 * GIB}
+
+
+def fits(total_bytes: float) -> list[dict]:
+    return [{"gib": gib, "cards": cards, "fits": total_bytes <= gib * GIB} for gib, cards in GPUS]
+
+
+def with_changes(s: Shape, w: Workload, shape: dict | None = None, work: dict | None = None):
+    """The estimate after changing some fields (for "what to change" suggestions)."""
+    return estimate(replace(s, **(shape or {})), replace(w, **(work or {})))
+
+
+def as_dict(s: Shape, w: Workload) -> dict:
+    return {"shape": asdict(s), "workload": asdict(w)}
