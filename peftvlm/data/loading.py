@@ -1,33 +1,38 @@
 """From a recipe's `data` section to checked training and held-out rows.
 
 Per source: open it (`readers.py`), render each record (a template, or `messages` rows as they
-are), check its images, and count bad rows by reason. Large sources (>= CACHE_MIN_ROWS records)
-are rendered in `data.num_proc` processes and cached under `<cache>/prepared/`, keyed by the
-source's files (size, mtime), template text, options, family box format and seed; small files
-take the in-memory path. Several training sources are mixed by `weight` (see `mix`).
+are), check its images, and count bad rows by reason. The rendered rows live in an Arrow table
+(`table.py`); large sources (>= CACHE_MIN_ROWS records) are rendered in `data.num_proc`
+processes and saved under `<cache>/prepared/<fingerprint>/` (keyed by the source's files (size,
+mtime), template text, options, family box format and seed) together with their bad-row report
+(JSON) and, per processor, their token lengths (an Arrow column counted once, in `num_proc`
+processes). A warm start memory-maps the table and reads the lengths: no per-row work. In a
+multi-process run the main process prepares and the others wait, then read the same folder.
+Several training sources are mixed by `weight` (see `mix`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peftvlm.data import table
 from peftvlm.data.readers import open_source, take
 from peftvlm.data.sources import BadRow, BadRowReport, enforce_policy, to_conversation
+from peftvlm.data.table import Rows
 from peftvlm.errors import DataError
 
 CACHE_MIN_ROWS = 1000      # below this, rendering is faster than reading a cache file
 PARALLEL_MIN_ROWS = 2000   # below this, starting worker processes costs more than it saves
-CACHE_VERSION = "3"        # bump when rendering changes (2: rows keep id, references...)
+CACHE_VERSION = "4"        # bump when rendering changes (4: Arrow tables, rows keep row_id)
 
 
 @dataclass
 class PreparedData:
-    train: list[dict]
+    train: Rows
     eval: list[dict]
     bad_rows: dict = field(default_factory=dict)
     overflow: dict = field(default_factory=dict)
@@ -44,7 +49,7 @@ class SourceRows:
     """One source's rendered rows and what happened on the way."""
 
     name: str
-    rows: list[dict]
+    rows: Rows
     report: BadRowReport
     records: int
     cached: bool = False
@@ -84,7 +89,7 @@ class MessagesRenderer:
         self.root = root
 
     def render(self, row_id: str, record) -> dict:
-        return to_conversation(record, self.root)
+        return {"row_id": row_id, **to_conversation(record, self.root)}
 
     def conversations(self, pieces: list) -> list[dict]:
         return pieces
@@ -148,22 +153,63 @@ def fingerprint(src, opened, renderer, box_format: str, data_cfg) -> str | None:
     return h.hexdigest()[:16]
 
 
-def load_source(src, data_cfg, base_dir: Path, box_format: str = "norm1") -> SourceRows:
-    """Read, render and check one source (from the preprocessing cache when it can)."""
+def load_source(src, data_cfg, base_dir: Path, box_format: str = "norm1",
+                collator=None) -> SourceRows:
+    """Read, render and check one source (from the preprocessing cache when it can); with a
+    collator, the rows also carry their token lengths (`length` column)."""
     opened = open_source(src, base_dir)
     renderer = make_renderer(src, opened, data_cfg, box_format, base_dir)
     key = fingerprint(src, opened, renderer, box_format, data_cfg) if data_cfg.cache else None
-    cache_file = prepared_cache_dir() / f"{key}.pkl" if key else None
-    if cache_file and cache_file.exists():
-        with cache_file.open("rb") as f:
-            rows, report, n = pickle.load(f)  # our own cache file, written below
-        return SourceRows(opened.name, rows, report, n, cached=True)
+    folder = prepared_cache_dir() / key if key else None
+    with main_process_first():
+        loaded = read_cached(folder, opened.name) if folder else None
+        if loaded is None:
+            loaded = render_source(opened, renderer, src, data_cfg, folder)
+        if collator is not None:
+            from peftvlm.data.lengths import with_lengths
+
+            on_disk = folder if folder and (folder / "meta.json").is_file() else None
+            loaded.rows = with_lengths(loaded.rows, collator, data_cfg.num_proc, on_disk)
+    return loaded
+
+
+def render_source(opened, renderer, src, data_cfg, folder: Path | None) -> SourceRows:
+    """Render every record into an Arrow table; large sources are saved to `folder`."""
     records = take(opened.records, src.max_samples)
     pieces, report = render_records(renderer, records, data_cfg.num_proc)
-    rows = renderer.conversations(pieces)
-    if cache_file and len(records) >= CACHE_MIN_ROWS:
-        write_atomic(cache_file, pickle.dumps((rows, report, len(records)), protocol=5))
+    rows = Rows.from_rows(with_system_prompt(renderer.conversations(pieces),
+                                             data_cfg.system_prompt))
+    del pieces
+    if folder and len(records) >= CACHE_MIN_ROWS:
+        table.save(rows, folder / "rows")
+        meta = {"records": len(records), "counts": dict(report.counts),
+                "examples": dict(report.examples)}
+        write_atomic(folder / "meta.json", json.dumps(meta).encode())
+        rows = table.load(folder / "rows") or rows  # memory-mapped from here on
     return SourceRows(opened.name, rows, report, len(records))
+
+
+def read_cached(folder: Path, name: str) -> SourceRows | None:
+    """A source's cached rows and report (Arrow + JSON: nothing read is executed)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        report = BadRowReport()
+        for reason, count in meta["counts"].items():
+            report.counts[reason] = int(count)
+            report.examples[reason] = [str(e) for e in meta["examples"].get(reason, [])]
+        records = int(meta["records"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # absent or not ours: rebuilt
+    rows = table.load(folder / "rows")
+    return None if rows is None else SourceRows(name, rows, report, records, cached=True)
+
+
+def main_process_first():
+    """accelerate's `main_process_first`: in a multi-process run, the main process prepares
+    (and caches) the data while the others wait, then they read the same cache."""
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
 
 
 def prepared_cache_dir() -> Path:
@@ -181,25 +227,32 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 # --- several sources ---------------------------------------------------------------------------
 
-def mix(parts: list[list[dict]], weights: list[float], seed: int) -> tuple[list[dict], list[int]]:
+def mix_indices(sizes: list[int], weights: list[float], seed: int) -> list[list[int]]:
     """Source i gets round(total * w_i / sum(w)) rows, total = all rows of all sources: sampled
     without replacement when it has more, repeated whole (plus a sample) when it has fewer."""
-    total, weight_sum = sum(len(p) for p in parts), sum(weights)
+    total, weight_sum = sum(sizes), sum(weights)
     rng = random.Random(f"mix:{seed}")
-    mixed, used = [], []
-    for rows, weight in zip(parts, weights):
-        target = round(total * weight / weight_sum) if rows else 0
-        repeats, rest = divmod(target, len(rows)) if rows else (0, 0)
-        picked = rows * repeats + [rows[i] for i in sorted(rng.sample(range(len(rows)), rest))]
-        mixed += picked
-        used.append(len(picked))
-    return mixed, used
+    picked = []
+    for size, weight in zip(sizes, weights):
+        target = round(total * weight / weight_sum) if size else 0
+        repeats, rest = divmod(target, size) if size else (0, 0)
+        picked.append(list(range(size)) * repeats + sorted(rng.sample(range(size), rest)))
+    return picked
+
+
+def mix(parts: list, weights: list[float], seed: int) -> tuple[list, list[int]]:
+    """Rows of several sources mixed by weight (see `mix_indices`); `Rows` stay Arrow views."""
+    picked = mix_indices([len(p) for p in parts], weights, seed)
+    used = [len(p) for p in picked]
+    if all(isinstance(p, Rows) for p in parts):
+        return table.concat([p.select(i) for p, i in zip(parts, picked)]), used
+    return [part[i] for part, idx in zip(parts, picked) for i in idx], used
 
 
 def load_section(sources, data_cfg, base_dir: Path, box_format: str, section: str,
-                 mixing: bool) -> tuple[list[dict], BadRowReport, list[dict]]:
+                 mixing: bool, collator=None) -> tuple[Rows, BadRowReport, list[dict]]:
     """All rows of one section (train/eval), mixed by weight when any weight was set."""
-    loaded = [load_source(s, data_cfg, base_dir, box_format) for s in sources]
+    loaded = [load_source(s, data_cfg, base_dir, box_format, collator) for s in sources]
     report = BadRowReport()
     for part in loaded:
         report.merge(part.report)
@@ -207,11 +260,11 @@ def load_section(sources, data_cfg, base_dir: Path, box_format: str, section: st
     if weighted:
         rows, used = mix([p.rows for p in loaded], [s.weight for s in sources], data_cfg.seed)
     else:
-        rows, used = [r for p in loaded for r in p.rows], [len(p.rows) for p in loaded]
+        rows, used = table.concat([p.rows for p in loaded]), [len(p.rows) for p in loaded]
     return rows, report, [p.info(section, u) for p, u in zip(loaded, used)]
 
 
-def with_system_prompt(rows: list[dict], prompt: str | None) -> list[dict]:
+def with_system_prompt(rows, prompt: str | None) -> list[dict]:
     if not prompt:
         return rows
     system = {"role": "system", "content": [{"type": "text", "text": prompt}]}
@@ -219,16 +272,8 @@ def with_system_prompt(rows: list[dict], prompt: str | None) -> list[dict]:
             else {**r, "messages": [system, *r["messages"]]} for r in rows]
 
 
-def uniform_images(rows: list[dict]) -> list[dict]:
-    """One image representation for all rows, so `datasets.Dataset.from_list` (in the trainer)
-    accepts them: paths stay strings when every image is a path; otherwise every image becomes
-    `{"bytes", "path"}` (PIL images are PNG-encoded)."""
-    if all(isinstance(i, str) for r in rows for i in r["images"]):
-        return rows
-    return [{**r, "images": [encoded_image(i) for i in r["images"]]} for r in rows]
-
-
 def encoded_image(image) -> dict:
+    """A checked image as `{"bytes", "path"}` (the Arrow struct; PIL images are PNG-encoded)."""
     if isinstance(image, str):
         return {"bytes": None, "path": image}
     if isinstance(image, dict):
@@ -240,55 +285,52 @@ def encoded_image(image) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def load_rows(recipe, box_format: str = "norm1") -> PreparedData:
-    """Checked conversations of the recipe's train and eval sources (no length filter yet)."""
+def load_rows(recipe, box_format: str = "norm1", collator=None) -> PreparedData:
+    """Checked conversations of the recipe's train and eval sources (no length filter yet);
+    with a collator, training rows carry their token lengths."""
     train_sources, eval_sources = recipe_sources(recipe)
     base, data_cfg = recipe.base_dir(), recipe.data
     train, train_report, train_info = load_section(train_sources, data_cfg, base, box_format,
-                                                   "train", mixing=True)
+                                                   "train", mixing=True, collator=collator)
     evaluation, eval_report, eval_info = load_section(eval_sources, data_cfg, base, box_format,
                                                       "eval", mixing=False)
     enforce_policy(train_report, data_cfg.on_bad_row, "data.train")
     enforce_policy(eval_report, data_cfg.on_bad_row, "data.eval")
-    if not train:
+    if not len(train):
         raise DataError("data.train: no usable rows" +
                         (f" ({train_report.describe()})" if train_report.total else ""))
-    return PreparedData(uniform_images(with_system_prompt(train, data_cfg.system_prompt)),
-                        uniform_images(with_system_prompt(evaluation, data_cfg.system_prompt)),
+    return PreparedData(train, list(evaluation),
                         {"train": train_report.as_dict(), "eval": eval_report.as_dict()},
                         sources=train_info + eval_info)
 
 
 # --- lengths -----------------------------------------------------------------------------------
 
-def token_lengths(collator, rows: list[dict]) -> list[int]:
-    """Each row's length in tokens as the trainer sees it (see `lengths.py`)."""
-    from peftvlm.data.lengths import token_lengths as fast_lengths
+def drop_overflowing(rows: Rows, max_length: int, policy: str, what: str):
+    """Rows longer than max_length would lose image tokens or answers: drop (counted) or stop.
+    Over-long rows are named by their source row (`file:line`), read from the Arrow table."""
+    import numpy as np
 
-    return fast_lengths(collator, rows)
-
-
-def drop_overflowing(rows, collator, max_length: int, policy: str, what: str):
-    """Rows longer than max_length would lose image tokens or answers: drop (counted) or stop."""
-    lengths = token_lengths(collator, rows)
-    over = [i for i, n in enumerate(lengths) if n > max_length]
-    if over and policy == "error":
-        listed = ", ".join(f"row {i} ({lengths[i]} tokens)" for i in over[:5])
+    lengths = rows.lengths()
+    over = np.flatnonzero(lengths > max_length)
+    examples = [f"{rows.table[int(i)]['row_id']} ({lengths[i]} tokens)" for i in over[:5]]
+    if len(over) and policy == "error":
         raise DataError(f"{what}: {len(over)} row(s) exceed train.max_length={max_length}: "
-                        f"{listed}",
+                        f"{', '.join(examples)}",
                         hint="raise train.max_length, shorten those rows, or set "
                              "data.on_overflow: drop")
-    dropped = set(over)
-    info = {"count": len(over), "max_length": max_length, "longest": max(lengths, default=0)}
-    return [r for i, r in enumerate(rows) if i not in dropped], info
+    info = {"count": int(len(over)), "max_length": max_length,
+            "longest": int(lengths.max()) if len(lengths) else 0, "first_rows": examples}
+    kept = rows if not len(over) else rows.select(np.flatnonzero(lengths <= max_length))
+    return kept, info
 
 
 def prepare_data(recipe, collator) -> PreparedData:
     """Load, check and length-filter the recipe's rows; bad rows never crash training later."""
-    data = load_rows(recipe, collator.family.box_format)
-    data.train, data.overflow = drop_overflowing(data.train, collator, recipe.train.max_length,
+    data = load_rows(recipe, collator.family.box_format, collator)
+    data.train, data.overflow = drop_overflowing(data.train, recipe.train.max_length,
                                                  recipe.data.on_overflow, "data.train")
-    if not data.train:
+    if not len(data.train):
         raise DataError(f"data.train: every row is longer than train.max_length="
                         f"{recipe.train.max_length} (longest: {data.overflow['longest']} tokens)",
                         hint="raise train.max_length")

@@ -98,9 +98,12 @@ class SFTTrainer(trl.SFTTrainer):
 
 
 def build_trainer(model, processor, collator, train_rows, args, callbacks=()):
-    """An SFTTrainer over in-memory conversation rows, collated by `collator`."""
+    """An SFTTrainer over conversation rows (a `table.Rows` Arrow view, decoded per batch, or a
+    list of dicts), collated by `collator`."""
     from datasets import Dataset
 
-    dataset = Dataset.from_list(train_rows)
+    from peftvlm.data.table import Rows
+
+    dataset = train_rows.dataset if isinstance(train_rows, Rows) else Dataset.from_list(train_rows)
     return SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       processing_class=processor, callbacks=list(callbacks))
