@@ -144,9 +144,17 @@ def save(rows: Rows, folder: Path) -> None:
     import random
     import shutil
 
+    from datasets.utils import disable_progress_bars, enable_progress_bars
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f"{folder.name}.tmp{random.getrandbits(32)}")
-    rows.table.save_to_disk(str(tmp))
+    disable_progress_bars()  # a save takes a moment; its bar would only clutter the log
+    try:
+        rows.table.save_to_disk(str(tmp))
+    finally:
+        enable_progress_bars()
+    if folder.exists() and load(folder) is None:  # torn or planted: replace, never reuse
+        shutil.rmtree(folder)
     try:
         tmp.rename(folder)
     except OSError:  # another process finished first: its copy is the same rows
