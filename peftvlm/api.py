@@ -49,6 +49,10 @@ def train_generative(recipe, method, run_dir: Path, resume, overwrite, dry_run, 
 
     set_seed(recipe.train.seed)
     loaded, model = load_model_with_method(recipe, method)
+    if recipe.train.packing:  # now that the family is known (a Hub id is not, at validate time)
+        from peftvlm.recipe import check_packing
+
+        check_packing(recipe, loaded.family)
     collator = ConversationCollator(loaded.processor, loaded.family,
                                     recipe.train.assistant_only_loss)
     data = prepare_data(recipe, collator)
@@ -137,8 +141,10 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
     wandb_run = start_wandb(recipe, run_dir, log)
     args = sft_config(recipe.train, run_dir, ["wandb"] if wandb_run else [], recipe.name)
     stopper = StopOnInterrupt()
-    trainer = build_trainer(model, loaded.processor, collator, data.train, args,
-                            [stopper, *callbacks])
+    from peftvlm.data.packing import train_collator
+
+    trainer = build_trainer(model, loaded.processor, train_collator(collator, recipe.train.packing),
+                            data.train, args, [stopper, *callbacks])
     add_periodic_eval(trainer, recipe, loaded, data)
     checkpoint = last_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:

@@ -73,6 +73,10 @@ class FamilySpec:
     logit_bias: bool = False
     # Dotted path in the model config to the joint embedding width.
     joint_dim_config: str = "projection_dim"
+    # Why this family cannot train on packed rows (`train.packing`), or None when its attention
+    # is isolated per conversation by restarting `position_ids` (transformers builds the
+    # block-diagonal mask from them on CPU/SDPA, and flash-attention's varlen path on GPU).
+    packing_refusal: str | None = None
 
     def joint_dim(self, config) -> int:
         """The width of the joint image-text feature space of a dual encoder."""

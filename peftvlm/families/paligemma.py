@@ -129,4 +129,7 @@ SPEC = FamilySpec(
     build_tiny=build_tiny,
     encode=encode,
     encode_prompt=encode_prompt,
+    packing_refusal="PaliGemma attends bidirectionally over the image and prompt (a prefix-LM "
+                    "mask built from token_type_ids), which packed position ids cannot confine "
+                    "to one conversation",
 )

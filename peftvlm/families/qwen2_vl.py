@@ -151,6 +151,10 @@ _COMMON = dict(
     end_of_turn="<|im_end|>",
     training_chat_template=TRAINING_CHAT_TEMPLATE,
     box_format="abs1000",
+    # transformers' Qwen2-VL takes packed rows as 4-row position ids (text + the 3-D M-RoPE
+    # grid, restarted per conversation); peftvlm does not build those yet.
+    packing_refusal="Qwen2-VL's 3-D M-RoPE position ids would have to be rebuilt per packed "
+                    "conversation, which peftvlm does not do yet; use train.group_by_length",
 )
 
 QWEN2_VL_SPEC = FamilySpec(
