@@ -11,6 +11,7 @@ from data_helpers import data_cache, llava_collator, save_image  # noqa: F401
 
 from peftvlm.data.loading import CACHE_MIN_ROWS, drop_overflowing, load_source, prepared_cache_dir
 from peftvlm.errors import DataError
+from peftvlm.families import FAMILIES
 from peftvlm.recipe import DataConfig, SourceConfig
 
 
@@ -106,3 +107,22 @@ def test_over_long_rows_are_named_by_their_source_line(tmp_path, llava_collator)
     assert len(kept) == 9 and "train.jsonl:7" not in kept.row_ids
     with pytest.raises(DataError, match=r"1 row\(s\) exceed train.max_length=200: train\.jsonl:7"):
         drop_overflowing(rows, 200, "error", "data.train")
+
+
+@pytest.mark.parametrize("name", [s.tiny_name for s in FAMILIES.values()
+                                  if s.kind == "generative" and s.tiny_name])
+def test_counted_lengths_equal_the_collators_for_every_family(name, tmp_path):
+    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.lengths import collator_lengths, token_lengths
+    from peftvlm.models import load_processor_only
+    from peftvlm.recipe import ModelConfig
+
+    processor, family = load_processor_only(ModelConfig(id=name))
+    collator = ConversationCollator(processor, family)
+    save_image(tmp_path / "b.png", size=(64, 48))
+    write_rows(tmp_path, 6, bad_at=(), long_at=(4,))
+    rows = list(load_source(SourceConfig(path="train.jsonl"), DataConfig(cache=False),
+                            tmp_path).rows)
+    rows[2]["images"] = [str(tmp_path / "b.png")]  # a second image size
+    collator(rows[:2])  # the processor now has padding switched on, as during training
+    assert token_lengths(collator, rows) == collator_lengths(collator, rows)

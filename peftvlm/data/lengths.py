@@ -39,6 +39,7 @@ class LengthCounter:
         self.tokenizer = self.processor.tokenizer
         self._expansion: dict[tuple[int, int], int] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
+        self._backend = None
 
     def texts(self, rows: list[dict]) -> list[str]:
         # The renderer the processor's apply_chat_template calls, without its per-message
@@ -59,9 +60,25 @@ class LengthCounter:
         ids = {}
         for group, add in ((plain, True), (with_bos, False)):
             if group:
-                encoded = self.tokenizer(group, add_special_tokens=add)["input_ids"]
-                ids.update(zip(group, map(len, encoded)))
+                ids.update(zip(group, self.count(group, add)))
         return [ids[t] for t in texts]
+
+    def count(self, texts: list[str], add_special_tokens: bool) -> list[int]:
+        """Token counts; a fast tokenizer's Rust batch encoder is called directly (no offsets,
+        no Python conversion of each encoding: 2x faster), proven equal in the tests."""
+        if self._backend is None:
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            if backend is None or not hasattr(backend, "encode_batch_fast"):
+                encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens)
+                return [len(e) for e in encoded["input_ids"]]
+            # Our own copy: the processor leaves padding switched on in the shared one.
+            from tokenizers import Tokenizer
+
+            self._backend = Tokenizer.from_str(backend.to_str())
+            self._backend.no_padding()
+            self._backend.no_truncation()
+        return [len(e) for e in self._backend.encode_batch_fast(
+            texts, add_special_tokens=add_special_tokens)]
 
     def expansion(self, size: tuple[int, int]) -> int:
         """Extra tokens one image of `size` adds beyond its placeholder text (measured once)."""
@@ -110,11 +127,21 @@ def collator_fingerprint(collator) -> str:
     image_processor = getattr(processor, "image_processor", None)
     h = hashlib.sha1(LENGTHS_VERSION.encode())
     for part in (collator.family.name, collator.family.training_chat_template or "",
-                 type(processor).__name__, backend.to_str() if backend else str(len(tokenizer)),
+                 type(processor).__name__, tokenizer_model(backend) if backend else
+                 str(len(tokenizer)),
                  json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
                  image_processor.to_json_string() if image_processor is not None else ""):
         h.update(part.encode())
     return h.hexdigest()[:16]
+
+
+def tokenizer_model(backend) -> str:
+    """The fast tokenizer's definition without its padding/truncation settings, which the
+    collator switches at run time and which do not change token counts."""
+    spec = json.loads(backend.to_str())
+    spec.pop("padding", None)
+    spec.pop("truncation", None)
+    return json.dumps(spec, sort_keys=True)
 
 
 class BatchCounter:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from peftvlm.data import table
 from peftvlm.data.readers import open_source, take
-from peftvlm.data.sources import BadRow, BadRowReport, enforce_policy, to_conversation
+from peftvlm.data.sources import (BadRow, BadRowReport, enforce_policy, resolve_image,
+                                  to_conversation)
 from peftvlm.data.table import Rows
 from peftvlm.errors import DataError
 
@@ -87,9 +88,25 @@ class MessagesRenderer:
 
     def __init__(self, root: Path):
         self.root = root
+        self._checked: dict[str, object] = {}
 
     def render(self, row_id: str, record) -> dict:
-        return {"row_id": row_id, **to_conversation(record, self.root)}
+        return {"row_id": row_id, **to_conversation(record, self.root, self.resolve)}
+
+    def resolve(self, image, root: Path):
+        """`resolve_image`, once per path: LLaVA-style sets share each image across many rows,
+        and decoding-checking it per row was most of the cold-start time."""
+        if not isinstance(image, str):
+            return resolve_image(image, root)
+        if image not in self._checked:
+            try:
+                self._checked[image] = resolve_image(image, root)
+            except BadRow as bad:
+                self._checked[image] = bad
+        checked = self._checked[image]
+        if isinstance(checked, BadRow):
+            raise BadRow(checked.reason, checked.detail)
+        return checked
 
     def conversations(self, pieces: list) -> list[dict]:
         return pieces

@@ -155,8 +155,9 @@ def image_size(image) -> tuple[int, int]:
         return im.size
 
 
-def to_conversation(record, root: Path) -> dict:
-    """A raw record -> `{"messages", "images"}` with images resolved, or `BadRow`."""
+def to_conversation(record, root: Path, resolve=None) -> dict:
+    """A raw record -> `{"messages", "images"}` with images resolved (by `resolve(image, root)`,
+    default `resolve_image`), or `BadRow`."""
     if isinstance(record, BadRow):
         raise record
     if not isinstance(record, dict):
@@ -164,7 +165,8 @@ def to_conversation(record, root: Path) -> dict:
     images = record.get("images", [])
     images = [images] if isinstance(images, (str, dict)) else list(images or [])
     messages = normalise_messages(record.get("messages"), len(images))
-    row = {"messages": messages, "images": [resolve_image(i, root) for i in images]}
+    resolve = resolve or resolve_image
+    row = {"messages": messages, "images": [resolve(i, root) for i in images]}
     return {**row, **eval_fields(record)}
 
 

@@ -111,7 +111,15 @@ class Rows(Sequence):
 
     @property
     def row_ids(self) -> list[str]:
-        return self.table["row_id"][:] if len(self) else []
+        return self.column("row_id").to_pylist()
+
+    def column(self, name: str):
+        """One column as a pyarrow array, in row order (one read, not one per row)."""
+        import pyarrow as pa
+
+        if not len(self):
+            return pa.array([])
+        return self.table.select_columns([name]).with_format("arrow")[0:len(self)][name]
 
     def lengths(self):
         """Token lengths (NumPy int array) from the `length` column."""
@@ -119,7 +127,7 @@ class Rows(Sequence):
 
         if "length" not in self.table.column_names:
             raise KeyError("token lengths have not been counted for these rows (see lengths.py)")
-        return np.asarray(self.table.with_format("numpy")["length"], dtype=np.int64)
+        return self.column("length").to_numpy().astype(np.int64)
 
     def select(self, indices) -> "Rows":
         return Rows(self.table.select(indices))
