@@ -17,9 +17,6 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-IMAGE_STRUCT = {"bytes": "binary", "path": "string"}
-
-
 def arrow_schema():
     import pyarrow as pa
 
