@@ -72,6 +72,12 @@ def test_cache_loses_nothing_and_a_warm_start_counts_no_row(tmp_path, data_cache
     assert warm.report.as_dict() == plain.report.as_dict()
     assert dict(warm.report.counts) == {"missing_image": 1}
     assert warm.rows.lengths().tolist() == plain.rows.lengths().tolist()
+    # the Arrow round trip returns exactly what the renderer made
+    from peftvlm.data.loading import MessagesRenderer, render_chunk
+    from peftvlm.data.readers import read_jsonl
+
+    direct, _ = render_chunk(MessagesRenderer(tmp_path), read_jsonl(tmp_path / path))
+    assert list(warm.rows) == direct
     picked = [0, 1, 8, 9, 500, len(plain.rows) - 1]
     assert masks(llava_collator, [warm.rows[i] for i in picked]) == \
         masks(llava_collator, [plain.rows[i] for i in picked])
