@@ -56,6 +56,10 @@ def train_generative(recipe, method, run_dir: Path, resume, overwrite, dry_run, 
     set_seed(recipe.train.seed)
     sharding = resolve_sharding(recipe)  # refuses impossible set-ups before a model loads
     loaded, model = load_model_with_method(recipe, method)
+    if recipe.train.packing:  # now that the family is known (a Hub id is not, at validate time)
+        from peftvlm.recipe import check_packing
+
+        check_packing(recipe, loaded.family)
     collator = ConversationCollator(loaded.processor, loaded.family,
                                     recipe.train.assistant_only_loss)
     data = prepare_data(recipe, collator)
@@ -167,9 +171,12 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
                       sharding)
     stopper = StopOnInterrupt()
     from peftvlm.data.mixed import for_training
+    from peftvlm.data.packing import train_collator
 
-    # several processes: text-only batches carry a zero-weighted image, so no rank hangs
-    trainer = build_trainer(model, loaded.processor, for_training(collator), data.train, args,
+    # several processes: text-only batches carry a zero-weighted image, so no rank hangs (with
+    # packing, the blank image's tokens get position 0 each: alone in their attention block)
+    collator = for_training(train_collator(collator, recipe.train.packing))
+    trainer = build_trainer(model, loaded.processor, collator, data.train, args,
                             [stopper, *callbacks])
     add_periodic_eval(trainer, recipe, loaded, data)
     checkpoint = last_checkpoint(run_dir) if resume else None

@@ -267,6 +267,16 @@ class TrainConfig(Section):
     deepspeed: dict[str, Any] | str | None = Field(
         None, description="DeepSpeed config: a mapping, or a JSON/YAML file relative to the "
                           "recipe (ZeRO-2/3; CUDA GPUs only).")
+    # Variable-length speed-ups (data/packing.py); lengths come from the cached `length` column.
+    group_by_length: bool = Field(False, description="Batch rows of similar token length "
+                                                     "together (less padding), keeping some "
+                                                     "randomness (transformers' "
+                                                     "LengthGroupedSampler).")
+    packing: bool = Field(False, description="Padding-free packing: each batch's conversations "
+                                             "are laid end to end in one row, positions restart "
+                                             "per conversation and attention cannot cross "
+                                             "them. Families that cannot isolate packed "
+                                             "conversations refuse it (`peftvlm ls families`).")
 
 
 class WandbConfig(Section):
@@ -446,6 +456,8 @@ def check_recipe_files(recipe: Recipe) -> None:
     if recipe.data.template:
         _check_template(recipe, None, f"{recipe.source_path}: data")
     _check_sharding_files(recipe)
+    if recipe.train.packing:
+        check_packing(recipe, known_family(recipe))
 
 
 def _check_sharding_files(recipe: Recipe) -> None:
@@ -456,6 +468,25 @@ def _check_sharding_files(recipe: Recipe) -> None:
         value = getattr(recipe.train, field)
         if isinstance(value, str):
             read_config_file(value, recipe.base_dir(), field, str(recipe.source_path))
+
+
+def known_family(recipe: Recipe):
+    """The model's family when it is known without loading anything (model.family, or a
+    built-in tiny model); None for a Hub id or folder (checked again once loaded)."""
+    from peftvlm.families import FAMILIES, tiny_models
+
+    if recipe.model.family is not None:
+        return FAMILIES[recipe.model.family]
+    return tiny_models().get(recipe.model.id)
+
+
+def check_packing(recipe: Recipe, family) -> None:
+    """`train.packing` on a family whose attention cannot isolate packed conversations."""
+    if family is not None and family.packing_refusal:
+        raise RecipeError(f"{recipe.source_path}: train.packing: the {family.name} family "
+                          f"cannot pack conversations: {family.packing_refusal}",
+                          hint="set train.packing: false (train.group_by_length: true also "
+                               "cuts padding)")
 
 
 def _check_template(recipe: Recipe, src, where: str) -> None:

@@ -230,9 +230,9 @@ def test_fast_token_lengths_match_the_collator(tmp_path, llava_collator):
     from peftvlm.data.lengths import collator_lengths, token_lengths
 
     save_image(tmp_path / "a.png", size=(64, 48))
-    rows = load(tmp_path, DataConfig(template="vqa", cache=False, system_prompt="Be brief.",
-                                     template_options={"group_by_image": True}),
-                path=write_jsonl(tmp_path / "q.jsonl", QA)).rows
+    rows = list(load(tmp_path, DataConfig(template="vqa", cache=False, system_prompt="Be brief.",
+                                          template_options={"group_by_image": True}),
+                     path=write_jsonl(tmp_path / "q.jsonl", QA)).rows)
     rows += [{"messages": [{"role": "user", "content": [{"type": "image"},
                                                         {"type": "text", "text": "hi"}]},
                            {"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
@@ -264,7 +264,7 @@ def test_data_stats_cli(tmp_path, data_cache):
     assert stats["train_rows"] == 12 and stats["sources"][0]["bad_rows"] == 1
     assert stats["bad_rows"]["train"]["missing_image"]["count"] == 1
     assert stats["token_lengths"]["min"] > 30 and stats["over_max_length"]["count"] == 12
-    assert stats["over_max_length"]["first_rows"][0].startswith("row 0 (")
+    assert stats["over_max_length"]["first_rows"][0].startswith("qa.jsonl:1 (")
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -287,6 +287,7 @@ def test_paths_and_bytes_sources_mix_into_one_trainable_dataset(tmp_path, llava_
     recipe = load_recipe(recipe_file(tmp_path, {"template": "vqa", "train": [
         {"path": "paths.jsonl"}, {"path": "bytes.parquet"}]}))
     rows = load_rows(recipe).train
-    dataset = datasets.Dataset.from_list(rows)  # what the trainer does with the rows
+    dataset = rows.dataset  # what the trainer reads: the Arrow table, decoded per batch
+    assert isinstance(dataset, datasets.Dataset)
     batch = llava_collator([dataset[0], dataset[len(rows) - 1]])
     assert batch["pixel_values"].shape[0] == 2 and len(rows) == 8

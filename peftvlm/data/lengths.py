@@ -5,11 +5,20 @@ the extra tokens the processor expands it to. That expansion depends only on the
 it is measured once per distinct size by running the real collator on a probe row. Thousands of
 rows then cost one batched tokenizer call (seconds for 10k rows instead of minutes of image
 processing). Families with their own `encode` hook (no chat template) use the collator itself.
+
+`with_lengths` adds the counts to an Arrow table of rows as its `length` column, counted in
+`num_proc` processes (`datasets.Dataset.map`) and, for a cached source, saved beside its rows
+per processor fingerprint, so a warm start reads them instead of counting.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 LENGTH_BATCH = 64
+LENGTHS_VERSION = "1"      # bump when counting changes
+MAP_BATCH = 1000
 
 
 def collator_lengths(collator, rows: list[dict]) -> list[int]:
@@ -30,6 +39,7 @@ class LengthCounter:
         self.tokenizer = self.processor.tokenizer
         self._expansion: dict[tuple[int, int], int] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
+        self._backend = None
 
     def texts(self, rows: list[dict]) -> list[str]:
         # The renderer the processor's apply_chat_template calls, without its per-message
@@ -50,9 +60,25 @@ class LengthCounter:
         ids = {}
         for group, add in ((plain, True), (with_bos, False)):
             if group:
-                encoded = self.tokenizer(group, add_special_tokens=add)["input_ids"]
-                ids.update(zip(group, map(len, encoded)))
+                ids.update(zip(group, self.count(group, add)))
         return [ids[t] for t in texts]
+
+    def count(self, texts: list[str], add_special_tokens: bool) -> list[int]:
+        """Token counts; a fast tokenizer's Rust batch encoder is called directly (no offsets,
+        no Python conversion of each encoding: 2x faster), proven equal in the tests."""
+        if self._backend is None:
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            if backend is None or not hasattr(backend, "encode_batch_fast"):
+                encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens)
+                return [len(e) for e in encoded["input_ids"]]
+            # Our own copy: the processor leaves padding switched on in the shared one.
+            from tokenizers import Tokenizer
+
+            self._backend = Tokenizer.from_str(backend.to_str())
+            self._backend.no_padding()
+            self._backend.no_truncation()
+        return [len(e) for e in self._backend.encode_batch_fast(
+            texts, add_special_tokens=add_special_tokens)]
 
     def expansion(self, size: tuple[int, int]) -> int:
         """Extra tokens one image of `size` adds beyond its placeholder text (measured once)."""
@@ -99,3 +125,66 @@ def token_lengths(collator, rows: list[dict]) -> list[int]:
     if collator.family.encode is not None or collator.family.training_chat_template is None:
         return collator_lengths(collator, rows)
     return LengthCounter(collator)(rows)
+
+
+def collator_fingerprint(collator) -> str:
+    """What token counts depend on: family, chat template, tokenizer and image processor."""
+    processor = collator.processor
+    tokenizer = processor.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    image_processor = getattr(processor, "image_processor", None)
+    h = hashlib.sha1(LENGTHS_VERSION.encode())
+    for part in (collator.family.name, collator.family.training_chat_template or "",
+                 type(processor).__name__, tokenizer_model(backend) if backend else
+                 str(len(tokenizer)),
+                 json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+                 image_processor.to_json_string() if image_processor is not None else ""):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_model(backend) -> str:
+    """The fast tokenizer's definition without its padding/truncation settings, which the
+    collator switches at run time and which do not change token counts."""
+    spec = json.loads(backend.to_str())
+    spec.pop("padding", None)
+    spec.pop("truncation", None)
+    return json.dumps(spec, sort_keys=True)
+
+
+class BatchCounter:
+    """`Dataset.map` function: token lengths of a batch of Arrow rows (picklable for workers)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self._counter = None
+
+    def __call__(self, texts: list[str], images: list[list[dict]]) -> dict:
+        from peftvlm.data.table import decode_row
+
+        rows = [decode_row({"row": t, "images": i}) for t, i in zip(texts, images)]
+        if self.collator.family.encode is not None or \
+                self.collator.family.training_chat_template is None:
+            return {"length": collator_lengths(self.collator, rows)}
+        if self._counter is None:  # one per process: it remembers image sizes
+            self._counter = LengthCounter(self.collator)
+        return {"length": self._counter(rows)}
+
+
+def with_lengths(rows, collator, num_proc: int | None, folder=None):
+    """`rows` (a `table.Rows`) with a `length` column; cached in `folder` when given."""
+    import datasets
+
+    from peftvlm.data.table import Rows
+
+    if "length" in rows.table.column_names or not len(rows):
+        return rows if len(rows) else Rows(rows.table.add_column("length", []))
+    key = collator_fingerprint(collator)
+    procs = num_proc if num_proc and num_proc > 1 and len(rows) >= 4 * MAP_BATCH else None
+    counted = rows.table.map(
+        BatchCounter(collator), batched=True, batch_size=MAP_BATCH, num_proc=procs,
+        input_columns=["row", "images"], remove_columns=rows.table.column_names,
+        new_fingerprint=key, keep_in_memory=folder is None,
+        cache_file_name=str(folder / f"lengths-{key}.arrow") if folder else None,
+        desc="counting tokens" if len(rows) >= 10 * MAP_BATCH else None)
+    return Rows(datasets.concatenate_datasets([rows.table, counted], axis=1))

@@ -1,33 +1,39 @@
 """From a recipe's `data` section to checked training and held-out rows.
 
 Per source: open it (`readers.py`), render each record (a template, or `messages` rows as they
-are), check its images, and count bad rows by reason. Large sources (>= CACHE_MIN_ROWS records)
-are rendered in `data.num_proc` processes and cached under `<cache>/prepared/`, keyed by the
-source's files (size, mtime), template text, options, family box format and seed; small files
-take the in-memory path. Several training sources are mixed by `weight` (see `mix`).
+are), check its images, and count bad rows by reason. The rendered rows live in an Arrow table
+(`table.py`); large sources (>= CACHE_MIN_ROWS records) are rendered in `data.num_proc`
+processes and saved under `<cache>/prepared/<fingerprint>/` (keyed by the source's files (size,
+mtime), template text, options, family box format and seed) together with their bad-row report
+(JSON) and, per processor, their token lengths (an Arrow column counted once, in `num_proc`
+processes). A warm start memory-maps the table and reads the lengths: no per-row work. In a
+multi-process run the main process prepares and the others wait, then read the same folder.
+Several training sources are mixed by `weight` (see `mix`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peftvlm.data import table
 from peftvlm.data.readers import open_source, take
-from peftvlm.data.sources import BadRow, BadRowReport, enforce_policy, to_conversation
+from peftvlm.data.sources import (BadRow, BadRowReport, enforce_policy, resolve_image,
+                                  to_conversation)
+from peftvlm.data.table import Rows
 from peftvlm.errors import DataError
 
 CACHE_MIN_ROWS = 1000      # below this, rendering is faster than reading a cache file
 PARALLEL_MIN_ROWS = 2000   # below this, starting worker processes costs more than it saves
-CACHE_VERSION = "4"        # bump when rendering changes (4: row formats, full image checks)
+CACHE_VERSION = "5"        # bump when rendering changes (4: Arrow tables, row_id; 5: row formats)
 
 
 @dataclass
 class PreparedData:
-    train: list[dict]
+    train: Rows
     eval: list[dict]
     bad_rows: dict = field(default_factory=dict)
     overflow: dict = field(default_factory=dict)
@@ -44,7 +50,7 @@ class SourceRows:
     """One source's rendered rows and what happened on the way."""
 
     name: str
-    rows: list[dict]
+    rows: Rows
     report: BadRowReport
     records: int
     cached: bool = False
@@ -91,6 +97,7 @@ class MessagesRenderer:
     def __init__(self, root: Path, fmt: str = "auto", video=None):
         self.root, self.format, self.video = root, fmt, video
         self.options = {"format": fmt, "video": video}  # part of the cache key
+        self._checked: dict[str, object] = {}
 
     def detect(self, records: list, name: str) -> None:
         """Pick the source's row format from its first rows (when not forced)."""
@@ -103,7 +110,23 @@ class MessagesRenderer:
         return self.format
 
     def render(self, row_id: str, record) -> dict:
-        return to_conversation(record, self.root, self.format, self.video)
+        return {"row_id": row_id,
+                **to_conversation(record, self.root, self.format, self.video, self.resolve)}
+
+    def resolve(self, image, root: Path):
+        """`resolve_image`, once per path: LLaVA-style sets share each image across many rows,
+        and decoding-checking it per row was most of the cold-start time."""
+        if not isinstance(image, str):
+            return resolve_image(image, root)
+        if image not in self._checked:
+            try:
+                self._checked[image] = resolve_image(image, root)
+            except BadRow as bad:
+                self._checked[image] = bad
+        checked = self._checked[image]
+        if isinstance(checked, BadRow):
+            raise BadRow(checked.reason, checked.detail)
+        return checked
 
     def conversations(self, pieces: list) -> list[dict]:
         return pieces
@@ -171,24 +194,42 @@ def fingerprint(src, opened, renderer, box_format: str, data_cfg) -> str | None:
     return h.hexdigest()[:16]
 
 
-def load_source(src, data_cfg, base_dir: Path, box_format: str = "norm1") -> SourceRows:
-    """Read, render and check one source (from the preprocessing cache when it can)."""
+def load_source(src, data_cfg, base_dir: Path, box_format: str = "norm1",
+                collator=None) -> SourceRows:
+    """Read, render and check one source (from the preprocessing cache when it can); with a
+    collator, the rows also carry their token lengths (`length` column)."""
     opened = open_source(src, base_dir)
     renderer = make_renderer(src, opened, data_cfg, box_format, base_dir)
     key = fingerprint(src, opened, renderer, box_format, data_cfg) if data_cfg.cache else None
-    cache_file = prepared_cache_dir() / f"{key}.pkl" if key else None
-    if cache_file and cache_file.exists():
-        with cache_file.open("rb") as f:
-            rows, report, n, fmt = pickle.load(f)  # our own cache file, written below
-        return SourceRows(opened.name, rows, report, n, cached=True, format=fmt)
+    folder = prepared_cache_dir() / key if key else None
+    with main_process_first():
+        loaded = read_cached(folder, opened.name) if folder else None
+        if loaded is None:
+            loaded = render_source(opened, renderer, src, data_cfg, folder)
+        if collator is not None:
+            from peftvlm.data.lengths import with_lengths
+
+            on_disk = folder if folder and (folder / "meta.json").is_file() else None
+            loaded.rows = with_lengths(loaded.rows, collator, data_cfg.num_proc, on_disk)
+    return loaded
+
+
+def render_source(opened, renderer, src, data_cfg, folder: Path | None) -> SourceRows:
+    """Render every record into an Arrow table; large sources are saved to `folder`."""
     records = take(opened.records, src.max_samples)
     if hasattr(renderer, "detect"):
         renderer.detect(records, opened.name)
     pieces, report = render_records(renderer, records, data_cfg.num_proc)
-    rows = renderer.conversations(pieces)
     fmt = source_format(renderer, opened)
-    if cache_file and len(records) >= CACHE_MIN_ROWS:
-        write_atomic(cache_file, pickle.dumps((rows, report, len(records), fmt), protocol=5))
+    rows = Rows.from_rows(with_system_prompt(renderer.conversations(pieces),
+                                             data_cfg.system_prompt))
+    del pieces
+    if folder and len(records) >= CACHE_MIN_ROWS:
+        table.save(rows, folder / "rows")
+        meta = {"records": len(records), "counts": dict(report.counts),
+                "examples": dict(report.examples), "format": fmt}
+        write_atomic(folder / "meta.json", json.dumps(meta).encode())
+        rows = table.load(folder / "rows") or rows  # memory-mapped from here on
     return SourceRows(opened.name, rows, report, len(records), format=fmt)
 
 
@@ -197,6 +238,30 @@ def source_format(renderer, opened) -> str:
     if hasattr(renderer, "describe"):
         return renderer.describe()
     return f"{opened.layout or 'columns'} + template {renderer.spec.name}"
+
+
+def read_cached(folder: Path, name: str) -> SourceRows | None:
+    """A source's cached rows and report (Arrow + JSON: nothing read is executed)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        report = BadRowReport()
+        for reason, count in meta["counts"].items():
+            report.counts[reason] = int(count)
+            report.examples[reason] = [str(e) for e in meta["examples"].get(reason, [])]
+        records = int(meta["records"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # absent or not ours: rebuilt
+    rows = table.load(folder / "rows")
+    return None if rows is None else SourceRows(name, rows, report, records, cached=True,
+                                                format=str(meta.get("format", "messages")))
+
+
+def main_process_first():
+    """accelerate's `main_process_first`: in a multi-process run, the main process prepares
+    (and caches) the data while the others wait, then they read the same cache."""
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
 
 
 def prepared_cache_dir() -> Path:
@@ -214,25 +279,32 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 # --- several sources ---------------------------------------------------------------------------
 
-def mix(parts: list[list[dict]], weights: list[float], seed: int) -> tuple[list[dict], list[int]]:
+def mix_indices(sizes: list[int], weights: list[float], seed: int) -> list[list[int]]:
     """Source i gets round(total * w_i / sum(w)) rows, total = all rows of all sources: sampled
     without replacement when it has more, repeated whole (plus a sample) when it has fewer."""
-    total, weight_sum = sum(len(p) for p in parts), sum(weights)
+    total, weight_sum = sum(sizes), sum(weights)
     rng = random.Random(f"mix:{seed}")
-    mixed, used = [], []
-    for rows, weight in zip(parts, weights):
-        target = round(total * weight / weight_sum) if rows else 0
-        repeats, rest = divmod(target, len(rows)) if rows else (0, 0)
-        picked = rows * repeats + [rows[i] for i in sorted(rng.sample(range(len(rows)), rest))]
-        mixed += picked
-        used.append(len(picked))
-    return mixed, used
+    picked = []
+    for size, weight in zip(sizes, weights):
+        target = round(total * weight / weight_sum) if size else 0
+        repeats, rest = divmod(target, size) if size else (0, 0)
+        picked.append(list(range(size)) * repeats + sorted(rng.sample(range(size), rest)))
+    return picked
+
+
+def mix(parts: list, weights: list[float], seed: int) -> tuple[list, list[int]]:
+    """Rows of several sources mixed by weight (see `mix_indices`); `Rows` stay Arrow views."""
+    picked = mix_indices([len(p) for p in parts], weights, seed)
+    used = [len(p) for p in picked]
+    if all(isinstance(p, Rows) for p in parts):
+        return table.concat([p.select(i) for p, i in zip(parts, picked)]), used
+    return [part[i] for part, idx in zip(parts, picked) for i in idx], used
 
 
 def load_section(sources, data_cfg, base_dir: Path, box_format: str, section: str,
-                 mixing: bool) -> tuple[list[dict], BadRowReport, list[dict]]:
+                 mixing: bool, collator=None) -> tuple[Rows, BadRowReport, list[dict]]:
     """All rows of one section (train/eval), mixed by weight when any weight was set."""
-    loaded = [load_source(s, data_cfg, base_dir, box_format) for s in sources]
+    loaded = [load_source(s, data_cfg, base_dir, box_format, collator) for s in sources]
     report = BadRowReport()
     for part in loaded:
         report.merge(part.report)
@@ -240,11 +312,11 @@ def load_section(sources, data_cfg, base_dir: Path, box_format: str, section: st
     if weighted:
         rows, used = mix([p.rows for p in loaded], [s.weight for s in sources], data_cfg.seed)
     else:
-        rows, used = [r for p in loaded for r in p.rows], [len(p.rows) for p in loaded]
+        rows, used = table.concat([p.rows for p in loaded]), [len(p.rows) for p in loaded]
     return rows, report, [p.info(section, u) for p, u in zip(loaded, used)]
 
 
-def with_system_prompt(rows: list[dict], prompt: str | None) -> list[dict]:
+def with_system_prompt(rows, prompt: str | None) -> list[dict]:
     if not prompt:
         return rows
     system = {"role": "system", "content": [{"type": "text", "text": prompt}]}
@@ -252,16 +324,8 @@ def with_system_prompt(rows: list[dict], prompt: str | None) -> list[dict]:
             else {**r, "messages": [system, *r["messages"]]} for r in rows]
 
 
-def uniform_images(rows: list[dict]) -> list[dict]:
-    """One image representation for all rows, so `datasets.Dataset.from_list` (in the trainer)
-    accepts them: paths stay strings when every image is a path; otherwise every image becomes
-    `{"bytes", "path"}` (PIL images are PNG-encoded)."""
-    if all(isinstance(i, str) for r in rows for i in r["images"]):
-        return rows
-    return [{**r, "images": [encoded_image(i) for i in r["images"]]} for r in rows]
-
-
 def encoded_image(image) -> dict:
+    """A checked image as `{"bytes", "path"}` (the Arrow struct; PIL images are PNG-encoded)."""
     if isinstance(image, str):
         return {"bytes": None, "path": image}
     if isinstance(image, dict):
@@ -273,64 +337,56 @@ def encoded_image(image) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def trainer_rows(rows: list[dict], data_cfg) -> list[dict]:
-    """System prompt added; one image and video representation across rows (for `datasets`)."""
-    from peftvlm.data.video import uniform_videos
-
-    return uniform_videos(uniform_images(with_system_prompt(rows, data_cfg.system_prompt)))
-
-
-def load_rows(recipe, box_format: str = "norm1") -> PreparedData:
-    """Checked conversations of the recipe's train and eval sources (no length filter yet)."""
+def load_rows(recipe, box_format: str = "norm1", collator=None) -> PreparedData:
+    """Checked conversations of the recipe's train and eval sources (no length filter yet);
+    with a collator, training rows carry their token lengths."""
     train_sources, eval_sources = recipe_sources(recipe)
     base, data_cfg = recipe.base_dir(), recipe.data
     train, train_report, train_info = load_section(train_sources, data_cfg, base, box_format,
-                                                   "train", mixing=True)
+                                                   "train", mixing=True, collator=collator)
     evaluation, eval_report, eval_info = load_section(eval_sources, data_cfg, base, box_format,
                                                       "eval", mixing=False)
     enforce_policy(train_report, data_cfg.on_bad_row, "data.train")
     enforce_policy(eval_report, data_cfg.on_bad_row, "data.eval")
-    if not train:
+    if not len(train):
         raise DataError("data.train: no usable rows" +
                         (f" ({train_report.describe()})" if train_report.total else ""))
-    return PreparedData(trainer_rows(train, data_cfg), trainer_rows(evaluation, data_cfg),
+    return PreparedData(train, list(evaluation),
                         {"train": train_report.as_dict(), "eval": eval_report.as_dict()},
                         sources=train_info + eval_info)
 
 
 # --- lengths -----------------------------------------------------------------------------------
 
-def token_lengths(collator, rows: list[dict]) -> list[int]:
-    """Each row's length in tokens as the trainer sees it (see `lengths.py`)."""
-    from peftvlm.data.lengths import token_lengths as fast_lengths
+def drop_overflowing(rows: Rows, max_length: int, policy: str, what: str):
+    """Rows longer than max_length would lose image tokens or answers: drop (counted) or stop.
+    Over-long rows are named by their source row (`file:line`), read from the Arrow table."""
+    import numpy as np
 
-    return fast_lengths(collator, rows)
-
-
-def drop_overflowing(rows, collator, max_length: int, policy: str, what: str):
-    """Rows longer than max_length would lose image tokens or answers: drop (counted) or stop."""
-    lengths = token_lengths(collator, rows)
-    over = [i for i, n in enumerate(lengths) if n > max_length]
-    if over and policy == "error":
-        listed = ", ".join(f"row {i} ({lengths[i]} tokens)" for i in over[:5])
+    lengths = rows.lengths()
+    over = np.flatnonzero(lengths > max_length)
+    examples = [f"{rows.table[int(i)]['row_id']} ({lengths[i]} tokens)" for i in over[:5]]
+    if len(over) and policy == "error":
         raise DataError(f"{what}: {len(over)} row(s) exceed train.max_length={max_length}: "
-                        f"{listed}",
+                        f"{', '.join(examples)}",
                         hint="raise train.max_length, shorten those rows, or set "
                              "data.on_overflow: drop")
-    dropped = set(over)
-    info = {"count": len(over), "max_length": max_length, "longest": max(lengths, default=0)}
-    return [r for i, r in enumerate(rows) if i not in dropped], info
+    info = {"count": int(len(over)), "max_length": max_length,
+            "longest": int(lengths.max()) if len(lengths) else 0, "first_rows": examples}
+    kept = rows if not len(over) else rows.select(np.flatnonzero(lengths <= max_length))
+    return kept, info
 
 
 def prepare_data(recipe, collator) -> PreparedData:
     """Load, check and length-filter the recipe's rows; bad rows never crash training later."""
     from peftvlm.data.video import check_video_support
 
-    data = load_rows(recipe, collator.family.box_format)
-    check_video_support(data.train + data.eval, collator.family, recipe.model.id)
-    data.train, data.overflow = drop_overflowing(data.train, collator, recipe.train.max_length,
+    data = load_rows(recipe, collator.family.box_format, collator)
+    check_video_support(data.train, collator.family, recipe.model.id)
+    check_video_support(data.eval, collator.family, recipe.model.id)
+    data.train, data.overflow = drop_overflowing(data.train, recipe.train.max_length,
                                                  recipe.data.on_overflow, "data.train")
-    if not data.train:
+    if not len(data.train):
         raise DataError(f"data.train: every row is longer than train.max_length="
                         f"{recipe.train.max_length} (longest: {data.overflow['longest']} tokens)",
                         hint="raise train.max_length")

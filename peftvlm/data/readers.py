@@ -46,6 +46,17 @@ class SourceData:
     layout: str | None = None  # annotation layout read (coco_captions...); None: rows as they are
 
 
+class Deferred:
+    """Records read when first iterated, so a start that finds the source in the preprocessing
+    cache (keyed by the files' size and mtime) never parses the file."""
+
+    def __init__(self, read, *args):
+        self.read, self.args = read, args
+
+    def __iter__(self):
+        return iter(self.read(*self.args))
+
+
 def open_source(src, base_dir: Path) -> SourceData:
     """Open one `SourceConfig` (paths relative to the recipe folder `base_dir`)."""
     if src.dataset:
@@ -64,17 +75,17 @@ def open_source(src, base_dir: Path) -> SourceData:
     if fmt == "auto" and path.suffix == ".json":
         fmt = "coco_captions" if looks_like_coco(path) else "auto"
     if fmt == "coco_captions":
-        records = read_coco_captions(path)
+        records = Deferred(read_coco_captions, path)
     elif fmt == "vqav2":
         if not src.annotations:
             raise DataError(f"data source {src.path}: format vqav2 needs `annotations:` (the "
                             "annotations file beside the questions file)")
         annotations = (base_dir / src.annotations).resolve()
-        records = read_vqav2(path, annotations, src.image_pattern or VQAV2_PATTERN)
+        records = Deferred(read_vqav2, path, annotations, src.image_pattern or VQAV2_PATTERN)
         return SourceData(src.path, records, root or path.parent, [path, annotations],
                           layout="vqav2")
     else:
-        records = read_file(path)
+        records = Deferred(read_file, path)
     return SourceData(src.path, records, root or path.parent, [path],
                       layout="coco_captions" if fmt == "coco_captions" else None)
 

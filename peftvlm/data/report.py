@@ -66,28 +66,31 @@ def print_formats(sources: list[dict], console) -> None:
 
 def stats(recipe, plot_path: Path) -> dict:
     """Rows per source, token lengths (histogram written to `plot_path`), overflow, bad rows."""
-    from peftvlm.data.lengths import token_lengths
     from peftvlm.data.loading import load_rows
 
     from peftvlm.data.video import check_video_support
 
     collator = processor_collator(recipe)
-    data = load_rows(recipe, collator.family.box_format)
-    check_video_support(data.train + data.eval, collator.family, recipe.model.id)
-    lengths = token_lengths(collator, data.train)
+    data = load_rows(recipe, collator.family.box_format, collator)
+    check_video_support(data.train, collator.family, recipe.model.id)
+    check_video_support(data.eval, collator.family, recipe.model.id)
+    lengths = data.train.lengths().tolist()  # the cached `length` column
     max_length = recipe.train.max_length
     plot_lengths(lengths, max_length, plot_path, f"{recipe.name}: training rows by token length")
     return {"recipe": recipe.name, "train_rows": len(data.train), "eval_rows": len(data.eval),
             "sources": data.sources, "token_lengths": summarise_lengths(lengths),
-            "over_max_length": over_max_length(lengths, max_length, recipe.data.on_overflow),
+            "over_max_length": over_max_length(lengths, data.train.row_ids, max_length,
+                                               recipe.data.on_overflow),
             "bad_rows": data.bad_rows, "histogram": str(plot_path),
             "notes": [n for n in [interleaving_note(data.train, collator.family)] if n]}
 
 
-def over_max_length(lengths: list[int], max_length: int, policy: str) -> dict:
+def over_max_length(lengths: list[int], row_ids: list[str], max_length: int,
+                    policy: str) -> dict:
+    """Rows over max_length, named by their source row (`file:line`)."""
     over = [i for i, n in enumerate(lengths) if n > max_length]
     return {"count": len(over), "max_length": max_length, "policy": policy,
-            "first_rows": [f"row {i} ({lengths[i]} tokens)" for i in over[:5]]}
+            "first_rows": [f"{row_ids[i]} ({lengths[i]} tokens)" for i in over[:5]]}
 
 
 def summarise_lengths(lengths: list[int]) -> dict:

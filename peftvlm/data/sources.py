@@ -137,9 +137,10 @@ def image_size(image) -> tuple[int, int]:
     return (height, width) if rotated else (width, height)
 
 
-def to_conversation(record, root: Path, fmt: str = "messages", video=None) -> dict:
+def to_conversation(record, root: Path, fmt: str = "messages", video=None, resolve=None) -> dict:
     """A raw record of row format `fmt` (`formats.py`) -> `{"messages", "images"}` (+ `videos`
-    when it has any) with media resolved and checked, or `BadRow`. `video`: `VideoOptions`."""
+    when it has any) with media resolved (images by `resolve(image, root)`, default
+    `resolve_image`) and checked, or `BadRow`. `video`: `VideoOptions`."""
     from peftvlm.data.formats import to_native
 
     if isinstance(record, BadRow):
@@ -148,7 +149,8 @@ def to_conversation(record, root: Path, fmt: str = "messages", video=None) -> di
         raise BadRow("bad_row", "a row must be a JSON object")
     native = to_native(record, fmt)
     messages = normalise_messages(native["messages"], len(native["images"]), len(native["videos"]))
-    row = {"messages": messages, "images": [resolve_image(i, root) for i in native["images"]]}
+    resolve = resolve or resolve_image
+    row = {"messages": messages, "images": [resolve(i, root) for i in native["images"]]}
     if native["videos"]:
         from peftvlm.data.video import VideoOptions, resolve_video
 

@@ -320,6 +320,7 @@ class Piece:
     # (VQA accuracy, CIDEr need them all), and the VQA answer type for per-type scores.
     references: list[str] | None = None
     question_type: str | None = None
+    row_id: str = ""  # the source row it came from (`file:line`), what reports name
 
 
 class TemplateRenderer:
@@ -373,7 +374,7 @@ class TemplateRenderer:
                  for task, variables, answer in make_turns(values, self.options, rng, self)]
         qtype = record.get("answer_type") or record.get("question_type")
         return Piece(image_key(image), image, turns, reference_answers(self.spec.kind, values),
-                     qtype if isinstance(qtype, str) else None)
+                     qtype if isinstance(qtype, str) else None, row_id)
 
     def image(self, value):
         """Resolve and check an image once per path (VQA rows often share one image)."""
@@ -416,7 +417,8 @@ class TemplateRenderer:
             messages.append({"role": "user", "content": [*content,
                                                          {"type": "text", "text": question}]})
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        row = {"messages": messages, "images": [image] if image is not None else []}
+        row = {"row_id": turns[0][2].row_id, "messages": messages,
+               "images": [image] if image is not None else []}
         last = turns[-1][2]
         if last.references:
             row["references"] = last.references

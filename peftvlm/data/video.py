@@ -139,16 +139,20 @@ def load_frames(video: dict):
 
 def check_video_support(rows: list[dict], family, model_id: str) -> None:
     """Rows with videos need a family that takes video; otherwise stop before training."""
-    with_video = sum(1 for r in rows if r.get("videos"))
-    if with_video and not family.takes_video:
+    if family.takes_video:
+        return
+    with_video = rows_with_video(rows)
+    if with_video:
         raise DataError(f"{with_video} row(s) have videos, but {model_id} ({family.name}) does "
                         "not take video input in peftvlm",
                         hint="use a Qwen2-VL / Qwen2.5-VL model, or give frames as images")
 
 
-def uniform_videos(rows: list[dict]) -> list[dict]:
-    """Every row gets a `videos` list when any row has one: `datasets.Dataset.from_list` (in the
-    trainer) takes its columns from the first row and would drop later rows' videos."""
-    if not any(r.get("videos") for r in rows):
-        return rows
-    return [r if r.get("videos") else {**r, "videos": []} for r in rows]
+def rows_with_video(rows) -> int:
+    """How many rows carry videos; Arrow-backed rows (`table.Rows`) are counted by searching
+    their JSON text column, so a warm start over a large table decodes no row."""
+    if hasattr(rows, "column"):
+        import pyarrow.compute as pc
+
+        return int(pc.sum(pc.match_substring(rows.column("row"), '"videos": ')).as_py() or 0)
+    return sum(1 for r in rows if r.get("videos"))

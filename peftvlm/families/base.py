@@ -89,6 +89,10 @@ class FamilySpec:
     # every rank runs the vision tower): its side, and image-processor settings for it.
     dummy_image_side: int = 28
     dummy_image_options: tuple[tuple[str, Any], ...] = ()
+    # Why this family cannot train on packed rows (`train.packing`), or None when its attention
+    # is isolated per conversation by restarting `position_ids` (transformers builds the
+    # block-diagonal mask from them on CPU/SDPA, and flash-attention's varlen path on GPU).
+    packing_refusal: str | None = None
 
     def joint_dim(self, config) -> int:
         """The width of the joint image-text feature space of a dual encoder."""

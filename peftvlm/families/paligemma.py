@@ -139,4 +139,7 @@ SPEC = FamilySpec(
     encode=encode,
     encode_prompt=encode_prompt,
     image_tokens=image_tokens,
+    packing_refusal="PaliGemma attends bidirectionally over the image and prompt (a prefix-LM "
+                    "mask built from token_type_ids), which packed position ids cannot confine "
+                    "to one conversation",
 )

@@ -228,6 +228,10 @@ _COMMON = dict(
     takes_video=True,
     image_tokens=image_tokens,
     dummy_image_side=PATCH * MERGE * 2,  # a multiple of patch x merge the tiny models accept
+    # transformers' Qwen2-VL takes packed rows as 4-row position ids (text + the 3-D M-RoPE
+    # grid, restarted per conversation); peftvlm does not build those yet.
+    packing_refusal="Qwen2-VL's 3-D M-RoPE position ids would have to be rebuilt per packed "
+                    "conversation, which peftvlm does not do yet; use train.group_by_length",
 )
 
 QWEN2_VL_SPEC = FamilySpec(

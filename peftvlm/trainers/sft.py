@@ -30,6 +30,8 @@ def sft_config(train_cfg, run_dir: Path, report_to: list[str], run_name: str | N
     on_gpu = torch.cuda.is_available()
     bf16 = train_cfg.bf16 if train_cfg.bf16 is not None else (on_gpu and torch.cuda.is_bf16_supported())
     args = {k: getattr(train_cfg, k) for k in PASSTHROUGH}
+    # train.group_by_length is transformers 4's flag; transformers 5 names the sampler instead.
+    args["train_sampling_strategy"] = "group_by_length" if train_cfg.group_by_length else "random"
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"), use_cpu=not on_gpu, bf16=bf16 and on_gpu,
         report_to=report_to, run_name=run_name, remove_unused_columns=False,
@@ -92,6 +94,19 @@ class SFTTrainer(trl.SFTTrainer):
     (`optimizer_param_groups(lr, weight_decay)`, e.g. `per_part`: one group per part, each at
     its own learning rate) gets them, in the optimiser `train.optim` names."""
 
+    row_lengths: list[int] | None = None  # token lengths of the training rows (cached column)
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Give LengthGroupedSampler the counted lengths: it would otherwise read the `length`
+        # column through the dataset's decoding transform, or tokenise every row itself.
+        if self.args.train_sampling_strategy == "group_by_length" and self.row_lengths:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                lengths=self.row_lengths)
+        return super()._get_train_sampler(train_dataset)
+
     def create_optimizer(self, model=None):
         groups_of = getattr(self.model, "optimizer_param_groups", None)
         if self.optimizer is None and groups_of is not None:
@@ -110,9 +125,15 @@ def full_state_dict(trainer):
 
 
 def build_trainer(model, processor, collator, train_rows, args, callbacks=()):
-    """An SFTTrainer over in-memory conversation rows, collated by `collator`."""
+    """An SFTTrainer over conversation rows (a `table.Rows` Arrow view, decoded per batch, or a
+    list of dicts), collated by `collator`."""
     from datasets import Dataset
 
-    dataset = Dataset.from_list(train_rows)
-    return SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                      processing_class=processor, callbacks=list(callbacks))
+    from peftvlm.data.table import Rows
+
+    dataset = train_rows.dataset if isinstance(train_rows, Rows) else Dataset.from_list(train_rows)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                         processing_class=processor, callbacks=list(callbacks))
+    if isinstance(train_rows, Rows) and "length" in train_rows.table.column_names:
+        trainer.row_lengths = train_rows.lengths().tolist()
+    return trainer
