@@ -19,6 +19,7 @@ builds one from an image and a question. Generation holds a lock: one model call
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from contextlib import contextmanager
@@ -180,9 +181,19 @@ class GenerativePredictor:
         self.eval_cfg = recipe.eval if recipe is not None else None
         self.system_prompt = recipe.data.system_prompt if recipe is not None else None
         self.task = task_of(recipe)
-        self.examples = held_out_rows(recipe, self.family) if recipe is not None else []
-        self.default_prompt = (first_user_text(self.examples[0]) if self.examples else
-                               files.export_report.get("example_prompt"))
+
+    @functools.cached_property
+    def examples(self) -> list[dict]:
+        """The first held-out rows (read on first use: a synthetic task is written then)."""
+        recipe = self.files.recipe
+        return held_out_rows(recipe, self.family) if recipe is not None else []
+
+    @functools.cached_property
+    def default_prompt(self) -> str | None:
+        """The question of the first held-out row: the task the run was trained on."""
+        if self.examples:
+            return first_user_text(self.examples[0])
+        return self.files.export_report.get("example_prompt")
 
     @classmethod
     def load(cls, files: RunFiles, log=print) -> GenerativePredictor:
