@@ -160,3 +160,23 @@ def test_serve_cli_refuses_a_folder_that_is_not_a_run(tmp_path):
     res = run_cli("serve", tmp_path)
     assert res.returncode == 2 and "neither a run folder" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_merged_export_answers_alike_and_carries_what_vllm_reads(images):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from peftvlm.export import export_run
+    from peftvlm.serving.predictor import open_predictor, question_row
+
+    export_run(trained_quickstart(), merge=True, log=lambda *_: None)
+    merged = trained_quickstart() / "merged"
+    predictor = open_predictor(merged, log=lambda *_: None)
+    rows = [question_row(Image.open(p), predictor.default_prompt) for p in images.values()]
+    assert predictor.name == "quickstart-merged" and predictor.has_base
+    assert predictor.answer(rows) == list(images)
+    assert predictor.answer(rows[:1], base=True) != [next(iter(images))]
+    template = AutoProcessor.from_pretrained(merged).chat_template
+    assert "ASSISTANT:" in template and "generation %}" not in template
+    generation = json.loads((merged / "generation_config.json").read_text())
+    assert generation["max_new_tokens"] == 4 and generation["do_sample"] is False
