@@ -41,7 +41,7 @@ def answer_in_browser(url: str, image: Path | None = None, example: int | None =
             if image is not None:
                 page.locator("#input-image input[type=file]").set_input_files(str(image))
             else:
-                page.locator(".gallery-item, tbody tr").nth(example).click()
+                page.locator("#examples tbody tr").nth(example).click()
             page.locator("#input-image img").first.wait_for()  # the image is shown
             page.locator("#answer-button").click()
             answers = {"metrics": page.locator("#eval-metrics").inner_text()}

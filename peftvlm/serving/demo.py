@@ -168,7 +168,7 @@ def build_demo(predictor, compare_base: bool = True):
         examples = example_files(predictor)
         if examples:
             gr.Examples(examples=examples, inputs=[image, question], examples_per_page=4,
-                        label="Held-out examples (click one, then Answer)")
+                        elem_id="examples", label="Held-out examples (click one, then Answer)")
         button.click(responder(predictor, compare_base), inputs=[image, question],
                      outputs=outputs, api_name="answer")
     return demo
