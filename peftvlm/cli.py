@@ -348,9 +348,9 @@ def serve(
     quiet_libraries()
     from peftvlm.serving.openai_api import ServerOptions, run_server
 
-    run_server(run, ServerOptions(api_key=api_key, allowed_local_media_path=allowed_local_media_path,
-                                  max_batch_size=max_batch_size), host=host, port=port,
-               log=typer.echo)
+    options = ServerOptions(api_key=api_key, allowed_local_media_path=allowed_local_media_path,
+                            max_batch_size=max_batch_size)
+    run_server(run, options, host=host, port=port, log=typer.echo)
 
 
 @app.command()

@@ -91,7 +91,7 @@ def example_files(predictor, limit: int = 8) -> list[list]:
     return examples
 
 
-# --- answering ------------------------------------------------------------------------------------
+# --- answering -----------------------------------------------------------------------------------
 
 def draw_box(image, answer: str):
     """(image, [(box in pixels, label)]) for gr.AnnotatedImage from a box in the answer text."""
@@ -135,7 +135,7 @@ def responder(predictor, compare_base: bool):
     return respond
 
 
-# --- the page ---------------------------------------------------------------------------------------
+# --- the page ------------------------------------------------------------------------------------
 
 def build_demo(predictor, compare_base: bool = True):
     """The Gradio Blocks app for `predictor` (a generative or CLIP-family Predictor)."""

@@ -75,7 +75,8 @@ def locate(path: str | Path) -> RunFiles:
     path = Path(path)
     if not path.is_dir():
         raise RunError(f"{path} is not a folder",
-                       hint="give a run folder (runs/<name>) or a merged export (runs/<name>/merged)")
+                       hint="give a run folder (runs/<name>) or a merged export "
+                            "(runs/<name>/merged)")
     if (path / "summary.json").exists():
         if not (path / "recipe.yaml").exists() or not (path / "adapter").is_dir():
             raise RunError(f"run folder {path} lacks recipe.yaml or adapter/",
@@ -91,7 +92,7 @@ def locate(path: str | Path) -> RunFiles:
         return files
     if (path / "adapter_config.json").exists():
         raise RunError(f"{path} is an adapter-only export: give the run folder it came from, or "
-                       "a merged export", hint=f"merge it: peftvlm export RUN --merge")
+                       "a merged export", hint="merge it: peftvlm export RUN --merge")
     raise RunError(f"{path} is neither a run folder (summary.json) nor a merged export "
                    "(config.json + *.safetensors)",
                    hint="train with `peftvlm train`, or export with `peftvlm export RUN --merge`")
