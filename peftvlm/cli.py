@@ -377,6 +377,77 @@ def export(
                private=private, dry_run=dry_run, wandb_merged=wandb_merged, log=typer.echo)
 
 
+# --- using a trained run: predict, serve, demo (peftvlm/serving/) -------------------------------
+
+RUN_ARG = typer.Argument(..., help="A run folder (runs/<name>) or a merged export "
+                                   "(runs/<name>/merged).")
+
+
+@app.command()
+def predict(
+    run: Path = RUN_ARG,
+    images: List[str] = typer.Option(..., "--image", "-i", help="Image file, folder of images "
+                                     "or file:// URL; repeat for more."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Question (default: the "
+                                         "prompt of the run's held-out data)."),
+    base: bool = typer.Option(False, "--base", help="Also answer with the base model."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="CLIP-family runs: classes to list."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the rows as JSONL."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per "
+                                             "batch (default: the recipe's eval.batch_size)."),
+):
+    """Answer images with a trained run (generative: answers; CLIP family: top-k classes)."""
+    quiet_libraries()
+    from peftvlm.serving.predict import predict as run_predict, print_rows
+
+    rows = run_predict(run, images, prompt=prompt, base=base, top_k=top_k, out=out,
+                       batch_size=batch_size, log=typer.echo,
+                       warn=lambda m: typer.echo(f"warning: {m}", err=True))
+    print_rows(rows)
+    if out:
+        typer.echo(f"{len(rows)} rows -> {out}")
+
+
+@app.command()
+def serve(
+    run: Path = RUN_ARG,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (localhost only by "
+                             "default; 0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8000, "--port", help="Port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PEFTVLM_API_KEY",
+                                          help="Require `Authorization: Bearer KEY` (or set "
+                                               "PEFTVLM_API_KEY, which keeps it out of `ps`)."),
+    allowed_local_media_path: Optional[Path] = typer.Option(
+        None, "--allowed-local-media-path", help="Folder whose files requests may name as "
+                                                 "file:// image URLs (default: none)."),
+    max_batch_size: int = typer.Option(8, "--max-batch-size", min=1,
+                                       help="Requests answered in one batch."),
+):
+    """Serve a run with an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
+    quiet_libraries()
+    from peftvlm.serving.openai_api import ServerOptions, run_server
+
+    options = ServerOptions(api_key=api_key, allowed_local_media_path=allowed_local_media_path,
+                            max_batch_size=max_batch_size)
+    run_server(run, options, host=host, port=port, log=typer.echo)
+
+
+@app.command()
+def demo(
+    run: Path = RUN_ARG,
+    port: int = typer.Option(7860, "--port", help="Port."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
+    compare_base: bool = typer.Option(True, "--compare-base/--no-compare-base",
+                                      help="Show the base model's answer beside the "
+                                           "fine-tuned one."),
+):
+    """A web demo (Gradio): upload an image, see the fine-tuned and the base answer."""
+    quiet_libraries()
+    from peftvlm.serving.demo import launch
+
+    launch(run, host=host, port=port, compare_base=compare_base, log=typer.echo)
+
+
 def main() -> None:
     """Console entry point: user errors print one message (exit 2); PEFTVLM_DEBUG=1 re-raises.
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from peftvlm.errors import ExportError, PeftVLMError
+from peftvlm.export_serving import prepare_for_serving
 from peftvlm.runs import write_json
 from peftvlm.export_checks import (check_adapter_effect, check_adapter_files, check_generation,
                                    check_merged_files, check_weights_changed, compare_logits,
@@ -269,6 +270,7 @@ def export_merged(run: Run, opts: ExportOptions, log) -> dict:
     probes = weight_probes(model, opts.dtype)
     log(f"merging {run.recipe.method.name} adapter into the base in {opts.dtype}")
     merged = merge_adapter(model)
+    serving = prepare_for_serving(merged, loaded.processor, loaded.family, run.recipe.eval)
     merged.save_pretrained(opts.out, max_shard_size=opts.max_shard_size)
     loaded.processor.save_pretrained(opts.out)
     del merged, model
@@ -285,7 +287,7 @@ def export_merged(run: Run, opts: ExportOptions, log) -> dict:
     report = {"kind": "merged", "dtype": opts.dtype, "method": run.recipe.method.name,
               "example_prompt": prompt_text(rows[0]),
               "base_quantized_in_training": base_was_quantized(run.recipe),
-              "model_class": type(reloaded).__name__, "checks": checks}
+              "model_class": type(reloaded).__name__, "serving": serving, "checks": checks}
     if report["base_quantized_in_training"]:
         del reloaded
         report["vs_quantized_training_model"] = quantization_gap(run, batch, merged_logits)

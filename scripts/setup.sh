@@ -15,4 +15,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 .venv/bin/pip install -q -e ".[test]"
+# The demo's browser test drives Debian's Chromium (Playwright cannot download its own here);
+# skipped quickly when present, and the test skips itself where apt is not available.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+    >/dev/null || echo "note: could not install chromium; the demo browser test will skip"
+fi
 echo "peftvlm is set up in .venv (activate with: source .venv/bin/activate)"

@@ -1,0 +1,54 @@
+"""What a merged export needs to be served by vLLM / SGLang / `transformers serve` as trained.
+
+Those servers render prompts with the folder's own chat template and take default sampling
+settings from `generation_config.json`; both are set here, before the merged model and its
+processor are saved (`export.export_merged`):
+
+- `chat_template.jinja`: the template training rendered conversations with (the family's
+  training template), without its `{% generation %}` / `{% endgeneration %}` markers, which only
+  mark loss tokens and render nothing; engines without transformers' generation-tag extension
+  can then load it. Families without a chat template (PaliGemma) keep the checkpoint's files.
+- `generation_config.json`: the recipe's `eval` decoding (what the run was scored with:
+  max_new_tokens, greedy or sampling settings), the pad token, and every end-of-turn token as
+  `eos_token_id`, so generation stops where training taught it to.
+"""
+
+from __future__ import annotations
+
+import re
+
+_GENERATION_TAGS = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
+
+
+def serving_chat_template(template: str) -> str:
+    """The training template without the loss-mask markers (renders the same text)."""
+    return _GENERATION_TAGS.sub("", template)
+
+
+def prepare_for_serving(model, processor, family, eval_cfg) -> dict:
+    """Set the trained chat template and the run's generation settings on `model` and
+    `processor` (saved afterwards by the caller); returns what was set, for the report."""
+    report = {}
+    if family.training_chat_template:
+        template = serving_chat_template(family.training_chat_template)
+        processor.chat_template = template
+        processor.tokenizer.chat_template = template
+        report["chat_template"] = "the training template (generation markers removed)"
+    tokenizer = processor.tokenizer
+    stop_ids = [tokenizer.eos_token_id]
+    if family.end_of_turn:
+        stop_ids.append(tokenizer.convert_tokens_to_ids(family.end_of_turn))
+    stop_ids = sorted({i for i in stop_ids if i is not None and i != tokenizer.unk_token_id})
+    config = model.generation_config
+    config.max_new_tokens = eval_cfg.max_new_tokens
+    config.do_sample, config.num_beams = eval_cfg.do_sample, eval_cfg.num_beams
+    if eval_cfg.do_sample:
+        config.temperature, config.top_p = eval_cfg.temperature, eval_cfg.top_p
+    else:  # greedy: transformers warns about sampling settings left on a greedy config
+        config.temperature = config.top_p = config.top_k = None
+    config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
+    config.pad_token_id = tokenizer.pad_token_id
+    report["generation_config"] = {k: getattr(config, k) for k in (
+        "max_new_tokens", "do_sample", "num_beams", "temperature", "top_p", "eos_token_id",
+        "pad_token_id") if getattr(config, k) is not None}
+    return report

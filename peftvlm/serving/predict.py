@@ -1,0 +1,140 @@
+"""`peftvlm predict RUN --image PATH...`: answers (or top-k classes) for images, batched.
+
+    peftvlm predict runs/quickstart --image photo.png --image more_images/
+    peftvlm predict runs/quickstart/merged --image a.png --prompt "What color is the shape?"
+    peftvlm predict runs/clip-coop --image a.png --top-k 3 --base --out predictions.jsonl
+
+Images are files, folders (their image files, sorted, not recursive) or `file://` URLs. An
+image that cannot be opened is named on stderr and skipped; the others are answered. Each
+JSONL row holds the image, the prompt and the answer (`base_answer` with `--base`); CLIP-family
+rows hold the ranked classes with probabilities (`base_top_k` with `--base`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from peftvlm.errors import DataError, RunError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def expand_images(specs: list[str]) -> list[Path]:
+    """Paths from files, folders and file:// URLs, in the order given; a missing path is an
+    error before any model loads (a typo should not cost a model load)."""
+    paths = []
+    for spec in specs:
+        if spec.startswith("file://"):
+            spec = unquote(urlparse(spec).path)
+        elif "://" in spec:
+            raise DataError(f"--image {spec}: only local files, folders and file:// URLs are "
+                            "read", hint="download the image first and pass its path")
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise DataError(f"--image {path}: the folder holds no image files "
+                                f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths += found
+        elif path.exists():
+            paths.append(path)
+        else:
+            raise DataError(f"--image {path}: no such file or folder")
+    if not paths:
+        raise DataError("no images given", hint="pass --image PATH (a file or a folder)")
+    return paths
+
+
+def open_images(paths: list[Path], warn) -> list[tuple[Path, object]]:
+    """(path, RGB image) of each readable image; unreadable ones are named and skipped."""
+    from PIL import Image, UnidentifiedImageError
+
+    opened = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                opened.append((path, im.convert("RGB")))
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            warn(f"skipped {path}: not a readable image ({str(exc).splitlines()[0]})")
+    return opened
+
+
+def predict(run: str | Path, images: list[str], prompt: str | None = None, base: bool = False,
+            top_k: int = 5, out: str | Path | None = None, batch_size: int | None = None,
+            log=print, warn=print) -> list[dict]:
+    """Answer every readable image; write JSONL to `out` if given; return the rows."""
+    from peftvlm.serving.predictor import open_predictor
+
+    paths = expand_images(images)
+    predictor = open_predictor(run, log)
+    opened = open_images(paths, warn)
+    if not opened:
+        raise DataError(f"none of the {len(paths)} images could be read")
+    if predictor.kind == "dual_encoder":
+        rows = classify_rows(predictor, opened, top_k, base, batch_size or 32)
+    else:
+        rows = answer_rows(predictor, opened, prompt, base, batch_size)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def answer_rows(predictor, opened, prompt: str | None, base: bool, batch_size) -> list[dict]:
+    from peftvlm.serving.predictor import question_row
+
+    prompt = prompt or predictor.default_prompt
+    if prompt is None and predictor.task != "caption":
+        raise RunError(f"{predictor.files.path}: no prompt given and none known from the run's "
+                       "data", hint='pass --prompt "your question"')
+    rows = [question_row(image, prompt, predictor.system_prompt) for _, image in opened]
+    answers = predictor.answer(rows, batch_size=batch_size)
+    base_answers = predictor.answer(rows, base=True, batch_size=batch_size) if base else None
+    result = []
+    for i, (path, _) in enumerate(opened):
+        row = {"image": str(path), "prompt": prompt, "answer": answers[i]}
+        if base_answers is not None:
+            row["base_answer"] = base_answers[i]
+        result.append(row)
+    return result
+
+
+def classify_rows(predictor, opened, top_k: int, base: bool, batch_size: int) -> list[dict]:
+    result = []
+    for start in range(0, len(opened), batch_size):
+        chunk = opened[start:start + batch_size]
+        images = [image for _, image in chunk]
+        ranked = predictor.classify(images, top_k)
+        base_ranked = predictor.classify(images, top_k, base=True) if base else None
+        for i, (path, _) in enumerate(chunk):
+            row = {"image": str(path), "prediction": ranked[i][0][0],
+                   "top_k": [{"label": c, "probability": p} for c, p in ranked[i]]}
+            if base_ranked is not None:
+                row["base_prediction"] = base_ranked[i][0][0]
+                row["base_top_k"] = [{"label": c, "probability": p} for c, p in base_ranked[i]]
+            result.append(row)
+    return result
+
+
+def print_rows(rows: list[dict]) -> None:
+    """A table on the terminal: image, answer (and base answer) or top classes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    table.add_column("image")
+    classify = bool(rows) and "top_k" in rows[0]
+    table.add_column("top classes" if classify else "answer")
+    with_base = bool(rows) and ("base_answer" in rows[0] or "base_top_k" in rows[0])
+    if with_base:
+        table.add_column("base")
+    for row in rows:
+        if classify:
+            cells = [", ".join(f"{t['label']} {t['probability']:.2f}" for t in row[key])
+                     for key in ("top_k", "base_top_k") if key in row]
+        else:
+            cells = [row[key] for key in ("answer", "base_answer") if key in row]
+        table.add_row(Path(row["image"]).name, *cells)
+    Console().print(table)

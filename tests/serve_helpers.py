@@ -1,0 +1,100 @@
+"""Shared by the predict/serve/demo tests: one trained quickstart run per session, a predictor
+on it, servers on 127.0.0.1 that stop by themselves, images as data URLs."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import os
+import socket
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+COLOURS = ("red", "green", "blue", "yellow")
+
+
+@functools.lru_cache(maxsize=None)
+def trained_quickstart() -> Path:
+    """The shipped quickstart, trained once per test session (it learns colour VQA to ~1.0 in
+    its 300 steps); no before-training eval, which these tests do not read."""
+    from peftvlm import api
+    from peftvlm.recipe import load_recipe
+
+    run_dir = Path(tempfile.mkdtemp(prefix="serve-run-", dir=os.environ["PEFTVLM_CACHE"]))
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml",
+                         ["eval.before_training=false", "train.save_steps=1000"])
+    summary = api.train(recipe, run_dir / "quickstart", overwrite=True, log=lambda *_: None)
+    assert summary["eval"]["exact_match"]["after"] >= 0.95, summary["eval"]
+    return run_dir / "quickstart"
+
+
+@functools.lru_cache(maxsize=None)
+def quickstart_predictor():
+    from peftvlm.serving.predictor import open_predictor
+
+    return open_predictor(trained_quickstart(), log=lambda *_: None)
+
+
+def held_out_by_colour() -> dict[str, Path]:
+    """One held-out image file per colour, from the run's own test split."""
+    import json
+
+    from peftvlm.data.loading import recipe_sources
+
+    recipe = quickstart_predictor().files.recipe
+    test_file = Path(recipe_sources(recipe)[1][0].path)
+    found = {}
+    for line in test_file.read_text().splitlines():
+        row = json.loads(line)
+        colour = row["messages"][-1]["content"][0]["text"]
+        found.setdefault(colour, test_file.parent / row["images"][0])
+    assert set(found) == set(COLOURS), found
+    return found
+
+
+def data_url(path_or_bytes, mime: str = "image/png") -> str:
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def noise_png(side: int) -> bytes:
+    """A PNG that does not compress (random pixels), for size limits."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextmanager
+def served(app, timeout_s: float = 30):
+    """Run an ASGI app with uvicorn in a thread on a free 127.0.0.1 port; stop it afterwards."""
+    import uvicorn
+
+    sock = free_socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=timeout_s)
+        sock.close()
