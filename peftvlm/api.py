@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from peftvlm.recipe import Recipe, load_recipe
-from peftvlm.runs import default_run_dir, plot_loss, prepare_run_dir, write_json
+from peftvlm.runs import (claimed_run_dir, default_run_dir, plot_loss, prepare_run_dir,
+                          write_json)
 
 
 def validate(paths: list[str], overrides: list[str] | None = None) -> list[Recipe]:
@@ -30,6 +31,18 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
 
     method = get_method(recipe.method.name)
     run_dir = Path(output_dir) if output_dir else default_run_dir(recipe)
+    if dry_run:  # loads and shows, writes no run folder
+        return dispatch_train(recipe, method, run_dir, resume, overwrite, True, log, callbacks)
+    with claimed_run_dir(run_dir, resume, overwrite, log):  # refusals before anything loads
+        if resume and not overwrite:
+            from peftvlm.checkpoints import check_resume_recipe
+
+            check_resume_recipe(recipe, run_dir)
+        return dispatch_train(recipe, method, run_dir, resume, overwrite, False, log, callbacks)
+
+
+def dispatch_train(recipe, method, run_dir: Path, resume, overwrite, dry_run, log, callbacks):
+    """The generative (TRL) or dual-encoder (CLIP-family loop) training of the method's kind."""
     if "generative" not in method.kinds:
         from peftvlm.trainers.clip import dry_run_dual_encoder, train_dual_encoder
 
@@ -131,16 +144,16 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
     """Train with TRL (resuming from the last checkpoint if asked); Ctrl-C saves and stops."""
     from peftvlm.errors import RunError
     from peftvlm.tracking import start_wandb
-    from peftvlm.trainers.sft import (StopOnInterrupt, build_trainer, last_checkpoint,
-                                      sft_config)
+    from peftvlm.trainers.sft import (MarkCheckpointComplete, StopOnInterrupt, build_trainer,
+                                      last_checkpoint, sft_config)
 
     wandb_run = start_wandb(recipe, run_dir, log)
     args = sft_config(recipe.train, run_dir, ["wandb"] if wandb_run else [], recipe.name)
     stopper = StopOnInterrupt()
     trainer = build_trainer(model, loaded.processor, collator, data.train, args,
-                            [stopper, *callbacks])
+                            [stopper, MarkCheckpointComplete(), *callbacks])
     add_periodic_eval(trainer, recipe, loaded, data)
-    checkpoint = last_checkpoint(run_dir) if resume else None
+    checkpoint = last_checkpoint(run_dir, log) if resume else None
     if resume and checkpoint is None:
         log(f"no checkpoint in {run_dir / 'checkpoints'}: starting from scratch")
     started = time.perf_counter()

@@ -156,9 +156,11 @@ def data_stats(
 
     from peftvlm.data.report import print_stats, stats
     from peftvlm.recipe import load_recipe
-    from peftvlm.runs import default_run_dir
+    from peftvlm.runs import default_run_dir, mark_run_dir
 
     loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    if plot is None and not default_run_dir(loaded).exists():  # a run may train there later
+        mark_run_dir(default_run_dir(loaded))
     result = stats(loaded, plot or default_run_dir(loaded) / "data_stats.png")
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))

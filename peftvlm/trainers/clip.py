@@ -224,6 +224,7 @@ def save_checkpoint(run_dir: Path, classifier, optimizer, scheduler, state: Loop
     """checkpoints/checkpoint-<step>/: the method files + optimiser, schedule, RNG, history."""
     import torch
 
+    from peftvlm.checkpoints import mark_complete
     from peftvlm.methods.dual_encoder import save_method
 
     folder = run_dir / CHECKPOINT_DIR / f"checkpoint-{state.step}"
@@ -231,29 +232,30 @@ def save_checkpoint(run_dir: Path, classifier, optimizer, scheduler, state: Loop
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "step": state.step, "history": state.history,
                 "rng": torch.get_rng_state()}, folder / "trainer_state.pt")
+    mark_complete(folder)
     for old in list_checkpoints(run_dir)[:-keep] if keep else []:
         shutil.rmtree(old)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders, oldest first."""
-    folders = (run_dir / CHECKPOINT_DIR).glob("checkpoint-*")
-    return sorted((f for f in folders if (f / "trainer_state.pt").exists()),
-                  key=lambda f: int(f.name.split("-")[-1]))
+    """Complete checkpoint folders, oldest first (see `peftvlm.checkpoints`)."""
+    from peftvlm.checkpoints import complete_checkpoints
+
+    return complete_checkpoints(run_dir)
 
 
-def load_checkpoint(run_dir: Path, classifier, optimizer, scheduler) -> LoopState:
-    """Restore the latest checkpoint into the live objects."""
+def load_checkpoint(run_dir: Path, classifier, optimizer, scheduler, log=print) -> LoopState:
+    """Restore the latest complete checkpoint into the live objects."""
     import torch
     from safetensors.torch import load_file
 
+    from peftvlm.checkpoints import last_complete_checkpoint
     from peftvlm.methods.dual_encoder.base import WEIGHTS_FILE
 
-    found = list_checkpoints(run_dir)
-    if not found:
-        raise RunError(f"{run_dir}: nothing to resume (no {CHECKPOINT_DIR}/checkpoint-*)",
+    latest = last_complete_checkpoint(run_dir, log)
+    if latest is None:
+        raise RunError(f"{run_dir}: nothing to resume (no complete {CHECKPOINT_DIR}/checkpoint-*)",
                        hint="start without --resume, or point at the run folder that has them")
-    latest = found[-1]
     tensors = load_file(latest / WEIGHTS_FILE)
     classifier.load_state_dict(tensors, strict=False)
     saved = torch.load(latest / "trainer_state.pt", weights_only=False)
@@ -321,7 +323,7 @@ def train_dual_encoder(recipe, run_dir: Path, resume: bool = False, log=print) -
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, settings))
     state = LoopState()
     if resume and list_checkpoints(run_dir):
-        state = load_checkpoint(run_dir, classifier, optimizer, scheduler)
+        state = load_checkpoint(run_dir, classifier, optimizer, scheduler, log)
     elif resume:  # as the generative trainer does: nothing saved yet, so start afresh
         log(f"no checkpoint in {run_dir / CHECKPOINT_DIR}: starting from scratch")
     wrapped, optimizer = accelerator.prepare(classifier, optimizer)
