@@ -121,13 +121,28 @@ def print_summary(summary: dict, run_dir: Path) -> None:
 
 
 @app.command()
-def validate(recipes: List[str] = typer.Argument(..., help="Recipe files to check.")):
-    """Check recipes without running them (no model is loaded)."""
+def validate(args: List[str] = typer.Argument(..., metavar="RECIPE... [key=value ...]",
+                                             help="Recipe files (or shipped names) to check; "
+                                                  "key=value overrides apply to each.")):
+    """Check recipes without running them (no model is loaded); reports every file."""
     from peftvlm.api import validate as validate_recipes
 
-    for path in recipes:
-        validate_recipes([str(resolve_recipe_path(path))])
-        typer.echo(f"ok: {path}")
+    overrides = [a for a in args if "=" in a and not Path(a).exists()]
+    paths = [a for a in args if a not in overrides]
+    if not paths:
+        raise RecipeError("no recipe file given, only overrides: " + " ".join(overrides),
+                          hint="peftvlm validate RECIPE... [key=value ...]")
+    failed = 0
+    for path in paths:
+        try:
+            validate_recipes([str(resolve_recipe_path(path))], overrides)
+            typer.echo(f"ok: {path}")
+        except PeftVLMError as err:
+            failed += 1
+            typer.echo(format_error(err), err=True)
+    if failed:
+        typer.echo(f"{failed} of {len(paths)} recipe(s) have problems", err=True)
+        raise typer.Exit(2)
 
 
 @data_app.command("preview")
@@ -227,7 +242,12 @@ def cp(recipe: str = typer.Argument(..., help="Shipped recipe name."),
         dest = dest / source.name
     if dest.exists():
         raise RecipeError(f"{dest} already exists", hint="choose another destination")
-    shutil.copyfile(source, dest)
+    try:
+        shutil.copyfile(source, dest)
+    except OSError as exc:
+        raise RecipeError(f"cannot copy {source.name} to {dest}: {exc.strerror or exc}",
+                          hint="choose a destination in a folder that exists and that you can "
+                               "write to") from None
     typer.echo(f"copied {source.name} -> {dest}")
 
 
