@@ -17,10 +17,45 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def write_model_card(out: Path, run, report: dict, repo_id: str | None = None) -> Path:
-    """Write `out/README.md`; the snippet loads `repo_id` when pushing, else the folder itself."""
+    """Write `out/README.md`; the snippet loads `repo_id` when pushing, else the folder itself
+    (by its path relative to the run folder: cards never carry this machine's paths)."""
     path = out / "README.md"
-    path.write_text(build_model_card(run, report, repo_id or str(out.resolve())))
+    path.write_text(build_model_card(run, report, repo_id or portable_path(out, run.dir)))
     return path
+
+
+def portable_path(value, run_dir: Path):
+    """A local absolute path as published files may carry it: relative to the run folder.
+    Relative paths, Hub ids and non-strings are returned unchanged."""
+    if not isinstance(value, (str, Path)) or not Path(value).is_absolute():
+        return value
+    return os.path.relpath(Path(value).resolve(), Path(run_dir).resolve())
+
+
+def portable_values(data, run_dir: Path):
+    """`data` (nested dicts/lists) with every absolute path made relative to the run."""
+    if isinstance(data, dict):
+        return {k: portable_values(v, run_dir) for k, v in data.items()}
+    if isinstance(data, list):
+        return [portable_values(v, run_dir) for v in data]
+    return portable_path(data, run_dir) if isinstance(data, str) and data.startswith("/") \
+        else data
+
+
+def local_path_leaks(folder: Path, roots: list[Path]) -> list[str]:
+    """`file: path` for each text file under `folder` that names a path under one of `roots`
+    (home, working folder, run folder, caches): what a Hub push must not publish."""
+    prefixes = sorted({str(Path(r).resolve()) for r in roots if len(Path(r).resolve().parts) > 1},
+                      key=len, reverse=True)
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.suffix not in (".json", ".md", ".yaml", ".txt", ".jinja"):
+            continue
+        text = path.read_text(errors="replace")
+        hit = next((p for p in prefixes if re.search(re.escape(p) + r"(?![\w.-])", text)), None)
+        if hit:
+            found.append(f"{path.relative_to(folder)}: {hit}")
+    return found
 
 
 def build_model_card(run, report: dict, model_ref: str) -> str:
@@ -28,14 +63,14 @@ def build_model_card(run, report: dict, model_ref: str) -> str:
     sections = [
         f"# {recipe.name}: {recipe.method.name} on {recipe.model.id}",
         recipe.description or "",
-        what_was_trained(recipe, summary, report),
+        what_was_trained(recipe, summary, report, run.dir),
         eval_table(summary),
         checks_table(report),
         "## How to load\n\n" + loading_snippet(run, report, model_ref),
         requantize_note(recipe, summary.get("family"), report),
         tracking_note(summary),
         "## Training recipe\n\nThe resolved recipe (`peftvlm train recipe.yaml` reproduces the "
-        "run):\n\n```yaml\n" + public_recipe_yaml(recipe) + "```",
+        "run):\n\n```yaml\n" + public_recipe_yaml(recipe, run.dir) + "```",
         "*Exported with peftvlm (`peftvlm export`).*",
     ]
     body = "\n\n".join(s for s in sections if s) + "\n"
@@ -82,16 +117,18 @@ def base_license(model_cfg) -> str | None:
         return None
 
 
-def what_was_trained(recipe, summary: dict, report: dict) -> str:
+def what_was_trained(recipe, summary: dict, report: dict, run_dir: Path | None = None) -> str:
     trainable, total = summary.get("trainable_params"), summary.get("total_params")
     share = f" ({100 * trainable / total:.3f}%)" if trainable and total else ""
     data = summary.get("data", {})
     if recipe.data.synthetic:
         source = f"built-in synthetic task `{recipe.data.synthetic.name}`"
     else:
-        source = ", ".join(s.dataset or s.path for s in recipe.data.train or []) or "n/a"
+        source = ", ".join(s.dataset or portable_path(s.path, run_dir or ".")
+                           for s in recipe.data.train or []) or "n/a"
     bullets = [
-        f"- Base model: `{recipe.model.id}` (family {summary.get('family')})",
+        f"- Base model: `{portable_path(recipe.model.id, run_dir or '.')}` "
+        f"(family {summary.get('family')})",
         f"- Method: {recipe.method.name}" + (", trained on a quantized base, merged into the "
                                              "unquantized base" if report["kind"] == "merged"
                                              and report.get("base_quantized_in_training") else ""),
@@ -143,6 +180,8 @@ def loading_snippet(run, report: dict, model_ref: str) -> str:
     if report.get("loading_snippet"):
         return report["loading_snippet"].replace("EXPORT_FOLDER", model_ref)
     prompt = report.get("example_prompt") or "Describe the image."
+    where = "" if is_hub_id(model_ref) else "# local paths are relative to the run folder: run " \
+        "this there (once pushed, use the Hub repo id)\n"
     if report["kind"] == "merged":
         load = (f"model_id = {model_ref!r}\n"
                 "model = AutoModelForImageTextToText.from_pretrained(model_id)\n"
@@ -156,7 +195,7 @@ def loading_snippet(run, report: dict, model_ref: str) -> str:
                 "processor = AutoProcessor.from_pretrained(adapter_id)\n")
         imports = ("from peft import PeftModel\n"
                    "from transformers import AutoModelForImageTextToText, AutoProcessor\n")
-    return ("```python\nfrom PIL import Image\n" + imports + "\n" + load + "\n"
+    return ("```python\nfrom PIL import Image\n" + imports + "\n" + where + load + "\n"
             'image = Image.new("RGB", (64, 64), "red")  # or Image.open("your_image.jpg")\n'
             'messages = [{"role": "user", "content": [{"type": "image", "image": image},\n'
             f'                                         {{"type": "text", "text": {prompt!r}}}]}}]\n'
@@ -213,9 +252,13 @@ def tracking_note(summary: dict) -> str:
             f"`{info.get('id')}`); upload with `wandb sync` from the run folder.")
 
 
-def public_recipe_yaml(recipe) -> str:
-    """The resolved recipe without anything that looks like a secret."""
+def public_recipe_yaml(recipe, run_dir: Path | None = None) -> str:
+    """The resolved recipe without anything that looks like a secret, and without local paths:
+    no base_dir (data paths stay relative to the recipe), other absolute paths made relative
+    to the run folder."""
     from peftvlm.tracking import scrub_secrets
 
-    return yaml.safe_dump(scrub_secrets(recipe.model_dump(mode="json", exclude_none=True)),
-                          sort_keys=False)
+    data = recipe.model_dump(mode="json", exclude_none=True, exclude={"base_dir_"})
+    if run_dir is not None:
+        data = portable_values(data, run_dir)
+    return yaml.safe_dump(scrub_secrets(data), sort_keys=False)
