@@ -72,7 +72,8 @@ def train_generative(recipe, method, run_dir: Path, resume, overwrite, dry_run, 
         f"{trainable:,} of {total:,} parameters train")
     log(f"data: {len(data.train)} training rows, {len(data.eval)} held-out rows, "
         f"{data.overflow.get('count', 0)} too long, "
-        f"{sum(v['count'] for v in data.bad_rows.get('train', {}).values())} bad")
+        f"{sum(v['count'] for v in data.bad_rows.get('train', {}).values())} bad training rows, "
+        f"{sum(v['count'] for v in data.bad_rows.get('eval', {}).values())} bad held-out rows")
     run_dir = prepare_run_dir(run_dir, resume, overwrite)
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     before = evaluate_if_asked(recipe, model, loaded, data, recipe.eval.before_training, log)
@@ -137,6 +138,9 @@ def evaluate_if_asked(recipe, model, loaded, data, enabled: bool, log) -> dict |
 
     result = evaluate_rows(model, loaded.processor, loaded.family, data.eval, recipe.eval)
     log("eval: " + ", ".join(f"{k} = {v:.4f}" for k, v in result["scores"].items()))
+    for name, note in result["notes"].items():  # e.g. VQA accuracy with fewer than 10 answers
+        log(f"eval note ({name}): {note}")
+    data.eval_notes.update(result["notes"])
     return result["scores"]
 
 
@@ -206,6 +210,7 @@ def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
         "eval": {m: {"before": (before or {}).get(m), "after": (after or {}).get(m)}
                  for m in metrics},
         "eval_history": eval_history(trainer.state.log_history),
+        "eval_notes": data.eval_notes,  # what the scores mean where a metric's assumptions fail
         "data": data.report(),
         "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "wandb": active_run_info(),
