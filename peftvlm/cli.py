@@ -15,12 +15,13 @@ from typing import List, Optional
 import typer
 
 from peftvlm.errors import PeftVLMError, RecipeError, format_error
+from peftvlm.resources import shipped_dir
 
 app = typer.Typer(help="Parameter-efficient fine-tuning of vision-language models from one YAML "
                        "recipe.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = shipped_dir("recipes")
 
 data_app = typer.Typer(help="Data: preview and stats of a recipe's rows as the trainer sees "
                             "them; self-instruct generation.", no_args_is_help=True)
