@@ -131,7 +131,9 @@ def make_portable(out: Path, run: Run, report: dict) -> None:
     so nothing exported or pushed carries this machine's folders."""
     from peftvlm.modelcard import portable_path, portable_values
 
-    report.update(portable_values({**report, "out": str(Path(out).resolve())}, run.dir))
+    known = tuple(p for p in (run.recipe.model.id, report.get("base_model"))
+                  if isinstance(p, str) and Path(p).is_absolute())
+    report.update(portable_values({**report, "out": str(Path(out).resolve())}, run.dir, known))
     config = out / "adapter_config.json"
     if config.is_file():
         data = json.loads(config.read_text())

@@ -32,14 +32,20 @@ def portable_path(value, run_dir: Path):
     return os.path.relpath(Path(value).resolve(), Path(run_dir).resolve())
 
 
-def portable_values(data, run_dir: Path):
-    """`data` (nested dicts/lists) with every absolute path made relative to the run."""
+def portable_values(data, run_dir: Path, known: tuple[str, ...] = ()):
+    """`data` (nested dicts/lists) with every absolute path made relative to the run: values
+    that are paths, and the `known` local paths where they appear inside text (snippets)."""
     if isinstance(data, dict):
-        return {k: portable_values(v, run_dir) for k, v in data.items()}
+        return {k: portable_values(v, run_dir, known) for k, v in data.items()}
     if isinstance(data, list):
-        return [portable_values(v, run_dir) for v in data]
-    return portable_path(data, run_dir) if isinstance(data, str) and data.startswith("/") \
-        else data
+        return [portable_values(v, run_dir, known) for v in data]
+    if not isinstance(data, str):
+        return data
+    if data.startswith("/"):
+        return portable_path(data, run_dir)
+    for path in sorted(known, key=len, reverse=True):
+        data = data.replace(path, portable_path(path, run_dir))
+    return data
 
 
 def local_path_leaks(folder: Path, roots: list[Path]) -> list[str]:
@@ -61,7 +67,7 @@ def local_path_leaks(folder: Path, roots: list[Path]) -> list[str]:
 def build_model_card(run, report: dict, model_ref: str) -> str:
     recipe, summary = run.recipe, run.summary
     sections = [
-        f"# {recipe.name}: {recipe.method.name} on {recipe.model.id}",
+        f"# {recipe.name}: {recipe.method.name} on {portable_path(recipe.model.id, run.dir)}",
         recipe.description or "",
         what_was_trained(recipe, summary, report, run.dir),
         eval_table(summary),
@@ -177,11 +183,12 @@ def checks_table(report: dict) -> str:
 def loading_snippet(run, report: dict, model_ref: str) -> str:
     """A complete program that loads the export and answers one question about an image
     (methods with their own exporter may give their own as `report["loading_snippet"]`)."""
-    if report.get("loading_snippet"):
-        return report["loading_snippet"].replace("EXPORT_FOLDER", model_ref)
-    prompt = report.get("example_prompt") or "Describe the image."
     where = "" if is_hub_id(model_ref) else "# local paths are relative to the run folder: run " \
         "this there (once pushed, use the Hub repo id)\n"
+    if report.get("loading_snippet"):
+        return report["loading_snippet"].replace("EXPORT_FOLDER", model_ref).replace(
+            "```python\n", "```python\n" + where, 1)
+    prompt = report.get("example_prompt") or "Describe the image."
     if report["kind"] == "merged":
         load = (f"model_id = {model_ref!r}\n"
                 "model = AutoModelForImageTextToText.from_pretrained(model_id)\n"
