@@ -139,6 +139,8 @@ def validate(args: List[str] = typer.Argument(..., metavar="RECIPE... [key=value
             validate_recipes([str(resolve_recipe_path(path))], overrides)
             typer.echo(f"ok: {path}")
         except PeftVLMError as err:
+            if os.environ.get("PEFTVLM_DEBUG") == "1":
+                raise
             failed += 1
             typer.echo(format_error(err), err=True)
     if failed:
