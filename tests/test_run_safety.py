@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO
 from peftvlm import api
 from peftvlm.checkpoints import incomplete_reason, mark_complete, recipe_changes
 from peftvlm.errors import ModelError, RunError
@@ -169,7 +169,8 @@ def test_a_checkpoint_torn_by_sigkill_is_skipped_and_resume_is_exact(tmp_path):
         api.train(recipe, run, **QUIET)
     notices = []
     changed = validate_recipe_dict(tiny_recipe(**sections, method={"r": 8}))
-    with pytest.raises(RunError, match=r"recipe changed since the checkpoints .*: method\.r 4 -> 8"):
+    with pytest.raises(RunError, match=r"recipe changed since the checkpoints .*: "
+                                       r"method\.r 4 -> 8"):
         api.train(changed, run, resume=True, log=notices.append)
     assert any("stopped without finishing" in n for n in notices)  # the killed run's lock
 
