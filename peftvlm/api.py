@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from peftvlm.recipe import Recipe, load_recipe
-from peftvlm.runs import default_run_dir, plot_loss, prepare_run_dir, write_json
+from peftvlm.runs import (claimed_run_dir, default_run_dir, plot_loss, prepare_run_dir,
+                          write_json)
 
 
 def validate(paths: list[str], overrides: list[str] | None = None) -> list[Recipe]:
@@ -26,11 +27,24 @@ def evaluate(recipe: Recipe, run_dir: str | Path, *, split: str = "test",
 def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool = False,
           overwrite: bool = False, dry_run: bool = False, log=print, callbacks=()) -> dict:
     """Train the recipe's method on its data; return the run summary (also in summary.json)."""
-    from peftvlm.kinds import run_kind
     from peftvlm.registry import get_method
 
     method = get_method(recipe.method.name)
     run_dir = Path(output_dir) if output_dir else default_run_dir(recipe)
+    if dry_run:  # loads and shows, writes no run folder
+        return dispatch_train(recipe, method, run_dir, resume, overwrite, True, log, callbacks)
+    with claimed_run_dir(run_dir, resume, overwrite, log):  # refusals before anything loads
+        if resume and not overwrite:
+            from peftvlm.checkpoints import check_resume_recipe
+
+            check_resume_recipe(recipe, run_dir)
+        return dispatch_train(recipe, method, run_dir, resume, overwrite, False, log, callbacks)
+
+
+def dispatch_train(recipe, method, run_dir: Path, resume, overwrite, dry_run, log, callbacks):
+    """The generative (TRL) training, or the dual-encoder loop with the task of the run's kind."""
+    from peftvlm.kinds import run_kind
+
     kind = run_kind(recipe)
     if kind != "generative":  # dual encoders: one shared loop, one task per kind
         from peftvlm.trainers import clip, contrastive
@@ -70,7 +84,8 @@ def train_generative(recipe, method, run_dir: Path, resume, overwrite, dry_run, 
         f"{trainable:,} of {total:,} parameters train")
     log(f"data: {len(data.train)} training rows, {len(data.eval)} held-out rows, "
         f"{data.overflow.get('count', 0)} too long, "
-        f"{sum(v['count'] for v in data.bad_rows.get('train', {}).values())} bad")
+        f"{sum(v['count'] for v in data.bad_rows.get('train', {}).values())} bad training rows, "
+        f"{sum(v['count'] for v in data.bad_rows.get('eval', {}).values())} bad held-out rows")
     run_dir = prepare_run_dir(run_dir, resume, overwrite)
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     before = evaluate_if_asked(recipe, model, loaded, data, recipe.eval.before_training, log)
@@ -155,6 +170,9 @@ def evaluate_if_asked(recipe, model, loaded, data, enabled: bool, log) -> dict |
 
     result = evaluate_rows(model, loaded.processor, loaded.family, data.eval, recipe.eval)
     log("eval: " + ", ".join(f"{k} = {v:.4f}" for k, v in result["scores"].items()))
+    for name, note in result["notes"].items():  # e.g. VQA accuracy with fewer than 10 answers
+        log(f"eval note ({name}): {note}")
+    data.eval_notes.update(result["notes"])
     return result["scores"]
 
 
@@ -163,8 +181,8 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
     """Train with TRL (resuming from the last checkpoint if asked); Ctrl-C saves and stops."""
     from peftvlm.errors import RunError
     from peftvlm.tracking import start_wandb
-    from peftvlm.trainers.sft import (StopOnInterrupt, build_trainer, last_checkpoint,
-                                      sft_config)
+    from peftvlm.trainers.sft import (MarkCheckpointComplete, StopOnInterrupt, build_trainer,
+                                      last_checkpoint, sft_config)
 
     wandb_run = start_wandb(recipe, run_dir, log)
     args = sft_config(recipe.train, run_dir, ["wandb"] if wandb_run else [], recipe.name,
@@ -177,9 +195,9 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
     # packing, the blank image's tokens get position 0 each: alone in their attention block)
     collator = for_training(train_collator(collator, recipe.train.packing))
     trainer = build_trainer(model, loaded.processor, collator, data.train, args,
-                            [stopper, *callbacks])
+                            [stopper, MarkCheckpointComplete(), *callbacks])
     add_periodic_eval(trainer, recipe, loaded, data)
-    checkpoint = last_checkpoint(run_dir) if resume else None
+    checkpoint = last_checkpoint(run_dir, log) if resume else None
     if resume and checkpoint is None:
         log(f"no checkpoint in {run_dir / 'checkpoints'}: starting from scratch")
     started = time.perf_counter()
@@ -235,6 +253,7 @@ def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
         "eval": {m: {"before": (before or {}).get(m), "after": (after or {}).get(m)}
                  for m in metrics},
         "eval_history": eval_history(trainer.state.log_history),
+        "eval_notes": data.eval_notes,  # what the scores mean where a metric's assumptions fail
         "data": data.report(),
         "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "wandb": active_run_info(),

@@ -15,12 +15,13 @@ from typing import List, Optional
 import typer
 
 from peftvlm.errors import PeftVLMError, RecipeError, format_error
+from peftvlm.resources import shipped_dir
 
 app = typer.Typer(help="Parameter-efficient fine-tuning of vision-language models from one YAML "
                        "recipe.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = shipped_dir("recipes")
 
 data_app = typer.Typer(help="Data: preview, stats and CLIP-score filtering of a recipe's rows; "
                             "self-instruct generation.", no_args_is_help=True)
@@ -121,13 +122,30 @@ def print_summary(summary: dict, run_dir: Path) -> None:
 
 
 @app.command()
-def validate(recipes: List[str] = typer.Argument(..., help="Recipe files to check.")):
-    """Check recipes without running them (no model is loaded)."""
+def validate(args: List[str] = typer.Argument(..., metavar="RECIPE... [key=value ...]",
+                                             help="Recipe files (or shipped names) to check; "
+                                                  "key=value overrides apply to each.")):
+    """Check recipes without running them (no model is loaded); reports every file."""
     from peftvlm.api import validate as validate_recipes
 
-    for path in recipes:
-        validate_recipes([str(resolve_recipe_path(path))])
-        typer.echo(f"ok: {path}")
+    overrides = [a for a in args if "=" in a and not Path(a).exists()]
+    paths = [a for a in args if a not in overrides]
+    if not paths:
+        raise RecipeError("no recipe file given, only overrides: " + " ".join(overrides),
+                          hint="peftvlm validate RECIPE... [key=value ...]")
+    failed = 0
+    for path in paths:
+        try:
+            validate_recipes([str(resolve_recipe_path(path))], overrides)
+            typer.echo(f"ok: {path}")
+        except PeftVLMError as err:
+            if os.environ.get("PEFTVLM_DEBUG") == "1":
+                raise
+            failed += 1
+            typer.echo(format_error(err), err=True)
+    if failed:
+        typer.echo(f"{failed} of {len(paths)} recipe(s) have problems", err=True)
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -198,9 +216,11 @@ def data_stats(
 
     from peftvlm.data.report import print_stats, stats
     from peftvlm.recipe import load_recipe
-    from peftvlm.runs import default_run_dir
+    from peftvlm.runs import default_run_dir, mark_run_dir
 
     loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    if plot is None and not default_run_dir(loaded).exists():  # a run may train there later
+        mark_run_dir(default_run_dir(loaded))
     result = stats(loaded, plot or default_run_dir(loaded) / "data_stats.png")
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
@@ -304,7 +324,12 @@ def cp(recipe: str = typer.Argument(..., help="Shipped recipe name."),
         dest = dest / source.name
     if dest.exists():
         raise RecipeError(f"{dest} already exists", hint="choose another destination")
-    shutil.copyfile(source, dest)
+    try:
+        shutil.copyfile(source, dest)
+    except OSError as exc:
+        raise RecipeError(f"cannot copy {source.name} to {dest}: {exc.strerror or exc}",
+                          hint="choose a destination in a folder that exists and that you can "
+                               "write to") from None
     typer.echo(f"copied {source.name} -> {dest}")
 
 

@@ -111,8 +111,9 @@ def finish_export(run: Run, opts: ExportOptions, report: dict, log) -> dict:
     """Card, report, failure check, then the Hub and W&B (only for exports that passed)."""
     from peftvlm.modelcard import write_model_card
 
-    report["out"] = str(opts.out)
+    make_portable(opts.out, run, report)
     write_model_card(opts.out, run, report, repo_id=opts.push_to_hub)
+    report["checks"]["no_local_paths"] = check_no_local_paths(opts.out, run, report)
     failures = [f"{name}: {check['error']}" for name, check in report["checks"].items()
                 if not check["passed"]]
     report["passed"] = not failures
@@ -138,6 +139,34 @@ def finish_export(run: Run, opts: ExportOptions, report: dict, log) -> dict:
             folders["merged"] = opts.out
         report["wandb_artifacts"] = log_export_artifacts(run.recipe, run.dir, folders, log)
     return report
+
+
+def make_portable(out: Path, run: Run, report: dict) -> None:
+    """Local paths in the report and the adapter config become relative to the run folder,
+    so nothing exported or pushed carries this machine's folders."""
+    from peftvlm.modelcard import portable_path, portable_values
+
+    known = tuple(p for p in (run.recipe.model.id, report.get("base_model"))
+                  if isinstance(p, str) and Path(p).is_absolute())
+    report.update(portable_values({**report, "out": str(Path(out).resolve())}, run.dir, known))
+    config = out / "adapter_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        data["base_model_name_or_path"] = portable_path(data.get("base_model_name_or_path"),
+                                                        run.dir)
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def check_no_local_paths(out: Path, run: Run, report: dict) -> dict:
+    """No text file of the export (card, report, configs) names a local folder."""
+    from peftvlm.models import cache_dir
+    from peftvlm.modelcard import local_path_leaks
+
+    write_json(out / "export_report.json", report)  # scanned too
+    leaks = local_path_leaks(out, [Path.home(), Path.cwd(), run.dir, cache_dir(),
+                                   run.recipe.base_dir()])
+    return {"passed": not leaks, "files": leaks,
+            "error": "local paths in " + "; ".join(leaks) if leaks else None}
 
 
 def export_custom_method(run: Run, opts: ExportOptions, log) -> dict:

@@ -17,25 +17,66 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def write_model_card(out: Path, run, report: dict, repo_id: str | None = None) -> Path:
-    """Write `out/README.md`; the snippet loads `repo_id` when pushing, else the folder itself."""
+    """Write `out/README.md`; the snippet loads `repo_id` when pushing, else the folder itself
+    (by its path relative to the run folder: cards never carry this machine's paths)."""
     path = out / "README.md"
-    path.write_text(build_model_card(run, report, repo_id or str(out.resolve())))
+    path.write_text(build_model_card(run, report, repo_id or portable_path(out, run.dir)))
     return path
+
+
+def portable_path(value, run_dir: Path):
+    """A local absolute path as published files may carry it: relative to the run folder.
+    Relative paths, Hub ids and non-strings are returned unchanged."""
+    if not isinstance(value, (str, Path)) or not Path(value).is_absolute():
+        return value
+    return os.path.relpath(Path(value).resolve(), Path(run_dir).resolve())
+
+
+def portable_values(data, run_dir: Path, known: tuple[str, ...] = ()):
+    """`data` (nested dicts/lists) with every absolute path made relative to the run: values
+    that are paths, and the `known` local paths where they appear inside text (snippets)."""
+    if isinstance(data, dict):
+        return {k: portable_values(v, run_dir, known) for k, v in data.items()}
+    if isinstance(data, list):
+        return [portable_values(v, run_dir, known) for v in data]
+    if not isinstance(data, str):
+        return data
+    if data.startswith("/"):
+        return portable_path(data, run_dir)
+    for path in sorted(known, key=len, reverse=True):
+        data = data.replace(path, portable_path(path, run_dir))
+    return data
+
+
+def local_path_leaks(folder: Path, roots: list[Path]) -> list[str]:
+    """`file: path` for each text file under `folder` that names a path under one of `roots`
+    (home, working folder, run folder, caches): what a Hub push must not publish."""
+    prefixes = sorted({str(Path(r).resolve()) for r in roots if len(Path(r).resolve().parts) > 1},
+                      key=len, reverse=True)
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.suffix not in (".json", ".md", ".yaml", ".txt", ".jinja"):
+            continue
+        text = path.read_text(errors="replace")
+        hit = next((p for p in prefixes if re.search(re.escape(p) + r"(?![\w.-])", text)), None)
+        if hit:
+            found.append(f"{path.relative_to(folder)}: {hit}")
+    return found
 
 
 def build_model_card(run, report: dict, model_ref: str) -> str:
     recipe, summary = run.recipe, run.summary
     sections = [
-        f"# {recipe.name}: {recipe.method.name} on {recipe.model.id}",
+        f"# {recipe.name}: {recipe.method.name} on {portable_path(recipe.model.id, run.dir)}",
         recipe.description or "",
-        what_was_trained(recipe, summary, report),
+        what_was_trained(recipe, summary, report, run.dir),
         eval_table(summary),
         checks_table(report),
         "## How to load\n\n" + loading_snippet(run, report, model_ref),
         requantize_note(recipe, summary.get("family"), report),
         tracking_note(summary),
         "## Training recipe\n\nThe resolved recipe (`peftvlm train recipe.yaml` reproduces the "
-        "run):\n\n```yaml\n" + public_recipe_yaml(recipe) + "```",
+        "run):\n\n```yaml\n" + public_recipe_yaml(recipe, run.dir) + "```",
         "*Exported with peftvlm (`peftvlm export`).*",
     ]
     body = "\n\n".join(s for s in sections if s) + "\n"
@@ -82,16 +123,18 @@ def base_license(model_cfg) -> str | None:
         return None
 
 
-def what_was_trained(recipe, summary: dict, report: dict) -> str:
+def what_was_trained(recipe, summary: dict, report: dict, run_dir: Path | None = None) -> str:
     trainable, total = summary.get("trainable_params"), summary.get("total_params")
     share = f" ({100 * trainable / total:.3f}%)" if trainable and total else ""
     data = summary.get("data", {})
     if recipe.data.synthetic:
         source = f"built-in synthetic task `{recipe.data.synthetic.name}`"
     else:
-        source = ", ".join(s.dataset or s.path for s in recipe.data.train or []) or "n/a"
+        source = ", ".join(s.dataset or portable_path(s.path, run_dir or ".")
+                           for s in recipe.data.train or []) or "n/a"
     bullets = [
-        f"- Base model: `{recipe.model.id}` (family {summary.get('family')})",
+        f"- Base model: `{portable_path(recipe.model.id, run_dir or '.')}` "
+        f"(family {summary.get('family')})",
         f"- Method: {recipe.method.name}" + (", trained on a quantized base, merged into the "
                                              "unquantized base" if report["kind"] == "merged"
                                              and report.get("base_quantized_in_training") else ""),
@@ -140,8 +183,11 @@ def checks_table(report: dict) -> str:
 def loading_snippet(run, report: dict, model_ref: str) -> str:
     """A complete program that loads the export and answers one question about an image
     (methods with their own exporter may give their own as `report["loading_snippet"]`)."""
+    where = "" if is_hub_id(model_ref) else "# local paths are relative to the run folder: run " \
+        "this there (once pushed, use the Hub repo id)\n"
     if report.get("loading_snippet"):
-        return report["loading_snippet"].replace("EXPORT_FOLDER", model_ref)
+        return report["loading_snippet"].replace("EXPORT_FOLDER", model_ref).replace(
+            "```python\n", "```python\n" + where, 1)
     prompt = report.get("example_prompt") or "Describe the image."
     if report["kind"] == "merged":
         load = (f"model_id = {model_ref!r}\n"
@@ -156,7 +202,7 @@ def loading_snippet(run, report: dict, model_ref: str) -> str:
                 "processor = AutoProcessor.from_pretrained(adapter_id)\n")
         imports = ("from peft import PeftModel\n"
                    "from transformers import AutoModelForImageTextToText, AutoProcessor\n")
-    return ("```python\nfrom PIL import Image\n" + imports + "\n" + load + "\n"
+    return ("```python\nfrom PIL import Image\n" + imports + "\n" + where + load + "\n"
             'image = Image.new("RGB", (64, 64), "red")  # or Image.open("your_image.jpg")\n'
             'messages = [{"role": "user", "content": [{"type": "image", "image": image},\n'
             f'                                         {{"type": "text", "text": {prompt!r}}}]}}]\n'
@@ -213,9 +259,13 @@ def tracking_note(summary: dict) -> str:
             f"`{info.get('id')}`); upload with `wandb sync` from the run folder.")
 
 
-def public_recipe_yaml(recipe) -> str:
-    """The resolved recipe without anything that looks like a secret."""
+def public_recipe_yaml(recipe, run_dir: Path | None = None) -> str:
+    """The resolved recipe without anything that looks like a secret, and without local paths:
+    no base_dir (data paths stay relative to the recipe), other absolute paths made relative
+    to the run folder."""
     from peftvlm.tracking import scrub_secrets
 
-    return yaml.safe_dump(scrub_secrets(recipe.model_dump(mode="json", exclude_none=True)),
-                          sort_keys=False)
+    data = recipe.model_dump(mode="json", exclude_none=True, exclude={"base_dir_"})
+    if run_dir is not None:
+        data = portable_values(data, run_dir)
+    return yaml.safe_dump(scrub_secrets(data), sort_keys=False)

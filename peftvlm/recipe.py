@@ -221,7 +221,8 @@ class DataConfig(Section):
 class TrainConfig(Section):
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, ge=-1, description="Total optimizer steps; -1 = use epochs.")
+    max_steps: int = Field(-1, ge=-1, description="Total optimizer steps; -1 = use epochs "
+                                                  "(0 is refused: it would still train a step).")
     per_device_train_batch_size: int = Field(4, ge=1, description="Batch size per device.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per step.")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
@@ -277,6 +278,15 @@ class TrainConfig(Section):
                                              "per conversation and attention cannot cross "
                                              "them. Families that cannot isolate packed "
                                              "conversations refuse it (`peftvlm ls families`).")
+
+
+    @field_validator("max_steps")
+    @classmethod
+    def _some_steps(cls, v):
+        if v == 0:  # transformers reads 0 as "not set" and trains at least one step
+            raise ValueError("0 steps would train nothing (transformers would still train one): "
+                             "give a positive number of steps, or -1 to train num_train_epochs")
+        return v
 
 
 class WandbConfig(Section):
@@ -378,8 +388,19 @@ def apply_overrides(data: dict, overrides: list[str], file: str = "<recipe>") ->
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[parts[-1]] = _override_value(item, raw, file)
     return data
+
+
+def _override_value(item: str, raw: str, file: str):
+    """An override's value parsed as YAML (`1e-4`, `[a, b]`, `{k: v}`); empty means null."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{file}: override `{item}`: the value `{raw}` is not valid YAML "
+                          f"({problem})", hint="write a YAML value (1e-4, [a, b], {k: v}), or "
+                                               "quote text: key='[1'") from None
 
 
 def read_recipe_yaml(path: Path, what: str = "recipe",

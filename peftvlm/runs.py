@@ -1,43 +1,182 @@
-"""The run folder: created safely, never overwritten by accident, summarised at the end.
+"""The run folder: ours alone, locked while a training writes it, summarised at the end.
 
+    runs/<name>/.peftvlm-run     marker: this folder is a peftvlm run (what --overwrite checks)
+    runs/<name>/.peftvlm-lock    the pid of the training writing it (an flock held meanwhile)
     runs/<name>/recipe.yaml      the resolved recipe
     runs/<name>/adapter/         PEFT adapter + processor (loads with PeftModel.from_pretrained)
-    runs/<name>/checkpoints/     trainer checkpoints (--resume continues from the last)
+    runs/<name>/checkpoints/     trainer checkpoints (--resume continues from the last complete)
     runs/<name>/summary.json     parameters, runtime, final loss, eval before/after (and every
                                  train.eval_steps: eval_history)
     runs/<name>/loss.png         the training loss curve
     runs/<name>/eval/            `peftvlm eval` outputs: predictions, metrics.json, metrics.png
+
+A training claims its folder before any model or data loads (`claim_run_dir`): the folder must
+be new, empty, or a peftvlm run in the right state (finished runs need --overwrite, unfinished
+ones --resume), it must be writable, and no other live process may hold its lock. The lock is an
+`fcntl.flock` on `.peftvlm-lock`, which the kernel drops when its process dies, so a killed
+training never leaves a lock that blocks the next one (POSIX only, like bitsandbytes/triton).
+`--overwrite` clears the previous run's files only once the new run's model and data have
+loaded (`prepare_run_dir`), so a recipe that fails to load does not cost the old run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from peftvlm.errors import RunError
+
+MARKER, LOCK = ".peftvlm-run", ".peftvlm-lock"
+_HELD: dict[Path, int] = {}  # resolved run folder -> fd of the lock file this process holds
+_LISTED = 5
 
 
 def default_run_dir(recipe) -> Path:
     return Path("runs") / (recipe.name or "run")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
-    """Refuse to clobber finished or unfinished runs unless told; `--overwrite` starts afresh."""
+def is_main_rank() -> bool:
+    """Process 0 of a torchrun/accelerate launch (or a single process) owns the run folder;
+    read from the launcher's RANK because the process group starts later, in the trainer."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def _listing(folder: Path) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    more = f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+    return ", ".join(names[:_LISTED]) + more
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything loads, a folder that is not ours or is in the wrong state."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"output folder {run_dir} is a file, not a folder",
+                       hint="choose another folder with -o/--output-dir")
+    if run_dir.is_dir() and not is_run_dir(run_dir) and any(run_dir.iterdir()):
+        raise RunError(f"output folder {run_dir} is not a peftvlm run folder (no {MARKER}) and "
+                       f"is not empty: it holds {_listing(run_dir)}. peftvlm writes runs only "
+                       "into new or empty folders, and --overwrite deletes only its own runs",
+                       hint="choose a new folder with -o/--output-dir, or move those files away")
+    if overwrite or not run_dir.is_dir():
+        return
     finished = (run_dir / "summary.json").exists()
     has_checkpoints = any((run_dir / "checkpoints").glob("checkpoint-*"))
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    elif finished and not resume:
+    if finished and not resume:
         raise RunError(f"run folder {run_dir} already holds a finished run",
                        hint="pass --overwrite to replace it, or --output-dir for a new folder")
-    elif finished and resume:
+    if finished and resume:
         raise RunError(f"run folder {run_dir} is already finished: nothing to resume",
                        hint="pass --overwrite to train again from scratch")
-    elif has_checkpoints and not resume:
+    if has_checkpoints and not resume:
         raise RunError(f"run folder {run_dir} holds checkpoints of an unfinished run",
                        hint="pass --resume to continue it, or --overwrite to start over")
+
+
+def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, log=print) -> Path:
+    """Check the folder, create and mark it, and take its lock (all before any model loads)."""
+    run_dir = Path(run_dir)
+    if not is_main_rank():
+        return run_dir
+    check_run_dir(run_dir, resume, overwrite)
+    try:
+        mark_run_dir(run_dir)
+        stale = lock_run_dir(run_dir)
+    except OSError as exc:
+        raise RunError(f"cannot write the run folder {run_dir}: {exc.strerror or exc} "
+                       f"({exc.filename or run_dir})",
+                       hint="choose a writable folder with -o/--output-dir, or fix its "
+                            "permissions") from None
+    if stale:
+        log(f"{run_dir}: the previous training (pid {stale.get('pid')}) stopped without "
+            "finishing; its lock is released, continuing")
+    return run_dir
+
+
+def mark_run_dir(run_dir: Path) -> Path:
+    """Create the folder if needed and mark it as a run (a new or empty folder only)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not is_run_dir(run_dir) and not any(run_dir.iterdir()):
+        write_json(run_dir / MARKER, {"tool": "peftvlm", "created": time.time(),
+                                      "note": "a peftvlm run folder: `peftvlm train "
+                                              "--overwrite` may delete it"})
+    return run_dir
+
+
+def lock_run_dir(run_dir: Path) -> dict | None:
+    """Take the folder's lock (re-entrant within this process). Returns the holder a dead
+    process left recorded, if any; a live holder is a RunError naming its pid."""
+    import fcntl
+
+    key = run_dir.resolve()
+    if key in _HELD:
+        return None
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    recorded = _read_holder(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(recorded.get("started", 0)))
+        raise RunError(f"run folder {run_dir} is in use by another training: pid "
+                       f"{recorded.get('pid', '?')} on {recorded.get('host', '?')}, since "
+                       f"{since}", hint="wait for it to finish (or stop it), or train into "
+                                        "another folder with -o/--output-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                              "started": time.time()}).encode(), 0)
+    _HELD[key] = fd
+    return recorded or None
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Drop this process's lock; the emptied lock file says the run was left cleanly."""
+    import fcntl
+
+    fd = _HELD.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextmanager
+def claimed_run_dir(run_dir: Path, resume: bool, overwrite: bool, log=print):
+    """`claim_run_dir` for the length of a `with` block."""
+    run_dir = claim_run_dir(run_dir, resume, overwrite, log)
+    try:
+        yield run_dir
+    finally:
+        release_run_dir(run_dir)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
+    """Claim the folder (see `claim_run_dir`); with `overwrite`, clear the previous run's files
+    (the marker and lock stay). Call it once model and data have loaded."""
+    run_dir = claim_run_dir(run_dir, resume, overwrite)
+    if overwrite and is_main_rank():
+        for child in run_dir.iterdir():
+            if child.name in (MARKER, LOCK):
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     return run_dir
 
 

@@ -131,7 +131,8 @@ def test_eval_rows_with_no_usable_rows_are_refused(finished_run, tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps(good) + "\n")
     (tmp_path / "eval.jsonl").write_text(json.dumps({**good, "images": ["gone.png"]}) + "\n")
     recipe = load_recipe(write_recipe(tmp_path, data=data))
-    with pytest.raises(DataError, match=r"data.eval has no usable rows \(1 missing_image\)"):
+    with pytest.raises(DataError, match=r"data.eval: no usable held-out rows \(1 missing image "
+                                        r"\(e\.g\. eval\.jsonl:1"):
         api.evaluate(recipe, run)
 
 

@@ -221,7 +221,7 @@ def test_exports_load_with_plain_libraries_in_a_fresh_process(merged_export, ada
     (merged, _), (adapter, adapter_report) = merged_export, adapter_export
     merged_code = card_snippet((merged / "README.md").read_text())
     adapter_code = card_snippet((adapter / "README.md").read_text())
-    assert f"model_id = {str(merged.resolve())!r}" in merged_code
+    assert f"model_id = {os.path.relpath(merged, lora_run)!r}" in merged_code  # no local paths
     assert "PeftModel.from_pretrained(base, adapter_id)" in adapter_code
     assert adapter_report["checks"]["adapter_effect"]["max_abs_diff_from_base"] > 0
 
@@ -238,10 +238,10 @@ def test_exports_load_with_plain_libraries_in_a_fresh_process(merged_export, ada
         "print('MERGED', type(merged['model']).__name__,\n"
         "      next(merged['model'].parameters()).dtype)\n"
         "print('ADAPTER', type(adapted['model']).__name__, sorted(adapted['model'].peft_config))\n"
-        "import torch\nbatch = torch.load('batch.pt')\n"
+        f"import torch\nbatch = torch.load({str(tmp_path / 'batch.pt')!r})\n"
         "with torch.no_grad():\n    logits = merged['model'].eval()(**batch).logits\n"
-        "torch.save(logits[batch['attention_mask'].bool()], 'logits.pt')\n")
-    result = run_fresh(script, tmp_path)
+        f"torch.save(logits[batch['attention_mask'].bool()], {str(tmp_path / 'logits.pt')!r})\n")
+    result = run_fresh(script, lora_run)  # the card's paths are relative to the run folder
     assert result.returncode == 0, result.stderr[-2000:]
     assert "MERGED LlavaForConditionalGeneration torch.float32" in result.stdout
     assert "ADAPTER PeftModel ['default']" in result.stdout
@@ -266,6 +266,25 @@ def test_model_card_content(merged_export, adapter_export):
     assert "| logits | pass |" in card and "| weights_changed | pass |" in card
     adapter_meta = card_metadata((adapter_export[0] / "README.md").read_text())
     assert adapter_meta["library_name"] == "peft" and "adapter" in adapter_meta["tags"]
+
+
+def test_exports_carry_no_local_paths(merged_export, adapter_export, lora_run):
+    """Card (recipe, snippet), report and adapter config: paths relative to the run folder."""
+    from peftvlm.models import cache_dir
+    from peftvlm.modelcard import local_path_leaks
+
+    for out, report in (merged_export, adapter_export):
+        assert report["checks"]["no_local_paths"]["passed"]
+        assert local_path_leaks(out, [Path.home(), cache_dir(), lora_run, out]) == []
+        card = (out / "README.md").read_text()
+        assert "base_dir" not in card and "/tmp/" not in card
+    planted = adapter_export[0] / "notes.txt"
+    planted.write_text(f"trained in {lora_run.resolve()}/checkpoints\n")
+    try:
+        assert local_path_leaks(adapter_export[0], [lora_run]) == [
+            f"notes.txt: {lora_run.resolve()}"]
+    finally:
+        planted.unlink()
 
 
 def test_card_carries_license_and_base_from_local_base(tmp_path):

@@ -135,7 +135,7 @@ def test_shipped_seeds_and_example_config_are_valid():
     for task_type in ("conversation", "detailed_description", "complex_reasoning"):
         assert sum(s.task_type == task_type and s.context is not None for s in seeds) >= 3
     config = load_config(ROOT / "data_templates" / "self_instruct" / "example.yaml")
-    assert config.generator.type == "local" and config.resolve(config.seed_tasks) == SEEDS
+    assert config.generator.type == "local" and config.resolve(config.seed_tasks) == SEEDS.resolve()
 
 
 # --- a scripted OpenAI-compatible server ----------------------------------------------------

@@ -38,6 +38,7 @@ class PreparedData:
     bad_rows: dict = field(default_factory=dict)
     overflow: dict = field(default_factory=dict)
     sources: list[dict] = field(default_factory=list)
+    eval_notes: dict = field(default_factory=dict)  # metric -> validity note (see metrics)
 
     def report(self) -> dict:
         return {"train_rows": len(self.train), "eval_rows": len(self.eval),
@@ -351,6 +352,11 @@ def load_rows(recipe, box_format: str = "norm1", collator=None) -> PreparedData:
     if not len(train):
         raise DataError("data.train: no usable rows" +
                         (f" ({train_report.describe()})" if train_report.total else ""))
+    if eval_sources and not evaluation:  # else held-out scores would be silently missing
+        raise DataError("data.eval: no usable held-out rows" +
+                        (f" ({eval_report.describe()})" if eval_report.total else
+                         " (the source is empty)"),
+                        hint="fix those rows (or the images they name), or remove data.eval")
     return PreparedData(train, list(evaluation),
                         {"train": train_report.as_dict(), "eval": eval_report.as_dict()},
                         sources=train_info + eval_info)

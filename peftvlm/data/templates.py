@@ -29,8 +29,9 @@ from peftvlm._schema import Section
 from peftvlm.data.boxes import BOX_FORMATS, BOX_INPUTS, box_text
 from peftvlm.data.sources import BadRow, resolve_image
 from peftvlm.errors import DataError
+from peftvlm.resources import shipped_dir
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "data_templates"
+TEMPLATES_DIR = shipped_dir("data_templates")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 PLACEHOLDER = re.compile(r"\{(\w*)\}")
 

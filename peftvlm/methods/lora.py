@@ -128,15 +128,56 @@ def apply_peft(model, family, cfg, *, quantized: bool = False, gradient_checkpoi
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing)
     config = peft_config(family, cfg)
-    try:
-        return (wrap or get_peft_model)(model, config)
-    except ValueError as exc:
-        if "not found in the base model" in str(exc) or "Target modules" in str(exc):
-            raise RecipeError(f"method.target: no module of this model matches "
-                              f"{config.target_modules!r}",
-                              hint="list module names with `peftvlm train RECIPE --dry-run`, "
-                                   "or set method.target_regex") from exc
-        raise
+    check_targets(model, config.target_modules, "method.target_regex" if cfg.target_regex
+                  else "method.target")
+    return (wrap or get_peft_model)(model, config)
+
+
+def adaptable_types() -> tuple[type, ...]:
+    """Layer types peft's LoRA/VeRA can wrap (bitsandbytes' 4/8-bit layers are nn.Linear)."""
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+
+    return nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D
+
+
+def layer_name_examples(model, limit: int = 6) -> list[str]:
+    """Distinct linear-layer names of `model` with layer indices written as `\d+`."""
+    import torch.nn as nn
+
+    seen: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            seen.setdefault(re.sub(r"\.\d+\.", r".\\d+.", name))
+    names = list(seen)
+    step = max(1, len(names) // limit)  # spread over the model: vision, projector, language
+    return names[::step][:limit]
+
+
+def check_targets(model, regex: str, field: str) -> None:
+    """The target regex must full-match (as peft matches it) at least one module, and only
+    layers peft can adapt: a match on a container (a decoder layer, an attention block) would
+    make peft fail with a dump of the module tree."""
+    pattern = re.compile(regex)
+    matched = [(n, m) for n, m in model.named_modules() if n and pattern.fullmatch(n)]
+    examples = ", ".join(layer_name_examples(model))
+    if not matched:
+        raise RecipeError(f"{field}: no module of this model matches {regex!r} (full match over "
+                          f"module names); its linear layers are named like: {examples}",
+                          hint="write method.target_regex over those names, or use "
+                               "method.target: language | vision | projector | all")
+    kinds = adaptable_types()
+    bad = [(n, m) for n, m in matched if not isinstance(m, kinds)]
+    if bad:
+        listed = ", ".join(f"{n} ({type(m).__name__})" for n, m in bad[:3]) + \
+            (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        inside = [n for n, m in bad[0][1].named_modules(prefix=bad[0][0])
+                  if isinstance(m, kinds)][:4]
+        raise RecipeError(f"{field}: {regex!r} matches {len(bad)} module(s) that are not layers "
+                          f"an adapter can wrap: {listed}. Adapters go on linear layers such "
+                          f"as: {examples}",
+                          hint="end the regex at the layers inside those modules"
+                               + (f", e.g. {', '.join(inside)}" if inside else ""))
 
 
 _SUMMARY = {

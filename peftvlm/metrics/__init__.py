@@ -36,6 +36,8 @@ class MetricInfo:
     returns a note about how it did so (or None); metrics sharing a `prepare` run it once per
     scoring call, which is how captioning metrics share one tokenisation pass.
     `extras` maps a reference-row key (e.g. "question_type") to the keyword `func` takes.
+    `validity` (optional) takes (predictions, references) and returns a note when the metric's
+    assumptions do not hold for these rows (VQA accuracy with fewer than 10 answers), or None.
     """
 
     name: str
@@ -47,6 +49,7 @@ class MetricInfo:
     reference: ReferenceKind = "text"
     prepare: Callable[[list, list], tuple[list, list, str | None]] | None = None
     extras: dict[str, str] = field(default_factory=dict)
+    validity: Callable[[list, list], str | None] | None = None
 
 
 METRICS: dict[str, MetricInfo] = {}
@@ -63,12 +66,13 @@ _BUILTIN_MODULES = (
 def register(name: str, func: Callable[..., dict[str, float]], *, higher_is_better: bool,
              summary: str, prediction: PredictionKind = "text",
              reference: ReferenceKind = "text",
-             prepare: Callable | None = None, extras: dict[str, str] | None = None) -> None:
+             prepare: Callable | None = None, extras: dict[str, str] | None = None,
+             validity: Callable | None = None) -> None:
     """Add a metric. `prediction`/`reference` say what a file row's values must be (checked
     before scoring, so errors name the line); `family` is the registering module's name."""
     family = func.__module__.rsplit(".", 1)[-1]
     METRICS[name] = MetricInfo(name, func, higher_is_better, summary, family, prediction,
-                               reference, prepare, dict(extras or {}))
+                               reference, prepare, dict(extras or {}), validity)
 
 
 def _load_builtins() -> None:

@@ -170,6 +170,9 @@ def _run_metric(m: MetricInfo, preds: list, refs: list, extras: dict, result: di
         result["notes"][m.name] = f"unavailable: {exc.message}"
     result["scores"].update(scores)
     result["higher_is_better"].update({k: m.higher_is_better for k in scores})
+    note = m.validity(preds, refs) if m.validity is not None else None
+    if note:
+        result["notes"][m.name] = note
 
 
 def print_table(result: dict, console=None) -> None:

@@ -118,10 +118,42 @@ def _by_type(values: list[float], types: list[str | None] | None, prefix: str) -
     return {f"{prefix}/{t}": mean(v) for t, v in sorted(groups.items())}
 
 
+# VQA collects 10 human answers per question; the leave-one-out formula assumes them. With N
+# answers a unanimous correct prediction scores min(1, (N-1)/3): below 4 answers it can never
+# reach 1.0 (one answer: 0.0), so such rows fall back to exact match (see `reference_note`).
+OFFICIAL_ANSWERS, MIN_LEAVE_ONE_OUT = 10, 4
+
+
+def row_accuracy(prediction: str, answers: list[str]) -> float:
+    """`vqa_question_accuracy`, or, with fewer than MIN_LEAVE_ONE_OUT answers, 1.0 when the
+    prediction equals one of them after VQA normalisation (exact match)."""
+    if len(answers) >= MIN_LEAVE_ONE_OUT:
+        return vqa_question_accuracy(prediction, answers)
+    return float(normalize_answer(prediction) in {normalize_answer(a) for a in answers})
+
+
+def reference_note(predictions: list[str], references: list[list[str]]) -> str | None:
+    """What VQA accuracy means on these rows when some have fewer than 10 answers."""
+    fewer = [len(r) for r in references if len(r) < OFFICIAL_ANSWERS]
+    if not fewer:
+        return None
+    fallback = sum(n < MIN_LEAVE_ONE_OUT for n in fewer)
+    return (f"{len(fewer)} of {len(references)} rows have fewer than {OFFICIAL_ANSWERS} "
+            f"reference answers (fewest: {min(fewer)}); VQA accuracy is defined over "
+            f"{OFFICIAL_ANSWERS} human answers, so these scores are not comparable with "
+            "published VQAv2 numbers. "
+            + (f"{fallback} row(s) with fewer than {MIN_LEAVE_ONE_OUT} answers were scored as "
+               "exact match (leave-one-out cannot reach 1.0 there: with one answer a correct "
+               "prediction would score 0.0); " if fallback else "")
+            + (f"{len(fewer) - fallback} row(s) with the official formula over their N "
+               "answers." if len(fewer) > fallback else "").strip())
+
+
 def vqa_accuracy(predictions: list[str], references: list[list[str]],
                  question_types: list[str | None] | None = None) -> dict[str, float]:
-    """Mean VQA accuracy, plus `vqa_accuracy/<type>` for each question type when given."""
-    per_q = [vqa_question_accuracy(p, r) for p, r in zip(predictions, references)]
+    """Mean VQA accuracy, plus `vqa_accuracy/<type>` for each question type when given; rows
+    with fewer than 4 answers are scored as exact match (see `reference_note`)."""
+    per_q = [row_accuracy(p, r) for p, r in zip(predictions, references)]
     return {"vqa_accuracy": mean(per_q), **_by_type(per_q, question_types, "vqa_accuracy")}
 
 
@@ -172,8 +204,9 @@ def anls(predictions: list[str], references: list[list[str]],
 
 _TYPES = {"question_type": "question_types"}
 register("vqa_accuracy", vqa_accuracy, higher_is_better=True, extras=_TYPES,
+         validity=reference_note,
          summary="VQA accuracy: min(1, #matching humans/3) averaged over the 10 leave-one-out "
-                 "subsets, official normalisation")
+                 "subsets, official normalisation (exact match below 4 answers, noted)")
 register("exact_match", exact_match, higher_is_better=True, extras=_TYPES,
          summary="prediction equals a reference after VQA normalisation")
 register("anls", anls, higher_is_better=True, extras=_TYPES,

@@ -161,10 +161,11 @@ class LoopState:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first."""
-    folders = (Path(run_dir) / CHECKPOINT_DIR).glob("checkpoint-*")
-    return sorted((f for f in folders if (f / LOOP_STATE).exists()),
-                  key=lambda f: int(f.name.split("-")[-1]))
+    """Complete checkpoint folders (with a matching manifest: `peftvlm.checkpoints`), oldest
+    first."""
+    from peftvlm.checkpoints import complete_checkpoints
+
+    return complete_checkpoints(run_dir)
 
 
 def register_learned_state(accelerator, task: Task) -> None:
@@ -186,23 +187,30 @@ def save_checkpoint(accelerator, run_dir: Path, state: LoopState, keep: int | No
     """checkpoints/checkpoint-<step>/: learned tensors, optimiser, schedule, RNG states (all
     processes write their own), then the loop's step and history (last: marks it complete)."""
     folder = Path(run_dir) / CHECKPOINT_DIR / f"checkpoint-{state.step}"
+    from peftvlm.checkpoints import mark_complete
+
     accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()  # every rank's RNG file is written before the manifest
     if accelerator.is_main_process:
         (folder / LOOP_STATE).write_text(json.dumps({"step": state.step,
                                                      "history": state.history}))
+        mark_complete(folder)  # a folder without it is torn: --resume skips it
         for old in list_checkpoints(run_dir)[:-keep] if keep else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator, run_dir: Path) -> LoopState:
-    """Restore the latest checkpoint into the live objects (accelerate's load_state)."""
-    found = list_checkpoints(run_dir)
-    if not found:
-        raise RunError(f"{run_dir}: nothing to resume (no {CHECKPOINT_DIR}/checkpoint-*)",
+def load_checkpoint(accelerator, run_dir: Path, log=print) -> LoopState:
+    """Restore the latest complete checkpoint into the live objects (accelerate's load_state);
+    newer torn ones are moved aside, saying so."""
+    from peftvlm.checkpoints import last_complete_checkpoint
+
+    latest = last_complete_checkpoint(run_dir, log)
+    if latest is None:
+        raise RunError(f"{run_dir}: nothing to resume (no complete {CHECKPOINT_DIR}/checkpoint-*)",
                        hint="start without --resume, or point at the run folder that has them")
-    accelerator.load_state(str(found[-1]))
-    saved = json.loads((found[-1] / LOOP_STATE).read_text())
+    accelerator.load_state(str(latest))
+    saved = json.loads((latest / LOOP_STATE).read_text())
     return LoopState(saved["step"], saved["history"])
 
 
@@ -263,7 +271,7 @@ def fit(recipe, session: Session, task: Task, module, run_dir: Path, resume: boo
     register_learned_state(accelerator, task)
     state = LoopState()
     if resume and list_checkpoints(run_dir):
-        state = load_checkpoint(accelerator, run_dir)
+        state = load_checkpoint(accelerator, run_dir, log)
     elif resume:  # as the generative trainer does: nothing saved yet, so start afresh
         log(f"no checkpoint in {run_dir / CHECKPOINT_DIR}: starting from scratch")
     if accelerator.is_main_process:

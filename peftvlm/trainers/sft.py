@@ -82,11 +82,25 @@ class PeriodicEval(TrainerCallback):
         return control
 
 
-def last_checkpoint(run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def last_checkpoint(run_dir: Path, log=print) -> str | None:
+    """The newest complete checkpoint (torn ones are moved aside, see `peftvlm.checkpoints`)."""
+    from peftvlm.checkpoints import last_complete_checkpoint
 
-    folder = run_dir / "checkpoints"
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    found = last_complete_checkpoint(run_dir, log)
+    return str(found) if found else None
+
+
+class MarkCheckpointComplete(TrainerCallback):
+    """Once the trainer has written a checkpoint (on_save comes after every file), record it as
+    complete, so --resume never picks one that a kill cut short."""
+
+    def on_save(self, args, state, control, **kwargs):
+        from peftvlm.checkpoints import mark_complete
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.should_save and folder.is_dir():
+            mark_complete(folder)
+        return control
 
 
 class SFTTrainer(trl.SFTTrainer):
