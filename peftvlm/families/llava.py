@@ -17,6 +17,7 @@ def build_tiny(out_dir: Path) -> None:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip import CLIPImageProcessorPil
 
+    from peftvlm.families._tiny import widen_output_embeddings
     from peftvlm.families._tokenizer import build_tiny_tokenizer
     from peftvlm.families.base import read_template
 
@@ -39,6 +40,7 @@ def build_tiny(out_dir: Path) -> None:
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default", vision_feature_layer=-2)
     model = LlavaForConditionalGeneration(config)
+    widen_output_embeddings(model)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
