@@ -142,11 +142,19 @@ def load_processor(path: str, cfg, family: FamilySpec):
     loader = family.processor_class() if getattr(family, "processor_class", None) else AutoProcessor
     processor = loader.from_pretrained(path, revision=cfg.revision,
                                        trust_remote_code=cfg.trust_remote_code)
-    override = family.chat_template_override() if family.kind == "generative" else None
+    if family.kind != "generative":
+        return processor
+    override = family.chat_template_override()
     if override is not None:
         processor.chat_template = override
         if getattr(processor, "tokenizer", None) is not None:
             processor.tokenizer.chat_template = override
+    if family.encode is None and not (getattr(processor, "chat_template", None)
+                                      or getattr(processor.tokenizer, "chat_template", None)):
+        raise ModelError(f"model.id: {cfg.id!r} ships no chat template, and the {family.name} "
+                         "family renders conversations with the checkpoint's own template",
+                         hint="use the checkpoint's -Instruct/chat variant, which ships "
+                              "chat_template.jinja, or add a template to its folder")
     return processor
 
 

@@ -251,3 +251,17 @@ def test_processor_without_a_template_is_a_clear_error(processors):
             ConversationCollator(shared, spec)([as_row(CASES["text_only"])])
     finally:
         shared.chat_template, shared.tokenizer.chat_template = saved
+
+
+def test_loading_a_checkpoint_without_a_template_names_it(tmp_path):
+    from transformers import AutoProcessor
+
+    from peftvlm.models import load_processor, tiny_model_path
+    from peftvlm.recipe import ModelConfig
+
+    processor = AutoProcessor.from_pretrained(tiny_model_path("tiny-llava"))
+    processor.chat_template = processor.tokenizer.chat_template = None
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ModelError, match="'base-model' ships no chat template"):
+        load_processor(str(tmp_path), ModelConfig(id="base-model"), FAMILIES["llava"])

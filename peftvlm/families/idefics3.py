@@ -30,6 +30,7 @@ def build_tiny(out_dir: Path) -> None:
                               Idefics3VisionConfig, LlamaConfig)
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
+    from peftvlm.families._tiny import widen_output_embeddings
     from peftvlm.families._tokenizer import build_tiny_tokenizer
     from peftvlm.families.base import read_template
 
@@ -54,6 +55,7 @@ def build_tiny(out_dir: Path) -> None:
         image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=SCALE_FACTOR,
         pad_token_id=tok.pad_token_id)
     model = Idefics3ForConditionalGeneration(config)
+    widen_output_embeddings(model)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out_dir)

@@ -74,6 +74,7 @@ def _build_tiny(version: str, out_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    from peftvlm.families._tiny import widen_output_embeddings
     from peftvlm.families._tokenizer import build_tiny_tokenizer
     from peftvlm.families.base import read_template
 
@@ -99,6 +100,7 @@ def _build_tiny(version: str, out_dir: Path) -> None:
     config = AutoConfig.for_model(model_type, text_config=text,
                                   vision_config=_vision_config(version).to_dict(), **ids)
     model = AutoModelForImageTextToText.from_config(config)
+    widen_output_embeddings(model)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out_dir)
