@@ -1,13 +1,12 @@
 """What a merged export needs to be served by vLLM / SGLang / `transformers serve` as trained.
 
 Those servers render prompts with the folder's own chat template and take default sampling
-settings from `generation_config.json`; both are set here, before the merged model and its
-processor are saved (`export.export_merged`):
+settings from `generation_config.json`:
 
-- `chat_template.jinja`: the template training rendered conversations with (the family's
-  training template), without its `{% generation %}` / `{% endgeneration %}` markers, which only
-  mark loss tokens and render nothing; engines without transformers' generation-tag extension
-  can then load it. Families without a chat template (PaliGemma) keep the checkpoint's files.
+- `chat_template.jinja`: the processor saved beside the merged weights already carries the
+  template training rendered conversations with (the checkpoint's own, or the family's stated
+  deviation: `peftvlm.models.load_processor`), so served prompts are the trained ones; nothing
+  to change here, the report says which template it is.
 - `generation_config.json`: the recipe's `eval` decoding (what the run was scored with:
   max_new_tokens, greedy or sampling settings), the pad token, and every end-of-turn token as
   `eos_token_id`, so generation stops where training taught it to.
@@ -15,25 +14,15 @@ processor are saved (`export.export_merged`):
 
 from __future__ import annotations
 
-import re
-
-_GENERATION_TAGS = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
-
-
-def serving_chat_template(template: str) -> str:
-    """The training template without the loss-mask markers (renders the same text)."""
-    return _GENERATION_TAGS.sub("", template)
-
 
 def prepare_for_serving(model, processor, family, eval_cfg) -> dict:
-    """Set the trained chat template and the run's generation settings on `model` and
-    `processor` (saved afterwards by the caller); returns what was set, for the report."""
+    """Set the run's generation settings on `model` (saved afterwards by the caller, with the
+    processor and its trained template); returns what was set, for the report."""
     report = {}
-    if family.training_chat_template:
-        template = serving_chat_template(family.training_chat_template)
-        processor.chat_template = template
-        processor.tokenizer.chat_template = template
-        report["chat_template"] = "the training template (generation markers removed)"
+    if getattr(processor, "chat_template", None):
+        override = family.chat_template
+        report["chat_template"] = (f"peftvlm's {override} (the family's stated deviation)"
+                                   if override else "the checkpoint's own")
     tokenizer = processor.tokenizer
     stop_ids = [tokenizer.eos_token_id]
     if family.end_of_turn:

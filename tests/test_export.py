@@ -148,6 +148,10 @@ def test_merged_export_is_sharded_and_complete(merged_export):
     assert {"config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja",
             "processor_config.json", "README.md", "export_report.json"} <= names
     assert report["checks"]["logits"]["max_abs_diff"] <= 1e-4
+    # the export serves with the template that trained: the checkpoint's published one
+    from peftvlm.families.base import read_template
+
+    assert (out / "chat_template.jinja").read_text() == read_template("llava-1.5")
 
 
 def test_bfloat16_merge_within_stated_tolerance(lora_run, tmp_path):

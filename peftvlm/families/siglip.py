@@ -88,7 +88,6 @@ SPEC = FamilySpec(
     vision_targets=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                     "self_attn.out_proj", "mlp.fc1", "mlp.fc2"),
     image_token=None,
-    training_chat_template=None,
     tiny_name="tiny-siglip",
     build_tiny=build_tiny,
     text_padding="max_length",

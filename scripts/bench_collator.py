@@ -1,0 +1,109 @@
+"""Benchmark the training collator: peftvlm's derived reply mask vs transformers' assistant mask.
+
+Per tiny family, times one collated batch (default 16 rows: an image, a question, an answer)
+three ways and prints a markdown table of milliseconds per batch:
+
+- `peftvlm`: `ConversationCollator` (the checkpoint's template, reply spans derived by prefix
+  rendering, mask from token offsets with NumPy; rendering cached per row after the first
+  batch, as in every epoch after the first);
+- `peftvlm (cold)`: the same with its render cache cleared before every batch (first epoch);
+- `transformers mask`: `processor.apply_chat_template(..., return_assistant_tokens_mask=True)`
+  with a `{% generation %}`-marked training template (TRL's, or llava-1.5's published one),
+  which maps spans onto tokens in a Python loop over every token.
+
+    python scripts/bench_collator.py                      # batch 16, all chat families
+    python scripts/bench_collator.py --batch-size 64 --repeats 20 --families llava smolvlm
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+# `{% generation %}`-marked templates for transformers' mask: llava-1.5's own template has the
+# markers; TRL ships training copies of the others (trl/chat_templates/*_training.jinja).
+REFERENCE_TEMPLATES = {"llava": None, "qwen2_vl": "qwen2_5_vl_training.jinja",
+                       "qwen2_5_vl": "qwen2_5_vl_training.jinja",
+                       "smolvlm": "smolvlm_training.jinja"}
+
+
+def rows(n: int) -> list[dict]:
+    from PIL import Image
+
+    colours = [("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255))]
+    return [{"messages": [
+        {"role": "user", "content": [{"type": "image"},
+                                     {"type": "text", "text": "What color is the shape?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": name}]}],
+        "images": [Image.new("RGB", (32, 32), rgb)]}
+        for name, rgb in (colours[i % 3] for i in range(n))]
+
+
+def per_batch(fn, repeats: int) -> float:
+    fn()  # warm-up (and the first render, for the cached variant)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1000
+
+
+def reference_template(name: str, processor) -> str:
+    import trl
+
+    file = REFERENCE_TEMPLATES[name]
+    if file is None:
+        return processor.chat_template
+    return (Path(trl.__file__).parent / "chat_templates" / file).read_text()
+
+
+def bench_family(name: str, batch_size: int, repeats: int, root: Path) -> tuple:
+    from transformers import AutoProcessor
+
+    from peftvlm.data.collate import ConversationCollator, with_images
+    from peftvlm.families import FAMILIES
+
+    spec = FAMILIES[name]
+    spec.build_tiny(root / name)
+    processor = (spec.processor_class() if spec.processor_class else AutoProcessor) \
+        .from_pretrained(root / name)
+    batch = rows(batch_size)
+    collator = ConversationCollator(processor, spec)
+
+    def cold():
+        collator._rendered.clear()
+        return collator(batch)
+
+    template = reference_template(name, processor)
+
+    def transformers_mask():
+        processor.tokenizer.padding_side = "right"
+        return processor.apply_chat_template(
+            [with_images(r["messages"], r["images"]) for r in batch], chat_template=template,
+            tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+            return_tensors="np", processor_kwargs={"padding": True})
+
+    return (name, per_batch(lambda: collator(batch), repeats), per_batch(cold, repeats),
+            per_batch(transformers_mask, repeats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--families", nargs="+", default=list(REFERENCE_TEMPLATES),
+                        choices=list(REFERENCE_TEMPLATES))
+    args = parser.parse_args()
+    print(f"batch of {args.batch_size}, mean of {args.repeats} batches, ms per batch\n")
+    print("| family | peftvlm | peftvlm (cold) | transformers mask |")
+    print("| --- | ---: | ---: | ---: |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.families:
+            family, warm, cold, reference = bench_family(name, args.batch_size, args.repeats,
+                                                         Path(tmp))
+            print(f"| {family} | {warm:.1f} | {cold:.1f} | {reference:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
