@@ -1,14 +1,32 @@
-"""Model families: the only place that knows architecture quirks (see `base.FamilySpec`)."""
+"""Model families: the only place that knows architecture quirks (see `base.FamilySpec`).
+
+Adding a family is one module here: every public module of this package is imported and each
+`FamilySpec` it defines at module level is registered, so `peftvlm ls families`, the tiny-model
+names (recipe schema, `peftvlm ls models`) and the tests' family matrices all follow from it.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from peftvlm.errors import ModelError
-from peftvlm.families import clip, idefics3, llava, paligemma, qwen2_vl, siglip
 from peftvlm.families.base import FamilySpec
 
-FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
-    llava.SPEC, qwen2_vl.QWEN2_VL_SPEC, qwen2_vl.QWEN2_5_VL_SPEC, idefics3.SPEC, paligemma.SPEC,
-    clip.SPEC, siglip.SPEC)}
+def _discover() -> dict[str, FamilySpec]:
+    """Specs of every public module, by module name, then in the order each module defines them."""
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__)
+                   if not m.name.startswith("_") and m.name != "base")
+    specs: dict[str, FamilySpec] = {}
+    for module_name in names:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        for value in vars(module).values():
+            if isinstance(value, FamilySpec) and value.name not in specs:
+                specs[value.name] = value
+    return specs
+
+
+FAMILIES: dict[str, FamilySpec] = _discover()
 
 
 def get_family(name: str) -> FamilySpec:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -11,6 +12,13 @@ from typing import Any, Callable, Literal
 Conversation = list[dict]
 
 DEFAULT_LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PARTS = ("vision", "qformer", "projector", "language")
+
+
+def published_template(filename: str) -> str:
+    """A chat template as a checkpoint publishes it, kept in `families/chat_templates/` (its
+    source is in SOURCES.md there); the tiny twins carry it, so tests train on the real format."""
+    return resources.files("peftvlm.families").joinpath("chat_templates", filename).read_text()
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,9 @@ class FamilySpec:
     language_targets: tuple[str, ...] = DEFAULT_LM_TARGETS
     vision_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
     projector_targets: tuple[str, ...] = ("linear_1", "linear_2")
+    # BLIP-2's Q-Former between the vision tower and the projector; None elsewhere.
+    qformer_module: str | None = None
+    qformer_targets: tuple[str, ...] = ("query", "key", "value", "dense")
     image_token: str | None = "<image>"
     training_chat_template: str | None = None
     end_of_turn: str | None = None
@@ -62,6 +73,8 @@ class FamilySpec:
         default=None, compare=False, repr=False)
     encode_prompt: Callable[[Any, list[Conversation]], dict] | None = field(
         default=None, compare=False, repr=False)
+    # Methods this family refuses at `validate` time: (method name, reason) pairs.
+    refused_methods: tuple[tuple[str, str], ...] = ()
     # Dual encoders (CLIP-family methods). `text_padding`: "longest" (CLIP pools the end-of-text
     # token, so padding length is irrelevant) or "max_length" (SigLIP pools the last position:
     # texts must be padded to the text encoder's max_position_embeddings, as in training).
@@ -81,15 +94,26 @@ class FamilySpec:
         return int(config)
 
     def module_prefix(self, part: str) -> str | None:
-        """The module prefix of a part: `vision`, `projector` or `language`."""
-        return {"vision": self.vision_module, "projector": self.projector_module,
-                "language": self.language_module}[part]
+        """The module prefix of a part: `vision`, `qformer`, `projector` or `language`."""
+        return {"vision": self.vision_module, "qformer": self.qformer_module,
+                "projector": self.projector_module, "language": self.language_module}[part]
 
     def part_targets(self, part: str) -> tuple[str, ...]:
-        """The linear-layer names LoRA targets by default inside a part."""
-        return {"vision": self.vision_targets, "projector": self.projector_targets,
-                "language": self.language_targets}[part]
+        """The linear-layer names LoRA targets by default inside a part; `""` is the part's
+        module itself (Llama 3.2 Vision's and BLIP-2's projectors are one Linear); `()` means
+        the part has no linear layer to adapt (Gemma 3's projector is a bare weight)."""
+        return {"vision": self.vision_targets, "qformer": self.qformer_targets,
+                "projector": self.projector_targets, "language": self.language_targets}[part]
+
+    def parts(self) -> tuple[str, ...]:
+        """The parts this family has, in model order."""
+        return tuple(p for p in PARTS if self.module_prefix(p))
+
+    def refusal(self, method_name: str) -> str | None:
+        """Why this family cannot take `method_name`, or None."""
+        return dict(self.refused_methods).get(method_name)
 
     def quantization_skip_modules(self) -> list[str]:
         """Full prefixes kept in full precision by QLoRA (transformers matches them as prefixes)."""
-        return [m for m in (self.vision_module, self.projector_module) if m] + ["lm_head"]
+        kept = (self.vision_module, self.qformer_module, self.projector_module)
+        return [m for m in kept if m] + ["lm_head"]
