@@ -16,7 +16,7 @@ from peftvlm.errors import ModelError
 from peftvlm.families import family_for_model_type, get_family, tiny_models
 from peftvlm.families.base import FamilySpec
 
-TINY_VERSION = "v1"  # bump when a tiny builder changes, so stale caches are rebuilt
+TINY_VERSION = "v2"  # bump when a tiny builder changes, so stale caches are rebuilt
 
 
 @dataclass
@@ -135,11 +135,19 @@ def model_class(family: FamilySpec):
 
 
 def load_processor(path: str, cfg, family: FamilySpec):
+    """The checkpoint's processor; a family that must deviate from the checkpoint's chat template
+    sets its own here, once, so training, eval, preview and the saved processor all agree."""
     from transformers import AutoProcessor
 
     loader = family.processor_class() if getattr(family, "processor_class", None) else AutoProcessor
-    return loader.from_pretrained(path, revision=cfg.revision,
-                                  trust_remote_code=cfg.trust_remote_code)
+    processor = loader.from_pretrained(path, revision=cfg.revision,
+                                       trust_remote_code=cfg.trust_remote_code)
+    override = family.chat_template_override() if family.kind == "generative" else None
+    if override is not None:
+        processor.chat_template = override
+        if getattr(processor, "tokenizer", None) is not None:
+            processor.tokenizer.chat_template = override
+    return processor
 
 
 def load_processor_only(cfg) -> tuple[object, FamilySpec]:

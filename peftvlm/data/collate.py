@@ -1,14 +1,15 @@
 """Turn conversations into model inputs whose labels carry loss only on the assistant's tokens.
 
-The family's training chat template wraps each assistant reply (and its end-of-turn token) in
-`{% generation %}` markers; the processor turns those spans into `assistant_masks` after image
-tokens are expanded, so the mask lines up with the real input ids. Families without a chat
-template (PaliGemma) provide their own `encode` hook.
+Conversations are rendered with the checkpoint's own chat template; which characters are
+replies is derived from that template (`peftvlm.data.chat_template`), then mapped onto the
+processor's token ids (image tokens expanded) through the tokenizer's offsets. Families without
+a chat template (PaliGemma) provide their own `encode` hook.
 """
 
 from __future__ import annotations
 
 IGNORE_INDEX = -100
+RENDER_CACHE_SIZE = 200_000  # rendered rows kept by a collator (text + spans, ~1 kB each)
 
 
 def open_image(image):
@@ -51,26 +52,46 @@ def to_tensor(value):
 
 
 class ConversationCollator:
-    """Collate `{"messages", "images"}` rows into padded tensors with assistant-only labels."""
+    """Collate `{"messages", "images"}` rows into padded tensors with assistant-only labels.
+
+    The text comes from the processor's own chat template (`data.chat_template`); each row's
+    `input_ids` / `labels` stay per-row aligned (right padding only), so packing can build on
+    them.
+    """
 
     def __init__(self, processor, family, assistant_only_loss: bool = True):
         self.processor, self.family = processor, family
         self.assistant_only_loss = assistant_only_loss
+        self._rendered: dict[str, object] = {}
+
+    def render(self, conversations: list[list[dict]]) -> list:
+        """Text and reply spans per conversation, remembered per row: a row renders the same
+        every epoch, and rendering its prefixes is most of the collator's Python time."""
+        import json
+
+        from peftvlm.data.chat_template import render_conversations
+
+        # images do not change the text: the key holds the place of each, not its pixels
+        keys = [json.dumps(c, sort_keys=True, default=lambda _: "<image>") for c in conversations]
+        missing = {k: c for k, c in zip(keys, conversations) if k not in self._rendered}
+        if missing:
+            if len(self._rendered) > RENDER_CACHE_SIZE:
+                self._rendered.clear()
+            self._rendered.update(zip(missing, render_conversations(
+                self.processor, list(missing.values()), self.family.end_of_turn)))
+        return [self._rendered[k] for k in keys]
 
     def encode(self, conversations: list[list[dict]]) -> dict:
         if self.family.encode is not None:
             return dict(self.family.encode(self.processor, conversations))
-        # NumPy, not torch: transformers maps generation spans onto tokens in a Python loop
-        # over the offsets, which is twice as fast over arrays as over tensors.
-        batch = self.processor.apply_chat_template(
-            conversations, chat_template=self.family.training_chat_template, tokenize=True,
-            return_dict=True, return_assistant_tokens_mask=True, return_tensors="np",
-            processor_kwargs={"padding": True})
+        rendered = self.render(conversations)
+        batch = process_texts(self.processor, [r.text for r in rendered],
+                              [conversation_images(c) for c in conversations], offsets=True)
+        masks = reply_masks(batch, [r.spans for r in rendered])
         batch = {k: to_tensor(v) for k, v in batch.items()}
-        mask = batch.pop("assistant_masks")
         labels = batch["input_ids"].clone()
         if self.assistant_only_loss:
-            labels[mask == 0] = IGNORE_INDEX
+            labels[~to_tensor(masks)] = IGNORE_INDEX
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX
         batch["labels"] = labels
         return batch
@@ -80,15 +101,51 @@ class ConversationCollator:
         return self.encode([with_images(r["messages"], r["images"]) for r in rows])
 
 
+def conversation_images(conversation: list[dict]) -> list:
+    """The PIL images of a conversation's image items, in order."""
+    return [c["image"] for m in conversation for c in m["content"]
+            if isinstance(c, dict) and c.get("type") == "image" and "image" in c]
+
+
+def process_texts(processor, texts: list[str], images: list[list], offsets: bool = False,
+                  **kwargs) -> dict:
+    """The processor on rendered texts, as `apply_chat_template(tokenize=True)` calls it: no
+    special tokens added when the template writes BOS itself; NumPy arrays (faster to build
+    than tensors)."""
+    bos = processor.tokenizer.bos_token
+    options = dict(padding=True, return_tensors="np",
+                   add_special_tokens=not (bos and texts[0].startswith(bos)), **kwargs)
+    if offsets:
+        options.update(return_offsets_mapping=True, return_text_replacement_offsets=True)
+    has_images = any(images)
+    batch = processor(text=texts, images=images if has_images else None, **options)
+    return dict(batch)
+
+
+def reply_masks(batch: dict, spans: list) -> object:
+    """Boolean (rows, tokens) mask of reply tokens; pops the offsets from `batch`."""
+    import numpy as np
+
+    from peftvlm.data.chat_template import shift_spans, token_mask
+
+    offsets = np.asarray(batch.pop("offset_mapping"))
+    replacements = batch.pop("text_replacement_offsets", None)
+    if replacements is None or len(replacements) == 0:  # a list, or NumPy's object array
+        replacements = [[]] * len(spans)
+    return np.stack([token_mask(offsets[i], shift_spans(spans[i], replacements[i]))
+                     for i in range(len(spans))])
+
+
 def encode_prompts(processor, family, rows: list[dict]) -> dict:
-    """Left-padded generation prompts (all turns before the last answer) for batched eval."""
+    """Left-padded generation prompts (all turns before the last answer) for batched eval,
+    rendered with the processor's chat template and its generation prompt."""
     conversations = [with_images(prompt_messages(r["messages"]), r["images"]) for r in rows]
     processor.tokenizer.padding_side = "left"
     if family.encode_prompt is not None:
         return dict(family.encode_prompt(processor, conversations))
     return dict(processor.apply_chat_template(
-        conversations, chat_template=family.training_chat_template, add_generation_prompt=True,
-        tokenize=True, return_dict=True, return_tensors="pt", processor_kwargs={"padding": True}))
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt", processor_kwargs={"padding": True}))
 
 
 def example_length(collator: ConversationCollator, row: dict) -> int:

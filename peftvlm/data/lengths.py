@@ -32,15 +32,11 @@ class LengthCounter:
         self._sizes: dict[str, tuple[int, int]] = {}
 
     def texts(self, rows: list[dict]) -> list[str]:
-        # The renderer the processor's apply_chat_template calls, without its per-message
-        # normalisation (our rows are plain dicts already): 2x faster on 10k rows.
-        from transformers.utils.chat_template_utils import render_jinja_template
+        # The collator's own rendering (chat template + any appended end-of-turn).
+        from peftvlm.data.chat_template import render_conversations
 
-        prompts, _ = render_jinja_template(
-            conversations=[r["messages"] for r in rows],
-            chat_template=self.family.training_chat_template,
-            **self.tokenizer.special_tokens_map)
-        return prompts
+        return [r.text for r in render_conversations(
+            self.processor, [r["messages"] for r in rows], self.family.end_of_turn)]
 
     def text_lengths(self, texts: list[str]) -> list[int]:
         # The processor skips special tokens when the rendered text already starts with BOS.
@@ -88,6 +84,6 @@ def token_lengths(collator, rows: list[dict]) -> list[int]:
     """Each row's length in tokens as the trainer sees it (image tokens included)."""
     if not rows:
         return []
-    if collator.family.encode is not None or collator.family.training_chat_template is None:
+    if collator.family.encode is not None:
         return collator_lengths(collator, rows)
     return LengthCounter(collator)(rows)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -11,14 +10,19 @@ from typing import Any, Callable, Literal
 # {"type": "text", "text": str}, ...]} with roles system / user / assistant.
 Conversation = list[dict]
 
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+
+
+def read_template(name: str) -> str:
+    """A chat template shipped in peftvlm/families/templates/ (`name` with or without .jinja):
+    published templates the tiny twins carry, and any family's replacement template."""
+    path = TEMPLATES_DIR / (name if name.endswith(".jinja") else f"{name}.jinja")
+    return path.read_text(encoding="utf-8")
+
+
 DEFAULT_LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARTS = ("vision", "qformer", "projector", "language")
 
-
-def published_template(filename: str) -> str:
-    """A chat template as a checkpoint publishes it, kept in `families/chat_templates/` (its
-    source is in SOURCES.md there); the tiny twins carry it, so tests train on the real format."""
-    return resources.files("peftvlm.families").joinpath("chat_templates", filename).read_text()
 
 
 @dataclass(frozen=True)
@@ -28,9 +32,13 @@ class FamilySpec:
     Module names are dotted prefixes of `model.named_modules()` (transformers 5 layout); a part's
     LoRA targets are name suffixes inside that prefix (`attn.proj` where a bare `proj` would also
     hit a convolution).
-    `training_chat_template` wraps assistant turns in `{% generation %}` markers so that only
-    those tokens (each reply and its `end_of_turn`) carry loss; `None` means the family has no
-    chat template (PaliGemma) and sets the `encode` / `encode_prompt` hooks instead.
+    Conversations are rendered with the checkpoint's own chat template (the processor's); which
+    tokens carry loss is derived from it (`peftvlm.data.chat_template`). A family deviates only
+    as data: `chat_template` names a `.jinja` file in `peftvlm/families/templates/` that
+    replaces the checkpoint's template at load time (for training, eval, preview and export
+    alike); `end_of_turn` is the token a reply ends with (trained, and appended after the final
+    reply where the template writes none). A family with no chat template at all (PaliGemma)
+    sets the `encode` / `encode_prompt` hooks instead.
 
     Hooks (callables, so that importing a spec never imports transformers):
     - `processor_class()`: the ProcessorMixin subclass to load processors with instead of
@@ -38,10 +46,8 @@ class FamilySpec:
       sets it: its stock processor needs a torchvision-backed video processor.
     - `encode(processor, conversations)`: training inputs for a batch of full conversations
       (images inside the content items), replacing the generic path
-      `processor.apply_chat_template(conversations, chat_template=training_chat_template,
-      tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt",
-      processor_kwargs={"padding": True})` + labels -100 where `assistant_masks == 0` or on
-      padding. It returns the model's inputs plus `labels`, already masked the same way.
+      `ConversationCollator.encode` (chat template + derived reply mask). It returns the
+      model's inputs plus `labels`: -100 everywhere but the replies and their end-of-turn.
     - `encode_prompt(processor, prompts)`: left-padded inputs for `model.generate`, where each
       prompt is a conversation up to its last user turn (no answer), replacing the generic
       `apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, ...)`. New tokens
@@ -61,11 +67,16 @@ class FamilySpec:
     qformer_module: str | None = None
     qformer_targets: tuple[str, ...] = ("query", "key", "value", "dense")
     image_token: str | None = "<image>"
-    training_chat_template: str | None = None
+    # A template file in peftvlm/families/templates/ used INSTEAD of the checkpoint's own
+    # (None: the checkpoint's template is the source of truth).
+    chat_template: str | None = None
     end_of_turn: str | None = None
     # How grounding data writes boxes for this family (one of `peftvlm.data.boxes.BOX_FORMATS`).
     box_format: Literal["norm1", "abs1000"] = "norm1"
     tiny_name: str | None = None
+    # The Hub checkpoint the tiny twin stands for: the twin carries its published chat template,
+    # kept as tests/fixtures/chat_templates/<basename>.jinja and checked by the parity tests.
+    reference_checkpoint: str | None = None
     build_tiny: Callable[[Path], None] | None = field(default=None, compare=False, repr=False)
     # Hooks for families the generic paths do not fit; None = the generic path (see above).
     processor_class: Callable[[], type] | None = field(default=None, compare=False, repr=False)
@@ -92,6 +103,10 @@ class FamilySpec:
         for name in self.joint_dim_config.split("."):
             config = getattr(config, name)
         return int(config)
+
+    def chat_template_override(self) -> str | None:
+        """The text of the family's replacement chat template, or None to use the checkpoint's."""
+        return read_template(self.chat_template) if self.chat_template else None
 
     def module_prefix(self, part: str) -> str | None:
         """The module prefix of a part: `vision`, `qformer`, `projector` or `language`."""

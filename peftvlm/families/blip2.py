@@ -5,52 +5,35 @@ language model that reads the projected queries as a soft prompt before the text
 The Q-Former is its own part: `method.target: [qformer]` trains it with LoRA (query/key/value
 and output projections of its self- and cross-attention), `[qformer, language]` the Q-Former
 and the OPT language model together. BLIP-2 checkpoints ship no chat template: peftvlm's own
-("Question: ... Answer: ...", the paper's VQA prompt) is data, `chat_templates/blip2-peftvlm.jinja`,
-and is what the tiny twin carries and an export writes. The tiny twin is OPT-based; Flan-T5
+("Question: ... Answer: ...", the paper's VQA prompt) is data,
+`templates/blip2-peftvlm.jinja`, and is what the tiny twin carries and an export writes. The tiny twin is OPT-based; Flan-T5
 checkpoints are encoder-decoder and are refused by the generative pipeline's loader.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
-from peftvlm.families.base import FamilySpec, published_template
+from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "blip2-peftvlm.jinja"  # a deviation: BLIP-2 ships no chat template
 IMAGE_SIZE, PATCH, QUERIES = 32, 8, 4
 
 
-@functools.cache
-def processor_class():
-    """`Blip2Processor` that keeps a chat template: the stock one drops it, and real checkpoints
-    have none, so it falls back to peftvlm's (`TEMPLATE_FILE`)."""
-    from transformers import Blip2Processor
-
-    from peftvlm.families._processors import with_init
-
-    def __init__(self, image_processor, tokenizer, num_query_tokens=None, chat_template=None,
-                 **kwargs):
-        Blip2Processor.__init__(self, image_processor, tokenizer, num_query_tokens, **kwargs)
-        self.chat_template = chat_template or published_template(TEMPLATE_FILE)
-
-    return with_init(Blip2Processor, __init__)
-
-
 def build_tiny(out_dir: Path) -> None:
     """A 2-layer random BLIP-2 (ViT, 2-layer Q-Former with 4 queries, OPT) with its processor."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     from peftvlm.families._tokenizer import build_tiny_tokenizer
 
-    template = published_template(TEMPLATE_FILE)
+    template = read_template(TEMPLATE_FILE)
     # OPT's tokenizer uses </s> as both BOS and EOS.
     tok = build_tiny_tokenizer(["<image>"], chat_template=template, bos_token="</s>",
                                eos_token="</s>")
     image_proc = BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    processor = processor_class()(image_processor=image_proc, tokenizer=tok,
-                                  num_query_tokens=QUERIES, chat_template=template)
+    processor = Blip2Processor(image_processor=image_proc, tokenizer=tok, num_query_tokens=QUERIES)
+    processor.chat_template = template  # Blip2Processor's __init__ drops the argument
     config = Blip2Config(
         vision_config=dict(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=64,
                            intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
@@ -84,7 +67,8 @@ SPEC = FamilySpec(
     end_of_turn="</s>",
     tiny_name="tiny-blip2",
     build_tiny=build_tiny,
-    processor_class=processor_class,
+    reference_checkpoint="Salesforce/blip2-opt-2.7b",
+    chat_template=TEMPLATE_FILE,  # BLIP-2 ships none: peftvlm's, as data
     refused_methods=(("per_part", "the Q-Former cross-attends to every ViT token and the language "
                       "model sees only its 32 queries: VPT prompt tokens in the ViT would not "
                       "reach the language model as prompts"),),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftvlm.families.base import FamilySpec, published_template
+from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "gemma-3.jinja"  # google/gemma-3-*-it's chat template
 IMAGE_SIZE, PATCH = 32, 8
@@ -28,7 +28,7 @@ def build_tiny(out_dir: Path) -> None:
 
     from peftvlm.families._tokenizer import build_tiny_tokenizer
 
-    template = published_template(TEMPLATE_FILE)
+    template = read_template(TEMPLATE_FILE)
     # Gemma 3's processor reads the image markers off the tokenizer (boi/eoi/image_token).
     tok = build_tiny_tokenizer(SPECIAL_TOKENS, chat_template=template, bos_token="<bos>",
                                eos_token="<eos>", boi_token="<start_of_image>",
@@ -69,6 +69,7 @@ SPEC = FamilySpec(
     end_of_turn="<end_of_turn>",
     tiny_name="tiny-gemma3",
     build_tiny=build_tiny,
+    reference_checkpoint="google/gemma-3-4b-it",
     vision_cls_token=False,  # SigLIP pools every patch; no CLS token for VPT
     refused_methods=(("per_part", "VPT prompt tokens need a CLS-token ViT; Gemma 3's SigLIP "
                       "tower has none and its projector pools a fixed patch grid"),),

@@ -3,6 +3,7 @@ vision model, a pixel-shuffle connector, and a Llama-style text model at `model.
 
 SmolVLM v1 checkpoints have model_type `idefics3`, SmolVLM2 ones `smolvlm`; both keep the same
 module layout and chat template (`User:<image>question<end_of_utterance>\\nAssistant: answer`).
+Idefics3-8B-Llama3 shares the layout with a Llama-3 template of its own.
 The tiny model is an Idefics3 with SmolVLM's template: SmolVLM2's processor also needs a video
 processor, which needs torchvision.
 """
@@ -13,25 +14,10 @@ from pathlib import Path
 
 from peftvlm.families.base import FamilySpec
 
-_ITEMS = ("{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
-          "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}")
-# "Role:" is followed by a space unless the message opens with an image.
-_ROLE = ("{{ message['role'] | capitalize }}{% if message['content'][0]['type'] == 'image' %}"
-         "{{ ':' }}{% else %}{{ ': ' }}{% endif %}")
-_TAIL = "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-
-# The template SmolVLM-Instruct and SmolVLM2-*-Instruct ship.
-CHAT_TEMPLATE = ("{{ '<|im_start|>' }}{% for message in messages %}" + _ROLE + _ITEMS
-                 + "{{ '<end_of_utterance>\n' }}" + _TAIL)
-
-# Same rendering; an assistant reply after the "Assistant:" cue (including its leading space)
-# up to and including <end_of_utterance> carries loss. The newline after it is never generated.
-TRAINING_CHAT_TEMPLATE = (
-    "{{ '<|im_start|>' }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
-    "{{ 'Assistant:' }}{% generation %}{% if message['content'][0]['type'] != 'image' %}"
-    "{{ ' ' }}{% endif %}" + _ITEMS + "{{ '<end_of_utterance>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}" + _ROLE + _ITEMS + "{{ '<end_of_utterance>\n' }}{% endif %}" + _TAIL
-)
+# The tiny twin carries the template HuggingFaceTB/SmolVLM-*-Instruct (and SmolVLM2) publish;
+# HuggingFaceM4/Idefics3-8B-Llama3 ships its own (`<|begin_of_text|>User:...`), which is what
+# trains when that checkpoint is loaded: the checkpoint's template is the source of truth.
+PUBLISHED_TEMPLATE = "smolvlm"
 
 SPECIAL_TOKENS = ("<|im_start|>", "<fake_token_around_image>", "<global-img>", "<image>",
                   "<end_of_utterance>")
@@ -45,8 +31,10 @@ def build_tiny(out_dir: Path) -> None:
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     from peftvlm.families._tokenizer import build_tiny_tokenizer
+    from peftvlm.families.base import read_template
 
-    tok = build_tiny_tokenizer(SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE,
+    template = read_template(PUBLISHED_TEMPLATE)
+    tok = build_tiny_tokenizer(SPECIAL_TOKENS, chat_template=template,
                                bos_token="<|im_start|>", eos_token="<end_of_utterance>")
     # One global image, no tiling: (32/8)^2 patches, pixel-shuffled by 2x2 into 4 tokens.
     image_proc = Idefics3ImageProcessorPil(
@@ -54,7 +42,7 @@ def build_tiny(out_dir: Path) -> None:
         max_image_size={"longest_edge": IMAGE_SIZE})
     seq_len = (IMAGE_SIZE // PATCH) ** 2 // SCALE_FACTOR ** 2
     processor = Idefics3Processor(image_processor=image_proc, tokenizer=tok,
-                                  image_seq_len=seq_len, chat_template=CHAT_TEMPLATE)
+                                  image_seq_len=seq_len, chat_template=template)
     config = Idefics3Config(
         vision_config=Idefics3VisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=64,
                                            intermediate_size=128, num_hidden_layers=2,
@@ -82,7 +70,7 @@ SPEC = FamilySpec(
     projector_targets=("proj",),  # connector.modality_projection.proj
     image_token="<image>",
     end_of_turn="<end_of_utterance>",
-    training_chat_template=TRAINING_CHAT_TEMPLATE,
     tiny_name="tiny-smolvlm",
+    reference_checkpoint="HuggingFaceTB/SmolVLM-256M-Instruct",
     build_tiny=build_tiny,
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from peftvlm.families.base import FamilySpec, published_template
+from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "internvl3-hf.jinja"  # OpenGVLab/InternVL3-*-hf's chat template
 IMAGE_SIZE, PATCH = 32, 8
@@ -43,7 +43,7 @@ def build_tiny(out_dir: Path) -> None:
 
     from peftvlm.families._tokenizer import build_tiny_tokenizer
 
-    template = published_template(TEMPLATE_FILE)
+    template = read_template(TEMPLATE_FILE)
     tok = build_tiny_tokenizer(SPECIAL_TOKENS, chat_template=template, eos_token="<|im_end|>",
                                pad_token="<|endoftext|>", start_image_token="<img>",
                                end_image_token="</img>", context_image_token="<IMG_CONTEXT>",
@@ -82,6 +82,7 @@ SPEC = FamilySpec(
     end_of_turn="<|im_end|>",
     tiny_name="tiny-internvl",
     build_tiny=build_tiny,
+    reference_checkpoint="OpenGVLab/InternVL3-1B-hf",
     processor_class=processor_class,
     refused_methods=(("per_part", "InternVL's projector pixel-shuffles the ViT's patch grid, "
                       "which VPT prompt tokens would break"),),

@@ -6,18 +6,10 @@ from pathlib import Path
 
 from peftvlm.families.base import FamilySpec
 
-# Vicuna-style "USER: ... ASSISTANT: ..." as in llava-hf's template, with generation markers
-# around each assistant reply and its end-of-sequence token (the end-of-turn it must learn).
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'][0]['text'] + ' ' }}{% endif %}"
-    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'USER: ' }}"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
-    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' }}{% generation %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{{ eos_token }}{% endgeneration %}{{ ' ' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+# The tiny twin carries the template llava-hf/llava-1.5-7b-hf publishes. It writes no `</s>`
+# after a reply: `end_of_turn` below is appended after the final reply in training only, so
+# every context the model is shown stays the published one (docs/families.md).
+PUBLISHED_TEMPLATE = "llava-1.5"
 
 
 def build_tiny(out_dir: Path) -> None:
@@ -26,14 +18,16 @@ def build_tiny(out_dir: Path) -> None:
     from transformers.models.clip import CLIPImageProcessorPil
 
     from peftvlm.families._tokenizer import build_tiny_tokenizer
+    from peftvlm.families.base import read_template
 
-    tok = build_tiny_tokenizer(["<image>"], chat_template=CHAT_TEMPLATE)
+    template = read_template(PUBLISHED_TEMPLATE)
+    tok = build_tiny_tokenizer(["<image>"], chat_template=template)
     image_proc = CLIPImageProcessorPil(size={"shortest_edge": 32},
                                        crop_size={"height": 32, "width": 32})
     # "default" feature selection drops CLS, so one additional token is removed from the count.
     processor = LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=8,
                                vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+                               num_additional_image_tokens=1, chat_template=template)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=64,
                                        intermediate_size=128, num_hidden_layers=2,
@@ -58,8 +52,8 @@ SPEC = FamilySpec(
     language_module="model.language_model",
     projector_targets=("linear_1", "linear_2"),
     image_token="<image>",
-    training_chat_template=CHAT_TEMPLATE,
     end_of_turn="</s>",
     tiny_name="tiny-llava",
+    reference_checkpoint="llava-hf/llava-1.5-7b-hf",
     build_tiny=build_tiny,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftvlm.families.base import FamilySpec, published_template
+from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "llava-v1.6-mistral.jinja"  # llava-hf/llava-v1.6-mistral-7b-hf's chat template
 IMAGE_SIZE, PATCH = 32, 8
@@ -25,7 +25,7 @@ def build_tiny(out_dir: Path) -> None:
 
     from peftvlm.families._tokenizer import build_tiny_tokenizer
 
-    template = published_template(TEMPLATE_FILE)
+    template = read_template(TEMPLATE_FILE)
     tok = build_tiny_tokenizer(["<image>", "[INST]", "[/INST]"], chat_template=template)
     image_proc = LlavaNextImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
                                             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -63,6 +63,7 @@ SPEC = FamilySpec(
     end_of_turn="</s>",
     tiny_name="tiny-llava-next",
     build_tiny=build_tiny,
+    reference_checkpoint="llava-hf/llava-v1.6-mistral-7b-hf",
     refused_methods=(("per_part", "VPT prompts are not supported with anyres tiling: every tile "
                       "passes the vision tower separately and the projector's tile layout "
                       "expects exactly the patch grid"),),

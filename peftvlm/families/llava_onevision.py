@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from peftvlm.families.base import FamilySpec, published_template
+from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "llava-onevision-qwen2.jinja"  # llava-hf/llava-onevision-qwen2-*-hf's template
 IMAGE_SIZE, PATCH = 32, 8
@@ -43,7 +43,7 @@ def build_tiny(out_dir: Path) -> None:
 
     from peftvlm.families._tokenizer import build_tiny_tokenizer
 
-    template = published_template(TEMPLATE_FILE)
+    template = read_template(TEMPLATE_FILE)
     tok = build_tiny_tokenizer(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<image>",
                                 "<video>"], chat_template=template, eos_token="<|im_end|>",
                                pad_token="<|endoftext|>")
@@ -82,6 +82,7 @@ SPEC = FamilySpec(
     end_of_turn="<|im_end|>",
     tiny_name="tiny-llava-onevision",
     build_tiny=build_tiny,
+    reference_checkpoint="llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
     processor_class=processor_class,
     vision_cls_token=False,  # SigLIP
     refused_methods=(("per_part", "VPT prompt tokens need a CLS-token ViT; LLaVA-OneVision's "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftvlm.families.base import FamilySpec, published_template
+from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "llama-3.2-vision.jinja"  # Llama-3.2-11B-Vision-Instruct's chat template
 TILE, PATCH = 32, 8
@@ -28,7 +28,7 @@ def build_tiny(out_dir: Path) -> None:
 
     from peftvlm.families._tokenizer import build_tiny_tokenizer
 
-    template = published_template(TEMPLATE_FILE)
+    template = read_template(TEMPLATE_FILE)
     tok = build_tiny_tokenizer(SPECIAL_TOKENS, chat_template=template,
                                bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                pad_token="<|finetune_right_pad_id|>")
@@ -66,6 +66,7 @@ SPEC = FamilySpec(
     end_of_turn="<|eot_id|>",
     tiny_name="tiny-mllama",
     build_tiny=build_tiny,
+    reference_checkpoint="meta-llama/Llama-3.2-11B-Vision-Instruct",
     refused_methods=(("per_part", "the image reaches Llama 3.2 Vision through cross-attention "
                       "over tiled ViT features, not as prompt tokens; VPT prompts have no place "
                       "in its tiled, gated-position encoder"),),

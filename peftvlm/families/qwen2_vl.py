@@ -14,38 +14,8 @@ from pathlib import Path
 
 from peftvlm.families.base import FamilySpec
 
-_IMAGE = "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-_VIDEO = "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-# One content item of a message, as Qwen's template renders it (add_vision_id numbering kept).
-_ITEM = (
-    "{% if c['type'] == 'image' or 'image' in c or 'image_url' in c %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}{{ 'Picture ' ~ image_count.value ~ ': ' }}{% endif %}" + _IMAGE +
-    "{% elif c['type'] == 'video' or 'video' in c %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}{{ 'Video ' ~ video_count.value ~ ': ' }}{% endif %}" + _VIDEO +
-    "{% elif 'text' in c %}{{ c['text'] }}{% endif %}"
-)
-_CONTENT = ("{% if message['content'] is string %}{{ message['content'] }}"
-            "{% else %}{% for c in message['content'] %}" + _ITEM + "{% endfor %}{% endif %}")
-_HEAD = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-)
-_TAIL = "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-
-# The template Qwen2-VL-*-Instruct and Qwen2.5-VL-*-Instruct ship (identical in both).
-CHAT_TEMPLATE = (_HEAD + "{{ '<|im_start|>' + message['role'] + '\n' }}" + _CONTENT
-                 + "{{ '<|im_end|>\n' }}" + _TAIL)
-
-# The same rendering, with each assistant reply and its <|im_end|> inside generation markers. The
-# newline after <|im_end|> stays outside: generation stops at <|im_end|>, so it is never produced.
-TRAINING_CHAT_TEMPLATE = (
-    _HEAD + "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}" + _CONTENT + "{{ '<|im_end|>' }}"
-    "{% endgeneration %}{{ '\n' }}{% else %}" + _CONTENT + "{{ '<|im_end|>\n' }}{% endif %}" + _TAIL
-)
+# The template Qwen2-VL-*-Instruct and Qwen2.5-VL-*-Instruct publish (byte-identical).
+PUBLISHED_TEMPLATE = "qwen2-vl"
 
 PATCH, MERGE = 8, 2
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -105,14 +75,16 @@ def _build_tiny(version: str, out_dir: Path) -> None:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from peftvlm.families._tokenizer import build_tiny_tokenizer
+    from peftvlm.families.base import read_template
 
-    tok = build_tiny_tokenizer(SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE,
+    template = read_template(PUBLISHED_TEMPLATE)
+    tok = build_tiny_tokenizer(SPECIAL_TOKENS, chat_template=template,
                                eos_token="<|im_end|>", pad_token="<|endoftext|>")
     # 32x32 images: a 4x4 patch grid, merged 2x2 into 4 image tokens.
     image_proc = Qwen2VLImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 32 * 32},
                                           patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
     processor = processor_class(version)(image_processor=image_proc, tokenizer=tok,
-                                         chat_template=CHAT_TEMPLATE)
+                                         chat_template=template)
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
@@ -149,7 +121,6 @@ _COMMON = dict(
     language_module="model.language_model",
     image_token="<|image_pad|>",
     end_of_turn="<|im_end|>",
-    training_chat_template=TRAINING_CHAT_TEMPLATE,
     box_format="abs1000",
 )
 
@@ -160,6 +131,7 @@ QWEN2_VL_SPEC = FamilySpec(
     vision_targets=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
     projector_targets=("mlp.0", "mlp.2"),  # merger.mlp: Linear, GELU, Linear
     tiny_name="tiny-qwen2-vl",
+    reference_checkpoint="Qwen/Qwen2-VL-2B-Instruct",
     build_tiny=build_tiny_qwen2_vl,
     processor_class=functools.partial(processor_class, "2"),
     **_COMMON,
@@ -171,6 +143,7 @@ QWEN2_5_VL_SPEC = FamilySpec(
     vision_targets=("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     projector_targets=("mlp.0", "mlp.2"),
     tiny_name="tiny-qwen2.5-vl",
+    reference_checkpoint="Qwen/Qwen2.5-VL-3B-Instruct",
     build_tiny=build_tiny_qwen2_5_vl,
     processor_class=functools.partial(processor_class, "2.5"),
     **_COMMON,

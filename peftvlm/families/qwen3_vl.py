@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from peftvlm.families.base import FamilySpec, published_template
+from peftvlm.families.base import FamilySpec, read_template
 from peftvlm.families.qwen2_vl import SPECIAL_TOKENS, _image_only
 
 TEMPLATE_FILE = "qwen3-vl.jinja"  # Qwen/Qwen3-VL-2B-Instruct's chat template
@@ -49,7 +49,7 @@ def _build(out_dir: Path, moe: bool) -> None:
 
     from peftvlm.families._tokenizer import build_tiny_tokenizer
 
-    template = published_template(TEMPLATE_FILE)
+    template = read_template(TEMPLATE_FILE)
     tok = build_tiny_tokenizer(SPECIAL_TOKENS, chat_template=template, eos_token="<|im_end|>",
                                pad_token="<|endoftext|>")
     # 32x32 images: a 4x4 patch grid merged 2x2 into 4 image tokens (Qwen3-VL: patch 16, so
@@ -95,6 +95,7 @@ _COMMON = dict(
     end_of_turn="<|im_end|>",
     box_format="abs1000",  # Qwen3-VL grounds with 0-1000 relative integers
     processor_class=processor_class,
+    reference_checkpoint="Qwen/Qwen3-VL-2B-Instruct",
     refused_methods=(("per_part", "VPT prompt tokens need a ViT with a CLS token and a fixed "
                       "patch grid; Qwen3-VL's ViT has neither (native resolution, 2D RoPE, "
                       "patch merging)"),),

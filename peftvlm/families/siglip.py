@@ -83,7 +83,6 @@ SPEC = FamilySpec(
     language_module="text_model",
     language_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
     image_token=None,
-    training_chat_template=None,
     tiny_name="tiny-siglip",
     build_tiny=build_tiny,
     text_padding="max_length",
