@@ -283,9 +283,35 @@ def drop_overflowing(rows, collator, max_length: int, policy: str, what: str):
     return [r for i, r in enumerate(rows) if i not in dropped], info
 
 
+def drop_unfit_rows(rows: list[dict], family, policy: str, what: str, report: dict) -> list:
+    """Rows the model's family cannot take (BLIP-2 without exactly one image, Llama 3.2 Vision
+    with a system prompt next to an image): counted as bad rows, or an error naming them."""
+    kept, bad = [], {}
+    for i, row in enumerate(rows):
+        reason = family.row_problem(row["messages"])
+        if reason is None:
+            kept.append(row)
+        else:
+            bad.setdefault(reason, []).append(i)
+    if bad and policy == "error":
+        listed = "; ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. row {v[0]})"
+                           for k, v in bad.items())
+        raise DataError(f"{what}: {sum(map(len, bad.values()))} row(s) this model cannot take: "
+                        f"{listed}", hint="fix or drop those rows (a BLIP-2 row needs exactly "
+                        "one image; Llama 3.2 Vision refuses data.system_prompt next to an "
+                        "image), or set data.on_bad_row: skip")
+    for reason, positions in bad.items():
+        report[reason] = {"count": len(positions), "first_rows": positions[:3]}
+    return kept
+
+
 def prepare_data(recipe, collator) -> PreparedData:
     """Load, check and length-filter the recipe's rows; bad rows never crash training later."""
     data = load_rows(recipe, collator.family.box_format)
+    for section in ("train", "eval"):
+        kept = drop_unfit_rows(getattr(data, section), collator.family, recipe.data.on_bad_row,
+                               f"data.{section}", data.bad_rows.setdefault(section, {}))
+        setattr(data, section, kept)
     data.train, data.overflow = drop_overflowing(data.train, collator, recipe.train.max_length,
                                                  recipe.data.on_overflow, "data.train")
     if not data.train:

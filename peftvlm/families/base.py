@@ -84,6 +84,11 @@ class FamilySpec:
         default=None, compare=False, repr=False)
     encode_prompt: Callable[[Any, list[Conversation]], dict] | None = field(
         default=None, compare=False, repr=False)
+    # What a conversation may hold: (min, max) images (None = any; BLIP-2 reads exactly one),
+    # and whether a system message may sit next to an image (Llama 3.2 Vision's template
+    # raises on that). Rows outside these are bad rows (`data.on_bad_row`), not a crash.
+    images_per_row: tuple[int, int] | None = None
+    system_with_images: bool = True
     # Methods this family refuses at `validate` time: (method name, reason) pairs.
     refused_methods: tuple[tuple[str, str], ...] = ()
     # Dual encoders (CLIP-family methods). `text_padding`: "longest" (CLIP pools the end-of-text
@@ -123,6 +128,18 @@ class FamilySpec:
     def parts(self) -> tuple[str, ...]:
         """The parts this family has, in model order."""
         return tuple(p for p in PARTS if self.module_prefix(p))
+
+    def row_problem(self, messages: list[dict]) -> str | None:
+        """Why this family cannot take a conversation (a reason key), or None."""
+        images = sum(c.get("type") == "image" for m in messages for c in m["content"]
+                     if isinstance(m["content"], list))
+        if self.images_per_row and not self.images_per_row[0] <= images <= self.images_per_row[1]:
+            low, high = self.images_per_row
+            return f"{self.name}_needs_{low}_image" if low == high else f"{self.name}_image_count"
+        if not self.system_with_images and images and any(m["role"] == "system"
+                                                           for m in messages):
+            return f"{self.name}_system_prompt_with_image"
+        return None
 
     def refusal(self, method_name: str) -> str | None:
         """Why this family cannot take `method_name`, or None."""

@@ -12,6 +12,7 @@ checkpoints are encoder-decoder and are refused by the generative pipeline's loa
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from peftvlm.families.base import FamilySpec, read_template
@@ -20,9 +21,25 @@ TEMPLATE_FILE = "blip2-peftvlm.jinja"  # a deviation: BLIP-2 ships no chat templ
 IMAGE_SIZE, PATCH, QUERIES = 32, 8, 4
 
 
+@functools.cache
+def processor_class():
+    """`Blip2Processor` that keeps its chat template: the stock `__init__` drops the argument,
+    so a saved template would be lost on every reload (the tokenizer keeps its copy)."""
+    from transformers import Blip2Processor
+
+    from peftvlm.families._processors import with_init
+
+    def __init__(self, image_processor, tokenizer, num_query_tokens=None, chat_template=None,
+                 **kwargs):
+        Blip2Processor.__init__(self, image_processor, tokenizer, num_query_tokens, **kwargs)
+        self.chat_template = chat_template
+
+    return with_init(Blip2Processor, __init__)
+
+
 def build_tiny(out_dir: Path) -> None:
     """A 2-layer random BLIP-2 (ViT, 2-layer Q-Former with 4 queries, OPT) with its processor."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     from peftvlm.families._tokenizer import build_tiny_tokenizer
@@ -32,8 +49,8 @@ def build_tiny(out_dir: Path) -> None:
     tok = build_tiny_tokenizer(["<image>"], chat_template=template, bos_token="</s>",
                                eos_token="</s>")
     image_proc = BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    processor = Blip2Processor(image_processor=image_proc, tokenizer=tok, num_query_tokens=QUERIES)
-    processor.chat_template = template  # Blip2Processor's __init__ drops the argument
+    processor = processor_class()(image_processor=image_proc, tokenizer=tok,
+                                  num_query_tokens=QUERIES, chat_template=template)
     config = Blip2Config(
         vision_config=dict(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=64,
                            intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
@@ -67,8 +84,10 @@ SPEC = FamilySpec(
     end_of_turn="</s>",
     tiny_name="tiny-blip2",
     build_tiny=build_tiny,
+    processor_class=processor_class,
     reference_checkpoint="Salesforce/blip2-opt-2.7b",
     chat_template=TEMPLATE_FILE,  # BLIP-2 ships none: peftvlm's, as data
+    images_per_row=(1, 1),  # the Q-Former's queries stand for one image
     refused_methods=(("per_part", "the Q-Former cross-attends to every ViT token and the language "
                       "model sees only its 32 queries: VPT prompt tokens in the ViT would not "
                       "reach the language model as prompts"),),

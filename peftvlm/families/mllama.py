@@ -67,6 +67,7 @@ SPEC = FamilySpec(
     tiny_name="tiny-mllama",
     build_tiny=build_tiny,
     reference_checkpoint="meta-llama/Llama-3.2-11B-Vision-Instruct",
+    system_with_images=False,  # its template raises on a system message next to an image
     refused_methods=(("per_part", "the image reaches Llama 3.2 Vision through cross-attention "
                       "over tiled ViT features, not as prompt tokens; VPT prompts have no place "
                       "in its tiled, gated-position encoder"),),
