@@ -39,6 +39,7 @@ def processor_class():
 
 def build_tiny(out_dir: Path) -> None:
     """A 2-layer random BLIP-2 (ViT, 2-layer Q-Former with 4 queries, OPT) with its processor."""
+    import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
@@ -52,9 +53,13 @@ def build_tiny(out_dir: Path) -> None:
     processor = processor_class()(image_processor=image_proc, tokenizer=tok,
                                   num_query_tokens=QUERIES, chat_template=template)
     config = Blip2Config(
+        # wider init than 1e-10-ish defaults: through ViT -> Q-Former -> OPT the tiny twin's
+        # attention gradients otherwise vanish below float32 resolution in a test step
         vision_config=dict(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=64,
-                           intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+                           intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           initializer_range=0.1),
         qformer_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            initializer_range=0.1,
                             intermediate_size=128, encoder_hidden_size=64, vocab_size=len(tok),
                             cross_attention_frequency=1),
         text_config=dict(model_type="opt", vocab_size=len(tok), hidden_size=64, ffn_dim=128,
@@ -63,6 +68,10 @@ def build_tiny(out_dir: Path) -> None:
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
         num_query_tokens=QUERIES, image_token_index=tok.convert_tokens_to_ids("<image>"))
     model = Blip2ForConditionalGeneration(config)
+    # transformers initialises the queries to zeros: identical queries attend uniformly, so
+    # their self-attention gets no gradient at all. A trained checkpoint's queries differ.
+    with torch.no_grad():
+        model.query_tokens.normal_(std=config.qformer_config.initializer_range)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out_dir)

@@ -23,6 +23,7 @@ SPECIAL_TOKENS = ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_
 
 def build_tiny(out_dir: Path) -> None:
     """A 2-layer random Gemma 3 with a local tokenizer and processor, saved like a Hub model."""
+    import torch
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
@@ -52,6 +53,10 @@ def build_tiny(out_dir: Path) -> None:
                            vision_use_head=False),
         mm_tokens_per_image=tokens_per_image, **ids)
     model = Gemma3ForConditionalGeneration(config)
+    # transformers zero-initialises the projection: image features would then reach nothing
+    # and the vision tower get no gradient at all. A trained checkpoint's projection is not 0.
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.02)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<end_of_turn>")
     model.save_pretrained(out_dir)

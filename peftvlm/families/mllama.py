@@ -23,6 +23,7 @@ SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_
 
 def build_tiny(out_dir: Path) -> None:
     """A 2-layer random Llama 3.2 Vision (layer 1 cross-attends), tiles of 32x32, up to 2."""
+    import torch
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
@@ -48,6 +49,13 @@ def build_tiny(out_dir: Path) -> None:
                            intermediate_layers_indices=[0], vision_output_dim=128),
         image_token_index=tok.convert_tokens_to_ids("<|image|>"))
     model = MllamaForConditionalGeneration(config)
+    # transformers zero-initialises the tanh gates of the cross-attention layers (and of the
+    # vision tower's positional and global layers): closed gates pass no image signal, so the
+    # vision tower would get no gradient at all. Llama 3.2 Vision's trained gates are open.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("gate", "_gate", "gate_attn", "gate_ffn")):
+                param.fill_(0.5)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out_dir)
