@@ -5,9 +5,9 @@ language model that reads the projected queries as a soft prompt before the text
 The Q-Former is its own part: `method.target: [qformer]` trains it with LoRA (query/key/value
 and output projections of its self- and cross-attention), `[qformer, language]` the Q-Former
 and the OPT language model together. BLIP-2 checkpoints ship no chat template: peftvlm's own
-("Question: ... Answer: ...", the paper's VQA prompt) is data,
-`templates/blip2-peftvlm.jinja`, and is what the tiny twin carries and an export writes. The tiny twin is OPT-based; Flan-T5
-checkpoints are encoder-decoder and are refused by the generative pipeline's loader.
+("Question: ... Answer: ...", the paper's VQA prompt) is data, `templates/blip2-peftvlm.jinja`,
+and is what the tiny twin carries and an export writes. The tiny twin is OPT-based; Flan-T5
+checkpoints (encoder-decoder, same model_type) are untested here.
 """
 
 from __future__ import annotations

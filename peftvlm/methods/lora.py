@@ -17,7 +17,8 @@ from peftvlm.errors import RecipeError
 from peftvlm.registry import register
 
 Part = Literal["language", "vision", "qformer", "projector", "all"]
-PARTS = ("vision", "qformer", "projector", "language")  # = families.base.PARTS (no import: no torch)
+# The same as families.base.PARTS, spelled out: recipe.py imports this module.
+PARTS = ("vision", "qformer", "projector", "language")
 
 
 class TargetSelection(Section):
