@@ -164,3 +164,29 @@ def test_unfit_rows_are_dropped_and_counted_or_an_error():
         drop_unfit_rows(rows, blip2, "error", "data.train", {})
     rows = [row(system="Be brief."), row(), row(images=0, system="Be brief.")]
     assert drop_unfit_rows(rows, mllama, "skip", "data.train", {}) == rows[1:]
+
+
+# --- QLoRA on every generative family (the rest of the method matrix: test_methods_peft.py) ---
+
+QLORA_TINIES = [s.tiny_name for s in FAMILIES.values() if s.kind == "generative" and s.tiny_name]
+
+
+@pytest.mark.parametrize("tiny", QLORA_TINIES)
+def test_qlora_quantizes_the_language_model_only_and_its_adapters_train(tiny):
+    import bitsandbytes as bnb
+
+    from peftvlm.methods.lora import QloraMethod
+    from test_methods_peft import batch_for, train_steps
+
+    loaded = load_base(ModelConfig(id=tiny), "qlora")
+    family = loaded.family
+    model = apply_peft(loaded.model, family, QloraMethod(r=4, lora_dropout=0.0), quantized=True)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    kept = [family.module_prefix(p) for p in family.parts() if p != "language"]
+    assert quantized and all(f".{family.language_module}." in f".{n}." for n in quantized)
+    assert not any(f".{k}." in f".{n}." for k in kept for n in quantized)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    before = train_steps(model, batch_for(loaded), lr=0.05)
+    for name, p in model.named_parameters():
+        assert torch.equal(before[name], p.detach()) == (name not in trainable), name
