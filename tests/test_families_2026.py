@@ -190,3 +190,17 @@ def test_qlora_quantizes_the_language_model_only_and_its_adapters_train(tiny):
     before = train_steps(model, batch_for(loaded), lr=0.05)
     for name, p in model.named_parameters():
         assert torch.equal(before[name], p.detach()) == (name not in trainable), name
+
+
+# --- export: merged model reproduces the adapter model, on every generative family -----------
+
+@pytest.mark.parametrize("tiny", QLORA_TINIES)
+def test_merged_export_matches_the_adapter_on_every_family(tiny, tmp_path):
+    from peftvlm.export import export_run
+    from test_export import make_run
+
+    run = make_run(tmp_path / "run", "lora", model={"id": tiny})
+    report = export_run(run, merge=True, out=tmp_path / "out", log=lambda m: None)
+    assert report["passed"], report
+    assert report["checks"]["logits"]["max_abs_diff"] <= 1e-4
+    assert report["checks"]["generation"]["new_tokens"] > 0
