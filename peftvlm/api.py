@@ -134,10 +134,23 @@ def load_model_with_method(recipe: Recipe, method):
     from peftvlm.distributed import sharding_mode
     from peftvlm.models import load_base
 
+    refuse_unfit_method(recipe)
     loaded = load_base(recipe.model, recipe.method.name, sharding_mode(recipe.train) is not None)
     model = method.apply(loaded.model, loaded.family, recipe.method, quantized=loaded.quantized,
                          gradient_checkpointing=recipe.train.gradient_checkpointing)
     return loaded, model
+
+
+def refuse_unfit_method(recipe: Recipe) -> None:
+    """`validate`'s family check for Hub ids too, from their config alone (before weights load)."""
+    from peftvlm.errors import RecipeError
+    from peftvlm.families import method_refusal
+    from peftvlm.models import detect_family, resolve_model_path
+
+    family = detect_family(resolve_model_path(recipe.model.id), recipe.model)
+    reason = method_refusal(family, recipe.method)
+    if reason:
+        raise RecipeError(reason, hint="pick another method (`peftvlm ls methods`) or model")
 
 
 def parameter_counts(model) -> tuple[int, int]:

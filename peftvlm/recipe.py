@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from peftvlm._schema import Section, describe_validation_error
 from peftvlm.errors import RecipeError
+from peftvlm.families import tiny_models
 from peftvlm.registry import method_config_classes
 
 
@@ -30,8 +31,7 @@ class QuantizationConfig(Section):
 
 class ModelConfig(Section):
     id: str = Field(..., description="Hub id, local folder, or a built-in tiny model "
-                                     "(tiny-llava, tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-smolvlm, "
-                                     "tiny-paligemma, tiny-clip).")
+                                     f"({', '.join(tiny_models())}).")
     family: str | None = Field(None, description="Model family; default: read from the config's "
                                                  "model_type (see `peftvlm ls families`).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
@@ -455,6 +455,7 @@ def check_recipe_files(recipe: Recipe) -> None:
         raise RecipeError(f"{recipe.source_path}: model.family: unknown family "
                           f"{recipe.model.family!r}; known: {', '.join(FAMILIES)}",
                           hint="or leave it out to detect the family from the model's config")
+    check_method_fits_family(recipe)
     from peftvlm.metrics import available_metrics
 
     unknown = [m for m in recipe.eval.metrics if m not in available_metrics()]
@@ -508,6 +509,18 @@ def check_packing(recipe: Recipe, family) -> None:
                           f"cannot pack conversations: {family.packing_refusal}",
                           hint="set train.packing: false (train.group_by_length: true also "
                                "cuts padding)")
+
+
+def check_method_fits_family(recipe: Recipe) -> None:
+    """A method the model's family cannot take is refused here, before any weights load (the
+    family is known for `model.family`, built-in tiny models and local folders)."""
+    from peftvlm.families import known_family, method_refusal
+
+    family = known_family(recipe.model)
+    reason = method_refusal(family, recipe.method) if family else None
+    if reason:
+        raise RecipeError(f"{recipe.source_path}: {reason}",
+                          hint="pick another method (`peftvlm ls methods`) or another model")
 
 
 def _check_template(recipe: Recipe, src, where: str) -> None:

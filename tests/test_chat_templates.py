@@ -154,6 +154,8 @@ def test_shipped_copies_equal_the_fixtures():
 def test_training_contexts_and_prompts_equal_the_published_template(processors, name, case):
     spec, processor, published = processors[name]
     conversation = CASES[case]
+    if spec.row_problem(as_row(conversation)["messages"]):  # declared in the spec, dropped as
+        pytest.skip(f"{name} refuses {case} rows by its spec")  # bad rows (test_families_2026)
     replies = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
     batch = ConversationCollator(processor, spec)([as_row(conversation)])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
@@ -204,6 +206,8 @@ def test_mixed_batch_of_image_and_text_only_rows(processors):
     """A text-only row batched with image rows keeps its own labels and no image tokens."""
     for name in CHAT_FAMILIES:
         spec, processor, _ = processors[name]
+        if spec.images_per_row:  # BLIP-2: exactly one image per row, by its spec
+            continue
         rows = [as_row(CASES["text_only"]), as_row(CASES["two_images"])]
         batch = ConversationCollator(processor, spec)(rows)
         alone = ConversationCollator(processor, spec)(rows[:1])

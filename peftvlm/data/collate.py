@@ -85,9 +85,10 @@ class ConversationCollator:
         if self.family.encode is not None:
             return dict(self.family.encode(self.processor, conversations))
         rendered = self.render(conversations)
+        # padding_side explicitly: some processors (InternVL) default their text kwargs to left
         batch = process_texts(self.processor, [r.text for r in rendered],
                               [conversation_media(c, "image") for c in conversations],
-                              offsets=True,
+                              offsets=True, padding_side="right",
                               videos=[conversation_media(c, "video") for c in conversations])
         masks = reply_masks(batch, [r.spans for r in rendered])
         batch = {k: to_tensor(v) for k, v in batch.items()}
@@ -151,7 +152,7 @@ def encode_prompts(processor, family, rows: list[dict]) -> dict:
         return dict(family.encode_prompt(processor, conversations))
     return dict(processor.apply_chat_template(
         conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-        return_tensors="pt", processor_kwargs={"padding": True}))
+        return_tensors="pt", processor_kwargs={"padding": True, "padding_side": "left"}))
 
 
 def example_length(collator: ConversationCollator, row: dict) -> int:

@@ -383,13 +383,42 @@ def drop_overflowing(rows: Rows, max_length: int, policy: str, what: str):
     return kept, info
 
 
+def drop_unfit_rows(rows, family, policy: str, what: str, report: dict):
+    """Rows the model's family cannot take (BLIP-2 without exactly one image, Llama 3.2 Vision
+    with a system prompt next to an image): counted as bad rows, or an error naming them."""
+    if family.images_per_row is None and family.system_with_images:
+        return rows  # the family takes any row: decode none (a warm start stays fast)
+    keep, bad = [], {}
+    for i, row in enumerate(rows):
+        reason = family.row_problem(row["messages"])
+        if reason is None:
+            keep.append(i)
+        else:
+            bad.setdefault(reason, []).append(row.get("row_id") or f"row {i}")
+    if bad and policy == "error":
+        listed = "; ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {v[0]})"
+                           for k, v in bad.items())
+        raise DataError(f"{what}: {sum(map(len, bad.values()))} row(s) this model cannot take: "
+                        f"{listed}", hint="fix or drop those rows (a BLIP-2 row needs exactly "
+                        "one image; Llama 3.2 Vision refuses data.system_prompt next to an "
+                        "image), or set data.on_bad_row: skip")
+    for reason, names in bad.items():
+        report[reason] = {"count": len(names), "first_rows": names[:3]}
+    if not bad:
+        return rows
+    return rows.select(keep) if hasattr(rows, "select") else [rows[i] for i in keep]
+
+
 def prepare_data(recipe, collator) -> PreparedData:
     """Load, check and length-filter the recipe's rows; bad rows never crash training later."""
     from peftvlm.data.video import check_video_support
 
     data = load_rows(recipe, collator.family.box_format, collator)
-    check_video_support(data.train, collator.family, recipe.model.id)
-    check_video_support(data.eval, collator.family, recipe.model.id)
+    for section in ("train", "eval"):
+        check_video_support(getattr(data, section), collator.family, recipe.model.id)
+        kept = drop_unfit_rows(getattr(data, section), collator.family, recipe.data.on_bad_row,
+                               f"data.{section}", data.bad_rows.setdefault(section, {}))
+        setattr(data, section, kept)
     data.train, data.overflow = drop_overflowing(data.train, recipe.train.max_length,
                                                  recipe.data.on_overflow, "data.train")
     if not len(data.train):

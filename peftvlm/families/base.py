@@ -21,6 +21,8 @@ def read_template(name: str) -> str:
 
 
 DEFAULT_LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PARTS = ("vision", "qformer", "projector", "language")
+
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,9 @@ class FamilySpec:
     language_targets: tuple[str, ...] = DEFAULT_LM_TARGETS
     vision_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
     projector_targets: tuple[str, ...] = ("linear_1", "linear_2")
+    # BLIP-2's Q-Former between the vision tower and the projector; None elsewhere.
+    qformer_module: str | None = None
+    qformer_targets: tuple[str, ...] = ("query", "key", "value", "dense")
     image_token: str | None = "<image>"
     # Whether rows may carry `videos` (`{"type": "video"}` items): the processor the family
     # loads must turn frame arrays into the model's video inputs (see qwen2_vl.py).
@@ -85,6 +90,13 @@ class FamilySpec:
         default=None, compare=False, repr=False)
     encode_prompt: Callable[[Any, list[Conversation]], dict] | None = field(
         default=None, compare=False, repr=False)
+    # What a conversation may hold: (min, max) images (None = any; BLIP-2 reads exactly one),
+    # and whether a system message may sit next to an image (Llama 3.2 Vision's template
+    # raises on that). Rows outside these are bad rows (`data.on_bad_row`), not a crash.
+    images_per_row: tuple[int, int] | None = None
+    system_with_images: bool = True
+    # Methods this family refuses at `validate` time: (method name, reason) pairs.
+    refused_methods: tuple[tuple[str, str], ...] = ()
     # Dual encoders (CLIP-family methods). `text_padding`: "longest" (CLIP pools the end-of-text
     # token, so padding length is irrelevant) or "max_length" (SigLIP pools the last position:
     # texts must be padded to the text encoder's max_position_embeddings, as in training).
@@ -122,15 +134,38 @@ class FamilySpec:
         return read_template(self.chat_template) if self.chat_template else None
 
     def module_prefix(self, part: str) -> str | None:
-        """The module prefix of a part: `vision`, `projector` or `language`."""
-        return {"vision": self.vision_module, "projector": self.projector_module,
-                "language": self.language_module}[part]
+        """The module prefix of a part: `vision`, `qformer`, `projector` or `language`."""
+        return {"vision": self.vision_module, "qformer": self.qformer_module,
+                "projector": self.projector_module, "language": self.language_module}[part]
 
     def part_targets(self, part: str) -> tuple[str, ...]:
-        """The linear-layer names LoRA targets by default inside a part."""
-        return {"vision": self.vision_targets, "projector": self.projector_targets,
-                "language": self.language_targets}[part]
+        """The linear-layer names LoRA targets by default inside a part; `""` is the part's
+        module itself (Llama 3.2 Vision's and BLIP-2's projectors are one Linear); `()` means
+        the part has no linear layer to adapt (Gemma 3's projector is a bare weight)."""
+        return {"vision": self.vision_targets, "qformer": self.qformer_targets,
+                "projector": self.projector_targets, "language": self.language_targets}[part]
+
+    def parts(self) -> tuple[str, ...]:
+        """The parts this family has, in model order."""
+        return tuple(p for p in PARTS if self.module_prefix(p))
+
+    def row_problem(self, messages: list[dict]) -> str | None:
+        """Why this family cannot take a conversation (a reason key), or None."""
+        images = sum(c.get("type") == "image" for m in messages for c in m["content"]
+                     if isinstance(m["content"], list))
+        if self.images_per_row and not self.images_per_row[0] <= images <= self.images_per_row[1]:
+            low, high = self.images_per_row
+            return f"{self.name}_needs_{low}_image" if low == high else f"{self.name}_image_count"
+        if not self.system_with_images and images and any(m["role"] == "system"
+                                                           for m in messages):
+            return f"{self.name}_system_prompt_with_image"
+        return None
+
+    def refusal(self, method_name: str) -> str | None:
+        """Why this family cannot take `method_name`, or None."""
+        return dict(self.refused_methods).get(method_name)
 
     def quantization_skip_modules(self) -> list[str]:
         """Full prefixes kept in full precision by QLoRA (transformers matches them as prefixes)."""
-        return [m for m in (self.vision_module, self.projector_module) if m] + ["lm_head"]
+        kept = (self.vision_module, self.qformer_module, self.projector_module)
+        return [m for m in kept if m] + ["lm_head"]

@@ -16,8 +16,9 @@ from peftvlm._schema import Section
 from peftvlm.errors import RecipeError
 from peftvlm.registry import register
 
-Part = Literal["language", "text", "vision", "projector", "all"]
-PARTS = ("vision", "projector", "language")
+Part = Literal["language", "text", "vision", "qformer", "projector", "all"]
+# The same as families.base.PARTS, spelled out: recipe.py imports this module.
+PARTS = ("vision", "qformer", "projector", "language")
 # Dual encoders (CLIP, SigLIP) call their language part the text tower.
 ALIASES = {"text": "language"}
 
@@ -83,17 +84,32 @@ def target_regex(family, cfg: TargetSelection) -> str:
         return cfg.target_regex
     parts = [cfg.target] if isinstance(cfg.target, str) else list(cfg.target)
     parts = [ALIASES.get(p, p) for p in parts]
-    parts = [p for p in PARTS if family.module_prefix(p)] if "all" in parts else parts
+    if "all" in parts:  # every part that has linear layers
+        parts = [p for p in family.parts() if family.part_targets(p)]
     alternatives = []
     for part in parts:
-        prefix = family.module_prefix(part)
-        if prefix is None:
-            raise RecipeError(f"method.target: family {family.name!r} has no {part} module",
-                              hint=f"use one of: {', '.join(p for p in PARTS if family.module_prefix(p))}")
-        names = "|".join(map(re.escape, family.part_targets(part)))
-        # `(?:.*\.)?`: a layer may sit directly under the prefix (LLaVA's projector.linear_1)
-        alternatives.append(rf"{re.escape(prefix)}\.(?:.*\.)?(?:{names})")
+        check_part(family, part)
+        prefix, targets = re.escape(family.module_prefix(part)), family.part_targets(part)
+        names = "|".join(map(re.escape, (t for t in targets if t)))
+        if names:
+            # `(?:.*\.)?`: a layer may sit directly under the prefix (LLaVA's projector.linear_1)
+            alternatives.append(rf"{prefix}\.(?:.*\.)?(?:{names})")
+        if "" in targets:  # the part is itself one Linear (mllama's, BLIP-2's projector)
+            alternatives.append(prefix)
     return "^(?:" + "|".join(alternatives) + ")$"
+
+
+def check_part(family, part: str) -> None:
+    """A recipe's `method.target` part must exist in the family and have linear layers."""
+    usable = ", ".join(p for p in family.parts() if family.part_targets(p))
+    if family.module_prefix(part) is None:
+        raise RecipeError(f"method.target: family {family.name!r} has no {part} module",
+                          hint=f"use one of: {usable}")
+    if not family.part_targets(part):
+        raise RecipeError(f"method.target: the {part} of family {family.name!r} has no linear "
+                          f"layer for adapters",
+                          hint=f"train it in full with method.modules_to_save: [{part}], or "
+                               f"target one of: {usable}")
 
 
 def modules_to_save(family, cfg: TargetSelection) -> list[str] | None:

@@ -1,0 +1,90 @@
+"""LLaVA-OneVision (llava-hf/llava-onevision-qwen2-0.5b-ov-hf, -7b-, -72b-): a SigLIP tower, an
+MLP projector and a Qwen2 language model, with anyres tiling up to 9 tiles ("anyres_max_9"):
+the image-token count depends on the image's size (see `llava_next`). The stock processor wants
+a torchvision video processor: `processor_class` is the image-only subclass.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from peftvlm.families.base import FamilySpec, read_template
+
+TEMPLATE_FILE = "llava-onevision-qwen2.jinja"  # llava-hf/llava-onevision-qwen2-*-hf's template
+IMAGE_SIZE, PATCH = 32, 8
+GRID_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+
+@functools.cache
+def processor_class():
+    """`LlavaOnevisionProcessor` without its video processor (see `_processors.image_only`)."""
+    from transformers import LlavaOnevisionProcessor
+
+    from peftvlm.families._processors import image_only
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
+                 vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
+                 video_token="<video>", vision_aspect_ratio="anyres_max_9", **kwargs):
+        LlavaOnevisionProcessor.__init__(
+            self, image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template, image_token=image_token, video_token=video_token,
+            vision_aspect_ratio=vision_aspect_ratio, **kwargs)
+
+    return image_only(LlavaOnevisionProcessor, __init__)
+
+
+def build_tiny(out_dir: Path) -> None:
+    """A 2-layer random LLaVA-OneVision (SigLIP + Qwen2) with 32px tiles, up to 2x2."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    from peftvlm.families._tokenizer import build_tiny_tokenizer
+
+    template = read_template(TEMPLATE_FILE)
+    tok = build_tiny_tokenizer(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<image>",
+                                "<video>"], chat_template=template, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>")
+    image_proc = LlavaOnevisionImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                                 image_grid_pinpoints=GRID_PINPOINTS)
+    processor = processor_class()(image_processor=image_proc, tokenizer=tok,
+                                  num_image_tokens=(IMAGE_SIZE // PATCH) ** 2,
+                                  vision_feature_select_strategy="full", chat_template=template)
+    vision = dict(model_type="siglip_vision_model", image_size=IMAGE_SIZE, patch_size=PATCH,
+                  hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, vision_use_head=False)
+    text = dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = AutoConfig.for_model("llava_onevision", vision_config=vision, text_config=text,
+                                  image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                  video_token_index=tok.convert_tokens_to_ids("<video>"),
+                                  image_grid_pinpoints=GRID_PINPOINTS,
+                                  vision_feature_select_strategy="full", vision_feature_layer=-1)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+SPEC = FamilySpec(
+    name="llava_onevision",
+    model_types=("llava_onevision",),
+    vision_module="model.vision_tower",
+    projector_module="model.multi_modal_projector",
+    language_module="model.language_model",
+    projector_targets=("linear_1", "linear_2"),
+    image_token="<image>",
+    end_of_turn="<|im_end|>",
+    tiny_name="tiny-llava-onevision",
+    build_tiny=build_tiny,
+    reference_checkpoint="llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+    processor_class=processor_class,
+    vision_cls_token=False,  # SigLIP
+    refused_methods=(("per_part", "VPT prompt tokens need a CLS-token ViT; LLaVA-OneVision's "
+                      "SigLIP tower has none and anyres tiling expects exactly its patch grid"),),
+)
