@@ -94,7 +94,7 @@ class WithDummyImage:
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = self.collator(rows)
-        if "pixel_values" in batch:
+        if "pixel_values" in batch or self.collator.family.dummy_image_refusal:
             return batch
         if self._dummy is None:
             self._dummy = dummy_image_batch(self.collator)

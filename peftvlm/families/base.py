@@ -118,6 +118,8 @@ class FamilySpec:
     # every rank runs the vision tower): its side, and image-processor settings for it.
     dummy_image_side: int = 28
     dummy_image_options: tuple[tuple[str, Any], ...] = ()
+    # Why a text-only batch cannot carry that blank image (it then trains without one), or None.
+    dummy_image_refusal: str | None = None
     # Why this family cannot train on packed rows (`train.packing`), or None when its attention
     # is isolated per conversation by restarting `position_ids` (transformers builds the
     # block-diagonal mask from them on CPU/SDPA, and flash-attention's varlen path on GPU).

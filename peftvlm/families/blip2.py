@@ -97,6 +97,10 @@ SPEC = FamilySpec(
     reference_checkpoint="Salesforce/blip2-opt-2.7b",
     chat_template=TEMPLATE_FILE,  # BLIP-2 ships none: peftvlm's, as data
     images_per_row=(1, 1),  # the Q-Former's queries stand for one image
+    packing_refusal="BLIP-2 puts one image's 32 Q-Former queries in front of each row's "
+                    "text; packed rows would carry several; use train.group_by_length",
+    dummy_image_refusal="every BLIP-2 row has exactly one image (images_per_row), so text-only "
+                        "batches never occur",
     refused_methods=(("per_part", "the Q-Former cross-attends to every ViT token and the language "
                       "model sees only its 32 queries: VPT prompt tokens in the ViT would not "
                       "reach the language model as prompts"),),

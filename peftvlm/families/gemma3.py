@@ -75,6 +75,9 @@ SPEC = FamilySpec(
     tiny_name="tiny-gemma3",
     build_tiny=build_tiny,
     reference_checkpoint="google/gemma-3-4b-it",
+    packing_refusal="Gemma 3 attends bidirectionally within each image (a mask built from "
+                    "token_type_ids), which packed position ids alone do not reproduce; use "
+                    "train.group_by_length",
     vision_cls_token=False,  # SigLIP pools every patch; no CLS token for VPT
     refused_methods=(("per_part", "VPT prompt tokens need a CLS-token ViT; Gemma 3's SigLIP "
                       "tower has none and its projector pools a fixed patch grid"),),

@@ -75,6 +75,12 @@ SPEC = FamilySpec(
     tiny_name="tiny-mllama",
     build_tiny=build_tiny,
     reference_checkpoint="meta-llama/Llama-3.2-11B-Vision-Instruct",
+    packing_refusal="Llama 3.2 Vision's cross-attention mask is per row and per image tile; "
+                    "packed rows would need it rebuilt per conversation; use "
+                    "train.group_by_length",
+    dummy_image_refusal="its cross-attention mask has no place for an image the text never "
+                        "names; text-only batches train without one (keep "
+                        "train.ddp_find_unused_parameters on under several processes)",
     system_with_images=False,  # its template raises on a system message next to an image
     refused_methods=(("per_part", "the image reaches Llama 3.2 Vision through cross-attention "
                       "over tiled ViT features, not as prompt tokens; VPT prompts have no place "

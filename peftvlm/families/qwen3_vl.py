@@ -96,6 +96,9 @@ _COMMON = dict(
     box_format="abs1000",  # Qwen3-VL grounds with 0-1000 relative integers
     processor_class=processor_class,
     reference_checkpoint="Qwen/Qwen3-VL-2B-Instruct",
+    packing_refusal="Qwen3-VL's 3-D M-RoPE position ids (interleaved text/time/height/width) "
+                    "would have to be rebuilt per packed conversation, which peftvlm does not do "
+                    "yet; use train.group_by_length",
     refused_methods=(("per_part", "VPT prompt tokens need a ViT with a CLS token and a fixed "
                       "patch grid; Qwen3-VL's ViT has neither (native resolution, 2D RoPE, "
                       "patch merging)"),),
