@@ -21,3 +21,14 @@ def widen_output_embeddings(model, std: float = OUTPUT_EMBEDDING_STD) -> None:
         return
     with torch.no_grad():
         head.weight.normal_(0.0, std)
+
+
+def save_tiny(model, processor, out_dir, pad_token_id: int,
+              eos_token_id: int | None = None) -> None:
+    """Save a tiny twin as a Hub checkpoint would be laid out (weights, processor), with the
+    generation settings its eval needs: padding, and the token a reply stops at."""
+    model.generation_config.pad_token_id = pad_token_id
+    if eos_token_id is not None:
+        model.generation_config.eos_token_id = eos_token_id
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)

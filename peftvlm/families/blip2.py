@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from peftvlm.families._tiny import save_tiny
 from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "blip2-peftvlm.jinja"  # a deviation: BLIP-2 ships no chat template
@@ -72,10 +73,7 @@ def build_tiny(out_dir: Path) -> None:
     # their self-attention gets no gradient at all. A trained checkpoint's queries differ.
     with torch.no_grad():
         model.query_tokens.normal_(std=config.qformer_config.initializer_range)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_tiny(model, processor, out_dir, tok.pad_token_id, tok.eos_token_id)
 
 
 SPEC = FamilySpec(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftvlm.families._tiny import save_tiny
 from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "gemma-3.jinja"  # google/gemma-3-*-it's chat template
@@ -57,10 +58,8 @@ def build_tiny(out_dir: Path) -> None:
     # and the vision tower get no gradient at all. A trained checkpoint's projection is not 0.
     with torch.no_grad():
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.02)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<end_of_turn>")
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_tiny(model, processor, out_dir, tok.pad_token_id,
+              tok.convert_tokens_to_ids("<end_of_turn>"))
 
 
 SPEC = FamilySpec(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftvlm.families._tiny import save_tiny
 from peftvlm.families.base import FamilySpec
 
 # The tiny twin carries the template HuggingFaceTB/SmolVLM-*-Instruct (and SmolVLM2) publish;
@@ -56,10 +57,7 @@ def build_tiny(out_dir: Path) -> None:
         pad_token_id=tok.pad_token_id)
     model = Idefics3ForConditionalGeneration(config)
     widen_output_embeddings(model)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_tiny(model, processor, out_dir, tok.pad_token_id, tok.eos_token_id)
 
 
 def image_tokens(image_inputs: dict, config) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from peftvlm.families._tiny import save_tiny
 from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "internvl3-hf.jinja"  # OpenGVLab/InternVL3-*-hf's chat template
@@ -64,10 +65,7 @@ def build_tiny(out_dir: Path) -> None:
                            intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=seq_len)
     model = InternVLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_tiny(model, processor, out_dir, tok.pad_token_id, tok.eos_token_id)
 
 
 SPEC = FamilySpec(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftvlm.families._tiny import save_tiny
 from peftvlm.families.base import FamilySpec
 
 # The tiny twin carries the template llava-hf/llava-1.5-7b-hf publishes. It writes no `</s>`
@@ -41,9 +42,7 @@ def build_tiny(out_dir: Path) -> None:
         vision_feature_select_strategy="default", vision_feature_layer=-2)
     model = LlavaForConditionalGeneration(config)
     widen_output_embeddings(model)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_tiny(model, processor, out_dir, tok.pad_token_id)
 
 
 def image_tokens(image_inputs: dict, config) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftvlm.families._tiny import save_tiny
 from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "llava-v1.6-mistral.jinja"  # llava-hf/llava-v1.6-mistral-7b-hf's chat template
@@ -46,10 +47,7 @@ def build_tiny(out_dir: Path) -> None:
                                   image_grid_pinpoints=GRID_PINPOINTS,
                                   vision_feature_select_strategy="default", vision_feature_layer=-2)
     model = AutoModelForImageTextToText.from_config(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_tiny(model, processor, out_dir, tok.pad_token_id, tok.eos_token_id)
 
 
 SPEC = FamilySpec(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from peftvlm.families._tiny import save_tiny
 from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "llava-onevision-qwen2.jinja"  # llava-hf/llava-onevision-qwen2-*-hf's template
@@ -65,10 +66,7 @@ def build_tiny(out_dir: Path) -> None:
                                   image_grid_pinpoints=GRID_PINPOINTS,
                                   vision_feature_select_strategy="full", vision_feature_layer=-1)
     model = AutoModelForImageTextToText.from_config(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_tiny(model, processor, out_dir, tok.pad_token_id, tok.eos_token_id)
 
 
 SPEC = FamilySpec(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftvlm.families._tiny import save_tiny
 from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "llama-3.2-vision.jinja"  # Llama-3.2-11B-Vision-Instruct's chat template
@@ -56,10 +57,7 @@ def build_tiny(out_dir: Path) -> None:
         for name, param in model.named_parameters():
             if name.endswith(("gate", "_gate", "gate_attn", "gate_ffn")):
                 param.fill_(0.5)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_tiny(model, processor, out_dir, tok.pad_token_id, tok.eos_token_id)
 
 
 SPEC = FamilySpec(

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftvlm.errors import DataError
+from peftvlm.families._tiny import save_tiny
 from peftvlm.families.base import FamilySpec
 
 IMAGE_SIZE, PATCH = 32, 8
@@ -108,10 +109,7 @@ def build_tiny(out_dir: Path) -> None:
         image_token_index=tok.convert_tokens_to_ids("<image>"), vocab_size=len(tok),
         projection_dim=64, hidden_size=64)
     model = PaliGemmaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_tiny(model, processor, out_dir, tok.pad_token_id, tok.eos_token_id)
 
 
 def image_tokens(image_inputs: dict, config) -> tuple[int, int]:

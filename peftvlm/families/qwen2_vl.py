@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from peftvlm.families._tiny import save_tiny
 from peftvlm.families.base import FamilySpec
 
 # The template Qwen2-VL-*-Instruct and Qwen2.5-VL-*-Instruct publish (byte-identical).
@@ -169,10 +170,7 @@ def _build_tiny(version: str, out_dir: Path) -> None:
                                   vision_config=_vision_config(version).to_dict(), **ids)
     model = AutoModelForImageTextToText.from_config(config)
     widen_output_embeddings(model)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_tiny(model, processor, out_dir, tok.pad_token_id, tok.eos_token_id)
 
 
 def build_tiny_qwen2_vl(out_dir: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from peftvlm.families._tiny import save_tiny
 from peftvlm.families.base import FamilySpec, read_template
 from peftvlm.families.qwen2_vl import SPECIAL_TOKENS, _image_only
 
@@ -68,10 +69,7 @@ def _build(out_dir: Path, moe: bool) -> None:
                                   text_config=_text_config(len(tok), tok, moe),
                                   vision_config=vision, **ids)
     model = AutoModelForImageTextToText.from_config(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_tiny(model, processor, out_dir, tok.pad_token_id, tok.eos_token_id)
 
 
 def build_tiny(out_dir: Path) -> None:
