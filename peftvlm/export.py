@@ -328,15 +328,16 @@ def merge_adapter(peft_model):
     return peft_model.merge_and_unload(safe_merge=True)
 
 
-def reload_merged(folder: Path, dtype: str):
-    """Reload the merged folder the way a user would: plain transformers, nothing of ours."""
-    from transformers import AutoModelForImageTextToText
+def reload_merged(folder: Path, dtype: str, auto_class: str = "AutoModelForImageTextToText"):
+    """Reload the merged folder the way a user would: plain transformers (`auto_class`: the
+    generative class, or `AutoModel` for dual encoders), nothing of ours."""
+    import transformers
 
     try:
-        return AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(device())
+        return getattr(transformers, auto_class).from_pretrained(folder, dtype=dtype).to(device())
     except (OSError, ValueError) as exc:
         raise ExportError(f"the merged folder {folder} does not load with "
-                          f"AutoModelForImageTextToText: {str(exc).splitlines()[0]}") from exc
+                          f"{auto_class}: {str(exc).splitlines()[0]}") from exc
 
 
 def quantization_gap(run: Run, batch: dict, merged_logits) -> dict:

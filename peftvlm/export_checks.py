@@ -177,13 +177,14 @@ def check_generation(model, processor, family, row: dict, reference_text: str | 
     return check
 
 
-def check_merged_files(out: Path) -> dict:
-    """Weights as safetensors (no pickles), config, generation config and processor files."""
+def check_merged_files(out: Path, required=("config.json", "generation_config.json")) -> dict:
+    """Weights as safetensors (no pickles), the `required` config files and tokenizer files
+    (dual encoders export no generation config)."""
     names = {p.name for p in out.iterdir()}
-    missing = [n for n in ("config.json", "generation_config.json") if n not in names]
+    missing = [n for n in required if n not in names]
     if not any(n.endswith(".safetensors") for n in names):
         missing.append("*.safetensors")
-    if not names & {"tokenizer.json", "tokenizer.model", "vocab.json"}:
+    if not names & {"tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model"}:
         missing.append("tokenizer files")
     pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth")))
     check = {"files": sorted(names), "passed": not missing and not pickles}

@@ -12,11 +12,10 @@ Probe pairs are the recipe's first held-out rows (a drawn image when its data is
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from peftvlm.errors import ExportError
 from peftvlm.export_checks import (check_adapter_effect, check_adapter_files,
-                                   check_weights_changed, device, probe_rows, weight_probes)
+                                   check_merged_files, check_weights_changed, device, probe_rows,
+                                   weight_probes)
 
 # Features are unit vectors: in float32 a merge is exact to rounding.
 FEATURE_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
@@ -63,37 +62,11 @@ def compare_features(reference, actual, dtype: str, source: str) -> dict:
     return check
 
 
-def check_model_files(out: Path) -> dict:
-    """Weights as safetensors (no pickles), config and tokenizer files."""
-    names = {p.name for p in out.iterdir()}
-    missing = [] if "config.json" in names else ["config.json"]
-    if not any(n.endswith(".safetensors") for n in names):
-        missing.append("*.safetensors")
-    if not names & {"tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model"}:
-        missing.append("tokenizer files")
-    pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth")))
-    check = {"files": sorted(names), "passed": not missing and not pickles}
-    if not check["passed"]:
-        check["error"] = f"missing {missing}" if missing else f"pickled weights {pickles}"
-    return check
-
-
-def reload_plain(folder: Path, dtype: str):
-    """The merged folder loaded the way a user would: transformers' AutoModel, nothing of ours."""
-    from transformers import AutoModel
-
-    try:
-        return AutoModel.from_pretrained(folder, dtype=dtype).to(device())
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"the merged folder {folder} does not load with AutoModel: "
-                          f"{str(exc).splitlines()[0]}") from exc
-
-
 def export_retrieval_merged(run, opts, log) -> dict:
     """Merge, save, reload plainly, compare features."""
     from peft import PeftModel
 
-    from peftvlm.export import load_unquantized_base, merge_adapter
+    from peftvlm.export import load_unquantized_base, merge_adapter, reload_merged
 
     loaded = load_unquantized_base(run.recipe, opts.dtype, run.adapter_dir)
     texts, pixels, source = probe_inputs(run.recipe, loaded)
@@ -103,11 +76,11 @@ def export_retrieval_merged(run, opts, log) -> dict:
     log(f"merging {run.recipe.method.name} adapter into the base in {opts.dtype}")
     merge_adapter(model).save_pretrained(opts.out, max_shard_size=opts.max_shard_size)
     loaded.processor.save_pretrained(opts.out)
-    reloaded = reload_plain(opts.out, opts.dtype)
+    reloaded = reload_merged(opts.out, opts.dtype, "AutoModel")
     checks = {"features": compare_features(reference, features_of(reloaded, texts, pixels),
                                            opts.dtype, source),
               "weights_changed": check_weights_changed(reloaded, probes),
-              "files": check_model_files(opts.out)}
+              "files": check_merged_files(opts.out, required=("config.json",))}
     return {"kind": "merged", "dtype": opts.dtype, "method": run.recipe.method.name,
             "model_class": type(reloaded).__name__, "checks": checks,
             "loading_snippet": loading_snippet(type(reloaded).__name__, None)}
