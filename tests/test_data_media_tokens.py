@@ -111,8 +111,8 @@ def test_typed_media_tokens_are_bad_rows_named_by_line(family, tmp_path, collato
             assert "`<image>` placeholder" in named
     # The `<image>` placeholder is the image, counted once (also where it is the family's
     # token): the kept row encodes exactly like an image item.
-    native = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text",
-                                                                            "text": "What colour?"}]},
+    question = [{"type": "image"}, {"type": "text", "text": "What colour?"}]
+    native = {"messages": [{"role": "user", "content": question},
                            {"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
               "images": data.train[0]["images"]}
     assert ids_of(collator, data.train[0]) == ids_of(collator, native)

@@ -49,11 +49,12 @@ def preview(recipe, n: int = 3, console=None) -> list[dict]:
     for i, row in enumerate(data.train[:n]):
         text, counts = render_example(collator, row, collator.family.image_token)
         videos = f", {len(row['videos'])} video(s)" if row.get("videos") else ""
-        console.print(Rule(f"example {i}: {counts['tokens']} tokens, {counts['trained_tokens']} "
-                           f"carry loss, {counts['image_tokens']} image tokens "
-                           f"({len(row['images'])} image(s){videos})", align="left"))
+        named = f" ({row['row_id']})" if row.get("row_id") else ""  # its file:line / file:row N
+        console.print(Rule(f"example {i}{named}: {counts['tokens']} tokens, "
+                           f"{counts['trained_tokens']} carry loss, {counts['image_tokens']} image "
+                           f"tokens ({len(row['images'])} image(s){videos})", align="left"))
         console.print(text)
-        shown.append(counts)
+        shown.append({**counts, "row_id": row.get("row_id"), "images": len(row["images"])})
     return shown
 
 
