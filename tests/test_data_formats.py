@@ -383,7 +383,9 @@ def test_parquet_and_dataset_rows_are_named_by_their_place_in_the_file(tmp_path,
     assert data.overflow["first_rows"][0].startswith("t.parquet:row 3 (")
     console = Console(record=True, width=200)
     preview(recipe, n=3, console=console)
-    assert "example 2 (t.parquet:row 4)" in console.export_text()
+    out = console.export_text()
+    assert "example 2 (t.parquet:row 4)" in out
+    assert "bad rows (train) missing_image: 1, e.g. t.parquet:row 2 (img/missing.png" in out
     # A saved DatasetDict read as train[2:] and a folder of data files (read like a Hub repo)
     # as train[1:]: rows keep their index in the whole split.
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(
