@@ -80,12 +80,20 @@ FORMATS = {
                         lambda f, rel, c: openai(f"file://{(f / rel).resolve()}", c)),
     "openai_data_url": ("od.jsonl", "openai_messages",
                         lambda f, rel, c: openai(data_url(f / rel), c)),
+    "placeholder_parquet": ("p.parquet", "messages", lambda f, rel, c: {
+        "messages": [{"role": "user", "content": f"<image>{QUESTION}"},
+                     {"role": "assistant", "content": c}], "images": [rel]}),
 }
 
 
 def write_rows(path, rows) -> None:
     if path.suffix == ".json":
         path.write_text(json.dumps(rows, indent=2))
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
     else:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -115,6 +123,10 @@ def recipe_at(tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "native"])
 def test_every_format_encodes_exactly_like_the_native_rows(fmt, family, tmp_path, collators):
+    """The quickstart's colour task in each format gives the IDENTICAL batch (token ids, label
+    masks, pixels) as the native rows, so it trains exactly like the native format by
+    construction (`test_the_quickstart_task_as_llava_json_trains_exactly_like_native` also
+    runs the training once); the native batch's labels are the answers alone."""
     path, detected = write_format(tmp_path, fmt)
     native_path, _ = write_format(tmp_path, "native")
     got, want = rows_of(tmp_path, path.name), rows_of(tmp_path, native_path.name)
@@ -130,6 +142,11 @@ def test_every_format_encodes_exactly_like_the_native_rows(fmt, family, tmp_path
     expansion = {"llava": 16, "qwen2_vl": 4}[family]
     assert text.count(collator.family.image_token) == expansion
     assert family == "llava" or "<image>" not in text
+    tokenizer = collator.processor.tokenizer
+    answers = [tokenizer.decode(ids[labels != -100]) for ids, labels in
+               zip(b["input_ids"], b["labels"])]
+    assert all(a.strip().startswith(c) for a, c in zip(answers, COLOURS)), answers  # + end of turn
+    assert (b["labels"] != -100).sum(dim=1).tolist() == [2, 2, 2]
 
 
 def test_base_dir_is_the_recipe_folder(tmp_path):
@@ -140,21 +157,29 @@ def test_base_dir_is_the_recipe_folder(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_preview_names_the_format_and_counts_images_and_loss(family, tmp_path, data_cache):  # noqa: F811
+    """Every format as one source each of one recipe: `data preview` names each source's
+    format and shows each row with its one image, its image tokens and loss on the answer."""
     from peftvlm.data.report import preview
 
-    path, _ = write_format(tmp_path, "llava_json")
+    files = {name: write_format(tmp_path, name) for name in FORMATS}
     recipe = validate_recipe_dict({"name": "p", "model": {"id": FAMILIES[family]},
-                                   "method": {"name": "lora"}, "data": {"train": path.name}})
+                                   "method": {"name": "lora"},
+                                   "data": {"train": [{"path": p.name}
+                                                      for p, _ in files.values()]}})
     recipe.source_path = tmp_path / "r.yaml"
     console = Console(record=True, width=200)
-    shown = preview(recipe, n=3, console=console)
+    shown = preview(recipe, n=3 * len(FORMATS), console=console)
     out = console.export_text()
+    for path, detected in files.values():
+        assert f"train {path.name}: format: {detected}, 3 rows" in out
     assert "train llava.json: format: llava_conversations, 3 rows" in out
     per_image = {"llava": 16, "qwen2_vl": 4}[family]
-    assert [s["image_tokens"] for s in shown] == [per_image] * 3
+    assert [s["image_tokens"] for s in shown] == [per_image] * 3 * len(FORMATS)
+    assert [s["images"] for s in shown] == [1] * 3 * len(FORMATS)
     # Loss only on the one-word answer and its end-of-turn token.
-    assert [s["trained_tokens"] for s in shown] == [2, 2, 2]
+    assert [s["trained_tokens"] for s in shown] == [2] * 3 * len(FORMATS)
     assert family == "llava" or "<image>" not in out
+    assert "example 0 (n.jsonl:1)" in out and "(llava.json:" in out and "(p.parquet:row 2)" in out
 
 
 def test_interleaved_images_stand_where_the_tags_are_on_qwen_and_first_on_llava(tmp_path,
@@ -307,3 +332,68 @@ def test_the_quickstart_task_as_llava_json_trains_exactly_like_native(tmp_path):
         curves[name] = [loss for _, loss in summary["loss_curve"]]
     assert curves["llava.json"] == pytest.approx(curves["train.jsonl"], abs=1e-5)
     assert len(curves["llava.json"]) == 8 and curves["llava.json"][-1] < curves["llava.json"][0]
+
+
+def write_one_per_line(path, rows) -> None:
+    """Like `write_rows`, but a JSON list with one row per line (row i starts on line i + 2)."""
+    if path.suffix == ".json":
+        path.write_text("[\n" + ",\n".join(map(json.dumps, rows)) + "\n]\n")
+    else:
+        write_rows(path, rows)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_wrong_placeholder_count_is_a_bad_row_named_by_its_line_in_every_format(fmt, tmp_path,
+                                                                                   recipe_at):
+    file_name, detected, make = FORMATS[fmt]
+    (rel, colour), *_ = task_images(tmp_path)
+    good = make(tmp_path, rel, colour)
+    # Two more <image> tags than images, in whatever text the format carries the question in.
+    bad = json.loads(json.dumps(good).replace(QUESTION, "<image><image>" + QUESTION))
+    write_one_per_line(tmp_path / file_name, [good, bad, good])
+    data = recipe_at(file_name)
+    assert data.sources[0]["format"] == detected and len(data.train) == 2
+    name = {".json": f"{file_name}:3", ".parquet": f"{file_name}:row 1"}.get(
+        (tmp_path / file_name).suffix, f"{file_name}:2")
+    assert data.bad_rows["train"]["image_count"]["first_rows"][0].startswith(f"{name} (")
+
+
+def test_parquet_and_dataset_rows_are_named_by_their_place_in_the_file(tmp_path, collators):
+    """Bad-row, overflow and preview reports name a Parquet row by its position in the file
+    and a `datasets` row by its index in the whole split, also when the split is sliced."""
+    import datasets
+
+    from peftvlm.data.loading import prepare_data
+    from peftvlm.data.report import preview
+
+    task_images(tmp_path)
+    make = FORMATS["placeholder_parquet"][2]
+    rows = [make(tmp_path, f"img/{c}.png", c) for c in ["red", "green", "blue", "red", "green"]]
+    rows[2] = make(tmp_path, "img/missing.png", "blue")                         # a bad row
+    rows[3]["messages"][0]["content"] = "<image>" + "very long question " * 40  # over max_length
+    write_rows(tmp_path / "t.parquet", rows)
+    recipe = validate_recipe_dict({"name": "pq", "model": {"id": "tiny-llava"},
+                                   "method": {"name": "lora"}, "data": {"train": "t.parquet"},
+                                   "train": {"max_length": 100}})
+    recipe.source_path = tmp_path / "r.yaml"
+    data = prepare_data(recipe, collators["llava"])
+    assert data.train.row_ids == ["t.parquet:row 0", "t.parquet:row 1", "t.parquet:row 4"]
+    assert data.bad_rows["train"]["missing_image"]["first_rows"][0].startswith(
+        "t.parquet:row 2 (img/missing.png not found")
+    assert data.overflow["first_rows"][0].startswith("t.parquet:row 3 (")
+    console = Console(record=True, width=200)
+    preview(recipe, n=3, console=console)
+    out = console.export_text()
+    assert "example 2 (t.parquet:row 4)" in out
+    assert "bad rows (train) missing_image: 1, e.g. t.parquet:row 2 (img/missing.png" in out
+    # A saved DatasetDict read as train[2:] and a folder of data files (read like a Hub repo)
+    # as train[1:]: rows keep their index in the whole split.
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(
+        str(tmp_path / "saved"))
+    (tmp_path / "hub").mkdir()
+    write_rows(tmp_path / "hub" / "train.jsonl", rows)
+    for name, split, kept in (("saved", "train[2:]", [3, 4]), ("hub", "train[1:]", [1, 3, 4])):
+        got = rows_of(tmp_path, [{"dataset": name, "split": split, "image_root": "."}])
+        assert got.train.row_ids == [f"{name}[train][{i}]" for i in kept]
+        assert got.bad_rows["train"]["missing_image"]["first_rows"][0].startswith(
+            f"{name}[train][2] (img/missing.png not found")

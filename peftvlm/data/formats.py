@@ -202,6 +202,48 @@ def no_format_error(records: list, name: str):
                          "data template (`peftvlm ls templates`) that builds them from columns")
 
 
+def media_token_hits(rows, tokens: tuple[str, ...]) -> list[tuple[int, str, str]]:
+    """(row index, token, role) for each row of `rows` (a `table.Rows`) whose message text
+    holds one of `tokens`: a family's own image / video tokens, typed in the text, would be read
+    as media by its processor (see `FamilySpec.media_tokens`). One regex over the rows' JSON
+    text in Arrow finds the candidates, so a warm start of a large source decodes no row; only
+    candidates are decoded, to confirm the token stands in a message's text."""
+    import pyarrow.compute as pc
+
+    if not tokens or not len(rows):
+        return []
+    pattern = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
+    found = pc.indices_nonzero(pc.match_substring_regex(rows.column("row"), pattern))
+    hits = []
+    for index in found.to_pylist():
+        hit = token_in_text(rows[index]["messages"], tokens)
+        if hit:
+            hits.append((index, *hit))
+    return hits
+
+
+def token_in_text(messages: list[dict], tokens: tuple[str, ...]) -> tuple[str, str] | None:
+    """The first of `tokens` to stand in a message's text items, with that message's role."""
+    for m in messages:
+        for item in m["content"]:
+            text = (item.get("text") or "") if item.get("type") == "text" else ""
+            found = [(text.index(t), -len(t), t) for t in tokens if t in text]
+            if found:
+                return min(found)[2], m["role"]
+    return None
+
+
+def media_token_detail(token: str, role: str, family_name: str) -> str:
+    """Why a row holding `token` in its text is refused, and what to write instead."""
+    if token in ("<image>", "<video>"):  # still in text: a data template wrote it from a column
+        fix = "remove it from the column (the data template places the media itself)"
+    else:
+        fix = ("remove it and mark where each image stands with an `<image>` placeholder (or an "
+               "image item), listing the images in `images`")
+    return (f"`{token}` typed in {role} text is {family_name}'s own image/video token, which its "
+            f"processor would read as media: {fix}")
+
+
 def interleaving_note(rows: list[dict], family) -> str | None:
     """Say so when rows place images mid-text but the family's template puts them first."""
     if family.interleaved_images:

@@ -28,7 +28,8 @@ from peftvlm.errors import DataError
 
 CACHE_MIN_ROWS = 1000      # below this, rendering is faster than reading a cache file
 PARALLEL_MIN_ROWS = 2000   # below this, starting worker processes costs more than it saves
-CACHE_VERSION = "5"        # bump when rendering changes (4: Arrow tables, row_id; 5: row formats)
+CACHE_VERSION = "6"        # bump when rendering changes (4: Arrow tables, row_id; 5: row formats;
+                           # 6: Parquet / datasets rows named by their place in the file / split)
 
 
 @dataclass
@@ -211,6 +212,11 @@ def load_source(src, data_cfg, base_dir: Path, box_format: str = "norm1",
             from peftvlm.data.lengths import with_lengths
 
             on_disk = folder if folder and (folder / "meta.json").is_file() else None
+            # Before counting: the processor would read such rows' text as extra media. The
+            # cached lengths are of the whole table, so a source that loses rows counts afresh.
+            kept = drop_media_token_rows(loaded.rows, collator.family, loaded.report)
+            if kept is not loaded.rows:
+                on_disk, loaded.rows = None, kept
             loaded.rows = with_lengths(loaded.rows, collator, data_cfg.num_proc, on_disk)
     return loaded
 
@@ -347,6 +353,8 @@ def load_rows(recipe, box_format: str = "norm1", collator=None) -> PreparedData:
                                                    "train", mixing=True, collator=collator)
     evaluation, eval_report, eval_info = load_section(eval_sources, data_cfg, base, box_format,
                                                       "eval", mixing=False)
+    if collator is not None:  # training rows were checked per source, before counting
+        evaluation = drop_media_token_rows(evaluation, collator.family, eval_report)
     enforce_policy(train_report, data_cfg.on_bad_row, "data.train")
     enforce_policy(eval_report, data_cfg.on_bad_row, "data.eval")
     if not len(train):
@@ -381,6 +389,22 @@ def drop_overflowing(rows: Rows, max_length: int, policy: str, what: str):
             "longest": int(lengths.max()) if len(lengths) else 0, "first_rows": examples}
     kept = rows if not len(over) else rows.select(np.flatnonzero(lengths <= max_length))
     return kept, info
+
+
+def drop_media_token_rows(rows: Rows, family, report: BadRowReport) -> Rows:
+    """`rows` without those whose text holds the family's own image/video tokens (typed
+    `<|image_pad|>`, `<start_of_image>`...), each counted in `report` as `media_token_in_text`
+    with the token and the fix; `rows` itself when none does."""
+    from peftvlm.data.formats import media_token_detail, media_token_hits
+
+    hits = media_token_hits(rows, family.literal_media_tokens())
+    if not hits:
+        return rows
+    ids = rows.row_ids
+    for index, token, role in hits:
+        report.add("media_token_in_text", ids[index], media_token_detail(token, role, family.name))
+    bad = {index for index, _, _ in hits}
+    return rows.select([i for i in range(len(rows)) if i not in bad])
 
 
 def drop_unfit_rows(rows, family, policy: str, what: str, report: dict):

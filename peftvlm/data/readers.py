@@ -12,7 +12,10 @@ Kinds (by `source.format`, else the path's suffix):
 - `dataset:` a `datasets` folder saved with `save_to_disk` (split slicing as in `datasets`), or a
   Hub id read with `load_dataset` (`streaming: true` reads lazily and stops at `max_samples`).
 
-Row ids (`file:line`, `file[index]`) are what bad-row reports name.
+Row ids are what bad-row, overflow and preview reports name: the row's place in the original
+file or dataset, before any slicing, skipping or `max_samples`: `file:line` (JSONL, CSV, a JSON
+list: the line a row starts on), `file:row N` (Parquet, 0-based as `pyarrow`/pandas count) and
+`name[split][N]` (a `datasets` split, N its index in the whole split, as `dataset[split][N]`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from peftvlm.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VQAV2_PATTERN = "{data_subtype}/COCO_{data_subtype}_{image_id:012d}.jpg"
+SINGLE_SLICE = re.compile(r"[\w.-]+\[[^\]+]*\]")  # `train[:10%]`, not `train[:5]+test`
 
 
 @dataclass
@@ -204,7 +208,12 @@ def read_parquet(path: Path) -> list[tuple[str, Any]]:
         rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises its own hierarchy for unreadable files
         raise DataError(f"{path}: cannot read Parquet: {exc}") from exc
-    return [(f"{path.name}[{i}]", r) for i, r in enumerate(rows)]
+    return [(parquet_row_id(path, i), r) for i, r in enumerate(rows)]
+
+
+def parquet_row_id(path: Path, index: int) -> str:
+    """A Parquet row by its 0-based position in the file (`pq.read_table(path)[index]`)."""
+    return f"{path.name}:row {index}"
 
 
 def read_image_folder(path: Path) -> list[tuple[str, Any]]:
@@ -288,29 +297,35 @@ def read_dataset(src, base_dir: Path) -> SourceData:
     name = src.dataset or src.path
     local = (base_dir / name).resolve()
     root = (base_dir / src.image_root).resolve() if src.image_root else None
+    split = src.split
     if local.is_dir() and is_saved_dataset(local):
-        dataset = load_saved_split(local, src.split)
+        dataset, indices = load_saved_split(local, split)
         files = sorted(p for p in local.rglob("*") if p.is_file())
-        return SourceData(name, dataset_records(dataset, name), root or local, files)
+        return SourceData(name, dataset_records(dataset, name, split, indices), root or local,
+                          files)
     import datasets
 
-    split = src.split
     if src.streaming and "[" in split:
         raise DataError(f"data source {name}: streaming reads whole splits; use "
                         f"max_samples instead of slicing ({split!r})")
+    # One sliced split (`train[10:20]`) is read whole and sliced here, so that rows keep their
+    # index in the split; `datasets` would number a slice from 0.
+    whole = split.split("[")[0] if SINGLE_SLICE.fullmatch(split) and not src.streaming else split
     try:
         # A local folder of data files (not saved with save_to_disk) is read like a Hub repo.
-        dataset = datasets.load_dataset(str(local) if local.is_dir() else name, split=split,
+        dataset = datasets.load_dataset(str(local) if local.is_dir() else name, split=whole,
                                         streaming=src.streaming)
     except Exception as exc:  # datasets raises many types (network, missing config...)
         raise DataError(f"data source {name}: cannot load dataset: {str(exc).splitlines()[0]}",
                         hint="give a Hub id (needs network), or a folder saved with "
                              "Dataset.save_to_disk, relative to the recipe") from exc
-    return SourceData(name, dataset_records(dataset, name), root or base_dir)
+    dataset, indices = slice_split(dataset, split, name) if whole != split else (dataset, None)
+    return SourceData(name, dataset_records(dataset, name, split, indices), root or base_dir)
 
 
 def load_saved_split(path: Path, split: str):
-    """`load_from_disk`, then the split (for a DatasetDict) and its slice (`train[:10%]`)."""
+    """`load_from_disk`, then the split (for a DatasetDict) and its slice (`train[:10%]`):
+    (dataset, the rows' indices in the whole split, or None when not sliced)."""
     import datasets
 
     loaded = datasets.load_from_disk(str(path))
@@ -319,28 +334,38 @@ def load_saved_split(path: Path, split: str):
         if name not in loaded:
             raise DataError(f"dataset {path} has no split {name!r}; it has {', '.join(loaded)}")
         loaded = loaded[name]
-    if "[" not in split:
-        return loaded
+    return slice_split(loaded, split, path) if "[" in split else (loaded, None)
+
+
+def slice_split(dataset, split: str, where):
+    """`dataset` (one whole split) sliced as `split` says (`train[10:20]`, `train[:10%]`),
+    with the kept rows' indices in the whole split."""
+    import datasets
+
+    name = split.split("[")[0]
     try:
-        parts = datasets.ReadInstruction.from_spec(split).to_absolute({name: len(loaded)})
+        parts = datasets.ReadInstruction.from_spec(split).to_absolute({name: len(dataset)})
     except (ValueError, AssertionError) as exc:
-        raise DataError(f"dataset {path}: bad split {split!r}: {exc}",
+        raise DataError(f"dataset {where}: bad split {split!r}: {exc}",
                         hint="write e.g. train, train[:1000] or train[10%:20%]") from exc
     indices = [i for p in parts for i in range(p.from_, p.to)]
-    return loaded.select(indices)
+    return dataset.select(indices), indices
 
 
-def dataset_records(dataset, name: str) -> Iterable[tuple[str, Any]]:
-    """Rows with `Image` features kept encoded (`{"bytes", "path"}`), decoded when batched."""
+def dataset_records(dataset, name: str, split: str = "train",
+                    indices: list[int] | None = None) -> Iterable[tuple[str, Any]]:
+    """Rows with `Image` features kept encoded (`{"bytes", "path"}`), decoded when batched,
+    named `name[split][i]` by their index i in the whole split (`indices`: of a slice)."""
     import datasets
 
     features = getattr(dataset, "features", None) or {}
     for column, feature in features.items():
         if isinstance(feature, datasets.Image) and feature.decode:
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
-    label = name.rstrip("/").split("/")[-1]
+    label, split = name.rstrip("/").split("/")[-1], split.split("[")[0]
     rows = dataset.to_list() if isinstance(dataset, datasets.Dataset) else dataset
-    return ((f"{label}[{i}]", row) for i, row in enumerate(rows))
+    positions = itertools.count() if indices is None else indices
+    return ((f"{label}[{split}][{i}]", row) for i, row in zip(positions, rows))
 
 
 def take(records: Iterable, limit: int | None) -> list:

@@ -42,6 +42,7 @@ def preview(recipe, n: int = 3, console=None) -> list[dict]:
     console.print(f"{recipe.name}: {len(data.train)} training rows, {len(data.eval)} held-out; "
                   f"tokens that carry loss in [bold green]green[/]")
     print_formats(data.sources, console)
+    print_bad_rows(data.bad_rows, console)
     note = interleaving_note(data.train, collator.family)
     if note:
         console.print(f"note: {note}")
@@ -49,11 +50,12 @@ def preview(recipe, n: int = 3, console=None) -> list[dict]:
     for i, row in enumerate(data.train[:n]):
         text, counts = render_example(collator, row, collator.family.image_token)
         videos = f", {len(row['videos'])} video(s)" if row.get("videos") else ""
-        console.print(Rule(f"example {i}: {counts['tokens']} tokens, {counts['trained_tokens']} "
-                           f"carry loss, {counts['image_tokens']} image tokens "
-                           f"({len(row['images'])} image(s){videos})", align="left"))
+        named = f" ({row['row_id']})" if row.get("row_id") else ""  # its file:line / file:row N
+        console.print(Rule(f"example {i}{named}: {counts['tokens']} tokens, "
+                           f"{counts['trained_tokens']} carry loss, {counts['image_tokens']} image "
+                           f"tokens ({len(row['images'])} image(s){videos})", align="left"))
         console.print(text)
-        shown.append(counts)
+        shown.append({**counts, "row_id": row.get("row_id"), "images": len(row["images"])})
     return shown
 
 
@@ -62,6 +64,14 @@ def print_formats(sources: list[dict], console) -> None:
     for s in sources:
         console.print(f"{s['section']} {s['source']}: format: {s['format']}, "
                       f"{s['records']:,} rows", highlight=False)
+
+
+def print_bad_rows(bad_rows: dict, console) -> None:
+    """One line per section and reason: how many rows were left out, and the first ones."""
+    for section, reasons in bad_rows.items():
+        for reason, info in reasons.items():
+            console.print(f"bad rows ({section}) {reason}: {info['count']}, e.g. "
+                          f"{'; '.join(info['first_rows'][:2])}", highlight=False)
 
 
 def stats(recipe, plot_path: Path) -> dict:
@@ -140,10 +150,7 @@ def print_stats(result: dict, console=None) -> None:
     console.print(f"over train.max_length={over['max_length']}: {over['count']} row(s) "
                   f"(data.on_overflow: {over['policy']})"
                   + (f", e.g. {', '.join(over['first_rows'][:3])}" if over["count"] else ""))
-    for section, reasons in result["bad_rows"].items():
-        for reason, info in reasons.items():
-            console.print(f"bad rows ({section}) {reason}: {info['count']}, e.g. "
-                          f"{'; '.join(info['first_rows'][:2])}")
+    print_bad_rows(result["bad_rows"], console)
     for note in result.get("notes", []):
         console.print(f"note: {note}")
     console.print(f"histogram: {result['histogram']}")

@@ -67,6 +67,11 @@ class FamilySpec:
     qformer_module: str | None = None
     qformer_targets: tuple[str, ...] = ("query", "key", "value", "dense")
     image_token: str | None = "<image>"
+    # The other special tokens that stand for or frame an image / video in the text the
+    # processor reads (Qwen's `<|vision_start|>`, Gemma 3's `<start_of_image>`...). Typed in a
+    # row's text, these and `image_token` would be read as media: such rows are bad rows
+    # (`media_token_in_text`). Tests check the list against what each processor writes.
+    media_tokens: tuple[str, ...] = ()
     # Whether rows may carry `videos` (`{"type": "video"}` items): the processor the family
     # loads must turn frame arrays into the model's video inputs (see qwen2_vl.py).
     takes_video: bool = False
@@ -162,6 +167,10 @@ class FamilySpec:
                                                            for m in messages):
             return f"{self.name}_system_prompt_with_image"
         return None
+
+    def literal_media_tokens(self) -> tuple[str, ...]:
+        """`image_token` and `media_tokens`: the special tokens a row's text must not hold."""
+        return tuple(dict.fromkeys(t for t in (self.image_token, *self.media_tokens) if t))
 
     def refusal(self, method_name: str) -> str | None:
         """Why this family cannot take `method_name`, or None."""

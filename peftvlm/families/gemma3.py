@@ -70,6 +70,7 @@ SPEC = FamilySpec(
     language_module="model.language_model",
     projector_targets=(),  # mm_input_projection_weight is an nn.Parameter, not a Linear
     image_token="<image_soft_token>",
+    media_tokens=("<start_of_image>", "<end_of_image>"),  # an image item renders as boi
     end_of_turn="<end_of_turn>",
     tiny_name="tiny-gemma3",
     build_tiny=build_tiny,

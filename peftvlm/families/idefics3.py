@@ -78,6 +78,9 @@ SPEC = FamilySpec(
     vision_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
     projector_targets=("proj",),  # connector.modality_projection.proj
     image_token="<image>",
+    # Each image is framed by these; tiles are tagged <row_i_col_j> (the processor's 6 x 6).
+    media_tokens=("<fake_token_around_image>", "<global-img>", "<video>",
+                  *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))),
     end_of_turn="<end_of_utterance>",
     tiny_name="tiny-smolvlm",
     reference_checkpoint="HuggingFaceTB/SmolVLM-256M-Instruct",

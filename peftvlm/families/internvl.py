@@ -77,6 +77,7 @@ SPEC = FamilySpec(
     vision_targets=("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"),
     projector_targets=("linear_1", "linear_2"),
     image_token="<IMG_CONTEXT>",
+    media_tokens=("<img>", "</img>", "<video>"),
     end_of_turn="<|im_end|>",
     tiny_name="tiny-internvl",
     build_tiny=build_tiny,

@@ -77,6 +77,7 @@ SPEC = FamilySpec(
     language_module="model.language_model",
     projector_targets=("linear_1", "linear_2"),
     image_token="<image>",
+    media_tokens=("<video>",),
     end_of_turn="<|im_end|>",
     tiny_name="tiny-llava-onevision",
     build_tiny=build_tiny,

@@ -194,6 +194,7 @@ _COMMON = dict(
     projector_module="model.visual.merger",
     language_module="model.language_model",
     image_token="<|image_pad|>",
+    media_tokens=("<|vision_start|>", "<|vision_end|>", "<|video_pad|>"),
     end_of_turn="<|im_end|>",
     box_format="abs1000",
     takes_video=True,

@@ -90,6 +90,7 @@ _COMMON = dict(
     vision_targets=("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
     projector_targets=("linear_fc1", "linear_fc2"),
     image_token="<|image_pad|>",
+    media_tokens=("<|vision_start|>", "<|vision_end|>", "<|video_pad|>"),
     end_of_turn="<|im_end|>",
     box_format="abs1000",  # Qwen3-VL grounds with 0-1000 relative integers
     processor_class=processor_class,
