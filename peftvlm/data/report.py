@@ -48,7 +48,8 @@ def preview(recipe, n: int = 3, console=None) -> list[dict]:
     shown = []
     for i, row in enumerate(data.train[:n]):
         text, counts = render_example(collator, row, collator.family.image_token)
-        videos = f", {len(row['videos'])} video(s)" if row.get("videos") else ""
+        videos = (f", {len(row['videos'])} video(s), {counts['video_tokens']} video tokens"
+                  if row.get("videos") else "")
         console.print(Rule(f"example {i}: {counts['tokens']} tokens, {counts['trained_tokens']} "
                            f"carry loss, {counts['image_tokens']} image tokens "
                            f"({len(row['images'])} image(s){videos})", align="left"))

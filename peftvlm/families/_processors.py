@@ -3,8 +3,9 @@
 transformers builds video processors on torchvision; without it the stock `InternVLProcessor`
 and `LlavaOnevisionProcessor` cannot even be constructed. `image_only(cls, init)` is a subclass
 whose sub-processors are just the image processor and tokenizer, so it builds, saves and loads
-without torchvision (videos are not supported through it). `with_init(cls, init)` is the same
-mechanism for other `__init__` fixes (BLIP-2's processor drops its chat template).
+without torchvision (`init` may attach a NumPy video processor, as LLaVA-OneVision's does).
+`with_init(cls, init)` is the same mechanism for other `__init__` fixes (BLIP-2's processor
+drops its chat template).
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ projector, and a Qwen3 language model with interleaved multimodal rotary positio
 The dense and MoE checkpoints share module names and the chat template; the MoE language model
 keeps its experts as fused 3D weights (no nn.Linear), so LoRA there reaches attention only.
 Like Qwen2-VL, the stock processor wants a torchvision video processor: `processor_class` is
-the image-only subclass.
+the image-only subclass, carrying `Qwen3FramesVideoProcessor` (NumPy) for rows with videos. The
+processor itself (transformers' `Qwen3VLProcessor.replace_video_token`) writes each temporal
+patch of a clip as `<t seconds><|vision_start|><|video_pad|>...<|vision_end|>`, t the mean
+timestamp of the patch's frames, from the clip's `video_metadata` (peftvlm.data.video.metadata).
 """
 
 from __future__ import annotations
@@ -15,10 +18,31 @@ from pathlib import Path
 
 from peftvlm.families._tiny import save_tiny
 from peftvlm.families.base import FamilySpec, read_template
-from peftvlm.families.qwen2_vl import SPECIAL_TOKENS, _image_only
+from peftvlm.families.qwen2_vl import SPECIAL_TOKENS, FramesVideoProcessor, _image_only
 
 TEMPLATE_FILE = "qwen3-vl.jinja"  # Qwen/Qwen3-VL-2B-Instruct's chat template
 PATCH, MERGE = 8, 2
+
+
+class Qwen3FramesVideoProcessor(FramesVideoProcessor):
+    """transformers' `Qwen3VLVideoProcessor` over decoded frames: Qwen2-VL's patch layout (the
+    same permutation in its `patchify`), with Qwen3-VL's resize rule, whose pixel budget spans
+    the whole clip (`smart_resize(num_frames, ...)` compares frames x height x width with
+    min/max pixels). The processor's sizes are the image processor's (16 px patches on real
+    checkpoints), each frame given the image's pixel budget."""
+
+    def target_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        t = self.temporal_patch_size
+        # its smart_resize refuses a clip shorter than one temporal patch, which `patchify`
+        # fills by repeating the last frame: size it as that filled clip
+        frames = max(num_frames, t)
+        t_bar = round(frames / t) * t  # the frame count its budget is compared with
+        return smart_resize(frames, height, width, temporal_factor=t,
+                            factor=self.patch_size * self.merge_size,
+                            min_pixels=self.min_pixels * t_bar,
+                            max_pixels=self.max_pixels * t_bar)
 
 
 @functools.cache
@@ -26,7 +50,7 @@ def processor_class():
     """Qwen3-VL's processor without the video processor (see `qwen2_vl._image_only`)."""
     from transformers.models.qwen3_vl import Qwen3VLProcessor
 
-    return _image_only(Qwen3VLProcessor)
+    return _image_only(Qwen3VLProcessor, Qwen3FramesVideoProcessor)
 
 
 def _text_config(vocab_size: int, tok, moe: bool) -> dict:
@@ -91,6 +115,7 @@ _COMMON = dict(
     projector_targets=("linear_fc1", "linear_fc2"),
     image_token="<|image_pad|>",
     end_of_turn="<|im_end|>",
+    takes_video=True,
     box_format="abs1000",  # Qwen3-VL grounds with 0-1000 relative integers
     processor_class=processor_class,
     reference_checkpoint="Qwen/Qwen3-VL-2B-Instruct",
