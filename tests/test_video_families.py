@@ -161,3 +161,33 @@ def test_smolvlm_refuses_video_rows_with_its_reason(tmp_path):
     with pytest.raises(DataError, match="SmolVLMVideoProcessor.*needs torchvision") as err:
         check_video_support(rows, FAMILIES["smolvlm"], "tiny-smolvlm")
     assert all(name in err.value.hint for name in VIDEO_FAMILIES)
+
+
+def test_qwen3_vl_sizes_clips_by_the_checkpoints_video_config(tmp_path, data_cache):  # noqa: F811
+    """The video config a checkpoint ships (the twin ships one, as Qwen3-VL checkpoints do) sets
+    the clip's pixel budget; saving the processor writes it back. A budget of 1,024 pixels per
+    4-frame clip: Qwen3-VL's smart_resize gives sqrt(4 x 32 x 32 / 1024) = 2, 32 -> 16 px
+    frames, one token per temporal patch."""
+    import json
+    import shutil
+
+    from peftvlm.models import tiny_model_path
+
+    spec = FAMILIES["qwen3_vl"]
+    twin = tiny_model_path(spec.tiny_name)
+    config = json.loads((twin / "video_preprocessor_config.json").read_text())
+    assert config["video_processor_type"] == "Qwen3VLVideoProcessor"
+    assert processor_of(spec).video_processor.max_pixels == config["size"]["longest_edge"]
+    small = tmp_path / "small"
+    shutil.copytree(twin, small)
+    config["size"]["longest_edge"] = 1024
+    (small / "video_preprocessor_config.json").write_text(json.dumps(config))
+    processor = spec.processor_class().from_pretrained(small)
+    rows = clip_rows(tmp_path, spec.tiny_name,
+                     [video_row(write_folder(tmp_path / "clip", ["red", "blue", "red", "blue"]))])
+    batch = ConversationCollator(processor, spec)(rows)
+    assert batch["video_grid_thw"].tolist() == [[2, 2, 2]]
+    assert (batch["input_ids"] == processor.video_token_id).sum() == 2
+    processor.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "video_preprocessor_config.json").read_text())
+    assert saved["size"]["longest_edge"] == 1024

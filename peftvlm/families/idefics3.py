@@ -87,7 +87,7 @@ SPEC = FamilySpec(
     # SmolVLMProcessor + SmolVLMVideoProcessor; the latter is built on torchvision.
     video_refusal="Idefics3 / SmolVLM v1 take no video, and SmolVLM2's video processor "
                   "(SmolVLMVideoProcessor) needs torchvision, which does not load with this "
-                  "torch build",
+                  "torch build; peftvlm has no NumPy frames processor for it yet",
     # a blank image needs no tiles: one view of 64 tokens instead of up to 17
     dummy_image_options=(("do_image_splitting", False),),
 )

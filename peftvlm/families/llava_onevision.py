@@ -28,14 +28,26 @@ UNIFORM_FRAMES = ("stacks a batch's clips into one (clips, frames, 3, H, W) tens
 
 class OnevisionFramesVideoProcessor:
     """transformers' `LlavaOnevisionVideoProcessor` over decoded frames, in NumPy and Pillow:
-    every frame resized to the vision tower's square input (the image processor's `size`,
-    bicubic), rescaled and normalised with the image processor's mean / std (checkpoints ship the
-    same values for both), a batch's clips stacked as `pixel_values_videos`."""
+    every frame resized to the vision tower's square input (bicubic), rescaled and normalised,
+    a batch's clips stacked as `pixel_values_videos`. Sizes and mean / std are the checkpoint's
+    video config's when loaded (`configure`; transformers falls back to the image processor's
+    config, and so do these), else the image processor's."""
 
     model_input_names = ["pixel_values_videos"]
 
     def __init__(self, image_processor, fps: float = 2.0):
-        self.image_processor, self.fps = image_processor, fps
+        self.image_processor, self.fps, self.video_config = image_processor, fps, None
+        self.size = dict(image_processor.size)
+        self.image_mean, self.image_std = image_processor.image_mean, image_processor.image_std
+        self.rescale_factor = image_processor.rescale_factor
+
+    def configure(self, config: dict) -> None:
+        """Take a video processor config's settings (`_frames.checkpoint_video_config`)."""
+        for name in ("size", "image_mean", "image_std", "rescale_factor", "fps"):
+            if config.get(name) is not None:
+                setattr(self, name, config[name])
+        if config.get("video_processor_type"):
+            self.video_config = dict(config)
 
     def __call__(self, videos, video_metadata=None, **kwargs):
         import numpy as np
@@ -44,10 +56,10 @@ class OnevisionFramesVideoProcessor:
         from peftvlm.data.video import uneven_frames_error
         from peftvlm.families._frames import clips_with_timing, resize_normalise
 
-        ip = self.image_processor
         clips = clips_with_timing(videos, video_metadata, self.fps)
-        frames = [resize_normalise(v, ip.size["height"], ip.size["width"], ip.rescale_factor,
-                                   ip.image_mean, ip.image_std) for v, _ in clips]
+        frames = [resize_normalise(v, self.size["height"], self.size["width"],
+                                   self.rescale_factor, self.image_mean, self.image_std)
+                  for v, _ in clips]
         if len({len(f) for f in frames}) > 1:
             raise uneven_frames_error(SPEC, {len(f) for f in frames})
         return BatchFeature({"pixel_values_videos": np.stack(frames),
@@ -59,6 +71,7 @@ def processor_class():
     """`LlavaOnevisionProcessor` without its video processor (see `_processors.image_only`)."""
     from transformers import LlavaOnevisionProcessor
 
+    from peftvlm.families._frames import VideoConfigMixin
     from peftvlm.families._processors import image_only
 
     def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
@@ -72,7 +85,7 @@ def processor_class():
         # Not a sub-processor (nothing saved or looked up): turns frame arrays into video inputs.
         self.video_processor = OnevisionFramesVideoProcessor(image_processor)
 
-    return image_only(LlavaOnevisionProcessor, __init__)
+    return image_only(LlavaOnevisionProcessor, __init__, (VideoConfigMixin,))
 
 
 def build_tiny(out_dir: Path) -> None:

@@ -33,20 +33,35 @@ class FramesVideoProcessor:
     last frame repeated to fill a group), returning the model's `pixel_values_videos` +
     `video_grid_thw`, and the clips' `video_metadata` (passed in by the collator: the source's
     rate, frame count and the indices used) from which the processor derives timing. Settings
-    come from the image processor (each frame gets the image's pixel budget). Resizing is
-    Pillow's bicubic, not torchvision's, so pixels may differ from the stock processor's by
-    interpolation rounding. Qwen3-VL subclasses `target_size` (its budget spans all frames).
+    come from the checkpoint's video processor config when loaded (`configure`, resolved as
+    transformers resolves it, falling back to the image processor's config as it does), else
+    from the image processor. Resizing is Pillow's bicubic, not torchvision's, so pixels may
+    differ from the stock processor's by interpolation rounding. Qwen3-VL subclasses
+    `target_size` (its budget spans all frames).
     """
 
     model_input_names = ["pixel_values_videos", "video_grid_thw"]
+    SETTINGS = ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std",
+                "rescale_factor", "fps")
 
     def __init__(self, image_processor, fps: float = 2.0):
-        self.image_processor, self.fps = image_processor, fps
-        self.patch_size = image_processor.patch_size
-        self.merge_size = image_processor.merge_size
-        self.temporal_patch_size = image_processor.temporal_patch_size
+        self.image_processor, self.fps, self.video_config = image_processor, fps, None
+        for name in self.SETTINGS[:-1]:
+            setattr(self, name, getattr(image_processor, name))
         self.min_pixels = image_processor.size["shortest_edge"]
         self.max_pixels = image_processor.size["longest_edge"]
+
+    def configure(self, config: dict) -> None:
+        """Take the settings of a video processor config (`_frames.checkpoint_video_config`);
+        one that names a video processor is kept, to be saved with the processor."""
+        for name in self.SETTINGS:
+            if config.get(name) is not None:
+                setattr(self, name, config[name])
+        size = config.get("size") or {}
+        self.min_pixels = config.get("min_pixels") or size.get("shortest_edge", self.min_pixels)
+        self.max_pixels = config.get("max_pixels") or size.get("longest_edge", self.max_pixels)
+        if config.get("video_processor_type"):
+            self.video_config = dict(config)
 
     def __call__(self, videos, video_metadata=None, **kwargs):
         import numpy as np
@@ -83,9 +98,8 @@ class FramesVideoProcessor:
         """(T, H, W, 3) uint8 -> (T, 3, h, w) float32, resized and normalised."""
         from peftvlm.families._frames import resize_normalise
 
-        ip = self.image_processor
         h, w = self.target_size(len(video), *video.shape[1:3])
-        return resize_normalise(video, h, w, ip.rescale_factor, ip.image_mean, ip.image_std)
+        return resize_normalise(video, h, w, self.rescale_factor, self.image_mean, self.image_std)
 
     def patchify(self, video):
         """(T, C, H, W) -> (grid_t * grid_h * grid_w, C * t * p * p) patches and [t, h, w]."""
@@ -110,7 +124,9 @@ def _image_only(processor_cls, video_processor_cls=FramesVideoProcessor):
     processor when building, saving or loading; `video_processor_cls` (NumPy) takes its place.
     """
 
-    class ImageOnlyProcessor(processor_cls):
+    from peftvlm.families._frames import VideoConfigMixin
+
+    class ImageOnlyProcessor(VideoConfigMixin, processor_cls):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             # The parent's __init__ insists on a video processor: set what it sets, skip the rest.
             # (Qwen3-VL's also wraps each temporal patch of a clip in vision start/end tokens.)

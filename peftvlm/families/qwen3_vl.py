@@ -27,22 +27,31 @@ PATCH, MERGE = 8, 2
 class Qwen3FramesVideoProcessor(FramesVideoProcessor):
     """transformers' `Qwen3VLVideoProcessor` over decoded frames: Qwen2-VL's patch layout (the
     same permutation in its `patchify`), with Qwen3-VL's resize rule, whose pixel budget spans
-    the whole clip (`smart_resize(num_frames, ...)` compares frames x height x width with
-    min/max pixels). The processor's sizes are the image processor's (16 px patches on real
-    checkpoints), each frame given the image's pixel budget."""
+    the whole clip (`smart_resize(num_frames, ...)` compares frames x height x width with the
+    video config's min / max pixels). Real checkpoints ship that config
+    (`video_preprocessor_config.json`, 16 px patches); so does the tiny twin."""
 
     def target_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
 
-        t = self.temporal_patch_size
         # its smart_resize refuses a clip shorter than one temporal patch, which `patchify`
         # fills by repeating the last frame: size it as that filled clip
-        frames = max(num_frames, t)
-        t_bar = round(frames / t) * t  # the frame count its budget is compared with
-        return smart_resize(frames, height, width, temporal_factor=t,
+        return smart_resize(max(num_frames, self.temporal_patch_size), height, width,
+                            temporal_factor=self.temporal_patch_size,
                             factor=self.patch_size * self.merge_size,
-                            min_pixels=self.min_pixels * t_bar,
-                            max_pixels=self.max_pixels * t_bar)
+                            min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+
+
+def tiny_video_config(image_proc) -> dict:
+    """The twin's `video_preprocessor_config.json`, laid out as Qwen3-VL checkpoints ship it:
+    a clip's budget is 16 frames of 32x32 (a real one: 768 x 32 x 32 pixels per clip)."""
+    return {"video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor",
+            "size": {"shortest_edge": 32 * 32, "longest_edge": 16 * 32 * 32},
+            "patch_size": PATCH, "merge_size": MERGE, "temporal_patch_size": 2, "fps": 2,
+            "min_frames": 4, "max_frames": 768, "do_sample_frames": True,
+            "image_mean": list(image_proc.image_mean), "image_std": list(image_proc.image_std),
+            "rescale_factor": image_proc.rescale_factor, "do_resize": True, "do_rescale": True,
+            "do_normalize": True, "do_convert_rgb": True}
 
 
 @functools.cache
@@ -83,6 +92,7 @@ def _build(out_dir: Path, moe: bool) -> None:
                                           patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
     processor = processor_class()(image_processor=image_proc, tokenizer=tok,
                                   chat_template=template)
+    processor.video_processor.configure(tiny_video_config(image_proc))  # saved with it
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
