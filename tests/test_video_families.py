@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from data_helpers import data_cache  # noqa: F401
-from peftvlm.data.collate import IGNORE_INDEX, ConversationCollator
+from peftvlm.data.collate import IGNORE_INDEX, ConversationCollator, encode_prompts
 from peftvlm.data.lengths import collator_lengths, token_lengths
 from peftvlm.data.loading import load_rows
 from peftvlm.data.video import check_video_support
@@ -39,6 +39,12 @@ def clip_rows(tmp_path, model_id, rows, **data):
 def test_the_registry_lists_the_video_families():
     assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
             "llava_onevision"} <= set(VIDEO_FAMILIES)
+
+
+def test_ls_families_marks_exactly_the_video_families(cli):
+    lines = {line.split()[0]: line for line in cli("ls", "families").stdout.splitlines()}
+    assert {name for name, line in lines.items() if line.endswith(", video")} == {
+        name for name, spec in FAMILIES.items() if spec.takes_video}
 
 
 @pytest.mark.parametrize("name", VIDEO_FAMILIES)
@@ -68,6 +74,9 @@ def test_a_clip_trains_with_the_processors_token_count_and_answer_only_loss(
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_path(spec.tiny_name))
     peft_model = apply_peft(model, spec, LoraMethod(target="all", r=4, lora_dropout=0.0))
+    # the eval prompt (`encode_prompts`, through apply_chat_template) expands the clip the same way
+    prompt = encode_prompts(processor, spec, rows)
+    assert (prompt["input_ids"] == video_id).sum().item() == expected["num_video_tokens"][0]
     trainable = {n: p.detach().clone() for n, p in peft_model.named_parameters()
                  if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
