@@ -83,7 +83,7 @@ def main() -> None:
     for model_id in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             results.append(run(model_id, args, Path(tmp)))
-    print(f"| model | steps | exact match before -> after | loss first -> last | seconds |")
+    print("| model | steps | exact match before -> after | loss first -> last | seconds |")
     print("| --- | ---: | --- | --- | ---: |")
     for r in results:
         print(f"| {r['model']} | {args.steps} | {r['before']:.2f} -> {r['after']:.2f} | "

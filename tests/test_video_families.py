@@ -132,7 +132,8 @@ def test_qwen2_5_vl_time_positions_follow_the_frame_rate(tmp_path, data_cache): 
     assert steps == {1.0: 8, 4.0: 2, 2.0: 4}  # tokens_per_second 4 x 2 s, 0.5 s, 1 s
 
 
-def test_qwen3_vl_writes_each_temporal_patch_time_from_the_real_rate(tmp_path, data_cache):  # noqa: F811
+def test_qwen3_vl_writes_each_temporal_patch_time_from_the_real_rate(
+        tmp_path, data_cache):  # noqa: F811
     """16 frames at 4 fps sampled at 1 fps: frames 0, 4, 8, 12 (0, 1, 2, 3 s), two per temporal
     patch, so the processor writes <0.5 seconds> and <2.5 seconds> (mean time of each patch)."""
     spec = FAMILIES["qwen3_vl"]
@@ -146,7 +147,8 @@ def test_qwen3_vl_writes_each_temporal_patch_time_from_the_real_rate(tmp_path, d
     assert f"<|vision_start|><0.5 seconds>{patch}<2.5 seconds>{patch}<|vision_end|>" in text
 
 
-def test_llava_onevision_needs_equal_frame_counts_or_video_num_frames(tmp_path, data_cache):  # noqa: F811
+def test_llava_onevision_needs_equal_frame_counts_or_video_num_frames(
+        tmp_path, data_cache):  # noqa: F811
     spec = FAMILIES["llava_onevision"]
     rows = [video_row(write_folder(tmp_path / "a", ["red", "blue", "green"])),
             video_row(write_folder(tmp_path / "b", ["red", "blue", "green", "yellow"]))]
