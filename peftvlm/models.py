@@ -16,7 +16,7 @@ from peftvlm.errors import ModelError
 from peftvlm.families import family_for_model_type, get_family, tiny_models
 from peftvlm.families.base import FamilySpec
 
-TINY_VERSION = "v4"  # bump when a tiny builder changes, so stale caches are rebuilt
+TINY_VERSION = "v5"  # bump when a tiny builder changes, so stale caches are rebuilt (v5: video)
 
 
 @dataclass

@@ -171,9 +171,16 @@ class DataConfig(Section):
                             "openai_messages or llava_conversations (docs/data.md).")
     video_fps: float | None = Field(
         2.0, gt=0, description="Frames sampled per second of a video file (`videos` field); "
-                               "None = every frame. Frame folders are used frame by frame.")
+                               "None = every frame. Frame folders are used frame by frame, "
+                               "taken as sampled at this rate (or at a row's own "
+                               "`{\"path\", \"fps\"}`).")
     video_max_frames: int = Field(
         16, ge=1, description="At most this many frames per video, sampled evenly.")
+    video_num_frames: int | None = Field(
+        None, ge=1, description="Exactly this many frames per video, spread evenly over the "
+                                "whole clip (frames repeat in a shorter one), instead of "
+                                "video_fps / video_max_frames (transformers' `num_frames`). "
+                                "LLaVA-OneVision needs it when clips differ in length.")
     on_bad_row: Literal["skip", "error"] = Field(
         "skip", description="Bad rows (missing image, empty answer...): skip and count, or stop.")
     on_overflow: Literal["drop", "error"] = Field(

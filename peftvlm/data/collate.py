@@ -21,13 +21,15 @@ def open_image(image):
 
 
 def with_images(messages: list[dict], images: list, videos: list = ()) -> list[dict]:
-    """Attach the row's images (and videos: frame arrays), in order, to its media items."""
-    from peftvlm.data.video import load_frames
+    """Attach the row's images (and videos: frame arrays with their timing, `video_metadata`),
+    in order, to its media items."""
+    from peftvlm.data.video import load_frames, metadata
 
     pending = iter(open_image(i) for i in images)
-    clips = iter(load_frames(v) for v in videos)
+    clips = iter({"type": "video", "video": load_frames(v), "video_metadata": metadata(v)}
+                 for v in videos)
     media = {"image": lambda: {"type": "image", "image": next(pending)},
-             "video": lambda: {"type": "video", "video": next(clips)}}
+             "video": lambda: next(clips)}
     return [{"role": m["role"],
              "content": [media[c["type"]]() if c["type"] in media else c for c in m["content"]]}
             for m in messages]
@@ -89,7 +91,7 @@ class ConversationCollator:
         batch = process_texts(self.processor, [r.text for r in rendered],
                               [conversation_media(c, "image") for c in conversations],
                               offsets=True, padding_side="right",
-                              videos=[conversation_media(c, "video") for c in conversations])
+                              videos=[video_items(c) for c in conversations])
         masks = reply_masks(batch, [r.spans for r in rendered])
         batch = {k: to_tensor(v) for k, v in batch.items()}
         labels = batch["input_ids"].clone()
@@ -111,6 +113,12 @@ def conversation_media(conversation: list[dict], kind: str = "image") -> list:
             if isinstance(c, dict) and c.get("type") == kind and kind in c]
 
 
+def video_items(conversation: list[dict]) -> list[dict]:
+    """A conversation's decoded video items (`{"video": frames, "video_metadata": ...}`)."""
+    return [c for m in conversation for c in m["content"]
+            if isinstance(c, dict) and c.get("type") == "video" and "video" in c]
+
+
 def process_texts(processor, texts: list[str], images: list[list], offsets: bool = False,
                   videos: list[list] | None = None, **kwargs) -> dict:
     """The processor on rendered texts, as `apply_chat_template(tokenize=True)` calls it: no
@@ -122,7 +130,9 @@ def process_texts(processor, texts: list[str], images: list[list], offsets: bool
     if offsets:
         options.update(return_offsets_mapping=True, return_text_replacement_offsets=True)
     if videos and any(videos):  # only families that take video are given any (video.py)
-        options["videos"] = [v for row in videos for v in row]
+        options["videos"] = [v["video"] for row in videos for v in row]
+        # the clips' timing: Qwen2.5-VL's time positions and Qwen3-VL's `<t seconds>` read it
+        options["video_metadata"] = [v["video_metadata"] for row in videos for v in row]
     has_images = any(images)
     batch = processor(text=texts, images=images if has_images else None, **options)
     return dict(batch)
@@ -150,9 +160,13 @@ def encode_prompts(processor, family, rows: list[dict]) -> dict:
     processor.tokenizer.padding_side = "left"
     if family.encode_prompt is not None:
         return dict(family.encode_prompt(processor, conversations))
+    options = {"padding": True, "padding_side": "left"}
+    clips = [v["video_metadata"] for c in conversations for v in video_items(c)]
+    if clips:  # apply_chat_template reads only the frames from a video item: timing goes here
+        options["video_metadata"] = clips
     return dict(processor.apply_chat_template(
         conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-        return_tensors="pt", processor_kwargs={"padding": True, "padding_side": "left"}))
+        return_tensors="pt", processor_kwargs=options))
 
 
 def example_length(collator: ConversationCollator, row: dict) -> int:

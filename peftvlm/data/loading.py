@@ -28,8 +28,9 @@ from peftvlm.errors import DataError
 
 CACHE_MIN_ROWS = 1000      # below this, rendering is faster than reading a cache file
 PARALLEL_MIN_ROWS = 2000   # below this, starting worker processes costs more than it saves
-CACHE_VERSION = "6"        # bump when rendering changes (4: Arrow tables, row_id; 5: row formats;
-                           # 6: Parquet / datasets rows named by their place in the file / split)
+CACHE_VERSION = "7"        # bump when rendering changes (4: Arrow tables, row_id; 5: row formats;
+                           # 6: Parquet / datasets rows named by their place in the file / split;
+                           # 7: checked videos carry their source's fps and frame count)
 
 
 @dataclass
@@ -142,7 +143,8 @@ def make_renderer(src, opened, data_cfg, box_format: str, base_dir: Path):
 
         fmt = data_cfg.format if src.format in ("auto", "coco_captions", "vqav2") else src.format
         return MessagesRenderer(opened.root, fmt,
-                                VideoOptions(data_cfg.video_fps, data_cfg.video_max_frames))
+                                VideoOptions(data_cfg.video_fps, data_cfg.video_max_frames,
+                                             data_cfg.video_num_frames))
     from peftvlm.data.templates import TemplateRenderer, load_template, merged_options
 
     template = load_template(name, base_dir)

@@ -49,7 +49,8 @@ def preview(recipe, n: int = 3, console=None) -> list[dict]:
     shown = []
     for i, row in enumerate(data.train[:n]):
         text, counts = render_example(collator, row, collator.family.image_token)
-        videos = f", {len(row['videos'])} video(s)" if row.get("videos") else ""
+        videos = (f", {len(row['videos'])} video(s), {counts['video_tokens']} video tokens"
+                  if row.get("videos") else "")
         named = f" ({row['row_id']})" if row.get("row_id") else ""  # its file:line / file:row N
         console.print(Rule(f"example {i}{named}: {counts['tokens']} tokens, "
                            f"{counts['trained_tokens']} carry loss, {counts['image_tokens']} image "

@@ -75,6 +75,12 @@ class FamilySpec:
     # Whether rows may carry `videos` (`{"type": "video"}` items): the processor the family
     # loads must turn frame arrays into the model's video inputs (see qwen2_vl.py).
     takes_video: bool = False
+    # Why a family that does not take video refuses rows with videos (said at data time), or None.
+    video_refusal: str | None = None
+    # Why every clip must have the same number of frames (the model stacks a batch's clips into
+    # one tensor: LLaVA-OneVision), or None; uneven clips stop before training, naming
+    # `data.video_num_frames`.
+    uniform_video_frames: str | None = None
     # Whether the training chat template renders images where they stand among the text
     # (interleaved); False: it puts a turn's images before its text (llava-1.5's template).
     interleaved_images: bool = True

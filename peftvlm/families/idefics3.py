@@ -86,6 +86,11 @@ SPEC = FamilySpec(
     reference_checkpoint="HuggingFaceTB/SmolVLM-256M-Instruct",
     build_tiny=build_tiny,
     image_tokens=image_tokens,
+    # SmolVLM2 takes video as frames of <image> tokens with "Frame from mm:ss" stamps, through
+    # SmolVLMProcessor + SmolVLMVideoProcessor; the latter is built on torchvision.
+    video_refusal="Idefics3 / SmolVLM v1 take no video, and SmolVLM2's video processor "
+                  "(SmolVLMVideoProcessor) needs torchvision, which does not load with this "
+                  "torch build; peftvlm has no NumPy frames processor for it yet",
     # a blank image needs no tiles: one view of 64 tokens instead of up to 17
     dummy_image_options=(("do_image_splitting", False),),
 )

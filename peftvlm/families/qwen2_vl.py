@@ -28,50 +28,78 @@ class FramesVideoProcessor:
     """Qwen2-VL's video preprocessing over decoded frames, in NumPy and Pillow.
 
     transformers' `Qwen2VLVideoProcessor` imports torchvision, which does not load with this
-    torch build. This is the same computation (frames resized to the image processor's pixel
-    budget on a multiple of patch x merge, rescaled, normalised, grouped `temporal_patch_size`
-    frames per patch with the last frame repeated to fill a group), returning the model's
-    `pixel_values_videos` + `video_grid_thw`. Resizing is Pillow's bicubic, not torchvision's,
-    so pixels may differ from the stock processor's by interpolation rounding.
+    torch build. This is the same computation (frames resized to a pixel budget on a multiple of
+    patch x merge, rescaled, normalised, grouped `temporal_patch_size` frames per patch with the
+    last frame repeated to fill a group), returning the model's `pixel_values_videos` +
+    `video_grid_thw`, and the clips' `video_metadata` (passed in by the collator: the source's
+    rate, frame count and the indices used) from which the processor derives timing. Settings
+    come from the checkpoint's video processor config when loaded (`configure`, resolved as
+    transformers resolves it, falling back to the image processor's config as it does), else
+    from the image processor. Resizing is Pillow's bicubic, not torchvision's, so pixels may
+    differ from the stock processor's by interpolation rounding. Qwen3-VL subclasses
+    `target_size` (its budget spans all frames).
     """
 
     model_input_names = ["pixel_values_videos", "video_grid_thw"]
+    SETTINGS = ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std",
+                "rescale_factor", "fps")
 
     def __init__(self, image_processor, fps: float = 2.0):
-        self.image_processor, self.fps = image_processor, fps
-        self.patch_size = image_processor.patch_size
-        self.merge_size = image_processor.merge_size
-        self.temporal_patch_size = image_processor.temporal_patch_size
+        self.image_processor, self.fps, self.video_config = image_processor, fps, None
+        for name in self.SETTINGS[:-1]:
+            setattr(self, name, getattr(image_processor, name))
+        self.min_pixels = image_processor.size["shortest_edge"]
+        self.max_pixels = image_processor.size["longest_edge"]
 
-    def __call__(self, videos, **kwargs):
+    def configure(self, config: dict) -> None:
+        """Take the settings of a video processor config (`_frames.checkpoint_video_config`);
+        one that names a video processor is kept, to be saved with the processor."""
+        for name in self.SETTINGS:
+            if config.get(name) is not None:
+                setattr(self, name, config[name])
+        size = config.get("size") or {}
+        self.min_pixels = config.get("min_pixels") or size.get("shortest_edge", self.min_pixels)
+        self.max_pixels = config.get("max_pixels") or size.get("longest_edge", self.max_pixels)
+        if config.get("video_processor_type"):
+            self.video_config = dict(config)
+
+    def __call__(self, videos, video_metadata=None, **kwargs):
         import numpy as np
         from transformers import BatchFeature
-        from transformers.video_utils import VideoMetadata, make_batched_videos
 
-        patches, grids, metadata = [], [], []
-        for video in make_batched_videos(videos):
-            video_patches, grid = self.patchify(self.frames(np.asarray(video)))
+        from peftvlm.families._frames import clips_with_timing
+
+        patches, grids, timing = [], [], []
+        for video, meta in clips_with_timing(videos, video_metadata, self.fps):
+            video_patches, grid = self.patchify(self.frames(video))
             patches.append(video_patches)
             grids.append(grid)
-            metadata.append(VideoMetadata(total_num_frames=len(video), fps=self.fps))
+            timing.append(meta)
         return BatchFeature({"pixel_values_videos": np.concatenate(patches).astype(np.float32),
                              "video_grid_thw": np.array(grids, dtype=np.int64),
-                             "video_metadata": metadata})
+                             "video_metadata": timing})
+
+    def target_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
+        """(height, width) every frame is resized to: Qwen2-VL's `smart_resize` per frame."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        return smart_resize(height, width, factor=self.patch_size * self.merge_size,
+                            min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+
+    def get_num_of_video_patches(self, num_frames: int, height: int, width: int,
+                                 videos_kwargs=None) -> int:
+        """Patches of a clip of this size (transformers' video-processor API, which the
+        processor's `_get_num_multimodal_tokens` calls)."""
+        h, w = self.target_size(num_frames, height, width)
+        t = self.temporal_patch_size
+        return -(-num_frames // t) * (h // self.patch_size) * (w // self.patch_size)
 
     def frames(self, video):
         """(T, H, W, 3) uint8 -> (T, 3, h, w) float32, resized and normalised."""
-        import numpy as np
-        from PIL import Image
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        from peftvlm.families._frames import resize_normalise
 
-        ip = self.image_processor
-        height, width = video.shape[1:3]
-        h, w = smart_resize(height, width, factor=self.patch_size * self.merge_size,
-                            min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
-        resized = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC))
-                            for f in video]).astype(np.float32) * ip.rescale_factor
-        mean, std = np.array(ip.image_mean, np.float32), np.array(ip.image_std, np.float32)
-        return ((resized - mean) / std).transpose(0, 3, 1, 2)
+        h, w = self.target_size(len(video), *video.shape[1:3])
+        return resize_normalise(video, h, w, self.rescale_factor, self.image_mean, self.image_std)
 
     def patchify(self, video):
         """(T, C, H, W) -> (grid_t * grid_h * grid_w, C * t * p * p) patches and [t, h, w]."""
@@ -88,26 +116,31 @@ class FramesVideoProcessor:
             [grid_t, grid_h, grid_w]
 
 
-def _image_only(processor_cls):
+def _image_only(processor_cls, video_processor_cls=FramesVideoProcessor):
     """A subclass of a Qwen processor whose sub-processors are the image processor and tokenizer.
 
     `ProcessorMixin` reads sub-processors from the `__init__` signature, so leaving
     `video_processor` out of it keeps transformers from looking for the torchvision-backed video
-    processor when building, saving or loading.
+    processor when building, saving or loading; `video_processor_cls` (NumPy) takes its place.
     """
 
-    class ImageOnlyProcessor(processor_cls):
+    from peftvlm.families._frames import VideoConfigMixin
+
+    class ImageOnlyProcessor(VideoConfigMixin, processor_cls):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             # The parent's __init__ insists on a video processor: set what it sets, skip the rest.
-            self.image_token = getattr(tokenizer, "image_token", "<|image_pad|>")
-            self.video_token = getattr(tokenizer, "video_token", "<|video_pad|>")
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            # (Qwen3-VL's also wraps each temporal patch of a clip in vision start/end tokens.)
+            for name, default in (("image", "<|image_pad|>"), ("video", "<|video_pad|>"),
+                                  ("vision_start", "<|vision_start|>"),
+                                  ("vision_end", "<|vision_end|>")):
+                token = getattr(tokenizer, f"{name}_token", default)
+                setattr(self, f"{name}_token", token)
+                setattr(self, f"{name}_token_id", tokenizer.convert_tokens_to_ids(token))
             super(processor_cls, self).__init__(image_processor, tokenizer,
                                                 chat_template=chat_template)
             # Not a sub-processor (nothing saved or looked up): turns frame arrays into video
             # inputs when rows carry videos.
-            self.video_processor = FramesVideoProcessor(image_processor)
+            self.video_processor = video_processor_cls(image_processor)
 
     # transformers writes `__name__` into saved configs as `processor_class`: saved and exported
     # folders then name the stock class, as Hub checkpoints do.

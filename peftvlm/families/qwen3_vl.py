@@ -5,7 +5,10 @@ projector, and a Qwen3 language model with interleaved multimodal rotary positio
 The dense and MoE checkpoints share module names and the chat template; the MoE language model
 keeps its experts as fused 3D weights (no nn.Linear), so LoRA there reaches attention only.
 Like Qwen2-VL, the stock processor wants a torchvision video processor: `processor_class` is
-the image-only subclass.
+the image-only subclass, carrying `Qwen3FramesVideoProcessor` (NumPy) for rows with videos. The
+processor itself (transformers' `Qwen3VLProcessor.replace_video_token`) writes each temporal
+patch of a clip as `<t seconds><|vision_start|><|video_pad|>...<|vision_end|>`, t the mean
+timestamp of the patch's frames, from the clip's `video_metadata` (peftvlm.data.video.metadata).
 """
 
 from __future__ import annotations
@@ -15,10 +18,40 @@ from pathlib import Path
 
 from peftvlm.families._tiny import save_tiny
 from peftvlm.families.base import FamilySpec, read_template
-from peftvlm.families.qwen2_vl import SPECIAL_TOKENS, _image_only
+from peftvlm.families.qwen2_vl import SPECIAL_TOKENS, FramesVideoProcessor, _image_only
 
 TEMPLATE_FILE = "qwen3-vl.jinja"  # Qwen/Qwen3-VL-2B-Instruct's chat template
 PATCH, MERGE = 8, 2
+
+
+class Qwen3FramesVideoProcessor(FramesVideoProcessor):
+    """transformers' `Qwen3VLVideoProcessor` over decoded frames: Qwen2-VL's patch layout (the
+    same permutation in its `patchify`), with Qwen3-VL's resize rule, whose pixel budget spans
+    the whole clip (`smart_resize(num_frames, ...)` compares frames x height x width with the
+    video config's min / max pixels). Real checkpoints ship that config
+    (`video_preprocessor_config.json`, 16 px patches); so does the tiny twin."""
+
+    def target_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        # its smart_resize refuses a clip shorter than one temporal patch, which `patchify`
+        # fills by repeating the last frame: size it as that filled clip
+        return smart_resize(max(num_frames, self.temporal_patch_size), height, width,
+                            temporal_factor=self.temporal_patch_size,
+                            factor=self.patch_size * self.merge_size,
+                            min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+
+
+def tiny_video_config(image_proc) -> dict:
+    """The twin's `video_preprocessor_config.json`, laid out as Qwen3-VL checkpoints ship it:
+    a clip's budget is 16 frames of 32x32 (a real one: 768 x 32 x 32 pixels per clip)."""
+    return {"video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor",
+            "size": {"shortest_edge": 32 * 32, "longest_edge": 16 * 32 * 32},
+            "patch_size": PATCH, "merge_size": MERGE, "temporal_patch_size": 2, "fps": 2,
+            "min_frames": 4, "max_frames": 768, "do_sample_frames": True,
+            "image_mean": list(image_proc.image_mean), "image_std": list(image_proc.image_std),
+            "rescale_factor": image_proc.rescale_factor, "do_resize": True, "do_rescale": True,
+            "do_normalize": True, "do_convert_rgb": True}
 
 
 @functools.cache
@@ -26,7 +59,7 @@ def processor_class():
     """Qwen3-VL's processor without the video processor (see `qwen2_vl._image_only`)."""
     from transformers.models.qwen3_vl import Qwen3VLProcessor
 
-    return _image_only(Qwen3VLProcessor)
+    return _image_only(Qwen3VLProcessor, Qwen3FramesVideoProcessor)
 
 
 def _text_config(vocab_size: int, tok, moe: bool) -> dict:
@@ -59,6 +92,7 @@ def _build(out_dir: Path, moe: bool) -> None:
                                           patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
     processor = processor_class()(image_processor=image_proc, tokenizer=tok,
                                   chat_template=template)
+    processor.video_processor.configure(tiny_video_config(image_proc))  # saved with it
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
@@ -92,6 +126,7 @@ _COMMON = dict(
     image_token="<|image_pad|>",
     media_tokens=("<|vision_start|>", "<|vision_end|>", "<|video_pad|>"),
     end_of_turn="<|im_end|>",
+    takes_video=True,
     box_format="abs1000",  # Qwen3-VL grounds with 0-1000 relative integers
     processor_class=processor_class,
     reference_checkpoint="Qwen/Qwen3-VL-2B-Instruct",
