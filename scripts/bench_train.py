@@ -71,8 +71,8 @@ def packed_batch(batch: int) -> int:
 
 
 def run_peftvlm(steps, batch, **train):
-    import peftvlm.data.packing as packing
     from peftvlm import api
+    from peftvlm.data import packing
     from peftvlm.recipe import validate_recipe_dict
 
     if train.get("packing") and VARIABLE["rows"]:
@@ -119,12 +119,15 @@ class Counted:
 
 
 def lora_model_and_rows(steps, batch):
+    from transformers import set_seed
+
     from peftvlm.api import load_model_with_method
     from peftvlm.data.loading import load_rows
     from peftvlm.recipe import validate_recipe_dict
     from peftvlm.registry import get_method
 
     recipe = validate_recipe_dict(recipe_dict(steps, batch))
+    set_seed(recipe.train.seed)  # the same LoRA initialisation as peftvlm's runs
     loaded, model = load_model_with_method(recipe, get_method("lora"))
     return recipe, loaded, model, load_rows(recipe).train
 
@@ -135,15 +138,19 @@ def run_trl_stock(steps, batch):
     from PIL import Image
     from trl import SFTConfig, SFTTrainer
 
-    _, loaded, model, rows = lora_model_and_rows(steps, batch)
+    recipe, loaded, model, rows = lora_model_and_rows(steps, batch)
     data = Dataset.from_list([{"images": [Image.open(p).convert("RGB") for p in r["images"]],
                                "messages": r["messages"]} for r in rows])
-    length = dict(max_steps=steps, logging_steps=10)
+    options = {"max_steps": steps, "logging_steps": 10}
     if VARIABLE["rows"]:
-        length = dict(max_steps=-1, num_train_epochs=1, logging_steps=1)
+        options = {"max_steps": -1, "num_train_epochs": 1, "logging_steps": 1}
+    # the optimisation peftvlm's recipe sets (TRL's own default learning rate is 10x lower)
+    options.update({k: getattr(recipe.train, k) for k in (
+        "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
+        "optim", "seed")})
     args = SFTConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False,
                      per_device_train_batch_size=batch, report_to=[], save_steps=10_000,
-                     gradient_checkpointing=False, disable_tqdm=True, max_length=None, **length)
+                     gradient_checkpointing=False, disable_tqdm=True, max_length=None, **options)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data,
                          processing_class=loaded.processor)
     trainer.data_collator = Counted(trainer.data_collator)
@@ -163,7 +170,8 @@ def run_bare_torch(steps, batch):
     recipe, loaded, model, rows = lora_model_and_rows(steps, batch)
     collator = Counted(ConversationCollator(loaded.processor, loaded.family,
                                             recipe.train.assistant_only_loss))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                            lr=recipe.train.learning_rate)
     model.train()
     if VARIABLE["rows"]:  # one epoch, in order
         steps = -(-len(rows) // batch)

@@ -41,7 +41,7 @@ def best_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
 
     The same strategy as TRL's `_pack_bfd`, which needs token-id columns; this works on lengths
     alone. A max-tree over free-space values 1..capacity finds the best-fitting bin in
-    O(log capacity), so 100k rows take well under a second. Deterministic: ties keep row order.
+    O(log capacity) (about a second per 100k rows). Deterministic: ties keep row order.
     """
     import numpy as np
 
@@ -57,35 +57,33 @@ def best_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
     bins: list[list[int]] = []
     with_room: dict[int, list[int]] = defaultdict(list)  # free tokens -> bins with that much
 
-    def mark(space: int, present: bool) -> None:
+    def mark(space: int, value: int) -> None:
         node = size + space
-        tree[node] = space if present else 0
+        tree[node] = value
         while node > 1:
             node //= 2
             tree[node] = max(tree[2 * node], tree[2 * node + 1])
 
-    def tightest(need: int) -> int | None:  # the least free space >= need, if any bin has it
-        if tree[1] < need:
-            return None
-        node = 1
-        while node < size:
-            node = 2 * node if tree[2 * node] >= need else 2 * node + 1
-        return node - size
-
+    sizes = lengths.tolist()
     for index in np.argsort(-lengths, kind="stable").tolist():
-        need = int(lengths[index])
-        space = tightest(need)
-        if space is None:
-            bins.append([])
-            target, space = len(bins) - 1, capacity
-        else:
-            target = with_room[space].pop()
-            if not with_room[space]:
-                mark(space, False)
-        bins[target].append(index)
-        if space - need:
-            with_room[space - need].append(target)
-            mark(space - need, True)
+        need = sizes[index]
+        if tree[1] < need:  # no bin has room: a new one
+            bins.append([index])
+            space, target = capacity - need, len(bins) - 1
+        else:  # the leftmost free-space leaf >= need: the tightest fit
+            node = 1
+            while node < size:
+                node = 2 * node if tree[2 * node] >= need else 2 * node + 1
+            free = node - size
+            target = with_room[free].pop()
+            if not with_room[free]:
+                mark(free, 0)
+            bins[target].append(index)
+            space = free - need
+        if space:
+            if not with_room[space]:  # already marked while some bin has this much room
+                mark(space, space)
+            with_room[space].append(target)
     return bins
 
 

@@ -131,7 +131,8 @@ class SFTTrainer(trl.SFTTrainer):
             pad = self.processing_class.tokenizer.pad_token_id
             tail = (inputs["input_ids"] == pad) & (inputs["labels"] == -100)
             real = inputs["input_ids"].new_tensor(inputs["input_ids"].numel() - int(tail.sum()))
-            self._total_train_tokens = counted + int(self.accelerator.gather_for_metrics(real).sum())
+            real = int(self.accelerator.gather_for_metrics(real).sum())
+            self._total_train_tokens = counted + real
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return result
 
