@@ -198,9 +198,12 @@ def child(name, steps, batch):
     seconds = {**CONTENDERS, **VARIABLE_CONTENDERS}[name](steps, batch)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tail = LOSSES[-max(1, len(LOSSES) // 10):]
+    batches = max(STATS["steps"], 1)  # collated batches: with max_steps, one fetched ahead
+    if not VARIABLE["rows"]:
+        STATS["samples"], STATS["steps"] = steps * batch, steps
     print(json.dumps({"name": name, "seconds": seconds, "samples_per_s": STATS["samples"] / seconds,
                       "peak_rss_mb": rss_mb, "steps": STATS["steps"],
-                      "tokens_per_step": STATS["real"] / max(STATS["steps"], 1),
+                      "tokens_per_step": STATS["real"] / batches,
                       "padding": 1 - STATS["real"] / max(STATS["slots"], 1),
                       "targets": STATS["targets"],
                       "mean_loss": sum(LOSSES) / len(LOSSES) if LOSSES else None,
