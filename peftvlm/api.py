@@ -202,12 +202,15 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
                       sharding)
     stopper = StopOnInterrupt()
     from peftvlm.data.mixed import for_training
-    from peftvlm.data.packing import train_collator
+    from peftvlm.data.packing import describe_bins, train_collator, train_items
 
     # several processes: text-only batches carry a zero-weighted image, so no rank hangs (with
-    # packing, the blank image's tokens get position 0 each: alone in their attention block)
-    collator = for_training(train_collator(collator, recipe.train.packing))
-    trainer = build_trainer(model, loaded.processor, collator, data.train, args,
+    # packing, the blank image's tokens are a block of their own that nothing attends to)
+    collator = for_training(train_collator(collator, recipe.train.packing, model))
+    items = train_items(data.train, recipe.train.packing, recipe.train.max_length)
+    if recipe.train.packing:
+        log(describe_bins(items))
+    trainer = build_trainer(model, loaded.processor, collator, items, args,
                             [stopper, MarkCheckpointComplete(), *callbacks])
     add_periodic_eval(trainer, recipe, loaded, data)
     checkpoint = last_checkpoint(run_dir, log) if resume else None

@@ -280,11 +280,14 @@ class TrainConfig(Section):
                                                      "together (less padding), keeping some "
                                                      "randomness (transformers' "
                                                      "LengthGroupedSampler).")
-    packing: bool = Field(False, description="Padding-free packing: each batch's conversations "
-                                             "are laid end to end in one row, positions restart "
-                                             "per conversation and attention cannot cross "
-                                             "them. Families that cannot isolate packed "
-                                             "conversations refuse it (`peftvlm ls families`).")
+    packing: bool = Field(False, description="Padding-free packing: conversations are packed "
+                                             "(best fit decreasing) into rows of up to "
+                                             "max_length tokens, and "
+                                             "per_device_train_batch_size counts packed rows; "
+                                             "positions restart per conversation and attention "
+                                             "cannot cross them. Families that cannot isolate "
+                                             "packed conversations refuse it (`peftvlm ls "
+                                             "families`).")
 
 
     @field_validator("max_steps")

@@ -5,11 +5,19 @@ Same tiny LLaVA, same LoRA config, same synthetic colour-VQA rows and batch size
 contender runs in its own subprocess so peak RSS is its own. Prints samples/s, ratios to the
 bare loop, peak RSS, and the wall time of `peftvlm --help`.
 
-`--variable-length` trains instead on LLaVA-style multi-turn rows of varied length (1-3 turns,
-answers of 1-20 words; `scripts/bench_data.py` writes them) and adds peftvlm with
-`train.group_by_length` and with `train.packing`; each line also shows its last logged loss.
+`--variable-length` trains instead on `--rows` LLaVA-style multi-turn rows of varied length
+(1-3 turns, answers of 1-20 words; `scripts/bench_data.py` writes them) and adds peftvlm with
+`train.group_by_length`, with `train.packing` and with both. For a fair comparison every
+contender then trains ONE epoch over the same rows on the same tokens (every non-padding token,
+as TRL's stock collator does: peftvlm runs with `train.assistant_only_loss: false`), and the
+packed runs take `--packed-batch` packed rows of up to `max_length` (512) tokens per step,
+by default as many as hold the tokens of `--batch` unpadded rows, so the steps are about as
+large and as many as unpacked and the losses compare. Each line shows samples (conversations)
+per second, steps, real tokens per step, padding share, trained tokens, and the mean and last
+loss per token.
 
-    python scripts/bench_train.py [--steps 60] [--batch 16] [--repeats 1] [--variable-length]
+    python scripts/bench_train.py [--steps 60] [--batch 16] [--repeats 1]
+    python scripts/bench_train.py --variable-length [--rows 1600] [--batch 16] [--packed-batch N]
 """
 
 from __future__ import annotations
@@ -28,42 +36,98 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-VARIABLE = {"rows": None}  # the variable-length JSONL, when --variable-length
+VARIABLE = {"rows": None, "packed_batch": None}  # the variable-length JSONL, when asked
+MAX_LENGTH = 512  # variable-length rows; also the packed rows' capacity
 
 
 def recipe_dict(steps: int, batch: int, **train) -> dict:
     data = {"synthetic": {"name": "colour-vqa", "train_size": 2000, "eval_size": 8}}
-    if VARIABLE["rows"]:
+    length = {"max_steps": steps, "logging_steps": 10, "max_length": 64}
+    if VARIABLE["rows"]:  # one epoch over the same rows, every token trained (as TRL stock)
         data = {"train": VARIABLE["rows"]}
+        length = {"max_steps": -1, "num_train_epochs": 1, "logging_steps": 1,
+                  "max_length": MAX_LENGTH, "assistant_only_loss": False}
     return {"name": "bench", "model": {"id": "tiny-llava"},
             "method": {"name": "lora", "r": 16, "lora_dropout": 0.0}, "data": data,
-            "train": {"max_steps": steps, "per_device_train_batch_size": batch,
-                      "logging_steps": 10, "save_steps": 10_000,
-                      "max_length": 512 if VARIABLE["rows"] else 64, **train},
+            "train": {"per_device_train_batch_size": batch, "save_steps": 10_000, **length,
+                      **train},
             "eval": {"metrics": []}}
+
+
+def packed_batch(batch: int) -> int:
+    """Packed rows per step holding about the tokens of `batch` unpadded rows (the mean row
+    length from the cached `length` column, which the run then reads warm)."""
+    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.loading import prepare_data
+    from peftvlm.models import load_base
+    from peftvlm.recipe import validate_recipe_dict
+
+    if VARIABLE["packed_batch"]:
+        return VARIABLE["packed_batch"]
+    recipe = validate_recipe_dict(recipe_dict(1, batch))
+    loaded = load_base(recipe.model)
+    data = prepare_data(recipe, ConversationCollator(loaded.processor, loaded.family, False))
+    return max(1, round(batch * float(data.train.lengths().mean()) / MAX_LENGTH))
 
 
 def run_peftvlm(steps, batch, **train):
     from peftvlm import api
+    from peftvlm.data import packing
     from peftvlm.recipe import validate_recipe_dict
 
+    if train.get("packing") and VARIABLE["rows"]:
+        batch = packed_batch(batch)
+    make = packing.train_collator  # count tokens and padding of what the trainer gets
+    packing.train_collator = lambda *args: Counted(make(*args))
     out = Path(tempfile.mkdtemp()) / "run"
     summary = api.train(validate_recipe_dict(recipe_dict(steps, batch, **train)), out,
                         log=lambda *_: None)
-    LAST_LOSS["value"] = summary["final_loss"]
+    LOSSES[:] = [loss for _, loss in summary["loss_curve"]]
     return summary["train_runtime_s"]
 
 
-LAST_LOSS = {"value": None}
+LOSSES: list[float] = []  # logged losses of the contender that ran in this process
+STATS = {"steps": 0, "samples": 0, "slots": 0, "real": 0, "targets": 0}
+
+
+class Counted:
+    """A collator that also counts, per batch: conversations, token slots, real (non-padding)
+    tokens and trained targets (labels after the one-token shift)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __getattr__(self, name):
+        if name == "collator":
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+    def __call__(self, items):
+        batch = self.collator(items)
+        ids, labels = batch["input_ids"], batch["labels"]
+        if "attention_mask" in batch:
+            real = int(batch["attention_mask"].sum())
+        else:  # packed: the padded tails are pad tokens that carry no label
+            pad = self.collator.processor.tokenizer.pad_token_id
+            real = ids.numel() - int(((ids == pad) & (labels == -100)).sum())
+        STATS["steps"] += 1
+        STATS["samples"] += sum(len(i.get("packed_rows", [i])) for i in items)
+        STATS["slots"] += ids.numel()
+        STATS["real"] += real
+        STATS["targets"] += int((labels[:, 1:] != -100).sum())
+        return batch
 
 
 def lora_model_and_rows(steps, batch):
+    from transformers import set_seed
+
     from peftvlm.api import load_model_with_method
     from peftvlm.data.loading import load_rows
     from peftvlm.recipe import validate_recipe_dict
     from peftvlm.registry import get_method
 
     recipe = validate_recipe_dict(recipe_dict(steps, batch))
+    set_seed(recipe.train.seed)  # the same LoRA initialisation as peftvlm's runs
     loaded, model = load_model_with_method(recipe, get_method("lora"))
     return recipe, loaded, model, load_rows(recipe).train
 
@@ -74,20 +138,26 @@ def run_trl_stock(steps, batch):
     from PIL import Image
     from trl import SFTConfig, SFTTrainer
 
-    _, loaded, model, rows = lora_model_and_rows(steps, batch)
+    recipe, loaded, model, rows = lora_model_and_rows(steps, batch)
     data = Dataset.from_list([{"images": [Image.open(p).convert("RGB") for p in r["images"]],
                                "messages": r["messages"]} for r in rows])
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, use_cpu=True, bf16=False,
+    options = {"max_steps": steps, "logging_steps": 10}
+    if VARIABLE["rows"]:
+        options = {"max_steps": -1, "num_train_epochs": 1, "logging_steps": 1}
+    # the optimisation peftvlm's recipe sets (TRL's own default learning rate is 10x lower)
+    options.update({k: getattr(recipe.train, k) for k in (
+        "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
+        "optim", "seed")})
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False,
                      per_device_train_batch_size=batch, report_to=[], save_steps=10_000,
-                     logging_steps=10, gradient_checkpointing=False, disable_tqdm=True,
-                     max_length=None)
+                     gradient_checkpointing=False, disable_tqdm=True, max_length=None, **options)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data,
                          processing_class=loaded.processor)
+    trainer.data_collator = Counted(trainer.data_collator)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    LAST_LOSS["value"] = losses[-1] if losses else None  # note: TRL stock trains on all tokens
+    LOSSES[:] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return seconds
 
 
@@ -97,17 +167,22 @@ def run_bare_torch(steps, batch):
 
     from peftvlm.data.collate import ConversationCollator
 
-    _, loaded, model, rows = lora_model_and_rows(steps, batch)
-    collator = ConversationCollator(loaded.processor, loaded.family)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    recipe, loaded, model, rows = lora_model_and_rows(steps, batch)
+    collator = Counted(ConversationCollator(loaded.processor, loaded.family,
+                                            recipe.train.assistant_only_loss))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                            lr=recipe.train.learning_rate)
     model.train()
+    if VARIABLE["rows"]:  # one epoch, in order
+        steps = -(-len(rows) // batch)
     start = time.perf_counter()
     for step in range(steps):
-        i = (step * batch) % (len(rows) - batch)
+        i = (step * batch) % (len(rows) - batch) if not VARIABLE["rows"] else step * batch
         loss = model(**collator(rows[i:i + batch])).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
+        LOSSES.append(float(loss))
     return time.perf_counter() - start
 
 
@@ -122,8 +197,17 @@ VARIABLE_CONTENDERS = {
 def child(name, steps, batch):
     seconds = {**CONTENDERS, **VARIABLE_CONTENDERS}[name](steps, batch)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"name": name, "seconds": seconds, "samples_per_s": steps * batch / seconds,
-                      "peak_rss_mb": rss_mb, "loss": LAST_LOSS["value"]}))
+    tail = LOSSES[-max(1, len(LOSSES) // 10):]
+    batches = max(STATS["steps"], 1)  # collated batches: with max_steps, one fetched ahead
+    if not VARIABLE["rows"]:
+        STATS["samples"], STATS["steps"] = steps * batch, steps
+    print(json.dumps({"name": name, "seconds": seconds, "samples_per_s": STATS["samples"] / seconds,
+                      "peak_rss_mb": rss_mb, "steps": STATS["steps"],
+                      "tokens_per_step": STATS["real"] / batches,
+                      "padding": 1 - STATS["real"] / max(STATS["slots"], 1),
+                      "targets": STATS["targets"],
+                      "mean_loss": sum(LOSSES) / len(LOSSES) if LOSSES else None,
+                      "loss": sum(tail) / len(tail) if LOSSES else None}))
 
 
 def help_wall_time(repeats=5) -> float:
@@ -143,11 +227,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=1, help="runs per contender (best kept)")
     parser.add_argument("--variable-length", action="store_true",
                         help="multi-turn rows of varied length; adds grouping/packing runs")
+    parser.add_argument("--rows", type=int, default=1600,
+                        help="--variable-length: rows, each trained once (one epoch)")
+    parser.add_argument("--packed-batch", type=int,
+                        help="--variable-length: packed rows per step (default: as many as "
+                             "hold the tokens of --batch rows)")
     parser.add_argument("--rows-file", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=[*CONTENDERS, *VARIABLE_CONTENDERS],
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
-    VARIABLE["rows"] = args.rows_file
+    VARIABLE["rows"], VARIABLE["packed_batch"] = args.rows_file, args.packed_batch
     if args.child:
         return child(args.child, args.steps, args.batch)
     os.environ.setdefault("PEFTVLM_CACHE", tempfile.mkdtemp(prefix="peftvlm-bench-"))
@@ -155,8 +244,10 @@ def main():
     if args.variable_length:
         from bench_data import write_llava_rows
 
-        rows = write_llava_rows(Path(os.environ["PEFTVLM_CACHE"]) / "bench-rows", 4000, 200)
+        rows = write_llava_rows(Path(os.environ["PEFTVLM_CACHE"]) / "bench-rows", args.rows, 200)
         extra, names = ["--rows-file", str(rows)], [*CONTENDERS, *VARIABLE_CONTENDERS]
+        if args.packed_batch:
+            extra += ["--packed-batch", str(args.packed_batch)]
     results = {}
     for name in names:
         for _ in range(args.repeats):
@@ -168,12 +259,16 @@ def main():
                 results[name] = res
     floor = results["torch"]["samples_per_s"]
     trl = results["trl"]["samples_per_s"]
-    print("| contender | samples/s | vs bare loop | vs TRL stock | peak RSS MB | last loss |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| contender | samples/s | vs bare loop | vs TRL stock | steps | tokens/step | "
+          "padding | trained tokens | mean loss | last loss | peak RSS MB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, res in results.items():
-        loss = f"{res['loss']:.4f}" if res.get("loss") is not None else "-"
+        mean, last = (f"{res[k]:.4f}" if res.get(k) is not None else "-"
+                      for k in ("mean_loss", "loss"))
         print(f"| {name} | {res['samples_per_s']:.1f} | {res['samples_per_s'] / floor:.2f} | "
-              f"{res['samples_per_s'] / trl:.2f} | {res['peak_rss_mb']:.0f} | {loss} |")
+              f"{res['samples_per_s'] / trl:.2f} | {res['steps']} | "
+              f"{res['tokens_per_step']:.0f} | {res['padding']:.1%} | {res['targets']} | "
+              f"{mean} | {last} | {res['peak_rss_mb']:.0f} |")
     print(f"peftvlm --help wall time: {help_wall_time():.3f} s")
 
 

@@ -66,6 +66,11 @@ def append_dummy(batch: dict, dummy: dict, pad_id: int) -> dict:
     extra = dummy["input_ids"].shape[1]
     out = {}
     for key, value in batch.items():
+        if key == "position_ids" and value.dim() == 3:  # packed Qwen-VL rows: (4, rows, tokens)
+            tail = torch.zeros((*value.shape[:2], extra), dtype=value.dtype)
+            tail[:, 0] = dummy[key][:, 0]
+            out[key] = torch.cat([value, tail], dim=2)
+            continue
         if not (torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == (rows, length)):
             out[key] = value
             continue

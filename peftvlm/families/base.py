@@ -135,6 +135,12 @@ class FamilySpec:
     # is isolated per conversation by restarting `position_ids` (transformers builds the
     # block-diagonal mask from them on CPU/SDPA, and flash-attention's varlen path on GPU).
     packing_refusal: str | None = None
+    # `packed_positions(model, batch) -> (k, rows, tokens)`: for a family whose rotary
+    # positions are not just token order (Qwen-VL's 3-D M-RoPE), each row's own positions as
+    # the model computes them for the right-padded training `batch`; packing lays them end to
+    # end behind the text positions (transformers' (1 + k, rows, tokens) `position_ids`).
+    packed_positions: Callable[[Any, dict], Any] | None = field(
+        default=None, compare=False, repr=False)
 
     def joint_dim(self, config) -> int:
         """The width of the joint image-text feature space of a dual encoder."""

@@ -222,6 +222,18 @@ def image_tokens(image_inputs: dict, config) -> tuple[int, int]:
     return grid // config.vision_config.spatial_merge_size ** 2, grid
 
 
+def mrope_positions(model, batch: dict):
+    """Each row's own 3-D M-RoPE positions (time, height, width), (3, rows, tokens), from the
+    model's `get_rope_index` on the right-padded batch (padding ignored), so that a packed
+    conversation keeps the positions it has alone (`FamilySpec.packed_positions`)."""
+    owner = next(m for m in model.modules() if hasattr(type(m), "get_rope_index"))
+    grids = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+             if batch.get(k) is not None}
+    positions, _ = owner.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                        attention_mask=batch["attention_mask"], **grids)
+    return positions
+
+
 _COMMON = dict(
     vision_module="model.visual",
     projector_module="model.visual.merger",
@@ -233,10 +245,8 @@ _COMMON = dict(
     takes_video=True,
     image_tokens=image_tokens,
     dummy_image_side=PATCH * MERGE * 2,  # a multiple of patch x merge the tiny models accept
-    # transformers' Qwen2-VL takes packed rows as 4-row position ids (text + the 3-D M-RoPE
-    # grid, restarted per conversation); peftvlm does not build those yet.
-    packing_refusal="Qwen2-VL's 3-D M-RoPE position ids would have to be rebuilt per packed "
-                    "conversation, which peftvlm does not do yet; use train.group_by_length",
+    # packed rows: 4-row position ids (text + each conversation's own 3-D M-RoPE grid)
+    packed_positions=mrope_positions,
 )
 
 QWEN2_VL_SPEC = FamilySpec(

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from peftvlm.families._tiny import save_tiny
 from peftvlm.families.base import FamilySpec, read_template
-from peftvlm.families.qwen2_vl import SPECIAL_TOKENS, FramesVideoProcessor, _image_only
+from peftvlm.families.qwen2_vl import (SPECIAL_TOKENS, FramesVideoProcessor, _image_only,
+                                      mrope_positions)
 
 TEMPLATE_FILE = "qwen3-vl.jinja"  # Qwen/Qwen3-VL-2B-Instruct's chat template
 PATCH, MERGE = 8, 2
@@ -130,9 +131,7 @@ _COMMON = dict(
     box_format="abs1000",  # Qwen3-VL grounds with 0-1000 relative integers
     processor_class=processor_class,
     reference_checkpoint="Qwen/Qwen3-VL-2B-Instruct",
-    packing_refusal="Qwen3-VL's 3-D M-RoPE position ids (interleaved text/time/height/width) "
-                    "would have to be rebuilt per packed conversation, which peftvlm does not do "
-                    "yet; use train.group_by_length",
+    packed_positions=mrope_positions,  # packed rows: each conversation's own M-RoPE grid
     refused_methods=(("per_part", "VPT prompt tokens need a ViT with a CLS token and a fixed "
                       "patch grid; Qwen3-VL's ViT has neither (native resolution, 2D RoPE, "
                       "patch merging)"),),

@@ -121,6 +121,21 @@ class SFTTrainer(trl.SFTTrainer):
                 lengths=self.row_lengths)
         return super()._get_train_sampler(train_dataset)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        counted = getattr(self, "_total_train_tokens", 0)
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.model.training and "attention_mask" not in inputs and "position_ids" in inputs:
+            # Packed rows (`train.packing`) carry no attention mask, and TRL then counts
+            # `position_ids.size(1)`: one row's length, or the batch size for Qwen-VL's
+            # (4, rows, tokens). Count the real tokens: all but the rows' padded tails.
+            pad = self.processing_class.tokenizer.pad_token_id
+            tail = (inputs["input_ids"] == pad) & (inputs["labels"] == -100)
+            real = inputs["input_ids"].new_tensor(inputs["input_ids"].numel() - int(tail.sum()))
+            real = int(self.accelerator.gather_for_metrics(real).sum())
+            self._total_train_tokens = counted + real
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return result
+
     def create_optimizer(self, model=None):
         groups_of = getattr(self.model, "optimizer_param_groups", None)
         if self.optimizer is None and groups_of is not None:
@@ -139,15 +154,24 @@ def full_state_dict(trainer):
 
 
 def build_trainer(model, processor, collator, train_rows, args, callbacks=()):
-    """An SFTTrainer over conversation rows (a `table.Rows` Arrow view, decoded per batch, or a
-    list of dicts), collated by `collator`."""
+    """An SFTTrainer over conversation rows (a `table.Rows` Arrow view, decoded per batch, a
+    list of dicts, or with `train.packing` the rows' bins, `packing.PackedRows`), collated by
+    `collator`."""
     from datasets import Dataset
 
+    from peftvlm.data.packing import PackedRows
     from peftvlm.data.table import Rows
 
-    dataset = train_rows.dataset if isinstance(train_rows, Rows) else Dataset.from_list(train_rows)
+    lengths = None
+    if isinstance(train_rows, PackedRows):  # items are bins; group_by_length groups bins
+        dataset, lengths = train_rows.dataset, train_rows.lengths
+    elif isinstance(train_rows, Rows):
+        dataset = train_rows.dataset
+        if "length" in train_rows.table.column_names:
+            lengths = train_rows.lengths().tolist()
+    else:
+        dataset = Dataset.from_list(train_rows)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                          processing_class=processor, callbacks=list(callbacks))
-    if isinstance(train_rows, Rows) and "length" in train_rows.table.column_names:
-        trainer.row_lengths = train_rows.lengths().tolist()
+    trainer.row_lengths = lengths
     return trainer
