@@ -109,6 +109,13 @@ class SFTTrainer(trl.SFTTrainer):
     its own learning rate) gets them, in the optimiser `train.optim` names."""
 
     row_lengths: list[int] | None = None  # token lengths of the training rows (cached column)
+    stream = None  # streaming.StreamingRows: batches come from it (train_dataset: its source)
+
+    def get_train_dataloader(self):
+        if self.stream is None:
+            return super().get_train_dataloader()
+        return self.stream.dataloader(self._train_batch_size, self.data_collator,
+                                      self.args.device)
 
     def _get_train_sampler(self, train_dataset=None):
         # Give LengthGroupedSampler the counted lengths: it would otherwise read the `length`
@@ -139,15 +146,22 @@ def full_state_dict(trainer):
 
 
 def build_trainer(model, processor, collator, train_rows, args, callbacks=()):
-    """An SFTTrainer over conversation rows (a `table.Rows` Arrow view, decoded per batch, or a
-    list of dicts), collated by `collator`."""
+    """An SFTTrainer over conversation rows (a `table.Rows` Arrow view, decoded per batch, a
+    `streaming.StreamingRows` or a list of dicts), collated by `collator`."""
     from datasets import Dataset
 
+    from peftvlm.data.streaming import StreamingRows
     from peftvlm.data.table import Rows
 
-    dataset = train_rows.dataset if isinstance(train_rows, Rows) else Dataset.from_list(train_rows)
+    if isinstance(train_rows, StreamingRows):  # TRL checks its raw records; batches: the rows
+        dataset = train_rows.stream
+    else:
+        dataset = train_rows.dataset if isinstance(train_rows, Rows) else \
+            Dataset.from_list(train_rows)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                          processing_class=processor, callbacks=list(callbacks))
+    if isinstance(train_rows, StreamingRows):
+        trainer.stream = train_rows
     if isinstance(train_rows, Rows) and "length" in train_rows.table.column_names:
         trainer.row_lengths = train_rows.lengths().tolist()
     return trainer
