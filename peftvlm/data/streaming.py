@@ -240,13 +240,13 @@ def parse_json(raw: bytes):
 
 
 def sample_images(row_id: str, files: list[dict]) -> dict:
-    """A shard sample's image files, by the names a row may use: extension and file name."""
+    """A shard sample's image bytes, by the names a row may use: extension and file name."""
     key = row_id.rpartition(":")[2].rpartition("/")[2]
     images = {}
     for file in files:
         ext = file["name"]
         if ext.rpartition(".")[2] in IMAGE_SUFFIXES:
-            images[ext] = images[f"{key}.{ext}"] = {"bytes": file["bytes"], "path": f"{key}.{ext}"}
+            images[ext] = images[f"{key}.{ext}"] = file["bytes"]
     return images
 
 
