@@ -177,8 +177,8 @@ def test_webdataset_shards_take_images_from_their_samples(tmp_path, llava_collat
     assert answer(got[4]) == "llava" and len(got[4]["images"]) == 1
     assert counts(rows) == {"invalid_json": 1, "no_json": 1}
     bad = rows.counts.snapshot()["bad_rows"]
-    assert bad["no_json"]["first_rows"] == ["train-000.tar:000003 (the sample has no .json file "
-                                            "(it has png))"]
+    assert bad["no_json"]["first_rows"] == [
+        "train-000.tar:000003 (the sample has no .json file (it has png))"]
     assert llava_collator([{k: v for k, v in r.items() if k != "_stream_position"}
                            for r in got])["pixel_values"].shape[0] == 6
 
