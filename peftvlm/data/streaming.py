@@ -451,7 +451,8 @@ class StreamingRows(torch.utils.data.IterableDataset):
         self.family, self.what = collator.family, what
         self.system_prompt = data_cfg.system_prompt
         self.on_bad_row, self.on_overflow = data_cfg.on_bad_row, data_cfg.on_overflow
-        self.start, self.max_length = Position(), max_length
+        self.start = Position(counts=StreamCounts(max_length).snapshot())
+        self.max_length = max_length
         self.batch_ends: list[Position] = []  # the position after each batch collated, in order
         self.forgotten = 0  # batch_ends dropped from the front (see forget_before)
         self.final: dict | None = None  # all ranks' counts once training has ended
