@@ -3,7 +3,8 @@
 Each row becomes one sample: `NNNNNN.json` (the row, its image paths replaced by the sample's
 file names) and its images beside it (`NNNNNN.0.png`, `NNNNNN.1.jpg`, ...), the layout
 `streaming: true` reads (docs/streaming.md). Rows whose images are missing are copied as they
-are (the stream counts them as bad rows when it trains).
+are (the stream counts them as bad rows when it trains); images given in content items
+(OpenAI `image_url`) stay paths (then set the source's `image_root` to their folder).
 
 Run: python scripts/make_shards.py DATA.jsonl OUT_DIR [--rows-per-shard 10000] [--image-root DIR]
 Then: data: {train: {path: OUT_DIR/train-*.tar}, streaming: true}

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from data_helpers import data_cache, llava_collator, save_image  # noqa: F401
 
+from conftest import REPO
 from peftvlm.data.streaming import STATE_FILE, StreamCollator, open_training_stream
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.recipe import load_recipe, validate_recipe_dict
@@ -181,6 +182,24 @@ def test_webdataset_shards_take_images_from_their_samples(tmp_path, llava_collat
         "train-000.tar:000003 (the sample has no .json file (it has png))"]
     assert llava_collator([{k: v for k, v in r.items() if k != "_stream_position"}
                            for r in got])["pixel_values"].shape[0] == 6
+
+
+def test_make_shards_writes_shards_the_stream_reads_as_it_read_the_jsonl(messy, llava_collator):
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_shards import write_shards
+
+    shards = write_shards(messy / "train.jsonl", messy / "shards", rows_per_shard=2)
+    assert [p.name for p in shards] == ["train-000000.tar", "train-000001.tar",
+                                        "train-000002.tar"]
+    lines = take(stream_of(messy, llava_collator, [{"path": "train.jsonl"}], {"streaming": True}),
+                 2)
+    samples = stream_of(messy, llava_collator, [{"path": "shards/*.tar"}], {"streaming": True})
+    got = take(samples, 2)
+    assert [r["messages"] for r in got] == [r["messages"] for r in lines]
+    assert got[0]["images"] == [{"bytes": (messy / "red.png").read_bytes()}]
+    assert counts(samples) == {"invalid_json": 1, "missing_image": 1}
 
 
 def test_parquet_files_and_a_dataset_folder_stream_alike(tmp_path, llava_collator):
