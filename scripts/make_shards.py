@@ -45,25 +45,24 @@ def sample_files(key: str, row: dict, image_root: Path) -> dict[str, bytes]:
 def write_shards(jsonl: Path, out: Path, rows_per_shard: int = 10_000,
                  image_root: Path | None = None) -> list[Path]:
     """Shards `out/train-000000.tar`, ... of `rows_per_shard` samples each."""
+    import itertools
+
     out.mkdir(parents=True, exist_ok=True)
     image_root = image_root or jsonl.parent
-    shards, tar = [], None
+    shards = []
     with jsonl.open() as f:
-        for n, line in enumerate(f):
-            if n % rows_per_shard == 0:
-                if tar is not None:
-                    tar.close()
-                shards.append(out / f"train-{len(shards):06d}.tar")
-                tar = tarfile.open(shards[-1], "w")
-            key = f"{n:09d}"
-            try:
-                files = sample_files(key, json.loads(line), image_root)
-            except json.JSONDecodeError:
-                files = {"json": line.encode()}
-            for ext, data in files.items():
-                add_file(tar, f"{key}.{ext}", data)
-    if tar is not None:
-        tar.close()
+        lines = enumerate(f)
+        while chunk := list(itertools.islice(lines, rows_per_shard)):
+            shards.append(out / f"train-{len(shards):06d}.tar")
+            with tarfile.open(shards[-1], "w") as tar:
+                for n, line in chunk:
+                    key = f"{n:09d}"
+                    try:
+                        files = sample_files(key, json.loads(line), image_root)
+                    except json.JSONDecodeError:
+                        files = {"json": line.encode()}
+                    for ext, data in files.items():
+                        add_file(tar, f"{key}.{ext}", data)
     return shards
 
 

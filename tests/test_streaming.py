@@ -11,9 +11,9 @@ import tarfile
 
 import pytest
 import yaml
+from conftest import REPO
 from data_helpers import data_cache, llava_collator, save_image  # noqa: F401
 
-from conftest import REPO
 from peftvlm.data.streaming import STATE_FILE, StreamCollator, open_training_stream
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.recipe import load_recipe, validate_recipe_dict
