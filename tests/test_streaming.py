@@ -251,6 +251,19 @@ def test_two_ranks_read_disjoint_rows_that_together_are_the_stream(tmp_path, lla
     assert sorted(parts[0] + parts[1]) == sorted(whole)
 
 
+def test_a_launched_process_reads_the_part_of_the_rank_its_launcher_gave(messy, llava_collator,
+                                                                        monkeypatch):
+    """torchrun / accelerate launch announce RANK and WORLD_SIZE before the trainer (and, on
+    CPU, accelerate's state) knows of several processes: the stream splits by them."""
+    write_jsonl(messy / "train.jsonl", [conversation(f"a{i}") for i in range(4)])
+    recipe = validate_recipe_dict(recipe_dict(messy, [{"path": "train.jsonl",
+                                                       "streaming": True}]))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert ids(take(open_training_stream(recipe, llava_collator), 2)) == ["train.jsonl:2",
+                                                                         "train.jsonl:4"]
+
+
 # --- training and resume ----------------------------------------------------------------------
 
 class StopAfterSaving:

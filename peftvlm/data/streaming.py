@@ -417,11 +417,13 @@ class StreamCounts:
 
 
 def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of training processes (accelerate's view)."""
-    from accelerate import PartialState
+    """This process's rank and the number of training processes, as torchrun / accelerate launch
+    announce them (RANK, WORLD_SIZE). Read from the launcher because the data loads before the
+    trainer sets accelerate up: until then, on CPU, accelerate's `PartialState` reports one
+    process."""
+    import os
 
-    state = PartialState()
-    return state.process_index, state.num_processes
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def combine(streams: list, sources, seed: int):
