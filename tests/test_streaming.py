@@ -124,6 +124,11 @@ def test_strict_policies_stop_at_the_first_bad_or_long_row_naming_it(messy, llav
                      data={"on_overflow": "error"})
     with pytest.raises(DataError, match=r"row long\.jsonl:2 has \d+ tokens, over train"):
         take(rows, 2)
+    write_jsonl(messy / "bad.jsonl", ["{not json", conversation("a", image="missing.png")])
+    rows = stream_of(messy, llava_collator, [{"path": "bad.jsonl", "streaming": True}])
+    with pytest.raises(DataError, match=r"the stream has no usable rows \(1 invalid json \(e\.g\. "
+                                        r"bad\.jsonl:1"):
+        take(rows, 1)
 
 
 def png(colour) -> bytes:
