@@ -46,6 +46,10 @@ def dispatch_train(recipe, method, run_dir: Path, resume, overwrite, dry_run, lo
     from peftvlm.kinds import run_kind
 
     kind = run_kind(recipe)
+    if kind != "generative" and recipe.data.streams():  # a Hub id's family is known only now
+        from peftvlm.recipe import refuse_dual_encoder_stream
+
+        refuse_dual_encoder_stream(recipe.source_path or "recipe", recipe.model.id)
     if kind != "generative":  # dual encoders: one shared loop, one task per kind
         from peftvlm.trainers import clip, contrastive
 

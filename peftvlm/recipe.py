@@ -521,6 +521,9 @@ def check_streaming(recipe: Recipe) -> None:
                               hint="drop streaming there (max_samples caps the rows)")
     if not data.streams():
         return
+    family = known_family(recipe)
+    if family is not None and family.kind != "generative":
+        refuse_dual_encoder_stream(where, family.name)
     whole = "set it back to its default, or read the data whole (streaming: false)"
     counted = "and a stream's rows are counted as they are read"
     refusals = [
@@ -543,6 +546,12 @@ def check_streaming(recipe: Recipe) -> None:
         if refused:
             raise RecipeError(f"{where}: {name} with streamed training data: {reason}",
                               hint=hint)
+
+
+def refuse_dual_encoder_stream(where, name: str) -> None:
+    raise RecipeError(f"{where}: streaming: the {name} dual encoder trains on a table of "
+                      "image-text pairs read whole; streaming is for generative training",
+                      hint="read the data whole (streaming: false)")
 
 
 def known_family(recipe: Recipe):

@@ -83,6 +83,12 @@ def test_validate_refuses_what_a_stream_cannot_do_with_the_reason(messy, fields,
         load_recipe(path)
 
 
+def test_validate_refuses_a_stream_for_a_dual_encoder():
+    with pytest.raises(RecipeError, match="streaming: the clip dual encoder trains on a table"):
+        load_recipe(REPO / "recipes" / "clip-coop.yaml", ["data.streaming=true",
+                                                           "train.max_steps=5"])
+
+
 def test_validate_takes_a_glob_of_shards_and_refuses_one_that_matches_nothing(messy):
     path = messy / "r.yaml"
     path.write_text(yaml.safe_dump(recipe_dict(messy, [{"path": "*.jsonl", "streaming": True}])))
