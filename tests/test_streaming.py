@@ -213,6 +213,26 @@ def test_make_shards_writes_shards_the_stream_reads_as_it_read_the_jsonl(messy, 
     assert counts(samples) == {"invalid_json": 1, "missing_image": 1}
 
 
+def test_a_template_renders_shard_samples_and_resumes_inside_a_record(tmp_path, llava_collator):
+    """A caption template with `selection: all` makes one row per caption: a position can fall
+    between two rows of one record, and resuming there yields the record's next row."""
+    from peftvlm.data.streaming import Position
+
+    write_shard(tmp_path / "captions.tar", {
+        f"{i:06d}": {"json": {"captions": [f"a red square {i}", f"red shape {i}"]}, "png": RED}
+        for i in range(3)})
+    train = [{"path": "captions.tar", "streaming": True, "template": "caption",
+              "template_options": {"selection": "all"}}]
+    full = take(stream_of(tmp_path, llava_collator, train, max_length=128), 8)
+    assert ids(full)[:6] == [f"captions.tar:{i:06d}" for i in range(3) for _ in range(2)]
+    assert [answer(r) for r in full[:2]] == ["a red square 0", "red shape 0"]
+    assert full[0]["images"] == [{"bytes": RED}]
+    for k in range(7):  # as --resume does, through the JSON of peftvlm-stream.json
+        rows = stream_of(tmp_path, llava_collator, train, max_length=128)
+        rows.start = Position(**json.loads(json.dumps(full[k]["_stream_position"].as_dict())))
+        assert [answer(r) for r in take(rows, 8 - k - 1)] == [answer(r) for r in full[k + 1:]]
+
+
 def test_parquet_files_and_a_dataset_folder_stream_alike(tmp_path, llava_collator):
     import pyarrow as pa
     import pyarrow.parquet as pq
