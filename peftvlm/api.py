@@ -46,6 +46,10 @@ def dispatch_train(recipe, method, run_dir: Path, resume, overwrite, dry_run, lo
     from peftvlm.kinds import run_kind
 
     kind = run_kind(recipe)
+    if kind != "generative" and recipe.data.streams():  # a Hub id's family is known only now
+        from peftvlm.recipe import refuse_dual_encoder_stream
+
+        refuse_dual_encoder_stream(recipe.source_path or "recipe", recipe.model.id)
     if kind != "generative":  # dual encoders: one shared loop, one task per kind
         from peftvlm.trainers import clip, contrastive
 
@@ -82,7 +86,8 @@ def train_generative(recipe, method, run_dir: Path, resume, overwrite, dry_run, 
     trainable, total = parameter_counts(model)
     log(f"model: {recipe.model.id} ({loaded.family.name}), {recipe.method.name}: "
         f"{trainable:,} of {total:,} parameters train")
-    log(f"data: {len(data.train)} training rows, {len(data.eval)} held-out rows, "
+    log(data.describe() if data.streaming else
+        f"data: {len(data.train)} training rows, {len(data.eval)} held-out rows, "
         f"{data.overflow.get('count', 0)} too long, "
         f"{sum(v['count'] for v in data.bad_rows.get('train', {}).values())} bad training rows, "
         f"{sum(v['count'] for v in data.bad_rows.get('eval', {}).values())} bad held-out rows")
@@ -165,10 +170,12 @@ def print_dry_run(model, collator, data, family, log) -> dict:
     from peftvlm.data.preview import render_example
 
     trainable, total = parameter_counts(model)
-    text, counts = render_example(collator, data.train[0], family.image_token)
+    first = data.first_row() if data.streaming else data.train[0]
+    text, counts = render_example(collator, first, family.image_token)
     console = Console()
     console.print(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
-    console.print(f"train rows: {len(data.train)}, eval rows: {len(data.eval)}, "
+    console.print(f"train rows: {'streamed' if data.streaming else len(data.train)}, "
+                  f"eval rows: {len(data.eval)}, "
                   f"dropped (too long): {data.overflow.get('count', 0)}")
     console.print(f"example 0 ({counts['tokens']} tokens, {counts['trained_tokens']} carry loss, "
                   f"[bold green]green[/]):")
@@ -210,12 +217,21 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
     items = train_items(data.train, recipe.train.packing, recipe.train.max_length)
     if recipe.train.packing:
         log(describe_bins(items))
+    streamed = []  # a stream's position goes into each checkpoint, before it is marked complete
+    if data.streaming:
+        from peftvlm.data.streaming import StreamCheckpoint, StreamCollator
+
+        collator, streamed = StreamCollator(collator, data.train), [StreamCheckpoint(data.train,
+                                                                                     log)]
     trainer = build_trainer(model, loaded.processor, collator, items, args,
-                            [stopper, MarkCheckpointComplete(), *callbacks])
+                            [stopper, *streamed, MarkCheckpointComplete(), *callbacks])
     add_periodic_eval(trainer, recipe, loaded, data)
     checkpoint = last_checkpoint(run_dir, log) if resume else None
     if resume and checkpoint is None:
         log(f"no checkpoint in {run_dir / 'checkpoints'}: starting from scratch")
+    if checkpoint and data.streaming:  # continue at the saved row; the trainer replays nothing
+        data.train.restore(checkpoint, log)
+        trainer.args.ignore_data_skip = True
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     if stopper.interrupted:

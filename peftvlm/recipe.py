@@ -69,8 +69,13 @@ class SourceConfig(Section):
                                                   "saved with save_to_disk (load_from_disk).")
     split: str = Field("train", description="Split to read, with slicing (`train[:1000]`, "
                                             "`train[10%:20%]`).")
-    streaming: bool = Field(False, description="Read a Hub dataset lazily, stopping after "
-                                               "max_samples rows (no full download).")
+    streaming: bool = Field(False, description="Training source: read it as a stream, rows "
+                                               "rendered as training reads them (bounded "
+                                               "memory; needs train.max_steps; docs/"
+                                               "streaming.md): .jsonl, .parquet, WebDataset "
+                                               ".tar shards (globs allowed in path) or a "
+                                               "`dataset:`. Held-out `dataset:` source: read "
+                                               "lazily up to max_samples.")
     format: SourceFormat = Field(
         "auto", description="How the source is laid out. auto: detected (a JSON with `images` + "
                             "`annotations` lists is COCO captions; rows with `conversations` "
@@ -93,7 +98,9 @@ class SourceConfig(Section):
     weight: float = Field(1.0, gt=0, description="Mixing weight among several training sources: "
                                                  "when any source sets one, source i gets "
                                                  "total_rows * weight_i / sum(weights) rows "
-                                                 "(sampled down or repeated, seeded).")
+                                                 "(sampled down or repeated, seeded); "
+                                                 "streamed: each row comes from source i "
+                                                 "with probability weight_i / sum(weights).")
     template: str | None = Field(None, description="Data template that turns annotations into "
                                                    "conversations (`peftvlm ls templates`, or a "
                                                    "YAML path); default: data.template; none = "
@@ -112,12 +119,6 @@ class SourceConfig(Section):
             raise ValueError("give either `path` or `dataset`, not both")
         return v
 
-    @field_validator("streaming")
-    @classmethod
-    def _streaming_needs_dataset(cls, v, info):
-        if v and info.data.get("path") is not None:
-            raise ValueError("streaming reads `dataset:` sources; files are read whole")
-        return v
 
 
 class SyntheticConfig(Section):
@@ -191,6 +192,8 @@ class DataConfig(Section):
                                                          "sources (rendering, image checks).")
     cache: bool = Field(True, description="Cache preprocessed large sources (fingerprinted by "
                                           "files, template and options) so re-runs skip it.")
+    streaming: bool = Field(False, description="Stream every training source (as each "
+                                               "source's `streaming`; docs/streaming.md).")
     # Image classification (CLIP-family methods: coop, vpt, clip_adapter).
     classnames: list[str] | None = Field(
         None, description="Class names in label order (classification). Default: the sorted "
@@ -208,6 +211,10 @@ class DataConfig(Section):
     base_to_new: bool = Field(False, description="Train on the first half of the classes (base) "
                                                  "and report accuracy on base and new classes "
                                                  "and their harmonic mean.")
+
+    def streams(self) -> bool:
+        """Whether training reads its sources as a stream (here or on any training source)."""
+        return bool(self.streaming or any(s.streaming for s in self.train or []))
 
     _coerce_train = field_validator("train", "eval", mode="before")(
         classmethod(lambda cls, v: _as_sources(v)))
@@ -478,7 +485,8 @@ def check_recipe_files(recipe: Recipe) -> None:
             where = f"{recipe.source_path}: data.{section}[{i}]"
             for key in ("path", "annotations", "image_root"):
                 value = getattr(src, key)
-                if value and not _is_remote(value) and not (base / value).exists():
+                globbed = key == "path" and section == "train" and recipe.data.streams()
+                if value and not _is_remote(value) and not _exists(base, value, globbed):
                     raise RecipeError(f"{where}.{key}: {value} does not exist (looked in {base})",
                                       hint="paths are relative to the recipe file")
             _check_template(recipe, src, where)
@@ -488,6 +496,7 @@ def check_recipe_files(recipe: Recipe) -> None:
     if recipe.data.template:
         _check_template(recipe, None, f"{recipe.source_path}: data")
     _check_sharding_files(recipe)
+    check_streaming(recipe)
     if recipe.train.packing:
         check_packing(recipe, known_family(recipe))
 
@@ -500,6 +509,59 @@ def _check_sharding_files(recipe: Recipe) -> None:
         value = getattr(recipe.train, field)
         if isinstance(value, str):
             read_config_file(value, recipe.base_dir(), field, str(recipe.source_path))
+
+
+def _exists(base: Path, value: str, globbed: bool) -> bool:
+    """A path exists; a streamed source's path may be a glob (`shards/train-*.tar`)."""
+    import glob
+
+    if globbed and glob.has_magic(value):
+        return bool(glob.glob(str(base / value)))
+    return (base / value).exists()
+
+
+def check_streaming(recipe: Recipe) -> None:
+    """What a streamed training cannot do, refused before anything loads, with the reason."""
+    data, train = recipe.data, recipe.train
+    where = recipe.source_path or "recipe"
+    for i, src in enumerate(data.eval or []):
+        if src.streaming and src.path:
+            raise RecipeError(f"{where}: data.eval[{i}].streaming: held-out rows are read "
+                              "whole (every evaluation scores them all)",
+                              hint="drop streaming there (max_samples caps the rows)")
+    if not data.streams():
+        return
+    family = known_family(recipe)
+    if family is not None and family.kind != "generative":
+        refuse_dual_encoder_stream(where, family.name)
+    whole = "set it back to its default, or read the data whole (streaming: false)"
+    counted = "and a stream's rows are counted as they are read"
+    refusals = [
+        (train.max_steps == -1, "train.max_steps",
+         ("a stream has no length, so epochs cannot be counted: give the number of optimizer "
+          "steps (a stream that ends sooner starts again)"),
+         "set train.max_steps, e.g. train.max_steps=1000"),
+        (train.group_by_length, "train.group_by_length",
+         f"length grouping sorts every row by its token length before training, {counted}",
+         whole),
+        (train.packing, "train.packing",
+         f"packing fills bins from every row's token length before training, {counted}", whole),
+        (train.dataloader_num_workers > 0, "train.dataloader_num_workers",
+         ("a stream is read in the training process, which keeps its position for --resume; "
+          "worker processes would each read shards of their own that no checkpoint records"),
+         whole),
+        (data.filter is not None, "data.filter",
+         "the CLIP-score filter scores a whole table before training", whole)]
+    for refused, name, reason, hint in refusals:
+        if refused:
+            raise RecipeError(f"{where}: {name} with streamed training data: {reason}",
+                              hint=hint)
+
+
+def refuse_dual_encoder_stream(where, name: str) -> None:
+    raise RecipeError(f"{where}: streaming: the {name} dual encoder trains on a table of "
+                      "image-text pairs read whole; streaming is for generative training",
+                      hint="read the data whole (streaming: false)")
 
 
 def known_family(recipe: Recipe):

@@ -35,6 +35,7 @@ CACHE_VERSION = "7"        # bump when rendering changes (4: Arrow tables, row_i
 
 @dataclass
 class PreparedData:
+    streaming = False  # streaming.StreamedData: training rows are read as training goes
     train: Rows
     eval: list[dict]
     bad_rows: dict = field(default_factory=dict)
@@ -437,6 +438,10 @@ def drop_unfit_rows(rows, family, policy: str, what: str, report: dict):
 
 def prepare_data(recipe, collator) -> PreparedData:
     """Load, check and length-filter the recipe's rows; bad rows never crash training later."""
+    if recipe.data.streams():  # rows read as training goes (data/streaming.py)
+        from peftvlm.data.streaming import prepare_streaming
+
+        return prepare_streaming(recipe, collator)
     from peftvlm.data.video import check_video_support
 
     data = load_rows(recipe, collator.family.box_format, collator)

@@ -109,6 +109,13 @@ class SFTTrainer(trl.SFTTrainer):
     its own learning rate) gets them, in the optimiser `train.optim` names."""
 
     row_lengths: list[int] | None = None  # token lengths of the training rows (cached column)
+    stream = None  # streaming.StreamingRows: batches come from it (train_dataset: its source)
+
+    def get_train_dataloader(self):
+        if self.stream is None:
+            return super().get_train_dataloader()
+        return self.stream.dataloader(self._train_batch_size, self.data_collator,
+                                      self.args.device)
 
     def _get_train_sampler(self, train_dataset=None):
         # Give LengthGroupedSampler the counted lengths: it would otherwise read the `length`
@@ -155,15 +162,18 @@ def full_state_dict(trainer):
 
 def build_trainer(model, processor, collator, train_rows, args, callbacks=()):
     """An SFTTrainer over conversation rows (a `table.Rows` Arrow view, decoded per batch, a
-    list of dicts, or with `train.packing` the rows' bins, `packing.PackedRows`), collated by
-    `collator`."""
+    list of dicts, `streaming.StreamingRows`, or with `train.packing` the rows' bins,
+    `packing.PackedRows`), collated by `collator`."""
     from datasets import Dataset
 
     from peftvlm.data.packing import PackedRows
+    from peftvlm.data.streaming import StreamingRows
     from peftvlm.data.table import Rows
 
     lengths = None
-    if isinstance(train_rows, PackedRows):  # items are bins; group_by_length groups bins
+    if isinstance(train_rows, StreamingRows):  # TRL checks its raw records; batches: the rows
+        dataset = train_rows.stream
+    elif isinstance(train_rows, PackedRows):  # items are bins; group_by_length groups bins
         dataset, lengths = train_rows.dataset, train_rows.lengths
     elif isinstance(train_rows, Rows):
         dataset = train_rows.dataset
@@ -174,4 +184,6 @@ def build_trainer(model, processor, collator, train_rows, args, callbacks=()):
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                          processing_class=processor, callbacks=list(callbacks))
     trainer.row_lengths = lengths
+    if isinstance(train_rows, StreamingRows):
+        trainer.stream = train_rows
     return trainer
