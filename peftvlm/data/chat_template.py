@@ -286,10 +286,12 @@ def one_render_fit(processor, end_of_turn: str | None) -> OneRenderFit | None:
         return None
     if lead_tail is None:
         return None
-    fit = OneRenderFit(*lead_tail, literals)
+    fit, checked = OneRenderFit(*lead_tail, literals), 0
     for probe in PROBES:
         try:
             expected = render_by_prefixes(processor, [probe], end_of_turn)
+        except ModelError:  # not prefix-preserving: no reference to be equal to
+            return None
         except Exception:  # the template refuses this probe (e.g. no system role): skip it
             continue
         try:
@@ -298,7 +300,8 @@ def one_render_fit(processor, end_of_turn: str | None) -> OneRenderFit | None:
             return None
         if fast != expected:
             return None
-    return fit
+        checked += 1
+    return fit if checked >= 2 else None
 
 
 def _lead_and_tail(processor, probe) -> tuple[str, str] | None:
