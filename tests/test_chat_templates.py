@@ -313,6 +313,7 @@ def test_one_render_is_taken_by_verbatim_templates_and_refused_by_rewriting_ones
     assert fit is not None and (fit.lead, fit.tail) == (" ", " ")
     # a row whose reply holds the template's own markup is rendered by prefixes
     assert not fit.allows(VARIED[-2]) and fit.allows(CASES["multi_turn"])
+    assert not fit.allows([user("a \ue0000\ue001 b"), reply("c")])
     # the fast path alone (no fallback) on a plain multi-turn row: the prefix method's result
     assert _render_marked(processor, [CASES["multi_turn"]], spec.end_of_turn, fit) == \
         render_conversations(processor, [CASES["multi_turn"]], spec.end_of_turn)

@@ -98,9 +98,10 @@ def render_conversations(processor, conversations: list[list[dict]], end_of_turn
     """Render each conversation with the processor's chat template and find its reply spans;
     with `fit` (from `one_render_fit`), in one render per row where the row allows it."""
     out = [None] * len(conversations)
-    if fit is not None:
-        fast = _render_marked(processor, conversations, end_of_turn, fit)
-        out = [f if fit.allows(c) else None for f, c in zip(fast, conversations)]
+    fast = [i for i, c in enumerate(conversations) if fit is not None and fit.allows(c)]
+    for i, r in zip(fast, _render_marked(processor, [conversations[i] for i in fast],
+                                         end_of_turn, fit)):
+        out[i] = r
     slow = [i for i, r in enumerate(out) if r is None]
     for i, r in zip(slow, render_by_prefixes(processor, [conversations[i] for i in slow],
                                              end_of_turn)):
@@ -166,15 +167,21 @@ class OneRenderFit:
     literals: frozenset
 
     def allows(self, conversation: list[dict]) -> bool:
+        if any("\ue000" in t for t in _texts(conversation)):  # our sentinel's mark: no guessing
+            return False
         return not any(lit in t for t in _reply_texts(conversation) for lit in self.literals)
 
 
-def _reply_texts(conversation):
+def _texts(conversation, role=None):
     for m in conversation:
-        if m["role"] == "assistant":
+        if role is None or m["role"] == role:
             content = m["content"]
             yield from ([content] if isinstance(content, str) else
-                        (c.get("text", "") for c in content if c.get("type") == "text"))
+                        (c.get("text") or "" for c in content if c.get("type") == "text"))
+
+
+def _reply_texts(conversation):
+    return _texts(conversation, "assistant")
 
 
 def _marked(conversation: list[dict], texts: list[str]) -> list[dict]:
@@ -186,7 +193,7 @@ def _marked(conversation: list[dict], texts: list[str]) -> list[dict]:
     def content(c):
         if isinstance(c, str):
             return mark(c)
-        return [{**x, "text": mark(x.get("text", ""))} if x.get("type") == "text" else x
+        return [{**x, "text": mark(x.get("text") or "")} if x.get("type") == "text" else x
                 for x in c]
 
     return [{**m, "content": content(m["content"])} if m["role"] == "assistant" else m
@@ -195,6 +202,8 @@ def _marked(conversation: list[dict], texts: list[str]) -> list[dict]:
 
 def _render_marked(processor, conversations, end_of_turn, fit):
     """One render per conversation; None for a row whose sentinels did not come back intact."""
+    if not conversations:
+        return []
     marked, texts = [], []
     for c in conversations:
         texts.append([])
