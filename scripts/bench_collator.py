@@ -6,13 +6,17 @@ three ways and prints a markdown table of milliseconds per batch:
 - `peftvlm`: `ConversationCollator` (the checkpoint's template, reply spans derived by prefix
   rendering, mask from token offsets with NumPy; rendering cached per row after the first
   batch, as in every epoch after the first);
-- `peftvlm (cold)`: the same with its render cache cleared before every batch (first epoch);
+- `peftvlm (cold)`: the same with its render cache cleared before every batch (first epoch):
+  one template render per row where the template copies replies verbatim (`one_render_fit`);
+- `peftvlm (cold, prefixes)`: the same, forced to the prefix method (2 x replies + 1 renders
+  per row), which templates that rewrite replies keep;
 - `transformers mask`: `processor.apply_chat_template(..., return_assistant_tokens_mask=True)`
   with a `{% generation %}`-marked training template (TRL's, or llava-1.5's published one),
   which maps spans onto tokens in a Python loop over every token.
 
     python scripts/bench_collator.py                      # batch 16, all chat families
     python scripts/bench_collator.py --batch-size 64 --repeats 20 --families llava smolvlm
+    python scripts/bench_collator.py --turns 3              # multi-turn rows (3 replies each)
 """
 
 from __future__ import annotations
@@ -29,16 +33,20 @@ REFERENCE_TEMPLATES = {"llava": None, "qwen2_vl": "qwen2_5_vl_training.jinja",
                        "smolvlm": "smolvlm_training.jinja"}
 
 
-def rows(n: int) -> list[dict]:
+def rows(n: int, turns: int = 1) -> list[dict]:
     from PIL import Image
 
     colours = [("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255))]
-    return [{"messages": [
-        {"role": "user", "content": [{"type": "image"},
-                                     {"type": "text", "text": "What color is the shape?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": name}]}],
-        "images": [Image.new("RGB", (32, 32), rgb)]}
-        for name, rgb in (colours[i % 3] for i in range(n))]
+
+    def turn(t, name):
+        media = [{"type": "image"}] if t == 0 else []
+        question = "What color is the shape?" if t == 0 else f"And now, turn {t}?"
+        return [{"role": "user", "content": [*media, {"type": "text", "text": question}]},
+                {"role": "assistant", "content": [{"type": "text", "text": f"{name} {t}"}]}]
+
+    return [{"messages": [m for t in range(turns) for m in turn(t, name)],
+             "images": [Image.new("RGB", (32, 32), rgb)]}
+            for name, rgb in (colours[i % 3] for i in range(n))]
 
 
 def per_batch(fn, repeats: int) -> float:
@@ -58,9 +66,10 @@ def reference_template(name: str, processor) -> str:
     return (Path(trl.__file__).parent / "chat_templates" / file).read_text()
 
 
-def bench_family(name: str, batch_size: int, repeats: int, root: Path) -> tuple:
+def bench_family(name: str, batch_size: int, repeats: int, root: Path, turns: int) -> tuple:
     from transformers import AutoProcessor
 
+    from peftvlm.data.chat_template import chat_template_of
     from peftvlm.data.collate import ConversationCollator, with_images
     from peftvlm.families import FAMILIES
 
@@ -68,12 +77,14 @@ def bench_family(name: str, batch_size: int, repeats: int, root: Path) -> tuple:
     spec.build_tiny(root / name)
     processor = (spec.processor_class() if spec.processor_class else AutoProcessor) \
         .from_pretrained(root / name)
-    batch = rows(batch_size)
+    batch = rows(batch_size, turns)
     collator = ConversationCollator(processor, spec)
+    by_prefixes = ConversationCollator(processor, spec)
+    by_prefixes._fits[chat_template_of(processor)] = None  # never one render per row
 
-    def cold():
-        collator._rendered.clear()
-        return collator(batch)
+    def cold(c=collator):
+        c._rendered.clear()
+        return c(batch)
 
     template = reference_template(name, processor)
 
@@ -85,24 +96,26 @@ def bench_family(name: str, batch_size: int, repeats: int, root: Path) -> tuple:
             return_tensors="np", processor_kwargs={"padding": True})
 
     return (name, per_batch(lambda: collator(batch), repeats), per_batch(cold, repeats),
-            per_batch(transformers_mask, repeats))
+            per_batch(lambda: cold(by_prefixes), repeats), per_batch(transformers_mask, repeats))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--turns", type=int, default=1, help="question/answer turns per row")
     parser.add_argument("--families", nargs="+", default=list(REFERENCE_TEMPLATES),
                         choices=list(REFERENCE_TEMPLATES))
     args = parser.parse_args()
-    print(f"batch of {args.batch_size}, mean of {args.repeats} batches, ms per batch\n")
-    print("| family | peftvlm | peftvlm (cold) | transformers mask |")
-    print("| --- | ---: | ---: | ---: |")
+    print(f"batch of {args.batch_size}, {args.turns} turn(s) per row, mean of {args.repeats} "
+          "batches, ms per batch\n")
+    print("| family | peftvlm | peftvlm (cold) | peftvlm (cold, prefixes) | transformers mask |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.families:
-            family, warm, cold, reference = bench_family(name, args.batch_size, args.repeats,
-                                                         Path(tmp))
-            print(f"| {family} | {warm:.1f} | {cold:.1f} | {reference:.1f} |")
+            family, warm, cold, prefixes, reference = bench_family(
+                name, args.batch_size, args.repeats, Path(tmp), args.turns)
+            print(f"| {family} | {warm:.1f} | {cold:.1f} | {prefixes:.1f} | {reference:.1f} |")
 
 
 if __name__ == "__main__":

@@ -249,14 +249,15 @@ def main():
         if args.packed_batch:
             extra += ["--packed-batch", str(args.packed_batch)]
     results = {}
-    for name in names:
-        for _ in range(args.repeats):
-            out = subprocess.run([sys.executable, __file__, "--child", name, "--steps",
-                                  str(args.steps), "--batch", str(args.batch), *extra],
-                                 capture_output=True, text=True, check=True)
-            res = json.loads(out.stdout.strip().splitlines()[-1])
-            if name not in results or res["samples_per_s"] > results[name]["samples_per_s"]:
-                results[name] = res
+    # Round-robin (every contender once per round), so a load that drifts during the benchmark
+    # falls on every contender alike instead of on whichever ran its repeats first.
+    for name in [n for _ in range(args.repeats) for n in names]:
+        out = subprocess.run([sys.executable, __file__, "--child", name, "--steps",
+                              str(args.steps), "--batch", str(args.batch), *extra],
+                             capture_output=True, text=True, check=True)
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        if name not in results or res["samples_per_s"] > results[name]["samples_per_s"]:
+            results[name] = res
     floor = results["torch"]["samples_per_s"]
     trl = results["trl"]["samples_per_s"]
     print("| contender | samples/s | vs bare loop | vs TRL stock | steps | tokens/step | "

@@ -269,3 +269,75 @@ def test_loading_a_checkpoint_without_a_template_names_it(tmp_path):
     (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(ModelError, match="'base-model' ships no chat template"):
         load_processor(str(tmp_path), ModelConfig(id="base-model"), FAMILIES["llava"])
+
+
+# --- one render per row ----------------------------------------------------------------------
+
+def reply(*texts):
+    return {"role": "assistant", "content": [text(t) for t in texts]}
+
+
+VARIED = [*CASES.values(),
+          [user("Describe it."), reply("  a red circle  "), user("More?", images=0), reply("")],
+          [user("Two parts?"), reply("first part.", " second part")],
+          [user("Markup?"), reply("say <image> or </s> or <|im_end|> or ASSISTANT: here")],
+          [user("Lines?"), reply("one\ntwo\n"), user("Again", images=0), reply("three")]]
+
+
+@pytest.mark.parametrize("name", CHAT_FAMILIES + ["idefics3-8b"])
+def test_one_render_gives_the_prefix_methods_text_and_spans(processors, name):
+    """Whatever the family's template, the collator's renderer (one render per row where the
+    template qualifies) gives exactly what prefix rendering gives, row by row and in a batch."""
+    from peftvlm.data.chat_template import one_render_fit, render_by_prefixes
+
+    spec, processor, _ = processors[name]
+    fit = one_render_fit(processor, spec.end_of_turn)
+    rows = []
+    for conversation in VARIED:
+        try:
+            expected = render_by_prefixes(processor, [conversation], spec.end_of_turn)
+        except Exception:  # e.g. a template that refuses a system turn
+            continue
+        assert render_conversations(processor, [conversation], spec.end_of_turn, fit) == expected
+        rows.append((conversation, expected[0]))
+    assert len(rows) >= len(VARIED) - 2
+    batch = render_conversations(processor, [c for c, _ in rows], spec.end_of_turn, fit)
+    assert batch == [r for _, r in rows]
+
+
+def test_one_render_is_taken_by_verbatim_templates_and_refused_by_rewriting_ones(processors):
+    from peftvlm.data.chat_template import _render_marked, one_render_fit
+
+    spec, processor, _ = processors["llava"]
+    fit = one_render_fit(processor, spec.end_of_turn)
+    assert fit is not None and (fit.lead, fit.tail) == (" ", " ")
+    # a row whose reply holds the template's own markup is rendered by prefixes
+    assert not fit.allows(VARIED[-2]) and fit.allows(CASES["multi_turn"])
+    assert not fit.allows([user("a \ue0000\ue001 b"), reply("c")])
+    # the fast path alone (no fallback) on a plain multi-turn row: the prefix method's result
+    assert _render_marked(processor, [CASES["multi_turn"]], spec.end_of_turn, fit) == \
+        render_conversations(processor, [CASES["multi_turn"]], spec.end_of_turn)
+
+    published = processor.chat_template
+    rewrites = {"upper": ("content['text'] + ' '", "content['text'].upper() + ' '"),
+                "trim": ("content['text'] + ' '", "content['text'] | trim + ' '"),
+                "drop": ("content['text'] + ' '", "'x '")}
+    try:
+        for old, new in rewrites.values():
+            assert old in published
+            processor.chat_template = published.replace(old, new)
+            assert one_render_fit(processor, spec.end_of_turn) is None, new
+    finally:
+        processor.chat_template = published
+    # Gemma 3's published template trims every reply: it keeps the prefix method
+    if "gemma3" in processors:
+        gemma, gemma_processor, _ = processors["gemma3"]
+        assert one_render_fit(gemma_processor, gemma.end_of_turn) is None
+
+
+def test_collator_decides_the_fit_once_per_template(processors):
+    spec, processor, _ = processors["qwen2_vl"]
+    collator = ConversationCollator(processor, spec)
+    collator([as_row(CASES["single_turn"])])
+    collator([as_row(CASES["multi_turn"])])
+    assert list(collator._fits.values()) != [None] and len(collator._fits) == 1

@@ -65,13 +65,16 @@ class ConversationCollator:
         self.processor, self.family = processor, family
         self.assistant_only_loss = assistant_only_loss
         self._rendered: dict[str, object] = {}
+        self._fits: dict[str, object] = {}  # one-render fit (or None) per chat template
 
     def render(self, conversations: list[list[dict]]) -> list:
         """Text and reply spans per conversation, remembered per row: a row renders the same
-        every epoch, and rendering its prefixes is most of the collator's Python time."""
+        every epoch. One render per row where the template allows it (`one_render_fit`),
+        else by prefixes (2 x replies + 1 renders)."""
         import json
 
-        from peftvlm.data.chat_template import render_conversations
+        from peftvlm.data.chat_template import (chat_template_of, one_render_fit,
+                                                render_conversations)
 
         # images do not change the text: the key holds the place of each, not its pixels
         keys = [json.dumps(c, sort_keys=True, default=lambda _: "<image>") for c in conversations]
@@ -79,8 +82,12 @@ class ConversationCollator:
         if missing:
             if len(self._rendered) > RENDER_CACHE_SIZE:
                 self._rendered.clear()
+            template = chat_template_of(self.processor)  # decided once per template
+            if template not in self._fits:
+                self._fits[template] = one_render_fit(self.processor, self.family.end_of_turn)
             self._rendered.update(zip(missing, render_conversations(
-                self.processor, list(missing.values()), self.family.end_of_turn)))
+                self.processor, list(missing.values()), self.family.end_of_turn,
+                self._fits[template])))
         return [self._rendered[k] for k in keys]
 
     def encode(self, conversations: list[list[dict]]) -> dict:
