@@ -42,11 +42,9 @@ class LengthCounter:
         self._backend = None
 
     def texts(self, rows: list[dict]) -> list[str]:
-        # The collator's own rendering (chat template + any appended end-of-turn).
-        from peftvlm.data.chat_template import render_conversations
-
-        return [r.text for r in render_conversations(
-            self.processor, [r["messages"] for r in rows], self.family.end_of_turn)]
+        # The collator's own text (chat template + any appended end-of-turn).
+        return training_texts(self.processor, [r["messages"] for r in rows],
+                              self.family.end_of_turn)
 
     def text_lengths(self, texts: list[str]) -> list[int]:
         # The processor skips special tokens when the rendered text already starts with BOS.
@@ -112,6 +110,29 @@ class LengthCounter:
         lengths = self.text_lengths(texts)
         return [n + sum(self.expansion(self.size(i)) for i in r["images"])
                 for n, r in zip(lengths, rows)]
+
+
+def training_texts(processor, conversations: list[list[dict]],
+                   end_of_turn: str | None) -> list[str]:
+    """The text `chat_template.render_conversations` trains on, from 2 renders per row instead
+    of 1 + 2 per reply (its spans are not needed to count tokens). That text is the rendering,
+    except where the template writes no `end_of_turn` after the final reply, which is appended;
+    only the final reply's context is rendered to tell (the test compares with the collator)."""
+    from peftvlm.data.chat_template import _not_prefix_error, _render, reply_span
+
+    texts = _render(processor, conversations, add_generation_prompt=False)
+    last = [i for i, c in enumerate(conversations)
+            if end_of_turn and c and c[-1]["role"] == "assistant"]
+    contexts = _render(processor, [conversations[i][:-1] for i in last],
+                       add_generation_prompt=True)
+    for i, context in zip(last, contexts):
+        full = texts[i]
+        if not full.startswith(context):
+            raise _not_prefix_error("the generation prompt before a reply")
+        stop = reply_span(full, len(context), len(full), end_of_turn)
+        if not full[len(context):stop].endswith(end_of_turn):
+            texts[i] = full[:stop] + end_of_turn
+    return texts
 
 
 def token_lengths(collator, rows: list[dict]) -> list[int]:

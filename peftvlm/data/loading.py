@@ -14,6 +14,7 @@ Several training sources are mixed by `weight` (see `mix`).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from dataclasses import dataclass, field
@@ -216,22 +217,73 @@ def load_source(src, data_cfg, base_dir: Path, box_format: str = "norm1",
 
 
 def render_source(opened, renderer, src, data_cfg, folder: Path | None) -> SourceRows:
-    """Render every record into an Arrow table; large sources are saved to `folder`."""
-    records = take(opened.records, src.max_samples)
+    """Render every record into an Arrow table. A source of fewer than CACHE_MIN_ROWS records
+    is rendered here; a larger one is built in shards (`prepare.py`) and saved to `folder`."""
+    records = iter(opened.records)
+    head = take(records, min(src.max_samples or CACHE_MIN_ROWS, CACHE_MIN_ROWS))
     if hasattr(renderer, "detect"):
-        renderer.detect(records, opened.name)
-    pieces, report = render_records(renderer, records, data_cfg.num_proc)
+        renderer.detect(head, opened.name)
     fmt = source_format(renderer, opened)
+    if len(head) == CACHE_MIN_ROWS and not groups_rows(renderer):
+        return build_source(opened, renderer, src, data_cfg, folder, (head, records), fmt)
+    # Small, or grouped per image across the whole source (`group_by_image`): in memory.
+    records = head + take(records, src.max_samples and src.max_samples - len(head))
+    pieces, report = render_records(renderer, records, data_cfg.num_proc)
     rows = Rows.from_rows(with_system_prompt(renderer.conversations(pieces),
                                              data_cfg.system_prompt))
     del pieces
     if folder and len(records) >= CACHE_MIN_ROWS:
-        table.save(rows, folder / "rows")
-        meta = {"records": len(records), "counts": dict(report.counts),
-                "examples": dict(report.examples), "format": fmt}
-        write_atomic(folder / "meta.json", json.dumps(meta).encode())
-        rows = table.load(folder / "rows") or rows  # memory-mapped from here on
+        rows = save_prepared(rows, report, len(records), fmt, folder)
     return SourceRows(opened.name, rows, report, len(records), format=fmt)
+
+
+def build_source(opened, renderer, src, data_cfg, folder: Path | None, read: tuple,
+                 fmt: str) -> SourceRows:
+    """A large source rendered shard by shard in `data.num_proc` processes straight into
+    Arrow (`prepare.py`), then saved to `folder` (or, uncached, copied into memory). `read`:
+    the records taken so far and the rest, for a source that cannot be split into shards."""
+    from peftvlm.data import prepare
+
+    limit = src.max_samples
+    if opened.split is not None:
+        shards = opened.split(limit)
+    else:  # read in one pass, in this process
+        head, rest = read
+        shards = [itertools.chain(head, itertools.islice(rest, limit and limit - len(head)))]
+    with build_folder() as workdir:
+        built = prepare.build_entries(shards, renderer, data_cfg.system_prompt,
+                                      data_cfg.num_proc, Path(workdir), in_memory=folder is None)
+        report, records = prepare.bad_row_report(built), prepare.record_count(built)
+        rows = prepare.select_rows(built, in_memory=folder is None)
+        if folder:
+            rows = save_prepared(rows, report, records, fmt, folder)
+    return SourceRows(opened.name, rows, report, records, format=fmt)
+
+
+def groups_rows(renderer) -> bool:
+    """Whether the renderer makes rows across records (`group_by_image`: one conversation per
+    image, from every record that asks about it), so it needs all records at once."""
+    return bool((getattr(renderer, "options", None) or {}).get("group_by_image"))
+
+
+def save_prepared(rows: Rows, report: BadRowReport, records: int, fmt: str,
+                  folder: Path) -> Rows:
+    """Rows, then their report, into the cache folder (the report last: a folder without
+    `meta.json` is never read back); the rows memory-mapped from there."""
+    table.save(rows, folder / "rows")
+    meta = {"records": records, "counts": dict(report.counts),
+            "examples": dict(report.examples), "format": fmt}
+    write_atomic(folder / "meta.json", json.dumps(meta).encode())
+    return table.load(folder / "rows") or rows
+
+
+def build_folder():
+    """A scratch folder beside the cache for a build's Arrow files, removed afterwards."""
+    import tempfile
+
+    prepared_cache_dir().mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=".build-", dir=prepared_cache_dir(),
+                                       ignore_cleanup_errors=True)
 
 
 def source_format(renderer, opened) -> str:

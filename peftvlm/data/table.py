@@ -32,17 +32,21 @@ def image_struct(image) -> dict:
     return encoded_image(image)
 
 
+def arrow_row(row: dict) -> dict:
+    """One rendered row as the table holds it: its id, its fields as JSON, images as structs."""
+    return {"row_id": str(row.get("row_id", "")),
+            "row": json.dumps({k: v for k, v in row.items() if k != "images"},
+                              ensure_ascii=False),
+            "images": [image_struct(i) for i in row["images"]]}
+
+
 def to_arrow(rows: list[dict]):
     """Rendered rows -> a pyarrow table (the row's fields as JSON, images as structs)."""
     import pyarrow as pa
 
-    ids, texts, images = [], [], []
-    for row in rows:
-        ids.append(str(row.get("row_id", "")))
-        texts.append(json.dumps({k: v for k, v in row.items() if k != "images"},
-                                ensure_ascii=False))
-        images.append([image_struct(i) for i in row["images"]])
-    return pa.table([ids, texts, images], schema=arrow_schema())
+    entries = [arrow_row(row) for row in rows]
+    return pa.table([[e[name] for e in entries] for name in ("row_id", "row", "images")],
+                    schema=arrow_schema())
 
 
 def decode_image(image: dict):

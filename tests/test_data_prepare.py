@@ -1,0 +1,139 @@
+"""Cold preparation in shards (`prepare.py`, `readers.SourceData.split`): the same rows, row ids
+and bad-row report as reading and rendering the file record by record, for any number of
+processes; sharded readers (JSONL, CSV, Parquet) return exactly what whole-file reading does."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from data_helpers import data_cache, save_image  # noqa: F401
+
+from peftvlm.data import readers
+from peftvlm.data.loading import CACHE_MIN_ROWS, MessagesRenderer, load_source, render_chunk
+from peftvlm.data.readers import read_csv, read_jsonl, read_parquet
+from peftvlm.recipe import DataConfig, SourceConfig
+
+ROWS = CACHE_MIN_ROWS + 150
+
+
+def good_row(i: int, image: str = "a.png") -> str:
+    return json.dumps({"images": [image], "messages": [
+        {"role": "user", "content": f"What color is shape {i}?"},
+        {"role": "assistant", "content": ["red", "green", "blue"][i % 3]}]})
+
+
+def mixed_line(i: int) -> bytes:
+    """Mostly good rows; bad ones of several reasons, some reasons more often than listed."""
+    if i % 97 == 5:
+        return good_row(i, image="gone.png").encode()  # missing_image (12 of them)
+    if i % 211 == 7:
+        return b'{"messages": [oops'  # invalid_json
+    if i == 300:
+        return b'{"text": "caf\xe9"}'  # bad_encoding
+    if i % 250 == 11:
+        return json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                           "images": []}).encode()  # no_answer
+    if i % 400 == 13:
+        return b"   "  # a blank line: not a record
+    return good_row(i).encode()
+
+
+@pytest.fixture()
+def mixed_jsonl(tmp_path):
+    save_image(tmp_path / "a.png")
+    (tmp_path / "train.jsonl").write_bytes(b"\n".join(mixed_line(i) for i in range(ROWS)) + b"\n")
+    return tmp_path
+
+
+def one_by_one(folder, limit=None):
+    """The reference: read the whole file, render record by record in this process."""
+    records = list(itertools.islice(read_jsonl(folder / "train.jsonl"), limit))
+    rows, report = render_chunk(MessagesRenderer(folder), records)
+    return rows, report, len(records)
+
+
+@pytest.mark.parametrize("num_proc", [None, 2])
+def test_sharded_preparation_equals_rendering_record_by_record(mixed_jsonl, data_cache,
+                                                               monkeypatch, num_proc):
+    monkeypatch.setattr(readers, "SHARD_ROWS", 100)  # 12 shards, split over the processes
+    rows, report, records = one_by_one(mixed_jsonl)
+    assert report.counts["missing_image"] > 5 and len(report.counts) == 4  # the file is mixed
+    for cache in (True, False):
+        got = load_source(SourceConfig(path="train.jsonl"),
+                          DataConfig(cache=cache, num_proc=num_proc), mixed_jsonl)
+        assert list(got.rows) == rows  # same rows, row ids (`file:line`), images, in order
+        assert got.rows.row_ids == [r["row_id"] for r in rows]
+        assert got.records == records and got.report.as_dict() == report.as_dict()
+        assert got.report.describe() == report.describe()  # reasons in the same order
+    warm = load_source(SourceConfig(path="train.jsonl"), DataConfig(num_proc=num_proc),
+                       mixed_jsonl)
+    assert warm.cached and list(warm.rows) == rows and warm.report.as_dict() == report.as_dict()
+
+
+def test_max_samples_stops_the_sharded_read_at_the_same_record(mixed_jsonl, data_cache,
+                                                              monkeypatch):
+    monkeypatch.setattr(readers, "SHARD_ROWS", 100)
+    limit = CACHE_MIN_ROWS + 33
+    rows, report, records = one_by_one(mixed_jsonl, limit)
+    got = load_source(SourceConfig(path="train.jsonl", max_samples=limit),
+                      DataConfig(cache=False, num_proc=2), mixed_jsonl)
+    assert got.records == records == limit
+    assert list(got.rows) == rows and got.report.as_dict() == report.as_dict()
+
+
+def test_bad_row_report_lists_the_first_rows_of_each_reason_in_file_order(mixed_jsonl,
+                                                                          data_cache,
+                                                                          monkeypatch):
+    monkeypatch.setattr(readers, "SHARD_ROWS", 100)
+    got = load_source(SourceConfig(path="train.jsonl"), DataConfig(cache=False, num_proc=2),
+                      mixed_jsonl)
+    missing = got.report.as_dict()["missing_image"]
+    assert missing["count"] == sum(1 for i in range(ROWS) if i % 97 == 5)
+    assert [e.split(" ")[0] for e in missing["first_rows"]] == \
+        [f"train.jsonl:{i + 1}" for i in range(ROWS) if i % 97 == 5][:5]
+    assert got.report.as_dict()["bad_encoding"]["first_rows"][0].startswith("train.jsonl:301 ")
+
+
+def shard_union(shards) -> list:
+    return list(itertools.chain.from_iterable(shards))
+
+
+def test_jsonl_shards_cover_the_file_exactly(mixed_jsonl, monkeypatch):
+    monkeypatch.setattr(readers, "SHARD_ROWS", 64)
+    path = mixed_jsonl / "train.jsonl"
+    whole = [(i, repr(r)) for i, r in read_jsonl(path)]
+    for limit in (None, 1, 64, 65, 1000):
+        shards = readers.jsonl_shards(path, limit)
+        assert [(i, repr(r)) for i, r in shard_union(shards)] == whole[:limit]
+
+
+def test_csv_shards_cover_the_file_exactly(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "SHARD_ROWS", 3)
+    path = tmp_path / "rows.csv"
+    lines = ['\ufeffimage,question,answers'] + [
+        f'a.png,"Q{i}\nsecond line, with comma",["x{i}"]' if i % 4 == 0 else
+        ("" if i % 5 == 0 else f"a.png,Q{i},A{i}") for i in range(20)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    whole = list(read_csv(path))
+    assert whole[0] == ("rows.csv:3", {"image": "a.png", "question": "Q0\nsecond line, with comma",
+                                       "answers": ["x0"]})
+    for limit in (None, 2, 3, 7):
+        assert shard_union(readers.csv_shards(path, limit)) == whole[:limit]
+
+
+def test_parquet_shards_cover_the_file_exactly(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(readers, "SHARD_ROWS", 7)
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"question": [f"Q{i}" for i in range(50)],
+                             "image": [{"bytes": bytes([i]), "path": None} for i in range(50)]}),
+                   path, row_group_size=9)
+    whole = list(read_parquet(path))
+    assert len(whole) == 50 and whole[10] == ("rows.parquet[10]", {
+        "question": "Q10", "image": {"bytes": b"\n", "path": None}})
+    for limit in (None, 6, 7, 30):
+        assert shard_union(readers.parquet_shards(path, limit)) == whole[:limit]
