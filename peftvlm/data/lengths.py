@@ -40,11 +40,14 @@ class LengthCounter:
         self._expansion: dict[tuple[int, int], int] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
         self._backend = None
+        from peftvlm.data.shapes import ShapeRenderer
+
+        self._shapes = ShapeRenderer(self.processor)
 
     def texts(self, rows: list[dict]) -> list[str]:
         # The collator's own text (chat template + any appended end-of-turn).
         return training_texts(self.processor, [r["messages"] for r in rows],
-                              self.family.end_of_turn)
+                              self.family.end_of_turn, self._shapes)
 
     def text_lengths(self, texts: list[str]) -> list[int]:
         # The processor skips special tokens when the rendered text already starts with BOS.
@@ -112,20 +115,33 @@ class LengthCounter:
                 for n, r in zip(lengths, rows)]
 
 
-def training_texts(processor, conversations: list[list[dict]],
-                   end_of_turn: str | None) -> list[str]:
-    """The text `chat_template.render_conversations` trains on, from 2 renders per row instead
-    of 1 + 2 per reply (its spans are not needed to count tokens). That text is the rendering,
-    except where the template writes no `end_of_turn` after the final reply, which is appended;
-    only the final reply's context is rendered to tell (the test compares with the collator)."""
+def training_texts(processor, conversations: list[list[dict]], end_of_turn: str | None,
+                   shapes=None) -> list[str]:
+    """The text `chat_template.render_conversations` trains on, without its reply spans (not
+    needed to count tokens) and mostly from one render per row instead of 1 + 2 per reply
+    (`shapes`: a `ShapeRenderer`, which renders once per conversation shape).
+
+    That text is the rendering, with `end_of_turn` appended where the template writes none in
+    the final reply's part. Telling needs the final reply's context only when the rendering
+    neither ends with `end_of_turn` (then it wrote one) nor lacks it altogether (then the
+    final reply's part holds none either); tests compare with the collator for every family."""
     from peftvlm.data.chat_template import _not_prefix_error, _render, reply_span
 
-    texts = _render(processor, conversations, add_generation_prompt=False)
-    last = [i for i, c in enumerate(conversations)
-            if end_of_turn and c and c[-1]["role"] == "assistant"]
-    contexts = _render(processor, [conversations[i][:-1] for i in last],
+    texts = shapes.render(conversations) if shapes is not None else \
+        _render(processor, conversations, add_generation_prompt=False)
+    if not end_of_turn:
+        return texts
+    unsure = []
+    for i, (text, conversation) in enumerate(zip(texts, conversations)):
+        if conversation and conversation[-1]["role"] == "assistant" and \
+                not text.rstrip().endswith(end_of_turn):
+            if end_of_turn in text:
+                unsure.append(i)
+            else:
+                texts[i] = text.rstrip() + end_of_turn
+    contexts = _render(processor, [conversations[i][:-1] for i in unsure],
                        add_generation_prompt=True)
-    for i, context in zip(last, contexts):
+    for i, context in zip(unsure, contexts):
         full = texts[i]
         if not full.startswith(context):
             raise _not_prefix_error("the generation prompt before a reply")
