@@ -195,12 +195,16 @@ class BatchCounter:
     def __call__(self, texts: list[str], images: list[list[dict]]) -> dict:
         from peftvlm.data.table import decode_row
 
-        rows = [decode_row({"row": t, "images": i}) for t, i in zip(texts, images)]
+        return {"length": self.rows([decode_row({"row": t, "images": i})
+                                     for t, i in zip(texts, images)])}
+
+    def rows(self, rows: list[dict]) -> list[int]:
+        """Token lengths of decoded rows (also called on rows just rendered: `prepare.py`)."""
         if self.collator.family.encode is not None:
-            return {"length": collator_lengths(self.collator, rows)}
-        if self._counter is None:  # one per process: it remembers image sizes
+            return collator_lengths(self.collator, rows)
+        if self._counter is None:  # one per process: it remembers image sizes and shapes
             self._counter = LengthCounter(self.collator)
-        return {"length": self._counter(rows)}
+        return self._counter(rows)
 
 
 def with_lengths(rows, collator, num_proc: int | None, folder=None):
@@ -217,6 +221,24 @@ def with_lengths(rows, collator, num_proc: int | None, folder=None):
         BatchCounter(collator), batched=True, batch_size=MAP_BATCH, num_proc=procs,
         input_columns=["row", "images"], remove_columns=rows.table.column_names,
         new_fingerprint=key, keep_in_memory=folder is None,
-        cache_file_name=str(folder / f"lengths-{key}.arrow") if folder else None,
+        cache_file_name=str(lengths_file(folder, key)) if folder else None,
         desc="counting tokens" if len(rows) >= 10 * MAP_BATCH else None)
     return Rows(datasets.concatenate_datasets([rows.table, counted], axis=1))
+
+
+def lengths_file(folder, key: str):
+    """Where a cached source keeps the lengths counted by one processor (fingerprint `key`)."""
+    return folder / f"lengths-{key}.arrow"
+
+
+def save_lengths(counted, collator, folder) -> None:
+    """A `length` column counted while preparing (`prepare.py`), written where `with_lengths`
+    finds it (`Dataset.map` reads an existing cache file instead of counting)."""
+    from datasets.utils import disable_progress_bars, enable_progress_bars
+
+    disable_progress_bars()
+    try:
+        counted.table.flatten_indices(
+            cache_file_name=str(lengths_file(folder, collator_fingerprint(collator))))
+    finally:
+        enable_progress_bars()

@@ -207,7 +207,7 @@ def load_source(src, data_cfg, base_dir: Path, box_format: str = "norm1",
     with main_process_first():
         loaded = read_cached(folder, opened.name) if folder else None
         if loaded is None:
-            loaded = render_source(opened, renderer, src, data_cfg, folder)
+            loaded = render_source(opened, renderer, src, data_cfg, folder, collator)
         if collator is not None:
             from peftvlm.data.lengths import with_lengths
 
@@ -216,16 +216,19 @@ def load_source(src, data_cfg, base_dir: Path, box_format: str = "norm1",
     return loaded
 
 
-def render_source(opened, renderer, src, data_cfg, folder: Path | None) -> SourceRows:
+def render_source(opened, renderer, src, data_cfg, folder: Path | None,
+                  collator=None) -> SourceRows:
     """Render every record into an Arrow table. A source of fewer than CACHE_MIN_ROWS records
-    is rendered here; a larger one is built in shards (`prepare.py`) and saved to `folder`."""
+    is rendered here; a larger one is built in shards (`prepare.py`), its tokens counted on
+    the way when a collator is given, and saved to `folder`."""
     records = iter(opened.records)
     head = take(records, min(src.max_samples or CACHE_MIN_ROWS, CACHE_MIN_ROWS))
     if hasattr(renderer, "detect"):
         renderer.detect(head, opened.name)
     fmt = source_format(renderer, opened)
     if len(head) == CACHE_MIN_ROWS and not groups_rows(renderer):
-        return build_source(opened, renderer, src, data_cfg, folder, (head, records), fmt)
+        return build_source(opened, renderer, src, data_cfg, folder, (head, records), fmt,
+                            collator)
     # Small, or grouped per image across the whole source (`group_by_image`): in memory.
     records = head + take(records, src.max_samples and src.max_samples - len(head))
     pieces, report = render_records(renderer, records, data_cfg.num_proc)
@@ -238,11 +241,12 @@ def render_source(opened, renderer, src, data_cfg, folder: Path | None) -> Sourc
 
 
 def build_source(opened, renderer, src, data_cfg, folder: Path | None, read: tuple,
-                 fmt: str) -> SourceRows:
+                 fmt: str, collator=None) -> SourceRows:
     """A large source rendered shard by shard in `data.num_proc` processes straight into
-    Arrow (`prepare.py`), then saved to `folder` (or, uncached, copied into memory). `read`:
-    the records taken so far and the rest, for a source that cannot be split into shards."""
-    from peftvlm.data import prepare
+    Arrow (`prepare.py`), then saved to `folder` (or, uncached, copied into memory); with a
+    collator, with its `length` column (saved as the lengths cache a warm start reads).
+    `read`: the records taken so far and the rest, for a source that cannot be split."""
+    from peftvlm.data import lengths, prepare
 
     limit = src.max_samples
     if opened.split is not None:
@@ -251,12 +255,18 @@ def build_source(opened, renderer, src, data_cfg, folder: Path | None, read: tup
         head, rest = read
         shards = [itertools.chain(head, itertools.islice(rest, limit and limit - len(head)))]
     with build_folder() as workdir:
-        built = prepare.build_entries(shards, renderer, data_cfg.system_prompt,
-                                      data_cfg.num_proc, Path(workdir), in_memory=folder is None)
+        built = prepare.build_entries(shards, renderer, data_cfg.system_prompt, data_cfg.num_proc,
+                                      Path(workdir), folder is None, collator)
         report, records = prepare.bad_row_report(built), prepare.record_count(built)
         rows = prepare.select_rows(built, in_memory=folder is None)
+        counted = prepare.select_rows(built, folder is None, ("length",)) if collator else None
         if folder:
             rows = save_prepared(rows, report, records, fmt, folder)
+            if counted is not None:
+                lengths.save_lengths(counted, collator, folder)
+                rows = lengths.with_lengths(rows, collator, None, folder)  # reads that file
+        elif counted is not None:
+            rows = table.concat_columns(rows, counted)
     return SourceRows(opened.name, rows, report, records, format=fmt)
 
 

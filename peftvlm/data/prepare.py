@@ -1,11 +1,13 @@
 """Cold preparation of a large source: records rendered straight into an Arrow table, in shards.
 
-`datasets.Dataset.from_generator` runs `rendered_entries` over the source's shards (contiguous
-runs of records that a reader can start in the middle of: see `readers.SourceData.split`) in
-`num_proc` processes; each process reads its own shards, renders and checks each record and
-writes Arrow batches to disk as it goes, so no process holds the source or its rows in Python.
-Shards are split between processes in order and the table keeps that order, so rows come out
-exactly as one process rendering record by record would make them.
+`datasets.Dataset.map` runs `ShardRenderer` over a table of shard numbers (shards: contiguous
+runs of records that a reader can start in the middle of, see `readers.SourceData.split`) in
+`num_proc` processes. Each process reads its own shards, renders and checks each record, counts
+the rows' tokens when a collator is given (`lengths.BatchCounter`, on the rows just rendered:
+no second pass over the table) and hands back a shard's entries as columns, which `map` writes
+to disk as it goes: no process holds the source or all its rows in Python. `map` splits the
+shard table between processes in order and keeps that order, so rows come out exactly as one
+process rendering record by record would make them.
 
 A bad record is kept in the built table as an entry of its own (`bad`, `detail`): the bad-row
 report (counts by reason, first row ids of each) is then read from the table in source order,
@@ -20,69 +22,85 @@ from pathlib import Path
 
 from peftvlm.data.sources import MAX_LISTED_ROWS, BadRow, BadRowReport
 from peftvlm.data.table import Rows, arrow_row, arrow_schema
-from peftvlm.errors import PeftVLMError
 
 ROW_COLUMNS = ("row_id", "row", "images")
+ENTRY_COLUMNS = (*ROW_COLUMNS, "bad", "detail", "records")
 
 
-def entry_features():
-    """The built table's columns: the rows' own, plus bad-row reason/detail and a record tally."""
+def entry_features(with_length: bool):
+    """The built table's columns: the rows' own, bad-row reason/detail, a record tally and,
+    when counted, the token length."""
     import datasets
     import pyarrow as pa
 
     schema = arrow_schema()
-    for name, kind in (("bad", pa.string()), ("detail", pa.string()), ("records", pa.int8())):
+    extra = [("bad", pa.string()), ("detail", pa.string()), ("records", pa.int8())]
+    for name, kind in extra + ([("length", pa.int64())] if with_length else []):
         schema = schema.append(pa.field(name, kind))
     return datasets.Features.from_arrow_schema(schema)
 
 
-def rendered_entries(shards: list, renderer, system_prompt: str | None):
-    """`from_generator` function: each record's rows in order, or one entry for a bad record.
+def rendered_entries(records, renderer, system_prompt: str | None):
+    """(entry, row) per row of each record, in order, or (entry, None) for a bad record.
     `records` is 1 on the first entry a record makes (a template may make several rows of one
     record), so its sum is the number of records read."""
     from peftvlm.data.loading import with_system_prompt
 
-    for row_id, record in itertools.chain.from_iterable(shards):
+    for row_id, record in records:
         try:
             piece = renderer.render(row_id, record)
         except BadRow as bad:
             yield {"row_id": row_id, "row": None, "images": [], "bad": bad.reason,
-                   "detail": bad.detail, "records": 1}
+                   "detail": bad.detail, "records": 1}, None
             continue
         rows = with_system_prompt(renderer.conversations([piece]), system_prompt)
         if not rows:  # no conversation from this record: still counted as read
             yield {"row_id": row_id, "row": None, "images": [], "bad": None, "detail": None,
-                   "records": 1}
+                   "records": 1}, None
         for i, row in enumerate(rows):
-            yield {**arrow_row(row), "bad": None, "detail": None, "records": int(i == 0)}
+            yield {**arrow_row(row), "bad": None, "detail": None, "records": int(i == 0)}, row
+
+
+class ShardRenderer:
+    """`Dataset.map` function over the shard numbers: every entry of those shards, as columns
+    (picklable: each process gets the shard list, the renderer and the collator once)."""
+
+    def __init__(self, shards: list, renderer, system_prompt: str | None, collator=None):
+        from peftvlm.data.lengths import BatchCounter
+
+        self.shards, self.renderer, self.system_prompt = shards, renderer, system_prompt
+        self.counter = BatchCounter(collator) if collator is not None else None
+
+    def __call__(self, batch: dict) -> dict:
+        records = itertools.chain.from_iterable(self.shards[i] for i in batch["shard"])
+        columns = {name: [] for name in ENTRY_COLUMNS}
+        rows, where = [], []
+        for entry, row in rendered_entries(records, self.renderer, self.system_prompt):
+            if row is not None:
+                rows.append(row)
+                where.append(len(columns["row_id"]))
+            for name in ENTRY_COLUMNS:
+                columns[name].append(entry[name])
+        if self.counter is not None:
+            columns["length"] = [0] * len(columns["row_id"])
+            for i, n in zip(where, self.counter.rows(rows) if rows else []):
+                columns["length"][i] = n
+        return columns
 
 
 def build_entries(shards: list, renderer, system_prompt: str | None, num_proc: int | None,
-                  workdir: Path, in_memory: bool):
+                  workdir: Path, in_memory: bool, collator=None):
     """The built table (a `datasets.Dataset` under `workdir`, or in memory)."""
     import datasets
-    from datasets.exceptions import DatasetGenerationError
-    from datasets.utils import disable_progress_bars, enable_progress_bars
 
+    index = datasets.Dataset.from_dict({"shard": list(range(len(shards)))})
     procs = num_proc if num_proc and num_proc > 1 and len(shards) > 1 else None
-    disable_progress_bars()  # one bar per process would only clutter the log
-    try:
-        return datasets.Dataset.from_generator(
-            rendered_entries, features=entry_features(), cache_dir=str(workdir),
-            keep_in_memory=in_memory, num_proc=procs, fingerprint=workdir.name,
-            gen_kwargs={"shards": shards, "renderer": renderer, "system_prompt": system_prompt})
-    except DatasetGenerationError as exc:
-        raise user_error(exc) from exc
-    finally:
-        enable_progress_bars()
-
-
-def user_error(exc: Exception) -> Exception:
-    """Our own error (a reader's, naming the file) when it caused the generation error."""
-    cause = exc
-    while cause is not None and not isinstance(cause, PeftVLMError):
-        cause = cause.__cause__ or cause.__context__
-    return cause or exc
+    return index.map(
+        ShardRenderer(shards, renderer, system_prompt, collator), batched=True, batch_size=1,
+        num_proc=procs, remove_columns=["shard"], features=entry_features(collator is not None),
+        keep_in_memory=in_memory, load_from_cache_file=False, new_fingerprint=workdir.name,
+        cache_file_name=None if in_memory else str(workdir / "entries.arrow"),
+        desc="preparing rows" if len(shards) > 10 else None)
 
 
 def bad_row_report(built) -> BadRowReport:
@@ -109,12 +127,12 @@ def bad_row_report(built) -> BadRowReport:
     return report
 
 
-def select_rows(built, in_memory: bool) -> Rows:
-    """The good entries with the rows' own columns (bad and tally entries left out); in
-    memory, the selection is copied out (saving to disk copies it anyway)."""
+def select_rows(built, in_memory: bool, columns=ROW_COLUMNS) -> Rows:
+    """The good entries' `columns` (bad and tally entries left out); in memory, the selection
+    is copied out (saving to disk copies it anyway)."""
     import pyarrow.compute as pc
 
-    rows = built.select_columns(list(ROW_COLUMNS))
+    rows = built.select_columns(list(columns))
     valid = pc.is_valid(built.data.table.column("row"))
     if pc.all(valid).as_py() in (True, None):  # None: no entries at all
         return Rows(rows)
@@ -125,4 +143,4 @@ def select_rows(built, in_memory: bool) -> Rows:
 def record_count(built) -> int:
     import pyarrow.compute as pc
 
-    return int(pc.sum(built.data.column("records")).as_py() or 0)
+    return int(pc.sum(built.data.table.column("records")).as_py() or 0)

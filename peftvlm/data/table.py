@@ -148,6 +148,13 @@ def concat(parts: list[Rows]) -> Rows:
     return Rows(tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables))
 
 
+def concat_columns(rows: Rows, other: Rows) -> Rows:
+    """The columns of both, row by row (same number of rows)."""
+    import datasets
+
+    return Rows(datasets.concatenate_datasets([rows.table, other.table], axis=1))
+
+
 def save(rows: Rows, folder: Path) -> None:
     """Write `rows` to `folder` atomically (a temporary sibling, then a rename)."""
     import random
