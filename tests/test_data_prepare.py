@@ -137,3 +137,63 @@ def test_parquet_shards_cover_the_file_exactly(tmp_path, monkeypatch):
         "question": "Q10", "image": {"bytes": b"\n", "path": None}})
     for limit in (None, 6, 7, 30):
         assert shard_union(readers.parquet_shards(path, limit)) == whole[:limit]
+
+
+def test_a_source_read_in_one_pass_loses_no_record(tmp_path, data_cache):
+    """A JSON list has no shards: it is rendered in this process, records read once."""
+    save_image(tmp_path / "a.png")
+    items = [json.loads(good_row(i, "gone.png" if i % 50 == 3 else "a.png"))
+             for i in range(CACHE_MIN_ROWS + 5)]
+    (tmp_path / "train.json").write_text(json.dumps(items, indent=1))
+    got = load_source(SourceConfig(path="train.json"), DataConfig(cache=False, num_proc=2),
+                      tmp_path)
+    records = list(readers.read_json(tmp_path / "train.json"))
+    rows, report = render_chunk(MessagesRenderer(tmp_path), records)
+    assert got.records == len(items) and list(got.rows) == rows
+    assert got.report.as_dict() == report.as_dict() and report.total == 21
+
+
+def fake_processor(template: str):
+    """What the renderer reads of a processor: its chat template and special tokens."""
+    from types import SimpleNamespace
+
+    tokenizer = SimpleNamespace(special_tokens_map={"eos_token": "[END]"},
+                                all_special_tokens=["[END]"])
+    return SimpleNamespace(chat_template=template, tokenizer=tokenizer)
+
+
+def conversation(question: str, answer: str, image: bool = True) -> list[dict]:
+    user = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    return [{"role": "user", "content": user},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
+LOOP = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
+        "{% if c['type'] == 'text' %}BODY{% else %}<img>{% endif %}{% endfor %}"
+        "{{ eos_token }}\n{% endfor %}")
+
+
+@pytest.mark.parametrize("body, cached", [
+    ("{{ c['text'] }}", True),                      # placed as it is
+    ("{{ c['text'] | trim }}", True),               # trimmed (Gemma 3 does this)
+    ("{{ c['text'] | upper }}", False),             # changed: rendered row by row
+    ("{% if '<think>' in c['text'] %}T{% endif %}{{ c['text'] }}", True),
+    ("{% if c['text'] == 'red' %}RED{% endif %}{{ c['text'] }}", False),  # seen in a checked row
+])
+def test_shape_renderer_gives_the_templates_own_text(body, cached):
+    from peftvlm.data.chat_template import _render
+    from peftvlm.data.shapes import ShapeRenderer
+
+    processor = fake_processor(LOOP.replace("BODY", body))
+    conversations = [conversation("What colour?", "red"),
+                     conversation("  padded \n", "blue  "),
+                     conversation("a <think>x</think> b", "green"),
+                     conversation("ends [END]", "red"),
+                     conversation("", "red", image=False),
+                     *[conversation(f"Q{i}\nline", f"A {i}") for i in range(6)]]
+    shapes = ShapeRenderer(processor)
+    first = shapes.render(conversations[:5])
+    assert first + shapes.render(conversations[5:]) == \
+        _render(processor, conversations, add_generation_prompt=False)
+    with_image = next(k for k in shapes._shapes if len(k[0][1]) == 2)
+    assert (shapes._shapes[with_image] is not None) == cached
