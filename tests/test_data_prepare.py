@@ -139,16 +139,24 @@ def test_parquet_shards_cover_the_file_exactly(tmp_path, monkeypatch):
         assert shard_union(readers.parquet_shards(path, limit)) == whole[:limit]
 
 
-def test_a_source_read_in_one_pass_loses_no_record(tmp_path, data_cache):
-    """A JSON list has no shards: it is rendered in this process, records read once."""
+@pytest.mark.parametrize("kind", ["json_list", "saved_dataset"])
+def test_json_lists_and_one_pass_sources_lose_no_record(tmp_path, data_cache, monkeypatch, kind):
+    """A JSON list is sharded like JSONL; a `datasets` folder is read in one pass, here."""
+    monkeypatch.setattr(readers, "SHARD_ROWS", 300)
     save_image(tmp_path / "a.png")
     items = [json.loads(good_row(i, "gone.png" if i % 50 == 3 else "a.png"))
              for i in range(CACHE_MIN_ROWS + 5)]
-    (tmp_path / "train.json").write_text(json.dumps(items, indent=1))
-    got = load_source(SourceConfig(path="train.json"), DataConfig(cache=False, num_proc=2),
-                      tmp_path)
-    records = list(readers.read_json(tmp_path / "train.json"))
-    rows, report = render_chunk(MessagesRenderer(tmp_path), records)
+    if kind == "json_list":
+        (tmp_path / "train").with_suffix(".json").write_text(json.dumps(items, indent=1))
+        src = SourceConfig(path="train.json")
+    else:
+        import datasets
+
+        datasets.Dataset.from_list(items).save_to_disk(str(tmp_path / "saved"))
+        src = SourceConfig(path="saved", image_root=".")
+    got = load_source(src, DataConfig(cache=False, num_proc=2), tmp_path)
+    opened = readers.open_source(src, tmp_path)
+    rows, report = render_chunk(MessagesRenderer(opened.root), list(opened.records))
     assert got.records == len(items) and list(got.rows) == rows
     assert got.report.as_dict() == report.as_dict() and report.total == 21
 
@@ -197,3 +205,34 @@ def test_shape_renderer_gives_the_templates_own_text(body, cached):
         _render(processor, conversations, add_generation_prompt=False)
     with_image = next(k for k in shapes._shapes if len(k[0][1]) == 2)
     assert (shapes._shapes[with_image] is not None) == cached
+
+
+def test_json_list_read_item_by_item_equals_whole_file_parsing(tmp_path, monkeypatch):
+    from peftvlm.data import json_list
+
+    monkeypatch.setattr(json_list, "CHUNK", 37)  # items and characters cut across chunks
+    monkeypatch.setattr(readers, "SHARD_ROWS", 4)
+    items = [{"id": i, "text": "caf\u00e9 \U0001f600 " * (i % 4), "nested": {"a": [i, None]},
+              "s": "] , [ \\" } for i in range(23)]
+    text = "\ufeff[\n" + ",\n".join(json.dumps(x, ensure_ascii=False, indent=i % 3 or None)
+                                   for i, x in enumerate(items)) + "\n]\n"
+    path = tmp_path / "rows.json"
+    path.write_text(text, encoding="utf-8")
+    whole = [(f"rows.json:{line}", item)
+             for line, item in readers.json_list_items(text.lstrip("\ufeff"), path)]
+    assert [r for _, r in whole] == items
+    assert list(readers.read_json(path)) == whole
+    for limit in (None, 1, 4, 9):
+        assert shard_union(readers.json_shards(path, limit)) == whole[:limit]
+
+
+def test_a_json_list_with_an_invalid_item_is_refused_naming_its_line(tmp_path):
+    from peftvlm.errors import DataError
+
+    path = tmp_path / "rows.json"
+    path.write_text('[\n{"a": 1},\n{"a": 2},\n{"a": oops}\n]\n')
+    with pytest.raises(DataError, match=r"rows.json: invalid JSON at line 4"):
+        readers.json_shards(path, None)
+    (tmp_path / "wrapped.json").write_text('{"data": [{"a": 1}, {"a": 2}]}')
+    assert shard_union(readers.json_shards(tmp_path / "wrapped.json", 1)) == \
+        [("wrapped.json[0]", {"a": 1})]

@@ -29,7 +29,8 @@ from peftvlm.errors import DataError
 
 CACHE_MIN_ROWS = 1000      # below this, rendering is faster than reading a cache file
 PARALLEL_MIN_ROWS = 2000   # below this, starting worker processes costs more than it saves
-CACHE_VERSION = "5"        # bump when rendering changes (4: Arrow tables, row_id; 5: row formats)
+CACHE_VERSION = "6"        # bump when rendering changes (4: Arrow tables, row_id; 5: row formats;
+#                            6: one rows.arrow file)
 
 
 @dataclass
@@ -254,19 +255,22 @@ def build_source(opened, renderer, src, data_cfg, folder: Path | None, read: tup
     else:  # read in one pass, in this process
         head, rest = read
         shards = [itertools.chain(head, itertools.islice(rest, limit and limit - len(head)))]
-    with build_folder() as workdir:
+    with build_folder() as scratch:
+        workdir = Path(scratch)
         built = prepare.build_entries(shards, renderer, data_cfg.system_prompt, data_cfg.num_proc,
-                                      Path(workdir), folder is None, collator)
-        report, records = prepare.bad_row_report(built), prepare.record_count(built)
-        rows = prepare.select_rows(built, in_memory=folder is None)
-        counted = prepare.select_rows(built, folder is None, ("length",)) if collator else None
-        if folder:
-            rows = save_prepared(rows, report, records, fmt, folder)
-            if counted is not None:
-                lengths.save_lengths(counted, collator, folder)
-                rows = lengths.with_lengths(rows, collator, None, folder)  # reads that file
+                                      workdir, folder is None, collator)
+        out = folder or workdir
+        counted = lengths.lengths_file(out, lengths.collator_fingerprint(collator)) \
+            if collator is not None else None
+        report, records = prepare.split_entries(built, out / table.ROWS_FILE, counted)
+        del built
+        if folder:  # rows and lengths are in place: the report completes the cache folder
+            write_meta(folder, report, records, fmt)
+        rows = table.load(out / table.ROWS_FILE, in_memory=folder is None)
+        if counted is not None and folder:
+            rows = lengths.with_lengths(rows, collator, None, folder)  # reads that file
         elif counted is not None:
-            rows = table.concat_columns(rows, counted)
+            rows = table.concat_columns(rows, table.load_column(counted))
     return SourceRows(opened.name, rows, report, records, format=fmt)
 
 
@@ -278,13 +282,17 @@ def groups_rows(renderer) -> bool:
 
 def save_prepared(rows: Rows, report: BadRowReport, records: int, fmt: str,
                   folder: Path) -> Rows:
-    """Rows, then their report, into the cache folder (the report last: a folder without
-    `meta.json` is never read back); the rows memory-mapped from there."""
-    table.save(rows, folder / "rows")
+    """Rows, then their report, into the cache folder; the rows memory-mapped from there."""
+    table.save(rows, folder / table.ROWS_FILE)
+    write_meta(folder, report, records, fmt)
+    return table.load(folder / table.ROWS_FILE) or rows
+
+
+def write_meta(folder: Path, report: BadRowReport, records: int, fmt: str) -> None:
+    """The report, written last: a folder without `meta.json` is never read back."""
     meta = {"records": records, "counts": dict(report.counts),
             "examples": dict(report.examples), "format": fmt}
     write_atomic(folder / "meta.json", json.dumps(meta).encode())
-    return table.load(folder / "rows") or rows
 
 
 def build_folder():
@@ -314,7 +322,7 @@ def read_cached(folder: Path, name: str) -> SourceRows | None:
         records = int(meta["records"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # absent or not ours: rebuilt
-    rows = table.load(folder / "rows")
+    rows = table.load(folder / table.ROWS_FILE)
     return None if rows is None else SourceRows(name, rows, report, records, cached=True,
                                                 format=str(meta.get("format", "messages")))
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from peftvlm.data.sources import MAX_LISTED_ROWS, BadRow, BadRowReport
-from peftvlm.data.table import Rows, arrow_row, arrow_schema
+from peftvlm.data.sources import BadRow, BadRowReport
+from peftvlm.data.table import arrow_row, arrow_schema
 
 ROW_COLUMNS = ("row_id", "row", "images")
 ENTRY_COLUMNS = (*ROW_COLUMNS, "bad", "detail", "records")
@@ -103,44 +103,64 @@ def build_entries(shards: list, renderer, system_prompt: str | None, num_proc: i
         desc="preparing rows" if len(shards) > 10 else None)
 
 
-def bad_row_report(built) -> BadRowReport:
-    """Counts by reason (in order of first appearance) and the first row ids of each, read
-    from the table's `bad` column: the same report one process rendering in order makes."""
+def split_entries(built, rows_path: Path, lengths_path: Path | None) -> tuple[BadRowReport, int]:
+    """Write the good entries' rows (and lengths) to their own Arrow files; return the bad-row
+    report (read in source order: the same as one process rendering record by record) and the
+    number of records. One pass over the built table, batch by batch and not memory-mapped,
+    so this process never holds (or maps) the whole table."""
+    from contextlib import nullcontext
+
     import pyarrow.compute as pc
 
-    table = built.data.table
-    bad = table.column("bad")
-    report = BadRowReport()
-    if bad.null_count == len(bad):
-        return report
-    counts = pc.value_counts(bad.drop_null()).to_pylist()
-    firsts = {}
-    for item in counts:
-        reason = item["values"]
-        where = pc.indices_nonzero(pc.fill_null(pc.equal(bad, reason), False))
-        firsts[reason] = where[:MAX_LISTED_ROWS].to_pylist()
-    for item in sorted(counts, key=lambda c: firsts[c["values"]][0]):
-        reason = item["values"]
-        report.counts[reason] = item["counts"]
-        picked = table.take(firsts[reason]).select(["row_id", "detail"]).to_pylist()
-        report.examples[reason] = [f"{e['row_id']} ({e['detail']})" for e in picked]
-    return report
+    from peftvlm.data import table
+
+    report, records = BadRowReport(), 0
+    row_features = entry_features(False).copy()
+    for name in ("bad", "detail", "records"):
+        del row_features[name]
+    with table.writing(rows_path, row_features) as rows, \
+            (table.writing(lengths_path, length_features()) if lengths_path else
+             nullcontext()) as lengths:
+        for batch in entry_batches(built):
+            records += int(pc.sum(batch.column("records")).as_py() or 0)
+            add_bad_rows(report, batch)
+            kept = pa_table(batch.filter(pc.is_valid(batch.column("row"))))
+            rows.write_table(kept.select(list(ROW_COLUMNS)))
+            if lengths is not None:
+                lengths.write_table(kept.select(["length"]))
+    return report, records
 
 
-def select_rows(built, in_memory: bool, columns=ROW_COLUMNS) -> Rows:
-    """The good entries' `columns` (bad and tally entries left out); in memory, the selection
-    is copied out (saving to disk copies it anyway)."""
+def length_features():
+    import datasets
+
+    return datasets.Features({"length": datasets.Value("int64")})
+
+
+def add_bad_rows(report: BadRowReport, batch) -> None:
     import pyarrow.compute as pc
 
-    rows = built.select_columns(list(columns))
-    valid = pc.is_valid(built.data.table.column("row"))
-    if pc.all(valid).as_py() in (True, None):  # None: no entries at all
-        return Rows(rows)
-    rows = rows.select(pc.indices_nonzero(valid))
-    return Rows(rows.flatten_indices(keep_in_memory=True) if in_memory else rows)
+    bad = pc.indices_nonzero(pc.is_valid(batch.column("bad")))
+    if len(bad):
+        for e in batch.take(bad).select(["row_id", "bad", "detail"]).to_pylist():
+            report.add(e["bad"], e["row_id"], e["detail"])
 
 
-def record_count(built) -> int:
-    import pyarrow.compute as pc
+def entry_batches(built):
+    """The built table's record batches in order, read from its files without memory-mapping
+    them (an in-memory build is read as it is)."""
+    import pyarrow as pa
 
-    return int(pc.sum(built.data.table.column("records")).as_py() or 0)
+    files = [f["filename"] for f in built.cache_files]
+    if not files:
+        yield from built.data.table.to_batches(max_chunksize=1000)
+        return
+    for name in files:
+        with pa.OSFile(name) as source:
+            yield from pa.ipc.open_stream(source)
+
+
+def pa_table(batch):
+    import pyarrow as pa
+
+    return pa.Table.from_batches([batch])

@@ -185,8 +185,13 @@ def load_json(path: Path):
         raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
 
 
-def read_json(path: Path) -> list[tuple[str, Any]]:
-    """A JSON list (or `{"data": [...]}`); each record is named by the line it starts on."""
+def read_json(path: Path) -> Iterable[tuple[str, Any]]:
+    """A JSON list (or `{"data": [...]}`); each record is named by the line it starts on. A
+    list is read one item at a time (`json_list.py`)."""
+    from peftvlm.data.json_list import read_json_list, starts_a_list
+
+    if starts_a_list(path):
+        return read_json_list(path)
     text = read_text(path)
     items = json_list_items(text, path)
     if items is not None:
@@ -333,8 +338,22 @@ def parquet_shards(path: Path, limit: int | None) -> list[Deferred]:
             for i in range(0, rows, SHARD_ROWS)]
 
 
+def json_shards(path: Path, limit: int | None) -> list[Deferred]:
+    """A JSON list in shards of `SHARD_ROWS` items (`json_list.py`); another JSON file whole."""
+    from peftvlm.data.json_list import json_list_shards, read_json_list, starts_a_list
+
+    if not starts_a_list(path):
+        return [Deferred(first_records, Deferred(read_json, path), limit)]
+    return [Deferred(read_json_list, path, *start)
+            for start in json_list_shards(path, limit, SHARD_ROWS)]
+
+
+def first_records(records: Iterable, limit: int | None) -> Iterator:
+    return itertools.islice(records, limit)
+
+
 SHARDED = {".jsonl": jsonl_shards, ".csv": csv_shards, ".tsv": csv_shards,
-           ".parquet": parquet_shards}
+           ".parquet": parquet_shards, ".json": json_shards}
 
 
 def read_image_folder(path: Path) -> list[tuple[str, Any]]:
