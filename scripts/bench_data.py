@@ -115,8 +115,9 @@ def main() -> None:
         return child(args.child)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-data-"))
     models = workdir / "cache"  # tiny models are built once and kept
-    print("| rows | cold s | cold rows/s | cold CPU s (all processes) | warm s | peak RSS cold (MB above processor) | "
-          "largest worker, cold (MB above processor) | peak RSS warm (MB above processor) |")
+    print("| rows | cold s | cold rows/s | cold CPU s (all processes) | warm s | "
+          "peak RSS cold (MB above processor) | largest worker, cold (MB above processor) | "
+          "peak RSS warm (MB above processor) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n in args.rows:
         data = write_llava_rows(workdir / "data", n)

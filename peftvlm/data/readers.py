@@ -23,7 +23,6 @@ are generators: nothing is read before the records are iterated.
 from __future__ import annotations
 
 import csv
-import io
 import itertools
 import json
 import re

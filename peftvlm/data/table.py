@@ -7,8 +7,9 @@ once counted, `length` (tokens per row as the trainer sees them, image tokens in
 
 A cached source's rows are one Arrow file, `<cache>/prepared/<fingerprint>/rows.arrow`, written
 by `datasets`' ArrowWriter and memory-mapped back with `Dataset.from_file` (Arrow IPC + JSON
-metadata: nothing in a cache folder is executed, which is why this replaced pickle files). `Rows` is the list-like view the rest of peftvlm reads:
-`rows[i]` decodes one row, `len(rows)` reads no row, `rows.dataset` is what the trainer gets.
+metadata: nothing in a cache folder is executed, which is why this replaced pickle files).
+`Rows` is the list-like view the rest of peftvlm reads: `rows[i]` decodes one row, `len(rows)`
+reads no row, `rows.dataset` is what the trainer gets.
 """
 
 from __future__ import annotations
