@@ -258,7 +258,7 @@ def build_source(opened, renderer, src, data_cfg, folder: Path | None, read: tup
     with build_folder() as scratch:
         workdir = Path(scratch)
         built = prepare.build_entries(shards, renderer, data_cfg.system_prompt, data_cfg.num_proc,
-                                      workdir, folder is None, collator)
+                                      workdir, collator)
         out = folder or workdir
         counted = lengths.lengths_file(out, lengths.collator_fingerprint(collator)) \
             if collator is not None else None

@@ -11,8 +11,8 @@ process rendering record by record would make them.
 
 A bad record is kept in the built table as an entry of its own (`bad`, `detail`): the bad-row
 report (counts by reason, first row ids of each) is then read from the table in source order,
-the same for any number of processes. The rows the trainer gets are the table's good entries
-(`select_rows`).
+the same for any number of processes. The rows the trainer gets are the table's good entries,
+written to their own file (`split_entries`).
 """
 
 from __future__ import annotations
@@ -89,8 +89,9 @@ class ShardRenderer:
 
 
 def build_entries(shards: list, renderer, system_prompt: str | None, num_proc: int | None,
-                  workdir: Path, in_memory: bool, collator=None):
-    """The built table (a `datasets.Dataset` under `workdir`, or in memory)."""
+                  workdir: Path, collator=None):
+    """The built table: a `datasets.Dataset` in Arrow files under `workdir` (also when the
+    rows end up in memory: only the good rows are read back)."""
     import datasets
 
     index = datasets.Dataset.from_dict({"shard": list(range(len(shards)))})
@@ -98,8 +99,8 @@ def build_entries(shards: list, renderer, system_prompt: str | None, num_proc: i
     return index.map(
         ShardRenderer(shards, renderer, system_prompt, collator), batched=True, batch_size=1,
         num_proc=procs, remove_columns=["shard"], features=entry_features(collator is not None),
-        keep_in_memory=in_memory, load_from_cache_file=False, new_fingerprint=workdir.name,
-        cache_file_name=None if in_memory else str(workdir / "entries.arrow"),
+        load_from_cache_file=False, new_fingerprint=workdir.name,
+        cache_file_name=str(workdir / "entries.arrow"),
         desc="preparing rows" if len(shards) > 10 else None)
 
 
@@ -148,14 +149,10 @@ def add_bad_rows(report: BadRowReport, batch) -> None:
 
 def entry_batches(built):
     """The built table's record batches in order, read from its files without memory-mapping
-    them (an in-memory build is read as it is)."""
+    them."""
     import pyarrow as pa
 
-    files = [f["filename"] for f in built.cache_files]
-    if not files:
-        yield from built.data.table.to_batches(max_chunksize=1000)
-        return
-    for name in files:
+    for name in [f["filename"] for f in built.cache_files]:
         with pa.OSFile(name) as source:
             yield from pa.ipc.open_stream(source)
 
