@@ -8,7 +8,7 @@ import itertools
 import json
 
 import pytest
-from data_helpers import data_cache, save_image  # noqa: F401
+from data_helpers import data_cache, llava_collator, save_image  # noqa: F401
 
 from peftvlm.data import readers
 from peftvlm.data.loading import CACHE_MIN_ROWS, MessagesRenderer, load_source, render_chunk
@@ -236,3 +236,12 @@ def test_a_json_list_with_an_invalid_item_is_refused_naming_its_line(tmp_path):
     (tmp_path / "wrapped.json").write_text('{"data": [{"a": 1}, {"a": 2}]}')
     assert shard_union(readers.json_shards(tmp_path / "wrapped.json", 1)) == \
         [("wrapped.json[0]", {"a": 1})]
+
+
+def test_a_large_source_of_bad_rows_only_counts_them_all(tmp_path, data_cache, llava_collator):
+    lines = [good_row(i, image="gone.png") for i in range(CACHE_MIN_ROWS + 5)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    got = load_source(SourceConfig(path="train.jsonl"), DataConfig(num_proc=2), tmp_path,
+                      collator=llava_collator)
+    assert len(got.rows) == 0 and got.rows.lengths().tolist() == []
+    assert got.records == len(lines) and dict(got.report.counts) == {"missing_image": len(lines)}

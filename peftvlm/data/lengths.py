@@ -213,8 +213,10 @@ def with_lengths(rows, collator, num_proc: int | None, folder=None):
 
     from peftvlm.data.table import Rows
 
-    if "length" in rows.table.column_names or not len(rows):
-        return rows if len(rows) else Rows(rows.table.add_column("length", []))
+    if "length" in rows.table.column_names:
+        return rows
+    if not len(rows):
+        return Rows(rows.table.add_column("length", []))
     key = collator_fingerprint(collator)
     procs = num_proc if num_proc and num_proc > 1 and len(rows) >= 4 * MAP_BATCH else None
     counted = rows.table.map(

@@ -130,7 +130,7 @@ class Rows(Sequence):
 
         if "length" not in self.table.column_names:
             raise KeyError("token lengths have not been counted for these rows (see lengths.py)")
-        return self.column("length").to_numpy().astype(np.int64)
+        return self.column("length").to_numpy(zero_copy_only=False).astype(np.int64)
 
     def select(self, indices) -> "Rows":
         return Rows(self.table.select(indices))
