@@ -2,11 +2,11 @@
 
 Per source: open it (`readers.py`), render each record (a template, or `messages` rows as they
 are), check its images, and count bad rows by reason. The rendered rows live in an Arrow table
-(`table.py`); large sources (>= CACHE_MIN_ROWS records) are rendered in `data.num_proc`
-processes and saved under `<cache>/prepared/<fingerprint>/` (keyed by the source's files (size,
-mtime), template text, options, family box format and seed) together with their bad-row report
-(JSON) and, per processor, their token lengths (an Arrow column counted once, in `num_proc`
-processes). A warm start memory-maps the table and reads the lengths: no per-row work. In a
+(`table.py`); large sources (>= CACHE_MIN_ROWS records) are read in shards, rendered and
+counted in `data.num_proc` processes straight into Arrow (`prepare.py`) and saved under
+`<cache>/prepared/<fingerprint>/` (keyed by the source's files (size, mtime), template text,
+options, family box format and seed) together with their bad-row report (JSON) and, per
+processor, their token lengths (an Arrow column). A warm start memory-maps the table and reads the lengths: no per-row work. In a
 multi-process run the main process prepares and the others wait, then read the same folder.
 Several training sources are mixed by `weight` (see `mix`).
 """
@@ -29,8 +29,7 @@ from peftvlm.errors import DataError
 
 CACHE_MIN_ROWS = 1000      # below this, rendering is faster than reading a cache file
 PARALLEL_MIN_ROWS = 2000   # below this, starting worker processes costs more than it saves
-CACHE_VERSION = "6"        # bump when rendering changes (4: Arrow tables, row_id; 5: row formats;
-#                            6: one rows.arrow file)
+CACHE_VERSION = "6"        # bump when rendering or the layout changes (6: one rows.arrow file)
 
 
 @dataclass
