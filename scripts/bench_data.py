@@ -4,7 +4,9 @@ Writes a LLaVA-style JSONL of N rows (1-3 turns, answers of 1-20 words, 1,000 sh
 runs what `peftvlm train` does before the model trains (`prepare_data`: read, render, check
 images, count tokens incl. image tokens, drop over-long rows) in a fresh process: cold (empty
 preprocessing cache) then warm (cache hit). Peak RSS is reported above the process's footprint
-once the processor is loaded (the floor in issue 11 is measured above the model's own).
+once the processor is loaded (the floor in issue 11 is measured above the model's own), for the
+process itself and for the largest of the `data.num_proc` worker processes it forks (which
+start as a copy of it, processor included).
 
 Run: python scripts/bench_data.py [--rows 10000 100000 1000000] [--num-proc 2] [--workdir DIR]
 Prints a markdown table.
@@ -68,12 +70,23 @@ def child(recipe_path: str) -> None:
     recipe = load_recipe(recipe_path)
     collator = processor_collator(recipe)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     data = prepare_data(recipe, collator)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "rows": len(data.train), "base_mb": base,
-                      "peak_mb": peak, "cached": all(s["from_cache"] for s in data.sources)}))
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rows": len(data.train),
+                      "base_mb": base,
+                      "peak_mb": peak, "worker_peak_mb": workers,
+                      "cached": all(s["from_cache"] for s in data.sources)}))
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished worker processes (user + system)."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def one_start(recipe: Path, cache: Path) -> dict:
@@ -84,6 +97,11 @@ def one_start(recipe: Path, cache: Path) -> dict:
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def above(peak_mb: float, base_mb: float) -> str:
+    """MB above the processor's footprint; '-' when no worker process ran."""
+    return f"{max(peak_mb - base_mb, 0):,.0f}" if peak_mb else "-"
 
 
 def main() -> None:
@@ -97,9 +115,10 @@ def main() -> None:
         return child(args.child)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-data-"))
     models = workdir / "cache"  # tiny models are built once and kept
-    print("| rows | cold s | cold rows/s | warm s | peak RSS cold (MB above processor) | "
+    print("| rows | cold s | cold rows/s | cold CPU s (all processes) | warm s | "
+          "peak RSS cold (MB above processor) | largest worker, cold (MB above processor) | "
           "peak RSS warm (MB above processor) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n in args.rows:
         data = write_llava_rows(workdir / "data", n)
         recipe = workdir / f"bench-{n}.yaml"
@@ -112,7 +131,9 @@ def main() -> None:
         warm = one_start(recipe, models)
         assert warm["cached"] and warm["rows"] == cold["rows"], (cold, warm)
         print(f"| {n:,} | {cold['seconds']:.1f} | {n / cold['seconds']:,.0f} | "
+              f"{cold['cpu_seconds']:.1f} | "
               f"{warm['seconds']:.2f} | {cold['peak_mb'] - cold['base_mb']:,.0f} | "
+              f"{above(cold['worker_peak_mb'], cold['base_mb'])} | "
               f"{warm['peak_mb'] - warm['base_mb']:,.0f} |", flush=True)
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -94,7 +94,7 @@ def test_a_planted_cache_payload_does_not_run(tmp_path, monkeypatch):
     [folder] = prepared_cache_dir().iterdir()
     marker = tmp_path / "pwned"
     payload = pickle.dumps(Payload(marker))
-    for victim in [folder / "meta.json", *sorted((folder / "rows").glob("*.arrow"))]:
+    for victim in [folder / "meta.json", *sorted(folder.glob("*.arrow"))]:
         victim.unlink()  # a new file, as an attacker would write it (the old one is mapped)
         victim.write_bytes(payload)
     (folder.parent / f"{folder.name}.pkl").write_bytes(payload)  # where the old cache read

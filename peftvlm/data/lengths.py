@@ -40,13 +40,14 @@ class LengthCounter:
         self._expansion: dict[tuple[int, int], int] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
         self._backend = None
+        from peftvlm.data.shapes import ShapeRenderer
+
+        self._shapes = ShapeRenderer(self.processor)
 
     def texts(self, rows: list[dict]) -> list[str]:
-        # The collator's own rendering (chat template + any appended end-of-turn).
-        from peftvlm.data.chat_template import render_conversations
-
-        return [r.text for r in render_conversations(
-            self.processor, [r["messages"] for r in rows], self.family.end_of_turn)]
+        # The collator's own text (chat template + any appended end-of-turn).
+        return training_texts(self.processor, [r["messages"] for r in rows],
+                              self.family.end_of_turn, self._shapes)
 
     def text_lengths(self, texts: list[str]) -> list[int]:
         # The processor skips special tokens when the rendered text already starts with BOS.
@@ -114,6 +115,42 @@ class LengthCounter:
                 for n, r in zip(lengths, rows)]
 
 
+def training_texts(processor, conversations: list[list[dict]], end_of_turn: str | None,
+                   shapes=None) -> list[str]:
+    """The text `chat_template.render_conversations` trains on, without its reply spans (not
+    needed to count tokens) and mostly from one render per row instead of 1 + 2 per reply
+    (`shapes`: a `ShapeRenderer`, which renders once per conversation shape).
+
+    That text is the rendering, with `end_of_turn` appended where the template writes none in
+    the final reply's part. Telling needs the final reply's context only when the rendering
+    neither ends with `end_of_turn` (then it wrote one) nor lacks it altogether (then the
+    final reply's part holds none either); tests compare with the collator for every family."""
+    from peftvlm.data.chat_template import _not_prefix_error, _render, reply_span
+
+    texts = shapes.render(conversations) if shapes is not None else \
+        _render(processor, conversations, add_generation_prompt=False)
+    if not end_of_turn:
+        return texts
+    unsure = []
+    for i, (text, conversation) in enumerate(zip(texts, conversations)):
+        if conversation and conversation[-1]["role"] == "assistant" and \
+                not text.rstrip().endswith(end_of_turn):
+            if end_of_turn in text:
+                unsure.append(i)
+            else:
+                texts[i] = text.rstrip() + end_of_turn
+    contexts = _render(processor, [conversations[i][:-1] for i in unsure],
+                       add_generation_prompt=True)
+    for i, context in zip(unsure, contexts):
+        full = texts[i]
+        if not full.startswith(context):
+            raise _not_prefix_error("the generation prompt before a reply")
+        stop = reply_span(full, len(context), len(full), end_of_turn)
+        if not full[len(context):stop].endswith(end_of_turn):
+            texts[i] = full[:stop] + end_of_turn
+    return texts
+
+
 def token_lengths(collator, rows: list[dict]) -> list[int]:
     """Each row's length in tokens as the trainer sees it (image tokens included)."""
     if not rows:
@@ -158,12 +195,16 @@ class BatchCounter:
     def __call__(self, texts: list[str], images: list[list[dict]]) -> dict:
         from peftvlm.data.table import decode_row
 
-        rows = [decode_row({"row": t, "images": i}) for t, i in zip(texts, images)]
+        return {"length": self.rows([decode_row({"row": t, "images": i})
+                                     for t, i in zip(texts, images)])}
+
+    def rows(self, rows: list[dict]) -> list[int]:
+        """Token lengths of decoded rows (also called on rows just rendered: `prepare.py`)."""
         if self.collator.family.encode is not None:
-            return {"length": collator_lengths(self.collator, rows)}
-        if self._counter is None:  # one per process: it remembers image sizes
+            return collator_lengths(self.collator, rows)
+        if self._counter is None:  # one per process: it remembers image sizes and shapes
             self._counter = LengthCounter(self.collator)
-        return {"length": self._counter(rows)}
+        return self._counter(rows)
 
 
 def with_lengths(rows, collator, num_proc: int | None, folder=None):
@@ -172,14 +213,34 @@ def with_lengths(rows, collator, num_proc: int | None, folder=None):
 
     from peftvlm.data.table import Rows
 
-    if "length" in rows.table.column_names or not len(rows):
-        return rows if len(rows) else Rows(rows.table.add_column("length", []))
+    if "length" in rows.table.column_names:
+        return rows
+    if not len(rows):
+        return Rows(rows.table.add_column("length", []))
     key = collator_fingerprint(collator)
     procs = num_proc if num_proc and num_proc > 1 and len(rows) >= 4 * MAP_BATCH else None
     counted = rows.table.map(
         BatchCounter(collator), batched=True, batch_size=MAP_BATCH, num_proc=procs,
         input_columns=["row", "images"], remove_columns=rows.table.column_names,
         new_fingerprint=key, keep_in_memory=folder is None,
-        cache_file_name=str(folder / f"lengths-{key}.arrow") if folder else None,
+        cache_file_name=str(lengths_file(folder, key)) if folder else None,
         desc="counting tokens" if len(rows) >= 10 * MAP_BATCH else None)
     return Rows(datasets.concatenate_datasets([rows.table, counted], axis=1))
+
+
+def lengths_file(folder, key: str):
+    """Where a cached source keeps the lengths counted by one processor (fingerprint `key`)."""
+    return folder / f"lengths-{key}.arrow"
+
+
+def save_lengths(counted, collator, folder) -> None:
+    """A `length` column counted while preparing (`prepare.py`), written where `with_lengths`
+    finds it (`Dataset.map` reads an existing cache file instead of counting)."""
+    from datasets.utils import disable_progress_bars, enable_progress_bars
+
+    disable_progress_bars()
+    try:
+        counted.table.flatten_indices(
+            cache_file_name=str(lengths_file(folder, collator_fingerprint(collator))))
+    finally:
+        enable_progress_bars()

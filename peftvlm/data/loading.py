@@ -2,11 +2,11 @@
 
 Per source: open it (`readers.py`), render each record (a template, or `messages` rows as they
 are), check its images, and count bad rows by reason. The rendered rows live in an Arrow table
-(`table.py`); large sources (>= CACHE_MIN_ROWS records) are rendered in `data.num_proc`
-processes and saved under `<cache>/prepared/<fingerprint>/` (keyed by the source's files (size,
-mtime), template text, options, family box format and seed) together with their bad-row report
-(JSON) and, per processor, their token lengths (an Arrow column counted once, in `num_proc`
-processes). A warm start memory-maps the table and reads the lengths: no per-row work. In a
+(`table.py`); large sources (>= CACHE_MIN_ROWS records) are read in shards, rendered and
+counted in `data.num_proc` processes straight into Arrow (`prepare.py`) and saved under
+`<cache>/prepared/<fingerprint>/` (keyed by the source's files (size, mtime), template text,
+options, family box format and seed) together with their bad-row report (JSON) and, per
+processor, their token lengths (an Arrow column). A warm start memory-maps the table and reads the lengths: no per-row work. In a
 multi-process run the main process prepares and the others wait, then read the same folder.
 Several training sources are mixed by `weight` (see `mix`).
 """
@@ -14,6 +14,7 @@ Several training sources are mixed by `weight` (see `mix`).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from dataclasses import dataclass, field
@@ -28,9 +29,10 @@ from peftvlm.errors import DataError
 
 CACHE_MIN_ROWS = 1000      # below this, rendering is faster than reading a cache file
 PARALLEL_MIN_ROWS = 2000   # below this, starting worker processes costs more than it saves
-CACHE_VERSION = "7"        # bump when rendering changes (4: Arrow tables, row_id; 5: row formats;
-                           # 6: Parquet / datasets rows named by their place in the file / split;
-                           # 7: checked videos carry their source's fps and frame count)
+CACHE_VERSION = "8"        # bump when rendering or the layout changes (4: Arrow tables, row_id;
+                           # 5: row formats; 6: Parquet / datasets rows named by their place in
+                           # the file / split; 7: checked videos carry their source's fps and
+                           # frame count; 8: one rows.arrow file, built in shards)
 
 
 @dataclass
@@ -210,7 +212,7 @@ def load_source(src, data_cfg, base_dir: Path, box_format: str = "norm1",
     with main_process_first():
         loaded = read_cached(folder, opened.name) if folder else None
         if loaded is None:
-            loaded = render_source(opened, renderer, src, data_cfg, folder)
+            loaded = render_source(opened, renderer, src, data_cfg, folder, collator)
         if collator is not None:
             from peftvlm.data.lengths import with_lengths
 
@@ -224,23 +226,91 @@ def load_source(src, data_cfg, base_dir: Path, box_format: str = "norm1",
     return loaded
 
 
-def render_source(opened, renderer, src, data_cfg, folder: Path | None) -> SourceRows:
-    """Render every record into an Arrow table; large sources are saved to `folder`."""
-    records = take(opened.records, src.max_samples)
+def render_source(opened, renderer, src, data_cfg, folder: Path | None,
+                  collator=None) -> SourceRows:
+    """Render every record into an Arrow table. A source of fewer than CACHE_MIN_ROWS records
+    is rendered here; a larger one is built in shards (`prepare.py`), its tokens counted on
+    the way when a collator is given, and saved to `folder`."""
+    records = iter(opened.records)
+    head = take(records, min(src.max_samples or CACHE_MIN_ROWS, CACHE_MIN_ROWS))
     if hasattr(renderer, "detect"):
-        renderer.detect(records, opened.name)
-    pieces, report = render_records(renderer, records, data_cfg.num_proc)
+        renderer.detect(head, opened.name)
     fmt = source_format(renderer, opened)
+    if len(head) == CACHE_MIN_ROWS and not groups_rows(renderer):
+        return build_source(opened, renderer, src, data_cfg, folder, (head, records), fmt,
+                            collator)
+    # Small, or grouped per image across the whole source (`group_by_image`): in memory.
+    records = head + take(records, src.max_samples and src.max_samples - len(head))
+    pieces, report = render_records(renderer, records, data_cfg.num_proc)
     rows = Rows.from_rows(with_system_prompt(renderer.conversations(pieces),
                                              data_cfg.system_prompt))
     del pieces
     if folder and len(records) >= CACHE_MIN_ROWS:
-        table.save(rows, folder / "rows")
-        meta = {"records": len(records), "counts": dict(report.counts),
-                "examples": dict(report.examples), "format": fmt}
-        write_atomic(folder / "meta.json", json.dumps(meta).encode())
-        rows = table.load(folder / "rows") or rows  # memory-mapped from here on
+        rows = save_prepared(rows, report, len(records), fmt, folder)
     return SourceRows(opened.name, rows, report, len(records), format=fmt)
+
+
+def build_source(opened, renderer, src, data_cfg, folder: Path | None, read: tuple,
+                 fmt: str, collator=None) -> SourceRows:
+    """A large source rendered shard by shard in `data.num_proc` processes straight into
+    Arrow (`prepare.py`), then saved to `folder` (or, uncached, copied into memory); with a
+    collator, with its `length` column (saved as the lengths cache a warm start reads).
+    `read`: the records taken so far and the rest, for a source that cannot be split."""
+    from peftvlm.data import lengths, prepare
+
+    limit = src.max_samples
+    if opened.split is not None:
+        shards = opened.split(limit)
+    else:  # read in one pass, in this process
+        head, rest = read
+        shards = [itertools.chain(head, itertools.islice(rest, limit and limit - len(head)))]
+    with build_folder() as scratch:
+        workdir = Path(scratch)
+        built = prepare.build_entries(shards, renderer, data_cfg.system_prompt, data_cfg.num_proc,
+                                      workdir, collator)
+        out = folder or workdir
+        counted = lengths.lengths_file(out, lengths.collator_fingerprint(collator)) \
+            if collator is not None else None
+        report, records = prepare.split_entries(built, out / table.ROWS_FILE, counted)
+        del built
+        if folder:  # rows and lengths are in place: the report completes the cache folder
+            write_meta(folder, report, records, fmt)
+        rows = table.load(out / table.ROWS_FILE, in_memory=folder is None)
+        if counted is not None and folder:
+            rows = lengths.with_lengths(rows, collator, None, folder)  # reads that file
+        elif counted is not None:
+            rows = table.concat_columns(rows, table.load_column(counted))
+    return SourceRows(opened.name, rows, report, records, format=fmt)
+
+
+def groups_rows(renderer) -> bool:
+    """Whether the renderer makes rows across records (`group_by_image`: one conversation per
+    image, from every record that asks about it), so it needs all records at once."""
+    return bool((getattr(renderer, "options", None) or {}).get("group_by_image"))
+
+
+def save_prepared(rows: Rows, report: BadRowReport, records: int, fmt: str,
+                  folder: Path) -> Rows:
+    """Rows, then their report, into the cache folder; the rows memory-mapped from there."""
+    table.save(rows, folder / table.ROWS_FILE)
+    write_meta(folder, report, records, fmt)
+    return table.load(folder / table.ROWS_FILE) or rows
+
+
+def write_meta(folder: Path, report: BadRowReport, records: int, fmt: str) -> None:
+    """The report, written last: a folder without `meta.json` is never read back."""
+    meta = {"records": records, "counts": dict(report.counts),
+            "examples": dict(report.examples), "format": fmt}
+    write_atomic(folder / "meta.json", json.dumps(meta).encode())
+
+
+def build_folder():
+    """A scratch folder beside the cache for a build's Arrow files, removed afterwards."""
+    import tempfile
+
+    prepared_cache_dir().mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=".build-", dir=prepared_cache_dir(),
+                                       ignore_cleanup_errors=True)
 
 
 def source_format(renderer, opened) -> str:
@@ -261,7 +331,7 @@ def read_cached(folder: Path, name: str) -> SourceRows | None:
         records = int(meta["records"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # absent or not ours: rebuilt
-    rows = table.load(folder / "rows")
+    rows = table.load(folder / table.ROWS_FILE)
     return None if rows is None else SourceRows(name, rows, report, records, cached=True,
                                                 format=str(meta.get("format", "messages")))
 

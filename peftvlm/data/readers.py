@@ -16,18 +16,23 @@ Row ids are what bad-row, overflow and preview reports name: the row's place in 
 file or dataset, before any slicing, skipping or `max_samples`: `file:line` (JSONL, CSV, a JSON
 list: the line a row starts on), `file:row N` (Parquet, 0-based as `pyarrow`/pandas count) and
 `name[split][N]` (a `datasets` split, N its index in the whole split, as `dataset[split][N]`).
+
+Large files are read in shards: `SourceData.split(limit)` plans contiguous runs of records
+(JSONL line ranges, CSV record ranges, Parquet row ranges; each starts at a byte offset or row
+index) that worker processes read on their own, so no process ever holds a whole file. Readers
+are generators: nothing is read before the records are iterated.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import itertools
 import json
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from peftvlm.data.sources import BadRow
 from peftvlm.errors import DataError
@@ -35,6 +40,7 @@ from peftvlm.errors import DataError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VQAV2_PATTERN = "{data_subtype}/COCO_{data_subtype}_{image_id:012d}.jpg"
 SINGLE_SLICE = re.compile(r"[\w.-]+\[[^\]+]*\]")  # `train[:10%]`, not `train[:5]+test`
+SHARD_ROWS = 2000  # records per shard of a large file (each worker renders a run of shards)
 
 
 @dataclass
@@ -48,6 +54,9 @@ class SourceData:
     files: list[Path] = field(default_factory=list)
     default_template: str | None = None
     layout: str | None = None  # annotation layout read (coco_captions...); None: rows as they are
+    # limit -> shards (picklable iterables of records) covering the first `limit` records, in
+    # order, for reading in parallel; None: the source is read in one pass (`records`).
+    split: Callable[[int | None], list] | None = None
 
 
 class Deferred:
@@ -90,11 +99,14 @@ def open_source(src, base_dir: Path) -> SourceData:
                           layout="vqav2")
     else:
         records = Deferred(read_file, path)
+        if path.suffix in SHARDED:
+            return SourceData(src.path, records, root or path.parent, [path],
+                              split=partial(SHARDED[path.suffix], path))
     return SourceData(src.path, records, root or path.parent, [path],
                       layout="coco_captions" if fmt == "coco_captions" else None)
 
 
-def read_file(path: Path) -> list[tuple[str, Any]]:
+def read_file(path: Path) -> Iterator[tuple[str, Any]]:
     readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".tsv": read_csv,
                ".parquet": read_parquet}
     if path.suffix not in readers:
@@ -104,27 +116,58 @@ def read_file(path: Path) -> list[tuple[str, Any]]:
     return readers[path.suffix](path)
 
 
-def read_jsonl(path: Path) -> list[tuple[str, Any]]:
+def read_jsonl(path: Path, offset: int = 0, line: int = 1,
+               count: int | None = None) -> Iterator[tuple[str, Any]]:
     """One record per line, named `file:line`; a line that is not UTF-8 or not JSON is a bad
-    row of its own (read as bytes, so one bad byte never hides the rest of the file)."""
-    records = []
+    row of its own (read as bytes, so one bad byte never hides the rest of the file). A shard
+    starts at byte `offset` (line number `line`) and stops after `count` records."""
+    if count == 0:
+        return
+    with path.open("rb") as f:
+        f.seek(offset)
+        for n, raw in enumerate(f, start=line):
+            text = jsonl_text(raw, n)
+            if text is None:
+                continue
+            row_id = f"{path.name}:{n}"
+            if isinstance(text, BadRow):
+                yield row_id, text
+            else:
+                try:
+                    yield row_id, json.loads(text)
+                except json.JSONDecodeError as exc:
+                    yield row_id, BadRow("invalid_json", exc.msg)
+            if count is not None:
+                count -= 1
+                if not count:
+                    return
+
+
+def jsonl_text(raw: bytes, n: int) -> str | BadRow | None:
+    """Line `n` of a JSONL file as text; None for a blank line (not a record)."""
+    try:
+        text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        return BadRow("bad_encoding", f"byte {raw[exc.start]:#04x} at column {exc.start + 1} "
+                                      "is not UTF-8")
+    return text if text.strip() else None
+
+
+def jsonl_shards(path: Path, limit: int | None) -> list[Deferred]:
+    """Shards of `SHARD_ROWS` records: one pass over the lines (no JSON parsing) notes the byte
+    offset and line number where each shard starts."""
+    starts, records, offset = [], 0, 0
     with path.open("rb") as f:
         for n, raw in enumerate(f, start=1):
-            row_id = f"{path.name}:{n}"
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                records.append((row_id, BadRow("bad_encoding", f"byte {raw[exc.start]:#04x} at "
-                                                               f"column {exc.start + 1} is not "
-                                                               "UTF-8")))
-                continue
-            if not line.strip():
-                continue
-            try:
-                records.append((row_id, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                records.append((row_id, BadRow("invalid_json", exc.msg)))
-    return records
+            if limit is not None and records >= limit:
+                break
+            if jsonl_text(raw, n) is not None:
+                if records % SHARD_ROWS == 0:
+                    starts.append([offset, n, 0])
+                starts[-1][2] += 1
+                records += 1
+            offset += len(raw)
+    return [Deferred(read_jsonl, path, *start) for start in starts]
 
 
 def read_text(path: Path) -> str:
@@ -145,8 +188,13 @@ def load_json(path: Path):
         raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
 
 
-def read_json(path: Path) -> list[tuple[str, Any]]:
-    """A JSON list (or `{"data": [...]}`); each record is named by the line it starts on."""
+def read_json(path: Path) -> Iterable[tuple[str, Any]]:
+    """A JSON list (or `{"data": [...]}`); each record is named by the line it starts on. A
+    list is read one item at a time (`json_list.py`)."""
+    from peftvlm.data.json_list import read_json_list, starts_a_list
+
+    if starts_a_list(path):
+        return read_json_list(path)
     text = read_text(path)
     items = json_list_items(text, path)
     if items is not None:
@@ -181,13 +229,59 @@ def json_list_items(text: str, path: Path) -> list[tuple[int, Any]] | None:
     return items
 
 
-def read_csv(path: Path) -> list[tuple[str, Any]]:
-    """Rows as dicts; empty cells are missing values, JSON-looking cells are parsed. A UTF-8
-    BOM (Excel's "CSV UTF-8") is dropped, so the first column keeps its name."""
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""),
-                            delimiter="\t" if path.suffix == ".tsv" else ",")
-    return [(f"{path.name}:{reader.line_num}", {k: csv_cell(v) for k, v in row.items() if k})
-            for row in reader]
+class TextLines:
+    """A UTF-8 file's lines (endings kept, as `csv` wants them) from byte `offset`, keeping the
+    byte offset and line number reached, so a CSV shard can start where a record ended. A bad
+    byte is an error naming its line (a BOM on line 1 is dropped)."""
+
+    def __init__(self, path: Path, offset: int = 0, line: int = 0):
+        self.path, self.offset, self.line = path, offset, line
+
+    def __iter__(self) -> Iterator[str]:
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            for raw in f:
+                self.line += 1
+                self.offset += len(raw)
+                try:
+                    yield raw.decode("utf-8-sig" if self.line == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{self.path}:{self.line}: byte {raw[exc.start]:#04x} is "
+                                    "not UTF-8", hint="save the file as UTF-8 (e.g. `iconv -f "
+                                                      "latin1 -t utf-8`)") from exc
+
+
+def csv_reader(path: Path, lines: TextLines, fieldnames: list[str] | None = None):
+    return csv.DictReader(lines, fieldnames=fieldnames,
+                          delimiter="\t" if path.suffix == ".tsv" else ",")
+
+
+def read_csv(path: Path, offset: int = 0, line: int = 0, count: int | None = None,
+             fieldnames: list[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """Rows as dicts named by their (last) line; empty cells are missing values, JSON-looking
+    cells are parsed. A UTF-8 BOM (Excel's "CSV UTF-8") is dropped, so the first column keeps
+    its name. A shard starts at byte `offset` after line `line`, with the header's
+    `fieldnames`, and stops after `count` rows."""
+    lines = TextLines(path, offset, line)
+    reader = csv_reader(path, lines, fieldnames)
+    for row in itertools.islice(reader, count):
+        yield (f"{path.name}:{line + reader.line_num}",
+               {k: csv_cell(v) for k, v in row.items() if k})
+
+
+def csv_shards(path: Path, limit: int | None) -> list[Deferred]:
+    """Shards of `SHARD_ROWS` rows, each starting where the previous row ended (one parse of
+    the file, which also finds any byte that is not UTF-8 before workers start)."""
+    lines = TextLines(path)
+    reader = csv_reader(path, lines)
+    fieldnames = reader.fieldnames or []
+    starts, boundary = [], (lines.offset, lines.line)
+    for records, _ in enumerate(itertools.islice(reader, limit)):
+        if records % SHARD_ROWS == 0:
+            starts.append([*boundary, 0, fieldnames])
+        starts[-1][2] += 1
+        boundary = (lines.offset, lines.line)
+    return [Deferred(read_csv, path, *start) for start in starts]
 
 
 def csv_cell(value: str | None):
@@ -201,19 +295,73 @@ def csv_cell(value: str | None):
     return value
 
 
-def read_parquet(path: Path) -> list[tuple[str, Any]]:
+def open_parquet(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        return pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises its own hierarchy for unreadable files
         raise DataError(f"{path}: cannot read Parquet: {exc}") from exc
-    return [(parquet_row_id(path, i), r) for i, r in enumerate(rows)]
+
+
+def read_parquet(path: Path, start: int = 0, stop: int | None = None
+                 ) -> Iterator[tuple[str, Any]]:
+    """Rows `start` to `stop` (all by default) as dicts, named by their place in the file,
+    read in record batches of the row groups that hold them."""
+    parquet = open_parquet(path)
+    groups, index, first = [], 0, 0  # row groups overlapping [start, stop); first one's row
+    for g in range(parquet.num_row_groups):
+        size = parquet.metadata.row_group(g).num_rows
+        if index + size > start and (stop is None or index < stop):
+            first = index if not groups else first
+            groups.append(g)
+        index += size
+    if not groups:
+        return
+    index = first
+    import pyarrow as pa
+
+    try:
+        for batch in parquet.iter_batches(batch_size=1000, row_groups=groups):
+            for i, row in enumerate(batch.to_pylist(), start=index):
+                if stop is not None and i >= stop:
+                    return
+                if i >= start:
+                    yield parquet_row_id(path, i), row
+            index += batch.num_rows
+    except (OSError, pa.ArrowException) as exc:  # a damaged page
+        raise DataError(f"{path}: cannot read Parquet: {exc}") from exc
 
 
 def parquet_row_id(path: Path, index: int) -> str:
     """A Parquet row by its 0-based position in the file (`pq.read_table(path)[index]`)."""
     return f"{path.name}:row {index}"
+
+
+def parquet_shards(path: Path, limit: int | None) -> list[Deferred]:
+    """Shards of `SHARD_ROWS` rows (the row count is in the file's footer: nothing is read)."""
+    rows = open_parquet(path).metadata.num_rows
+    rows = rows if limit is None else min(rows, limit)
+    return [Deferred(read_parquet, path, i, min(i + SHARD_ROWS, rows))
+            for i in range(0, rows, SHARD_ROWS)]
+
+
+def json_shards(path: Path, limit: int | None) -> list[Deferred]:
+    """A JSON list in shards of `SHARD_ROWS` items (`json_list.py`); another JSON file whole."""
+    from peftvlm.data.json_list import json_list_shards, read_json_list, starts_a_list
+
+    if not starts_a_list(path):
+        return [Deferred(first_records, Deferred(read_json, path), limit)]
+    return [Deferred(read_json_list, path, *start)
+            for start in json_list_shards(path, limit, SHARD_ROWS)]
+
+
+def first_records(records: Iterable, limit: int | None) -> Iterator:
+    return itertools.islice(records, limit)
+
+
+SHARDED = {".jsonl": jsonl_shards, ".csv": csv_shards, ".tsv": csv_shards,
+           ".parquet": parquet_shards, ".json": json_shards}
 
 
 def read_image_folder(path: Path) -> list[tuple[str, Any]]:

@@ -5,16 +5,18 @@ Columns: `row_id` (the source's `file:line`, what bad-row and overflow reports n
 structs: paths stay paths and encoded images stay bytes until the collator decodes them) and,
 once counted, `length` (tokens per row as the trainer sees them, image tokens included).
 
-A cached source is a `save_to_disk` folder under `<cache>/prepared/<fingerprint>/`; reading it
-back is `load_from_disk` (Arrow IPC + JSON metadata: nothing in a cache folder is executed, which
-is why this replaced pickle files). `Rows` is the list-like view the rest of peftvlm reads:
-`rows[i]` decodes one row, `len(rows)` reads no row, `rows.dataset` is what the trainer gets.
+A cached source's rows are one Arrow file, `<cache>/prepared/<fingerprint>/rows.arrow`, written
+by `datasets`' ArrowWriter and memory-mapped back with `Dataset.from_file` (Arrow IPC + JSON
+metadata: nothing in a cache folder is executed, which is why this replaced pickle files).
+`Rows` is the list-like view the rest of peftvlm reads: `rows[i]` decodes one row, `len(rows)`
+reads no row, `rows.dataset` is what the trainer gets.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 def arrow_schema():
@@ -32,17 +34,21 @@ def image_struct(image) -> dict:
     return encoded_image(image)
 
 
+def arrow_row(row: dict) -> dict:
+    """One rendered row as the table holds it: its id, its fields as JSON, images as structs."""
+    return {"row_id": str(row.get("row_id", "")),
+            "row": json.dumps({k: v for k, v in row.items() if k != "images"},
+                              ensure_ascii=False),
+            "images": [image_struct(i) for i in row["images"]]}
+
+
 def to_arrow(rows: list[dict]):
     """Rendered rows -> a pyarrow table (the row's fields as JSON, images as structs)."""
     import pyarrow as pa
 
-    ids, texts, images = [], [], []
-    for row in rows:
-        ids.append(str(row.get("row_id", "")))
-        texts.append(json.dumps({k: v for k, v in row.items() if k != "images"},
-                                ensure_ascii=False))
-        images.append([image_struct(i) for i in row["images"]])
-    return pa.table([ids, texts, images], schema=arrow_schema())
+    entries = [arrow_row(row) for row in rows]
+    return pa.table([[e[name] for e in entries] for name in ("row_id", "row", "images")],
+                    schema=arrow_schema())
 
 
 def decode_image(image: dict):
@@ -124,7 +130,7 @@ class Rows(Sequence):
 
         if "length" not in self.table.column_names:
             raise KeyError("token lengths have not been counted for these rows (see lengths.py)")
-        return self.column("length").to_numpy().astype(np.int64)
+        return self.column("length").to_numpy(zero_copy_only=False).astype(np.int64)
 
     def select(self, indices) -> "Rows":
         return Rows(self.table.select(indices))
@@ -144,39 +150,65 @@ def concat(parts: list[Rows]) -> Rows:
     return Rows(tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables))
 
 
-def save(rows: Rows, folder: Path) -> None:
-    """Write `rows` to `folder` atomically (a temporary sibling, then a rename)."""
-    import random
-    import shutil
-
-    from datasets.utils import disable_progress_bars, enable_progress_bars
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f"{folder.name}.tmp{random.getrandbits(32)}")
-    disable_progress_bars()  # a save takes a moment; its bar would only clutter the log
-    try:
-        rows.table.save_to_disk(str(tmp))
-    finally:
-        enable_progress_bars()
-    if folder.exists() and load(folder) is None:  # torn or planted: replace, never reuse
-        shutil.rmtree(folder)
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process finished first: its copy is the same rows
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load(folder: Path) -> Rows | None:
-    """Memory-mapped rows of a cache folder; None when absent or unreadable (then rebuilt)."""
+def concat_columns(rows: Rows, other: Rows) -> Rows:
+    """The columns of both, row by row (same number of rows)."""
     import datasets
 
-    if not (folder / "state.json").is_file():
+    return Rows(datasets.concatenate_datasets([rows.table, other.table], axis=1))
+
+
+ROWS_FILE = "rows.arrow"  # a cached source's rows, in its cache folder
+
+
+@contextmanager
+def writing(path: Path, features):
+    """A `datasets` ArrowWriter on a temporary sibling of `path`, renamed to `path` once
+    complete, so a reader never sees a torn file there."""
+    import random
+
+    from datasets.arrow_writer import ArrowWriter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{random.getrandbits(32)}")
+    writer = ArrowWriter(path=str(tmp), features=features)
+    try:
+        yield writer
+        writer.finalize()
+    finally:
+        writer.close()
+    tmp.replace(path)
+
+
+def write(tables, path: Path, features) -> None:
+    """Arrow tables (batches of rows) into one Arrow file (see `writing`)."""
+    with writing(path, features) as writer:
+        for part in tables:
+            writer.write_table(part)
+
+
+def save(rows: Rows, path: Path) -> None:
+    """Write `rows` to the Arrow file `path` (see `write`)."""
+    write(rows.table.with_format("arrow").iter(batch_size=1000), path, rows.table.features)
+
+
+def load(path: Path, in_memory: bool = False) -> Rows | None:
+    """Rows of an Arrow file, memory-mapped (or read into memory); None when absent or not
+    ours (then rebuilt): a torn or planted file is never trusted."""
+    import datasets
+
+    if not path.is_file():
         return None
     try:
-        table = datasets.load_from_disk(str(folder))
-    except Exception:  # a torn or foreign folder: treat as a cache miss, never trust it
+        table = datasets.Dataset.from_file(str(path), in_memory=in_memory)
+    except Exception:  # pyarrow raises its own errors for a file that is not Arrow
         return None
-    if not isinstance(table, datasets.Dataset) or set(table.column_names) < {"row_id", "row",
-                                                                               "images"}:
+    if set(table.column_names) < {"row_id", "row", "images"}:
         return None
     return Rows(table)
+
+
+def load_column(path: Path) -> Rows:
+    """An Arrow file of extra columns (e.g. `length`), read into memory."""
+    import datasets
+
+    return Rows(datasets.Dataset.from_file(str(path), in_memory=True))
