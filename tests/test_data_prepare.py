@@ -133,7 +133,7 @@ def test_parquet_shards_cover_the_file_exactly(tmp_path, monkeypatch):
                              "image": [{"bytes": bytes([i]), "path": None} for i in range(50)]}),
                    path, row_group_size=9)
     whole = list(read_parquet(path))
-    assert len(whole) == 50 and whole[10] == ("rows.parquet[10]", {
+    assert len(whole) == 50 and whole[10] == ("rows.parquet:row 10", {
         "question": "Q10", "image": {"bytes": b"\n", "path": None}})
     for limit in (None, 6, 7, 30):
         assert shard_union(readers.parquet_shards(path, limit)) == whole[:limit]

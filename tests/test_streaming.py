@@ -246,7 +246,8 @@ def test_parquet_files_and_a_dataset_folder_stream_alike(tmp_path, llava_collato
     stream = stream_of(tmp_path, llava_collator, [{"path": "train.parquet"}, {"dataset": "hub"}],
                        {"streaming": True})
     got = take(stream, 6)
-    assert ids(got) == [f"train.parquet[{i}]" for i in range(3)] + [f"hub[{i}]" for i in range(3)]
+    assert ids(got) == [f"train.parquet:row {i}" for i in range(3)] + \
+        [f"hub[train][{i}]" for i in range(3)]
     assert [answer(r) for r in got] == ["p0", "p1", "p2", "h0", "h1", "h2"]
     assert got[0]["images"] == [{"bytes": RED}]
 

@@ -107,16 +107,19 @@ def jsonl_records(paths: list[str], source: int):
 
 
 def parquet_records(paths: list[str], source: int):
-    """Rows of Parquet files, one record batch at a time, named `file[index]`."""
+    """Rows of Parquet files, one record batch at a time, named `file:row N` as prepared
+    sources are (`readers.parquet_row_id`)."""
     import fsspec
     import pyarrow.parquet as pq
 
+    from peftvlm.data.readers import parquet_row_id
+
     for path in paths:
-        name, index = Path(path).name, 0
+        index = 0
         with fsspec.open(path, "rb") as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
                 for row in batch.to_pylist():
-                    yield pack_row(f"{name}[{index}]", source, row)
+                    yield pack_row(parquet_row_id(Path(path), index), source, row)
                     index += 1
 
 
@@ -159,7 +162,8 @@ def tar_sample(row_id: str, source: int, files: dict) -> dict:
 
 def hub_stream(src, base_dir: Path, source: int):
     """A `dataset:` source streamed with `load_dataset` (a Hub id, or a folder of data files),
-    images kept encoded, each row packed as a raw record named `name[index]`."""
+    images kept encoded, each row packed as a raw record named `name[split][index]` as prepared
+    sources are (`readers.dataset_records`)."""
     import datasets
 
     name = src.dataset or src.path
@@ -178,7 +182,8 @@ def hub_stream(src, base_dir: Path, source: int):
         if isinstance(feature, datasets.Image) and feature.decode:
             stream = stream.cast_column(column, datasets.Image(decode=False))
     label = name.rstrip("/").split("/")[-1]
-    return stream.map(lambda row, i: pack_row(f"{label}[{i}]", source, row), with_indices=True,
+    return stream.map(lambda row, i: pack_row(f"{label}[{src.split}][{i}]", source, row),
+                      with_indices=True,
                       remove_columns=list(stream.features or []) or None,
                       features=raw_features())
 
