@@ -349,3 +349,21 @@ def test_resume_continues_at_the_row_where_training_stopped(messy, monkeypatch):
     assert any(line.startswith("stream: 12 rows trained on from 15 records read") and
                "1 invalid json (e.g. train.jsonl:8" in line for line in logged)
     assert [s for s, _ in resumed["loss_curve"]][-1] == 6
+
+
+def test_a_streamed_row_typing_the_models_own_image_token_is_a_bad_row():
+    """A stream checks rows as prepared sources do (`loading.drop_media_token_rows`)."""
+    from types import SimpleNamespace
+
+    from peftvlm.data.streaming import StreamingRows
+    from peftvlm.families import get_family
+
+    family = get_family("qwen2_vl")
+    typed = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "look <|image_pad|> here"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]}], "images": []}
+    plain = {**typed, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "look here"}]}, typed["messages"][1]]}
+    bad = StreamingRows.unfit(SimpleNamespace(family=family), typed)
+    assert bad.reason == "media_token_in_text" and "<|image_pad|>" in bad.detail
+    assert StreamingRows.unfit(SimpleNamespace(family=family), plain) is None

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch.utils.data
 from transformers import TrainerCallback
 
+from peftvlm.data.formats import media_token_detail, token_in_text
 from peftvlm.data.sources import BadRow, BadRowReport
 from peftvlm.data.stream_sources import StreamSource, open_stream, stream_source
 from peftvlm.errors import DataError, RunError
@@ -209,6 +210,9 @@ class StreamingRows(torch.utils.data.IterableDataset):
         if row.get("videos") and not self.family.takes_video:
             return BadRow("video_not_supported", f"the {self.family.name} family takes no "
                                                  "video in peftvlm")
+        typed = token_in_text(row["messages"], self.family.literal_media_tokens())
+        if typed:  # as `loading.drop_media_token_rows` does for prepared sources
+            return BadRow("media_token_in_text", media_token_detail(*typed, self.family.name))
         reason = self.family.row_problem(row["messages"])
         return BadRow(reason, reason.replace("_", " ")) if reason else None
 
