@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh cache for tiny models and data per test session, CLI runner."""
+"""Shared fixtures: a fresh cache for tiny models and data per test session, CLI runner; and
+how the suite splits over pytest-xdist workers (`-n 2 --dist loadgroup`, see pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,22 @@ def pytest_configure(config):
         os.environ["PEFTVLM_CACHE"] = tempfile.mkdtemp(prefix="peftvlm-test-cache-")
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    pin_threads_per_worker()
+
+
+def pin_threads_per_worker():
+    """Under xdist, each worker gets its share of the cores (one each on 2 cores), and so do
+    the CLI subprocesses it starts (they inherit OMP_NUM_THREADS). The tiny models gain nothing
+    from a second thread, while two workers on two threads each would fight for the cores.
+    The controller set PEFTVLM_CACHE before starting the workers, so they share one cache:
+    tiny models and synthetic data are built there atomically (a rename), once per session."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not os.environ.get("PYTEST_XDIST_WORKER") or workers < 1:
+        return
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    os.environ.setdefault("OMP_NUM_THREADS", threads)
+    if "torch" in sys.modules:  # imported by a plugin before us: set it directly too
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def run_cli(*args, env=None, cwd=None, timeout=600):
@@ -41,7 +58,57 @@ def cli():
     return run_cli
 
 
+@pytest.fixture
+def cli_in_process(capsys, monkeypatch):
+    """`peftvlm ARGS` through the same `peftvlm.cli:main`, in this process: for tests about what
+    a command says and its exit code, where a new interpreter (~0.5 s of CPU each) adds nothing;
+    each command keeps tests through the real entry point (`cli`). Returns what `run_cli` does."""
+    from peftvlm.cli import main
+
+    def run(*args, env=None):
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(sys, "argv", ["peftvlm", *map(str, args)])
+        capsys.readouterr()  # drop anything printed before
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:  # click and main() end every command with sys.exit
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
+
+
+# Files that share one session-scoped trained run (serve_helpers.trained_quickstart) go to the
+# same xdist worker, so that run is trained once per session, not once per worker.
+SHARED_RUN_FILES = {"test_quickstart.py", "test_serve.py", "test_demo.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
+    group_by_file(items)
+    skip_gpu_tests_without_cuda(items)
+
+
+def group_by_file(items):
+    """One xdist work unit per test file (module fixtures are built once, on one worker), the
+    files of SHARED_RUN_FILES together; units holding a `slow` test are handed out first, so no
+    long unit starts last while the other worker idles. Serial runs keep this order too."""
+    def group(item):
+        name = item.path.name
+        return "quickstart-run" if name in SHARED_RUN_FILES else name
+
+    slow_groups = set()
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+        if "slow" in item.keywords:
+            slow_groups.add(group(item))
+    items.sort(key=lambda item: group(item) not in slow_groups)  # stable: file order stays
+
+
+def skip_gpu_tests_without_cuda(items):
     """`gpu` tests run only where CUDA is present (see scripts/gpu_check.sh)."""
     import torch
 
