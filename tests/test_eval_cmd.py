@@ -88,6 +88,7 @@ def test_cli_prints_base_vs_fine_tuned_with_options(finished_run, cli):
 
 
 def error_of(cli, *args):
+    """`cli` is the real entry point for the first error below, main() in-process after it."""
     res = cli("eval", *args)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "Traceback" not in res.stderr
@@ -95,9 +96,10 @@ def error_of(cli, *args):
     return res.stderr
 
 
-def test_cli_errors_are_one_clear_message(finished_run, tmp_path, cli):
+def test_cli_errors_are_one_clear_message(finished_run, tmp_path, cli, cli_in_process):
     recipe_path, run, _ = finished_run
     assert "does not exist" in error_of(cli, recipe_path, "--run", tmp_path / "nope")
+    cli = cli_in_process
     (tmp_path / "unfinished").mkdir()
     assert "unfinished" in error_of(cli, recipe_path, "--run", tmp_path / "unfinished")
     (tmp_path / "unfinished" / "summary.json").write_text('{"model": ')
