@@ -72,7 +72,7 @@ def test_predictions_file_rescores_with_peftvlm_metrics(finished_run, cli):
 
 
 @pytest.mark.slow
-def test_cli_prints_base_vs_fine_tuned_with_options(finished_run, cli):
+def test_cli_prints_base_vs_fine_tuned_with_options(finished_run, cli, cli_in_process):
     recipe_path, run, _ = finished_run
     res = cli("eval", recipe_path, "--run", run, "--max-samples", "4", "--split", "train")
     assert res.returncode == 0, res.stderr
@@ -81,7 +81,8 @@ def test_cli_prints_base_vs_fine_tuned_with_options(finished_run, cli):
     rows = (run / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(rows) == 4 and json.loads(rows[0])["id"] == "train-0"
 
-    res = cli("eval", recipe_path, "--run", run, "--no-base", "--max-samples", "2")
+    # the same main() in-process: the entry point was just shown, a new interpreter adds nothing
+    res = cli_in_process("eval", recipe_path, "--run", run, "--no-base", "--max-samples", "2")
     assert res.returncode == 0, res.stderr
     assert "n/a" in res.stdout
     assert "base_prediction" not in (run / "eval" / "predictions.jsonl").read_text()
