@@ -1,5 +1,5 @@
 """Shared fixtures: a fresh cache for tiny models and data per test session, CLI runner; and
-how the suite splits over pytest-xdist workers (`-n 2 --dist loadgroup`, see pyproject.toml)."""
+how the suite splits over pytest-xdist workers (`-n 2`, as CI and the README run it)."""
 
 from __future__ import annotations
 
@@ -86,26 +86,37 @@ def cli_in_process(capsys, monkeypatch):
 SHARED_RUN_FILES = {"test_quickstart.py", "test_serve.py", "test_demo.py"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def work_unit(file_name: str) -> str:
+    """The xdist work unit of a test file: the file itself, or its shared-run group."""
+    return "quickstart-run" if file_name in SHARED_RUN_FILES else file_name
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent without xdist
+def pytest_xdist_make_scheduler(config, log):
+    """`-n N`: one work unit per test file (module fixtures and trained runs are built once, on
+    one worker), handed out in the collection order below (files with slow tests first), not
+    xdist's by test count. xdist's own `--dist loadgroup` marks do not reach pytest 9's node
+    ids, hence this scheduler (xdist's LoadScopeScheduling with our units)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return work_unit(nodeid.split("::", 1)[0].rsplit("/", 1)[-1])
+
+    config.option.loadscopereorder = False
+    return FileUnits(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    group_by_file(items)
+    slow_units_first(items)
     skip_gpu_tests_without_cuda(items)
 
 
-def group_by_file(items):
-    """One xdist work unit per test file (module fixtures are built once, on one worker), the
-    files of SHARED_RUN_FILES together; units holding a `slow` test are handed out first, so no
-    long unit starts last while the other worker idles. Serial runs keep this order too."""
-    def group(item):
-        name = item.path.name
-        return "quickstart-run" if name in SHARED_RUN_FILES else name
-
-    slow_groups = set()
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
-        if "slow" in item.keywords:
-            slow_groups.add(group(item))
-    items.sort(key=lambda item: group(item) not in slow_groups)  # stable: file order stays
+def slow_units_first(items):
+    """Work units holding a `slow` test come first (stable sort: the order within and between
+    the others stays), so no long unit starts last while the other worker idles."""
+    slow = {work_unit(item.path.name) for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: work_unit(item.path.name) not in slow)
 
 
 def skip_gpu_tests_without_cuda(items):
