@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh cache for tiny models and data per test session, CLI runner."""
+"""Shared fixtures: a fresh cache for tiny models and data per test session, CLI runner; and
+how the suite splits over pytest-xdist workers (`-n 2`, as CI and the README run it)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,22 @@ def pytest_configure(config):
         os.environ["PEFTVLM_CACHE"] = tempfile.mkdtemp(prefix="peftvlm-test-cache-")
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    pin_threads_per_worker()
+
+
+def pin_threads_per_worker():
+    """Under xdist, each worker gets its share of the cores (one each on 2 cores), and so do
+    the CLI subprocesses it starts (they inherit OMP_NUM_THREADS). The tiny models gain nothing
+    from a second thread, while two workers on two threads each would fight for the cores.
+    The controller set PEFTVLM_CACHE before starting the workers, so they share one cache:
+    tiny models and synthetic data are built there atomically (a rename), once per session."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not os.environ.get("PYTEST_XDIST_WORKER") or workers < 1:
+        return
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    os.environ.setdefault("OMP_NUM_THREADS", threads)
+    if "torch" in sys.modules:  # imported by a plugin before us: set it directly too
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def run_cli(*args, env=None, cwd=None, timeout=600):
@@ -41,7 +58,68 @@ def cli():
     return run_cli
 
 
+@pytest.fixture
+def cli_in_process(capsys, monkeypatch):
+    """`peftvlm ARGS` through the same `peftvlm.cli:main`, in this process: for tests about what
+    a command says and its exit code, where a new interpreter (~0.5 s of CPU each) adds nothing;
+    each command keeps tests through the real entry point (`cli`). Returns what `run_cli` does."""
+    from peftvlm.cli import main
+
+    def run(*args, env=None):
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(sys, "argv", ["peftvlm", *map(str, args)])
+        capsys.readouterr()  # drop anything printed before
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:  # click and main() end every command with sys.exit
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
+
+
+# Files that share one session-scoped trained run (serve_helpers.trained_quickstart) go to the
+# same xdist worker, so that run is trained once per session, not once per worker.
+SHARED_RUN_FILES = {"test_quickstart.py", "test_serve.py", "test_demo.py"}
+
+
+def work_unit(file_name: str) -> str:
+    """The xdist work unit of a test file: the file itself, or its shared-run group."""
+    return "quickstart-run" if file_name in SHARED_RUN_FILES else file_name
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent without xdist
+def pytest_xdist_make_scheduler(config, log):
+    """`-n N`: one work unit per test file (module fixtures and trained runs are built once, on
+    one worker), handed out in the collection order below (files with slow tests first), not
+    xdist's by test count. xdist's own `--dist loadgroup` marks do not reach pytest 9's node
+    ids, hence this scheduler (xdist's LoadScopeScheduling with our units)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return work_unit(nodeid.split("::", 1)[0].rsplit("/", 1)[-1])
+
+    config.option.loadscopereorder = False
+    return FileUnits(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
+    slow_units_first(items)
+    skip_gpu_tests_without_cuda(items)
+
+
+def slow_units_first(items):
+    """Work units holding a `slow` test come first (stable sort: the order within and between
+    the others stays), so no long unit starts last while the other worker idles."""
+    slow = {work_unit(item.path.name) for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: work_unit(item.path.name) not in slow)
+
+
+def skip_gpu_tests_without_cuda(items):
     """`gpu` tests run only where CUDA is present (see scripts/gpu_check.sh)."""
     import torch
 

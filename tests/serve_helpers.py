@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import json
 import os
 import socket
 import tempfile
@@ -18,18 +19,25 @@ COLOURS = ("red", "green", "blue", "yellow")
 
 
 @functools.lru_cache(maxsize=None)
-def trained_quickstart() -> Path:
-    """The shipped quickstart, trained once per test session (it learns colour VQA to ~1.0 in
-    its 300 steps); no before-training eval, which these tests do not read."""
-    from peftvlm import api
-    from peftvlm.recipe import load_recipe
+def quickstart_cli_run():
+    """`peftvlm train recipes/quickstart.yaml` through the real entry point, exactly as the
+    README says, once per test session: (run folder, the finished process). The quickstart
+    test reads its promise from it and the serve/predict/demo tests serve it (it learns colour
+    VQA to ~1.0 in its 300 steps), so the session trains it once, not twice."""
+    from conftest import run_cli
 
     run_dir = Path(tempfile.mkdtemp(prefix="serve-run-", dir=os.environ["PEFTVLM_CACHE"]))
-    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml",
-                         ["eval.before_training=false", "train.save_steps=1000"])
-    summary = api.train(recipe, run_dir / "quickstart", overwrite=True, log=lambda *_: None)
+    res = run_cli("train", "recipes/quickstart.yaml", "-o", run_dir / "quickstart")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir / "quickstart", res
+
+
+def trained_quickstart() -> Path:
+    """The session's trained quickstart run folder (see quickstart_cli_run)."""
+    run = quickstart_cli_run()[0]
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["eval"]["exact_match"]["after"] >= 0.95, summary["eval"]
-    return run_dir / "quickstart"
+    return run
 
 
 @functools.lru_cache(maxsize=None)

@@ -285,7 +285,7 @@ def test_recipe_data_filter_trains_on_the_kept_pairs(tmp_path):
         load_pairs(filter_recipe(path, filter={**cfg["filter"], "clipscore": 0.5}), None)
 
 
-def test_filter_command_through_the_cli(tmp_path, cli):
+def test_filter_command_through_the_cli(tmp_path, cli, cli_in_process):
     path = write_pairs(tmp_path, n=6)
     (tmp_path / "r.yaml").write_text(json.dumps({
         "model": {"id": "tiny-clip"}, "method": {"name": "lora"},
@@ -295,7 +295,7 @@ def test_filter_command_through_the_cli(tmp_path, cli):
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert f"kept {report['kept']} of 6 pairs" in res.stdout
-    res = cli("data", "filter", tmp_path / "r.yaml")
+    res = cli_in_process("data", "filter", tmp_path / "r.yaml")  # the same main(), no new python
     assert res.returncode == 2 and "--clipscore" in res.stderr
 
 

@@ -255,10 +255,10 @@ def test_data_preview_cli(tmp_path, data_cache):
     assert "red</s>" in out.stdout and "single word or phrase" in out.stdout
 
 
-def test_data_stats_cli(tmp_path, data_cache):
-    plot = tmp_path / "hist.png"
-    out = run_cli("data", "stats", str(vqa_recipe(tmp_path)), "train.max_length=30", "--plot",
-                  str(plot), "--json", cache=data_cache)
+def test_data_stats_cli(tmp_path, data_cache, cli_in_process):
+    plot = tmp_path / "hist.png"  # in-process: `data preview` above goes through the entry point
+    out = cli_in_process("data", "stats", str(vqa_recipe(tmp_path)), "train.max_length=30",
+                         "--plot", str(plot), "--json")
     assert out.returncode == 0, out.stderr
     stats = json.loads(out.stdout)
     assert stats["train_rows"] == 12 and stats["sources"][0]["bad_rows"] == 1
@@ -268,9 +268,8 @@ def test_data_stats_cli(tmp_path, data_cache):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_data_cli_stops_on_bad_rows_naming_them(tmp_path, data_cache):
-    failed = run_cli("data", "stats", str(vqa_recipe(tmp_path)), "data.on_bad_row=error",
-                     cache=data_cache)
+def test_data_cli_stops_on_bad_rows_naming_them(tmp_path, data_cache, cli_in_process):
+    failed = cli_in_process("data", "stats", str(vqa_recipe(tmp_path)), "data.on_bad_row=error")
     assert failed.returncode == 2 and "qa.jsonl:13" in failed.stderr
     assert "Traceback" not in failed.stderr
 

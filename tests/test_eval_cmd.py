@@ -72,7 +72,7 @@ def test_predictions_file_rescores_with_peftvlm_metrics(finished_run, cli):
 
 
 @pytest.mark.slow
-def test_cli_prints_base_vs_fine_tuned_with_options(finished_run, cli):
+def test_cli_prints_base_vs_fine_tuned_with_options(finished_run, cli, cli_in_process):
     recipe_path, run, _ = finished_run
     res = cli("eval", recipe_path, "--run", run, "--max-samples", "4", "--split", "train")
     assert res.returncode == 0, res.stderr
@@ -81,13 +81,15 @@ def test_cli_prints_base_vs_fine_tuned_with_options(finished_run, cli):
     rows = (run / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(rows) == 4 and json.loads(rows[0])["id"] == "train-0"
 
-    res = cli("eval", recipe_path, "--run", run, "--no-base", "--max-samples", "2")
+    # the same main() in-process: the entry point was just shown, a new interpreter adds nothing
+    res = cli_in_process("eval", recipe_path, "--run", run, "--no-base", "--max-samples", "2")
     assert res.returncode == 0, res.stderr
     assert "n/a" in res.stdout
     assert "base_prediction" not in (run / "eval" / "predictions.jsonl").read_text()
 
 
 def error_of(cli, *args):
+    """`cli` is the real entry point for the first error below, main() in-process after it."""
     res = cli("eval", *args)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "Traceback" not in res.stderr
@@ -95,9 +97,10 @@ def error_of(cli, *args):
     return res.stderr
 
 
-def test_cli_errors_are_one_clear_message(finished_run, tmp_path, cli):
+def test_cli_errors_are_one_clear_message(finished_run, tmp_path, cli, cli_in_process):
     recipe_path, run, _ = finished_run
     assert "does not exist" in error_of(cli, recipe_path, "--run", tmp_path / "nope")
+    cli = cli_in_process
     (tmp_path / "unfinished").mkdir()
     assert "unfinished" in error_of(cli, recipe_path, "--run", tmp_path / "unfinished")
     (tmp_path / "unfinished" / "summary.json").write_text('{"model": ')

@@ -552,9 +552,9 @@ def test_cli_missing_run(tmp_path, cli):
     assert "Traceback" not in result.stderr
 
 
-def test_cli_unfinished_run(fake_run, cli):
+def test_cli_unfinished_run(fake_run, cli_in_process):
     (fake_run / "summary.json").unlink()
-    result = cli("export", str(fake_run))
+    result = cli_in_process("export", str(fake_run))  # main() in-process, as below
     assert result.returncode == 2
     assert "has no summary.json: the run is unfinished" in result.stderr
     assert "Traceback" not in result.stderr
@@ -568,15 +568,15 @@ def test_damaged_summary_is_one_clear_error(fake_run):
         export_run(fake_run, dry_run=True, log=lambda m: None)
 
 
-def test_cli_unknown_dtype(fake_run, cli):
-    result = cli("export", str(fake_run), "--merge", "--dtype", "float8")
+def test_cli_unknown_dtype(fake_run, cli_in_process):
+    result = cli_in_process("export", str(fake_run), "--merge", "--dtype", "float8")
     assert result.returncode == 2
     assert "error: unknown dtype 'float8' for the export" in result.stderr
     assert "float32, bfloat16, float16" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_cli_dtype_needs_merge(fake_run, cli):
-    result = cli("export", str(fake_run), "--dtype", "bfloat16")
+def test_cli_dtype_needs_merge(fake_run, cli_in_process):
+    result = cli_in_process("export", str(fake_run), "--dtype", "bfloat16")
     assert result.returncode == 2 and "--dtype applies to merged exports only" in result.stderr
 
 
@@ -603,7 +603,7 @@ def test_cli_push_without_token(fake_run, tmp_path):
     assert "no Hugging Face token found" in result.stderr and "HF_TOKEN" in result.stderr
 
 
-def test_cli_dry_run_and_out_dir_safety(fake_run, tmp_path, cli):
+def test_cli_dry_run_and_out_dir_safety(fake_run, tmp_path, cli, cli_in_process):
     result = cli("export", str(fake_run), "--merge", "--dtype", "bfloat16", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert re.search(r"merge\s+True", result.stdout) and re.search(r"dtype\s+bfloat16",
@@ -612,7 +612,7 @@ def test_cli_dry_run_and_out_dir_safety(fake_run, tmp_path, cli):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    result = cli("export", str(fake_run), "--out", str(mine), "--dry-run")
+    result = cli_in_process("export", str(fake_run), "--out", str(mine), "--dry-run")
     assert result.returncode == 2 and "exists and is not an earlier export" in result.stderr
     assert (mine / "notes.txt").read_text() == "keep me"
 

@@ -46,10 +46,10 @@ def write_recipe(tmp_path, model_id, method):
 
 # --- item 4: one file per family --------------------------------------------------------------
 
-def test_cli_and_schema_list_every_registered_family_and_tiny_model(cli):
-    out = cli("ls", "families").stdout
+def test_cli_and_schema_list_every_registered_family_and_tiny_model(cli_in_process):
+    out = cli_in_process("ls", "families").stdout  # the entry point: tests/test_recipe_cli.py
     assert all(name in out for name in FAMILIES)
-    out = cli("ls", "models").stdout
+    out = cli_in_process("ls", "models").stdout
     assert all(name in out for name in tiny_models())
     description = ModelConfig.model_fields["id"].description
     assert all(name in description for name in tiny_models())  # tiny-siglip included

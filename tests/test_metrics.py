@@ -539,10 +539,10 @@ def test_cli_metrics_json_and_table(tmp_path, cli):
     ([{"id": 1, "prediction": "2"}, {"id": "q2", "prediction": "yes"}], None, "vqa,blue",
      "unknown metric(s): vqa, blue"),
 ])
-def test_cli_metrics_errors_exit_2_with_one_message(tmp_path, cli, preds, raw, metrics,
-                                                   message):
-    p, r = _write(tmp_path, preds, VQA_REFS, raw)
-    out = cli("metrics", "--predictions", p, "--references", r, "--metrics", metrics)
+def test_cli_metrics_errors_exit_2_with_one_message(tmp_path, cli_in_process, preds, raw,
+                                                   metrics, message):
+    p, r = _write(tmp_path, preds, VQA_REFS, raw)  # main() in-process; the entry point: above
+    out = cli_in_process("metrics", "--predictions", p, "--references", r, "--metrics", metrics)
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and message in out.stderr
     assert "Traceback" not in out.stderr + out.stdout

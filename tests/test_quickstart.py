@@ -7,13 +7,15 @@ import json
 import pytest
 
 from conftest import run_cli
+from serve_helpers import quickstart_cli_run
 
 
 @pytest.mark.slow
-def test_quickstart_reaches_095_held_out_exact_match(tmp_path):
-    res = run_cli("train", "recipes/quickstart.yaml", "-o", tmp_path / "qs")
-    assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
+def test_quickstart_reaches_095_held_out_exact_match():
+    # `peftvlm train recipes/quickstart.yaml`, run once per session and shared with the serve
+    # and demo tests (which only read the run folder, and write only under merged/)
+    run, res = quickstart_cli_run()
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["eval"]["exact_match"]["after"] >= 0.95
     assert summary["eval"]["exact_match"]["before"] < 0.5
     assert summary["loss_curve"][-1][1] < summary["loss_curve"][0][1]
@@ -23,8 +25,8 @@ def test_quickstart_reaches_095_held_out_exact_match(tmp_path):
     assert "Traceback" not in res.stderr
 
     # `peftvlm eval` on the same run reproduces the summary's numbers exactly.
-    res = run_cli("eval", "recipes/quickstart.yaml", "--run", tmp_path / "qs")
+    res = run_cli("eval", "recipes/quickstart.yaml", "--run", run)
     assert res.returncode == 0, res.stderr[-3000:]
-    metrics = json.loads((tmp_path / "qs" / "eval" / "metrics.json").read_text())["metrics"]
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())["metrics"]
     assert metrics["exact_match"]["fine_tuned"] == summary["eval"]["exact_match"]["after"]
     assert metrics["exact_match"]["base"] == summary["eval"]["exact_match"]["before"]

@@ -1,4 +1,6 @@
-"""Recipe validation and the CLI through its real entry point: clear errors, no torch at start."""
+"""Recipe validation and the CLI through its real entry point: clear errors, no torch at start.
+The many bad-recipe messages go through the same `main()` in-process (`cli_in_process`); every
+command here also runs once through `python -m peftvlm`."""
 
 from __future__ import annotations
 
@@ -52,9 +54,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("label,text,needles", BAD, ids=[b[0] for b in BAD])
-def test_bad_recipes_give_one_clear_message(tmp_path, label, text, needles):
+def test_bad_recipes_give_one_clear_message(tmp_path, label, text, needles, cli_in_process):
     path = write(tmp_path, text)
-    res = run_cli("validate", path)
+    res = cli_in_process("validate", path)
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert "Traceback" not in res.stderr
     assert str(path) in res.stderr
@@ -63,7 +65,7 @@ def test_bad_recipes_give_one_clear_message(tmp_path, label, text, needles):
 
 
 def test_missing_recipe_file(tmp_path):
-    res = run_cli("validate", tmp_path / "nope.yaml")
+    res = run_cli("validate", tmp_path / "nope.yaml")  # a bad recipe through the entry point
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -103,19 +105,19 @@ def test_help_and_validate_do_not_import_torch(tmp_path):
     assert res.returncode == 0 and "train" in res.stdout and "validate" in res.stdout
 
 
-def test_ls_and_cp(tmp_path):
+def test_ls_and_cp(tmp_path, cli_in_process):
     res = run_cli("ls", "methods")
     assert res.returncode == 0
     for name in ("lora", "qlora", "dora", "vera"):
         assert name in res.stdout
-    assert "llava" in run_cli("ls", "families").stdout
-    assert "tiny-llava" in run_cli("ls", "models").stdout
-    assert "quickstart" in run_cli("ls", "recipes").stdout
+    assert "llava" in cli_in_process("ls", "families").stdout
+    assert "tiny-llava" in cli_in_process("ls", "models").stdout
+    assert "quickstart" in cli_in_process("ls", "recipes").stdout
     res = run_cli("cp", "quickstart", tmp_path)
     assert res.returncode == 0 and (tmp_path / "quickstart.yaml").exists()
-    again = run_cli("cp", "quickstart", tmp_path)
+    again = cli_in_process("cp", "quickstart", tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
-    missing = run_cli("cp", "nope", tmp_path)
+    missing = cli_in_process("cp", "nope", tmp_path)
     assert missing.returncode == 2 and "quickstart" in missing.stderr
 
 
