@@ -367,3 +367,28 @@ def test_a_streamed_row_typing_the_models_own_image_token_is_a_bad_row():
     bad = StreamingRows.unfit(SimpleNamespace(family=family), typed)
     assert bad.reason == "media_token_in_text" and "<|image_pad|>" in bad.detail
     assert StreamingRows.unfit(SimpleNamespace(family=family), plain) is None
+
+
+def test_data_preview_shows_a_streams_first_rows_and_stats_refuses_shards(tmp_path,
+                                                                           cli_in_process):
+    """`data preview` reads a stream as training does (first rows, bad rows met on the way);
+    `data stats`, which reads sources whole, refuses shards with what to do instead."""
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "train-000.tar", {
+        "000000": {"json": b"{not json", "png": RED},
+        "000001": {"json": conversation("first", "png"), "png": RED},
+        "000002": {"json": conversation("second", "png"), "png": BLUE}})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(tmp_path, [{"path": "shards/*.tar"}],
+                                               {"streaming": True}, max_length=128)))
+    shown = cli_in_process("data", "preview", path, "-n", "2")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    out = " ".join(shown.stdout.split())
+    assert "streamed training rows" in out and "format: messages, streamed" in out
+    assert "train-000.tar:000001" in out and "train-000.tar:000002" in out
+    assert "bad rows (train) invalid_json: 1, e.g. train-000.tar:000000" in out
+    refused = cli_in_process("data", "stats", path)
+    said = " ".join((refused.stdout + refused.stderr).split())
+    assert refused.returncode != 0 and "Traceback" not in said
+    assert "data.train[0] (shards/*.tar): data stats reads a source whole" in said
+    assert "peftvlm data preview" in said

@@ -39,15 +39,20 @@ def preview(recipe, n: int = 3, console=None) -> list[dict]:
     console = console or Console()
     collator = processor_collator(recipe)
     data = prepare_data(recipe, collator)
-    console.print(f"{recipe.name}: {len(data.train)} training rows, {len(data.eval)} held-out; "
+    streamed = getattr(data, "streaming", False)
+    first = data.first_rows(n) if streamed else data.train[:n]  # a stream: as training reads it
+    if streamed:
+        data.bad_rows["train"] = data.train.counts.snapshot()["bad_rows"]  # met on the way
+    train_rows = "streamed" if streamed else len(data.train)
+    console.print(f"{recipe.name}: {train_rows} training rows, {len(data.eval)} held-out; "
                   f"tokens that carry loss in [bold green]green[/]")
     print_formats(data.sources, console)
     print_bad_rows(data.bad_rows, console)
-    note = interleaving_note(data.train, collator.family)
+    note = interleaving_note(first if streamed else data.train, collator.family)
     if note:
         console.print(f"note: {note}")
     shown = []
-    for i, row in enumerate(data.train[:n]):
+    for i, row in enumerate(first):
         text, counts = render_example(collator, row, collator.family.image_token)
         videos = (f", {len(row['videos'])} video(s), {counts['video_tokens']} video tokens"
                   if row.get("videos") else "")
@@ -63,8 +68,9 @@ def preview(recipe, n: int = 3, console=None) -> list[dict]:
 def print_formats(sources: list[dict], console) -> None:
     """One line per source: the format it was read as (detected or forced) and its rows."""
     for s in sources:
-        console.print(f"{s['section']} {s['source']}: format: {s['format']}, "
-                      f"{s['records']:,} rows", highlight=False)
+        rows = "streamed" if s.get("streaming") else f"{s['records']:,} rows"
+        console.print(f"{s['section']} {s['source']}: format: {s['format']}, {rows}",
+                      highlight=False)
 
 
 def print_bad_rows(bad_rows: dict, console) -> None:
@@ -81,6 +87,7 @@ def stats(recipe, plot_path: Path) -> dict:
 
     from peftvlm.data.video import check_video_support
 
+    refuse_unreadable_streams(recipe)
     collator = processor_collator(recipe)
     data = load_rows(recipe, collator.family.box_format, collator)
     check_video_support(data.train, collator.family, recipe.model.id)
@@ -94,6 +101,24 @@ def stats(recipe, plot_path: Path) -> dict:
                                                recipe.data.on_overflow),
             "bad_rows": data.bad_rows, "histogram": str(plot_path),
             "notes": [n for n in [interleaving_note(data.train, collator.family)] if n]}
+
+
+def refuse_unreadable_streams(recipe) -> None:
+    """`data stats` reads every row of a source at once; a streamed source that only a stream
+    can read (WebDataset shards, a glob of files) is refused with what to do instead."""
+    import glob
+
+    if not recipe.data.streams():
+        return
+    for i, src in enumerate(recipe.data.train or []):
+        path = src.path or ""
+        if glob.has_magic(path) or path.endswith((".tar", ".tar.gz", ".tgz")):
+            raise DataError(
+                f"data.train[{i}] ({path}): data stats reads a source whole, and this one is "
+                "read only as a stream (WebDataset shards or a glob of files)",
+                hint="`peftvlm data preview RECIPE -n N` shows the first rows as training reads "
+                     "them; a streamed run reports its bad and over-long rows at the end (log "
+                     "and summary.json)")
 
 
 def over_max_length(lengths: list[int], row_ids: list[str], max_length: int,

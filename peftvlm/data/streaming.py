@@ -479,5 +479,12 @@ class StreamedData:
 
     def first_row(self) -> dict:
         """The stream's first row (for `--dry-run`)."""
-        row = next(iter(self.train))
-        return {k: v for k, v in row.items() if k != POSITION}
+        return self.first_rows(1)[0]
+
+    def first_rows(self, n: int) -> list[dict]:
+        """The stream's first `n` rows (for `--dry-run` and `data preview`); the bad and
+        over-long rows met on the way are in `counts()`."""
+        import itertools
+
+        rows = itertools.islice(iter(self.train), n)
+        return [{k: v for k, v in row.items() if k != POSITION} for row in rows]
