@@ -16,6 +16,22 @@ from conftest import REPO, run_cli
 from test_train_run import tiny_recipe
 
 
+def loss_curves_of_one_and_two_processes(tmp_path, port: int, timeout: int):
+    """Train `one.yaml` in one process and `two.yaml` under `torchrun --nproc_per_node 2`
+    (both in tmp_path); their summaries' loss curves."""
+    res = run_cli("train", tmp_path / "one.yaml", "-o", tmp_path / "run1")
+    assert res.returncode == 0, res.stderr
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m",
+                          "peftvlm", "train", str(tmp_path / "two.yaml"), "-o",
+                          str(tmp_path / "run2")], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads((tmp_path / run / "summary.json").read_text())["loss_curve"]
+            for run in ("run1", "run2")]
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     if shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None:
@@ -25,17 +41,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     two = tiny_recipe(train={"max_steps": 4, "per_device_train_batch_size": 2}, **common)
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(one))
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
-    res = run_cli("train", tmp_path / "one.yaml", "-o", tmp_path / "run1")
-    assert res.returncode == 0, res.stderr
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m",
-                          "peftvlm", "train", str(tmp_path / "two.yaml"), "-o",
-                          str(tmp_path / "run2")], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    curve1 = json.loads((tmp_path / "run1" / "summary.json").read_text())["loss_curve"]
-    curve2 = json.loads((tmp_path / "run2" / "summary.json").read_text())["loss_curve"]
+    curve1, curve2 = loss_curves_of_one_and_two_processes(tmp_path, 29517, timeout=600)
     assert [s for s, _ in curve1] == [s for s, _ in curve2] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(curve1, curve2):
         assert abs(a - b) < 1e-4, (curve1, curve2)
@@ -65,17 +71,7 @@ def test_text_only_rank_beside_an_image_rank_neither_hangs_nor_changes_the_loss(
     for name, batch in (("one", 2), ("two", 1)):
         recipe["train"]["per_device_train_batch_size"] = batch
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
-    res = run_cli("train", tmp_path / "one.yaml", "-o", tmp_path / "run1")
-    assert res.returncode == 0, res.stderr
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29518", "-m",
-                          "peftvlm", "train", str(tmp_path / "two.yaml"), "-o",
-                          str(tmp_path / "run2")], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=420)
-    assert res.returncode == 0, res.stderr[-3000:]
-    curve1 = json.loads((tmp_path / "run1" / "summary.json").read_text())["loss_curve"]
-    curve2 = json.loads((tmp_path / "run2" / "summary.json").read_text())["loss_curve"]
+    curve1, curve2 = loss_curves_of_one_and_two_processes(tmp_path, 29518, timeout=420)
     assert [s for s, _ in curve2] == [1, 2, 3]
     for (_, a), (_, b) in zip(curve1, curve2):
         assert abs(a - b) < 1e-4 * abs(a), (curve1, curve2)
