@@ -189,7 +189,7 @@ LOOP = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
     ("{% if c['text'] == 'red' %}RED{% endif %}{{ c['text'] }}", False),  # seen in a checked row
 ])
 def test_shape_renderer_gives_the_templates_own_text(body, cached):
-    from peftvlm.data.chat_template import _render
+    from peftvlm.data.chat_template import render_texts
     from peftvlm.data.shapes import ShapeRenderer
 
     processor = fake_processor(LOOP.replace("BODY", body))
@@ -202,7 +202,7 @@ def test_shape_renderer_gives_the_templates_own_text(body, cached):
     shapes = ShapeRenderer(processor)
     first = shapes.render(conversations[:5])
     assert first + shapes.render(conversations[5:]) == \
-        _render(processor, conversations, add_generation_prompt=False)
+        render_texts(processor, conversations, add_generation_prompt=False)
     with_image = next(k for k in shapes._shapes if len(k[0][1]) == 2)
     assert (shapes._shapes[with_image] is not None) == cached
 

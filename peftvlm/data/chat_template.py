@@ -61,7 +61,8 @@ def chat_template_of(processor) -> str:
     return template
 
 
-def _render(processor, conversations: list[list[dict]], add_generation_prompt: bool) -> list[str]:
+def render_texts(processor, conversations: list[list[dict]],
+                 add_generation_prompt: bool) -> list[str]:
     # transformers' own renderer (what processor.apply_chat_template calls), without its
     # per-message normalisation: our rows are already plain {"type": ...} content lists.
     from transformers.utils.chat_template_utils import render_jinja_template
@@ -76,7 +77,7 @@ def _render(processor, conversations: list[list[dict]], add_generation_prompt: b
     return texts
 
 
-def _not_prefix_error(what: str) -> ModelError:
+def not_prefix_error(what: str) -> ModelError:
     return ModelError(
         f"the chat template does not render {what} as a prefix of the whole conversation, so "
         "the tokens of each assistant reply cannot be told from its context",
@@ -117,8 +118,9 @@ def render_by_prefixes(processor, conversations: list[list[dict]],
     replies = [[i for i, m in enumerate(c) if m["role"] == "assistant"] for c in conversations]
     contexts = [c[:i] for c, idx in zip(conversations, replies) for i in idx]
     throughs = [c[:i + 1] for c, idx in zip(conversations, replies) for i in idx]
-    rendered_contexts = iter(_render(processor, contexts, add_generation_prompt=True))
-    rendered = iter(_render(processor, list(conversations) + throughs, add_generation_prompt=False))
+    rendered_contexts = iter(render_texts(processor, contexts, add_generation_prompt=True))
+    rendered = iter(render_texts(processor, list(conversations) + throughs,
+                                 add_generation_prompt=False))
     fulls = [next(rendered) for _ in conversations]
     return [_spans(full, conversation, idx, rendered_contexts, rendered, end_of_turn)
             for full, conversation, idx in zip(fulls, conversations, replies)]
@@ -129,9 +131,9 @@ def _spans(full, conversation, reply_indices, contexts, throughs, end_of_turn):
     for i in reply_indices:
         context, through = next(contexts), next(throughs)
         if not full.startswith(context):
-            raise _not_prefix_error("the generation prompt before a reply")
+            raise not_prefix_error("the generation prompt before a reply")
         if not full.startswith(through):
-            raise _not_prefix_error("a conversation up to a reply")
+            raise not_prefix_error("a conversation up to a reply")
         spans.append((i, len(context), len(through)))
     return _cut_spans(full, conversation, spans, end_of_turn)
 
@@ -208,7 +210,7 @@ def _render_marked(processor, conversations, end_of_turn, fit):
     for c in conversations:
         texts.append([])
         marked.append(_marked(c, texts[-1]))
-    rendered = _render(processor, marked, add_generation_prompt=False)
+    rendered = render_texts(processor, marked, add_generation_prompt=False)
     return [_unmark(r, c, t, end_of_turn, fit) for r, c, t in zip(rendered, conversations, texts)]
 
 
@@ -318,8 +320,8 @@ def _lead_and_tail(processor, probe) -> tuple[str, str] | None:
     and after it when the conversation ends there: through = context + lead + reply + tail."""
     reply = probe[1]["content"][0]["text"]
     try:
-        context = _render(processor, [probe[:1]], add_generation_prompt=True)[0]
-        through = _render(processor, [probe[:2]], add_generation_prompt=False)[0]
+        context = render_texts(processor, [probe[:1]], add_generation_prompt=True)[0]
+        through = render_texts(processor, [probe[:2]], add_generation_prompt=False)[0]
     except Exception:
         return None
     segment = through[len(context):]

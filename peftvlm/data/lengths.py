@@ -125,10 +125,10 @@ def training_texts(processor, conversations: list[list[dict]], end_of_turn: str 
     the final reply's part. Telling needs the final reply's context only when the rendering
     neither ends with `end_of_turn` (then it wrote one) nor lacks it altogether (then the
     final reply's part holds none either); tests compare with the collator for every family."""
-    from peftvlm.data.chat_template import _not_prefix_error, _render, reply_span
+    from peftvlm.data.chat_template import not_prefix_error, render_texts, reply_span
 
     texts = shapes.render(conversations) if shapes is not None else \
-        _render(processor, conversations, add_generation_prompt=False)
+        render_texts(processor, conversations, add_generation_prompt=False)
     if not end_of_turn:
         return texts
     unsure = []
@@ -139,12 +139,12 @@ def training_texts(processor, conversations: list[list[dict]], end_of_turn: str 
                 unsure.append(i)
             else:
                 texts[i] = text.rstrip() + end_of_turn
-    contexts = _render(processor, [conversations[i][:-1] for i in unsure],
-                       add_generation_prompt=True)
+    contexts = render_texts(processor, [conversations[i][:-1] for i in unsure],
+                            add_generation_prompt=True)
     for i, context in zip(unsure, contexts):
         full = texts[i]
         if not full.startswith(context):
-            raise _not_prefix_error("the generation prompt before a reply")
+            raise not_prefix_error("the generation prompt before a reply")
         stop = reply_span(full, len(context), len(full), end_of_turn)
         if not full[len(context):stop].endswith(end_of_turn):
             texts[i] = full[:stop] + end_of_turn

@@ -58,9 +58,9 @@ class ShapeRenderer:
         return texts
 
     def exact(self, conversations: list[list[dict]]) -> list[str]:
-        from peftvlm.data.chat_template import _render
+        from peftvlm.data.chat_template import render_texts
 
-        return _render(self.processor, conversations, add_generation_prompt=False)
+        return render_texts(self.processor, conversations, add_generation_prompt=False)
 
     def inert(self, text: str) -> bool:
         """Whether a text cannot steer a template: not blank, no `<`, no special token."""
@@ -124,12 +124,12 @@ class Skeleton:
     @classmethod
     def probe(cls, processor, conversation) -> Skeleton | None:
         """The shape's skeleton, or None when the template does more than place texts."""
-        from peftvlm.data.chat_template import _render
+        from peftvlm.data.chat_template import render_texts
 
         count = len(shape_of(conversation)[1])
         sentinels = [SENTINEL.format(k) for k in range(count)]
         probes = [PROBE.format(k) for k in range(count)]
-        marked, probed = _render(processor, [with_texts(conversation, sentinels),
+        marked, probed = render_texts(processor, [with_texts(conversation, sentinels),
                                              with_texts(conversation, probes)],
                                  add_generation_prompt=False)
         pieces, rest = [], marked
