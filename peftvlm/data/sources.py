@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftvlm.errors import DataError
+from peftvlm.safe_yaml import regular_file_problem
 
 MAX_LISTED_ROWS = 5
 
@@ -101,9 +102,15 @@ def resolve_image(image, root: Path):
         image = image["path"]
     if not isinstance(image, str) or not image.strip():
         raise BadRow("bad_image", f"image {str(image)[:60]!r} is not a path, bytes or an image")
-    path = (root / image).resolve()
+    try:
+        path = (root / image).resolve()
+    except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError on a symlink loop
+        raise BadRow("bad_image", f"{image} is a symlink loop") from None
     if not path.is_relative_to(root.resolve()):
         raise BadRow("path_escapes_root", f"{image} is outside the data folder {root}")
+    problem = regular_file_problem(path)  # a directory, FIFO (open() would block), device
+    if problem:
+        raise BadRow("bad_image", f"{image} {problem}")
     if not path.is_file():
         raise BadRow("missing_image", f"{image} not found")
     if path.stat().st_size == 0:
