@@ -45,12 +45,14 @@ class ModelConfig(Section):
 
 
 # Row formats (peftvlm/data/formats.py) and annotation layouts (peftvlm/data/readers.py).
-RowFormat = Literal["auto", "messages", "openai_messages", "llava_conversations"]
+RowFormat = Literal["auto", "messages", "openai_messages", "llava_conversations",
+                    "llamafactory_v1"]
 SourceFormat = Literal["auto", "messages", "openai_messages", "llava_conversations",
-                       "coco_captions", "vqav2"]
+                       "llamafactory_v1", "coco_captions", "vqav2"]
 
 
-FORMAT_ALIASES = {"sharegpt": "llava_conversations", "openai": "openai_messages"}
+FORMAT_ALIASES = {"sharegpt": "llava_conversations", "openai": "openai_messages",
+                  "llama_factory_v1": "llamafactory_v1"}
 
 
 def _format_name(value: Any) -> Any:
@@ -81,10 +83,12 @@ class SourceConfig(Section):
         "auto", description="How the source is laid out. auto: detected (a JSON with `images` + "
                             "`annotations` lists is COCO captions; rows with `conversations` "
                             "are llava_conversations, with `messages` messages or, with OpenAI "
-                            "`image_url` items, openai_messages). Annotation layouts: "
+                            "`image_url` items, openai_messages; with `value` items, "
+                            "llamafactory_v1). Annotation layouts: "
                             "coco_captions, vqav2 (path = questions file, `annotations` = "
                             "annotations file). Row formats (forced): messages, openai_messages, "
-                            "llava_conversations (docs/data.md). Default: data.format.")
+                            "llava_conversations, llamafactory_v1 (docs/data.md). Default: "
+                            "data.format.")
 
     _format_names = field_validator("format", mode="before")(
         classmethod(lambda cls, v: _format_name(v)))
@@ -170,7 +174,8 @@ class DataConfig(Section):
     format: RowFormat = Field(
         "auto", description="Row format of every source whose own `format` is auto: auto "
                             "(detected per source and reported by `data stats`), messages, "
-                            "openai_messages or llava_conversations (docs/data.md).")
+                            "openai_messages, llava_conversations or llamafactory_v1 "
+                            "(docs/data.md).")
     video_fps: float | None = Field(
         2.0, gt=0, description="Frames sampled per second of a video file (`videos` field); "
                                "None = every frame. Frame folders are used frame by frame, "

@@ -75,3 +75,48 @@ def test_a_recipe_path_that_is_a_directory_fifo_or_loop_is_a_clear_error(tmp_pat
         out = result.stdout + result.stderr
         assert result.returncode != 0 and words in out and str(path) in out, out
         assert "Traceback" not in out
+
+
+def test_a_data_path_that_is_not_a_file_is_a_clear_error(tmp_path):
+    from peftvlm.data.loading import load_source
+    from peftvlm.recipe import DataConfig, SourceConfig
+
+    (tmp_path / "train.jsonl").mkdir()
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    (tmp_path / "loop.jsonl").symlink_to(tmp_path / "loop.jsonl")
+    for name, words in [("train.jsonl", "is a directory, not a file"),
+                        ("fifo.jsonl", "FIFO"), ("loop.jsonl", "symlink loop")]:
+        with pytest.raises(DataError, match=words) as info:  # must not hang on the FIFO
+            load_source(SourceConfig(path=name), DataConfig(cache=False), tmp_path)
+        assert name in str(info.value)
+
+
+def test_image_paths_that_are_not_files_are_counted_bad_rows(tmp_path):
+    from peftvlm.data.loading import load_rows
+
+    save_image(tmp_path / "a.png")
+    (tmp_path / "folder.png").mkdir()
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    names = ["a.png", "folder.png", "fifo.png", "loop.png"]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({
+        "messages": [{"role": "user", "content": "<image>What is it?"},
+                     {"role": "assistant", "content": "red"}], "images": [n]}) + "\n"
+        for n in names))
+    started = time.perf_counter()
+    data = load_rows(load_recipe(recipe_file(tmp_path, {"train": "t.jsonl"})))
+    assert time.perf_counter() - started < 30 and len(data.train) == 1
+    bad = data.bad_rows["train"]["bad_image"]
+    assert bad["count"] == 3
+    assert [r.split(" ")[0] for r in bad["first_rows"]] == ["t.jsonl:2", "t.jsonl:3", "t.jsonl:4"]
+    for row, words in zip(bad["first_rows"], ["directory", "FIFO", "symlink loop"]):
+        assert words in row
+
+
+def test_an_image_replaced_by_a_fifo_after_the_checks_does_not_hang_training(tmp_path):
+    from peftvlm.data.images import load_rgb
+    from peftvlm.data.sources import BadRow
+
+    os.mkfifo(tmp_path / "late.png")
+    with pytest.raises(BadRow, match="FIFO"):
+        load_rgb(str(tmp_path / "late.png"))
