@@ -144,8 +144,8 @@ def test_train_skips_and_counts_rows_whose_images_break_after_caching(tmp_path, 
                                         for i in range(ROWS)])
     write_rows(tmp_path / "two.jsonl", [row(i, "a.png") for i in range(ROWS - 1)] +
                [row(ROWS, "c.png")])
-    recipe = recipe_file(tmp_path, {"train": [{"path": "one.jsonl"}, {"path": "two.jsonl"}]}, max_steps=3,
-                         per_device_train_batch_size=2, logging_steps=1)
+    recipe = recipe_file(tmp_path, {"train": [{"path": "one.jsonl"}, {"path": "two.jsonl"}]},
+                         max_steps=3, per_device_train_batch_size=2, logging_steps=1)
     first = run_cli("train", str(recipe), "-o", str(tmp_path / "run1"), cache=data_cache)
     assert first.returncode == 0, first.stdout + first.stderr
     b = tmp_path / "b.png"
