@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 
-from peftvlm.data.sources import BadRow
+from peftvlm.data.rows import BadRow
 
 # 64 megapixels: above any photo or document scan a VLM processor would keep at full size (an
 # 8K frame is 33 MP), far below what a crafted PNG can declare (20000 x 20000 = 400 MP).
