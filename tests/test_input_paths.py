@@ -115,7 +115,7 @@ def test_image_paths_that_are_not_files_are_counted_bad_rows(tmp_path):
 
 def test_an_image_replaced_by_a_fifo_after_the_checks_does_not_hang_training(tmp_path):
     from peftvlm.data.images import load_rgb
-    from peftvlm.data.sources import BadRow
+    from peftvlm.data.rows import BadRow
 
     os.mkfifo(tmp_path / "late.png")
     with pytest.raises(BadRow, match="FIFO"):

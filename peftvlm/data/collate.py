@@ -20,7 +20,7 @@ def media_errors() -> tuple:
     """What opening a row's media raises when a file is gone, replaced or corrupt."""
     from PIL import Image
 
-    from peftvlm.data.sources import BadRow
+    from peftvlm.data.rows import BadRow
 
     # OSError: missing, unreadable or truncated files (PIL's UnidentifiedImageError too);
     # ValueError / SyntaxError / EOFError: what PIL's decoders raise on corrupt data.

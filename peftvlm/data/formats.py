@@ -24,7 +24,7 @@ import binascii
 import re
 from urllib.parse import unquote, urlparse
 
-from peftvlm.data.sources import BadRow
+from peftvlm.data.rows import BadRow
 
 ROW_FORMATS = ("messages", "openai_messages", "llava_conversations", "llamafactory_v1")
 DETECT_ROWS = 100  # rows looked at to detect a source's format

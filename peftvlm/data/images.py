@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import os
 
-from peftvlm.data.sources import BadRow
+from peftvlm.data.rows import BadRow
 from peftvlm.safe_yaml import regular_file_problem
 
 # 64 megapixels: above any photo or document scan a VLM processor would keep at full size (an

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from peftvlm.data import table
 from peftvlm.data.readers import open_source, take
-from peftvlm.data.sources import (BadRow, BadRowReport, enforce_policy, resolve_image,
-                                  to_conversation)
+from peftvlm.data.sources import resolve_image, to_conversation
+from peftvlm.data.rows import BadRow, BadRowReport, enforce_policy
 from peftvlm.data.table import Rows
 from peftvlm.errors import DataError
 

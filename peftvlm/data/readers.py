@@ -34,7 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from peftvlm.data.sources import BadRow
+from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError
 from peftvlm.safe_yaml import regular_file_problem
 

@@ -27,7 +27,8 @@ from pydantic import Field, ValidationError
 
 from peftvlm._schema import Section
 from peftvlm.data.boxes import BOX_FORMATS, BOX_INPUTS, box_text
-from peftvlm.data.sources import BadRow, resolve_image
+from peftvlm.data.sources import resolve_image
+from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError
 from peftvlm.resources import shipped_dir
 from peftvlm.safe_yaml import AliasBombError, load_yaml, regular_file_problem
