@@ -26,7 +26,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from peftvlm._schema import Section
-from peftvlm.data.boxes import BOX_FORMATS, BOX_INPUTS, box_text
+from peftvlm.data.boxes import BOX_INPUTS, answer_text, box_text, clip_box, get_convention, read_box
 from peftvlm.data.sources import BadRow, resolve_image
 from peftvlm.errors import DataError
 from peftvlm.resources import shipped_dir
@@ -271,11 +271,17 @@ def answer_index(answer, options: list[str]) -> int:
 def grounding_turns(v, opts, rng, ctx):
     expression = rng.choice(as_text_list(v["expression"], "expression"))
     width, height = ctx.size(v)
-    box = box_text(v["box"], width, height, opts["box_input"], ctx.box_format, opts["precision"])
+    # Written with the family's box convention: the answer names the object where the
+    # checkpoint's own grounding answers do (Qwen, InternVL, PaliGemma), the question's region
+    # is the bare box.
+    pixels = clip_box(read_box(v["box"], opts["box_input"]), width, height)
     turns = []
     if opts["direction"] in ("both", "locate"):
-        turns.append(("locate", {"expression": expression}, box))
+        answer = answer_text([(expression, pixels)], width, height, ctx.box_format,
+                             opts["precision"])
+        turns.append(("locate", {"expression": expression}, answer))
     if opts["direction"] in ("both", "describe"):
+        box = box_text(pixels, width, height, "xyxy", ctx.box_format, opts["precision"])
         turns.append(("describe", {"box": box}, expression))
     return turns
 
@@ -330,8 +336,10 @@ class TemplateRenderer:
     def __init__(self, template: Template, options: dict, columns: dict[str, str], root: Path,
                  box_format: str = "norm1", seed: int = 0, salt: str = "",
                  system_prompt: str | None = None):
-        if box_format not in BOX_FORMATS:
-            raise DataError(f"unknown box format {box_format!r}; known: {', '.join(BOX_FORMATS)}")
+        try:
+            get_convention(box_format)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
         self.spec, self.options = template.spec, options
         self.columns = {c: columns.get(c, c) for c in template.spec.columns}
         self.root, self.box_format, self.seed, self.salt = root, box_format, seed, salt

@@ -108,13 +108,10 @@ def _check_references(metric: MetricInfo, refs: list, where: str) -> None:
     if metric.reference == "text" and not all(isinstance(x, str) for x in refs):
         raise MetricsError(f"{where}: metric {metric.name} needs `references` to be a list of "
                            "strings")
-    if metric.reference == "boxes":
+    if metric.reference == "boxes" and not all(isinstance(x, str) for x in refs):
         from peftvlm.metrics.grounding import reference_boxes
 
-        try:
-            reference_boxes(refs)
-        except MetricsError as exc:
-            raise MetricsError(f"{where}: {exc.message}", hint=exc.hint) from None
+        reference_boxes(refs, f"{where}, field `references`")
 
 
 def score_files(predictions_path: str | Path, references_path: str | Path,
