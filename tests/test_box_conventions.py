@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from data_helpers import data_cache, recipe_file, run_cli, save_image  # noqa: F401
 
 from peftvlm.data.boxes import (BOX_FORMATS, CONVENTIONS, answer_text, bind_convention,
                                 box_format_for, get_convention)
@@ -222,3 +223,19 @@ def test_cli_metrics_reports_a_bad_reference_without_a_traceback(tmp_path, cli):
     assert "line 1, field `references`" in out.stdout + out.stderr
     assert "swapped corners" in out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_data_preview_writes_qwen2_5_vl_boxes_in_resized_pixels(tmp_path, data_cache):
+    """The user's path: `peftvlm data preview` on a grounding source for the tiny Qwen2.5-VL,
+    whose processor (min = max = 1024 pixels, factor 16) resizes a 60x40 image to 32x16."""
+    save_image(tmp_path / "a.png", (60, 40))
+    (tmp_path / "g.jsonl").write_text(json.dumps(
+        {"image": "a.png", "expression": "the left half", "box": [0, 0, 30, 40]}) + "\n")
+    recipe = recipe_file(tmp_path, {"train": [{"path": "g.jsonl"}], "template": "grounding",
+                                    "template_options": {"direction": "locate"}})
+    text = recipe.read_text().replace("tiny-llava", "tiny-qwen2.5-vl")
+    recipe.write_text(text)
+    out = run_cli("data", "preview", str(recipe), "-n", "1", cache=data_cache, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert '[{"bbox_2d": [0, 0, 16, 16], "label": "the left half"}]' in out.stdout
