@@ -92,7 +92,8 @@ def test_paligemma_refuses_labels_it_cannot_separate():
 def test_paligemma_writes_y_first_in_1024_bins():
     conv = CONVENTIONS["paligemma"]
     text = conv.write([("cat", (0, 0, 100, 50)), ("dog", (50, 25, 100, 50))], 100, 50)
-    assert text == "<loc0000><loc0000><loc1023><loc1023> cat ; <loc0512><loc0512><loc1023><loc1023> dog"
+    assert text == ("<loc0000><loc0000><loc1023><loc1023> cat ; "
+                    "<loc0512><loc0512><loc1023><loc1023> dog")
 
 
 def test_qwen2_5_vl_writes_pixels_of_the_image_its_processor_resizes():

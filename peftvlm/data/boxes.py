@@ -6,14 +6,16 @@ writer and a parser that are inverses (a box written and parsed back lands withi
 Where each convention comes from is recorded in tests/fixtures/box_conventions/SOURCES.md and
 docs/grounding.md.
 
-| name         | text                                                                    | grid
-| `norm1`      | `[x1, y1, x2, y2]`; several: `label: [..]; label: [..]`                 | 0-1, decimals
-| `abs1000`    | `(x1,y1),(x2,y2)` (legacy, bare)                                        | 0-1000
-| `qwen2_vl`   | `<|object_ref_start|>l<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>` | 0-1000
-| `qwen2_5_vl` | `[{"bbox_2d": [x1, y1, x2, y2], "label": "l"}]`                         | pixels of the resized image
-| `qwen3_vl`   | `[{"bbox_2d": [x1, y1, x2, y2], "label": "l"}]`                         | 0-1000
-| `paligemma`  | `<locY1><locX1><locY2><locX2> l ; ...` (y first)                        | 1024 bins
-| `internvl`   | `<ref>l</ref><box>[[x1, y1, x2, y2]]</box>`                             | 0-1000
+- `norm1`: `[x1, y1, x2, y2]` in 0-1 with decimals; several: `label: [..]; label: [..]`
+  (the documented choice for families that publish no convention).
+- `abs1000`: bare `(x1,y1),(x2,y2)` on 0-1000 (legacy; no family uses it now).
+- `qwen2_vl`: `<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`
+  on 0-1000.
+- `qwen2_5_vl`: `[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}]` in pixels of the image as
+  the processor resizes it.
+- `qwen3_vl`: the same JSON on 0-1000.
+- `paligemma`: `<locY1><locX1><locY2><locX2> label ; ...` (y first), 1024 bins.
+- `internvl`: `<ref>label</ref><box>[[x1, y1, x2, y2]]</box>` on 0-1000.
 
 `qwen2_5_vl` depends on the processor (its `smart_resize`, with the processor's patch x merge
 factor and min / max pixels): `box_format_for(family, processor)` binds those into the name
@@ -37,7 +39,8 @@ Labelled = tuple[str | None, Box]  # (label or None, box)
 
 _NUM = r"\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*"
 _BRACKET = re.compile(r"\[" + ",".join([_NUM] * 4) + r"\]")
-_PAIRS = re.compile(r"\(" + _NUM + "," + _NUM + r"\)\s*,?\s*(?:to\s*)?\(" + _NUM + "," + _NUM + r"\)")
+_PAIRS = re.compile(r"\(" + _NUM + "," + _NUM + r"\)\s*,?\s*(?:to\s*)?\(" + _NUM + "," + _NUM
+                    + r"\)")
 _LOC = re.compile(r"<loc(\d{4})>" * 4 + r"([^;<]*)")
 _JSON_OBJECT = re.compile(r"\{[^{}]*\}")
 # Markup and separators that may sit between a label and its box (or be all that is between two

@@ -1,11 +1,11 @@
 """Qwen2-VL and Qwen2.5-VL (Qwen/Qwen2-VL-*, Qwen/Qwen2.5-VL-*): a native-resolution ViT whose
 patch merger is the projector, and a Qwen2 language model with multimodal rotary positions.
 
-Both ship the same ChatML template (`<|im_start|>role ... <|im_end|>`). Qwen2-VL writes boxes
-as 0-1000 integers between box tokens; Qwen2.5-VL writes JSON `bbox_2d` in absolute pixels of
-its resized input (see peftvlm/data/boxes.py). Their processors ask for a video processor, which needs
-torchvision; `processor_class` is an image-only subclass that loads without it and carries
-`FramesVideoProcessor` (NumPy) for rows with videos.
+Both ship the same ChatML template (`<|im_start|>role ... <|im_end|>`). Qwen2-VL writes
+boxes as 0-1000 integers between box tokens; Qwen2.5-VL writes JSON `bbox_2d` in absolute
+pixels of its resized input (see peftvlm/data/boxes.py). Their processors ask for a video
+processor, which needs torchvision; `processor_class` is an image-only subclass that loads
+without it and carries `FramesVideoProcessor` (NumPy) for rows with videos.
 """
 
 from __future__ import annotations

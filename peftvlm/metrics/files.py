@@ -5,10 +5,11 @@
 
 Rows are matched by id (compared as strings, so 7 and "7" match). References are captions,
 the 10 VQA answers, class labels, relevant ids (retrieval: the prediction is then a ranked
-list) or boxes [x1, y1, x2, y2] (grounding; checked: NaN, negative, swapped or pixel boxes
-are errors naming the line and field). COCO detection files (instances JSON + results list) are
-scored with COCO mAP (`peftvlm.metrics.detection`). Every problem a user can cause (missing file, bad
-JSON line, missing/duplicate/mismatched ids, unknown metric) is a MetricsError naming it.
+list) or boxes [x1, y1, x2, y2] (grounding; checked: NaN, negative, swapped or pixel
+boxes are errors naming the line and field). COCO detection files (instances JSON + results
+list) are scored with COCO mAP (`peftvlm.metrics.detection`). Every problem a user can
+cause (missing file, bad JSON line, missing/duplicate/mismatched ids, unknown metric) is a
+MetricsError naming it.
 
     peftvlm metrics --predictions preds.jsonl --references refs.jsonl --metrics bleu,cider_d
 """
