@@ -148,6 +148,8 @@ def test_grounding_template_writes_with_the_family_convention(tmp_path, box_form
     (locate_q, locate_a), (describe_q, describe_a) = piece.turns
     assert locate_a == answer
     assert question in describe_q and describe_a == "the red square"
+    if box_format == "paligemma":  # its own task prefix, not a phrasing
+        assert locate_q == "detect the red square"
 
 
 @pytest.mark.parametrize("box_format", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma",

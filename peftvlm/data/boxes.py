@@ -199,6 +199,8 @@ class BoxConvention:
     `max_pixels`). `decimals`: None for integers. `top`: the largest value written (PaliGemma's
     1024 bins end at 1023). `names_objects`: whether a grounding answer repeats the expression
     as the box's label (the checkpoint's own outputs do), else it is the bare box.
+    `task_prompts`: (template task, prompt) pairs that replace a template's phrasings where the
+    checkpoint was trained on one fixed task prefix (PaliGemma's `detect {expression}`).
     """
 
     name: str
@@ -211,6 +213,7 @@ class BoxConvention:
     decimals: int | None = None
     top: float | None = None
     names_objects: bool = True
+    task_prompts: tuple[tuple[str, str], ...] = ()
     factor: int = 28
     min_pixels: int = 3136
     max_pixels: int = 12845056
@@ -314,7 +317,8 @@ CONVENTIONS: dict[str, BoxConvention] = {c.name: c for c in (
     BoxConvention("qwen2_5_vl", _SOURCES, "resized_pixels", _json_write, _json_box, _json_parse),
     BoxConvention("qwen3_vl", _SOURCES, "relative", _json_write, _json_box, _json_parse),
     BoxConvention("paligemma", _SOURCES, "relative", _paligemma_write, _paligemma_box,
-                  _paligemma_parse, scale=1024.0, top=1023.0),
+                  _paligemma_parse, scale=1024.0, top=1023.0,
+                  task_prompts=(("locate", "detect {expression}"),)),
     BoxConvention("internvl", _SOURCES, "relative", _internvl_write, _internvl_box,
                   lambda t: _scan(t, _BRACKET)),
 )}

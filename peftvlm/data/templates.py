@@ -337,7 +337,7 @@ class TemplateRenderer:
                  box_format: str = "norm1", seed: int = 0, salt: str = "",
                  system_prompt: str | None = None):
         try:
-            get_convention(box_format)
+            self.task_prompts = dict(get_convention(box_format).task_prompts)
         except ValueError as exc:
             raise DataError(str(exc)) from None
         self.spec, self.options = template.spec, options
@@ -403,7 +403,10 @@ class TemplateRenderer:
         return checked
 
     def phrase(self, task: str, variables: dict, rng: random.Random) -> str:
-        text = fill(rng.choice(self.spec.prompts[task]), variables)
+        # a family trained on one fixed task prefix gets it (PaliGemma: "detect ...")
+        prompts = ([self.task_prompts[task]] if task in self.task_prompts
+                   else self.spec.prompts[task])
+        text = fill(rng.choice(prompts), variables)
         suffix = self.options.get("suffix") or ""
         return f"{text}\n{suffix}" if suffix else text
 
