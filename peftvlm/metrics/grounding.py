@@ -107,8 +107,10 @@ def text_reference_boxes(refs: list[str], convention: BoxConvention | None,
             name = convention.name if convention else "0-1 [x1, y1, x2, y2] or (x1,y1),(x2,y2)"
             raise MetricsError(f"{where}: reference {text!r} holds no box in the {name} "
                                "box convention",
-                               hint="check the run's family and data template, or give the "
-                                    "references as numeric boxes normalised to 0-1")
+                               hint="grounding_accuracy scores answers that are boxes: with the "
+                                    "grounding template, evaluate `direction: locate` rows (with "
+                                    "`both` the last answer is a description); or give numeric "
+                                    "references normalised to 0-1")
         top = None if convention is None or convention.grid == "resized_pixels" else (
             convention.top or convention.scale)
         boxes.append(check_box(list(box), where, top, f"0-{top:g}" if top else ""))
