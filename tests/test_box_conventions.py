@@ -242,3 +242,31 @@ def test_data_preview_writes_qwen2_5_vl_boxes_in_resized_pixels(tmp_path, data_c
     out = run_cli("data", "preview", str(recipe), "-n", "1", cache=data_cache, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert '[{"bbox_2d": [0, 0, 16, 16], "label": "the left half"}]' in out.stdout
+
+
+def test_eval_scores_answers_with_the_runs_convention(monkeypatch):
+    """`evaluate_rows` (eval during / after training, `peftvlm eval`) hands the family's bound
+    convention to the grounding and detection metrics: Qwen2.5-VL pixel JSON is read as such."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import \
+        Qwen2VLImageProcessorPil
+
+    import peftvlm.evaluate as evaluate
+    from peftvlm.recipe import EvalConfig
+
+    processor = type("P", (), {"image_processor": Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 1024, "longest_edge": 1024}, patch_size=8, merge_size=2)})()
+    family = FAMILIES["qwen2_5_vl"]
+    conv = get_convention(box_format_for(family, processor))
+    answers = [conv.write([("dog", (0, 0, 30, 40))], 60, 40),
+               conv.write([("cat", (30, 0, 60, 20)), ("dog", (0, 0, 30, 40))], 60, 40)]
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "find"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": a}]}]}
+            for a in answers]
+    predictions = [answers[0], conv.write([("cat", (30, 0, 60, 20))], 60, 40)]
+    monkeypatch.setattr(evaluate, "generate_answers", lambda *a, **k: predictions)
+    out = evaluate.evaluate_rows(None, processor, family, rows,
+                                 EvalConfig(metrics=["grounding_accuracy", "detection_map"]))
+    assert out["scores"]["box_parse_rate"] == 1.0
+    assert out["scores"]["grounding_accuracy"] == 1.0  # first boxes match
+    assert out["scores"]["AP/cat"] == pytest.approx(1.0)
+    assert out["scores"]["AP/dog"] == pytest.approx(0.5, abs=0.01)  # one of two dogs found
