@@ -139,12 +139,10 @@ def test_grounding_template_writes_with_the_family_convention(tmp_path, box_form
     template = load_template("grounding")
     options = merged_options(template.spec, {"direction": "both"}, "test")
     renderer = TemplateRenderer(template, options, {}, tmp_path, box_format, 0, "src")
-    record = {"image": "a.png", "expression": "the red square", "box": [20, 10, 60, 40],
-              "width": 200, "height": 100, }
-    from PIL import Image
-
-    Image.new("RGB", (200, 100)).save(tmp_path / "a.png")
-    piece = renderer.render("row1", {**record, "box": [20, 10, 80, 50]})
+    record = {"image": "a.png", "expression": "the red square", "box": [20, 10, 80, 50],
+              "width": 200, "height": 100}
+    save_image(tmp_path / "a.png", (200, 100))
+    piece = renderer.render("row1", record)
     (locate_q, locate_a), (describe_q, describe_a) = piece.turns
     assert locate_a == answer
     assert question in describe_q and describe_a == "the red square"

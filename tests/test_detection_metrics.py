@@ -207,3 +207,22 @@ def test_bad_coco_files_are_named_errors(tmp_path, mutate, message):
     (tmp_path / "results.json").write_text(json.dumps(results))
     with pytest.raises(MetricsError, match=message):
         score_coco_files(tmp_path / "instances.json", tmp_path / "results.json")
+
+
+def test_metrics_files_score_masks(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from peftvlm.metrics.files import score_files
+
+    def rle(m):
+        out = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        return {"size": [int(v) for v in out["size"]], "counts": out["counts"].decode()}
+
+    ref = np.zeros((8, 8), dtype=bool)
+    ref[:4] = True
+    pred = np.zeros_like(ref)
+    pred[:2] = True
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": 1, "prediction": rle(pred)}) + "\n")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"id": 1, "references": [rle(ref)]}) + "\n")
+    scores = score_files(tmp_path / "p.jsonl", tmp_path / "r.jsonl", ["mask_iou"])["scores"]
+    assert scores == {"mask_iou": pytest.approx(0.5), "dice": pytest.approx(2 / 3)}
