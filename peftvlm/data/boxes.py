@@ -30,6 +30,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, replace
+from typing import Callable
 
 from peftvlm.data.sources import BadRow
 
@@ -206,9 +207,9 @@ class BoxConvention:
     name: str
     source: str
     grid: str
-    write_text: object
-    box_only: object
-    parse_text: object
+    write_text: Callable[[list, int | None], str]  # native labelled boxes -> text
+    box_only: Callable[[Box, int | None], str]  # one native box, unlabelled -> text
+    parse_text: Callable[[str], list]  # text -> native labelled boxes, in order
     scale: float = 1000.0
     decimals: int | None = None
     top: float | None = None
