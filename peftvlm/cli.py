@@ -336,16 +336,20 @@ def cp(recipe: str = typer.Argument(..., help="Shipped recipe name."),
 @app.command()
 def metrics(
     predictions: Path = typer.Option(..., "--predictions", "-p",
-                                     help='JSONL rows {"id", "prediction"}.'),
+                                     help='JSONL rows {"id", "prediction"}, or a COCO results '
+                                          'JSON list (with a COCO instances file).'),
     references: Path = typer.Option(..., "--references", "-r",
                                     help='JSONL rows {"id", "references": [...]}, optional '
-                                         '"question_type".'),
-    metric_names: str = typer.Option(..., "--metrics", "-m",
+                                         '"question_type", or a COCO instances JSON (then COCO '
+                                         'detection mAP is reported).'),
+    metric_names: str = typer.Option("", "--metrics", "-m",
                                      help="Comma-separated names, e.g. vqa_accuracy or "
-                                          "bleu,cider_d,rouge_l (an unknown name lists all)."),
+                                          "bleu,cider_d,rouge_l (an unknown name lists all); "
+                                          "not needed for COCO files."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
-    """Score a predictions file against references with the field's metrics."""
+    """Score a predictions file against references with the field's metrics (or COCO
+    detection results against a COCO instances file: mAP, mAP50, mAP75, per-class AP)."""
     import json
 
     from peftvlm.metrics.files import print_table, score_files

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from peftvlm.data.boxes import box_format_for
 from peftvlm.data.formats import interleaving_note
 from peftvlm.errors import DataError
 
@@ -89,7 +90,7 @@ def stats(recipe, plot_path: Path) -> dict:
 
     refuse_unreadable_streams(recipe)
     collator = processor_collator(recipe)
-    data = load_rows(recipe, collator.family.box_format, collator)
+    data = load_rows(recipe, box_format_for(collator.family, collator.processor), collator)
     check_video_support(data.train, collator.family, recipe.model.id)
     check_video_support(data.eval, collator.family, recipe.model.id)
     lengths = data.train.lengths().tolist()  # the cached `length` column

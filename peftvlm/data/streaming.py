@@ -35,6 +35,7 @@ from pathlib import Path
 import torch.utils.data
 from transformers import TrainerCallback
 
+from peftvlm.data.boxes import box_format_for
 from peftvlm.data.formats import media_token_detail, token_in_text
 from peftvlm.data.rows import BadRow, BadRowReport
 from peftvlm.data.stream_sources import StreamSource, open_stream, stream_source
@@ -406,7 +407,8 @@ def open_training_stream(recipe, collator, rank: int | None = None,
     data_cfg, base = recipe.data, recipe.base_dir()
     train_sources = recipe_sources(recipe)[0]
     opened = [open_stream(src, base, i) for i, src in enumerate(train_sources)]
-    sources = [stream_source(src, stream, i, data_cfg, base, collator.family.box_format)
+    box_format = box_format_for(collator.family, collator.processor)
+    sources = [stream_source(src, stream, i, data_cfg, base, box_format)
                for i, (src, stream) in enumerate(zip(train_sources, opened))]
     stream = combine(opened, train_sources, data_cfg.seed)
     if world > 1:

@@ -26,9 +26,9 @@ import yaml
 from pydantic import Field, ValidationError
 
 from peftvlm._schema import Section
-from peftvlm.data.boxes import BOX_FORMATS, BOX_INPUTS, box_text
-from peftvlm.data.sources import resolve_image
+from peftvlm.data.boxes import BOX_INPUTS, answer_text, box_text, clip_box, get_convention, read_box
 from peftvlm.data.rows import BadRow
+from peftvlm.data.sources import resolve_image
 from peftvlm.errors import DataError
 from peftvlm.resources import shipped_dir
 from peftvlm.safe_yaml import AliasBombError, load_yaml, regular_file_problem
@@ -280,11 +280,17 @@ def answer_index(answer, options: list[str]) -> int:
 def grounding_turns(v, opts, rng, ctx):
     expression = rng.choice(as_text_list(v["expression"], "expression"))
     width, height = ctx.size(v)
-    box = box_text(v["box"], width, height, opts["box_input"], ctx.box_format, opts["precision"])
+    # Written with the family's box convention: the answer names the object where the
+    # checkpoint's own grounding answers do (Qwen, InternVL, PaliGemma), the question's region
+    # is the bare box.
+    pixels = clip_box(read_box(v["box"], opts["box_input"]), width, height)
     turns = []
     if opts["direction"] in ("both", "locate"):
-        turns.append(("locate", {"expression": expression}, box))
+        answer = answer_text([(expression, pixels)], width, height, ctx.box_format,
+                             opts["precision"])
+        turns.append(("locate", {"expression": expression}, answer))
     if opts["direction"] in ("both", "describe"):
+        box = box_text(pixels, width, height, "xyxy", ctx.box_format, opts["precision"])
         turns.append(("describe", {"box": box}, expression))
     return turns
 
@@ -339,8 +345,10 @@ class TemplateRenderer:
     def __init__(self, template: Template, options: dict, columns: dict[str, str], root: Path,
                  box_format: str = "norm1", seed: int = 0, salt: str = "",
                  system_prompt: str | None = None):
-        if box_format not in BOX_FORMATS:
-            raise DataError(f"unknown box format {box_format!r}; known: {', '.join(BOX_FORMATS)}")
+        try:
+            self.task_prompts = dict(get_convention(box_format).task_prompts)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
         self.spec, self.options = template.spec, options
         self.columns = {c: columns.get(c, c) for c in template.spec.columns}
         self.root, self.box_format, self.seed, self.salt = root, box_format, seed, salt
@@ -404,7 +412,10 @@ class TemplateRenderer:
         return checked
 
     def phrase(self, task: str, variables: dict, rng: random.Random) -> str:
-        text = fill(rng.choice(self.spec.prompts[task]), variables)
+        # a family trained on one fixed task prefix gets it (PaliGemma: "detect ...")
+        prompts = ([self.task_prompts[task]] if task in self.task_prompts
+                   else self.spec.prompts[task])
+        text = fill(rng.choice(prompts), variables)
         suffix = self.options.get("suffix") or ""
         return f"{text}\n{suffix}" if suffix else text
 

@@ -88,8 +88,10 @@ class FamilySpec:
     # (None: the checkpoint's template is the source of truth).
     chat_template: str | None = None
     end_of_turn: str | None = None
-    # How grounding data writes boxes for this family (one of `peftvlm.data.boxes.BOX_FORMATS`).
-    box_format: Literal["norm1", "abs1000"] = "norm1"
+    # The box convention grounding data is written in and eval parses answers with: a name in
+    # `peftvlm.data.boxes.CONVENTIONS` (writer + parser + coordinate grid, with its source).
+    # Families whose checkpoints publish no convention use `norm1` (docs/grounding.md).
+    box_format: str = "norm1"
     tiny_name: str | None = None
     # The Hub checkpoint the tiny twin stands for: the twin carries its published chat template,
     # kept as tests/fixtures/chat_templates/<basename>.jinja and checked by the parity tests.
