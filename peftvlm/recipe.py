@@ -6,16 +6,19 @@ This module must not import torch: `peftvlm validate` runs on it alone.
 
 from __future__ import annotations
 
+import importlib.util
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from peftvlm._schema import Section, describe_validation_error
 from peftvlm.errors import RecipeError
 from peftvlm.families import tiny_models
 from peftvlm.registry import method_config_classes
+from peftvlm.rewards import check_custom, options_of, reward_names
 from peftvlm.safe_yaml import AliasBombError, load_yaml, regular_file_problem
 
 
@@ -238,7 +241,112 @@ class DataConfig(Section):
         return v
 
 
+class RewardSpec(Section):
+    """One entry of `train.rewards` (objective grpo): a built-in reward from peftvlm.metrics,
+    or `custom` (a function in a Python file; needs train.allow_custom_rewards)."""
+
+    name: str = Field(..., description="Reward: exact_match, vqa_accuracy, anls, rouge_l, "
+                                       "cider_d, iou, box_accuracy, detection_map50, format, "
+                                       "length, or custom (docs/objectives.md).")
+    weight: float = Field(1.0, description="Its weight in the summed reward (TRL's "
+                                           "reward_weights).")
+    threshold: float | None = Field(None, gt=0, le=1, description="box_accuracy: the IoU that "
+                                                                  "counts as a hit (0.5).")
+    pattern: str | None = Field(None, description="format: a regular expression the whole reply "
+                                                  "must match; default: the reply holds a box in "
+                                                  "the family's convention.")
+    max_words: int | None = Field(None, ge=1, description="length: replies up to this many "
+                                                          "words score 1.")
+    path: str | None = Field(None, description="custom: the Python file, relative to the recipe.")
+    function: str | None = Field(None, description="custom: the function's name in that file: "
+                                                   "f(prompts, completions, **columns) -> "
+                                                   "list[float].")
+
+    @field_validator("name")
+    @classmethod
+    def _known_reward(cls, v):
+        if v not in reward_names():
+            raise ValueError(f"unknown reward {v!r}; available rewards: "
+                             f"{', '.join(reward_names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _options_of_this_reward(self):
+        given = [k for k in ("threshold", "pattern", "max_words", "path", "function")
+                 if getattr(self, k) is not None]
+        wrong = [k for k in given if k not in options_of(self.name)]
+        if wrong:
+            raise ValueError(f"reward {self.name!r} takes no {', '.join(wrong)} (it reads: "
+                             f"{', '.join(options_of(self.name)) or 'only name and weight'})")
+        if self.name == "custom" and not (self.path and self.function):
+            raise ValueError("a custom reward needs `path` (a Python file) and `function`")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {self.pattern!r} is not a regular expression: {exc}")
+        return self
+
+
+class GRPOConfig(Section):
+    """`train.grpo`: TRL's GRPOConfig fields of the same names (`objective: grpo` only).
+    `per_device_train_batch_size` counts completions: rows x num_generations."""
+
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (a group); "
+                                                      "per_device_train_batch_size x "
+                                                      "gradient_accumulation_steps must be a "
+                                                      "multiple of it. TRL's default: 8.")
+    max_completion_length: int = Field(64, ge=1, description="Longest sampled reply, in tokens "
+                                                             "(TRL's default: 512).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    min_p: float | None = Field(None, ge=0, le=1, description="Min-p sampling.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Repetition penalty of rollouts.")
+    beta: float = Field(0.0, ge=0, description="KL coefficient against the reference: the base "
+                                               "with the adapter disabled (no second copy). "
+                                               "0 (TRL's default): no reference forward.")
+    num_iterations: int = Field(1, ge=1, description="Optimisation passes per generated batch.")
+    epsilon: float = Field(0.2, gt=0, description="Lower clipping bound of the ratio.")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clipping bound (DAPO: "
+                                                               "0.28); default: epsilon.")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo",
+                       "vespo"] = Field("dapo", description="TRL's GRPO loss (dapo: TRL's "
+                                                            "default).")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Advantage scaling: by the group's std, the batch's, or none "
+                             "(Dr. GRPO).")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="Ratios per token, or per sequence (GSPO).")
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = Field(
+        "sum_then_normalize", description="How several rewards combine (GDPO: "
+                                          "normalize_then_sum).")
+    mask_truncated_completions: bool = Field(False, description="Leave replies cut at "
+                                                                "max_completion_length out of "
+                                                                "the loss.")
+    steps_per_generation: int | None = Field(None, ge=1, description="Optimizer micro-steps per "
+                                                                     "generated batch; default: "
+                                                                     "gradient_accumulation_steps.")
+    disable_dropout: bool = Field(True, description="Dropout off in the policy (TRL's default).")
+    log_completions: bool | None = Field(None, description="Log a table of sampled completions "
+                                                           "with their rewards (to W&B when on, "
+                                                           "and checkpoints/completions/); "
+                                                           "default: on with W&B.")
+    use_vllm: bool = Field(False, description="Sample rollouts with vLLM (a CUDA GPU and the vllm "
+                                              "package); default: transformers' generate.")
+    vllm_mode: Literal["colocate", "server"] = Field("colocate", description="vLLM in the "
+                                                                            "training process, "
+                                                                            "or a `trl "
+                                                                            "vllm-serve` server.")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="colocate: the GPU "
+                                                                            "memory vLLM takes.")
+
+
 class TrainConfig(Section):
+    objective: Literal["sft", "dpo", "grpo"] = Field(
+        "sft", description="What the generative model learns from: `sft` (imitate the replies), "
+                           "`dpo` (prefer `chosen` over `rejected` replies; train.dpo) or `grpo` "
+                           "(rewarded sampled replies; train.grpo). docs/objectives.md.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Total optimizer steps; -1 = use epochs "
@@ -301,7 +409,24 @@ class TrainConfig(Section):
                                              "cannot cross them. Families that cannot isolate "
                                              "packed conversations refuse it (`peftvlm ls "
                                              "families`).")
+    # objective: grpo (docs/objectives.md)
+    grpo: GRPOConfig | None = Field(None, description="GRPO settings (objective: grpo); "
+                                                      "default: GRPOConfig's.")
+    rewards: list[RewardSpec] | None = Field(
+        None, description="GRPO's rewards, summed with their weights: [{name: exact_match}, "
+                          "{name: format, weight: 0.2}] (docs/objectives.md); objective grpo "
+                          "needs at least one.")
+    allow_custom_rewards: bool = Field(False, description="Allow `custom` rewards: they run the "
+                                                          "Python file the recipe names.")
 
+    @field_validator("grpo", "rewards")
+    @classmethod
+    def _grpo_only_with_grpo(cls, v, info):
+        if v is not None and info.data.get("objective") != "grpo":
+            raise ValueError(f"GRPO settings need `objective: grpo` (the objective is "
+                             f"{info.data.get('objective')!r}): set train.objective: grpo, or "
+                             f"remove train.{info.field_name}")
+        return v
 
     @field_validator("max_steps")
     @classmethod
@@ -514,6 +639,7 @@ def check_recipe_files(recipe: Recipe) -> None:
         _check_template(recipe, None, f"{recipe.source_path}: data")
     _check_sharding_files(recipe)
     check_streaming(recipe)
+    check_grpo(recipe)
     if recipe.train.packing:
         check_packing(recipe, known_family(recipe))
 
@@ -579,6 +705,42 @@ def refuse_dual_encoder_stream(where, name: str) -> None:
     raise RecipeError(f"{where}: streaming: the {name} dual encoder trains on a table of "
                       "image-text pairs read whole; streaming is for generative training",
                       hint="read the data whole (streaming: false)")
+
+
+def check_grpo(recipe: Recipe) -> None:
+    """`objective: grpo`: rewards given (custom ones allowed and defined), the batch a whole
+    number of groups, vLLM installed when asked for, a family TRL can roll out (a CUDA device for
+    vLLM is checked when training starts)."""
+    train, where = recipe.train, f"{recipe.source_path}: train"
+    if train.objective != "grpo":
+        return
+    if not train.rewards:
+        raise RecipeError(f"{where}.rewards: objective grpo needs at least one reward",
+                          hint="e.g. rewards: [{name: exact_match}]; available rewards: "
+                               f"{', '.join(reward_names())}")
+    for i, spec in enumerate(train.rewards):
+        if spec.name == "custom":
+            check_custom(spec, recipe.base_dir(), train.allow_custom_rewards,
+                         f"{where}.rewards[{i}]")
+    grpo = train.grpo or GRPOConfig()
+    batch = train.per_device_train_batch_size * (grpo.steps_per_generation
+                                                 or train.gradient_accumulation_steps)
+    if batch % grpo.num_generations:
+        raise RecipeError(f"{where}.grpo.num_generations: a generated batch of {batch} "
+                          "completions (per_device_train_batch_size x steps_per_generation, "
+                          "default gradient_accumulation_steps) is not a whole number of groups "
+                          f"of {grpo.num_generations}",
+                          hint="make per_device_train_batch_size a multiple of num_generations")
+    if grpo.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise RecipeError(f"{where}.grpo.use_vllm: vLLM is not installed",
+                          hint="vLLM rollouts need a CUDA GPU and `pip install vllm`; or set "
+                               "use_vllm: false (transformers' generate)")
+    family = known_family(recipe)
+    if family is not None and family.encode_prompt is not None:
+        raise RecipeError(f"{where}.objective: the {family.name} family cannot train with GRPO: "
+                          "TRL's GRPOTrainer renders rollout prompts with the processor's chat "
+                          "template, and this family has none (it encodes prompts itself)",
+                          hint="use objective: sft for this family, or another model")
 
 
 def known_family(recipe: Recipe):

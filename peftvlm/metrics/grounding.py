@@ -117,7 +117,7 @@ def text_reference_boxes(refs: list[str], convention: BoxConvention | None,
     return boxes
 
 
-def _row_ious(text: str, refs: list, convention: BoxConvention | None,
+def row_iou(text: str, refs: list, convention: BoxConvention | None,
               where: str) -> tuple[float, bool]:
     """(best IoU over the row's reference boxes, whether the prediction held a box)."""
     if refs and all(isinstance(r, str) for r in refs):
@@ -150,7 +150,7 @@ def grounding_accuracy(predictions: list[str], references: list[list],
             convention = get_convention(fmt) if fmt else None
         except ValueError as exc:
             raise MetricsError(f"row {i + 1}: {exc}") from None
-        iou, ok = _row_ious(text, refs, convention, f"row {i + 1}")
+        iou, ok = row_iou(text, refs, convention, f"row {i + 1}")
         ious.append(iou)
         parsed.append(float(ok))
     return {"grounding_accuracy": mean([float(i >= threshold) for i in ious]),
