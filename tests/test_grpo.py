@@ -1,0 +1,204 @@
+"""GRPO on the tiny twins: the guards against VLM GRPO's known silent failures (prompt padding vs
+image tokens, rollouts from the base, a second reference copy, dropped images, non-finite
+rewards), quick runs per family, and a learning proof (slow)."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from peftvlm.errors import RunError
+from peftvlm.recipe import validate_recipe_dict
+from peftvlm.rewards import build_rewards
+from peftvlm.trainers.objectives.grpo_trainer import build_grpo_trainer
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220),
+           "yellow": (230, 220, 30)}
+QUESTIONS = ["What color is the shape?", "Name the colour of the square in this picture, "
+             "using one word only please."]
+
+
+def image_rows(folder: Path, count: int = 4, images_per_row=(1,)) -> list[dict]:
+    """Rows with prompts of different lengths (so padding happens) and 1+ images each."""
+    rows, names = [], list(COLOURS)
+    for i in range(count):
+        n = images_per_row[i % len(images_per_row)]
+        paths = []
+        for j in range(n):
+            path = folder / f"img{i}_{j}.png"
+            Image.new("RGB", (32 + 8 * j, 32), COLOURS[names[(i + j) % 4]]).save(path)
+            paths.append(str(path))
+        content = [{"type": "image"}] * n + [{"type": "text", "text": QUESTIONS[i % 2]}]
+        rows.append({"row_id": f"rows.jsonl:{i + 1}", "images": paths,
+                     "messages": [{"role": "user", "content": content},
+                                  {"role": "assistant",
+                                   "content": [{"type": "text", "text": names[i % 4]}]}]})
+    return rows
+
+
+def grpo_recipe(model_id: str, **grpo):
+    return validate_recipe_dict({
+        "model": {"id": model_id}, "method": {"name": "lora", "r": 8, "target": "language"},
+        "data": {"synthetic": {"name": "colour-vqa", "train_size": 8, "eval_size": 4}},
+        "train": {"objective": "grpo", "max_steps": 2, "per_device_train_batch_size": 4,
+                  "logging_steps": 1, "save_steps": 1000,
+                  "grpo": {"num_generations": 2, "max_completion_length": 4, **grpo},
+                  "rewards": [{"name": "exact_match"}, {"name": "length", "max_words": 1,
+                                                        "weight": 0.1}]}})
+
+
+def make_trainer(model_id: str, rows: list[dict], run_dir: Path, **grpo):
+    from peftvlm.api import load_model_with_method
+    from peftvlm.registry import get_method
+
+    recipe = grpo_recipe(model_id, **grpo)
+    torch.manual_seed(0)
+    loaded, model = load_model_with_method(recipe, get_method("lora"))
+    trainer = build_grpo_trainer(recipe, model, loaded.processor, loaded.family, rows, run_dir,
+                                 [], None, [], build_rewards(recipe.train.rewards, Path(".")))
+    return trainer, loaded
+
+
+def perturb_adapter(model) -> None:
+    """Non-zero LoRA B matrices, so the adapted policy differs from the base from step 0."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+
+
+def generation_batch(trainer, rows: int) -> list[dict]:
+    """What TRL's sampler hands `_generate_and_score_completions`: each row num_generations
+    times in a row."""
+    n = trainer.num_generations
+    return [trainer.train_dataset[i] for i in range(rows) for _ in range(n)]
+
+
+@pytest.mark.parametrize("model_id", ["tiny-gemma3", "tiny-qwen2-vl", "tiny-llava"])
+def test_rollout_prompts_carry_exactly_their_images_tokens(model_id, tmp_path):
+    trainer, loaded = make_trainer(model_id, image_rows(tmp_path, 2), tmp_path / "run")
+    assert trainer.processing_class.tokenizer.padding_side == "left"
+    batch = generation_batch(trainer, 2)
+    out = trainer._generate_and_score_completions(batch)  # the guard passes
+    ids, mask = out["prompt_ids"], out["prompt_mask"]
+    assert (mask[:, -1] == 1).all() and (mask[:, 0] == 0).any()  # left padding happened
+    image_id = trainer.image_token_id
+    counts = ((ids == image_id) & mask.bool()).sum(dim=1).tolist()
+    assert counts == [trainer.expected_image_tokens(x) for x in batch] and min(counts) > 0
+    types = out.get("token_type_ids", out.get("mm_token_type_ids"))
+    if types is not None:  # the families whose forward reads token types
+        assert torch.equal((types[:, : ids.shape[1]] == 1), (ids == image_id) & mask.bool())
+        # trl#5785: a right-padding processor misplaces the types; the guard stops the run
+        trainer.processing_class.tokenizer.padding_side = "right"
+        with pytest.raises(RunError, match="padding sides disagree"):
+            trainer._generate_and_score_completions(batch)
+
+
+def test_rollout_guard_names_a_prompt_without_its_image_tokens():
+    from peftvlm.trainers.objectives.grpo_trainer import check_rollout_prompts
+
+    ids = torch.tensor([[0, 5, 7, 7, 3], [5, 7, 3, 3, 3]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    output = {"prompt_ids": ids, "prompt_mask": mask}
+    check_rollout_prompts(output, 7, [2, 1], ["a", "b"])
+    with pytest.raises(RunError, match="row b: its prompt holds 1 image tokens where its images "
+                                       "need 2"):
+        check_rollout_prompts(output, 7, [2, 2], ["a", "b"])
+
+
+def test_rollouts_come_from_the_adapted_policy(tmp_path):
+    trainer, loaded = make_trainer("tiny-llava", image_rows(tmp_path, 2), tmp_path / "run")
+    model = trainer.model
+    perturb_adapter(model)
+    prefill = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: prefill.append(out.detach()) if not prefill else None)
+    batch = generation_batch(trainer, 1)
+    try:
+        out = trainer._generate_and_score_completions(batch)
+    finally:
+        hook.remove()
+    inputs = {k: v for k, v in out.items() if k in ("pixel_values", "image_sizes")}
+    args = {"input_ids": out["prompt_ids"], "attention_mask": out["prompt_mask"], **inputs}
+    with torch.no_grad():
+        adapted = model(**args).logits[:, -1]
+        with model.disable_adapter():
+            base = model(**args).logits[:, -1]
+    sampled = prefill[0][:, -1]
+    assert not torch.allclose(adapted, base, atol=1e-3)  # the adapter changes the policy
+    assert torch.allclose(sampled, adapted, atol=1e-4)  # and rollouts sample from it
+
+
+def test_reference_is_the_base_with_the_adapter_disabled(tmp_path):
+    trainer, loaded = make_trainer("tiny-llava", image_rows(tmp_path, 2), tmp_path / "run",
+                                   beta=0.1)
+    model = trainer.model
+    assert trainer.ref_model is None and list(model.peft_config) == ["default"]  # no copy
+    perturb_adapter(model)
+    out = trainer._generate_and_score_completions(generation_batch(trainer, 2))
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+    mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+    keep = out["completion_ids"].shape[1]
+
+    def logps():
+        return trainer._get_per_token_logps_and_entropies(
+            model, ids, mask, keep, num_images=out["num_images"],
+            pixel_values=out["pixel_values"])[0]
+
+    with torch.no_grad():
+        policy = logps()
+        with model.disable_adapter():
+            base = logps()
+    assert torch.allclose(out["ref_per_token_logps"], base, atol=1e-5)
+    assert not torch.allclose(out["ref_per_token_logps"], policy, atol=1e-3)
+
+
+@pytest.mark.parametrize("model_id", ["tiny-qwen2-vl", "tiny-llava"])
+def test_multi_image_rows_keep_all_their_images(model_id, tmp_path):
+    rows = image_rows(tmp_path, 2, images_per_row=(2, 1))
+    trainer, loaded = make_trainer(model_id, rows, tmp_path / "run")
+    batch = generation_batch(trainer, 2)
+    out = trainer._generate_and_score_completions(batch)
+    assert out["num_images"] == [2, 2, 1, 1]
+    images = out["image_grid_thw"].shape[0] if "image_grid_thw" in out else \
+        out["pixel_values"].shape[0]
+    assert images == 6
+    counts = ((out["prompt_ids"] == trainer.image_token_id) & out["prompt_mask"].bool()).sum(1)
+    one = trainer.expected_image_tokens(batch[2])
+    assert counts.tolist()[2:] == [one, one] and counts[0] > one  # both images' tokens
+    trainer.train()  # the loss splits images per row as the prompts hold them
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+@pytest.mark.parametrize("model_id", ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl",
+                                      "tiny-smolvlm", "tiny-gemma3"])
+def test_two_grpo_steps_train_the_adapter_with_finite_logged_rewards(model_id, tmp_path):
+    trainer, loaded = make_trainer(model_id, image_rows(tmp_path, 4), tmp_path / "run")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+              if p.requires_grad}
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "rewards/exact_match/mean" in e]
+    assert len(logged) == 2
+    for entry in logged:
+        for key in ("rewards/exact_match/mean", "rewards/length/mean", "reward", "loss"):
+            assert math.isfinite(entry[key]), (key, entry)
+    changed = [n for n, p in trainer.model.named_parameters()
+               if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed  # rewards differ within groups, so the adapter moved
+
+
+def test_non_finite_reward_stops_the_run(tmp_path):
+    from peftvlm.trainers.objectives.grpo_trainer import finite_rewards
+
+    def broken(prompts, completions, **columns):
+        return [float("nan")] * len(completions)
+
+    with pytest.raises(RunError, match="reward broken gave non-finite scores"):
+        finite_rewards(broken)(prompts=[None], completions=["x"])
+    assert finite_rewards(broken).__name__ == "broken"
