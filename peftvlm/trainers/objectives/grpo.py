@@ -1,0 +1,82 @@
+"""Group relative policy optimisation: for each prompt, `num_generations` replies are sampled
+from the adapted policy, scored by the recipe's verifiable rewards (`train.rewards`, built from
+`peftvlm.metrics` by `peftvlm.rewards`), and each reply is made more or less likely by how its
+reward compares with its group's (TRL's GRPOTrainer, Shao et al. 2024).
+
+Rows are the SFT rows the data layer reads (any format, the vqa / doc_qa / caption / grounding
+templates): the prompt is every turn before the last answer, the references the row's
+`references` or that last answer. Rollouts use transformers' `generate` (vLLM with
+`train.grpo.use_vllm` on a CUDA GPU); the reference, when `beta` > 0, is the base with the
+adapter disabled. The guards are in `grpo_trainer`.
+"""
+
+from __future__ import annotations
+
+from peftvlm.errors import DataError
+
+
+class GRPOObjective:
+    name = "grpo"
+
+    def refusal(self, recipe, family, method) -> str | None:
+        """What GRPO cannot run on, from the recipe alone (no weights, no torch)."""
+        if family is not None and family.kind != "generative":
+            return (f"{family.name} is a dual encoder, which samples no replies to reward: only "
+                    "generative VLMs train with grpo")
+        if "generative" not in method.kinds:
+            return f"method {method.name!r} trains dual encoders (use objective: sft)"
+        if not method.apply_path.endswith(":apply_peft"):
+            return (f"method {method.name!r} adds modules that peft's disable_adapter does not "
+                    "switch off, so neither TRL's rollouts nor its reference (the base with the "
+                    "adapter disabled) would be what they claim: use lora, qlora, dora or vera")
+        if family is not None and family.encode_prompt is not None:
+            return (f"the {family.name} family has no chat template (it encodes prompts "
+                    "itself), and TRL's GRPOTrainer renders rollout prompts with the "
+                    "processor's chat template")
+        train, data = recipe.train, recipe.data
+        for refused, field, why in (
+                (train.packing, "train.packing", "rollouts are generated per prompt"),
+                (train.group_by_length, "train.group_by_length",
+                 "TRL samples prompts in groups of num_generations"),
+                (data.streams(), "streaming", "TRL's sampler repeats rows by index")):
+            if refused:
+                return f"{field} is not available with grpo ({why}): turn it off"
+        return None
+
+    def check_data(self, data) -> None:
+        """Every training row needs a reference: a last assistant turn (or `references`)."""
+        rows = data.train
+        for i in range(len(rows)):
+            row = rows[i]
+            if not any(m["role"] == "assistant" for m in row["messages"]):
+                raise DataError(f"{row.get('row_id') or f'row {i + 1}'}: GRPO needs a reference "
+                                "answer (a last assistant turn, or `references`), and this row "
+                                "has no reply", hint="end each conversation with the reference "
+                                                     "answer the rewards compare replies with")
+
+    def build_trainer(self, recipe, model, processor, collator, data, run_dir, report_to,
+                      sharding, callbacks, log=print):
+        from peftvlm.rewards import build_rewards
+        from peftvlm.trainers.objectives.grpo_trainer import build_grpo_trainer
+
+        rewards = build_rewards(recipe.train.rewards, recipe.base_dir(),
+                                recipe.train.allow_custom_rewards)
+        log("grpo: rewards " + ", ".join(f"{f.__name__} x {s.weight:g}"
+                                         for f, s in zip(rewards, recipe.train.rewards)))
+        return build_grpo_trainer(recipe, model, processor, collator.family, data.train, run_dir,
+                                  report_to, sharding, callbacks, rewards)
+
+    def summary(self, log_history: list[dict]) -> dict:
+        """The last logged mean of each reward and the summed reward per logged step."""
+        logged = [e for e in log_history if "reward" in e]
+        if not logged:
+            return {"grpo": {}}
+        last = logged[-1]
+        return {"grpo": {
+            "rewards": {k.split("/")[1]: round(v, 6) for k, v in last.items()
+                        if k.startswith("rewards/") and k.endswith("/mean") and v is not None},
+            "reward": round(last["reward"], 6),
+            "reward_curve": [[e["step"], round(e["reward"], 6)] for e in logged]}}
+
+
+GRPO = GRPOObjective()
