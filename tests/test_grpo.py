@@ -202,3 +202,64 @@ def test_non_finite_reward_stops_the_run(tmp_path):
     with pytest.raises(RunError, match="reward broken gave non-finite scores"):
         finite_rewards(broken)(prompts=[None], completions=["x"])
     assert finite_rewards(broken).__name__ == "broken"
+
+
+def shuffled_answers(rows, seed: int = 0) -> list[dict]:
+    """The rows with each answer replaced by a random colour: SFT on them teaches the answer's
+    form (one colour word, then the end of the turn) and nothing about the image."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(len(rows)):
+        row = dict(rows[i])
+        reply = {"role": "assistant", "content": [{"type": "text",
+                                                   "text": rng.choice(list(COLOURS))}]}
+        out.append({**row, "messages": [*row["messages"][:-1], reply]})
+    return out
+
+
+@pytest.mark.slow
+def test_grpo_with_exact_match_raises_held_out_reward(tmp_path):
+    """The colour question, which the start answers at chance: a few SFT steps on shuffled
+    colours give a model that answers with a colour word but ignores the image (GRPO needs
+    groups whose rewards differ: a random model samples the right word 1 time in ~600), then
+    GRPO with the exact-match reward alone must raise held-out exact match by >= 0.2."""
+    from peftvlm.api import load_model_with_method
+    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.loading import prepare_data
+    from peftvlm.evaluate import evaluate_rows
+    from peftvlm.registry import get_method
+    from peftvlm.trainers.sft import build_trainer, sft_config
+
+    recipe = validate_recipe_dict({
+        "model": {"id": "tiny-llava"},
+        "method": {"name": "lora", "r": 16, "lora_alpha": 32, "target": "language"},
+        "data": {"synthetic": {"name": "colour-vqa", "train_size": 256, "eval_size": 40}},
+        "eval": {"metrics": ["exact_match"], "max_new_tokens": 3, "batch_size": 40},
+        "train": {"objective": "grpo", "max_steps": 100, "per_device_train_batch_size": 64,
+                  "learning_rate": 1e-3, "logging_steps": 10, "save_steps": 1000,
+                  "grpo": {"num_generations": 8, "max_completion_length": 3},
+                  "rewards": [{"name": "exact_match"}]}})
+    torch.manual_seed(0)
+    loaded, model = load_model_with_method(recipe, get_method("lora"))
+    collator = ConversationCollator(loaded.processor, loaded.family, True)
+    data = prepare_data(recipe, collator)
+    warm = recipe.train.model_copy(update={
+        "objective": "sft", "grpo": None, "rewards": None, "max_steps": 80,
+        "per_device_train_batch_size": 16, "learning_rate": 2e-3})
+    build_trainer(model, loaded.processor, collator, shuffled_answers(data.train),
+                  sft_config(warm, tmp_path / "sft", [], "warm")).train()
+
+    def held_out() -> float:
+        return evaluate_rows(model, loaded.processor, loaded.family, data.eval,
+                             recipe.eval)["scores"]["exact_match"]
+
+    start = held_out()
+    assert start <= 0.35  # colour words at chance, not the task solved
+    trainer = build_grpo_trainer(recipe, model, loaded.processor, loaded.family, data.train,
+                                 tmp_path / "grpo", [], None, [],
+                                 build_rewards(recipe.train.rewards, Path(".")))
+    trainer.train()
+    curve = [e["rewards/exact_match/mean"] for e in trainer.state.log_history
+             if "rewards/exact_match/mean" in e]
+    assert curve[-1] > curve[0] + 0.15, curve  # the rollouts' own reward rose
+    assert held_out() >= start + 0.2

@@ -12,6 +12,8 @@ adapter disabled. The guards are in `grpo_trainer`.
 
 from __future__ import annotations
 
+import re
+
 from peftvlm.errors import DataError
 
 
@@ -65,6 +67,32 @@ class GRPOObjective:
                                          for f, s in zip(rewards, recipe.train.rewards)))
         return build_grpo_trainer(recipe, model, processor, collator.family, data.train, run_dir,
                                   report_to, sharding, callbacks, rewards)
+
+    def preview_row(self, collator, row: dict, index: int, console) -> dict:
+        """`data preview`: the prompt as rollouts see it (the chat template's generation
+        prompt included, image runs counted) and the references the rewards compare with."""
+        from rich.rule import Rule
+        from rich.text import Text
+
+        from peftvlm.data.collate import encode_prompts
+        from peftvlm.evaluate import row_references
+
+        ids = encode_prompts(collator.processor, collator.family, [row])["input_ids"][0].tolist()
+        token = collator.family.image_token
+        text = collator.processor.tokenizer.decode(ids)
+        count = text.count(token) if token else 0
+        if token:  # each image's run of tokens, shown counted
+            text = re.sub(f"(?:{re.escape(token)}){{4,}}",
+                          lambda m: f"{token}x{len(m.group(0)) // len(token)}", text)
+        references = row_references(row)
+        named = f" ({row['row_id']})" if row.get("row_id") else ""
+        console.print(Rule(f"example {index}{named}: GRPO prompt, {len(ids)} tokens, {count} "
+                           f"image tokens ({len(row['images'])} image(s))", align="left"))
+        console.print(Text(text, style="dim"))
+        console.print(Text("references: ", style="bold") + Text(" | ".join(references),
+                                                                 style="bold green"))
+        return {"row_id": row.get("row_id"), "prompt_tokens": len(ids), "image_tokens": count,
+                "images": len(row["images"]), "references": references}
 
     def summary(self, log_history: list[dict]) -> dict:
         """The last logged mean of each reward and the summed reward per logged step."""
