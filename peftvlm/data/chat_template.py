@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from peftvlm.errors import ModelError
 
 CONTEXT_CHARS = 24  # characters shown either side of where two renderings part
-_warned_untrained: set[str] = set()
+_warned_untrained: set[str] = set()  # templates warned about (once each)
 
 
 @dataclass(frozen=True)
@@ -154,15 +154,15 @@ def prefix_layouts(processor, conversations: list[list[dict]]) -> list[tuple[str
     rendered = iter(render_texts(processor, list(conversations) + throughs,
                                  add_generation_prompt=False))
     fulls = [next(rendered) for _ in conversations]
-    name = template_name(processor)
+    name, template = template_name(processor), chat_template_of(processor)
     out = []
     for full, conversation, idx in zip(fulls, conversations, replies):
         pairs = [(i, next(rendered_contexts), next(rendered)) for i in idx]
-        out.append(_layout(full, conversation, pairs, name))
+        out.append(_layout(full, conversation, pairs, name, template))
     return out
 
 
-def _layout(full: str, conversation, pairs, name: str) -> tuple[str, list]:
+def _layout(full: str, conversation, pairs, name: str, template: str) -> tuple[str, list]:
     """`pairs`: (message index, context, through) per reply -> (text, trained replies)."""
     if all(full.startswith(c) and full.startswith(t) for _, c, t in pairs):
         return full, [(i, len(c), len(t)) for i, c, t in pairs]
@@ -177,8 +177,8 @@ def _layout(full: str, conversation, pairs, name: str) -> tuple[str, list]:
             untrained = True  # its own prompt is served with other whitespace than here
         else:
             raise not_prefix_error("the generation prompt before a reply", name, context, text)
-    if untrained and name not in _warned_untrained:
-        _warned_untrained.add(name)
+    if untrained and template not in _warned_untrained:
+        _warned_untrained.add(template)
         logging.getLogger("peftvlm").warning(
             "%s writes the generation prompt with other whitespace than the same turn inside a "
             "conversation: earlier replies of multi-turn rows are not trained (only the final "
@@ -195,12 +195,14 @@ def _inference_text(full: str, conversation, pair, name: str) -> tuple[str, tupl
     if full.startswith(context):
         return full, (i, len(context), len(through))
     end = _aligned_end(context, full)
-    if end is None or end > len(through):
+    first = next(iter(_texts([conversation[i]])), "")
+    # only whitespace may stand between the prompt's last character and the reply's content
+    if end is None or end > len(through) or not first.strip() or \
+            not full[end:len(through)].lstrip().startswith(first.strip()):
         raise not_prefix_error("the generation prompt before a reply", name, context, full)
     # whitespace after the prompt's last character belongs to the turn's header, except what
     # the reply itself starts with (kept where the template copied it)
     gap = len(full[end:]) - len(full[end:].lstrip())
-    first = next(iter(_texts([conversation[i]])), "")
     own = len(first) - len(first.lstrip())
     start = end + gap - (own if own and full[end:end + gap].endswith(first[:own]) else 0)
     shift = len(context) - start
