@@ -166,3 +166,28 @@ def test_a_template_that_raises_is_our_error_naming_it(mllama):
     with pytest.raises(ModelError, match="tiny-mllama.*refuses a conversation: Prompting "
                                          "with images is incompatible with system messages"):
         ConversationCollator(processor, spec)([as_row(conversation)])
+
+
+def test_data_preview_of_a_row_the_template_cannot_train_says_why(tmp_path, cli_in_process):
+    """The user's path: `peftvlm data preview` on a Llama 3.2 Vision recipe whose row has a
+    text-only turn before an image turn stops with our one-paragraph error, no traceback."""
+    import json
+
+    import yaml
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / "red.png")
+    row = {"messages": [{"role": "user", "content": "Name a colour."},
+                        {"role": "assistant", "content": "green"},
+                        {"role": "user", "content": "<image>What color is the shape?"},
+                        {"role": "assistant", "content": "red"}], "images": ["red.png"]}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "r", "model": {"id": "tiny-mllama"}, "method": {"name": "lora", "r": 4},
+        "data": {"train": "rows.jsonl"}, "train": {"max_length": 256}}))
+    shown = cli_in_process("data", "preview", recipe, "-n", "1")
+    said = " ".join((shown.stdout + shown.stderr).split())
+    assert shown.returncode == 2 and "Traceback" not in said, said
+    assert "the chat template of '" in said and "tiny-mllama" in said
+    assert "They part at character" in said and "system" in said
