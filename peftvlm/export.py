@@ -24,11 +24,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from peftvlm.errors import ExportError, PeftVLMError
 from peftvlm.export_serving import prepare_for_serving
 from peftvlm.runs import write_json
+from peftvlm.safe_yaml import AliasBombError, load_yaml
 from peftvlm.export_checks import (check_adapter_effect, check_adapter_files, check_generation,
                                    check_merged_files, check_weights_changed, compare_logits,
                                    device, encode_rows, generate_text, logits_of, probe_rows,
@@ -212,9 +211,11 @@ def read_run(run_dir: str | Path) -> Run:
     if not recipe_file.exists():
         raise ExportError(f"{run_dir} has no recipe.yaml", hint="the run folder is incomplete")
     try:
-        recipe = validate_recipe_dict(yaml.safe_load(recipe_file.read_text()), str(recipe_file))
+        recipe = validate_recipe_dict(load_yaml(recipe_file.read_text()), str(recipe_file))
     except PeftVLMError as exc:
         raise ExportError(f"{recipe_file} does not validate: {exc.message}") from exc
+    except AliasBombError as exc:  # a run folder may come from elsewhere
+        raise ExportError(f"{recipe_file}: refused: {exc}") from None
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
     except json.JSONDecodeError as exc:

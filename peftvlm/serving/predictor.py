@@ -60,10 +60,11 @@ class RunFiles:
 
 def read_recipe(path: Path):
     from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.safe_yaml import load_yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        data = load_yaml(path.read_text())  # a run folder may come from elsewhere: aliases bounded
+    except (OSError, ValueError, yaml.YAMLError) as exc:
         raise RunError(f"{path} cannot be read: {exc}", hint="the run folder is damaged") from exc
     return validate_recipe_dict(data, str(path))
 
