@@ -25,7 +25,8 @@ A shape's layout is only used where it provably gives the reference's result:
   is rendered by the reference;
 - the first rows of every shape are also rendered by the reference, and any difference turns
   the shape off.
-`tests/test_template_shortcuts.py` holds this for every registry family.
+`tests/test_chat_templates.py` holds this for every registry family (mixed text-only and image
+turns included); `tests/test_template_shortcuts.py` the refusals and whitespace-only templates.
 """
 
 from __future__ import annotations
