@@ -11,8 +11,7 @@ from pathlib import Path
 import trl
 from transformers import TrainerCallback
 
-from peftvlm.checkpoints import (complete_checkpoints, describe_resume,
-                                 last_complete_checkpoint)
+from peftvlm.checkpoints import complete_checkpoints, describe_resume, last_complete_checkpoint
 from peftvlm.trainers.signals import Interrupted, StopSignals, any_rank
 
 # Recipe `train` fields passed to SFTConfig unchanged (the names are Hugging Face's).
@@ -74,8 +73,7 @@ class StopOnInterrupt(TrainerCallback):
         if not self.interrupted:
             return
         found = complete_checkpoints(Path(output_dir).parent)
-        raise Interrupted(self.signals.received, step,
-                          found[-1] if found else None)
+        raise Interrupted(self.signals.received, step, found[-1] if found else None)
 
 
 class PeriodicEval(TrainerCallback):
