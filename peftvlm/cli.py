@@ -417,16 +417,24 @@ def predict(
                                          "prompt of the run's held-out data)."),
     base: bool = typer.Option(False, "--base", help="Also answer with the base model."),
     top_k: int = typer.Option(5, "--top-k", min=1, help="CLIP-family runs: classes to list."),
+    caption: Optional[List[str]] = typer.Option(None, "--caption", "-c", help="Retrieval runs: "
+                                                "a caption to rank for each image; repeat."),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="Retrieval runs: a text "
+                                            "file of captions to rank, one per line."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="Retrieval runs: rank the "
+                                       "images for this text."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the rows as JSONL."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per "
                                              "batch (default: the recipe's eval.batch_size)."),
 ):
-    """Answer images with a trained run (generative: answers; CLIP family: top-k classes)."""
+    """Answer images with a trained run (generative: answers; CLIP family: top-k classes;
+    retrieval: the given captions ranked per image, or the images ranked for --text)."""
     quiet_libraries()
-    from peftvlm.serving.predict import predict as run_predict, print_rows
+    from peftvlm.serving.predict import predict as run_predict, print_rows, read_captions
 
+    given = list(caption or []) + (read_captions(captions) if captions else [])
     rows = run_predict(run, images, prompt=prompt, base=base, top_k=top_k, out=out,
-                       batch_size=batch_size, log=typer.echo,
+                       batch_size=batch_size, captions=given, text=text, log=typer.echo,
                        warn=lambda m: typer.echo(f"warning: {m}", err=True))
     print_rows(rows)
     if out:
