@@ -456,7 +456,11 @@ def serve(
     max_batch_size: int = typer.Option(8, "--max-batch-size", min=1,
                                        help="Requests answered in one batch."),
 ):
-    """Serve a run with an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
+    """Serve a run with an OpenAI-compatible API (/v1/models; /v1/chat/completions for a
+    generative run, /v1/embeddings for a dual-encoder run)."""
+    from peftvlm.serving import require_serve_extra
+
+    require_serve_extra("serve", "fastapi", "uvicorn")
     quiet_libraries()
     from peftvlm.serving.openai_api import ServerOptions, run_server
 
@@ -474,7 +478,11 @@ def demo(
                                       help="Show the base model's answer beside the "
                                            "fine-tuned one."),
 ):
-    """A web demo (Gradio): upload an image, see the fine-tuned and the base answer."""
+    """A web demo (Gradio): upload an image, see the fine-tuned and the base answer (retrieval
+    runs: rank your captions for it)."""
+    from peftvlm.serving import require_serve_extra
+
+    require_serve_extra("demo", "gradio")
     quiet_libraries()
     from peftvlm.serving.demo import launch
 

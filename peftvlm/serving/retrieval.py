@@ -17,11 +17,12 @@ similarity of an image and a text feature (what Recall@K ranks by).
 
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import contextmanager
 
-from peftvlm.errors import RunError
-from peftvlm.trainers.contrastive import Encoder, pooled
+from peftvlm.errors import PeftVLMError, RunError
+from peftvlm.trainers.contrastive import Encoder, load_pairs, pooled
 from peftvlm.trainers.loop import ADAPTER_DIR
 
 
@@ -32,7 +33,6 @@ class RetrievalPredictor:
     task = "retrieve"
     default_prompt = None
     system_prompt = None
-    examples: list = []
 
     def __init__(self, files, loaded, model, base_switch):
         self.files, self.loaded, self.model = files, loaded, model
@@ -63,6 +63,20 @@ class RetrievalPredictor:
                            f"{files.recipe.model.id}: {str(exc).splitlines()[0]}",
                            hint="the run folder is damaged: train it again") from exc
         return cls(files, loaded, model.eval(), model.disable_adapter)
+
+    @functools.cached_property
+    def examples(self) -> list[dict]:
+        """The first held-out pairs (`{"images": [image], "captions": [...]}`) for the demo;
+        none for a merged export without its recipe, or data that cannot be read from here."""
+        if self.files.recipe is None:
+            return []
+        try:
+            _, train, held_out = load_pairs(self.files.recipe, 8)
+        except (PeftVLMError, OSError):
+            return []
+        pairs = held_out or train
+        return [{"images": [image], "captions": list(captions)}
+                for image, captions in zip(pairs.images[:8], pairs.captions[:8])]
 
     @property
     def has_base(self) -> bool:
@@ -127,6 +141,22 @@ class RetrievalPredictor:
         sims = self.embed_images(images, base) @ self.embed_texts(captions, base).t()
         return [sorted(((c, round(float(s), 4)) for c, s in zip(captions, row.tolist())),
                        key=lambda pair: -pair[1]) for row in sims]
+
+    def caption_probabilities(self, image, captions: list[str], base: bool = False
+                              ) -> dict[str, float]:
+        """{caption: probability} for one image, as CLIP scores candidates: a softmax over the
+        captions of the model's scaled similarities (a sigmoid each, with the learned bias, for
+        families trained with one, as SigLIP)."""
+        import torch
+
+        sims = (self.embed_images([image], base) @ self.embed_texts(captions, base).t())[0]
+        model = self.loaded.model
+        logits = sims * model.logit_scale.detach().float().exp().cpu()
+        if self.family.logit_bias:
+            probs = (logits + model.logit_bias.detach().float().cpu()).sigmoid()
+        else:
+            probs = torch.softmax(logits, dim=-1)
+        return {c: round(float(p), 4) for c, p in zip(captions, probs.tolist())}
 
     def rank_images(self, text: str, images: list, base: bool = False
                     ) -> list[tuple[int, float]]:
