@@ -455,6 +455,9 @@ def serve(
                                                  "file:// image URLs (default: none)."),
     max_batch_size: int = typer.Option(8, "--max-batch-size", min=1,
                                        help="Requests answered in one batch."),
+    max_body_mb: int = typer.Option(64, "--max-body-mb", min=1, help="Largest request body "
+                                    "read, in MiB (counted as it arrives, chunked or not)."),
+    max_images: int = typer.Option(8, "--max-images", min=1, help="Images per request."),
 ):
     """Serve a run with an OpenAI-compatible API (/v1/models; /v1/chat/completions for a
     generative run, /v1/embeddings for a dual-encoder run)."""
@@ -465,7 +468,8 @@ def serve(
     from peftvlm.serving.openai_api import ServerOptions, run_server
 
     options = ServerOptions(api_key=api_key, allowed_local_media_path=allowed_local_media_path,
-                            max_batch_size=max_batch_size)
+                            max_batch_size=max_batch_size, max_body_bytes=max_body_mb * 2**20,
+                            max_images=max_images)
     run_server(run, options, host=host, port=port, log=typer.echo)
 
 

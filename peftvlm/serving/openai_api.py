@@ -242,7 +242,7 @@ def prepare(predictor, req: ChatRequest, opts: ServerOptions, model_ids: dict):
     if max_tokens is not None and max_tokens > opts.max_tokens_limit:
         raise APIError(400, f"max_tokens {max_tokens} is over this server's limit of "
                             f"{opts.max_tokens_limit}", "max_tokens", "max_tokens_too_large")
-    check_messages(req, opts, predictor.family.literal_media_tokens)
+    check_messages(req, opts, predictor.family.literal_media_tokens())
     row = request_row(req, opts, predictor.system_prompt)
     options = predictor.generation(max_tokens, req.temperature, req.top_p)
     prompt_tokens = predictor.prompt_tokens(row)
