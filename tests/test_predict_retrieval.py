@@ -214,14 +214,19 @@ def test_classification_run_serves_its_methods_image_features(tmp_path):
 
     pixels = loaded.processor.image_processor(images=[open_image(image)],
                                               return_tensors="pt")["pixel_values"]
+    text = "a photo of a red shape"
+    tokens = loaded.processor.tokenizer([text], return_tensors="pt")
     with torch.no_grad():
         expected = F.normalize(method.image_features(pixels).float(), dim=-1)[0].numpy()
+        text_expected = F.normalize(loaded.model.get_text_features(**tokens).pooler_output,
+                                    dim=-1)[0].numpy()
     with served(build_app(predictor)) as url:
         body = httpx.post(f"{url}/v1/embeddings", json={
-            "model": predictor.name, "input": [data_url(Path(image))]}).json()
+            "model": predictor.name, "input": [data_url(Path(image)), text]}).json()
         chat = httpx.post(f"{url}/v1/chat/completions", json={
             "model": predictor.name, "messages": [{"role": "user", "content": "hi"}]})
     assert np.abs(np.array(body["data"][0]["embedding"]) - expected).max() < 1e-5
+    assert np.abs(np.array(body["data"][1]["embedding"]) - text_expected).max() < 1e-5
     assert chat.status_code == 400 and chat.json()["error"]["code"] == "chat_not_supported"
 
 
