@@ -144,7 +144,7 @@ def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(predictor):
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
 
 
-# --- cheap checks first ----------------------------------------------------------------------------
+# --- cheap checks first --------------------------------------------------------------------------
 
 def test_cheap_checks_refuse_before_any_image_is_decoded_or_text_tokenised(predictor, image,
                                                                           monkeypatch):
@@ -193,7 +193,7 @@ def test_a_literal_image_token_in_text_is_a_400_in_openai_shape(predictor, image
         assert plain.status_code == 400 and error_of(plain)["param"] == "messages[0].content"
 
 
-# --- disconnects and shutdown -----------------------------------------------------------------------
+# --- disconnects and shutdown --------------------------------------------------------------------
 
 def test_a_client_that_disconnects_mid_stream_stops_the_generation(predictor, image,
                                                                    monkeypatch):
@@ -277,7 +277,7 @@ def test_sigterm_stops_the_server_within_seconds_even_mid_upload(run):
             proc.wait()
 
 
-# --- what errors say -------------------------------------------------------------------------------
+# --- what errors say -----------------------------------------------------------------------------
 
 def test_errors_name_the_field_never_server_paths_or_pids(predictor, image, tmp_path):
     allowed = tmp_path / "media"
@@ -302,7 +302,7 @@ def test_errors_name_the_field_never_server_paths_or_pids(predictor, image, tmp_
                 assert leak not in error["message"], (leak, error["message"])
 
 
-# --- access ----------------------------------------------------------------------------------------
+# --- access --------------------------------------------------------------------------------------
 
 def test_bearer_auth_is_strict_and_covers_the_openapi_pages(predictor):
     with served(app_for(predictor, api_key="s3cret")) as url:
@@ -346,7 +346,7 @@ def test_serve_and_demo_without_the_extra_say_how_to_install_it(run, command, bl
     assert "Traceback" not in res.stderr
 
 
-# --- load ------------------------------------------------------------------------------------------
+# --- load ----------------------------------------------------------------------------------------
 
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

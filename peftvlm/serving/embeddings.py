@@ -126,7 +126,5 @@ def text_tokens(predictor, parsed: list[tuple[str, str]]) -> int:
 
 def encode(vector, req: EmbeddingRequest):
     if req.encoding_format == "base64":
-        import numpy as np
-
         return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
     return vector.tolist()

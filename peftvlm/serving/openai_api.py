@@ -30,7 +30,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from peftvlm.serving.embeddings import EmbeddingRequest, embed
-from peftvlm.serving.inputs import (APIError, ServerOptions, check_image_count,  # noqa: F401
+from peftvlm.serving.inputs import (APIError, ServerOptions, check_image_count,
                                     check_image_url, check_text, check_text_budget,
                                     read_image_url)
 
