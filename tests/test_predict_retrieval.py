@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
-from serve_helpers import data_url, served
+from serve_helpers import (data_url, free_port, serve_process, served, server_output,
+                           wait_healthy)
 
 pytestmark = pytest.mark.slow  # trains the retrieval recipe once (shared by the tests here)
 
@@ -188,6 +189,28 @@ def test_embeddings_equal_plain_peft_features_and_chat_is_refused(predictor, pla
         assert too_long.status_code == 400
         assert too_long.json()["error"]["code"] == "context_length_exceeded"
         assert too_long.json()["error"]["param"] == "input[0]"
+
+
+def test_serve_cli_on_a_retrieval_run_offers_embeddings_not_chat(retrieval_run, predictor,
+                                                                 held_out):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = serve_process(retrieval_run, port)
+    try:
+        wait_healthy(proc, url)
+        models = httpx.get(f"{url}/v1/models").json()["data"]
+        assert [m["id"] for m in models] == [predictor.name, f"{predictor.name}:base"]
+        got = httpx.post(f"{url}/v1/embeddings", json={"model": predictor.name,
+                                                       "input": held_out[1][0]}).json()
+        expected = predictor.embed_texts([held_out[1][0]])[0].numpy()
+        assert np.abs(np.array(got["data"][0]["embedding"]) - expected).max() < 1e-5
+        chat = httpx.post(f"{url}/v1/chat/completions", json={
+            "model": predictor.name, "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 400 and chat.json()["error"]["code"] == "chat_not_supported"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "(embeddings)" in server_output(proc)
 
 
 def test_classification_run_serves_its_methods_image_features(tmp_path):

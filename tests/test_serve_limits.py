@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from conftest import REPO, run_cli
-from serve_helpers import data_url, free_socket, noise_png, served
+from serve_helpers import data_url, free_port, noise_png, serve_process, served, wait_healthy
 
 QUESTION = "What color is the shape?"
 
@@ -229,30 +229,6 @@ def test_a_client_that_disconnects_mid_stream_stops_the_generation(predictor, im
             predictor.lock.release()
     finally:
         hook.remove()
-
-
-def serve_process(run, port: int, *args) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "peftvlm", "serve", str(run), "--port",
-                             str(port), *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def wait_healthy(proc, url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline, "server did not start"
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.3)
-
-
-def free_port() -> int:
-    with free_socket() as sock:
-        return sock.getsockname()[1]
 
 
 def test_sigterm_stops_the_server_within_seconds_even_mid_upload(run):
