@@ -29,6 +29,9 @@ from pathlib import Path
 import yaml
 
 from peftvlm.errors import PeftVLMError, RunError
+from peftvlm.kinds import run_kind
+from peftvlm.serving.retrieval import RetrievalPredictor
+from peftvlm.trainers.contrastive import Encoder, pooled
 
 TASKS = ("question", "caption", "grounding", "classify")
 
@@ -100,13 +103,20 @@ def locate(path: str | Path) -> RunFiles:
 
 
 def open_predictor(path: str | Path, log=print):
-    """The predictor for a run folder or merged export (generative or CLIP-family)."""
-    from peftvlm.registry import get_method
-
+    """The predictor for a run folder or merged export: generative, CLIP-family classification
+    or retrieval, as `kinds.run_kind` decides for the run's recipe (a merged export without its
+    recipe: by its model family)."""
     files = locate(path)
-    if files.recipe is not None and "generative" not in get_method(files.recipe.method.name).kinds:
-        return DualEncoderPredictor.load(files, log)
-    return GenerativePredictor.load(files, log)
+    if files.recipe is not None:
+        return PREDICTORS[run_kind(files.recipe)].load(files, log)
+    return PREDICTORS_BY_FAMILY[merged_family(files).kind].load(files, log)
+
+
+def merged_family(files: RunFiles):
+    """The model family of a merged export folder, from its config.json."""
+    from peftvlm.models import detect_family
+
+    return detect_family(str(files.path), merged_model_config(files))
 
 
 # --- rows --------------------------------------------------------------------------------------
@@ -378,16 +388,64 @@ class DualEncoderPredictor:
                                           trained.classnames, trained.templates).eval()
         return cls(files, loaded, trained, zero_shot, class_examples(recipe))
 
+    @functools.cached_property
+    def encoder(self) -> Encoder:
+        """Texts into model inputs with the family's padding, as retrieval training does."""
+        return Encoder(self.loaded.model, self.family, self.loaded.processor)
+
+    def pixels(self, images: list, device=None):
+        """Pixel values of paths or PIL images, decoded as training decoded them."""
+        from peftvlm.data.collate import open_image
+
+        pixels = self.loaded.processor.image_processor(
+            images=[open_image(i) for i in images], return_tensors="pt")["pixel_values"]
+        return pixels if device is None else pixels.to(device)
+
+    def embed_images(self, images: list, base: bool = False, batch_size: int = 32):
+        """L2-normalised image features [N, D] as the trained method computes them (VPT's
+        prompts, CLIP-Adapter's image adapter), or the base model's with `base`."""
+        import torch
+        import torch.nn.functional as F
+
+        classifier = self.zero_shot if base else self.trained
+        device = next(classifier.parameters()).device
+        out = []
+        with self.lock, torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                pixels = self.pixels(images[start:start + batch_size], device)
+                out.append(classifier.image_features(pixels).float())
+        return F.normalize(torch.cat(out), dim=-1).cpu()
+
+    def embed_texts(self, texts: list[str], base: bool = False, batch_size: int = 64):
+        """L2-normalised text features [N, D] of the frozen text tower: the classification
+        methods learn class prompts, not a text encoder, so any text is encoded as the base
+        model encodes it (`base` gives the same)."""
+        import torch
+        import torch.nn.functional as F
+
+        model = self.loaded.model
+        device = next(model.parameters()).device
+        out = []
+        with self.lock, torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                inputs = self.encoder.texts(texts[start:start + batch_size], device)
+                out.append(pooled(model.get_text_features(**inputs)).float())
+        return F.normalize(torch.cat(out), dim=-1).cpu()
+
+    @property
+    def max_text_tokens(self) -> int:
+        return self.encoder.max_length
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.loaded.processor.tokenizer(text)["input_ids"])
+
     def classify(self, images: list, top_k: int = 5, base: bool = False) -> list[list[tuple]]:
         """Per image, the `top_k` classes best first with their probabilities (softmax over the
         classes; independent sigmoids for families that score with a logit bias, as SigLIP)."""
         import torch
 
-        from peftvlm.data.collate import open_image
-
         classifier = self.zero_shot if base else self.trained
-        pixels = self.loaded.processor.image_processor(
-            images=[open_image(i) for i in images], return_tensors="pt")["pixel_values"]
+        pixels = self.pixels(images)
         with self.lock, torch.no_grad():
             logits = classifier(pixels.to(next(classifier.parameters()).device)).float().cpu()
         probs = logits.sigmoid() if self.family.logit_bias else logits.softmax(-1)
@@ -410,3 +468,11 @@ def class_examples(recipe, limit: int = 8) -> list[dict]:
             for image, label in list(zip(split.images, split.labels))[:limit]
             if isinstance(image, (str, Path))]
 
+
+
+# Which predictor answers each run kind (the coordinator moves this onto the Kind objects).
+PREDICTORS = {"generative": GenerativePredictor, "classification": DualEncoderPredictor,
+              "retrieval": RetrievalPredictor}
+# A merged export without its recipe: a dual encoder there is a retrieval export (the
+# classification methods have no merged form that loads here).
+PREDICTORS_BY_FAMILY = {"generative": GenerativePredictor, "dual_encoder": RetrievalPredictor}
