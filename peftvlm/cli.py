@@ -285,7 +285,7 @@ def ls(what: str = typer.Argument("recipes", help="methods, families, models, me
         from peftvlm.families import FAMILIES
 
         for f in FAMILIES.values():
-            media = "" if f.kind != "generative" else (
+            media = "" if not f.is_generative else (
                 "images where they stand" if f.interleaved_images else "images first in a turn"
             ) + (", video" if f.takes_video else "")
             typer.echo(f"{f.name:12} {f.kind:13} model_type: {', '.join(f.model_types):20} "

@@ -8,9 +8,10 @@ it (`PeftModel.from_pretrained`) and scored on the same rows with the recipe's `
 (greedy by default), so on the held-out split the fine-tuned numbers equal the `after` numbers
 in the run's summary.json. Outputs go to RUN/eval/ (see `peftvlm.eval_report`).
 
-CLIP-family runs (method kind `dual_encoder`) are dispatched to
-`peftvlm.trainers.clip_eval.evaluate_dual_encoder(recipe, run_dir, split=, max_samples=,
-with_base=)`, which returns the same result dict.
+`evaluate_run` checks the request and the run folder, then asks the run's kind
+(`peftvlm.kinds`): generative runs are scored by `evaluate_generative` below, classification runs
+by `trainers.clip_eval.evaluate_dual_encoder`, retrieval runs by
+`trainers.contrastive.evaluate_retrieval`; all return the same result dict.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from peftvlm.errors import DataError, RecipeError, RunError
 from peftvlm.eval_report import (answer_classes, compare, per_class_accuracy, prediction_rows,
                                  write_outputs)
+from peftvlm.kinds import kind_for
 from peftvlm.runs import read_summary
 
 SPLITS = {"test": "data.eval (the held-out rows scored during training)",
@@ -29,20 +31,18 @@ SPLITS = {"test": "data.eval (the held-out rows scored during training)",
 def evaluate_run(recipe, run_dir: str | Path, split: str = "test", max_samples: int | None = None,
                  with_base: bool = True, log=print) -> dict:
     """Score base and fine-tuned model of a finished run; write RUN/eval/; return the result."""
-    from peftvlm.kinds import run_kind
-
     run_dir = Path(run_dir)
     if split not in SPLITS:
         raise RecipeError(f"--split {split!r} is not a split",
                           hint="; ".join(f"{k} = {v}" for k, v in SPLITS.items()))
     check_run(recipe, run_dir)
-    kind = run_kind(recipe)
-    if kind == "classification":
-        return evaluate_dual_encoder_run(recipe, run_dir, split, max_samples, with_base)
-    if kind == "retrieval":
-        from peftvlm.trainers.contrastive import evaluate_retrieval
+    return kind_for(recipe).evaluate(recipe, run_dir, split, max_samples, with_base, log)
 
-        return evaluate_retrieval(recipe, run_dir, split, max_samples, with_base, log)
+
+def evaluate_generative(recipe, run_dir: Path, split: str = "test",
+                        max_samples: int | None = None, with_base: bool = True,
+                        log=print) -> dict:
+    """The generative kind's `peftvlm eval`: generate answers with base and adapter, score."""
     check_request(recipe, split)
     check_adapter(run_dir)
     cfg = recipe.eval if max_samples is None else recipe.eval.model_copy(
@@ -175,12 +175,3 @@ def build_result(recipe, run_dir: Path, split: str, cfg, base: dict | None, tune
         "metrics": compare(base and base["scores"], tuned["scores"], tuned["higher_is_better"]),
         "per_class": per_class, "notes": tuned["notes"],
     }
-
-
-def evaluate_dual_encoder_run(recipe, run_dir: Path, split: str, max_samples: int | None,
-                              with_base: bool) -> dict:
-    """CLIP-family runs: zero-shot vs trained accuracy (`trainers/clip_eval.py`)."""
-    from peftvlm.trainers.clip_eval import evaluate_dual_encoder
-
-    return evaluate_dual_encoder(recipe, run_dir, split=split, max_samples=max_samples,
-                                 with_base=with_base)

@@ -115,7 +115,7 @@ def responder(predictor, compare_base: bool):
         if image is None:
             raise gr.Error("Upload an image first (or click an example below).")
         image = image.convert("RGB")
-        if predictor.kind == "dual_encoder":
+        if not predictor.generates:
             ranked = predictor.classify([image], top_k=10)[0]
             base = predictor.classify([image], top_k=10, base=True)[0] if compare_base else []
             return [ranked[0][0], dict(ranked), base[0][0] if base else "", dict(base)]

@@ -358,8 +358,8 @@ def run_server(run: str | Path, opts: ServerOptions, host: str = "127.0.0.1", po
     from peftvlm.serving.predictor import open_predictor
 
     predictor = open_predictor(run, log)
-    if predictor.kind != "generative":
-        raise RunError(f"{run} is a CLIP-family run: it ranks classes, it does not chat",
+    if not predictor.generates:
+        raise RunError(f"{run} is a dual-encoder run: it ranks, it does not chat",
                        hint=f"use `peftvlm predict {run} --image ...` or `peftvlm demo {run}`")
     log(f"serving {predictor.name} at http://{host}:{port}/v1 (models: {predictor.name}"
         + (f", {predictor.name}:base" if predictor.has_base else "") + ")")

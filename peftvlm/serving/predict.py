@@ -72,7 +72,7 @@ def predict(run: str | Path, images: list[str], prompt: str | None = None, base:
     opened = open_images(paths, warn)
     if not opened:
         raise DataError(f"none of the {len(paths)} images could be read")
-    if predictor.kind == "dual_encoder":
+    if not predictor.generates:
         rows = classify_rows(predictor, opened, top_k, base, batch_size or 32)
     else:
         rows = answer_rows(predictor, opened, prompt, base, batch_size)

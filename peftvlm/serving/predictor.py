@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from peftvlm.errors import PeftVLMError, RunError
+from peftvlm.kinds import get_kind, kind_for
 
 TASKS = ("question", "caption", "grounding", "classify")
 
@@ -99,13 +100,11 @@ def locate(path: str | Path) -> RunFiles:
 
 
 def open_predictor(path: str | Path, log=print):
-    """The predictor for a run folder or merged export (generative or CLIP-family)."""
-    from peftvlm.registry import get_method
-
+    """The predictor for a run folder or merged export, built by the run's kind (a merged
+    export without its run's recipe is loaded as a generative model)."""
     files = locate(path)
-    if files.recipe is not None and "generative" not in get_method(files.recipe.method.name).kinds:
-        return DualEncoderPredictor.load(files, log)
-    return GenerativePredictor.load(files, log)
+    kind = kind_for(files.recipe) if files.recipe is not None else get_kind("generative")
+    return kind.predictor(files, log)
 
 
 # --- rows --------------------------------------------------------------------------------------
@@ -169,6 +168,7 @@ class GenerativePredictor:
     """A generative VLM with its trained adapter (or merged weights); answers rows."""
 
     kind = "generative"
+    generates = True  # answers in text: chat completions, generated answers
 
     def __init__(self, files: RunFiles, loaded, model, base_switch, log=print):
         self.files, self.loaded, self.model = files, loaded, model
@@ -344,6 +344,7 @@ class DualEncoderPredictor:
     """A CLIP-family run: the trained method and zero-shot CLIP over the run's classes."""
 
     kind = "dual_encoder"
+    generates = False  # ranks classes
     task = "classify"
     default_prompt = None
     has_base = True

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftvlm.data.pairs import Pairs, image_id, open_rgb, pairs_from_rows  # noqa: F401
-from peftvlm.trainers.loop import ADAPTER_DIR, fit, hardware, start_session
+from peftvlm.summary import before_after, loop_losses, parameter_counts, run_summary
+from peftvlm.trainers.loop import ADAPTER_DIR, fit, start_session
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -159,12 +160,6 @@ def load_and_adapt(recipe):
     return loaded, model, encoder
 
 
-def parameter_counts(model) -> tuple[int, int]:
-    """(trainable, total) parameters."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 def dry_run_contrastive(recipe, log=print) -> dict:
     """Load, adapt and read the pairs; report parameter counts and one pair; train nothing."""
     loaded, model, _ = load_and_adapt(recipe)
@@ -206,21 +201,11 @@ def train_contrastive(recipe, run_dir: Path, resume: bool = False, log=print) ->
 
 def summarise(recipe, loaded, done, counts, data, train: Pairs, before, after) -> dict:
     """summary.json: the generative summary's fields, with retrieval scores under `eval`."""
-    state = done.state
-    metrics = list((after or before or {}).keys())
-    return {
-        "name": recipe.name, "method": recipe.method.name, "kind": "retrieval",
-        "model": recipe.model.id, "family": loaded.family.name,
-        "trainable_params": counts[0], "total_params": counts[1],
-        "train_runtime_s": round(done.runtime_s, 3), "global_step": state.step,
-        "final_loss": state.history[-1]["loss"] if state.history else None,
-        "loss_curve": [[h["step"], round(h["loss"], 6)] for h in state.history],
-        "eval": {m: {"before": (before or {}).get(m), "after": (after or {}).get(m)}
-                 for m in metrics},
-        "data": {**data.report(), "train_images": len(train),
-                 "train_captions": sum(map(len, train.captions))},
-        "hardware": hardware(),
-    }
+    return run_summary(
+        recipe, loaded.family, counts, runtime_s=done.runtime_s, global_step=done.state.step,
+        **loop_losses(done.state.history), eval=before_after(before, after),
+        data={**data.report(), "train_images": len(train),
+              "train_captions": sum(map(len, train.captions))})
 
 
 def write_outputs(recipe, model, processor, done, summary: dict, run_dir: Path) -> None:
