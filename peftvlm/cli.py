@@ -267,7 +267,7 @@ def list_templates() -> None:
 
     for spec in specs():
         columns = ", ".join(c if spec.columns[c].required else f"[{c}]" for c in spec.columns)
-        typer.echo(f"{spec.name:16} {spec.kind:15} columns: {columns}")
+        typer.echo(f"{spec.name:16} {spec.task:15} columns: {columns}")
         typer.echo(f"{'':16} {spec.description}")
 
 
