@@ -23,16 +23,21 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
           overwrite: bool = False, dry_run: bool = False, log=print, callbacks=()) -> dict:
     """Train the recipe's method on its data; return the run summary (also in summary.json).
     With `dry_run`, load and show what would train, and write no run folder."""
-    kind = kind_for(recipe)
-    kind.check(recipe)
     if dry_run:
-        return kind.dry_run(recipe, log)
+        return checked_kind(recipe).dry_run(recipe, log)
     run_dir = Path(output_dir) if output_dir else default_run_dir(recipe)
     with claimed_run_dir(run_dir, resume, overwrite, log):  # refusals before anything loads
         if resume and not overwrite:
             check_resume_recipe(recipe, run_dir)
-        return kind.fit(recipe, run_dir, resume=resume, overwrite=overwrite, log=log,
-                        callbacks=callbacks)
+        return checked_kind(recipe).fit(recipe, run_dir, resume=resume, overwrite=overwrite,
+                                        log=log, callbacks=callbacks)
+
+
+def checked_kind(recipe: Recipe):
+    """The recipe's kind, once it has refused what it cannot train (reads the model config)."""
+    kind = kind_for(recipe)
+    kind.check(recipe)
+    return kind
 
 
 def evaluate(recipe: Recipe, run_dir: str | Path, *, split: str = "test",
