@@ -27,9 +27,9 @@ from pathlib import Path
 import yaml
 
 from peftvlm.errors import ExportError, PeftVLMError
+from peftvlm.export_serving import prepare_for_serving
 from peftvlm.kinds import kind_for
 from peftvlm.registry import get_method
-from peftvlm.export_serving import prepare_for_serving
 from peftvlm.runs import write_json
 from peftvlm.export_checks import (check_adapter_effect, check_adapter_files, check_generation,
                                    check_merged_files, check_weights_changed, compare_logits,
@@ -171,8 +171,6 @@ def export_custom_method(run: Run, opts: ExportOptions, log) -> dict:
     report dict` (with a `checks` dict of `{"passed": bool, "error": str}` entries); the report
     then goes through the same card / push / W&B steps as peft adapters.
     """
-    from peftvlm.registry import get_method
-
     exporter = own_exporter(get_method(run.recipe.method.name))
     fresh_out_dir(opts.out)
     report = exporter(run.dir, run.adapter_dir, opts.out, opts.merge)

@@ -8,8 +8,9 @@ import importlib.util
 import json
 
 import pytest
+from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, run_cli
 from peftvlm import api
 from peftvlm.errors import RecipeError, RunError
 from peftvlm.kinds import KINDS, VERBS, Kind, get_kind, kind_for
@@ -87,6 +88,10 @@ def test_each_kind_trains_evaluates_exports_and_predicts_on_its_tiny_model(name,
         # until the retrieval predictor lands: a clear refusal, not a chat-template traceback
         with pytest.raises(RunError, match="retrieval run .* peftvlm.serving.retrieval"):
             open_predictor(run, **QUIET)
+        Image.new("RGB", (32, 32), "red").save(tmp_path / "x.png")
+        res = run_cli("predict", run, "--image", tmp_path / "x.png")  # was a chat-template crash
+        assert res.returncode != 0 and "is a retrieval run" in res.stderr
+        assert "Traceback" not in res.stderr
         return
     predictor = open_predictor(run, **QUIET)
     assert predictor.generates == get_kind(name).generates

@@ -39,13 +39,11 @@ VERBS = ("check", "dry_run", "fit", "evaluate", "export_weights", "predictor")
 class Kind:
     """What one kind of run does at each stage. Subclasses implement every verb in `VERBS`.
 
-    `generates`: the trained model answers in text (chat completions, generated answers);
-    `trains_with_trl`: fit runs TRL's trainer (objectives such as SFT/DPO/GRPO plug in there).
+    `generates`: the trained model answers in text (chat completions, generated answers).
     """
 
     name: str = ""
     generates: bool = False
-    trains_with_trl: bool = False
 
     def check(self, recipe) -> None:
         """Refuse what this kind cannot train, once the model's family is known (no weights)."""

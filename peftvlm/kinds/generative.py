@@ -16,8 +16,7 @@ from peftvlm.trainers import generative
 
 class GenerativeKind(Kind):
     name = "generative"
-    generates = True
-    trains_with_trl = True  # the seam for training objectives (SFT now; DPO, GRPO next)
+    generates = True  # training objectives (SFT now; DPO, GRPO next): trainers.generative
 
     def dry_run(self, recipe, log=print) -> dict:
         return generative.dry_run(recipe, log)
