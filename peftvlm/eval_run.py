@@ -18,10 +18,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftvlm.data.collate import ConversationCollator
+from peftvlm.data.loading import prepare_data
 from peftvlm.errors import DataError, RecipeError, RunError
 from peftvlm.eval_report import (answer_classes, compare, per_class_accuracy, prediction_rows,
                                  write_outputs)
+from peftvlm.evaluate import evaluate_rows, generation_kwargs
 from peftvlm.kinds import kind_for
+from peftvlm.models import load_base
+from peftvlm.registry import get_method
 from peftvlm.runs import read_summary
 
 SPLITS = {"test": "data.eval (the held-out rows scored during training)",
@@ -99,10 +104,6 @@ def load_base_and_rows(recipe, split: str, max_samples: int | None):
     them (same loading, bad-row policy, system prompt and length filter)."""
     from transformers import set_seed
 
-    from peftvlm.data.collate import ConversationCollator
-    from peftvlm.data.loading import prepare_data
-    from peftvlm.models import load_base
-
     set_seed(recipe.train.seed)
     loaded = load_base(recipe.model, recipe.method.name)
     collator = ConversationCollator(loaded.processor, loaded.family,
@@ -138,8 +139,6 @@ def load_adapter(model, run_dir: Path, method_name: str):
     method's own loader where it saves more than peft does (per_part's prompts)."""
     from peft import PeftModel
 
-    from peftvlm.registry import get_method
-
     loader = get_method(method_name).hook("load_trained") or PeftModel.from_pretrained
     try:
         return loader(model, run_dir / "adapter")
@@ -152,16 +151,12 @@ def load_adapter(model, run_dir: Path, method_name: str):
 def score(recipe, loaded, model, rows: list[dict], cfg) -> dict:
     from transformers import set_seed
 
-    from peftvlm.evaluate import evaluate_rows
-
     set_seed(recipe.train.seed)  # only sampling (eval.do_sample) draws random numbers
     return evaluate_rows(model, loaded.processor, loaded.family, rows, cfg, progress=True)
 
 
 def build_result(recipe, run_dir: Path, split: str, cfg, base: dict | None, tuned: dict) -> dict:
     """metrics.json's content: per score base/fine-tuned/delta, per-class scores, settings."""
-    from peftvlm.evaluate import generation_kwargs
-
     classes = answer_classes(tuned["references"])
     per_class = {}
     if classes:

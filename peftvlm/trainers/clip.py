@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftvlm.errors import RecipeError
+from peftvlm.methods.dual_encoder import DualEncoderClassifier, save_method
+from peftvlm.methods.dual_encoder.base import WEIGHTS_FILE
+from peftvlm.models import load_base
+from peftvlm.registry import get_method
+from peftvlm.runs import plot_loss, write_json
 from peftvlm.summary import loop_losses, parameter_counts, run_summary
 from peftvlm.trainers import clip_data
 from peftvlm.trainers.loop import ADAPTER_DIR, CHECKPOINT_DIR, fit, start_session  # noqa: F401
@@ -23,8 +28,6 @@ from peftvlm.trainers.loop import ADAPTER_DIR, CHECKPOINT_DIR, fit, start_sessio
 
 def load_dual_encoder(recipe):
     """The recipe's base model (frozen later by the method), processor and family."""
-    from peftvlm.models import load_base
-
     loaded = load_base(recipe.model, recipe.method.name)
     if not loaded.family.is_dual_encoder:
         raise RecipeError(f"model.id: {recipe.model.id!r} is a {loaded.family.name} model; "
@@ -124,8 +127,6 @@ def evaluate(classifier, sets: EvalSets) -> dict | None:
 
 def build_classifier(recipe, loaded, classnames: list[str]):
     """Apply the recipe's method to the frozen base, over `classnames`."""
-    from peftvlm.registry import get_method
-
     method = get_method(recipe.method.name)
     if not method.trains_dual_encoders:
         raise RecipeError(f"method.name: {method.name!r} is not a CLIP-family method",
@@ -154,9 +155,6 @@ def dry_run_dual_encoder(recipe, log=print) -> dict:
 def train_dual_encoder(recipe, run_dir: Path, resume: bool = False, log=print) -> dict:
     """Train the recipe's CLIP-family method; returns (and writes) the run summary."""
     from accelerate.utils import set_seed
-
-    from peftvlm.methods.dual_encoder import DualEncoderClassifier, save_method
-    from peftvlm.runs import plot_loss, write_json
 
     run_dir, session = Path(run_dir), start_session(recipe)
     accelerator = session.accelerator
@@ -220,14 +218,10 @@ class ClassificationTask:
         return {f"accuracy_{k}": v for k, v in evaluate(self.classifier, self.eval_sets).items()}
 
     def save_learned(self, folder: Path) -> None:
-        from peftvlm.methods.dual_encoder import save_method
-
         save_method(self.classifier, folder)
 
     def load_learned(self, folder: Path) -> None:
         from safetensors.torch import load_file
-
-        from peftvlm.methods.dual_encoder.base import WEIGHTS_FILE
 
         device = next(self.classifier.parameters()).device
         tensors = {k: v.to(device) for k, v in load_file(folder / WEIGHTS_FILE).items()}
