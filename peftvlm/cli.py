@@ -267,7 +267,7 @@ def list_templates() -> None:
 
     for spec in specs():
         columns = ", ".join(c if spec.columns[c].required else f"[{c}]" for c in spec.columns)
-        typer.echo(f"{spec.name:16} {spec.kind:15} columns: {columns}")
+        typer.echo(f"{spec.name:16} {spec.task:15} columns: {columns}")
         typer.echo(f"{'':16} {spec.description}")
 
 
@@ -285,7 +285,7 @@ def ls(what: str = typer.Argument("recipes", help="methods, families, models, me
         from peftvlm.families import FAMILIES
 
         for f in FAMILIES.values():
-            media = "" if f.kind != "generative" else (
+            media = "" if not f.is_generative else (
                 "images where they stand" if f.interleaved_images else "images first in a turn"
             ) + (", video" if f.takes_video else "")
             typer.echo(f"{f.name:12} {f.kind:13} model_type: {', '.join(f.model_types):20} "

@@ -29,6 +29,8 @@ from pathlib import Path
 from peftvlm.errors import ExportError, PeftVLMError
 from peftvlm.export_serving import prepare_for_serving
 from peftvlm.export_staging import Staging
+from peftvlm.kinds import kind_for
+from peftvlm.registry import get_method
 from peftvlm.runs import write_json
 from peftvlm.safe_yaml import AliasBombError, load_yaml
 from peftvlm.export_checks import (check_adapter_effect, check_adapter_files, check_generation,
@@ -102,28 +104,21 @@ def export_staged(run: Run, opts: ExportOptions, log) -> dict:
 
 def write_export(run: Run, opts: ExportOptions, log) -> dict:
     """The exporter of the run's method or kind, writing into `opts.out`."""
-    from peftvlm.kinds import run_kind
-    from peftvlm.registry import get_method
-
     if own_exporter(get_method(run.recipe.method.name)) is not None:
         return export_custom_method(run, opts, log)
-    kind = run_kind(run.recipe)
-    if kind == "retrieval":  # peft adapter on a dual encoder
-        from peftvlm.export_retrieval import export_retrieval_adapter, export_retrieval_merged
-
-        fresh_out_dir(opts.out)
-        exporter = export_retrieval_merged if opts.merge else export_retrieval_adapter
-        return finish_export(run, opts, exporter(run, opts, log), log)
-    if kind == "classification":  # CoOp / VPT / CLIP-Adapter: their own files
-        from peftvlm.export_classifier import export_dual_encoder
-
-        fresh_out_dir(opts.out)
-        report = export_dual_encoder(run.dir, run.adapter_dir, opts.out, opts.merge)
-        report.setdefault("kind", "merged" if opts.merge else "adapter")
-        return finish_export(run, opts, report, log)
     fresh_out_dir(opts.out)
-    report = export_merged(run, opts, log) if opts.merge else export_adapter(run, opts, log)
-    return finish_export(run, opts, report, log)
+    return finish_export(run, opts, kind_for(run.recipe).export_weights(run, opts, log), log)
+
+
+def export_peft_weights(run: Run, opts: ExportOptions, log) -> dict:
+    """The generative kind's export: a peft adapter, or merged into its unquantized base."""
+    return export_merged(run, opts, log) if opts.merge else export_adapter(run, opts, log)
+
+
+def export_after_training(recipe, run_dir: Path, summary: dict, log) -> None:
+    """The recipe's `export` section: merge and/or push once training has finished."""
+    if recipe.export.merge or recipe.export.push_to_hub:
+        summary["export"] = export_run(run_dir, log=log)
 
 
 def finish_export(run: Run, opts: ExportOptions, report: dict, log) -> dict:
@@ -202,8 +197,6 @@ def export_custom_method(run: Run, opts: ExportOptions, log) -> dict:
     report dict` (with a `checks` dict of `{"passed": bool, "error": str}` entries); the report
     then goes through the same card / push / W&B steps as peft adapters.
     """
-    from peftvlm.registry import get_method
-
     exporter = own_exporter(get_method(run.recipe.method.name))
     fresh_out_dir(opts.out)
     report = exporter(run.dir, run.adapter_dir, opts.out, opts.merge)

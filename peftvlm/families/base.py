@@ -144,6 +144,16 @@ class FamilySpec:
     packed_positions: Callable[[Any, dict], Any] | None = field(
         default=None, compare=False, repr=False)
 
+    @property
+    def is_generative(self) -> bool:
+        """A generative VLM (image + text in, text out), loaded with AutoModelForImageTextToText."""
+        return self.kind == "generative"
+
+    @property
+    def is_dual_encoder(self) -> bool:
+        """A dual encoder (CLIP, SigLIP): image and text features in one space, no generation."""
+        return self.kind == "dual_encoder"
+
     def joint_dim(self, config) -> int:
         """The width of the joint image-text feature space of a dual encoder."""
         for name in self.joint_dim_config.split("."):

@@ -29,8 +29,7 @@ from pathlib import Path
 import yaml
 
 from peftvlm.errors import PeftVLMError, RunError
-from peftvlm.kinds import run_kind
-from peftvlm.serving.retrieval import RetrievalPredictor
+from peftvlm.kinds import kind_for, kind_for_export
 from peftvlm.trainers.contrastive import Encoder, pooled
 
 TASKS = ("question", "caption", "grounding", "classify")
@@ -103,13 +102,12 @@ def locate(path: str | Path) -> RunFiles:
 
 
 def open_predictor(path: str | Path, log=print):
-    """The predictor for a run folder or merged export: generative, CLIP-family classification
-    or retrieval, as `kinds.run_kind` decides for the run's recipe (a merged export without its
-    recipe: by its model family)."""
+    """The predictor for a run folder or merged export, built by the run's kind (a merged
+    export without its run's recipe: by its model family)."""
     files = locate(path)
-    if files.recipe is not None:
-        return PREDICTORS[run_kind(files.recipe)].load(files, log)
-    return PREDICTORS_BY_FAMILY[merged_family(files).kind].load(files, log)
+    kind = (kind_for(files.recipe) if files.recipe is not None
+            else kind_for_export(merged_family(files)))
+    return kind.predictor(files, log)
 
 
 def merged_family(files: RunFiles):
@@ -179,7 +177,7 @@ def task_of(recipe) -> str:
 class GenerativePredictor:
     """A generative VLM with its trained adapter (or merged weights); answers rows."""
 
-    kind = "generative"
+    generates = True  # answers in text: chat completions, generated answers
 
     def __init__(self, files: RunFiles, loaded, model, base_switch, log=print):
         self.files, self.loaded, self.model = files, loaded, model
@@ -354,7 +352,7 @@ def merged_model_config(files: RunFiles):
 class DualEncoderPredictor:
     """A CLIP-family run: the trained method and zero-shot CLIP over the run's classes."""
 
-    kind = "dual_encoder"
+    generates = False  # ranks classes
     task = "classify"
     default_prompt = None
     has_base = True
@@ -469,10 +467,3 @@ def class_examples(recipe, limit: int = 8) -> list[dict]:
             if isinstance(image, (str, Path))]
 
 
-
-# Which predictor answers each run kind (the coordinator moves this onto the Kind objects).
-PREDICTORS = {"generative": GenerativePredictor, "classification": DualEncoderPredictor,
-              "retrieval": RetrievalPredictor}
-# A merged export without its recipe: a dual encoder there is a retrieval export (the
-# classification methods have no merged form that loads here).
-PREDICTORS_BY_FAMILY = {"generative": GenerativePredictor, "dual_encoder": RetrievalPredictor}

@@ -29,7 +29,7 @@ from peftvlm.trainers.loop import ADAPTER_DIR
 class RetrievalPredictor:
     """A dual encoder with its contrastively trained adapter (or merged weights)."""
 
-    kind = "retrieval"
+    generates = False  # ranks captions and images, embeds both
     task = "retrieve"
     default_prompt = None
     system_prompt = None

@@ -350,9 +350,3 @@ def optimizer_step(parts: Parts, task: Task, stream, train) -> tuple[int, float]
     parts.scheduler.step()
     parts.optimizer.zero_grad()
     return epoch, sum(losses) / len(losses)
-
-
-def hardware() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
