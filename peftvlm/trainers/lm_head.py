@@ -21,9 +21,11 @@ def use_logits_head(model) -> None:
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
                 num_items_in_batch=None, **kwargs):
-        if not fused_lm_head:
-            return trl_forward(*args, labels=labels, shift_labels=shift_labels,
-                               num_items_in_batch=num_items_in_batch, **kwargs)
+        if not fused_lm_head:  # as TRL's head: only the arguments given reach the model
+            given = {k: v for k, v in (("labels", labels), ("shift_labels", shift_labels),
+                                       ("num_items_in_batch", num_items_in_batch))
+                     if v is not None}
+            return trl_forward(*args, **kwargs, **given)
         logits = trl_forward(*args, **{**kwargs, "use_cache": False}).logits
         return outputs_from_logits(logits, labels, shift_labels, num_items_in_batch)
 
