@@ -15,7 +15,7 @@ if ! .venv/bin/python -c "import sys, torch; sys.exit(torch.__version__.split('+
     2>/dev/null; then
   # the locked torch: the CUDA build from PyPI on GPU machines, else the CPU build, which never
   # pulls multi-GB CUDA wheels
-  .venv/bin/pip install -q "torch==$TORCH"
+  .venv/bin/pip install -q -c "$LOCK" "torch==$TORCH"
 fi
 # Every other dependency comes from a wheelhouse outside the checkout when it holds them all,
 # offline: pip's HTTP cache stays empty on these machines, so each clean clone would download
