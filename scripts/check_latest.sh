@@ -14,13 +14,14 @@
 #        bash scripts/check_latest.sh --lock-from VENV    rewrite the lock from a venv whose
 #                                                         suite already passed (no test run)
 # Environment: PEFTVLM_LATEST_VENV (the throwaway venv; default: a temporary folder removed at
-# the end), PYTHON (its interpreter; default python3), JOBS (pytest -n; default 2).
+# the end), PYTHON (its interpreter; default python3), JOBS (pytest -n; default 2),
+# LATEST_TORCH (the torch to test on a CPU machine; default: the locked one, see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOCK=requirements/lock.txt
 
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,17p' "$0" | sed -E 's/^# ?//'
+  sed -n '2,18p' "$0" | sed -E 's/^# ?//'
   exit 0
 fi
 
@@ -77,6 +78,17 @@ for spec in requires("peftvlm"):
 print(" ".join(sorted(names - {"peftvlm"})))
 PY
 )
+# torch: the newest on GPU machines; on CPU ones the locked build unless LATEST_TORCH names
+# another (e.g. "torch==2.14.1 --index-url https://download.pytorch.org/whl/cpu"): PyPI's newest
+# Linux wheel is the CUDA build, GBs of nvidia wheels. The other upgrades leave it as it is.
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  TORCH_REQ=${LATEST_TORCH:-torch}
+else
+  TORCH_REQ=${LATEST_TORCH:-torch==$(sed -n 's/^torch==//p' "$LOCK")}
+fi
+# shellcheck disable=SC2086  # LATEST_TORCH may carry pip options
+"$VENV/bin/pip" install -q --upgrade $TORCH_REQ
+NAMES=$(echo "$NAMES" | tr ' ' '\n' | grep -vx torch | tr '\n' ' ')
 echo "installing the newest releases of: $NAMES"
 # shellcheck disable=SC2086  # one argument per name
 "$VENV/bin/pip" install -q --upgrade $NAMES "setuptools>=77"
