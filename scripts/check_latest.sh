@@ -63,7 +63,17 @@ if [ -z "$VENV" ]; then
 fi
 "${PYTHON:-python3}" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-# The newest release of every dependency peftvlm names (its test and serve extras included),
+# torch: the newest on GPU machines; on CPU ones the locked build unless LATEST_TORCH names
+# another (e.g. "torch==2.14.1 --index-url https://download.pytorch.org/whl/cpu"): PyPI's newest
+# Linux wheel is the CUDA build, GBs of nvidia wheels. The other upgrades leave it as it is.
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  TORCH_REQ=${LATEST_TORCH:-torch}
+else
+  TORCH_REQ=${LATEST_TORCH:-torch==$(sed -n 's/^torch==//p' "$LOCK")}
+fi
+# shellcheck disable=SC2086  # LATEST_TORCH may carry pip options
+"$VENV/bin/pip" install -q --upgrade $TORCH_REQ
+# The newest release of every other dependency peftvlm names (test and serve extras included),
 # each without its version range: pip still resolves them against each other.
 "$VENV/bin/pip" install -q --no-deps -e .
 NAMES=$("$VENV/bin/python" - <<'PY'
@@ -75,20 +85,9 @@ for spec in requires("peftvlm"):
     marker = spec.partition(";")[2]
     if not marker or re.search(r"extra == .(test|serve).", marker):
         names.add(re.match(r"[A-Za-z0-9._-]+", spec).group(0))
-print(" ".join(sorted(names - {"peftvlm"})))
+print(" ".join(sorted(names - {"peftvlm", "torch"})))  # torch: above
 PY
 )
-# torch: the newest on GPU machines; on CPU ones the locked build unless LATEST_TORCH names
-# another (e.g. "torch==2.14.1 --index-url https://download.pytorch.org/whl/cpu"): PyPI's newest
-# Linux wheel is the CUDA build, GBs of nvidia wheels. The other upgrades leave it as it is.
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  TORCH_REQ=${LATEST_TORCH:-torch}
-else
-  TORCH_REQ=${LATEST_TORCH:-torch==$(sed -n 's/^torch==//p' "$LOCK")}
-fi
-# shellcheck disable=SC2086  # LATEST_TORCH may carry pip options
-"$VENV/bin/pip" install -q --upgrade $TORCH_REQ
-NAMES=$(echo "$NAMES" | tr ' ' '\n' | grep -vx torch | tr '\n' ' ')
 echo "installing the newest releases of: $NAMES"
 # shellcheck disable=SC2086  # one argument per name
 "$VENV/bin/pip" install -q --upgrade $NAMES "setuptools>=77"
