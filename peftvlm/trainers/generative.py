@@ -170,7 +170,8 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
         collator, streamed = StreamCollator(collator, data.train), [StreamCheckpoint(data.train,
                                                                                      log)]
     trainer = build_trainer(model, loaded.processor, collator, items, args,
-                            [stopper, *streamed, MarkCheckpointComplete(), *callbacks])
+                            [stopper, *streamed, MarkCheckpointComplete(), *callbacks],
+                            family=loaded.family)
     add_periodic_eval(trainer, recipe, loaded, data)
     checkpoint = last_checkpoint(run_dir, log) if resume else None
     if resume and checkpoint is None:
