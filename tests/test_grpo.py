@@ -12,10 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
+from peftvlm.data.collate import ConversationCollator
+from peftvlm.data.loading import prepare_data
 from peftvlm.errors import RunError
+from peftvlm.evaluate import evaluate_rows
 from peftvlm.recipe import validate_recipe_dict
+from peftvlm.registry import get_method
 from peftvlm.rewards import build_rewards
-from peftvlm.trainers.objectives.grpo_trainer import build_grpo_trainer
+from peftvlm.trainers.generative import load_model_with_method
+from peftvlm.trainers.objectives.grpo_trainer import (build_grpo_trainer, check_rollout_prompts,
+                                                      finite_rewards)
+from peftvlm.trainers.sft import build_trainer, sft_config
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220),
            "yellow": (230, 220, 30)}
@@ -53,9 +60,6 @@ def grpo_recipe(model_id: str, **grpo):
 
 
 def make_trainer(model_id: str, rows: list[dict], run_dir: Path, **grpo):
-    from peftvlm.api import load_model_with_method
-    from peftvlm.registry import get_method
-
     recipe = grpo_recipe(model_id, **grpo)
     torch.manual_seed(0)
     loaded, model = load_model_with_method(recipe, get_method("lora"))
@@ -101,7 +105,6 @@ def test_rollout_prompts_carry_exactly_their_images_tokens(model_id, tmp_path):
 
 
 def test_rollout_guard_names_a_prompt_without_its_image_tokens():
-    from peftvlm.trainers.objectives.grpo_trainer import check_rollout_prompts
 
     ids = torch.tensor([[0, 5, 7, 7, 3], [5, 7, 3, 3, 3]])
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
@@ -194,7 +197,6 @@ def test_two_grpo_steps_train_the_adapter_with_finite_logged_rewards(model_id, t
 
 
 def test_non_finite_reward_stops_the_run(tmp_path):
-    from peftvlm.trainers.objectives.grpo_trainer import finite_rewards
 
     def broken(prompts, completions, **columns):
         return [float("nan")] * len(completions)
@@ -223,12 +225,6 @@ def test_grpo_with_exact_match_raises_held_out_reward(tmp_path):
     colours give a model that answers with a colour word but ignores the image (GRPO needs
     groups whose rewards differ: a random model samples the right word 1 time in ~600), then
     GRPO with the exact-match reward alone must raise held-out exact match by >= 0.2."""
-    from peftvlm.api import load_model_with_method
-    from peftvlm.data.collate import ConversationCollator
-    from peftvlm.data.loading import prepare_data
-    from peftvlm.evaluate import evaluate_rows
-    from peftvlm.registry import get_method
-    from peftvlm.trainers.sft import build_trainer, sft_config
 
     recipe = validate_recipe_dict({
         "model": {"id": "tiny-llava"},
