@@ -22,10 +22,10 @@ class GRPOObjective:
 
     def refusal(self, recipe, family, method) -> str | None:
         """What GRPO cannot run on, from the recipe alone (no weights, no torch)."""
-        if family is not None and family.kind != "generative":
+        if family is not None and not family.is_generative:
             return (f"{family.name} is a dual encoder, which samples no replies to reward: only "
                     "generative VLMs train with grpo")
-        if "generative" not in method.kinds:
+        if not method.trains_generative:
             return f"method {method.name!r} trains dual encoders (use objective: sft)"
         if not method.apply_path.endswith(":apply_peft"):
             return (f"method {method.name!r} adds modules that peft's disable_adapter does not "
