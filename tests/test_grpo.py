@@ -14,14 +14,14 @@ from PIL import Image
 
 from peftvlm.data.collate import ConversationCollator
 from peftvlm.data.loading import prepare_data
-from peftvlm.errors import RunError
+from peftvlm.errors import RecipeError, RunError
 from peftvlm.evaluate import evaluate_rows
 from peftvlm.recipe import validate_recipe_dict
 from peftvlm.registry import get_method
 from peftvlm.rewards import build_rewards
 from peftvlm.trainers.generative import load_model_with_method
 from peftvlm.trainers.objectives.grpo_trainer import (build_grpo_trainer, check_rollout_prompts,
-                                                      finite_rewards)
+                                                      finite_rewards, grpo_config)
 from peftvlm.trainers.sft import build_trainer, sft_config
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220),
@@ -259,3 +259,15 @@ def test_grpo_with_exact_match_raises_held_out_reward(tmp_path):
              if "rewards/exact_match/mean" in e]
     assert curve[-1] > curve[0] + 0.15, curve  # the rollouts' own reward rose
     assert held_out() >= start + 0.2
+
+
+def test_wandb_gets_a_table_of_sampled_completions_and_vllm_needs_cuda(tmp_path):
+    recipe = grpo_recipe("tiny-llava")
+    with_wandb = grpo_config(recipe, tmp_path, ["wandb"], None)
+    assert with_wandb.log_completions and with_wandb.reward_weights == [1.0, 0.1]
+    assert not grpo_config(recipe, tmp_path, [], None).log_completions
+    assert with_wandb.num_generations == 2 and with_wandb.max_completion_length == 4
+    vllm = grpo_recipe("tiny-llava", use_vllm=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(RecipeError, match="vLLM rollouts need a CUDA GPU"):
+            grpo_config(vllm, tmp_path, [], None)
