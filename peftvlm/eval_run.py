@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftvlm.data.collate import ConversationCollator
-from peftvlm.data.loading import prepare_data
+from peftvlm.data.pipeline import prepare_data
 from peftvlm.errors import DataError, RecipeError, RunError
 from peftvlm.eval_report import (answer_classes, compare, per_class_accuracy, prediction_rows,
                                  write_outputs)

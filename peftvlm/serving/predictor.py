@@ -145,7 +145,8 @@ def first_user_text(row: dict) -> str | None:
 def held_out_rows(recipe, family, limit: int = 8) -> list[dict]:
     """The first `limit` held-out rows of a recipe as training read them (training rows when it
     has no held-out data; none when its data cannot be read from here)."""
-    from peftvlm.data.loading import load_source, recipe_sources, with_system_prompt
+    from peftvlm.data.loading import load_source, recipe_sources
+    from peftvlm.data.rows import with_system_prompt
 
     try:
         train_sources, eval_sources = recipe_sources(recipe)
