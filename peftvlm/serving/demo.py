@@ -17,6 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from peftvlm.data.images import load_rgb
 from peftvlm.errors import PeftVLMError
 
 TITLES = {"question": "Ask a question about an image", "caption": "Caption an image",
@@ -114,7 +115,7 @@ def responder(predictor, compare_base: bool):
     def respond(image, question):
         if image is None:
             raise gr.Error("Upload an image first (or click an example below).")
-        image = image.convert("RGB")
+        image = load_rgb(image)  # as training decoded its images (EXIF, alpha on white)
         if predictor.kind == "dual_encoder":
             ranked = predictor.classify([image], top_k=10)[0]
             base = predictor.classify([image], top_k=10, base=True)[0] if compare_base else []

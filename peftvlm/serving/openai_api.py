@@ -29,6 +29,9 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from peftvlm.data.images import load_rgb
+from peftvlm.data.sources import BadRow
+
 
 @dataclass
 class ServerOptions:
@@ -143,16 +146,13 @@ def allowed_file(url: str, where: str, opts: ServerOptions) -> Path:
 
 
 def decode_image(source, where: str, opts: ServerOptions):
-    from PIL import Image, UnidentifiedImageError
-
+    """The image as training decoded it (`load_rgb`: EXIF, alpha on white, 16-bit scaled)."""
     try:
-        with Image.open(source) as im:
-            if im.width * im.height > opts.max_image_pixels:
-                raise APIError(413, f"{where}: {im.width}x{im.height} is over "
-                                    f"{opts.max_image_pixels:,} pixels", where, "image_too_large")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise APIError(400, f"{where}: not a readable image ({str(exc).splitlines()[0]})", where,
+        return load_rgb(source, where, max_pixels=opts.max_image_pixels)
+    except BadRow as exc:
+        if exc.reason == "image_too_large":
+            raise APIError(413, exc.detail, where, "image_too_large") from None
+        raise APIError(400, f"{where}: not a readable image ({exc.detail})", where,
                        "invalid_image") from None
 
 
