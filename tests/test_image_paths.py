@@ -11,6 +11,8 @@ tested here or a header-only reader named below with why."""
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -135,14 +137,18 @@ def predict(image, llava, received, tmp_path):
     return [np.asarray(im) for _, im in open_images([image], warn=pytest.fail)]
 
 
+# Where the server turns request images into PIL images (serving/inputs.py once split out).
+SERVE_INPUTS = ("peftvlm.serving.inputs" if importlib.util.find_spec("peftvlm.serving.inputs")
+                else "peftvlm.serving.openai_api")
+
+
 def serve_data_url(image, llava, received, tmp_path):
     """`peftvlm serve`: the image of a chat request's data URL."""
     import base64
 
-    from peftvlm.serving.openai_api import ServerOptions, read_image_url
-
+    inputs = importlib.import_module(SERVE_INPUTS)
     url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
-    return [np.asarray(read_image_url(url, "messages[0]", ServerOptions()))]
+    return [np.asarray(inputs.read_image_url(url, "messages[0]", inputs.ServerOptions()))]
 
 
 def demo(image, llava, received, tmp_path):
@@ -204,7 +210,7 @@ def clipscore(image, clip, received, tmp_path):
 GENERATIVE_PATHS = {"peftvlm.data.collate": generative_training,
                     "peftvlm.evaluate": generative_eval,
                     "peftvlm.serving.predict": predict,
-                    "peftvlm.serving.openai_api": serve_data_url,
+                    SERVE_INPUTS: serve_data_url,
                     "peftvlm.serving.demo": demo}
 DUAL_ENCODER_PATHS = {"peftvlm.trainers.clip": clip_training,
                       "peftvlm.trainers.contrastive": retrieval_training,

@@ -152,7 +152,7 @@ def decode_image(source, where: str, opts: ServerOptions):
     except BadRow as exc:
         if exc.reason == "image_too_large":
             raise APIError(413, exc.detail, where, "image_too_large") from None
-        raise APIError(400, f"{where}: not a readable image ({exc.detail})", where,
+        raise APIError(400, f"{where}: not a readable image (PNG, JPEG, WebP, ...)", where,
                        "invalid_image") from None
 
 
