@@ -69,7 +69,7 @@ def train_generative(recipe, method, run_dir: Path, resume, overwrite, dry_run, 
     from transformers import set_seed
 
     from peftvlm.data.collate import ConversationCollator
-    from peftvlm.data.loading import prepare_data
+    from peftvlm.data.loading import count_skipped_rows, prepare_data, skipped_rows_file
 
     set_seed(recipe.train.seed)
     sharding = resolve_sharding(recipe)  # refuses impossible set-ups before a model loads
@@ -94,8 +94,10 @@ def train_generative(recipe, method, run_dir: Path, resume, overwrite, dry_run, 
     run_dir = prepare_run_dir(run_dir, resume, overwrite)
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     before = evaluate_if_asked(recipe, model, loaded, data, recipe.eval.before_training, log)
+    collator.skipped_rows_file = skipped_rows_file(run_dir, resume)
     trainer, runtime = run_trainer(recipe, model, loaded, collator, data, run_dir, resume,
                                    callbacks, log, sharding)
+    count_skipped_rows(data, collator.skipped_rows_file, log)
     after = evaluate_if_asked(recipe, trainer.model, loaded, data, True, log)
     summary = summarise(recipe, trainer, loaded, data, runtime, before, after)
     state_dict = full_state_dict(trainer)  # a collective under FSDP: every rank takes part

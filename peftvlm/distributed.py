@@ -15,6 +15,7 @@ from typing import Literal
 import yaml
 
 from peftvlm.errors import RecipeError
+from peftvlm.safe_yaml import AliasBombError, load_yaml
 
 Sharding = Literal["fsdp", "deepspeed"]
 
@@ -51,8 +52,8 @@ def read_config_file(value, base: Path, field: str, where: str) -> dict:
                           hint="paths are relative to the recipe file; or give the settings "
                                "inline as a mapping")
     try:
-        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
-    except yaml.YAMLError as exc:
+        data = load_yaml(path.read_text())  # YAML is a superset of JSON
+    except (yaml.YAMLError, AliasBombError) as exc:
         raise RecipeError(f"{where}: train.{field}: {path} is not valid JSON/YAML: "
                           f"{str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict):

@@ -16,6 +16,7 @@ from peftvlm._schema import Section, describe_validation_error
 from peftvlm.errors import RecipeError
 from peftvlm.families import tiny_models
 from peftvlm.registry import method_config_classes
+from peftvlm.safe_yaml import AliasBombError, load_yaml, regular_file_problem
 
 
 class QuantizationConfig(Section):
@@ -44,12 +45,14 @@ class ModelConfig(Section):
 
 
 # Row formats (peftvlm/data/formats.py) and annotation layouts (peftvlm/data/readers.py).
-RowFormat = Literal["auto", "messages", "openai_messages", "llava_conversations"]
+RowFormat = Literal["auto", "messages", "openai_messages", "llava_conversations",
+                    "llamafactory_v1"]
 SourceFormat = Literal["auto", "messages", "openai_messages", "llava_conversations",
-                       "coco_captions", "vqav2"]
+                       "llamafactory_v1", "coco_captions", "vqav2"]
 
 
-FORMAT_ALIASES = {"sharegpt": "llava_conversations", "openai": "openai_messages"}
+FORMAT_ALIASES = {"sharegpt": "llava_conversations", "openai": "openai_messages",
+                  "llama_factory_v1": "llamafactory_v1"}
 
 
 def _format_name(value: Any) -> Any:
@@ -80,10 +83,12 @@ class SourceConfig(Section):
         "auto", description="How the source is laid out. auto: detected (a JSON with `images` + "
                             "`annotations` lists is COCO captions; rows with `conversations` "
                             "are llava_conversations, with `messages` messages or, with OpenAI "
-                            "`image_url` items, openai_messages). Annotation layouts: "
+                            "`image_url` items, openai_messages; with `value` items, "
+                            "llamafactory_v1). Annotation layouts: "
                             "coco_captions, vqav2 (path = questions file, `annotations` = "
                             "annotations file). Row formats (forced): messages, openai_messages, "
-                            "llava_conversations (docs/data.md). Default: data.format.")
+                            "llava_conversations, llamafactory_v1 (docs/data.md). Default: "
+                            "data.format.")
 
     _format_names = field_validator("format", mode="before")(
         classmethod(lambda cls, v: _format_name(v)))
@@ -169,7 +174,8 @@ class DataConfig(Section):
     format: RowFormat = Field(
         "auto", description="Row format of every source whose own `format` is auto: auto "
                             "(detected per source and reported by `data stats`), messages, "
-                            "openai_messages or llava_conversations (docs/data.md).")
+                            "openai_messages, llava_conversations or llamafactory_v1 "
+                            "(docs/data.md).")
     video_fps: float | None = Field(
         2.0, gt=0, description="Frames sampled per second of a video file (`videos` field); "
                                "None = every frame. Frame folders are used frame by frame, "
@@ -412,7 +418,10 @@ def apply_overrides(data: dict, overrides: list[str], file: str = "<recipe>") ->
 def _override_value(item: str, raw: str, file: str):
     """An override's value parsed as YAML (`1e-4`, `[a, b]`, `{k: v}`); empty means null."""
     try:
-        return yaml.safe_load(raw) if raw.strip() else None
+        return load_yaml(raw) if raw.strip() else None
+    except AliasBombError as exc:
+        raise RecipeError(f"{file}: override `{item}`: {exc}",
+                          hint="write the value out without aliases") from None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(f"{file}: override `{item}`: the value `{raw}` is not valid YAML "
@@ -424,11 +433,19 @@ def read_recipe_yaml(path: Path, what: str = "recipe",
                      start_from: str = "`peftvlm cp quickstart my.yaml`") -> dict:
     """Read a YAML config (a recipe by default) into a dict, with clear errors for
     missing/empty/invalid files."""
+    problem = regular_file_problem(path)  # before opening: open() on a FIFO never returns
+    if problem:
+        raise RecipeError(f"{what} file {path} {problem}",
+                          hint=f"give the path of a YAML file (e.g. {path}/recipe.yaml)"
+                          if path.is_dir() else "give the path of a YAML file")
     if not path.exists():
-        raise RecipeError(f"recipe file {path} does not exist",
+        raise RecipeError(f"{what} file {path} does not exist",
                           hint="check the path, or list the shipped ones: `peftvlm ls recipes`")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
+    except AliasBombError as exc:
+        raise RecipeError(f"{path}: refused: {exc}",
+                          hint="write repeated values out, or use fewer nested aliases") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -34,6 +34,7 @@ import yaml
 
 from peftvlm.errors import PeftVLMError, RunError
 from peftvlm.recipe import validate_recipe_dict
+from peftvlm.safe_yaml import AliasBombError, load_yaml
 
 MARKER, LOCK = ".peftvlm-run", ".peftvlm-lock"
 _HELD: dict[Path, int] = {}  # resolved run folder -> fd of the lock file this process holds
@@ -328,9 +329,11 @@ def read_run_recipe(run_dir: Path):
     path = Path(run_dir) / "recipe.yaml"
     if not path.exists():
         raise RunError(f"{run_dir} has no recipe.yaml", hint="the run folder is incomplete")
-    try:
-        return validate_recipe_dict(yaml.safe_load(path.read_text()), str(path))
-    except (OSError, yaml.YAMLError) as exc:
+    try:  # a run folder may come from elsewhere: alias expansion bounded
+        return validate_recipe_dict(load_yaml(path.read_text()), str(path))
+    except AliasBombError as exc:
+        raise RunError(f"{path}: refused: {exc}", hint="the run folder is damaged") from None
+    except (OSError, ValueError, yaml.YAMLError) as exc:
         raise RunError(f"{path} cannot be read: {exc}", hint="the run folder is damaged") from None
     except PeftVLMError as exc:
         raise RunError(f"{path} does not validate: {exc.message}", hint=exc.hint) from exc

@@ -80,6 +80,12 @@ FORMATS = {
                         lambda f, rel, c: openai(f"file://{(f / rel).resolve()}", c)),
     "openai_data_url": ("od.jsonl", "openai_messages",
                         lambda f, rel, c: openai(data_url(f / rel), c)),
+    "llamafactory_v1": ("lf1.jsonl", "llamafactory_v1", lambda f, rel, c: {
+        "messages": [{"role": "user", "content": [{"type": "image_url", "value": rel},
+                                                  {"type": "text", "value": QUESTION}],
+                      "loss_weight": 0.0},
+                     {"role": "assistant", "content": [{"type": "text", "value": c}],
+                      "loss_weight": 1.0}]}),
     "placeholder_parquet": ("p.parquet", "messages", lambda f, rel, c: {
         "messages": [{"role": "user", "content": f"<image>{QUESTION}"},
                      {"role": "assistant", "content": c}], "images": [rel]}),
@@ -260,6 +266,27 @@ def test_remote_urls_wrong_formats_and_unknown_speakers_are_counted(tmp_path, re
     assert data.sources[0]["format"] == "llava_conversations" and len(data.train) == 1
     assert "speaker 'bot'" in data.bad_rows["train"]["bad_messages"]["first_rows"][0]
     assert [m["role"] for m in data.train[0]["messages"]] == ["user", "assistant"]
+
+
+def test_llamafactory_v1_items_it_cannot_train_are_named_bad_rows(tmp_path, recipe_at):
+    save_image(tmp_path / "a.png")
+    user = {"role": "user", "content": [{"type": "image_url", "value": "a.png"},
+                                        {"type": "text", "value": "What is it?"}]}
+    rows = [{"messages": [user, {"role": "assistant", "content": [{"type": "text",
+                                                                    "value": "a square"}]}]},
+            {"messages": [user, {"role": "assistant", "content": [
+                {"type": "reasoning", "value": "hm"}, {"type": "text", "value": "a square"}]}]},
+            {"messages": [user, {"role": "assistant", "loss_weight": 0.0,
+                                 "content": [{"type": "text", "value": "a square"}]}]},
+            {"messages": [user, {"role": "assistant", "content": [{"type": "text"}]}]}]
+    write_rows(tmp_path / "lf.jsonl", rows)
+    data = recipe_at("lf.jsonl")
+    assert data.sources[0]["format"] == "llamafactory_v1" and len(data.train) == 1
+    bad = data.bad_rows["train"]["bad_messages"]
+    assert bad["count"] == 3
+    assert "lf.jsonl:2" in bad["first_rows"][0] and "'reasoning'" in bad["first_rows"][0]
+    assert "lf.jsonl:3" in bad["first_rows"][1] and "loss_weight" in bad["first_rows"][1]
+    assert "lf.jsonl:4" in bad["first_rows"][2] and "`value`" in bad["first_rows"][2]
 
 
 def test_rows_without_conversations_are_a_source_error(tmp_path, recipe_at):

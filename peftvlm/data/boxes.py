@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from peftvlm.data.sources import BadRow
+from peftvlm.data.rows import BadRow
 
 BOX_FORMATS = ("norm1", "abs1000")
 BOX_INPUTS = ("xyxy", "xywh")

@@ -8,8 +8,23 @@ a chat template (PaliGemma) provide their own `encode` hook.
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 IGNORE_INDEX = -100
 RENDER_CACHE_SIZE = 200_000  # rendered rows kept by a collator (text + spans, ~1 kB each)
+
+
+@functools.cache
+def media_errors() -> tuple:
+    """What opening a row's media raises when a file is gone, replaced or corrupt."""
+    from PIL import Image
+
+    from peftvlm.data.rows import BadRow
+
+    # OSError: missing, unreadable or truncated files (PIL's UnidentifiedImageError too);
+    # ValueError / SyntaxError / EOFError: what PIL's decoders raise on corrupt data.
+    return (OSError, ValueError, SyntaxError, EOFError, BadRow, Image.DecompressionBombError)
 
 
 def open_image(image):
@@ -66,6 +81,8 @@ class ConversationCollator:
         self.assistant_only_loss = assistant_only_loss
         self._rendered: dict[str, object] = {}
         self._fits: dict[str, object] = {}  # one-render fit (or None) per chat template
+        self.skipped: list[dict] = []  # rows skipped in this process: {"row_id", "detail"}
+        self._last_good = None
 
     def render(self, conversations: list[list[dict]]) -> list:
         """Text and reply spans per conversation, remembered per row: a row renders the same
@@ -110,8 +127,67 @@ class ConversationCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         self.processor.tokenizer.padding_side = "right"
-        return self.encode([with_images(r["messages"], r["images"], r.get("videos") or ())
-                            for r in rows])
+        conversations, stand_ins = self.decode_or_skip(rows)
+        batch = self.encode(conversations)
+        if stand_ins:  # copies that keep the batch's row count (packing's bins) train nothing
+            batch["labels"][stand_ins] = IGNORE_INDEX
+        return batch
+
+    # Rows whose media fail to open at training time (deleted, replaced or corrupted after they
+    # were checked) are skipped, not a crash at step N: `skipped` names them, and with
+    # `skipped_rows_file` set (by `api.train`) each process (dataloader workers, ranks) appends
+    # them there, one JSON line each, for the run's summary.
+    skipped_rows_file = None
+    spare_rows = None  # the training rows: a stand-in when every row of a batch fails
+
+    def decode_or_skip(self, rows: list[dict]) -> tuple[list, list[int]]:
+        """The rows' conversations with media decoded; a row that fails is replaced by a copy
+        of a good one (returned as a stand-in index, whose labels are masked) so the batch
+        keeps its shape. A batch with no good row takes the last good row seen (or the first
+        spare row that decodes), trained on: a batch without labels would divide by zero."""
+        decoded, failed = [], []
+        for i, row in enumerate(rows):
+            try:
+                decoded.append(with_images(row["messages"], row["images"], row.get("videos") or ()))
+                self._last_good = row
+            except media_errors() as exc:
+                decoded.append(None)
+                failed.append(i)
+                self.skip(row, exc)
+        if not failed:
+            return decoded, []
+        good = next((c for c in decoded if c is not None), None)
+        if good is None:
+            good, failed = self.stand_in(), failed[1:]
+        return [good if c is None else c for c in decoded], failed
+
+    def skip(self, row: dict, exc: Exception) -> None:
+        import json
+        import os
+
+        entry = {"row_id": row.get("row_id") or "?", "detail": str(exc)[:300]}
+        self.skipped.append(entry)
+        if self.skipped_rows_file is not None:  # O_APPEND: concurrent writers' lines stay whole
+            fd = os.open(self.skipped_rows_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (json.dumps(entry) + "\n").encode())
+            finally:
+                os.close(fd)
+
+    def stand_in(self) -> list[dict]:
+        """A decoded good row for a batch whose rows all failed (see `decode_or_skip`)."""
+        from peftvlm.errors import DataError
+
+        candidates = [self._last_good] if self._last_good is not None else []
+        for row in itertools.chain(candidates, self.spare_rows or ()):
+            try:
+                decoded = with_images(row["messages"], row["images"], row.get("videos") or ())
+            except media_errors():
+                continue
+            self._last_good = row
+            return decoded
+        raise DataError("no training row's images open any more (deleted or changed since the "
+                        "data was prepared)", hint="restore the images, then train again")
 
 
 def conversation_media(conversation: list[dict], kind: str = "image") -> list:

@@ -71,7 +71,7 @@ def unfiltered(recipe):
 def read_pairs(recipe) -> tuple[list[Pair], dict]:
     """Every (image, caption) pair of the training sources, and the bad rows per source."""
     from peftvlm.data.loading import load_source, recipe_sources
-    from peftvlm.data.sources import BadRowReport, enforce_policy
+    from peftvlm.data.rows import BadRowReport, enforce_policy
     from peftvlm.data.pairs import pairs_from_rows
 
     train_sources, _ = recipe_sources(unfiltered(recipe))

@@ -8,6 +8,9 @@ peftvlm's own `{"messages", "images", "videos"}` rows.
   {"url": ...}}` (a path, `file://` or `data:` URL) that carry their own image.
 - `llava_conversations` (LLaVA-Instruct-150K/665K, ShareGPT4V, ShareGPT): `{"conversations":
   [{"from": "human" | "gpt" | "system", "value": ...}], "image": ...}`.
+- `llamafactory_v1` (LLaMA-Factory v1's standard format, what its converters produce):
+  `{"messages": [{"role", "content": [{"type": "text" | "image_url" | "video_url", "value": ...}],
+  "loss_weight"}]}`: each item carries its text or media path in `value`.
 
 In every format, `<image>` / `<video>` in text mark where each image / video stands (interleaved
 with the text); their number must equal the images given, or the row is a counted bad row.
@@ -21,9 +24,9 @@ import binascii
 import re
 from urllib.parse import unquote, urlparse
 
-from peftvlm.data.sources import BadRow
+from peftvlm.data.rows import BadRow
 
-ROW_FORMATS = ("messages", "openai_messages", "llava_conversations")
+ROW_FORMATS = ("messages", "openai_messages", "llava_conversations", "llamafactory_v1")
 DETECT_ROWS = 100  # rows looked at to detect a source's format
 PLACEHOLDER = re.compile(r"\n?(<image>|<video>)\n?")
 # ShareGPT speakers -> chat roles (LLaVA writes human/gpt; other ShareGPT sets user/assistant...).
@@ -31,6 +34,11 @@ SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "a
             "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
             "model": "assistant", "system": "system"}
 OPENAI_ITEMS = {"image_url", "input_image", "video_url"}
+# LLaMA-Factory v1 item types (`v1/utils/types.py` Content) -> ours; the others (reasoning,
+# tool_call, audio_url) have no place in a peftvlm row and make a named bad row.
+V1_ITEMS = {"text": ("text", "text"), "image_url": ("image", "image"),
+            "video_url": ("video", "video")}
+V1_OTHER_ITEMS = {"reasoning", "tool_call", "audio_url"}
 
 
 def detect_format(records: list) -> str | None:
@@ -41,8 +49,18 @@ def detect_format(records: list) -> str | None:
         if isinstance(record.get("conversations"), list):
             return "llava_conversations"
         if isinstance(record.get("messages"), list):
+            if has_v1_items(record["messages"]):
+                return "llamafactory_v1"
             return "openai_messages" if has_openai_items(record["messages"]) else "messages"
     return None
+
+
+def has_v1_items(messages: list) -> bool:
+    """Content items that carry their text or media in `value` (LLaMA-Factory v1)."""
+    return any(isinstance(m, dict) and isinstance(m.get("content"), list)
+               and any(isinstance(c, dict) and "value" in c and "text" not in c
+                       and c.get("type") in {*V1_ITEMS, *V1_OTHER_ITEMS} for c in m["content"])
+               for m in messages)
 
 
 def has_openai_items(messages: list) -> bool:
@@ -65,6 +83,8 @@ def to_native(record: dict, fmt: str) -> dict:
         raise BadRow("bad_messages", f"`{key}` must be a non-empty list")
     if fmt == "llava_conversations":
         turns = [sharegpt_turn(t) for t in turns]
+    elif fmt == "llamafactory_v1":
+        turns = [v1_turn(t) for t in turns]
     images, videos = media_list(record, "images", "image"), media_list(record, "videos", "video")
     inline_images, inline_videos = [], []
     messages = []
@@ -87,6 +107,32 @@ def sharegpt_turn(turn) -> dict:
         raise BadRow("bad_messages", f"speaker {turn['from']!r} is not one of "
                                      "human/gpt/system (or user/assistant)")
     return {"role": SPEAKERS[speaker], "content": turn.get("value", "")}
+
+
+def v1_turn(turn) -> dict:
+    """A LLaMA-Factory v1 message -> ours: `{"type": "text", "value": s}` -> a text item,
+    `image_url` / `video_url` -> an image / video item carrying its path. `loss_weight` 0 on a
+    reply would mean "do not train on it", which peftvlm rows cannot say: a bad row."""
+    if not isinstance(turn, dict) or not isinstance(turn.get("content"), list):
+        raise BadRow("bad_messages", f"message {str(turn)[:60]!r} needs `role` and a `content` "
+                                     "list (LLaMA-Factory v1)")
+    if turn.get("role") == "assistant" and turn.get("loss_weight", 1.0) != 1.0:
+        raise BadRow("bad_messages", f"an assistant message with loss_weight "
+                                     f"{turn['loss_weight']} (LLaMA-Factory v1): peftvlm trains "
+                                     "on every reply; drop that turn or set it to 1.0")
+    return {"role": turn.get("role"), "content": [v1_item(c) for c in turn["content"]]}
+
+
+def v1_item(item) -> dict:
+    if not isinstance(item, dict) or "value" not in item:
+        raise BadRow("bad_messages", f"content item {str(item)[:60]!r} needs `type` and `value` "
+                                     "(LLaMA-Factory v1)")
+    kind = item.get("type")
+    if kind not in V1_ITEMS:
+        raise BadRow("bad_messages", f"LLaMA-Factory v1 content type {kind!r} is not supported "
+                                     "(only text, image_url and video_url are)")
+    ours, field = V1_ITEMS[kind]
+    return {"type": ours, field: item["value"]}
 
 
 def media_list(record: dict, plural: str, singular: str) -> list:

@@ -24,10 +24,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from peftvlm.data.sources import BadRow
+from peftvlm.data.rows import BadRow
+from peftvlm.safe_yaml import regular_file_problem
 
 # 64 megapixels: above any photo or document scan a VLM processor would keep at full size (an
 # 8K frame is 33 MP), far below what a crafted PNG can declare (20000 x 20000 = 400 MP).
@@ -59,6 +61,10 @@ def open_file(source):
         source = data_url_bytes(source)
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        problem = regular_file_problem(source)  # open() on a FIFO would block forever
+        if problem:
+            raise BadRow("bad_image", f"{source} {problem}")
     return Image.open(source)
 
 

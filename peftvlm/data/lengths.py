@@ -211,13 +211,15 @@ def with_lengths(rows, collator, num_proc: int | None, folder=None):
     """`rows` (a `table.Rows`) with a `length` column; cached in `folder` when given."""
     import datasets
 
-    from peftvlm.data.table import Rows
+    from peftvlm.data.table import Rows, drop_if_torn
 
     if "length" in rows.table.column_names:
         return rows
     if not len(rows):
         return Rows(rows.table.add_column("length", []))
     key = collator_fingerprint(collator)
+    if folder is not None:  # `map` would read a torn lengths file back as it is
+        drop_if_torn(lengths_file(folder, key), len(rows), "token lengths")
     procs = num_proc if num_proc and num_proc > 1 and len(rows) >= 4 * MAP_BATCH else None
     counted = rows.table.map(
         BatchCounter(collator), batched=True, batch_size=MAP_BATCH, num_proc=procs,

@@ -4,10 +4,13 @@ Per source: open it (`readers.py`), render each record (a template, or `messages
 are), check its images, and count bad rows by reason. The rendered rows live in an Arrow table
 (`table.py`); large sources (>= CACHE_MIN_ROWS records) are read in shards, rendered and
 counted in `data.num_proc` processes straight into Arrow (`prepare.py`) and saved under
-`<cache>/prepared/<fingerprint>/` (keyed by the source's files (size, mtime), template text,
-options, family box format and seed) together with their bad-row report (JSON) and, per
-processor, their token lengths (an Arrow column). A warm start memory-maps the table and reads the lengths: no per-row work. In a
-multi-process run the main process prepares and the others wait, then read the same folder.
+`<cache>/prepared/<fingerprint>/` (keyed by the content of the source's files (a fast hash),
+template text, options, family box format and seed) together with their bad-row report, row
+count and the size and mtime of every image they name (`meta.json`, written last) and, per
+processor, their token lengths (an Arrow column). A warm start memory-maps the table and reads
+the lengths: no per-row work; a table that does not hold the stored row count (torn), or whose
+images changed since, is rebuilt with a one-line note. In a multi-process run the main process
+prepares and the others wait, then read the same folder.
 Several training sources are mixed by `weight` (see `mix`).
 """
 
@@ -16,23 +19,26 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftvlm.data import table
 from peftvlm.data.readers import open_source, take
-from peftvlm.data.sources import (BadRow, BadRowReport, enforce_policy, resolve_image,
-                                  to_conversation)
+from peftvlm.data.sources import resolve_image, to_conversation
+from peftvlm.data.rows import BadRow, BadRowReport, enforce_policy
 from peftvlm.data.table import Rows
 from peftvlm.errors import DataError
 
 CACHE_MIN_ROWS = 1000      # below this, rendering is faster than reading a cache file
 PARALLEL_MIN_ROWS = 2000   # below this, starting worker processes costs more than it saves
-CACHE_VERSION = "8"        # bump when rendering or the layout changes (4: Arrow tables, row_id;
+CACHE_VERSION = "9"        # bump when rendering or the layout changes (4: Arrow tables, row_id;
                            # 5: row formats; 6: Parquet / datasets rows named by their place in
                            # the file / split; 7: checked videos carry their source's fps and
-                           # frame count; 8: one rows.arrow file, built in shards)
+                           # frame count; 8: one rows.arrow file, built in shards; 9: keyed
+                           # on file content, meta.json holds the row count and image stats)
 
 
 @dataclass
@@ -196,9 +202,25 @@ def fingerprint(src, opened, renderer, box_format: str, data_cfg) -> str | None:
                          template.model_dump(mode="json") if template else None],
                         sort_keys=True, default=str).encode())
     for f in opened.files:
-        st = f.stat()
-        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{f}:{content_key(f)}".encode())
     return h.hexdigest()[:16]
+
+
+def content_key(path: Path) -> str:
+    """A file's content hash (a folder's size and mtime: its files are listed on their own).
+    Content, not size + mtime: `cp -p` and `rsync -t` carry the mtime over an edit of the
+    same size. xxh3 (xxhash is a dependency of `datasets`) hashes ~1 GB/s on one core (a 100 MB
+    file in ~0.1 s), small next to loading a model; nothing here needs a cryptographic hash."""
+    import xxhash
+
+    if path.is_dir():
+        st = path.stat()
+        return f"dir:{st.st_size}:{st.st_mtime_ns}"
+    digest = xxhash.xxh3_128()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_source(src, data_cfg, base_dir: Path, box_format: str = "norm1",
@@ -273,9 +295,9 @@ def build_source(opened, renderer, src, data_cfg, folder: Path | None, read: tup
             if collator is not None else None
         report, records = prepare.split_entries(built, out / table.ROWS_FILE, counted)
         del built
-        if folder:  # rows and lengths are in place: the report completes the cache folder
-            write_meta(folder, report, records, fmt)
         rows = table.load(out / table.ROWS_FILE, in_memory=folder is None)
+        if folder:  # rows and lengths are in place: the report completes the cache folder
+            write_meta(folder, report, records, fmt, rows)
         if counted is not None and folder:
             rows = lengths.with_lengths(rows, collator, None, folder)  # reads that file
         elif counted is not None:
@@ -293,15 +315,47 @@ def save_prepared(rows: Rows, report: BadRowReport, records: int, fmt: str,
                   folder: Path) -> Rows:
     """Rows, then their report, into the cache folder; the rows memory-mapped from there."""
     table.save(rows, folder / table.ROWS_FILE)
-    write_meta(folder, report, records, fmt)
-    return table.load(folder / table.ROWS_FILE) or rows
+    saved = table.load(folder / table.ROWS_FILE) or rows
+    write_meta(folder, report, records, fmt, saved)
+    return saved
 
 
-def write_meta(folder: Path, report: BadRowReport, records: int, fmt: str) -> None:
-    """The report, written last: a folder without `meta.json` is never read back."""
+def write_meta(folder: Path, report: BadRowReport, records: int, fmt: str, rows: Rows) -> None:
+    """The report, the row count and the images' stats, written last: a folder without
+    `meta.json` is never read back."""
     meta = {"records": records, "counts": dict(report.counts),
-            "examples": dict(report.examples), "format": fmt}
+            "examples": dict(report.examples), "format": fmt, "rows": len(rows),
+            "images": image_stats(image_paths(rows))}
     write_atomic(folder / "meta.json", json.dumps(meta).encode())
+
+
+def image_paths(rows: Rows) -> list[str]:
+    """The distinct image files the rows name (images stored as bytes are in the table)."""
+    import pyarrow.compute as pc
+
+    if not len(rows):
+        return []
+    images = pc.list_flatten(rows.column("images"))
+    paths = pc.struct_field(images, "path").filter(pc.is_null(pc.struct_field(images, "bytes")))
+    return sorted(p for p in pc.unique(paths).to_pylist() if p)
+
+
+def image_stats(paths: list[str]) -> dict[str, list[int] | None]:
+    """Path -> [size, mtime_ns] (None when it cannot be stat-ed): what a warm start compares."""
+    stats = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stats[path] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stats[path] = None
+    return stats
+
+
+def changed_images(stored: dict) -> list[str]:
+    """The images whose size or mtime differ from when the rows were cached (or that are gone)."""
+    now = image_stats(list(stored))
+    return [p for p, stat in stored.items() if now[p] != stat]
 
 
 def build_folder():
@@ -321,19 +375,44 @@ def source_format(renderer, opened) -> str:
 
 
 def read_cached(folder: Path, name: str) -> SourceRows | None:
-    """A source's cached rows and report (Arrow + JSON: nothing read is executed)."""
+    """A source's cached rows and report (Arrow + JSON: nothing read is executed); None when
+    there is none, or (said in one line, and the folder removed) when it cannot be trusted: a
+    table that does not hold the stored number of rows, or images changed since."""
+    meta_file = folder / "meta.json"
+    if not meta_file.is_file():
+        return None  # not built yet (or a build that never finished: meta.json comes last)
     try:
-        meta = json.loads((folder / "meta.json").read_text())
+        meta = json.loads(meta_file.read_text())
         report = BadRowReport()
         for reason, count in meta["counts"].items():
             report.counts[reason] = int(count)
             report.examples[reason] = [str(e) for e in meta["examples"].get(reason, [])]
-        records = int(meta["records"])
+        records, expected, images = int(meta["records"]), int(meta["rows"]), dict(meta["images"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None  # absent or not ours: rebuilt
+        return discard(folder, name, "its meta.json is unreadable")
     rows = table.load(folder / table.ROWS_FILE)
-    return None if rows is None else SourceRows(name, rows, report, records, cached=True,
-                                                format=str(meta.get("format", "messages")))
+    if rows is None or len(rows) != expected:
+        found = "no readable rows" if rows is None else f"{len(rows)} rows"
+        return discard(folder, name, f"the table holds {found}, not {expected} (a torn write?)")
+    changed = changed_images(images)
+    if changed:
+        return discard(folder, name, f"{len(changed)} image(s) changed since it was cached "
+                                     f"(e.g. {changed[0]})")
+    return SourceRows(name, rows, report, records, cached=True,
+                      format=str(meta.get("format", "messages")))
+
+
+def discard(folder: Path, name: str, why: str) -> None:
+    """Move an untrusted cache folder aside and delete it (a reader that still maps its files
+    keeps them until it closes them); the source is then prepared again."""
+    table.note(f"cached rows of {name}: {why}; preparing it again")
+    stale = folder.with_name(f".stale-{folder.name}-{random.getrandbits(32):08x}")
+    try:
+        folder.rename(stale)
+    except OSError:
+        stale = folder
+    shutil.rmtree(stale, ignore_errors=True)
+    return None
 
 
 def main_process_first():
@@ -522,8 +601,49 @@ def prepare_data(recipe, collator) -> PreparedData:
         setattr(data, section, kept)
     data.train, data.overflow = drop_overflowing(data.train, recipe.train.max_length,
                                                  recipe.data.on_overflow, "data.train")
+    collator.spare_rows = data.train  # stand-ins for a batch whose images all fail to open
     if not len(data.train):
         raise DataError(f"data.train: every row is longer than train.max_length="
                         f"{recipe.train.max_length} (longest: {data.overflow['longest']} tokens)",
                         hint="raise train.max_length")
     return data
+
+
+# --- rows whose images fail during training --------------------------------------------------
+
+SKIPPED_ROWS_FILE = "skipped_rows.jsonl"  # in the run folder; appended by every process
+
+
+def skipped_rows_file(run_dir: Path, resume) -> Path:
+    """Where the collators of a training append the rows they skip; a fresh run starts it
+    empty (the main process only), a resumed one adds to it."""
+    from accelerate import PartialState
+
+    path = run_dir / SKIPPED_ROWS_FILE
+    if not resume and PartialState().is_main_process:
+        path.unlink(missing_ok=True)
+    return path
+
+
+def count_skipped_rows(data: PreparedData, path: Path, log) -> None:
+    """Training rows skipped because their images failed to open (`collate.decode_or_skip`),
+    into the bad-row report (`unreadable_at_training`, named by `file:line`) and the log.
+    Each row counts once however many epochs met it."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return
+    first: dict[str, str] = {}
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            first.setdefault(str(entry["row_id"]), str(entry["detail"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill: the others still count
+    if not first:
+        return
+    named = [f"{row} ({detail})" for row, detail in itertools.islice(first.items(), 3)]
+    data.bad_rows.setdefault("train", {})["unreadable_at_training"] = {
+        "count": len(first), "first_rows": named}
+    log(f"skipped {len(first)} training row(s) whose images failed to open during training, "
+        f"e.g. {named[0]}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from peftvlm.data.sources import BadRow, BadRowReport
+from peftvlm.data.rows import BadRow, BadRowReport
 from peftvlm.data.table import arrow_row, arrow_schema
 
 ROW_COLUMNS = ("row_id", "row", "images")

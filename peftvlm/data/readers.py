@@ -34,8 +34,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from peftvlm.data.sources import BadRow
+from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError
+from peftvlm.safe_yaml import regular_file_problem
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VQAV2_PATTERN = "{data_subtype}/COCO_{data_subtype}_{image_id:012d}.jpg"
@@ -74,13 +75,17 @@ def open_source(src, base_dir: Path) -> SourceData:
     """Open one `SourceConfig` (paths relative to the recipe folder `base_dir`)."""
     if src.dataset:
         return read_dataset(src, base_dir)
-    path = (base_dir / src.path).resolve()
-    root = (base_dir / src.image_root).resolve() if src.image_root else None
+    path = checked_path(base_dir / src.path, "data file")
+    root = checked_path(base_dir / src.image_root, "image_root") if src.image_root else None
     if not path.exists():
         raise DataError(f"data file {path} does not exist", hint="paths are relative to the recipe")
     if path.is_dir():
         if is_saved_dataset(path):
             return read_dataset(src, base_dir)
+        if path.suffix in DATA_SUFFIXES:  # the user meant a file: "no class subfolders" misleads
+            raise DataError(f"data file {path} is a directory, not a file",
+                            hint="give the path of the data file inside it, or a folder of "
+                                 "<class>/<image> subfolders for image classification")
         records = read_image_folder(path)
         return SourceData(src.path, records, root or path, folder_files(path), "classification",
                           "image_folder")
@@ -93,7 +98,8 @@ def open_source(src, base_dir: Path) -> SourceData:
         if not src.annotations:
             raise DataError(f"data source {src.path}: format vqav2 needs `annotations:` (the "
                             "annotations file beside the questions file)")
-        annotations = (base_dir / src.annotations).resolve()
+        annotations = checked_path(base_dir / src.annotations, "annotations file",
+                                   file_only=True)
         records = Deferred(read_vqav2, path, annotations, src.image_pattern or VQAV2_PATTERN)
         return SourceData(src.path, records, root or path.parent, [path, annotations],
                           layout="vqav2")
@@ -104,6 +110,23 @@ def open_source(src, base_dir: Path) -> SourceData:
                               split=partial(SHARDED[path.suffix], path))
     return SourceData(src.path, records, root or path.parent, [path],
                       layout="coco_captions" if fmt == "coco_captions" else None)
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+def checked_path(path: Path, what: str, file_only: bool = False) -> Path:
+    """`path` resolved, or a `DataError` when it is a symlink loop, a FIFO (opening it would
+    block forever), a device or a socket (or, with `file_only`, a directory)."""
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError on a symlink loop
+        resolved = path
+    problem = regular_file_problem(resolved)
+    if problem and (file_only or not resolved.is_dir()):
+        raise DataError(f"{what} {path} {problem}",
+                        hint="give the path of a regular file (paths are relative to the recipe)")
+    return resolved
 
 
 def read_file(path: Path) -> Iterator[tuple[str, Any]]:

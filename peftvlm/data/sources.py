@@ -12,51 +12,10 @@ conversations from annotations are `templates.py`.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftvlm.errors import DataError
-
-MAX_LISTED_ROWS = 5
-
-
-class BadRow(Exception):
-    """A row that cannot be used; `reason` is a short stable key, `detail` says why."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
-@dataclass
-class BadRowReport:
-    """Counts of skipped rows per reason, with the first few row ids of each."""
-
-    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-
-    def add(self, reason: str, row_id: str, detail: str) -> None:
-        self.counts[reason] += 1
-        if len(self.examples[reason]) < MAX_LISTED_ROWS:
-            self.examples[reason].append(f"{row_id} ({detail})")
-
-    def merge(self, other: "BadRowReport") -> None:
-        for reason, count in other.counts.items():
-            self.counts[reason] += count
-            room = MAX_LISTED_ROWS - len(self.examples[reason])
-            self.examples[reason].extend(other.examples[reason][:max(room, 0)])
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def as_dict(self) -> dict:
-        return {r: {"count": c, "first_rows": self.examples[r]} for r, c in self.counts.items()}
-
-    def describe(self) -> str:
-        return "; ".join(f"{c} {r.replace('_', ' ')} (e.g. {self.examples[r][0]})"
-                         for r, c in self.counts.items())
+from peftvlm.data.rows import BadRow
+from peftvlm.safe_yaml import regular_file_problem
 
 
 def normalise_messages(messages: list[dict], n_images: int, n_videos: int = 0) -> list[dict]:
@@ -101,9 +60,15 @@ def resolve_image(image, root: Path):
         image = image["path"]
     if not isinstance(image, str) or not image.strip():
         raise BadRow("bad_image", f"image {str(image)[:60]!r} is not a path, bytes or an image")
-    path = (root / image).resolve()
+    try:
+        path = (root / image).resolve()
+    except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError on a symlink loop
+        raise BadRow("bad_image", f"{image} is a symlink loop") from None
     if not path.is_relative_to(root.resolve()):
         raise BadRow("path_escapes_root", f"{image} is outside the data folder {root}")
+    problem = regular_file_problem(path)  # a directory, FIFO (open() would block), device
+    if problem:
+        raise BadRow("bad_image", f"{image} {problem}")
     if not path.is_file():
         raise BadRow("missing_image", f"{image} not found")
     if path.stat().st_size == 0:
@@ -172,10 +137,3 @@ def eval_fields(record: dict) -> dict:
     if record.get("question_type") is not None:
         out["question_type"] = str(record["question_type"])
     return out
-
-
-def enforce_policy(report: BadRowReport, policy: str, what: str) -> None:
-    """With `on_bad_row: error`, any bad row stops the run before training, naming rows."""
-    if report.total and policy == "error":
-        raise DataError(f"{what}: {report.total} bad row(s): {report.describe()}",
-                        hint="fix those rows, or set data.on_bad_row: skip to drop and count them")

@@ -22,7 +22,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftvlm.data.sources import BadRow
+from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError
 
 PEEK = 100            # records looked at to detect a source's row format

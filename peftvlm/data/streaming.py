@@ -36,7 +36,7 @@ import torch.utils.data
 from transformers import TrainerCallback
 
 from peftvlm.data.formats import media_token_detail, token_in_text
-from peftvlm.data.sources import BadRow, BadRowReport
+from peftvlm.data.rows import BadRow, BadRowReport
 from peftvlm.data.stream_sources import StreamSource, open_stream, stream_source
 from peftvlm.errors import DataError, RunError
 
@@ -418,7 +418,7 @@ def prepare_streaming(recipe, collator):
     """`loading.prepare_data` for a streamed run: the training stream, and the held-out rows read
     whole and checked as `prepare_data` checks them."""
     from peftvlm.data.loading import drop_unfit_rows, load_section, recipe_sources
-    from peftvlm.data.sources import enforce_policy
+    from peftvlm.data.rows import enforce_policy
     from peftvlm.data.video import check_video_support
     from peftvlm.recipe import check_streaming
 

@@ -207,6 +207,30 @@ def load(path: Path, in_memory: bool = False) -> Rows | None:
     return Rows(table)
 
 
+def note(message: str) -> None:
+    """One line on stderr about the cache (rebuilt, skipped...): said, never raised."""
+    import sys
+
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def drop_if_torn(path: Path, rows: int, what: str) -> None:
+    """Remove the Arrow file `path` when it does not read back as `rows` rows (a torn write,
+    or a file left by an older table), saying so, so that it is rebuilt."""
+    import datasets
+
+    if not path.is_file():
+        return
+    try:
+        found = datasets.Dataset.from_file(str(path)).num_rows
+    except Exception:  # pyarrow raises its own errors for a file that is not Arrow
+        found = None
+    if found != rows:
+        note(f"cached {what} {path.name} holds {found if found is not None else 'no readable'} "
+             f"rows, not {rows}: counting again")
+        path.unlink(missing_ok=True)
+
+
 def load_column(path: Path) -> Rows:
     """An Arrow file of extra columns (e.g. `length`), read into memory."""
     import datasets

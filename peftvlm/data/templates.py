@@ -27,9 +27,11 @@ from pydantic import Field, ValidationError
 
 from peftvlm._schema import Section
 from peftvlm.data.boxes import BOX_FORMATS, BOX_INPUTS, box_text
-from peftvlm.data.sources import BadRow, resolve_image
+from peftvlm.data.sources import resolve_image
+from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError
 from peftvlm.resources import shipped_dir
+from peftvlm.safe_yaml import AliasBombError, load_yaml, regular_file_problem
 
 TEMPLATES_DIR = shipped_dir("data_templates")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -107,6 +109,10 @@ def template_path(name: str, base_dir: Path | None = None) -> Path:
     if name in builtin_templates():
         return builtin_templates()[name]
     path = Path(name) if base_dir is None else base_dir / name
+    problem = regular_file_problem(path)
+    if problem:
+        raise DataError(f"data template {path} {problem}",
+                        hint="give the path of a template YAML file, relative to the recipe")
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
     raise DataError(f"unknown data template {name!r}",
@@ -119,7 +125,10 @@ def load_template(name: str, base_dir: Path | None = None) -> Template:
     path = template_path(name, base_dir)
     text = path.read_text()
     try:
-        spec = TemplateSpec.model_validate(yaml.safe_load(text))
+        spec = TemplateSpec.model_validate(load_yaml(text))
+    except AliasBombError as exc:
+        raise DataError(f"data template {path}: refused: {exc}",
+                        hint="write repeated values out, or use fewer nested aliases") from None
     except (yaml.YAMLError, ValidationError) as exc:
         raise DataError(f"data template {path}: {str(exc).splitlines()[0]}",
                         hint="compare with a shipped template in data_templates/") from exc

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftvlm.data.readers import IMAGE_SUFFIXES
-from peftvlm.data.sources import BadRow
+from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError
 
 PYAV_SUFFIXES = {".mp4", ".m4v", ".webm", ".mkv", ".mov", ".avi", ".mpeg", ".mpg"}

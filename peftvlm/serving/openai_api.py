@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlparse
 from pydantic import BaseModel, ConfigDict, Field
 
 from peftvlm.data.images import load_rgb
-from peftvlm.data.sources import BadRow
+from peftvlm.data.rows import BadRow
 
 
 @dataclass

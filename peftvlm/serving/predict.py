@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from peftvlm.data.images import load_rgb
-from peftvlm.data.sources import BadRow
+from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError, RunError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftvlm.data.images import load_rgb
-from peftvlm.data.sources import BadRow
+from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError, RecipeError
 
 
@@ -41,7 +41,7 @@ def read_sources(sources, data_cfg, base_dir: Path, section: str = "train") -> l
     `image`, `label`; rename with the source's `columns`); bad rows follow data.on_bad_row."""
     from peftvlm.data.loading import load_source
     from peftvlm.data.pairs import row_captions
-    from peftvlm.data.sources import BadRowReport, enforce_policy
+    from peftvlm.data.rows import BadRowReport, enforce_policy
 
     rows, report = [], BadRowReport()
     for src in sources:

@@ -141,7 +141,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> SelfIns
     from peftvlm.recipe import apply_overrides, read_recipe_yaml
 
     path = Path(path)
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):  # a directory, FIFO...: read_recipe_yaml says
         raise RecipeError(f"self-instruct config {path} does not exist",
                           hint="start from data_templates/self_instruct/example.yaml")
     data = apply_overrides(read_recipe_yaml(path, "self-instruct config",
