@@ -217,7 +217,7 @@ DUAL_ENCODER_PATHS = {"peftvlm.trainers.clip": clip_training,
                       "peftvlm.data.filter": data_filter,
                       "peftvlm.metrics.clipscore": clipscore}
 
-# Modules that open images without handing them to a model, each with why.
+# Modules the scan finds that are not a path of their own (header readers, helpers), with why.
 NOT_DECODING = {
     "peftvlm.data.images": "the decoder itself",
     "peftvlm.data.sources": "image_size reads the header (and EXIF tag) for length checks",
