@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftvlm.data.filtered import FilterSettings, settings, unfiltered
+from peftvlm.data.images import load_rgb
 from peftvlm.errors import DataError, RecipeError
 
 LOWEST_SHOWN = 5
@@ -130,7 +131,6 @@ def score_pairs(pairs: list[Pair], s: FilterSettings, state: dict, log) -> list[
     from tqdm.auto import tqdm
 
     from peftvlm.metrics.clipscore import clip_scores_per_caption
-    from peftvlm.data.pairs import open_rgb
 
     out = s.out_dir
     if state["pairs_done"] < len(pairs):
@@ -140,7 +140,7 @@ def score_pairs(pairs: list[Pair], s: FilterSettings, state: dict, log) -> list[
         bar = tqdm(total=len(pairs), initial=state["pairs_done"], desc="scoring pairs")
         with (out / "scores.jsonl").open("a") as f:
             for batch in groups_from(pairs, state["pairs_done"], s.batch_size):
-                images = [open_rgb(pairs[i].image) for i, _ in batch]
+                images = [load_rgb(pairs[i].image) for i, _ in batch]
                 captions = [[p.caption for p in pairs[i:j]] for i, j in batch]
                 scores = clip_scores_per_caption(model, processor, images, captions,
                                                  s.batch_size)
@@ -165,12 +165,10 @@ def image_file(image, out: Path, index: int) -> str:
     """An absolute path for a kept pair's image (in-memory images are written as PNG)."""
     if isinstance(image, str):
         return image
-    from peftvlm.data.pairs import open_rgb
-
     path = out / "images" / f"{index:08d}.png"
     if not path.exists():
         path.parent.mkdir(exist_ok=True)
-        open_rgb(image).save(path)
+        load_rgb(image).save(path)
     return str(path.resolve())
 
 
