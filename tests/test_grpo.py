@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from peftvlm.data.collate import ConversationCollator
-from peftvlm.data.loading import prepare_data
+from peftvlm.data.pipeline import prepare_data
 from peftvlm.errors import RecipeError, RunError
 from peftvlm.evaluate import evaluate_rows
 from peftvlm.recipe import validate_recipe_dict
