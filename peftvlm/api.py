@@ -9,6 +9,7 @@ from pathlib import Path
 from peftvlm.recipe import Recipe, load_recipe
 from peftvlm.runs import (claimed_run_dir, default_run_dir, plot_loss, prepare_run_dir,
                           write_json)
+from peftvlm.trainers.objectives import objective_for
 
 
 def validate(paths: list[str], overrides: list[str] | None = None) -> list[Recipe]:
@@ -81,6 +82,7 @@ def train_generative(recipe, method, run_dir: Path, resume, overwrite, dry_run, 
     collator = ConversationCollator(loaded.processor, loaded.family,
                                     recipe.train.assistant_only_loss)
     data = prepare_data(recipe, collator)
+    objective_for(recipe).check_data(data)  # e.g. DPO: preference rows only
     if dry_run:
         return print_dry_run(model, collator, data, loaded.family, log)
     trainable, total = parameter_counts(model)
@@ -153,11 +155,14 @@ def refuse_unfit_method(recipe: Recipe) -> None:
     from peftvlm.errors import RecipeError
     from peftvlm.families import method_refusal
     from peftvlm.models import detect_family, resolve_model_path
+    from peftvlm.registry import get_method
+    from peftvlm.trainers.objectives import check_objective
 
     family = detect_family(resolve_model_path(recipe.model.id), recipe.model)
     reason = method_refusal(family, recipe.method)
     if reason:
         raise RecipeError(reason, hint="pick another method (`peftvlm ls methods`) or model")
+    check_objective(recipe, family, get_method(recipe.method.name))
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -203,30 +208,14 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
     """Train with TRL (resuming from the last checkpoint if asked); Ctrl-C saves and stops."""
     from peftvlm.errors import RunError
     from peftvlm.tracking import start_wandb
-    from peftvlm.trainers.sft import (MarkCheckpointComplete, StopOnInterrupt, build_trainer,
-                                      last_checkpoint, sft_config)
+    from peftvlm.trainers.sft import MarkCheckpointComplete, StopOnInterrupt, last_checkpoint
 
     wandb_run = start_wandb(recipe, run_dir, log)
-    args = sft_config(recipe.train, run_dir, ["wandb"] if wandb_run else [], recipe.name,
-                      sharding)
     stopper = StopOnInterrupt()
-    from peftvlm.data.mixed import for_training
-    from peftvlm.data.packing import describe_bins, train_collator, train_items
-
-    # several processes: text-only batches carry a zero-weighted image, so no rank hangs (with
-    # packing, the blank image's tokens are a block of their own that nothing attends to)
-    collator = for_training(train_collator(collator, recipe.train.packing, model))
-    items = train_items(data.train, recipe.train.packing, recipe.train.max_length)
-    if recipe.train.packing:
-        log(describe_bins(items))
-    streamed = []  # a stream's position goes into each checkpoint, before it is marked complete
-    if data.streaming:
-        from peftvlm.data.streaming import StreamCheckpoint, StreamCollator
-
-        collator, streamed = StreamCollator(collator, data.train), [StreamCheckpoint(data.train,
-                                                                                     log)]
-    trainer = build_trainer(model, loaded.processor, collator, items, args,
-                            [stopper, *streamed, MarkCheckpointComplete(), *callbacks])
+    # the objective's seam: SFTTrainer, DPOTrainer... over the prepared data
+    trainer = objective_for(recipe).build_trainer(
+        recipe, model, loaded.processor, collator, data, run_dir, ["wandb"] if wandb_run else [],
+        sharding, [stopper, MarkCheckpointComplete(), *callbacks], log)
     add_periodic_eval(trainer, recipe, loaded, data)
     checkpoint = last_checkpoint(run_dir, log) if resume else None
     if resume and checkpoint is None:
@@ -291,6 +280,7 @@ def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
         "data": data.report(),
         "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "wandb": active_run_info(),
+        **objective_for(recipe).summary(trainer.state.log_history),  # e.g. DPO's margins
     }
 
 

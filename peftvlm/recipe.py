@@ -134,9 +134,12 @@ class SourceConfig(Section):
 
 
 class SyntheticConfig(Section):
-    name: Literal["colour-vqa", "colour-classes", "coco-captions", "vqav2", "refcoco"] = Field(
+    name: Literal["colour-vqa", "colour-preference", "colour-classes", "coco-captions", "vqav2",
+                  "refcoco"] = Field(
         "colour-vqa", description="Built-in offline task: `colour-vqa` (What color is the "
-                                  "shape? -> red/green/blue/yellow), `colour-classes` (labels), or "
+                                  "shape? -> red/green/blue/yellow), `colour-preference` (the "
+                                  "same as preference rows: the right colour chosen, another "
+                                  "rejected), `colour-classes` (labels), or "
                                   "annotation files in public layouts rendered by data.template: "
                                   "`coco-captions`, `vqav2`, `refcoco` (boxes).")
     train_size: int = Field(2000, gt=0, description="Training rows to generate.")
@@ -553,6 +556,7 @@ def check_recipe_files(recipe: Recipe) -> None:
                           f"{recipe.model.family!r}; known: {', '.join(FAMILIES)}",
                           hint="or leave it out to detect the family from the model's config")
     check_method_fits_family(recipe)
+    check_objective_fits(recipe)
     from peftvlm.metrics import available_metrics
 
     unknown = [m for m in recipe.eval.metrics if m not in available_metrics()]
@@ -673,6 +677,16 @@ def check_method_fits_family(recipe: Recipe) -> None:
     if reason:
         raise RecipeError(f"{recipe.source_path}: {reason}",
                           hint="pick another method (`peftvlm ls methods`) or another model")
+
+
+def check_objective_fits(recipe: Recipe) -> None:
+    """`train.objective` must fit the model's family and the method (validate time; a Hub
+    id's family is checked again once its config is read)."""
+    from peftvlm.families import known_family
+    from peftvlm.registry import get_method
+    from peftvlm.trainers.objectives import check_objective
+
+    check_objective(recipe, known_family(recipe.model), get_method(recipe.method.name))
 
 
 def _check_template(recipe: Recipe, src, where: str) -> None:

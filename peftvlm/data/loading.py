@@ -90,7 +90,7 @@ def recipe_sources(recipe):
         return data.train or [], data.eval or []
     from peftvlm.models import cache_dir
 
-    if data.synthetic.name in ("colour-vqa", "colour-classes"):
+    if data.synthetic.name in ("colour-vqa", "colour-classes", "colour-preference"):
         from peftvlm.data.synthetic import write_synthetic
         from peftvlm.recipe import SourceConfig
 

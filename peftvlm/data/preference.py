@@ -183,3 +183,71 @@ def require_preference_rows(rows, what: str, source_formats: list[dict]) -> None
                         hint="give rows in one of the preference formats of "
                              "docs/objectives.md (trl_preference, rlaifv, llamafactory_ranking, "
                              "swift_rejected_response), or train with objective: sft")
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+# Batch keys that are text positions; every other tensor describes the images (pixels, grids,
+# sizes, patch masks), which must be the same for a row's chosen and rejected halves.
+TEXT_KEYS = ("input_ids", "attention_mask", "completion_mask", "token_type_ids",
+             "mm_token_type_ids", "position_ids")
+
+
+class PreferenceCollator:
+    """Preference rows -> TRL's DPO batch: the rows' `prompt + chosen` conversations, then the
+    same rows' `prompt + rejected`, encoded in one call of the conversation collator (so both
+    halves hold the same images, processed alike), with `completion_mask` marking the last
+    reply's tokens (earlier replies in a multi-turn prompt are context, as in TRL)."""
+
+    def __init__(self, conversations):
+        self.conversations = conversations
+        self.processor, self.family = conversations.processor, conversations.family
+
+    def __getattr__(self, name):  # skipped rows, spare rows: the conversation collator's
+        return getattr(self.__dict__["conversations"], name)
+
+    def __call__(self, rows: list[dict]) -> dict:
+        pairs = [*rows, *({**r, "messages": rejected_conversation(r)} for r in rows)]
+        batch = self.conversations(pairs)
+        labels = batch.pop("labels")
+        batch["completion_mask"] = last_run(labels != -100).long()
+        check_same_images(batch, len(rows))
+        return batch
+
+
+def last_run(mask):
+    """Each row's last run of True (the final reply); earlier runs set to False."""
+    import torch
+
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, -1).max(dim=1).values
+    gap = torch.where(~mask & (positions < last[:, None]), positions, -1).max(dim=1).values
+    return mask & (positions > gap[:, None])
+
+
+def check_same_images(batch: dict, rows: int) -> None:
+    """Chosen and rejected must be scored on identical pixels, or DPO would learn from the
+    images' difference rather than the replies' (a guard: the halves of every image tensor)."""
+    import torch
+
+    from peftvlm.errors import RunError
+
+    for key, value in batch.items():
+        if key in TEXT_KEYS or not isinstance(value, torch.Tensor) or not value.dim():
+            continue
+        if value.shape[0] % 2 or not torch.equal(*value.chunk(2)):
+            raise RunError(f"a DPO batch's chosen and rejected halves differ in `{key}` "
+                           f"({rows} pairs): the replies would be scored on different images",
+                           hint="report this with the rows of the batch; set "
+                                "PEFTVLM_DEBUG=1 for the traceback")
+
+
+def preview_pair(collator, row: dict, image_token: str | None):
+    """(chosen, rejected) rendered for `data preview`: rich Texts with the reply's tokens (the
+    ones DPO scores) in green, and their counts."""
+    from peftvlm.data.preview import render_example
+
+    chosen = render_example(collator, row, image_token)
+    rejected = render_example(collator, {**row, "messages": rejected_conversation(row)},
+                              image_token)
+    return chosen, rejected

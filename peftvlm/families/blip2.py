@@ -99,6 +99,10 @@ SPEC = FamilySpec(
                     "text; packed rows would carry several; use train.group_by_length",
     dummy_image_refusal="every BLIP-2 row has exactly one image (images_per_row), so text-only "
                         "batches never occur",
+    refused_objectives=(("dpo", "TRL scores replies through the language model's last hidden "
+                                "states, which BLIP-2's output does not carry "
+                                "(Blip2ForConditionalGenerationModelOutput has no "
+                                "last_hidden_state)"),),
     refused_methods=(("per_part", "the Q-Former cross-attends to every ViT token and the language "
                       "model sees only its 32 queries: VPT prompt tokens in the ViT would not "
                       "reach the language model as prompts"),),
