@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from peftvlm._schema import Section, describe_validation_error
 from peftvlm.errors import RecipeError
@@ -282,6 +282,14 @@ class DPOConfig(Section):
             raise ValueError(f"unknown DPO loss {', '.join(map(repr, unknown)) or '(none)'}; "
                              f"TRL's: {', '.join(DPO_LOSSES)}")
         return v
+
+    @model_validator(mode="after")
+    def _one_weight_per_loss(self):
+        names = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        if self.loss_weights is not None and len(self.loss_weights) != len(names):
+            raise ValueError(f"{len(self.loss_weights)} loss_weights for {len(names)} "
+                             "loss_type(s): give one weight per loss")
+        return self
 
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
