@@ -6,6 +6,7 @@ go through `evaluate_rows`, so the same rows and settings give the same numbers.
 
 from __future__ import annotations
 
+from peftvlm.data.boxes import box_format_for
 from peftvlm.data.collate import encode_prompts, last_answer
 from peftvlm.metrics import get_metrics
 from peftvlm.metrics.files import score_predictions
@@ -59,8 +60,10 @@ def evaluate_rows(model, processor, family, rows: list[dict], eval_cfg,
     predictions = generate_answers(model, processor, family, rows, eval_cfg.batch_size,
                                    eval_cfg.max_new_tokens, progress, generation_kwargs(eval_cfg))
     references = [row_references(r) for r in rows]
+    box_format = box_format_for(family, processor)  # how grounding answers write boxes
     result = score_predictions(get_metrics(eval_cfg.metrics), predictions, references,
-                               [{k: r[k] for k in ("question_type",) if k in r} for r in rows])
+                               [{**{k: r[k] for k in ("question_type",) if k in r},
+                                 "box_format": box_format} for r in rows])
     return {"scores": result["scores"], "notes": result["notes"],
             "higher_is_better": result["higher_is_better"], "predictions": predictions,
             "references": references}

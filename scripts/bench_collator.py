@@ -7,7 +7,8 @@ three ways and prints a markdown table of milliseconds per batch:
   rendering, mask from token offsets with NumPy; rendering cached per row after the first
   batch, as in every epoch after the first);
 - `peftvlm (cold)`: the same with its render cache cleared before every batch (first epoch):
-  one template render per row where the template copies replies verbatim (`one_render_fit`);
+  no template render per row where the conversation's shape was proven to equal prefix
+  rendering (`shapes.ShapeRenderer`: one set of probe renders per shape);
 - `peftvlm (cold, prefixes)`: the same, forced to the prefix method (2 x replies + 1 renders
   per row), which templates that rewrite replies keep;
 - `transformers mask`: `processor.apply_chat_template(..., return_assistant_tokens_mask=True)`
@@ -69,7 +70,7 @@ def reference_template(name: str, processor) -> str:
 def bench_family(name: str, batch_size: int, repeats: int, root: Path, turns: int) -> tuple:
     from transformers import AutoProcessor
 
-    from peftvlm.data.chat_template import chat_template_of
+    from peftvlm.data.chat_template import render_by_prefixes
     from peftvlm.data.collate import ConversationCollator, with_images
     from peftvlm.families import FAMILIES
 
@@ -80,7 +81,8 @@ def bench_family(name: str, batch_size: int, repeats: int, root: Path, turns: in
     batch = rows(batch_size, turns)
     collator = ConversationCollator(processor, spec)
     by_prefixes = ConversationCollator(processor, spec)
-    by_prefixes._fits[chat_template_of(processor)] = None  # never one render per row
+    by_prefixes.render = lambda conversations: render_by_prefixes(  # never the shortcut
+        processor, conversations, spec.end_of_turn)
 
     def cold(c=collator):
         c._rendered.clear()

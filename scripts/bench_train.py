@@ -121,7 +121,7 @@ class Counted:
 def lora_model_and_rows(steps, batch):
     from transformers import set_seed
 
-    from peftvlm.api import load_model_with_method
+    from peftvlm.trainers.generative import load_model_with_method
     from peftvlm.data.loading import load_rows
     from peftvlm.recipe import validate_recipe_dict
     from peftvlm.registry import get_method

@@ -271,7 +271,7 @@ def test_loading_a_checkpoint_without_a_template_names_it(tmp_path):
         load_processor(str(tmp_path), ModelConfig(id="base-model"), FAMILIES["llava"])
 
 
-# --- one render per row ----------------------------------------------------------------------
+# --- one layout per conversation shape ----------------------------------------------------
 
 def reply(*texts):
     return {"role": "assistant", "content": [text(t) for t in texts]}
@@ -285,59 +285,153 @@ VARIED = [*CASES.values(),
 
 
 @pytest.mark.parametrize("name", CHAT_FAMILIES + ["idefics3-8b"])
-def test_one_render_gives_the_prefix_methods_text_and_spans(processors, name):
-    """Whatever the family's template, the collator's renderer (one render per row where the
-    template qualifies) gives exactly what prefix rendering gives, row by row and in a batch."""
-    from peftvlm.data.chat_template import one_render_fit, render_by_prefixes
+def test_shape_layouts_give_the_prefix_methods_text_and_spans(processors, name, monkeypatch):
+    """Whatever the family's template, the collator's renderer (one layout per conversation
+    shape where proven) gives exactly what prefix rendering gives, row by row and in a batch,
+    even with no row of a shape checked against the reference."""
+    from peftvlm.data import shapes
+    from peftvlm.data.chat_template import render_by_prefixes
 
+    monkeypatch.setattr(shapes, "CHECKED_ROWS", 0)
     spec, processor, _ = processors[name]
-    fit = one_render_fit(processor, spec.end_of_turn)
     rows = []
     for conversation in VARIED:
         try:
             expected = render_by_prefixes(processor, [conversation], spec.end_of_turn)
-        except Exception:  # e.g. a template that refuses a system turn
+        except ModelError:  # e.g. a template that refuses a system turn next to an image
             continue
-        assert render_conversations(processor, [conversation], spec.end_of_turn, fit) == expected
+        renderer = shapes.ShapeRenderer(processor, spec.end_of_turn)
+        assert renderer.render([conversation]) == expected
         rows.append((conversation, expected[0]))
     assert len(rows) >= len(VARIED) - 2
-    batch = render_conversations(processor, [c for c, _ in rows], spec.end_of_turn, fit)
-    assert batch == [r for _, r in rows]
+    renderer = shapes.ShapeRenderer(processor, spec.end_of_turn)
+    assert renderer.render([c for c, _ in rows]) == [r for _, r in rows]
+    assert renderer.texts([c for c, _ in rows]) == [r.text for _, r in rows]
 
 
-def test_one_render_is_taken_by_verbatim_templates_and_refused_by_rewriting_ones(processors):
-    from peftvlm.data.chat_template import _render_marked, one_render_fit
+def test_shape_layouts_are_taken_by_verbatim_templates_and_refused_by_rewriting_ones(
+        processors, monkeypatch):
+    from peftvlm.data import chat_template, shapes
 
     spec, processor, _ = processors["llava"]
-    fit = one_render_fit(processor, spec.end_of_turn)
-    assert fit is not None and (fit.lead, fit.tail) == (" ", " ")
-    # a row whose reply holds the template's own markup is rendered by prefixes
-    assert not fit.allows(VARIED[-2]) and fit.allows(CASES["multi_turn"])
-    assert not fit.allows([user("a \ue0000\ue001 b"), reply("c")])
-    # the fast path alone (no fallback) on a plain multi-turn row: the prefix method's result
-    assert _render_marked(processor, [CASES["multi_turn"]], spec.end_of_turn, fit) == \
-        render_conversations(processor, [CASES["multi_turn"]], spec.end_of_turn)
+    renderer = shapes.ShapeRenderer(processor, spec.end_of_turn)
+    renderer.render([CASES["multi_turn"]])
+    assert list(renderer._shapes.values()) != [None]
+    # a row whose texts hold the template's own markup is rendered by prefixes
+    assert not renderer.inert(VARIED[-2][1]["content"][0]["text"])
+    assert not renderer.inert("a \x000\x00 b") and not renderer.inert("  ")
+    assert renderer.inert("What color is the shape?")
+
+    # a proven shape costs no template render per row, once its first rows were checked
+    renderer.render([CASES["multi_turn"]] * shapes.CHECKED_ROWS)
+    calls = []
+    real = chat_template.render_texts
+    monkeypatch.setattr(shapes, "render_by_prefixes", lambda *a: calls.append(a) or
+                        chat_template.render_by_prefixes(*a))
+    monkeypatch.setattr(chat_template, "render_texts", lambda *a, **k: calls.append(a) or
+                        real(*a, **k))
+    again = [[user(f"Q{n}?"), assistant(f"A{n}"), user("More?", images=0), assistant("x"),
+              user("Big?", images=0), assistant("no")] for n in range(5)]
+    renderer.render(again)
+    assert calls == []
 
     published = processor.chat_template
     rewrites = {"upper": ("content['text'] + ' '", "content['text'].upper() + ' '"),
-                "trim": ("content['text'] + ' '", "content['text'] | trim + ' '"),
                 "drop": ("content['text'] + ' '", "'x '")}
     try:
         for old, new in rewrites.values():
             assert old in published
             processor.chat_template = published.replace(old, new)
-            assert one_render_fit(processor, spec.end_of_turn) is None, new
+            fresh = shapes.ShapeRenderer(processor, spec.end_of_turn)
+            fresh.render([CASES["multi_turn"]])
+            assert list(fresh._shapes.values()) == [None], new
+        # a template that trims every text (llava trims questions; here replies too) keeps
+        # its layout, filled with stripped texts: the reference's result on padded replies
+        processor.chat_template = published.replace("content['text'] + ' '",
+                                                    "content['text'] | trim + ' '")
+        padded = [user(" Padded? "), reply("  a red circle \n"), user("More?", images=0),
+                  reply(" yes ")]
+        monkeypatch.setattr(shapes, "CHECKED_ROWS", 0)
+        trimmed = shapes.ShapeRenderer(processor, spec.end_of_turn)
+        assert trimmed.render([padded]) == chat_template.render_by_prefixes(
+            processor, [padded], spec.end_of_turn)
+        assert list(trimmed._shapes.values())[0].strip
     finally:
         processor.chat_template = published
-    # Gemma 3's published template trims every reply: it keeps the prefix method
-    if "gemma3" in processors:
-        gemma, gemma_processor, _ = processors["gemma3"]
-        assert one_render_fit(gemma_processor, gemma.end_of_turn) is None
 
 
-def test_collator_decides_the_fit_once_per_template(processors):
+def test_collator_keeps_one_shape_renderer_per_template(processors):
     spec, processor, _ = processors["qwen2_vl"]
     collator = ConversationCollator(processor, spec)
     collator([as_row(CASES["single_turn"])])
     collator([as_row(CASES["multi_turn"])])
-    assert list(collator._fits.values()) != [None] and len(collator._fits) == 1
+    assert len(collator._shapes) == 1
+    assert all(v is not None for v in collator.shapes()._shapes.values())
+
+
+# --- mixed text-only and image turns ---------------------------------------------------------
+
+SYSTEM = {"role": "system", "content": [text("Answer in one word.")]}
+MIXED = {
+    "text_then_image": [user("Name a colour.", images=0), assistant("green"),
+                        user("What color is the shape?"), assistant("red")],
+    "image_then_text": [user("What color is the shape?"), assistant("red"),
+                        user("Name a colour.", images=0), assistant("green")],
+}
+MIXED.update({f"system_{k}": [SYSTEM, *v] for k, v in list(MIXED.items())})
+
+
+def published_text(processor, template, conversation, generation_prompt):
+    return processor.apply_chat_template(conversation, chat_template=template, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def published_contexts_are_prefixes(processor, template, conversation) -> bool:
+    """Whether the published template shows each reply's context as the whole conversation
+    writes it (else no single training text can hold what a served model is shown)."""
+    full = published_text(processor, template, conversation, False)
+    return all(full.startswith(published_text(processor, template, conversation[:i], True))
+               for i, m in enumerate(conversation) if m["role"] == "assistant")
+
+
+@pytest.mark.parametrize("case", sorted(MIXED))
+@pytest.mark.parametrize("name", CHAT_FAMILIES + ["idefics3-8b"])
+def test_mixed_turns_train_on_the_published_contexts(processors, name, case, monkeypatch):
+    """Text-only and image turns in both orders, with and without a system prompt: the ids
+    before each trained reply are the published template's, taken from the shape's layout
+    alone (no row checked against the reference); where the published template refuses the
+    conversation, the error is ours and names the template."""
+    from peftvlm.data import shapes
+    from peftvlm.data.chat_template import render_by_prefixes
+
+    monkeypatch.setattr(shapes, "CHECKED_ROWS", 0)
+    spec, processor, published = processors[name]
+    conversation = MIXED[case]
+    row = as_row(conversation)
+    try:
+        batch = ConversationCollator(processor, spec)([row])
+    except ModelError as error:
+        message = str(error)
+        assert "chat template of" in message and "tiny" in message, message
+        if spec.row_problem(row["messages"]):  # dropped as a bad row when data is loaded
+            assert "refuses a conversation" in message
+        else:
+            assert not published_contexts_are_prefixes(processor, published, conversation)
+            assert "They part at character" in message
+        with pytest.raises(ModelError):
+            render_by_prefixes(processor, [conversation], spec.end_of_turn)
+        return
+    assert published_contexts_are_prefixes(processor, published, conversation)
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    replies = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
+    runs = trained_runs(labels)
+    assert len(runs) == len(replies)
+    rendered = ConversationCollator(processor, spec).render([conversation])[0]
+    for (start, tokens), i, (span, _) in zip(runs, replies, rendered.spans):
+        assert rendered.text[:span] == published_text(processor, published, conversation[:i],
+                                                      True)
+        # BLIP-2's processor puts the row's one image (its query tokens) before the whole text
+        if not spec.images_per_row:
+            assert ids[:start] == published_ids(processor, published, conversation[:i])
+        answer = conversation[i]["content"][0]["text"]
+        assert processor.tokenizer.decode(tokens).strip() in (answer, answer + spec.end_of_turn)

@@ -200,8 +200,8 @@ def test_shape_renderer_gives_the_templates_own_text(body, cached):
                      conversation("", "red", image=False),
                      *[conversation(f"Q{i}\nline", f"A {i}") for i in range(6)]]
     shapes = ShapeRenderer(processor)
-    first = shapes.render(conversations[:5])
-    assert first + shapes.render(conversations[5:]) == \
+    first = shapes.texts(conversations[:5])
+    assert first + shapes.texts(conversations[5:]) == \
         render_texts(processor, conversations, add_generation_prompt=False)
     with_image = next(k for k in shapes._shapes if len(k[0][1]) == 2)
     assert (shapes._shapes[with_image] is not None) == cached

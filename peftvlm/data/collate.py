@@ -11,6 +11,9 @@ from __future__ import annotations
 import functools
 import itertools
 
+from peftvlm.data.chat_template import chat_template_of
+from peftvlm.data.shapes import ShapeRenderer
+
 IGNORE_INDEX = -100
 RENDER_CACHE_SIZE = 200_000  # rendered rows kept by a collator (text + spans, ~1 kB each)
 
@@ -80,18 +83,15 @@ class ConversationCollator:
         self.processor, self.family = processor, family
         self.assistant_only_loss = assistant_only_loss
         self._rendered: dict[str, object] = {}
-        self._fits: dict[str, object] = {}  # one-render fit (or None) per chat template
+        self._shapes: dict[str, object] = {}  # a ShapeRenderer per chat template
         self.skipped: list[dict] = []  # rows skipped in this process: {"row_id", "detail"}
         self._last_good = None
 
     def render(self, conversations: list[list[dict]]) -> list:
-        """Text and reply spans per conversation, remembered per row: a row renders the same
-        every epoch. One render per row where the template allows it (`one_render_fit`),
-        else by prefixes (2 x replies + 1 renders)."""
+        """Text and reply spans per conversation (`chat_template.render_by_prefixes`'s result,
+        from one layout per conversation shape where proven equal: `shapes.ShapeRenderer`),
+        remembered per row: a row renders the same every epoch."""
         import json
-
-        from peftvlm.data.chat_template import (chat_template_of, one_render_fit,
-                                                render_conversations)
 
         # images do not change the text: the key holds the place of each, not its pixels
         keys = [json.dumps(c, sort_keys=True, default=lambda _: "<image>") for c in conversations]
@@ -99,13 +99,16 @@ class ConversationCollator:
         if missing:
             if len(self._rendered) > RENDER_CACHE_SIZE:
                 self._rendered.clear()
-            template = chat_template_of(self.processor)  # decided once per template
-            if template not in self._fits:
-                self._fits[template] = one_render_fit(self.processor, self.family.end_of_turn)
-            self._rendered.update(zip(missing, render_conversations(
-                self.processor, list(missing.values()), self.family.end_of_turn,
-                self._fits[template])))
+            self._rendered.update(zip(missing, self.shapes().render(list(missing.values()))))
         return [self._rendered[k] for k in keys]
+
+    def shapes(self):
+        """The shape renderer of the processor's current chat template (the same one counts
+        token lengths: `lengths.LengthCounter`)."""
+        template = chat_template_of(self.processor)
+        if template not in self._shapes:
+            self._shapes[template] = ShapeRenderer(self.processor, self.family.end_of_turn)
+        return self._shapes[template]
 
     def encode(self, conversations: list[list[dict]]) -> dict:
         if self.family.encode is not None:

@@ -95,7 +95,7 @@ def load_scorer(model_id: str):
     from peftvlm.recipe import ModelConfig
 
     loaded = load_base(ModelConfig(id=model_id))
-    if loaded.family.kind != "dual_encoder":
+    if not loaded.family.is_dual_encoder:
         raise RecipeError(f"data filter: {model_id!r} is a {loaded.family.name} model; "
                           "CLIPScore needs a CLIP model",
                           hint="pass --model openai/clip-vit-base-patch32 (or set "

@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 
+from peftvlm.data.shapes import ShapeRenderer
+
 LENGTH_BATCH = 64
-LENGTHS_VERSION = "1"      # bump when counting changes
+LENGTHS_VERSION = "2"      # bump when counting changes
 MAP_BATCH = 1000
 
 
@@ -40,14 +42,17 @@ class LengthCounter:
         self._expansion: dict[tuple[int, int], int] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
         self._backend = None
-        from peftvlm.data.shapes import ShapeRenderer
-
-        self._shapes = ShapeRenderer(self.processor)
+        self._own_shapes = None
 
     def texts(self, rows: list[dict]) -> list[str]:
-        # The collator's own text (chat template + any appended end-of-turn).
-        return training_texts(self.processor, [r["messages"] for r in rows],
-                              self.family.end_of_turn, self._shapes)
+        # The collator's own text, from the collator's own shape renderer: counted and
+        # labelled texts cannot disagree.
+        shapes = getattr(self.collator, "shapes", None)
+        if shapes is None:  # a collator of another kind: a renderer of its own
+            if self._own_shapes is None:
+                self._own_shapes = ShapeRenderer(self.processor, self.family.end_of_turn)
+            return self._own_shapes.texts([r["messages"] for r in rows])
+        return shapes().texts([r["messages"] for r in rows])
 
     def text_lengths(self, texts: list[str]) -> list[int]:
         # The processor skips special tokens when the rendered text already starts with BOS.
@@ -115,40 +120,11 @@ class LengthCounter:
                 for n, r in zip(lengths, rows)]
 
 
-def training_texts(processor, conversations: list[list[dict]], end_of_turn: str | None,
-                   shapes=None) -> list[str]:
-    """The text `chat_template.render_conversations` trains on, without its reply spans (not
-    needed to count tokens) and mostly from one render per row instead of 1 + 2 per reply
-    (`shapes`: a `ShapeRenderer`, which renders once per conversation shape).
-
-    That text is the rendering, with `end_of_turn` appended where the template writes none in
-    the final reply's part. Telling needs the final reply's context only when the rendering
-    neither ends with `end_of_turn` (then it wrote one) nor lacks it altogether (then the
-    final reply's part holds none either); tests compare with the collator for every family."""
-    from peftvlm.data.chat_template import not_prefix_error, render_texts, reply_span
-
-    texts = shapes.render(conversations) if shapes is not None else \
-        render_texts(processor, conversations, add_generation_prompt=False)
-    if not end_of_turn:
-        return texts
-    unsure = []
-    for i, (text, conversation) in enumerate(zip(texts, conversations)):
-        if conversation and conversation[-1]["role"] == "assistant" and \
-                not text.rstrip().endswith(end_of_turn):
-            if end_of_turn in text:
-                unsure.append(i)
-            else:
-                texts[i] = text.rstrip() + end_of_turn
-    contexts = render_texts(processor, [conversations[i][:-1] for i in unsure],
-                            add_generation_prompt=True)
-    for i, context in zip(unsure, contexts):
-        full = texts[i]
-        if not full.startswith(context):
-            raise not_prefix_error("the generation prompt before a reply")
-        stop = reply_span(full, len(context), len(full), end_of_turn)
-        if not full[len(context):stop].endswith(end_of_turn):
-            texts[i] = full[:stop] + end_of_turn
-    return texts
+def training_texts(processor, conversations: list[list[dict]],
+                   end_of_turn: str | None) -> list[str]:
+    """The texts `chat_template.render_by_prefixes` trains on (chat template + any appended
+    end-of-turn), from one layout per conversation shape (`shapes.ShapeRenderer`)."""
+    return ShapeRenderer(processor, end_of_turn).texts(conversations)
 
 
 def token_lengths(collator, rows: list[dict]) -> list[int]:

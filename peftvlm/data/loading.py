@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftvlm.data import table
+from peftvlm.data.boxes import box_format_for
 from peftvlm.data.readers import open_source, take
 from peftvlm.data.sources import resolve_image, to_conversation
 from peftvlm.data.rows import BadRow, BadRowReport, enforce_policy
@@ -595,7 +596,7 @@ def prepare_data(recipe, collator) -> PreparedData:
         return prepare_streaming(recipe, collator)
     from peftvlm.data.video import check_video_support
 
-    data = load_rows(recipe, collator.family.box_format, collator)
+    data = load_rows(recipe, box_format_for(collator.family, collator.processor), collator)
     for section in ("train", "eval"):
         check_video_support(getattr(data, section), collator.family, recipe.model.id)
         kept = drop_unfit_rows(getattr(data, section), collator.family, recipe.data.on_bad_row,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from peftvlm.data.boxes import box_format_for
 from peftvlm.data.formats import interleaving_note
 from peftvlm.data.preference import is_preference_row, preview_pair
 from peftvlm.errors import DataError
@@ -22,9 +23,9 @@ def processor_collator(recipe):
     from peftvlm.models import load_processor_only
 
     processor, family = load_processor_only(recipe.model)
-    if family.kind != "generative":
+    if not family.is_generative:
         raise DataError(f"data preview/stats render conversations for generative models; "
-                        f"{recipe.model.id} is a {family.kind} ({family.name})",
+                        f"{recipe.model.id} is a dual encoder ({family.name})",
                         hint="for CLIP-family recipes look at the source files directly")
     return ConversationCollator(processor, family, recipe.train.assistant_only_loss)
 
@@ -110,7 +111,7 @@ def stats(recipe, plot_path: Path) -> dict:
 
     refuse_unreadable_streams(recipe)
     collator = processor_collator(recipe)
-    data = load_rows(recipe, collator.family.box_format, collator)
+    data = load_rows(recipe, box_format_for(collator.family, collator.processor), collator)
     check_video_support(data.train, collator.family, recipe.model.id)
     check_video_support(data.eval, collator.family, recipe.model.id)
     lengths = data.train.lengths().tolist()  # the cached `length` column

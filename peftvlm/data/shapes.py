@@ -1,82 +1,120 @@
-"""Chat-template text of many conversations, rendering the template once per conversation shape.
+"""Training text and reply spans of many conversations, rendering the template once per shape.
 
-Counting tokens for a million rows spent most of its time in Jinja: a checkpoint's template runs
-in transformers' sandbox and costs ~0.1 ms per conversation. But most templates only place
-each text where its message goes, so all conversations of one shape (the roles of their
-messages and the kinds of their content items, e.g. user[image, text] assistant[text]) render
-to the same literal pieces around their texts. `ShapeRenderer` renders each shape once with
-sentinel texts, keeps the literal pieces, and fills in each row's texts.
+The reference (`chat_template.render_by_prefixes`) costs 1 + 2 x replies Jinja renders per row
+(~0.1 ms each: a checkpoint's template runs in transformers' sandbox). But most templates only
+place each text where its message goes, so all conversations of one shape (the roles of their
+messages and the kinds of their content items, e.g. user[image, text] assistant[text]: which
+turns have images, a system prompt or not, how many turns) come out as the same literal pieces
+around their texts, with each reply's span at the same place among them. `ShapeRenderer` runs
+the reference once per shape on sentinel texts, keeps the pieces and where each span starts
+and ends, and then fills in each row's texts: no Jinja per row. The collator (text + spans, for
+labels) and the length counter (text, for token counts) both use it, so counting and labelling
+can never disagree.
 
-That is only used where it provably gives the template's own output for the texts seen:
-- the sentinel render must hold each sentinel once, in order (texts are not dropped, repeated
-  or moved); a second probe with whitespace and newlines around and inside each text must come
-  out as the pieces filled with those texts as they are, or all stripped (`| trim`), else the
-  shape is rendered row by row;
+A shape's layout is only used where it provably gives the reference's result:
+- the sentinel texts must come back once each, in order, and each span must start and end in
+  the literal pieces (not inside a text);
+- filled with probe texts (whitespace and newlines around and inside each text; plain words),
+  the layout must give exactly the reference's text and spans for those texts, with the texts
+  as they are or all stripped (`| trim`, Gemma 3), else the shape is rendered row by row;
+- where the reference refuses the shape (e.g. Llama 3.2 Vision's template writes a system block
+  before a text-only turn's prompt but not once an image follows), so do its rows, with the
+  reference's error;
 - a row whose texts could steer the template (empty or blank, holding `<` as in `<think>` and
-  special tokens, or a special token of the tokenizer) is rendered itself;
-- the first rows of every shape are also rendered, and any difference turns the shape off.
+  special tokens, a special token of the tokenizer or one of the template's own markup strings)
+  is rendered by the reference;
+- the first rows of every shape are also rendered by the reference, and any difference turns
+  the shape off.
+`tests/test_chat_templates.py` holds this for every registry family (mixed text-only and image
+turns included); `tests/test_template_shortcuts.py` the refusals and whitespace-only templates.
 """
 
 from __future__ import annotations
 
+import re
+
+from peftvlm.data.chat_template import (RenderedConversation, chat_template_of, cut_spans,
+                                        prefix_layouts, render_by_prefixes, template_literals)
+from peftvlm.errors import ModelError
+
 SENTINEL = "\x00{}\x00"
-PROBE = " \n Probe{} text\n\tend \n"
+PROBES = (" \n Probe{} text\n\tend \n", "Probe{} words.")
 CHECKED_ROWS = 2  # rows per shape rendered both ways before the shape is trusted
 
 
 class ShapeRenderer:
-    """`render(conversations)` == the chat template's rendering (`add_generation_prompt`
-    False), one Jinja call per shape instead of one per row."""
+    """`render(conversations)` == `render_by_prefixes(...)` (text and reply spans), one set of
+    reference renders per shape instead of per row; `texts(conversations)` its texts."""
 
-    def __init__(self, processor):
-        self.processor = processor
-        tokenizer = getattr(processor, "tokenizer", processor)
-        self.specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
-        self._shapes: dict[tuple, Skeleton | None] = {}
+    def __init__(self, processor, end_of_turn: str | None = None):
+        self.processor, self.end_of_turn = processor, end_of_turn
+        self._steering = steering_pattern(processor)
+        self._shapes: dict[tuple, Layout | None] = {}
         self._checks: dict[tuple, int] = {}
 
-    def render(self, conversations: list[list[dict]]) -> list[str]:
-        texts: list[str | None] = [None] * len(conversations)
+    def texts(self, conversations: list[list[dict]]) -> list[str]:
+        """The texts trained on (what token counts are taken of)."""
+        return [r.text for r in self.render(conversations)]
+
+    def render(self, conversations: list[list[dict]]) -> list[RenderedConversation]:
+        out: list[RenderedConversation | None] = [None] * len(conversations)
         shapes = []
         for i, conversation in enumerate(conversations):
             shape, values = shape_of(conversation)
             shapes.append(shape)
-            skeleton = self.skeleton(shape, conversation) if shape is not None else None
-            if skeleton is not None and all(map(self.inert, values)):
-                texts[i] = skeleton.fill(values)
-        exact = [i for i, t in enumerate(texts) if t is None or self.checking(shapes[i])]
-        for i, rendered in zip(exact, self.exact([conversations[i] for i in exact])):
-            if texts[i] is not None and texts[i] != rendered:
+            if shape is not None and self._steering is not None and \
+                    all(map(self.inert, values)):
+                layout = self.layout(shape, conversation)
+                if layout is not None:
+                    out[i] = layout.fill(conversation, values)
+        exact = [i for i, r in enumerate(out) if r is None or self.checking(shapes[i])]
+        for i, reference in zip(exact, self.reference([conversations[i] for i in exact])):
+            if out[i] is not None and out[i] != reference:
                 self._shapes[shapes[i]] = None  # the template does more than place texts
-            texts[i] = rendered
+            out[i] = reference
         # Rows filled from a shape found wrong in this batch: rendered after all.
         done = set(exact)
-        redo = [i for i in range(len(texts)) if i not in done and shapes[i] is not None
+        redo = [i for i in range(len(out)) if i not in done and shapes[i] is not None
                 and self._shapes.get(shapes[i]) is None]
-        for i, rendered in zip(redo, self.exact([conversations[i] for i in redo])):
-            texts[i] = rendered
-        return texts
+        for i, reference in zip(redo, self.reference([conversations[i] for i in redo])):
+            out[i] = reference
+        return out
 
-    def exact(self, conversations: list[list[dict]]) -> list[str]:
-        from peftvlm.data.chat_template import render_texts
-
-        return render_texts(self.processor, conversations, add_generation_prompt=False)
+    def reference(self, conversations: list[list[dict]]) -> list[RenderedConversation]:
+        if not conversations:
+            return []
+        return render_by_prefixes(self.processor, conversations, self.end_of_turn)
 
     def inert(self, text: str) -> bool:
-        """Whether a text cannot steer a template: not blank, no `<`, no special token."""
-        return bool(text.strip()) and "<" not in text and "\x00" not in text and \
-            not any(s in text for s in self.specials)
+        """Whether a text cannot steer a template: not blank, no `<`, no special token, none
+        of the template's markup strings, none of our sentinel characters."""
+        return bool(text.strip()) and not self._steering.search(text)
 
     def checking(self, shape) -> bool:
-        """True for the first CHECKED_ROWS rows of a shape (also rendered row by row)."""
+        """True for the first CHECKED_ROWS rows of a shape (also rendered by the reference)."""
         seen = self._checks.get(shape, 0)
         self._checks[shape] = seen + 1
         return seen < CHECKED_ROWS
 
-    def skeleton(self, shape: tuple, conversation) -> Skeleton | None:
+    def layout(self, shape: tuple, conversation) -> Layout | None:
         if shape not in self._shapes:
-            self._shapes[shape] = Skeleton.probe(self.processor, conversation)
+            self._shapes[shape] = Layout.probe(self.processor, conversation, self.end_of_turn)
         return self._shapes[shape]
+
+
+def steering_pattern(processor) -> re.Pattern | None:
+    """What marks a text that could steer the template: `<`, our sentinel, a special token, a
+    markup string of the template; None (no shortcut) where the template cannot be parsed."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    try:
+        literals = template_literals(chat_template_of(processor))
+    except ModelError:
+        raise
+    except Exception:  # a tag plain Jinja does not know: keep to the reference
+        return None
+    marks = sorted({"<", "\x00", *specials, *literals}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, marks)))
 
 
 def shape_of(conversation) -> tuple[tuple | None, list[str]]:
@@ -90,12 +128,13 @@ def shape_of(conversation) -> tuple[tuple | None, list[str]]:
         kinds = []
         for item in content:
             kind = item.get("type")
-            if set(item) != ({"type", "text"} if kind == "text" else {"type"}) or \
-                    (kind == "text" and not isinstance(item["text"], str)):
+            if kind == "text":
+                if set(item) != {"type", "text"} or not isinstance(item["text"], str):
+                    return None, []
+                values.append(item["text"])
+            elif set(item) - {"type", kind}:  # media items: a placeholder or the decoded media
                 return None, []
             kinds.append(kind)
-            if kind == "text":
-                values.append(item["text"])
         shape.append((message["role"], tuple(kinds)))
     return tuple(shape), values
 
@@ -108,41 +147,72 @@ def with_texts(conversation, texts: list[str]) -> list[dict]:
                                             for c in m["content"]]} for m in conversation]
 
 
-class Skeleton:
-    """A shape's rendering as literal pieces around its texts (`fill`), and whether the
-    template strips each text."""
+class Layout:
+    """A shape's training text as literal pieces around its texts (`fill`), whether the
+    template strips each text, and each trained reply's (message index, start, through end),
+    each an anchor (piece, offset into it)."""
 
-    def __init__(self, pieces: list[str], strip: bool):
+    def __init__(self, pieces: list[str], strip: bool, replies: list, end_of_turn: str | None):
         self.pieces, self.strip = pieces, strip
+        self.replies, self.end_of_turn = replies, end_of_turn
 
-    def fill(self, texts: list[str]) -> str:
-        out = [self.pieces[0]]
+    def fill(self, conversation, texts: list[str]) -> RenderedConversation:
+        out, starts, at = [self.pieces[0]], [0], len(self.pieces[0])
         for text, piece in zip(texts, self.pieces[1:]):
-            out += (text.strip() if self.strip else text, piece)
-        return "".join(out)
+            text = text.strip() if self.strip else text
+            at += len(text)
+            starts.append(at)
+            at += len(piece)
+            out += (text, piece)
+        replies = [(i, starts[a] + o, starts[b] + p) for i, (a, o), (b, p) in self.replies]
+        return cut_spans("".join(out), conversation, replies, self.end_of_turn)
 
     @classmethod
-    def probe(cls, processor, conversation) -> Skeleton | None:
-        """The shape's skeleton, or None when the template does more than place texts."""
-        from peftvlm.data.chat_template import render_texts
-
+    def probe(cls, processor, conversation, end_of_turn) -> Layout | None:
+        """The shape's layout, or None where it would not give the reference's result."""
         count = len(shape_of(conversation)[1])
         sentinels = [SENTINEL.format(k) for k in range(count)]
-        probes = [PROBE.format(k) for k in range(count)]
-        marked, probed = render_texts(processor, [with_texts(conversation, sentinels),
-                                             with_texts(conversation, probes)],
-                                 add_generation_prompt=False)
-        pieces, rest = [], marked
-        for sentinel in sentinels:
-            if marked.count(sentinel) != 1 or sentinel not in rest:
-                return None
-            before, rest = rest.split(sentinel)
-            pieces.append(before)
-        if "\x00" in rest:
+        try:
+            text, replies = prefix_layouts(processor, [with_texts(conversation, sentinels)])[0]
+            probes = [[p.format(k) for k in range(count)] for p in PROBES]
+            expected = render_by_prefixes(processor, [with_texts(conversation, t)
+                                                      for t in probes], end_of_turn)
+        except Exception:  # refused (rows then get the reference's own error) or raised
             return None
-        pieces.append(rest)
+        pieces, bounds = _pieces(text, sentinels)
+        if pieces is None:
+            return None
+        anchored = [(i, _anchor(start, bounds), _anchor(end, bounds)) for i, start, end in replies]
+        if any(a is None or b is None for _, a, b in anchored):
+            return None
         for strip in (False, True):
-            skeleton = cls(pieces, strip)
-            if skeleton.fill(probes) == probed:
-                return skeleton
+            layout = cls(pieces, strip, anchored, end_of_turn)
+            if all(layout.fill(with_texts(conversation, t), t) == e
+                   for t, e in zip(probes, expected)):
+                return layout
         return None
+
+
+def _pieces(text: str, sentinels: list[str]):
+    """The literal pieces between the sentinels, and each piece's (start, end) in `text`."""
+    pieces, bounds, at = [], [], 0
+    for sentinel in sentinels:
+        found = text.find(sentinel, at)
+        if found < 0 or text.count(sentinel) != 1:
+            return None, None
+        pieces.append(text[at:found])
+        bounds.append((at, found))
+        at = found + len(sentinel)
+    if "\x00" in text[at:]:
+        return None, None
+    pieces.append(text[at:])
+    bounds.append((at, len(text)))
+    return pieces, bounds
+
+
+def _anchor(position: int, bounds) -> tuple[int, int] | None:
+    """(piece, offset into it) of a position in the sentinel text; None inside a sentinel."""
+    for n, (start, end) in enumerate(bounds):
+        if start <= position <= end:
+            return n, position - start
+    return None

@@ -22,7 +22,9 @@ row before training (length grouping, bin packing, a template's `group_by_image`
 Resume: each checkpoint holds `peftvlm-stream.json`, every rank's position after the last batch
 that step trained on (`datasets`' `state_dict()` plus the rows of the current record already
 used, and the bad-row counts so far). `--resume` loads it, so training continues at the next
-row, not at the shard's start, and the trainer does not replay batches (`ignore_data_skip`).
+row, not at the shard's start, and the trainer does not replay batches (`ignore_data_skip`);
+the trainer restores the checkpoint's RNG states, and the data loader draws nothing from them,
+so a resumed run (dropout on) trains exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 import torch.utils.data
 from transformers import TrainerCallback
 
+from peftvlm.data.boxes import box_format_for
 from peftvlm.data.formats import media_token_detail, token_in_text
 from peftvlm.data.rows import BadRow, BadRowReport
 from peftvlm.data.stream_sources import StreamSource, open_stream, stream_source
@@ -257,7 +260,12 @@ class StreamingRows(torch.utils.data.IterableDataset):
         from accelerate.data_loader import prepare_data_loader
         from torch.utils.data import DataLoader
 
-        loader = DataLoader(self, batch_size=batch_size, collate_fn=collator)
+        # Its own generator: starting an iterator draws a seed, and from the global torch RNG
+        # that draw would shift every dropout mask of a resumed run (the trainer restores the
+        # checkpoint's RNG state before the iterator starts), so losses would differ from an
+        # uninterrupted run's.
+        loader = DataLoader(self, batch_size=batch_size, collate_fn=collator,
+                            generator=torch.Generator())
         return prepare_data_loader(loader, device, num_processes=1, process_index=0,
                                    put_on_device=True, dispatch_batches=False)
 
@@ -406,7 +414,8 @@ def open_training_stream(recipe, collator, rank: int | None = None,
     data_cfg, base = recipe.data, recipe.base_dir()
     train_sources = recipe_sources(recipe)[0]
     opened = [open_stream(src, base, i) for i, src in enumerate(train_sources)]
-    sources = [stream_source(src, stream, i, data_cfg, base, collator.family.box_format)
+    box_format = box_format_for(collator.family, collator.processor)
+    sources = [stream_source(src, stream, i, data_cfg, base, box_format)
                for i, (src, stream) in enumerate(zip(train_sources, opened))]
     stream = combine(opened, train_sources, data_cfg.seed)
     if world > 1:

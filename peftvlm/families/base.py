@@ -88,8 +88,10 @@ class FamilySpec:
     # (None: the checkpoint's template is the source of truth).
     chat_template: str | None = None
     end_of_turn: str | None = None
-    # How grounding data writes boxes for this family (one of `peftvlm.data.boxes.BOX_FORMATS`).
-    box_format: Literal["norm1", "abs1000"] = "norm1"
+    # The box convention grounding data is written in and eval parses answers with: a name in
+    # `peftvlm.data.boxes.CONVENTIONS` (writer + parser + coordinate grid, with its source).
+    # Families whose checkpoints publish no convention use `norm1` (docs/grounding.md).
+    box_format: str = "norm1"
     tiny_name: str | None = None
     # The Hub checkpoint the tiny twin stands for: the twin carries its published chat template,
     # kept as tests/fixtures/chat_templates/<basename>.jinja and checked by the parity tests.
@@ -144,6 +146,16 @@ class FamilySpec:
     # end behind the text positions (transformers' (1 + k, rows, tokens) `position_ids`).
     packed_positions: Callable[[Any, dict], Any] | None = field(
         default=None, compare=False, repr=False)
+
+    @property
+    def is_generative(self) -> bool:
+        """A generative VLM (image + text in, text out), loaded with AutoModelForImageTextToText."""
+        return self.kind == "generative"
+
+    @property
+    def is_dual_encoder(self) -> bool:
+        """A dual encoder (CLIP, SigLIP): image and text features in one space, no generation."""
+        return self.kind == "dual_encoder"
 
     def joint_dim(self, config) -> int:
         """The width of the joint image-text feature space of a dual encoder."""

@@ -71,6 +71,7 @@ def build_tiny(out_dir: Path) -> None:
 SPEC = FamilySpec(
     name="internvl",
     model_types=("internvl",),
+    box_format="internvl",  # <ref>label</ref><box>[[x1, y1, x2, y2]]</box>, 0-1000
     vision_module="model.vision_tower",
     projector_module="model.multi_modal_projector",
     language_module="model.language_model",

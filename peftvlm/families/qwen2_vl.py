@@ -1,11 +1,11 @@
 """Qwen2-VL and Qwen2.5-VL (Qwen/Qwen2-VL-*, Qwen/Qwen2.5-VL-*): a native-resolution ViT whose
 patch merger is the projector, and a Qwen2 language model with multimodal rotary positions.
 
-Both ship the same ChatML template (`<|im_start|>role ... <|im_end|>`). Qwen2-VL writes boxes
-as 0-1000 integers; Qwen2.5-VL natively uses absolute pixels of its resized input, but is
-trained here on 0-1000 too. Their processors ask for a video processor, which needs
-torchvision; `processor_class` is an image-only subclass that loads without it and carries
-`FramesVideoProcessor` (NumPy) for rows with videos.
+Both ship the same ChatML template (`<|im_start|>role ... <|im_end|>`). Qwen2-VL writes
+boxes as 0-1000 integers between box tokens; Qwen2.5-VL writes JSON `bbox_2d` in absolute
+pixels of its resized input (see peftvlm/data/boxes.py). Their processors ask for a video
+processor, which needs torchvision; `processor_class` is an image-only subclass that loads
+without it and carries `FramesVideoProcessor` (NumPy) for rows with videos.
 """
 
 from __future__ import annotations
@@ -241,7 +241,6 @@ _COMMON = dict(
     image_token="<|image_pad|>",
     media_tokens=("<|vision_start|>", "<|vision_end|>", "<|video_pad|>"),
     end_of_turn="<|im_end|>",
-    box_format="abs1000",
     takes_video=True,
     image_tokens=image_tokens,
     dummy_image_side=PATCH * MERGE * 2,  # a multiple of patch x merge the tiny models accept
@@ -259,6 +258,7 @@ QWEN2_VL_SPEC = FamilySpec(
     reference_checkpoint="Qwen/Qwen2-VL-2B-Instruct",
     build_tiny=build_tiny_qwen2_vl,
     processor_class=functools.partial(processor_class, "2"),
+    box_format="qwen2_vl",  # object_ref + box_start (x1,y1),(x2,y2) box_end tokens, 0-1000
     **_COMMON,
 )
 
@@ -271,5 +271,8 @@ QWEN2_5_VL_SPEC = FamilySpec(
     reference_checkpoint="Qwen/Qwen2.5-VL-3B-Instruct",
     build_tiny=build_tiny_qwen2_5_vl,
     processor_class=functools.partial(processor_class, "2.5"),
+    # JSON bbox_2d in pixels of the image as its processor resizes it (bound to the processor's
+    # smart_resize settings by `data.boxes.box_format_for`)
+    box_format="qwen2_5_vl",
     **_COMMON,
 )

@@ -20,8 +20,8 @@ from typing import Callable, Literal
 
 from peftvlm.errors import MetricsError
 
-PredictionKind = Literal["text", "labels", "ranking", "model"]
-ReferenceKind = Literal["text", "labels", "ids", "boxes"]
+PredictionKind = Literal["text", "labels", "ranking", "model", "masks"]
+ReferenceKind = Literal["text", "labels", "ids", "boxes", "masks"]
 
 
 class MetricUnavailable(MetricsError):
@@ -59,6 +59,7 @@ _BUILTIN_MODULES = (
     "peftvlm.metrics.classification",
     "peftvlm.metrics.retrieval",
     "peftvlm.metrics.grounding",
+    "peftvlm.metrics.detection",
     "peftvlm.metrics.clipscore",
 )
 

@@ -5,8 +5,11 @@
 
 Rows are matched by id (compared as strings, so 7 and "7" match). References are captions,
 the 10 VQA answers, class labels, relevant ids (retrieval: the prediction is then a ranked
-list) or boxes [x1, y1, x2, y2] (grounding). Every problem a user can cause (missing file, bad
-JSON line, missing/duplicate/mismatched ids, unknown metric) is a MetricsError naming it.
+list) or boxes [x1, y1, x2, y2] (grounding; checked: NaN, negative, swapped or pixel
+boxes are errors naming the line and field). COCO detection files (instances JSON + results
+list) are scored with COCO mAP (`peftvlm.metrics.detection`). Every problem a user can
+cause (missing file, bad JSON line, missing/duplicate/mismatched ids, unknown metric) is a
+MetricsError naming it.
 
     peftvlm metrics --predictions preds.jsonl --references refs.jsonl --metrics bleu,cider_d
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from peftvlm.errors import MetricsError
 from peftvlm.metrics import MetricInfo, MetricUnavailable, get_metrics
+from peftvlm.metrics.detection import is_coco_instances, score_coco_files
 
 _MAX_LISTED = 5
 
@@ -108,13 +112,10 @@ def _check_references(metric: MetricInfo, refs: list, where: str) -> None:
     if metric.reference == "text" and not all(isinstance(x, str) for x in refs):
         raise MetricsError(f"{where}: metric {metric.name} needs `references` to be a list of "
                            "strings")
-    if metric.reference == "boxes":
+    if metric.reference == "boxes" and not all(isinstance(x, str) for x in refs):
         from peftvlm.metrics.grounding import reference_boxes
 
-        try:
-            reference_boxes(refs)
-        except MetricsError as exc:
-            raise MetricsError(f"{where}: {exc.message}", hint=exc.hint) from None
+        reference_boxes(refs, f"{where}, field `references`")
 
 
 def score_files(predictions_path: str | Path, references_path: str | Path,
@@ -122,7 +123,15 @@ def score_files(predictions_path: str | Path, references_path: str | Path,
     """Score the files with each named metric. Returns
     `{"num_examples", "scores": {score name: value or None}, "notes": {...},
       "higher_is_better": {score name: bool}}`; a metric that cannot run here (SPICE
-    offline) scores None with its reason in `notes`."""
+    offline) scores None with its reason in `notes`. A COCO instances JSON as references
+    (with a COCO results list as predictions) is scored with COCO detection mAP."""
+    if is_coco_instances(references_path):
+        unknown = [n for n in metric_names if n not in ("coco_map", "detection_map")]
+        if unknown:
+            raise MetricsError(f"{references_path} is a COCO instances file: it is scored with "
+                               f"COCO detection mAP, not {', '.join(unknown)}",
+                               hint="leave out --metrics (or give coco_map)")
+        return score_coco_files(references_path, predictions_path)
     if not metric_names:
         raise MetricsError("no metrics given", hint="e.g. --metrics vqa_accuracy,anls")
     metrics = get_metrics(list(metric_names))

@@ -29,6 +29,8 @@ from pathlib import Path
 import yaml
 
 from peftvlm.errors import PeftVLMError, RunError
+from peftvlm.kinds import kind_for, kind_for_export
+from peftvlm.trainers.contrastive import Encoder, pooled
 
 TASKS = ("question", "caption", "grounding", "classify")
 
@@ -100,13 +102,19 @@ def locate(path: str | Path) -> RunFiles:
 
 
 def open_predictor(path: str | Path, log=print):
-    """The predictor for a run folder or merged export (generative or CLIP-family)."""
-    from peftvlm.registry import get_method
-
+    """The predictor for a run folder or merged export, built by the run's kind (a merged
+    export without its run's recipe: by its model family)."""
     files = locate(path)
-    if files.recipe is not None and "generative" not in get_method(files.recipe.method.name).kinds:
-        return DualEncoderPredictor.load(files, log)
-    return GenerativePredictor.load(files, log)
+    kind = (kind_for(files.recipe) if files.recipe is not None
+            else kind_for_export(merged_family(files)))
+    return kind.predictor(files, log)
+
+
+def merged_family(files: RunFiles):
+    """The model family of a merged export folder, from its config.json."""
+    from peftvlm.models import detect_family
+
+    return detect_family(str(files.path), merged_model_config(files))
 
 
 # --- rows --------------------------------------------------------------------------------------
@@ -169,7 +177,7 @@ def task_of(recipe) -> str:
 class GenerativePredictor:
     """A generative VLM with its trained adapter (or merged weights); answers rows."""
 
-    kind = "generative"
+    generates = True  # answers in text: chat completions, generated answers
 
     def __init__(self, files: RunFiles, loaded, model, base_switch, log=print):
         self.files, self.loaded, self.model = files, loaded, model
@@ -344,7 +352,7 @@ def merged_model_config(files: RunFiles):
 class DualEncoderPredictor:
     """A CLIP-family run: the trained method and zero-shot CLIP over the run's classes."""
 
-    kind = "dual_encoder"
+    generates = False  # ranks classes
     task = "classify"
     default_prompt = None
     has_base = True
@@ -378,16 +386,64 @@ class DualEncoderPredictor:
                                           trained.classnames, trained.templates).eval()
         return cls(files, loaded, trained, zero_shot, class_examples(recipe))
 
+    @functools.cached_property
+    def encoder(self) -> Encoder:
+        """Texts into model inputs with the family's padding, as retrieval training does."""
+        return Encoder(self.loaded.model, self.family, self.loaded.processor)
+
+    def pixels(self, images: list, device=None):
+        """Pixel values of paths or PIL images, decoded as training decoded them."""
+        from peftvlm.data.collate import open_image
+
+        pixels = self.loaded.processor.image_processor(
+            images=[open_image(i) for i in images], return_tensors="pt")["pixel_values"]
+        return pixels if device is None else pixels.to(device)
+
+    def embed_images(self, images: list, base: bool = False, batch_size: int = 32):
+        """L2-normalised image features [N, D] as the trained method computes them (VPT's
+        prompts, CLIP-Adapter's image adapter), or the base model's with `base`."""
+        import torch
+        import torch.nn.functional as F
+
+        classifier = self.zero_shot if base else self.trained
+        device = next(classifier.parameters()).device
+        out = []
+        with self.lock, torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                pixels = self.pixels(images[start:start + batch_size], device)
+                out.append(classifier.image_features(pixels).float())
+        return F.normalize(torch.cat(out), dim=-1).cpu()
+
+    def embed_texts(self, texts: list[str], base: bool = False, batch_size: int = 64):
+        """L2-normalised text features [N, D] of the frozen text tower: the classification
+        methods learn class prompts, not a text encoder, so any text is encoded as the base
+        model encodes it (`base` gives the same)."""
+        import torch
+        import torch.nn.functional as F
+
+        model = self.loaded.model
+        device = next(model.parameters()).device
+        out = []
+        with self.lock, torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                inputs = self.encoder.texts(texts[start:start + batch_size], device)
+                out.append(pooled(model.get_text_features(**inputs)).float())
+        return F.normalize(torch.cat(out), dim=-1).cpu()
+
+    @property
+    def max_text_tokens(self) -> int:
+        return self.encoder.max_length
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.loaded.processor.tokenizer(text)["input_ids"])
+
     def classify(self, images: list, top_k: int = 5, base: bool = False) -> list[list[tuple]]:
         """Per image, the `top_k` classes best first with their probabilities (softmax over the
         classes; independent sigmoids for families that score with a logit bias, as SigLIP)."""
         import torch
 
-        from peftvlm.data.collate import open_image
-
         classifier = self.zero_shot if base else self.trained
-        pixels = self.loaded.processor.image_processor(
-            images=[open_image(i) for i in images], return_tensors="pt")["pixel_values"]
+        pixels = self.pixels(images)
         with self.lock, torch.no_grad():
             logits = classifier(pixels.to(next(classifier.parameters()).device)).float().cpu()
         probs = logits.sigmoid() if self.family.logit_bias else logits.softmax(-1)
@@ -409,4 +465,5 @@ def class_examples(recipe, limit: int = 8) -> list[dict]:
     return [{"images": [str(image)], "label": task.classnames[label]}
             for image, label in list(zip(split.images, split.labels))[:limit]
             if isinstance(image, (str, Path))]
+
 

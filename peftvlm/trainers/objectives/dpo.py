@@ -23,10 +23,10 @@ class DPOObjective:
 
     def refusal(self, recipe, family, method) -> str | None:
         """What DPO cannot run on, from the recipe alone (no weights, no torch)."""
-        if family is not None and family.kind != "generative":
+        if family is not None and not family.is_generative:
             return (f"{family.name} is a dual encoder, which has no replies to prefer: only "
                     "generative VLMs train with dpo (dual encoders train with objective: sft)")
-        if "generative" not in method.kinds:
+        if not method.trains_generative:
             return (f"method {method.name!r} trains dual encoders, which have no replies to "
                     "prefer (use objective: sft)")
         if not method.apply_path.endswith(":apply_peft"):
