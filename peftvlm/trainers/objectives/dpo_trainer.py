@@ -11,12 +11,13 @@ from transformers import TrainerCallback
 
 from peftvlm.data.preference import PreferenceCollator
 from peftvlm.errors import RunError
-from peftvlm.trainers.sft import PASSTHROUGH
+from peftvlm.trainers.sft import PASSTHROUGH, StopsOnSignals
 
 
-class DPOTrainer(trl.DPOTrainer):
+class DPOTrainer(StopsOnSignals, trl.DPOTrainer):
     """TRL's DPOTrainer without the reference copy of the adapter it adds to a peft model:
-    `use_adapter(model, None)` then disables the adapter, and the base is the reference."""
+    `use_adapter(model, None)` then disables the adapter, and the base is the reference.
+    Ctrl-C / SIGTERM save a checkpoint and raise `Interrupted`, as SFT's trainer does."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
