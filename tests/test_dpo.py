@@ -327,10 +327,11 @@ def test_dpo_learns_to_prefer_the_right_colour_then_exports_and_predicts(tmp_pat
     assert answer["answer"].split()[0] in {"red", "green", "blue", "yellow"}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model", [m for m, refusal in family_cases()
                                    if refusal is None and m != "tiny-llava"])
 def test_dpo_runs_two_steps_on_each_family(tmp_path, data_cache, model):
+    """Every tiny generative twin whose family does not refuse dpo trains two DPO steps (about
+    3 s each once its tiny model is built)."""
     from peftvlm import api
 
     r = load_recipe(recipe(tmp_path, {"synthetic": {"name": "colour-preference",
@@ -357,3 +358,22 @@ def test_a_stopped_dpo_run_resumes_from_its_checkpoint(tmp_path, data_cache):
     check_interrupted_then_resume(result, run, recipe_file)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["dpo"]["margin_curve"] and (run / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_dpo_metrics_reach_wandb(tmp_path, data_cache, monkeypatch):
+    from peftvlm import api
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    path = recipe(tmp_path, {"synthetic": {"name": "colour-preference", "train_size": 4,
+                                           "eval_size": 2}},
+                  max_steps=2, per_device_train_batch_size=2, logging_steps=1)
+    data = yaml.safe_load(path.read_text())
+    data["tracking"] = {"wandb": {"mode": "offline", "project": "peftvlm-test"}}
+    path.write_text(yaml.safe_dump(data))
+    api.train(load_recipe(path), tmp_path / "run", log=lambda *_: None)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    blob = b"".join(p.read_bytes() for p in runs[0].rglob("*") if p.is_file())
+    for key in (b"rewards/margins", b"rewards/accuracies", b"logps/chosen",
+                b"eval_preference_accuracy"):
+        assert key in blob, key

@@ -204,7 +204,9 @@ class PreferenceCollator:
         self.processor, self.family = conversations.processor, conversations.family
 
     def __getattr__(self, name):  # skipped rows, spare rows: the conversation collator's
-        return getattr(self.__dict__["conversations"], name)
+        if name == "conversations":  # not set yet (unpickling in a dataloader worker)
+            raise AttributeError(name)
+        return getattr(self.conversations, name)
 
     def __call__(self, rows: list[dict]) -> dict:
         pairs = [*rows, *({**r, "messages": rejected_conversation(r)} for r in rows)]
