@@ -264,7 +264,7 @@ def test_the_reference_is_the_base_with_the_adapter_disabled(tmp_path, data_cach
     import torch
 
     from peftvlm.data.collate import ConversationCollator
-    from peftvlm.data.loading import prepare_data
+    from peftvlm.data.pipeline import prepare_data
     from peftvlm.models import load_base
     from peftvlm.registry import get_method
     from peftvlm.trainers.objectives import objective_for

@@ -21,10 +21,11 @@ import torch
 from transformers import set_seed
 
 from peftvlm.data.collate import ConversationCollator
-from peftvlm.data.loading import count_skipped_rows, prepare_data, skipped_rows_file
+from peftvlm.data.loading import count_skipped_rows, skipped_rows_file
+from peftvlm.data.pipeline import prepare_data
 from peftvlm.data.preview import render_example
 from peftvlm.distributed import sharding_args, sharding_mode
-from peftvlm.errors import RecipeError, RunError
+from peftvlm.errors import RecipeError
 from peftvlm.evaluate import evaluate_rows
 from peftvlm.families import method_refusal
 from peftvlm.models import detect_family, load_base, resolve_model_path

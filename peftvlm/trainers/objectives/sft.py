@@ -32,7 +32,8 @@ class SFTObjective:
             callbacks = [callbacks[0], StreamCheckpoint(data.train, log), *callbacks[1:]]
         if recipe.train.packing:
             log(describe_bins(items))
-        return build_trainer(model, processor, collator, items, args, callbacks)
+        return build_trainer(model, processor, collator, items, args, callbacks,
+                             family=collator.family)
 
     def summary(self, log_history: list[dict]) -> dict:
         return {}
