@@ -199,8 +199,11 @@ def data_preview(
     """Show training examples exactly as encoded: loss tokens in green, image token counts."""
     from peftvlm.data.report import preview
     from peftvlm.recipe import load_recipe
+    from peftvlm.trainers.objectives import objective_for
 
-    preview(load_recipe(resolve_recipe_path(recipe), overrides or []), n)
+    loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    # an objective that reads rows its own way shows them so (GRPO: prompt + references)
+    preview(loaded, n, show_row=getattr(objective_for(loaded), "preview_row", None))
 
 
 @data_app.command("stats")

@@ -48,14 +48,19 @@ class ModelConfig(Section):
 
 
 # Row formats (peftvlm/data/formats.py) and annotation layouts (peftvlm/data/readers.py).
+# Preference formats (chosen vs rejected replies, peftvlm/data/preference.py) are row formats too.
 RowFormat = Literal["auto", "messages", "openai_messages", "llava_conversations",
-                    "llamafactory_v1"]
+                    "llamafactory_v1", "trl_preference", "rlaifv", "llamafactory_ranking",
+                    "swift_rejected_response"]
 SourceFormat = Literal["auto", "messages", "openai_messages", "llava_conversations",
-                       "llamafactory_v1", "coco_captions", "vqav2"]
+                       "llamafactory_v1", "trl_preference", "rlaifv", "llamafactory_ranking",
+                       "swift_rejected_response", "coco_captions", "vqav2"]
 
 
 FORMAT_ALIASES = {"sharegpt": "llava_conversations", "openai": "openai_messages",
-                  "llama_factory_v1": "llamafactory_v1"}
+                  "llama_factory_v1": "llamafactory_v1", "trl": "trl_preference",
+                  "rlaif_v": "rlaifv", "swift": "swift_rejected_response",
+                  "llama_factory_ranking": "llamafactory_ranking"}
 
 
 def _format_name(value: Any) -> Any:
@@ -90,8 +95,10 @@ class SourceConfig(Section):
                             "llamafactory_v1). Annotation layouts: "
                             "coco_captions, vqav2 (path = questions file, `annotations` = "
                             "annotations file). Row formats (forced): messages, openai_messages, "
-                            "llava_conversations, llamafactory_v1 (docs/data.md). Default: "
-                            "data.format.")
+                            "llava_conversations, llamafactory_v1 (docs/data.md); preference rows "
+                            "(chosen vs rejected, for train.objective: dpo): trl_preference, "
+                            "rlaifv, llamafactory_ranking, swift_rejected_response "
+                            "(docs/objectives.md). Default: data.format.")
 
     _format_names = field_validator("format", mode="before")(
         classmethod(lambda cls, v: _format_name(v)))
@@ -130,9 +137,12 @@ class SourceConfig(Section):
 
 
 class SyntheticConfig(Section):
-    name: Literal["colour-vqa", "colour-classes", "coco-captions", "vqav2", "refcoco"] = Field(
+    name: Literal["colour-vqa", "colour-preference", "colour-classes", "coco-captions", "vqav2",
+                  "refcoco"] = Field(
         "colour-vqa", description="Built-in offline task: `colour-vqa` (What color is the "
-                                  "shape? -> red/green/blue/yellow), `colour-classes` (labels), or "
+                                  "shape? -> red/green/blue/yellow), `colour-preference` (the "
+                                  "same as preference rows: the right colour chosen, another "
+                                  "rejected), `colour-classes` (labels), or "
                                   "annotation files in public layouts rendered by data.template: "
                                   "`coco-captions`, `vqav2`, `refcoco` (boxes).")
     train_size: int = Field(2000, gt=0, description="Training rows to generate.")
@@ -342,11 +352,62 @@ class GRPOConfig(Section):
                                                                             "memory vLLM takes.")
 
 
+class DPOConfig(Section):
+    """`train.dpo`: TRL's DPOConfig fields of the same names (`objective: dpo` only)."""
+
+    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference "
+                                               "(the base with the adapter disabled): higher "
+                                               "stays closer. IPO's tau.")
+    loss_type: str | list[str] = Field(
+        "sigmoid", description="TRL's DPO loss(es): sigmoid (DPO), hinge, ipo, exo_pair, "
+                               "nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, "
+                               "apo_zero, apo_down, discopop, sft, sigmoid_norm; a list combines "
+                               "them with loss_weights (e.g. MPO: [sigmoid, bco_pair, sft]).")
+    loss_weights: list[float] | None = Field(None, description="One weight per loss_type.")
+    label_smoothing: float = Field(0.0, ge=0, le=0.5, description="Robust DPO's flip "
+                                                                  "probability / EXO's epsilon.")
+    ld_alpha: float | None = Field(None, ge=0, le=1, description="LD-DPO's weight of the reply "
+                                                                 "tokens beyond the shorter reply.")
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence",
+                               "alpha_divergence"] = Field(
+        "reverse_kl", description="f-DPO's divergence (reverse_kl: standard DPO).")
+    f_alpha_divergence_coef: float = Field(0.5, description="alpha of alpha_divergence.")
+    use_weighting: bool = Field(False, description="WPO weighting of the pairs.")
+    discopop_tau: float = Field(0.05, gt=0, description="DiscoPOP's temperature.")
+    disable_dropout: bool = Field(True, description="Dropout off in the policy (TRL's default), "
+                                                    "so chosen and rejected are scored alike.")
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_losses(cls, v):
+        names = [v] if isinstance(v, str) else v
+        unknown = [n for n in names if n not in DPO_LOSSES]
+        if unknown or not names:
+            raise ValueError(f"unknown DPO loss {', '.join(map(repr, unknown)) or '(none)'}; "
+                             f"TRL's: {', '.join(DPO_LOSSES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_weight_per_loss(self):
+        names = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        if self.loss_weights is not None and len(self.loss_weights) != len(names):
+            raise ValueError(f"{len(self.loss_weights)} loss_weights for {len(names)} "
+                             "loss_type(s): give one weight per loss")
+        return self
+
+
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+              "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
+              "sigmoid_norm")
+
+
 class TrainConfig(Section):
     objective: Literal["sft", "dpo", "grpo"] = Field(
         "sft", description="What the generative model learns from: `sft` (imitate the replies), "
                            "`dpo` (prefer `chosen` over `rejected` replies; train.dpo) or `grpo` "
                            "(rewarded sampled replies; train.grpo). docs/objectives.md.")
+    dpo: DPOConfig | None = Field(None, description="DPO settings (objective: dpo); default: "
+                                                    "TRL's.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Total optimizer steps; -1 = use epochs "
@@ -426,6 +487,15 @@ class TrainConfig(Section):
             raise ValueError(f"GRPO settings need `objective: grpo` (the objective is "
                              f"{info.data.get('objective')!r}): set train.objective: grpo, or "
                              f"remove train.{info.field_name}")
+        return v
+
+    @field_validator("dpo")
+    @classmethod
+    def _dpo_only_with_dpo(cls, v, info):
+        if v is not None and info.data.get("objective") != "dpo":
+            raise ValueError(f"DPO settings need `objective: dpo` (the objective is "
+                             f"{info.data.get('objective')!r}): set train.objective: dpo, or "
+                             "remove train.dpo")
         return v
 
     @field_validator("max_steps")
@@ -615,6 +685,7 @@ def check_recipe_files(recipe: Recipe) -> None:
                           f"{recipe.model.family!r}; known: {', '.join(FAMILIES)}",
                           hint="or leave it out to detect the family from the model's config")
     check_method_fits_family(recipe)
+    check_objective_fits(recipe)
     from peftvlm.metrics import available_metrics
 
     unknown = [m for m in recipe.eval.metrics if m not in available_metrics()]
@@ -772,6 +843,16 @@ def check_method_fits_family(recipe: Recipe) -> None:
     if reason:
         raise RecipeError(f"{recipe.source_path}: {reason}",
                           hint="pick another method (`peftvlm ls methods`) or another model")
+
+
+def check_objective_fits(recipe: Recipe) -> None:
+    """`train.objective` must fit the model's family and the method (validate time; a Hub
+    id's family is checked again once its config is read)."""
+    from peftvlm.families import known_family
+    from peftvlm.registry import get_method
+    from peftvlm.trainers.objectives import check_objective
+
+    check_objective(recipe, known_family(recipe.model), get_method(recipe.method.name))
 
 
 def _check_template(recipe: Recipe, src, where: str) -> None:

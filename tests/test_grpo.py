@@ -15,6 +15,7 @@ from PIL import Image
 from peftvlm.data.collate import ConversationCollator
 from peftvlm.data.pipeline import prepare_data
 from peftvlm.errors import RecipeError, RunError
+from peftvlm.families import FAMILIES
 from peftvlm.evaluate import evaluate_rows
 from peftvlm.recipe import validate_recipe_dict
 from peftvlm.registry import get_method
@@ -273,6 +274,7 @@ def test_wandb_gets_a_table_of_sampled_completions_and_vllm_needs_cuda(tmp_path)
             grpo_config(vllm, tmp_path, [], None)
 
 
+@pytest.mark.slow
 def test_grpo_tiny_trains_through_the_cli_and_preview_shows_references(tmp_path, cli):
     """The user's path: `peftvlm train recipes/grpo-tiny.yaml` writes a run folder whose
     summary holds each reward's logged mean; `data preview` shows the rollout prompt and the
@@ -296,3 +298,23 @@ def test_grpo_tiny_trains_through_the_cli_and_preview_shows_references(tmp_path,
     assert shown.returncode == 0, shown.stderr[-3000:]
     assert "GRPO prompt" in shown.stdout and "What color is the shape?" in shown.stdout
     assert "references:" in shown.stdout and "ASSISTANT:" in shown.stdout
+
+
+REFUSING = [f for f in FAMILIES.values() if f.tiny_name and f.objective_refusal("grpo")]
+
+
+@pytest.mark.parametrize("family", REFUSING, ids=lambda f: f.name)
+def test_validate_refuses_families_trl_cannot_roll_out(family, cli_in_process):
+    res = cli_in_process("validate", "recipes/grpo-tiny.yaml", f"model.id={family.tiny_name}")
+    text = res.stdout + res.stderr
+    assert res.returncode == 2
+    assert f"the {family.name} family cannot train with TRL's GRPOTrainer" in text
+    assert family.objective_refusal("grpo") in " ".join(text.split())
+
+
+def test_validate_refuses_methods_the_adapter_switch_does_not_cover(cli_in_process):
+    res = cli_in_process("validate", "recipes/llava-vpt-lora-tiny.yaml", "train.objective=grpo",
+                         "train.rewards=[{name: exact_match}]")
+    text = " ".join((res.stdout + res.stderr).split())
+    assert res.returncode == 2
+    assert "method 'per_part' adds modules that peft's disable_adapter does not switch off" in text

@@ -221,6 +221,8 @@ DUAL_ENCODER_PATHS = {"peftvlm.trainers.clip": clip_training,
 NOT_DECODING = {
     "peftvlm.data.images": "the decoder itself",
     "peftvlm.data.sources": "image_size reads the header (and EXIF tag) for length checks",
+    "peftvlm.metrics.detection": "segmentation masks (PNG) are label maps for IoU, not images "
+                                 "for a model",
     "peftvlm.data.video": "video frames (GIF/WebP) are decoded as frames, not as images",
     "peftvlm.serving.predictor": "classify() gets predict's / serve's decoded images",
     "peftvlm.trainers.clip_data": "open_image: load_rgb for trainers.clip (tested above)",

@@ -34,8 +34,10 @@ def offline_overrides(recipe) -> list[str]:
     if uses_remote_data:
         # Same template on a local fixture in the same public layout where one exists.
         fixture = FIXTURE_FOR_TEMPLATE.get(recipe.data.template)
+        # preference objectives (dpo) read pairs: the same colour task as preference rows
+        plain = "colour-preference" if recipe.train.objective == "dpo" else "colour-vqa"
         out += ["data.train=null", "data.eval=null", "data.synthetic.train_size=16",
-                "data.synthetic.eval_size=4", f"data.synthetic.name={fixture or 'colour-vqa'}"]
+                "data.synthetic.eval_size=4", f"data.synthetic.name={fixture or plain}"]
         if fixture is None:
             out += ["data.template=null", "data.template_options={}"]
     return out

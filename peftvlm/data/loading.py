@@ -36,11 +36,12 @@ from peftvlm.errors import DataError
 
 CACHE_MIN_ROWS = 1000      # below this, rendering is faster than reading a cache file
 PARALLEL_MIN_ROWS = 2000   # below this, starting worker processes costs more than it saves
-CACHE_VERSION = "9"        # bump when rendering or the layout changes (4: Arrow tables, row_id;
+CACHE_VERSION = "10"        # bump when rendering or the layout changes (4: Arrow tables, row_id;
                            # 5: row formats; 6: Parquet / datasets rows named by their place in
                            # the file / split; 7: checked videos carry their source's fps and
                            # frame count; 8: one rows.arrow file, built in shards; 9: keyed
-                           # on file content, meta.json holds the row count and image stats)
+                           # on file content, meta.json holds the row count and image stats;
+                           # 10: preference rows, detected before conversations)
 
 
 @dataclass
@@ -89,7 +90,7 @@ def recipe_sources(recipe):
         return data.train or [], data.eval or []
     from peftvlm.models import cache_dir
 
-    if data.synthetic.name in ("colour-vqa", "colour-classes"):
+    if data.synthetic.name in ("colour-vqa", "colour-classes", "colour-preference"):
         from peftvlm.data.synthetic import write_synthetic
         from peftvlm.recipe import SourceConfig
 
@@ -113,10 +114,11 @@ class MessagesRenderer:
 
     def detect(self, records: list, name: str) -> None:
         """Pick the source's row format from its first rows (when not forced)."""
-        from peftvlm.data.formats import detect_format, no_format_error
+        from peftvlm.data.formats import no_format_error
+        from peftvlm.data.preference import detect_row_format
 
         if self.format == "auto" and records:
-            self.format = detect_format(records) or no_format_error(records, name)
+            self.format = detect_row_format(records) or no_format_error(records, name)
 
     def describe(self) -> str:
         return self.format

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from peftvlm.data.boxes import box_format_for
 from peftvlm.data.formats import interleaving_note
+from peftvlm.data.preference import is_preference_row, preview_pair
 from peftvlm.errors import DataError
 
 
@@ -29,8 +30,10 @@ def processor_collator(recipe):
     return ConversationCollator(processor, family, recipe.train.assistant_only_loss)
 
 
-def preview(recipe, n: int = 3, console=None) -> list[dict]:
-    """Print the first `n` training rows as encoded for training; return their token counts."""
+def preview(recipe, n: int = 3, console=None, show_row=None) -> list[dict]:
+    """Print the first `n` training rows as encoded for training; return their token counts.
+    `show_row(collator, row, index, console)`, when given, prints each row the way the run's
+    objective reads it (GRPO: the rollout prompt and its references)."""
     from rich.console import Console
     from rich.rule import Rule
 
@@ -54,6 +57,12 @@ def preview(recipe, n: int = 3, console=None) -> list[dict]:
         console.print(f"note: {note}")
     shown = []
     for i, row in enumerate(first):
+        if show_row is not None:
+            shown.append(show_row(collator, row, i, console))
+            continue
+        if is_preference_row(row):  # DPO's pairs: both replies, each with its scored tokens
+            shown.append(print_pair(collator, row, i, console))
+            continue
         text, counts = render_example(collator, row, collator.family.image_token)
         videos = (f", {len(row['videos'])} video(s), {counts['video_tokens']} video tokens"
                   if row.get("videos") else "")
@@ -63,6 +72,23 @@ def preview(recipe, n: int = 3, console=None) -> list[dict]:
                            f"tokens ({len(row['images'])} image(s){videos})", align="left"))
         console.print(text)
         shown.append({**counts, "row_id": row.get("row_id"), "images": len(row["images"])})
+    return shown
+
+
+def print_pair(collator, row: dict, index: int, console) -> dict:
+    """One preference row as DPO sees it: the prompt with the chosen reply, then with the
+    rejected one, the tokens each reply is scored on in green."""
+    from rich.rule import Rule
+
+    named = f" ({row['row_id']})" if row.get("row_id") else ""
+    shown = {"row_id": row.get("row_id"), "images": len(row["images"])}
+    pair = preview_pair(collator, row, collator.family.image_token)
+    for which, (text, counts) in zip(("chosen", "rejected"), pair):
+        console.print(Rule(f"example {index}{named} {which}: {counts['tokens']} tokens, "
+                           f"{counts['trained_tokens']} scored, {counts['image_tokens']} image "
+                           f"tokens ({len(row['images'])} image(s))", align="left"))
+        console.print(text)
+        shown[which] = counts
     return shown
 
 
@@ -96,12 +122,25 @@ def stats(recipe, plot_path: Path) -> dict:
     lengths = data.train.lengths().tolist()  # the cached `length` column
     max_length = recipe.train.max_length
     plot_lengths(lengths, max_length, plot_path, f"{recipe.name}: training rows by token length")
+    pairs = {"train_pairs": preference_pairs(data.train), "eval_pairs": preference_pairs(data.eval)}
     return {"recipe": recipe.name, "train_rows": len(data.train), "eval_rows": len(data.eval),
+            **{k: v for k, v in pairs.items() if v is not None},
             "sources": data.sources, "token_lengths": summarise_lengths(lengths),
             "over_max_length": over_max_length(lengths, data.train.row_ids, max_length,
                                                recipe.data.on_overflow),
             "bad_rows": data.bad_rows, "histogram": str(plot_path),
             "notes": [n for n in [interleaving_note(data.train, collator.family)] if n]}
+
+
+def preference_pairs(rows) -> int | None:
+    """How many rows are preference pairs (a chosen and a rejected reply); None: none are."""
+    if hasattr(rows, "column"):  # an Arrow table: count without decoding every row
+        import pyarrow.compute as pc
+
+        count = pc.sum(pc.match_substring(rows.column("row"), '"rejected": {')).as_py() or 0
+    else:
+        count = sum(is_preference_row(r) for r in rows)
+    return count or None
 
 
 def refuse_unreadable_streams(recipe) -> None:
@@ -174,6 +213,9 @@ def print_stats(result: dict, console=None) -> None:
     over = result["over_max_length"]
     console.print(f"train rows {result['train_rows']}, eval rows {result['eval_rows']}; tokens "
                   f"min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}")
+    if "train_pairs" in result or "eval_pairs" in result:
+        console.print(f"preference pairs (chosen vs rejected): {result.get('train_pairs', 0)} "
+                      f"training, {result.get('eval_pairs', 0)} held-out")
     console.print(f"over train.max_length={over['max_length']}: {over['count']} row(s) "
                   f"(data.on_overflow: {over['policy']})"
                   + (f", e.g. {', '.join(over['first_rows'][:3])}" if over["count"] else ""))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftvlm.data.preference import PREFERENCE_FORMATS, to_native_pair
 from peftvlm.data.rows import BadRow
 from peftvlm.safe_yaml import regular_file_problem
 
@@ -112,10 +113,12 @@ def to_conversation(record, root: Path, fmt: str = "messages", video=None, resol
         raise record
     if not isinstance(record, dict):
         raise BadRow("bad_row", "a row must be a JSON object")
-    native = to_native(record, fmt)
+    native = to_native_pair(record, fmt) if fmt in PREFERENCE_FORMATS else to_native(record, fmt)
     messages = normalise_messages(native["messages"], len(native["images"]), len(native["videos"]))
     resolve = resolve or resolve_image
     row = {"messages": messages, "images": [resolve(i, root) for i in native["images"]]}
+    if "rejected" in native:  # a preference row: the other reply to the same prompt
+        row["rejected"] = native["rejected"]
     if native["videos"]:
         from peftvlm.data.video import VideoOptions, resolve_video
 

@@ -1,7 +1,9 @@
 """Built-in offline tasks: small coloured-shape images that a tiny model can learn.
 
-`colour-vqa` writes conversations ("What color is the shape?" -> one colour word) and
-`colour-classes` writes labelled images for the CLIP-family methods. Files are written once per
+`colour-vqa` writes conversations ("What color is the shape?" -> one colour word),
+`colour-preference` the same question as preference rows (RLAIF-V layout: the right colour
+chosen, another one rejected; for `train.objective: dpo`) and `colour-classes` writes labelled
+images for the CLIP-family methods. Files are written once per
 configuration into the cache and then read by the ordinary file loaders, like user data.
 """
 
@@ -49,6 +51,11 @@ def vqa_row(image_path: str, colour: str) -> dict:
             "images": [image_path]}
 
 
+def preference_row(image_path: str, colour: str, rng: random.Random) -> dict:
+    wrong = rng.choice([c for c in COLOURS if c != colour])
+    return {"image": image_path, "question": QUESTION, "chosen": colour, "rejected": wrong}
+
+
 def class_row(image_path: str, colour: str) -> dict:
     return {"image": image_path, "label": colour}
 
@@ -75,8 +82,10 @@ def write_synthetic(cfg, root: Path) -> dict[str, Path]:
 def _write_task(cfg, folder: Path) -> None:
     paths = {"train": folder / "train.jsonl", "test": folder / "test.jsonl"}
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    make_row = vqa_row if cfg.name == "colour-vqa" else class_row
     rng = random.Random(cfg.seed)
+    make_row = {"colour-vqa": vqa_row, "colour-classes": class_row,
+                "colour-preference": lambda path, colour: preference_row(path, colour, rng)
+                }[cfg.name]
     index = 0
     for split, n in (("train", cfg.train_size), ("test", cfg.eval_size)):
         rows = []

@@ -110,6 +110,9 @@ class FamilySpec:
     system_with_images: bool = True
     # Methods this family refuses at `validate` time: (method name, reason) pairs.
     refused_methods: tuple[tuple[str, str], ...] = ()
+    # Training objectives (`train.objective`: dpo, grpo) this family refuses at `validate`
+    # time: (objective name, reason) pairs (peftvlm/trainers/objectives/).
+    refused_objectives: tuple[tuple[str, str], ...] = ()
     # Dual encoders (CLIP-family methods). `text_padding`: "longest" (CLIP pools the end-of-text
     # token, so padding length is irrelevant) or "max_length" (SigLIP pools the last position:
     # texts must be padded to the text encoder's max_position_embeddings, as in training).
@@ -203,6 +206,10 @@ class FamilySpec:
     def refusal(self, method_name: str) -> str | None:
         """Why this family cannot take `method_name`, or None."""
         return dict(self.refused_methods).get(method_name)
+
+    def objective_refusal(self, objective: str) -> str | None:
+        """Why this family cannot train with `objective` (dpo, grpo), or None."""
+        return dict(self.refused_objectives).get(objective)
 
     def quantization_skip_modules(self) -> list[str]:
         """Full prefixes kept in full precision by QLoRA (transformers matches them as prefixes)."""

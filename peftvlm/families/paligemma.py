@@ -140,4 +140,7 @@ SPEC = FamilySpec(
     packing_refusal="PaliGemma attends bidirectionally over the image and prompt (a prefix-LM "
                     "mask built from token_type_ids), which packed position ids cannot confine "
                     "to one conversation",
+    refused_objectives=(("grpo", "it has no chat template (prompts are encoded by hand), and "
+                                 "TRL's GRPOTrainer renders rollout prompts with the "
+                                 "processor's chat template"),),
 )

@@ -6,9 +6,9 @@ packing and FSDP/DeepSpeed handled here), score again, write the run folder (ada
 summary.json, loss.png). `dry_run(recipe)` stops after the data, showing one rendered example
 with its loss mask.
 
-The training objective is SFT today (`run_trainer` -> `trainers.sft.build_trainer`); preference
-and RL objectives (DPO, GRPO: a future `train.objective`) plug in at `run_trainer`, the one
-place that builds the TRL trainer, and keep everything around it.
+What the model learns from is the recipe's `train.objective` (`trainers.objectives`: SFT,
+DPO, ...): the flow asks it which rows it needs (`check_data`), for the TRL trainer
+(`build_trainer`, in `run_trainer`) and for its summary fields; everything around stays the same.
 """
 
 from __future__ import annotations
@@ -23,10 +23,7 @@ from transformers import set_seed
 from peftvlm.data.collate import ConversationCollator
 from peftvlm.data.loading import count_skipped_rows, skipped_rows_file
 from peftvlm.data.pipeline import prepare_data
-from peftvlm.data.mixed import for_training
-from peftvlm.data.packing import describe_bins, train_collator, train_items
 from peftvlm.data.preview import render_example
-from peftvlm.data.streaming import StreamCheckpoint, StreamCollator
 from peftvlm.distributed import sharding_args, sharding_mode
 from peftvlm.errors import RecipeError
 from peftvlm.evaluate import evaluate_rows
@@ -37,8 +34,9 @@ from peftvlm.registry import get_method
 from peftvlm.runs import eval_history, loss_history, plot_loss, prepare_run_dir, write_json
 from peftvlm.summary import before_after, parameter_counts, run_summary
 from peftvlm.tracking import active_run_info, start_wandb
+from peftvlm.trainers.objectives import check_objective, objective_for
 from peftvlm.trainers.sft import (MarkCheckpointComplete, PeriodicEval, StopOnInterrupt,
-                                  build_trainer, last_checkpoint, sft_config)
+                                  last_checkpoint)
 from peftvlm.trainers.sft import full_state_dict as gather_state_dict
 
 
@@ -84,7 +82,9 @@ def load_and_prepare(recipe: Recipe):
         check_packing(recipe, loaded.family)
     collator = ConversationCollator(loaded.processor, loaded.family,
                                     recipe.train.assistant_only_loss)
-    return loaded, model, collator, prepare_data(recipe, collator), sharding
+    data = prepare_data(recipe, collator)
+    objective_for(recipe).check_data(data)  # e.g. DPO: preference rows only
+    return loaded, model, collator, data, sharding
 
 
 def log_start(recipe: Recipe, loaded, model, data, log) -> None:
@@ -120,6 +120,7 @@ def refuse_unfit_method(recipe: Recipe) -> None:
     reason = method_refusal(family, recipe.method)
     if reason:
         raise RecipeError(reason, hint="pick another method (`peftvlm ls methods`) or model")
+    check_objective(recipe, family, get_method(recipe.method.name))  # e.g. BLIP-2 and dpo
 
 
 def print_dry_run(model, collator, data, family, log) -> dict:
@@ -155,24 +156,12 @@ def evaluate_if_asked(recipe, model, loaded, data, enabled: bool, log) -> dict |
 def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callbacks, log,
                 sharding=None):
     """Train with TRL (resuming from the last checkpoint if asked); SIGINT/SIGTERM save and stop.
-    The objective's seam: SFT builds `trainers.sft.SFTTrainer`; DPO/GRPO build theirs here."""
+    The objective's seam: it builds the TRL trainer (SFTTrainer, DPOTrainer...) over the data."""
     wandb_run = start_wandb(recipe, run_dir, log)
-    args = sft_config(recipe.train, run_dir, ["wandb"] if wandb_run else [], recipe.name,
-                      sharding)
     stopper = StopOnInterrupt()
-    # several processes: text-only batches carry a zero-weighted image, so no rank hangs (with
-    # packing, the blank image's tokens are a block of their own that nothing attends to)
-    collator = for_training(train_collator(collator, recipe.train.packing, model))
-    items = train_items(data.train, recipe.train.packing, recipe.train.max_length)
-    if recipe.train.packing:
-        log(describe_bins(items))
-    streamed = []  # a stream's position goes into each checkpoint, before it is marked complete
-    if data.streaming:
-        collator, streamed = StreamCollator(collator, data.train), [StreamCheckpoint(data.train,
-                                                                                     log)]
-    trainer = build_trainer(model, loaded.processor, collator, items, args,
-                            [stopper, *streamed, MarkCheckpointComplete(), *callbacks],
-                            family=loaded.family)
+    trainer = objective_for(recipe).build_trainer(
+        recipe, model, loaded.processor, collator, data, run_dir, ["wandb"] if wandb_run else [],
+        sharding, [stopper, MarkCheckpointComplete(), *callbacks], log)
     add_periodic_eval(trainer, recipe, loaded, data)
     checkpoint = last_checkpoint(run_dir, log) if resume else None
     if resume and checkpoint is None:
@@ -220,7 +209,8 @@ def summarise(recipe, trainer, loaded, data, runtime, before, after) -> dict:
         loss_curve=list(zip(steps, losses)), eval=before_after(before, after),
         eval_history=eval_history(log_history),
         eval_notes=data.eval_notes,  # what the scores mean where a metric's assumptions fail
-        data=data.report(), wandb=active_run_info())
+        data=data.report(), wandb=active_run_info(),
+        **objective_for(recipe).summary(log_history))  # e.g. DPO's margins and accuracy
 
 
 def finish_tracking(summary: dict) -> None:

@@ -114,17 +114,11 @@ class MarkCheckpointComplete(TrainerCallback):
         return control
 
 
-class SFTTrainer(trl.SFTTrainer):
-    """TRL's SFTTrainer; a model that names its own optimiser parameter groups
-    (`optimizer_param_groups(lr, weight_decay)`, e.g. `per_part`: one group per part, each at
-    its own learning rate) gets them, in the optimiser `train.optim` names."""
-
-    row_lengths: list[int] | None = None  # token lengths of the training rows (cached column)
-    stream = None  # streaming.StreamingRows: batches come from it (train_dataset: its source)
+class StopsOnSignals:
+    """A Trainer mixin (SFT, DPO...): a run stopped by Ctrl-C or SIGTERM raises `Interrupted`
+    once every callback has seen the end of training."""
 
     def train(self, *args, **kwargs):
-        """Trainer.train; a run stopped by Ctrl-C or SIGTERM raises `Interrupted` once every
-        callback has seen the end of training."""
         stoppers = [c for c in self.callback_handler.callbacks if isinstance(c, StopOnInterrupt)]
         try:
             result = super().train(*args, **kwargs)
@@ -134,6 +128,15 @@ class SFTTrainer(trl.SFTTrainer):
         for stopper in stoppers:
             stopper.raise_if_interrupted(self.args.output_dir, self.state.global_step)
         return result
+
+
+class SFTTrainer(StopsOnSignals, trl.SFTTrainer):
+    """TRL's SFTTrainer; a model that names its own optimiser parameter groups
+    (`optimizer_param_groups(lr, weight_decay)`, e.g. `per_part`: one group per part, each at
+    its own learning rate) gets them, in the optimiser `train.optim` names."""
+
+    row_lengths: list[int] | None = None  # token lengths of the training rows (cached column)
+    stream = None  # streaming.StreamingRows: batches come from it (train_dataset: its source)
 
     def get_train_dataloader(self):
         if self.stream is None:

@@ -31,10 +31,9 @@ class GRPOObjective:
             return (f"method {method.name!r} adds modules that peft's disable_adapter does not "
                     "switch off, so neither TRL's rollouts nor its reference (the base with the "
                     "adapter disabled) would be what they claim: use lora, qlora, dora or vera")
-        if family is not None and family.encode_prompt is not None:
-            return (f"the {family.name} family has no chat template (it encodes prompts "
-                    "itself), and TRL's GRPOTrainer renders rollout prompts with the "
-                    "processor's chat template")
+        refusal = family.objective_refusal("grpo") if family is not None else None
+        if refusal:
+            return f"the {family.name} family cannot train with TRL's GRPOTrainer: {refusal}"
         train, data = recipe.train, recipe.data
         for refused, field, why in (
                 (train.packing, "train.packing", "rollouts are generated per prompt"),

@@ -26,12 +26,13 @@ from peftvlm.data.collate import open_image, process_texts, prompt_messages
 from peftvlm.errors import DataError, RecipeError, RunError
 from peftvlm.evaluate import row_references
 from peftvlm.recipe import GRPOConfig as GRPOSettings
-from peftvlm.trainers.sft import PASSTHROUGH
+from peftvlm.trainers.sft import PASSTHROUGH, StopsOnSignals
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class GRPOTrainer(StopsOnSignals, trl.GRPOTrainer):
     """TRL's GRPOTrainer with left-padded prompts, the base as the reference, and each
-    generated batch's image tokens checked against its rows' images."""
+    generated batch's image tokens checked against its rows' images. Ctrl-C / SIGTERM save a
+    checkpoint and raise `Interrupted`, as SFT's trainer does."""
 
     def __init__(self, *args, image_token: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
