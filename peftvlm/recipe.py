@@ -51,10 +51,10 @@ class ModelConfig(Section):
 # Preference formats (chosen vs rejected replies, peftvlm/data/preference.py) are row formats too.
 RowFormat = Literal["auto", "messages", "openai_messages", "llava_conversations",
                     "llamafactory_v1", "trl_preference", "rlaifv", "llamafactory_ranking",
-                    "swift_rejected_response"]
+                    "swift_rejected_response", "trl_prompt"]
 SourceFormat = Literal["auto", "messages", "openai_messages", "llava_conversations",
                        "llamafactory_v1", "trl_preference", "rlaifv", "llamafactory_ranking",
-                       "swift_rejected_response", "coco_captions", "vqav2"]
+                       "swift_rejected_response", "trl_prompt", "coco_captions", "vqav2"]
 
 
 FORMAT_ALIASES = {"sharegpt": "llava_conversations", "openai": "openai_messages",
@@ -98,7 +98,9 @@ class SourceConfig(Section):
                             "llava_conversations, llamafactory_v1 (docs/data.md); preference rows "
                             "(chosen vs rejected, for train.objective: dpo): trl_preference, "
                             "rlaifv, llamafactory_ranking, swift_rejected_response "
-                            "(docs/objectives.md). Default: data.format.")
+                            "(docs/objectives.md); trl_prompt (TRL's GRPO rows: prompt, "
+                            "images and a reference column such as solution). Default: "
+                            "data.format.")
 
     _format_names = field_validator("format", mode="before")(
         classmethod(lambda cls, v: _format_name(v)))

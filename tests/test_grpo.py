@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from peftvlm.data.collate import ConversationCollator
@@ -318,3 +319,31 @@ def test_validate_refuses_methods_the_adapter_switch_does_not_cover(cli_in_proce
     text = " ".join((res.stdout + res.stderr).split())
     assert res.returncode == 2
     assert "method 'per_part' adds modules that peft's disable_adapter does not switch off" in text
+
+
+def test_trl_prompt_rows_are_read_with_their_reference_column(tmp_path, cli_in_process):
+    """TRL's GRPO layout (prompt + images + `solution`) is detected as `trl_prompt`; preview
+    shows the rollout prompt and every reference; a row without a reference is named."""
+    import json
+
+    for name, colour in (("red.png", "red"), ("blue.png", "blue")):
+        Image.new("RGB", (32, 32), COLOURS[colour]).save(tmp_path / name)
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"},
+                                                     {"type": "text", "text": "Which colour?"}]}],
+             "images": ["red.png"], "solution": "red"},
+            {"prompt": "What colour is this?", "image": "blue.png", "solution": ["blue", "navy"]},
+            {"prompt": "No answer here", "image": "blue.png"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"id": "tiny-llava"}, "method": {"name": "lora"},
+        "data": {"train": [{"path": "train.jsonl"}]},
+        "train": {"objective": "grpo", "per_device_train_batch_size": 2,
+                  "grpo": {"num_generations": 2}, "rewards": [{"name": "exact_match"}]}}))
+    res = cli_in_process("data", "preview", recipe, "-n", "2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = res.stdout
+    assert "format: trl_prompt" in text and "GRPO prompt" in text
+    assert "Which colour?" in text and "references: red" in text
+    assert "references: blue | navy" in text
+    assert "no_reference" in text and "train.jsonl:3" in text  # the bad row, by file:line

@@ -115,10 +115,10 @@ class MessagesRenderer:
     def detect(self, records: list, name: str) -> None:
         """Pick the source's row format from its first rows (when not forced)."""
         from peftvlm.data.formats import no_format_error
-        from peftvlm.data.preference import detect_row_format
+        from peftvlm.data.prompt_rows import detect_source_format
 
         if self.format == "auto" and records:
-            self.format = detect_row_format(records) or no_format_error(records, name)
+            self.format = detect_source_format(records) or no_format_error(records, name)
 
     def describe(self) -> str:
         return self.format

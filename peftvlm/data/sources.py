@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftvlm.data.preference import PREFERENCE_FORMATS, to_native_pair
+from peftvlm.data.prompt_rows import PROMPT_FORMAT, to_native_prompt
 from peftvlm.data.rows import BadRow
 from peftvlm.safe_yaml import regular_file_problem
 
@@ -113,7 +114,8 @@ def to_conversation(record, root: Path, fmt: str = "messages", video=None, resol
         raise record
     if not isinstance(record, dict):
         raise BadRow("bad_row", "a row must be a JSON object")
-    native = to_native_pair(record, fmt) if fmt in PREFERENCE_FORMATS else to_native(record, fmt)
+    native = (to_native_pair(record, fmt) if fmt in PREFERENCE_FORMATS else
+              to_native_prompt(record) if fmt == PROMPT_FORMAT else to_native(record, fmt))
     messages = normalise_messages(native["messages"], len(native["images"]), len(native["videos"]))
     resolve = resolve or resolve_image
     row = {"messages": messages, "images": [resolve(i, root) for i in native["images"]]}
@@ -123,6 +125,8 @@ def to_conversation(record, root: Path, fmt: str = "messages", video=None, resol
         from peftvlm.data.video import VideoOptions, resolve_video
 
         row["videos"] = [resolve_video(v, root, video or VideoOptions()) for v in native["videos"]]
+    if "references" in native:  # a TRL prompt row's reference column (prompt_rows.py)
+        return {**row, **eval_fields({**record, "references": native["references"]})}
     return {**row, **eval_fields(record)}
 
 
