@@ -347,3 +347,26 @@ def test_trl_prompt_rows_are_read_with_their_reference_column(tmp_path, cli_in_p
     assert "Which colour?" in text and "references: red" in text
     assert "references: blue | navy" in text
     assert "no_reference" in text and "train.jsonl:3" in text  # the bad row, by file:line
+
+
+@pytest.mark.slow
+def test_a_stopped_grpo_run_resumes_from_its_checkpoint_and_evaluates(tmp_path):
+    """SIGTERM mid-run saves a complete checkpoint; --resume finishes from it (TRL's GRPO
+    state and the rollout sampler restored), and `peftvlm eval` scores the run's adapter."""
+    import json
+
+    from test_signals import check_interrupted_then_resume, train_until_signalled
+
+    from conftest import run_cli
+    from peftvlm.cli import shipped_recipes
+
+    recipe = yaml.safe_load(shipped_recipes()["grpo-tiny"].read_text())
+    recipe["data"]["synthetic"].update(train_size=32, eval_size=4)
+    recipe["train"].update(max_steps=200, save_steps=2, logging_steps=1)
+    result, run, recipe_file = train_until_signalled(tmp_path, recipe)
+    check_interrupted_then_resume(result, run, recipe_file)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["grpo"]["reward_curve"] and (run / "adapter" / "adapter_config.json").is_file()
+    res = run_cli("eval", recipe_file, "--run", run, "--split", "test")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "exact_match" in res.stdout
