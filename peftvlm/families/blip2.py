@@ -99,13 +99,9 @@ SPEC = FamilySpec(
                     "text; packed rows would carry several; use train.group_by_length",
     dummy_image_refusal="every BLIP-2 row has exactly one image (images_per_row), so text-only "
                         "batches never occur",
-    refused_objectives=(("dpo", "TRL scores replies through the language model's last hidden "
-                                "states, which BLIP-2's output does not carry "
-                                "(Blip2ForConditionalGenerationModelOutput has no "
-                                "last_hidden_state)"),
-                        ("grpo", "TRL's GRPOTrainer computes log-probabilities from the language "
-                                 "model's hidden states (its fused LM head), which BLIP-2's "
-                                 "output does not carry")),
+    refused_objectives=(("grpo", "TRL's GRPOTrainer computes log-probabilities from the "
+                                 "language model's hidden states (its fused LM head), which "
+                                 "BLIP-2's output does not carry"),),
     # TRL's fused head runs `model.base_model` for the hidden states; BLIP-2 has no separate
     # backbone module (base_model is the model itself), so it returns the full forward's output,
     # which carries logits but no `last_hidden_state`

@@ -4,6 +4,7 @@ being the base with the adapter disabled, and a stop on a non-finite margin."""
 from __future__ import annotations
 
 import math
+import types
 from pathlib import Path
 
 import trl
@@ -11,6 +12,7 @@ from transformers import TrainerCallback
 
 from peftvlm.data.preference import PreferenceCollator
 from peftvlm.errors import RunError
+from peftvlm.trainers.lm_head import outputs_from_logits
 from peftvlm.trainers.sft import PASSTHROUGH, StopsOnSignals
 
 
@@ -22,6 +24,23 @@ class DPOTrainer(StopsOnSignals, trl.DPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         drop_reference_adapter(self.model)
+
+
+def use_logits_head(model) -> None:
+    """For a family TRL's fused LM head cannot run on (`FamilySpec.unfused_lm_head`: BLIP-2),
+    TRL's head outputs derived from the model's own logits (`trainers.lm_head`), plus the
+    per-token mean logit DPO's `logits/chosen` metrics read."""
+    trl_forward = model.forward  # TRL's patch: the model's forward unless fused_lm_head=True
+
+    def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
+        if not fused_lm_head:
+            return trl_forward(*args, **kwargs, **({} if labels is None else {"labels": labels}))
+        logits = trl_forward(*args, **{**kwargs, "use_cache": False}).logits
+        out = outputs_from_logits(logits, labels)
+        out.mean_logits = logits[:, :-1].detach().mean(-1).masked_fill(~out.label_mask, 0)
+        return out
+
+    model.forward = types.MethodType(forward, model)
 
 
 def drop_reference_adapter(model) -> None:
@@ -131,4 +150,6 @@ def build_dpo_trainer(recipe, model, processor, collator, data, run_dir: Path, r
                          callbacks=[*callbacks, FiniteDPOMetrics(), *filter(None, [scorer])])
     if scorer is not None:
         scorer.trainer = trainer
+    if collator.family.unfused_lm_head:
+        use_logits_head(trainer.model.get_base_model())
     return trainer
