@@ -370,3 +370,22 @@ def test_a_stopped_grpo_run_resumes_from_its_checkpoint_and_evaluates(tmp_path):
     res = run_cli("eval", recipe_file, "--run", run, "--split", "test")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "exact_match" in res.stdout
+
+
+def test_grpo_rows_take_paths_bytes_and_pil_images_and_keep_references(tmp_path):
+    import io
+
+    from peftvlm.trainers.objectives.grpo_trainer import grpo_dataset
+
+    rows = image_rows(tmp_path, 3)
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 10), COLOURS["red"]).save(buffer, format="PNG")
+    rows[1]["images"] = [{"bytes": buffer.getvalue(), "path": None}]  # a Hub dataset's image
+    rows[2]["images"] = [Image.new("RGB", (12, 12), COLOURS["blue"])]  # in memory
+    rows[2]["references"] = ["blue", "navy"]
+    dataset = grpo_dataset(rows, "norm1")
+    sizes = [dataset[i]["images"][0].size for i in range(3)]
+    assert sizes == [(32, 32), (20, 10), (12, 12)]
+    assert dataset[0]["prompt"][-1]["role"] == "user"  # the answer is not in the prompt
+    assert [dataset[i]["references"] for i in range(3)] == [["red"], ["green"], ["blue", "navy"]]
+    assert dataset[0]["box_format"] == "norm1" and dataset[0]["row_id"] == "rows.jsonl:1"

@@ -23,6 +23,7 @@ from pathlib import Path
 import trl
 
 from peftvlm.data.collate import open_image, process_texts, prompt_messages
+from peftvlm.data.table import image_struct
 from peftvlm.errors import DataError, RecipeError, RunError
 from peftvlm.evaluate import row_references
 from peftvlm.recipe import GRPOConfig as GRPOSettings
@@ -151,7 +152,8 @@ def grpo_record(row: dict, box_format: str | None) -> dict:
         raise DataError(f"row {row.get('row_id', '?')}: GRPO rollouts take images, not videos",
                         hint="drop video rows from GRPO data (SFT trains on them)")
     return {"prompt": json.dumps(prompt_messages(row["messages"])),
-            "images": [str(i) if isinstance(i, Path) else i for i in row["images"]],
+            # paths, bytes or PIL images, as one Arrow type (decoded per batch)
+            "images": [image_struct(str(i) if isinstance(i, Path) else i) for i in row["images"]],
             "references": row_references(row), "box_format": box_format,
             "row_id": str(row.get("row_id") or "")}
 
