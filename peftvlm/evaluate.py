@@ -62,7 +62,7 @@ def evaluate_rows(model, processor, family, rows: list[dict], eval_cfg,
     references = [row_references(r) for r in rows]
     box_format = box_format_for(family, processor)  # how grounding answers write boxes
     result = score_predictions(get_metrics(eval_cfg.metrics), predictions, references,
-                               [{**{k: r[k] for k in ("question_type",) if k in r},
+                               [{**{k: r[k] for k in ("question_type", "crowd") if k in r},
                                  "box_format": box_format} for r in rows])
     return {"scores": result["scores"], "notes": result["notes"],
             "higher_is_better": result["higher_is_better"], "predictions": predictions,

@@ -48,7 +48,7 @@ class ModelConfig(Section):
 RowFormat = Literal["auto", "messages", "openai_messages", "llava_conversations",
                     "llamafactory_v1"]
 SourceFormat = Literal["auto", "messages", "openai_messages", "llava_conversations",
-                       "llamafactory_v1", "coco_captions", "vqav2"]
+                       "llamafactory_v1", "coco_captions", "coco_instances", "yolo", "vqav2"]
 
 
 FORMAT_ALIASES = {"sharegpt": "llava_conversations", "openai": "openai_messages",
@@ -85,7 +85,9 @@ class SourceConfig(Section):
                             "are llava_conversations, with `messages` messages or, with OpenAI "
                             "`image_url` items, openai_messages; with `value` items, "
                             "llamafactory_v1). Annotation layouts: "
-                            "coco_captions, vqav2 (path = questions file, `annotations` = "
+                            "coco_captions, coco_instances and yolo (detection: a COCO "
+                            "instances JSON; a folder with images/ + labels/), vqav2 (path = "
+                            "questions file, `annotations` = "
                             "annotations file). Row formats (forced): messages, openai_messages, "
                             "llava_conversations, llamafactory_v1 (docs/data.md). Default: "
                             "data.format.")
