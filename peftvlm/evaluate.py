@@ -40,6 +40,9 @@ def generate_answers(model, processor, family, rows: list[dict], batch_size: int
         with torch.no_grad():
             out = model.generate(**batch, **options,
                                  pad_token_id=processor.tokenizer.pad_token_id)
+        if family.decode is not None:
+            answers += family.decode(processor, out, batch)
+            continue
         new_tokens = out[:, batch["input_ids"].shape[1]:]
         answers += [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
     model.train(was_training)
