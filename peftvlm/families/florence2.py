@@ -100,8 +100,7 @@ def build_tiny(out_dir: Path) -> None:
                                        do_center_crop=False)
     image_proc.image_seq_length = (IMAGE_SIZE // 32) ** 2 + 1
     # The published processor's parsing rules (its processor_config.json), trimmed.
-    rules = {"ocr": {"PATTERN": r"(.+?)<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>"
-                             r"<loc_(\d+)><loc_(\d+)><loc_(\d+)>", "AREA_THRESHOLD": 0.0},
+    rules = {"ocr": {"pattern": r"(.+?)" + r"<loc_(\d+)>" * 8, "area_threshold": 0.0},
              "phrase_grounding": {"banned_grounding_tokens": ["the image"]},
              "pure_text": {}, "description_with_bboxes": {}, "description_with_polygons": {},
              "polygons": {}, "bboxes": {}, "description_with_bboxes_or_polygons": {}}
