@@ -142,6 +142,7 @@ SPEC = FamilySpec(
     projector_targets=("image_projection",),
     image_token="<image>",
     interleaved_images=False,
+    end_of_turn="</s>",
     box_format="florence2",  # label<loc_x1><loc_y1><loc_x2><loc_y2>, 1000 bins
     tiny_name="tiny-florence2",
     reference_checkpoint="florence-community/Florence-2-base",  # no chat template
