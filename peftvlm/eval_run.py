@@ -18,8 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftvlm.errors import DataError, RecipeError, RunError
+from peftvlm.data.boxes import box_format_for
 from peftvlm.eval_report import (answer_classes, compare, per_class_accuracy, prediction_rows,
-                                 write_outputs)
+                                 write_box_pictures, write_outputs)
 from peftvlm.runs import read_summary
 
 SPLITS = {"test": "data.eval (the held-out rows scored during training)",
@@ -57,6 +58,10 @@ def evaluate_run(recipe, run_dir: str | Path, split: str = "test", max_samples: 
                                   base and base["predictions"], tuned["references"])
     files = write_outputs(run_dir / "eval", result, predictions)
     result["files"] = {k: str(v) for k, v in files.items()}
+    pictures = write_box_pictures(run_dir / "eval", rows, tuned["predictions"],
+                                  box_format_for(loaded.family, loaded.processor))
+    if pictures:
+        result["files"]["box_pictures"] = str(pictures[0].parent)
     return result
 
 

@@ -35,7 +35,7 @@ def preview(recipe, n: int = 3, console=None) -> list[dict]:
     from rich.rule import Rule
 
     from peftvlm.data.loading import prepare_data
-    from peftvlm.data.preview import render_example
+    from peftvlm.data.preview import box_picture, render_example
 
     console = console or Console()
     collator = processor_collator(recipe)
@@ -62,8 +62,18 @@ def preview(recipe, n: int = 3, console=None) -> list[dict]:
                            f"{counts['trained_tokens']} carry loss, {counts['image_tokens']} image "
                            f"tokens ({len(row['images'])} image(s){videos})", align="left"))
         console.print(text)
+        picture = picture_path(recipe, i)
+        if box_picture(row, box_format_for(collator.family, collator.processor), picture):
+            console.print(f"boxes of this answer drawn on its image: {picture}")
         shown.append({**counts, "row_id": row.get("row_id"), "images": len(row["images"])})
     return shown
+
+
+def picture_path(recipe, index: int) -> Path:
+    """Where `data preview` draws an example's boxes: the cache's previews/<recipe name>/."""
+    from peftvlm.models import cache_dir
+
+    return cache_dir() / "previews" / recipe.name / f"example-{index}.png"
 
 
 def print_formats(sources: list[dict], console) -> None:
