@@ -4,6 +4,7 @@ each family's box convention; crowd, empty images, boxes outside the image; mAP 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from data_helpers import data_cache, run_cli, save_image  # noqa: F401
@@ -11,6 +12,7 @@ from data_helpers import data_cache, run_cli, save_image  # noqa: F401
 from peftvlm.data.boxes import get_convention
 from peftvlm.data.detection import NO_OBJECTS
 from peftvlm.data.loading import load_source
+from peftvlm.data.preview import PREDICTION_COLOUR, REFERENCE_COLOUR
 from peftvlm.data.readers import open_source
 from peftvlm.metrics.detection import detection_map
 from peftvlm.recipe import DataConfig, SourceConfig
@@ -175,3 +177,32 @@ def test_data_preview_cli_renders_detection(tmp_path, data_cache):
     out = run_cli("data", "preview", str(recipe), "-n", "2", cache=data_cache)
     assert out.returncode == 0, out.stderr
     assert '"bbox_2d"' in out.stdout
+    said = out.stdout.replace("\n", "").split("drawn on its image: ")[1]
+    picture = Path(said[:said.index(".png") + 4])
+    from PIL import Image
+
+    with Image.open(picture) as im:  # the first object (cat 10,10-50,40) outlined in green,
+        assert im.size == (W, H)     # within one unit of the resized-pixel grid
+        assert REFERENCE_COLOUR in [im.getpixel((30, y)) for y in range(6, 15)]
+        assert im.getpixel((30, 25)) == (200, 0, 0)  # inside: the image itself
+
+
+def test_demo_and_predict_draw_boxes_with_the_family_parser(tmp_path):
+    from PIL import Image
+
+    from peftvlm.serving.demo import draw_box
+    from peftvlm.serving.predict import draw_answer_boxes
+
+    image = Image.new("RGB", (W, H), (255, 255, 255))
+    fmt = "qwen2_5_vl:factor=28,min_pixels=3136,max_pixels=12845056"
+    text = get_convention(fmt).write([("cat", (10, 10, 50, 40)), ("dog", (100, 50, 160, 90))],
+                                     W, H)
+    _, boxes = draw_box(image, text, fmt)
+    assert [label for _, label in boxes] == ["cat", "dog"]
+    assert all(abs(a - b) <= 2 for a, b in zip(boxes[0][0], (10, 10, 50, 40)))
+    assert draw_box(image, "no box here", fmt)[1] == []
+    rows = [{"boxes": [{"label": "cat", "box": [10, 10, 50, 40]}]}, {"answer": "none"}]
+    draw_answer_boxes(rows, [(Path("a.png"), image), (Path("b.png"), image)], tmp_path / "p")
+    assert rows[0]["picture"] == str(tmp_path / "p" / "a.png") and "picture" not in rows[1]
+    with Image.open(rows[0]["picture"]) as im:
+        assert im.getpixel((30, 10)) == PREDICTION_COLOUR

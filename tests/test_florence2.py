@@ -108,3 +108,11 @@ def test_detection_run_trains_and_reports_map(tmp_path, data_cache):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     text = json.dumps(summary)
     assert "detection_mAP50" in text and "detection_parse_rate" in text
+    # eval: mAP in metrics.json, reference (and any predicted) boxes drawn per row
+    out = run_cli("eval", str(recipe), "--run", str(tmp_path / "run"), "--no-base",
+                  "--max-samples", "2", cache=data_cache)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert "detection_mAP" in metrics["metrics"]
+    assert sorted(p.name for p in (tmp_path / "run" / "eval" / "boxes").iterdir()) == \
+        ["row-0.png", "row-1.png"]
