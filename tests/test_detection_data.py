@@ -206,3 +206,15 @@ def test_demo_and_predict_draw_boxes_with_the_family_parser(tmp_path):
     assert rows[0]["picture"] == str(tmp_path / "p" / "a.png") and "picture" not in rows[1]
     with Image.open(rows[0]["picture"]) as im:
         assert im.getpixel((30, 10)) == PREDICTION_COLOUR
+
+
+def test_hub_style_nested_columns_and_class_ids(tmp_path):
+    """A Hub detection set (cppe-5) keeps COCO xywh boxes and class ids inside `objects`."""
+    save_image(tmp_path / "a.png", size=(W, H))
+    row = {"image": "a.png", "objects": {"bbox": [[10, 10, 40, 30]], "category": [1]}}
+    (tmp_path / "d.jsonl").write_text(json.dumps(row))
+    src = SourceConfig(path="d.jsonl", template="detection",
+                       columns={"boxes": "objects.bbox", "labels": "objects.category"},
+                       template_options={"box_input": "xywh", "class_names": ["cat", "dog"]})
+    rows = load_source(src, DataConfig(train=[src], cache=False), tmp_path).rows
+    assert answer(rows[0]) == "dog: [0.05, 0.10, 0.25, 0.40]"

@@ -47,7 +47,7 @@ KIND_OPTIONS: dict[str, dict[str, Any]] = {
     "doc_qa": {"answer_selection": "first"},
     "multiple_choice": {"shuffle_options": False},
     "grounding": {"box_input": "xyxy", "direction": "both", "precision": 2},
-    "detection": {"box_input": "xyxy", "mode": "all", "precision": 2},
+    "detection": {"box_input": "xyxy", "mode": "all", "precision": 2, "class_names": None},
     "classification": {"class_names": None},
     "generic": {},
 }
@@ -305,7 +305,10 @@ def detection_turns(v, opts, rng, ctx):
     answers (kept in `ctx.crowd` for evaluation); an image with no object is answered
     `NO_OBJECTS` (also in per_category mode, as one `all` question)."""
     width, height = ctx.size(v)
-    objects = image_objects(v["boxes"], v["labels"], v.get("crowd"), width, height,
+    names = opts["class_names"]
+    labels = [class_name(x, names) for x in v["labels"]] \
+        if names and isinstance(v["labels"], (list, tuple)) else v["labels"]
+    objects = image_objects(v["boxes"], labels, v.get("crowd"), width, height,
                             opts["box_input"])
     convention = get_convention(ctx.box_format)
     places = opts["precision"] if convention.decimals is not None else None
@@ -319,13 +322,23 @@ def detection_turns(v, opts, rng, ctx):
         return {"crowd": convention.write(regions, width, height, places)} if regions else {}
 
     present = list(dict.fromkeys(label for label, _, crowd in objects if not crowd))
-    names = [str(c) for c in v.get("categories") or []] or present
+    names = [str(c) for c in v.get("categories") or names or []] or present
     if opts["mode"] == "all" or not present:
         return [("all", {"categories": convention.list_separator.join(names)}, answer(objects),
                  extra(objects))]
     mine = {name: [o for o in objects if o[0] == name] for name in present}
     return [("category", {"category": name}, answer(mine[name]), extra(mine[name]))
             for name in present]
+
+
+def class_name(label, names: list[str]):
+    """An integer class id -> its name in `class_names` (names pass through)."""
+    if isinstance(label, int) and not isinstance(label, bool):
+        if not 0 <= label < len(names):
+            raise BadRow("bad_label", f"label {label} is not an index into class_names "
+                                      f"({len(names)} names)")
+        return names[label]
+    return label
 
 
 def classification_turns(v, opts, rng, ctx):
@@ -398,11 +411,12 @@ class TemplateRenderer:
             raise BadRow("bad_row", "a row must be a mapping of columns")
         values = {}
         for column, source in self.columns.items():
-            if record.get(source) is None and self.spec.columns[column].required:
+            value = column_value(record, source)
+            if value is None and self.spec.columns[column].required:
                 raise BadRow("missing_column", f"no value in column `{source}`"
                                                + (f" (template column `{column}`)"
                                                   if source != column else ""))
-            values[column] = record.get(source)
+            values[column] = value
         return values
 
     def size(self, values: dict) -> tuple[float, float]:
@@ -489,6 +503,19 @@ class TemplateRenderer:
         if last.question_type:
             row["question_type"] = last.question_type
         return row
+
+
+def column_value(record: dict, source: str):
+    """`record[source]`, or a nested field named with dots (`objects.bbox`: a Hub detection
+    set's boxes inside its `objects` feature)."""
+    if source in record or "." not in source:
+        return record.get(source)
+    value = record
+    for part in source.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def reference_answers(kind: str, values: dict) -> list[str] | None:
