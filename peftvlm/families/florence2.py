@@ -118,7 +118,11 @@ def build_tiny(out_dir: Path) -> None:
                       # wider than 0.02: with tiny random q/k weights the attention gradients
                       # vanish below float32 resolution in a test step (as tiny PaliGemma)
                       init_std=0.1)
-    config = Florence2Config(vision_config=vision, text_config=text,
+    # Untied from the input embeddings (the published model ties them) so that the head can
+    # be widened as every tiny twin's is (`_tiny.OUTPUT_EMBEDDING_STD`): with a 32-wide model
+    # and a tied 0.1-scale head, no token's logit can stand out and nothing looks learned.
+    text.tie_word_embeddings = False
+    config = Florence2Config(vision_config=vision, text_config=text, tie_word_embeddings=False,
                              image_token_id=tok.convert_tokens_to_ids("<image>"))
     model = Florence2ForConditionalGeneration(config)
     widen_output_embeddings(model)
