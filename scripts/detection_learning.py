@@ -55,7 +55,7 @@ def recipe_for(model_id: str, args, workdir: Path):
     recipe = validate_recipe_dict({
         "name": "squares", "model": {"id": model_id},
         "method": {"name": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
-                   "target": "all"},
+                   "target": "all", "modules_to_save": args.modules_to_save},
         "data": {"train": "train.jsonl", "eval": "test.jsonl", "template": "detection"},
         "train": {"max_steps": args.steps, "per_device_train_batch_size": 16,
                   "learning_rate": args.lr, "logging_steps": 10, "max_length": 256,
@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modules-to-save", nargs="*", default=["lm_head"],
+                        help="trained in full beside the adapters (the tiny twins' random output "
+                             "head cannot single out the box tokens otherwise)")
     args = parser.parse_args()
     results = []
     for model_id in args.models:
