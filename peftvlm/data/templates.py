@@ -302,12 +302,12 @@ def grounding_turns(v, opts, rng, ctx):
 def detection_turns(v, opts, rng, ctx):
     """`mode: all`: one question, every object of the image in one answer; `per_category`:
     one question per category present, its boxes the answer. Crowd regions are left out of
-    answers (kept in `ctx.crowd` for evaluation); an image with no object is answered
-    `NO_OBJECTS` (also in per_category mode, as one `all` question)."""
+    answers (kept in the turn's `crowd` field for evaluation); an image with no object is
+    answered `NO_OBJECTS` (also in per_category mode, as one `all` question)."""
     width, height = ctx.size(v)
-    names = opts["class_names"]
-    labels = [class_name(x, names) for x in v["labels"]] \
-        if names and isinstance(v["labels"], (list, tuple)) else v["labels"]
+    class_names = opts["class_names"]
+    labels = [class_name(x, class_names) for x in v["labels"]] \
+        if class_names and isinstance(v["labels"], (list, tuple)) else v["labels"]
     objects = image_objects(v["boxes"], labels, v.get("crowd"), width, height,
                             opts["box_input"])
     convention = get_convention(ctx.box_format)
@@ -322,7 +322,8 @@ def detection_turns(v, opts, rng, ctx):
         return {"crowd": convention.write(regions, width, height, places)} if regions else {}
 
     present = list(dict.fromkeys(label for label, _, crowd in objects if not crowd))
-    names = [str(c) for c in v.get("categories") or names or []] or present
+    # every class of the data set where known (PaliGemma's `detect a ; b` lists them all)
+    names = [str(c) for c in v.get("categories") or class_names or []] or present
     if opts["mode"] == "all" or not present:
         return [("all", {"categories": convention.list_separator.join(names)}, answer(objects),
                  extra(objects))]
