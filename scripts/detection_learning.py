@@ -66,7 +66,7 @@ def recipe_for(model_id: str, args, workdir: Path):
         "train": {"max_steps": args.steps, "per_device_train_batch_size": 16,
                   "learning_rate": args.lr, "logging_steps": 10, "max_length": 256,
                   "save_steps": 100000, "seed": args.seed},
-        "eval": {"metrics": ["detection_map"], "max_new_tokens": 32}})
+        "eval": {"metrics": ["detection_map"], "max_new_tokens": 64}})
     recipe.source_path = workdir / "r.yaml"
     return recipe
 
