@@ -26,7 +26,9 @@ from typing import Any
 
 from peftvlm.data.boxes import Box, clip_box, read_box
 from peftvlm.data.rows import BadRow
+from peftvlm.data.sources import image_size
 from peftvlm.errors import DataError
+from peftvlm.safe_yaml import load_yaml
 
 # The answer for an image with no object (of the asked category): every family writes it the
 # same, parsers find no box in it, and detection_map reads it as "no ground truth here".
@@ -75,7 +77,7 @@ def looks_like_coco_instances(head: str) -> bool:
 def read_coco_instances(path: Path) -> list[tuple[str, Any]]:
     """One record per image of a COCO instances file (`images`, `annotations`, `categories`);
     an annotation whose box is not 4 numbers is a bad row of its image."""
-    from peftvlm.data.readers import load_json
+    from peftvlm.data.readers import load_json  # readers imports this module
 
     data = load_json(path)
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
@@ -127,8 +129,6 @@ def looks_like_yolo(path: Path) -> bool:
 
 def yolo_class_names(folder: Path) -> list[str]:
     """Class names from `data.yaml` (`names:` list or {id: name}) or `classes.txt`."""
-    from peftvlm.safe_yaml import load_yaml
-
     for name in ("data.yaml", "dataset.yaml"):
         if (folder / name).is_file():
             names = (load_yaml((folder / name).read_text()) or {}).get("names")
@@ -147,8 +147,6 @@ def yolo_class_names(folder: Path) -> list[str]:
 def read_yolo(folder: Path) -> list[tuple[str, Any]]:
     """One record per image of `images/`; its `labels/<stem>.txt` lines are `class cx cy w h`
     normalised to 0-1 (a missing label file is an image with no object, as YOLO reads it)."""
-    from peftvlm.data.sources import image_size
-
     names = yolo_class_names(folder)
     records = []
     for image in sorted(p for p in (folder / "images").rglob("*")
