@@ -74,7 +74,7 @@ def checkpoint_folders(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / CHECKPOINT_DIR
     found = [p for p in folder.iterdir() if p.is_dir() and _STEP.match(p.name)] \
         if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(_STEP.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -94,6 +94,16 @@ def last_complete_checkpoint(run_dir: Path, log=print) -> Path | None:
         log(f"{folder} is incomplete ({reason}): moved to {aside.name}, falling back to the "
             "previous checkpoint (delete it once the run is done)")
     return None
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The optimiser step a `checkpoint-N` folder was saved at."""
+    return int(_STEP.match(Path(folder).name).group(1))
+
+
+def describe_resume(folder: Path) -> str:
+    """The log line that names the checkpoint a resumed run continues from."""
+    return f"resuming from {folder} (step {checkpoint_step(folder)})"
 
 
 def flat(data, prefix: str = "") -> dict:

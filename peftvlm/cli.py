@@ -267,7 +267,7 @@ def list_templates() -> None:
 
     for spec in specs():
         columns = ", ".join(c if spec.columns[c].required else f"[{c}]" for c in spec.columns)
-        typer.echo(f"{spec.name:16} {spec.kind:15} columns: {columns}")
+        typer.echo(f"{spec.name:16} {spec.task:15} columns: {columns}")
         typer.echo(f"{'':16} {spec.description}")
 
 
@@ -285,7 +285,7 @@ def ls(what: str = typer.Argument("recipes", help="methods, families, models, me
         from peftvlm.families import FAMILIES
 
         for f in FAMILIES.values():
-            media = "" if f.kind != "generative" else (
+            media = "" if not f.is_generative else (
                 "images where they stand" if f.interleaved_images else "images first in a turn"
             ) + (", video" if f.takes_video else "")
             typer.echo(f"{f.name:12} {f.kind:13} model_type: {', '.join(f.model_types):20} "
@@ -421,16 +421,24 @@ def predict(
                                          "prompt of the run's held-out data)."),
     base: bool = typer.Option(False, "--base", help="Also answer with the base model."),
     top_k: int = typer.Option(5, "--top-k", min=1, help="CLIP-family runs: classes to list."),
+    caption: Optional[List[str]] = typer.Option(None, "--caption", "-c", help="Retrieval runs: "
+                                                "a caption to rank for each image; repeat."),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="Retrieval runs: a text "
+                                            "file of captions to rank, one per line."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="Retrieval runs: rank the "
+                                       "images for this text."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the rows as JSONL."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per "
                                              "batch (default: the recipe's eval.batch_size)."),
 ):
-    """Answer images with a trained run (generative: answers; CLIP family: top-k classes)."""
+    """Answer images with a trained run (generative: answers; CLIP family: top-k classes;
+    retrieval: the given captions ranked per image, or the images ranked for --text)."""
     quiet_libraries()
-    from peftvlm.serving.predict import predict as run_predict, print_rows
+    from peftvlm.serving.predict import predict as run_predict, print_rows, read_captions
 
+    given = list(caption or []) + (read_captions(captions) if captions else [])
     rows = run_predict(run, images, prompt=prompt, base=base, top_k=top_k, out=out,
-                       batch_size=batch_size, log=typer.echo,
+                       batch_size=batch_size, captions=given, text=text, log=typer.echo,
                        warn=lambda m: typer.echo(f"warning: {m}", err=True))
     print_rows(rows)
     if out:
@@ -451,13 +459,21 @@ def serve(
                                                  "file:// image URLs (default: none)."),
     max_batch_size: int = typer.Option(8, "--max-batch-size", min=1,
                                        help="Requests answered in one batch."),
+    max_body_mb: int = typer.Option(64, "--max-body-mb", min=1, help="Largest request body "
+                                    "read, in MiB (counted as it arrives, chunked or not)."),
+    max_images: int = typer.Option(8, "--max-images", min=1, help="Images per request."),
 ):
-    """Serve a run with an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
+    """Serve a run with an OpenAI-compatible API (/v1/models; /v1/chat/completions for a
+    generative run, /v1/embeddings for a dual-encoder run)."""
+    from peftvlm.serving import require_serve_extra
+
+    require_serve_extra("serve", "fastapi", "uvicorn")
     quiet_libraries()
     from peftvlm.serving.openai_api import ServerOptions, run_server
 
     options = ServerOptions(api_key=api_key, allowed_local_media_path=allowed_local_media_path,
-                            max_batch_size=max_batch_size)
+                            max_batch_size=max_batch_size, max_body_bytes=max_body_mb * 2**20,
+                            max_images=max_images)
     run_server(run, options, host=host, port=port, log=typer.echo)
 
 
@@ -470,7 +486,11 @@ def demo(
                                       help="Show the base model's answer beside the "
                                            "fine-tuned one."),
 ):
-    """A web demo (Gradio): upload an image, see the fine-tuned and the base answer."""
+    """A web demo (Gradio): upload an image, see the fine-tuned and the base answer (retrieval
+    runs: rank your captions for it)."""
+    from peftvlm.serving import require_serve_extra
+
+    require_serve_extra("demo", "gradio")
     quiet_libraries()
     from peftvlm.serving.demo import launch
 

@@ -8,20 +8,27 @@ it (`PeftModel.from_pretrained`) and scored on the same rows with the recipe's `
 (greedy by default), so on the held-out split the fine-tuned numbers equal the `after` numbers
 in the run's summary.json. Outputs go to RUN/eval/ (see `peftvlm.eval_report`).
 
-CLIP-family runs (method kind `dual_encoder`) are dispatched to
-`peftvlm.trainers.clip_eval.evaluate_dual_encoder(recipe, run_dir, split=, max_samples=,
-with_base=)`, which returns the same result dict.
+`evaluate_run` checks the request and the run folder, then asks the run's kind
+(`peftvlm.kinds`): generative runs are scored by `evaluate_generative` below, classification runs
+by `trainers.clip_eval.evaluate_dual_encoder`, retrieval runs by
+`trainers.contrastive.evaluate_retrieval`; all return the same result dict.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from peftvlm.data.collate import ConversationCollator
+from peftvlm.data.pipeline import prepare_data
 from peftvlm.errors import DataError, RecipeError, RunError
 from peftvlm.data.boxes import box_format_for
 from peftvlm.eval_report import (answer_classes, compare, per_class_accuracy, prediction_rows,
                                  write_box_pictures, write_outputs)
-from peftvlm.runs import read_summary
+from peftvlm.evaluate import evaluate_rows, generation_kwargs
+from peftvlm.kinds import kind_for
+from peftvlm.models import load_base
+from peftvlm.registry import get_method
+from peftvlm.runs import read_run_folder
 
 SPLITS = {"test": "data.eval (the held-out rows scored during training)",
           "train": "data.train (the training rows, after the length filter)"}
@@ -30,20 +37,18 @@ SPLITS = {"test": "data.eval (the held-out rows scored during training)",
 def evaluate_run(recipe, run_dir: str | Path, split: str = "test", max_samples: int | None = None,
                  with_base: bool = True, log=print) -> dict:
     """Score base and fine-tuned model of a finished run; write RUN/eval/; return the result."""
-    from peftvlm.kinds import run_kind
-
     run_dir = Path(run_dir)
     if split not in SPLITS:
         raise RecipeError(f"--split {split!r} is not a split",
                           hint="; ".join(f"{k} = {v}" for k, v in SPLITS.items()))
     check_run(recipe, run_dir)
-    kind = run_kind(recipe)
-    if kind == "classification":
-        return evaluate_dual_encoder_run(recipe, run_dir, split, max_samples, with_base)
-    if kind == "retrieval":
-        from peftvlm.trainers.contrastive import evaluate_retrieval
+    return kind_for(recipe).evaluate(recipe, run_dir, split, max_samples, with_base, log)
 
-        return evaluate_retrieval(recipe, run_dir, split, max_samples, with_base, log)
+
+def evaluate_generative(recipe, run_dir: Path, split: str = "test",
+                        max_samples: int | None = None, with_base: bool = True,
+                        log=print) -> dict:
+    """The generative kind's `peftvlm eval`: generate answers with base and adapter, score."""
     check_request(recipe, split)
     check_adapter(run_dir)
     cfg = recipe.eval if max_samples is None else recipe.eval.model_copy(
@@ -78,10 +83,7 @@ def check_request(recipe, split: str) -> None:
 
 def check_run(recipe, run_dir: Path) -> dict:
     """The run folder exists, finished, and was trained from this recipe's model and method."""
-    if not run_dir.is_dir():
-        raise RunError(f"run folder {run_dir} does not exist",
-                       hint="train it first: peftvlm train RECIPE -o RUN_DIR")
-    summary = read_summary(run_dir)
+    summary = read_run_folder(run_dir).summary
     expected = {"model": recipe.model.id, "method": recipe.method.name}
     wrong = {k: v for k, v in expected.items() if summary.get(k) != v}
     if wrong:
@@ -103,10 +105,6 @@ def load_base_and_rows(recipe, split: str, max_samples: int | None):
     """The base model as training loaded it, and the split's rows exactly as training read
     them (same loading, bad-row policy, system prompt and length filter)."""
     from transformers import set_seed
-
-    from peftvlm.data.collate import ConversationCollator
-    from peftvlm.data.loading import prepare_data
-    from peftvlm.models import load_base
 
     set_seed(recipe.train.seed)
     loaded = load_base(recipe.model, recipe.method.name)
@@ -143,8 +141,6 @@ def load_adapter(model, run_dir: Path, method_name: str):
     method's own loader where it saves more than peft does (per_part's prompts)."""
     from peft import PeftModel
 
-    from peftvlm.registry import get_method
-
     loader = get_method(method_name).hook("load_trained") or PeftModel.from_pretrained
     try:
         return loader(model, run_dir / "adapter")
@@ -157,16 +153,12 @@ def load_adapter(model, run_dir: Path, method_name: str):
 def score(recipe, loaded, model, rows: list[dict], cfg) -> dict:
     from transformers import set_seed
 
-    from peftvlm.evaluate import evaluate_rows
-
     set_seed(recipe.train.seed)  # only sampling (eval.do_sample) draws random numbers
     return evaluate_rows(model, loaded.processor, loaded.family, rows, cfg, progress=True)
 
 
 def build_result(recipe, run_dir: Path, split: str, cfg, base: dict | None, tuned: dict) -> dict:
     """metrics.json's content: per score base/fine-tuned/delta, per-class scores, settings."""
-    from peftvlm.evaluate import generation_kwargs
-
     classes = answer_classes(tuned["references"])
     per_class = {}
     if classes:
@@ -180,12 +172,3 @@ def build_result(recipe, run_dir: Path, split: str, cfg, base: dict | None, tune
         "metrics": compare(base and base["scores"], tuned["scores"], tuned["higher_is_better"]),
         "per_class": per_class, "notes": tuned["notes"],
     }
-
-
-def evaluate_dual_encoder_run(recipe, run_dir: Path, split: str, max_samples: int | None,
-                              with_base: bool) -> dict:
-    """CLIP-family runs: zero-shot vs trained accuracy (`trainers/clip_eval.py`)."""
-    from peftvlm.trainers.clip_eval import evaluate_dual_encoder
-
-    return evaluate_dual_encoder(recipe, run_dir, split=split, max_samples=max_samples,
-                                 with_base=with_base)

@@ -7,7 +7,9 @@ Every export is checked before it counts: the exported folder is reloaded with p
 transformers / peft and its logits are compared with the trained adapter model on a few
 held-out rows, merged weights must differ from the base wherever the adapter is non-zero (a merge
 that silently did nothing is caught), and one short generation must run. The numbers go into
-`export_report.json`; any failed check raises `ExportError` and nothing is pushed.
+`export_report.json`; any failed check raises `ExportError` and nothing is pushed. Each export
+is written into a staging folder beside its target and renamed into place once its report is
+written, so a killed export never leaves a target without its report (`export_staging.py`).
 
 QLoRA (and any run trained on a quantized base) is merged into the base reloaded UNQUANTIZED in
 the chosen dtype; the model card shows how to quantize it again at load time.
@@ -21,13 +23,16 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peftvlm.errors import ExportError, PeftVLMError
+from peftvlm.errors import ExportError, RunError
 from peftvlm.export_serving import prepare_for_serving
-from peftvlm.runs import write_json
-from peftvlm.safe_yaml import AliasBombError, load_yaml
+from peftvlm.export_staging import Staging
+from peftvlm.kinds import kind_for
+from peftvlm.registry import get_method
+from peftvlm.runs import RunFolder as Run  # a finished run folder, read back
+from peftvlm.runs import read_run_folder, write_json
 from peftvlm.export_checks import (check_adapter_effect, check_adapter_files, check_generation,
                                    check_merged_files, check_weights_changed, compare_logits,
                                    device, encode_rows, generate_text, logits_of, probe_rows,
@@ -39,15 +44,6 @@ PROCESSOR_FILES = ("chat_template.jinja", "chat_template.json", "processor_confi
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
-@dataclass
-class Run:
-    """A finished run folder, read back: its recipe, summary and adapter folder."""
-
-    dir: Path
-    recipe: object
-    summary: dict
-    adapter_dir: Path
-
 
 @dataclass
 class ExportOptions:
@@ -58,6 +54,7 @@ class ExportOptions:
     private: bool
     wandb_merged: bool
     max_shard_size: str = "4GB"
+    staging: Staging | None = None  # while set, `out` is its folder; finish_export publishes it
 
 
 # --- the flow -------------------------------------------------------------------------------
@@ -82,41 +79,55 @@ def export_run(run_dir: str | Path, *, merge: bool | None = None, out: str | Pat
         require_token()
     if dry_run:
         return print_plan(run, opts, log)
-    from peftvlm.kinds import run_kind
-    from peftvlm.registry import get_method
+    return export_staged(run, opts, log)
 
+
+def export_staged(run: Run, opts: ExportOptions, log) -> dict:
+    """The export written into a staging folder beside `opts.out`, which `finish_export` renames
+    into place once its report is written (`peftvlm.export_staging`): an export that fails or
+    is killed on the way never leaves a target without its report."""
+    staging = Staging(opts.out, log)
+    try:
+        return write_export(run, replace(opts, out=staging.path, staging=staging), log)
+    finally:
+        staging.discard()
+
+
+def write_export(run: Run, opts: ExportOptions, log) -> dict:
+    """The exporter of the run's method or kind, writing into `opts.out`."""
     if own_exporter(get_method(run.recipe.method.name)) is not None:
         return export_custom_method(run, opts, log)
-    kind = run_kind(run.recipe)
-    if kind == "retrieval":  # peft adapter on a dual encoder
-        from peftvlm.export_retrieval import export_retrieval_adapter, export_retrieval_merged
-
-        fresh_out_dir(opts.out)
-        exporter = export_retrieval_merged if opts.merge else export_retrieval_adapter
-        return finish_export(run, opts, exporter(run, opts, log), log)
-    if kind == "classification":  # CoOp / VPT / CLIP-Adapter: their own files
-        from peftvlm.export_classifier import export_dual_encoder
-
-        fresh_out_dir(opts.out)
-        report = export_dual_encoder(run.dir, run.adapter_dir, opts.out, opts.merge)
-        report.setdefault("kind", "merged" if opts.merge else "adapter")
-        return finish_export(run, opts, report, log)
     fresh_out_dir(opts.out)
-    report = export_merged(run, opts, log) if opts.merge else export_adapter(run, opts, log)
-    return finish_export(run, opts, report, log)
+    return finish_export(run, opts, kind_for(run.recipe).export_weights(run, opts, log), log)
+
+
+def export_peft_weights(run: Run, opts: ExportOptions, log) -> dict:
+    """The generative kind's export: a peft adapter, or merged into its unquantized base."""
+    return export_merged(run, opts, log) if opts.merge else export_adapter(run, opts, log)
+
+
+def export_after_training(recipe, run_dir: Path, summary: dict, log) -> None:
+    """The recipe's `export` section: merge and/or push once training has finished."""
+    if recipe.export.merge or recipe.export.push_to_hub:
+        summary["export"] = export_run(run_dir, log=log)
 
 
 def finish_export(run: Run, opts: ExportOptions, report: dict, log) -> dict:
     """Card, report, failure check, then the Hub and W&B (only for exports that passed)."""
-    from peftvlm.modelcard import write_model_card
+    from peftvlm.modelcard import portable_path, write_model_card
 
-    make_portable(opts.out, run, report)
-    write_model_card(opts.out, run, report, repo_id=opts.push_to_hub)
+    target = opts.staging.target if opts.staging else opts.out
+    make_portable(opts.out, run, report, shown_as=target)
+    # the card's snippet names where the export will be, not its staging folder
+    write_model_card(opts.out, run, report,
+                     repo_id=opts.push_to_hub or str(portable_path(target, run.dir)))
     report["checks"]["no_local_paths"] = check_no_local_paths(opts.out, run, report)
     failures = [f"{name}: {check['error']}" for name, check in report["checks"].items()
                 if not check["passed"]]
     report["passed"] = not failures
     write_json(opts.out / "export_report.json", report)
+    if opts.staging:  # written and reported (a failed export too, so its report can be read)
+        opts.out, opts.staging = opts.staging.publish(), None
     if failures:
         raise ExportError(f"export of {run.dir} failed its checks ({opts.out}/export_report.json):"
                           "\n  " + "\n  ".join(failures),
@@ -140,14 +151,16 @@ def finish_export(run: Run, opts: ExportOptions, report: dict, log) -> dict:
     return report
 
 
-def make_portable(out: Path, run: Run, report: dict) -> None:
+def make_portable(out: Path, run: Run, report: dict, shown_as: Path | None = None) -> None:
     """Local paths in the report and the adapter config become relative to the run folder,
-    so nothing exported or pushed carries this machine's folders."""
+    so nothing exported or pushed carries this machine's folders (the report's `out`:
+    `shown_as`, where the export ends up, when `out` is its staging folder)."""
     from peftvlm.modelcard import portable_path, portable_values
 
     known = tuple(p for p in (run.recipe.model.id, report.get("base_model"))
                   if isinstance(p, str) and Path(p).is_absolute())
-    report.update(portable_values({**report, "out": str(Path(out).resolve())}, run.dir, known))
+    shown = str(Path(shown_as or out).resolve())
+    report.update(portable_values({**report, "out": shown}, run.dir, known))
     config = out / "adapter_config.json"
     if config.is_file():
         data = json.loads(config.read_text())
@@ -175,8 +188,6 @@ def export_custom_method(run: Run, opts: ExportOptions, log) -> dict:
     report dict` (with a `checks` dict of `{"passed": bool, "error": str}` entries); the report
     then goes through the same card / push / W&B steps as peft adapters.
     """
-    from peftvlm.registry import get_method
-
     exporter = own_exporter(get_method(run.recipe.method.name))
     fresh_out_dir(opts.out)
     report = exporter(run.dir, run.adapter_dir, opts.out, opts.merge)
@@ -193,36 +204,14 @@ def own_exporter(info):
 # --- reading the run and the options ---------------------------------------------------------
 
 def read_run(run_dir: str | Path) -> Run:
-    """The run folder's recipe, summary and adapter; a clear error for anything missing."""
-    from peftvlm.recipe import validate_recipe_dict
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ExportError(f"run folder {run_dir} does not exist",
-                          hint="give the folder `peftvlm train` wrote (runs/<name> by default)")
-    if not (run_dir / "summary.json").exists():
-        raise ExportError(f"{run_dir} has no summary.json: the run is unfinished (or not a run)",
-                          hint="finish it with `peftvlm train RECIPE --resume`, then export")
-    adapter_dir = run_dir / "adapter"
-    if not adapter_dir.is_dir():
-        raise ExportError(f"{run_dir} has no adapter/ folder to export",
-                          hint="the run folder is incomplete: train it again with --overwrite")
-    recipe_file = run_dir / "recipe.yaml"
-    if not recipe_file.exists():
-        raise ExportError(f"{run_dir} has no recipe.yaml", hint="the run folder is incomplete")
+    """The run folder's recipe, summary and adapter (`runs.read_run_folder`, the one reader);
+    what is missing or damaged is an ExportError."""
     try:
-        recipe = validate_recipe_dict(load_yaml(recipe_file.read_text()), str(recipe_file))
-    except PeftVLMError as exc:
-        raise ExportError(f"{recipe_file} does not validate: {exc.message}") from exc
-    except AliasBombError as exc:  # a run folder may come from elsewhere
-        raise ExportError(f"{recipe_file}: refused: {exc}") from None
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{run_dir / 'summary.json'} is not valid JSON ({exc.msg}, line "
-                          f"{exc.lineno})",
-                          hint="the run folder is damaged: train it again") from exc
-    return Run(run_dir, recipe, summary, adapter_dir)
+        run = read_run_folder(run_dir)
+        run.recipe  # noqa: B018  (read now: a broken recipe.yaml fails before any model loads)
+    except RunError as exc:
+        raise ExportError(exc.message, hint=exc.hint) from None
+    return run
 
 
 def resolve_options(run: Run, merge, out, dtype, push_to_hub, private, wandb_merged,
@@ -254,6 +243,9 @@ def check_out_dir(out: Path) -> None:
 
 
 def fresh_out_dir(out: Path) -> None:
+    """An empty `out` (a staging folder is one already: it stays, with its lock)."""
+    if out.is_dir() and not any(out.iterdir()):
+        return
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

@@ -136,7 +136,7 @@ def disable_cpu_inference_repacking(model) -> int:
 def model_class(family: FamilySpec):
     from transformers import AutoModel, AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText if family.kind == "generative" else AutoModel
+    return AutoModelForImageTextToText if family.is_generative else AutoModel
 
 
 def load_processor(path: str, cfg, family: FamilySpec):
@@ -147,7 +147,7 @@ def load_processor(path: str, cfg, family: FamilySpec):
     loader = family.processor_class() if getattr(family, "processor_class", None) else AutoProcessor
     processor = loader.from_pretrained(path, revision=cfg.revision,
                                        trust_remote_code=cfg.trust_remote_code)
-    if family.kind != "generative":
+    if not family.is_generative:
         return processor
     override = family.chat_template_override()
     if override is not None:

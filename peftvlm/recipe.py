@@ -553,7 +553,7 @@ def check_streaming(recipe: Recipe) -> None:
     if not data.streams():
         return
     family = known_family(recipe)
-    if family is not None and family.kind != "generative":
+    if family is not None and not family.is_generative:
         refuse_dual_encoder_stream(where, family.name)
     whole = "set it back to its default, or read the data whole (streaming: false)"
     counted = "and a stream's rows are counted as they are read"

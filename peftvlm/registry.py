@@ -24,6 +24,16 @@ class MethodInfo:
     summary: str
 
     @property
+    def trains_generative(self) -> bool:
+        """The method adapts generative VLMs (LoRA and the other peft methods)."""
+        return "generative" in self.kinds
+
+    @property
+    def trains_dual_encoders(self) -> bool:
+        """The method adapts dual encoders (CLIP-family methods; lora/dora/vera for retrieval)."""
+        return "dual_encoder" in self.kinds
+
+    @property
     def apply(self) -> Callable:
         module, _, func = self.apply_path.partition(":")
         return getattr(importlib.import_module(module), func)

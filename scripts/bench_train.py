@@ -58,7 +58,7 @@ def packed_batch(batch: int) -> int:
     """Packed rows per step holding about the tokens of `batch` unpadded rows (the mean row
     length from the cached `length` column, which the run then reads warm)."""
     from peftvlm.data.collate import ConversationCollator
-    from peftvlm.data.loading import prepare_data
+    from peftvlm.data.pipeline import prepare_data
     from peftvlm.models import load_base
     from peftvlm.recipe import validate_recipe_dict
 
@@ -121,7 +121,7 @@ class Counted:
 def lora_model_and_rows(steps, batch):
     from transformers import set_seed
 
-    from peftvlm.api import load_model_with_method
+    from peftvlm.trainers.generative import load_model_with_method
     from peftvlm.data.loading import load_rows
     from peftvlm.recipe import validate_recipe_dict
     from peftvlm.registry import get_method

@@ -9,6 +9,8 @@ import io
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -106,3 +108,41 @@ def served(app, timeout_s: float = 30):
         server.should_exit = True
         thread.join(timeout=timeout_s)
         sock.close()
+
+
+def serve_process(run, port: int, *args) -> subprocess.Popen:
+    """`peftvlm serve RUN --port PORT ARGS` as a process (the real entry point), on 127.0.0.1."""
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would stall the server
+    proc = subprocess.Popen([sys.executable, "-m", "peftvlm", "serve", str(run), "--port",
+                             str(port), *args], env=env, cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
+def server_output(proc) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def wait_healthy(proc, url: str, timeout: float = 120) -> None:
+    """Wait until the server answers /health (failing with its stderr if it exits)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, server_output(proc)[-2000:]
+        assert time.monotonic() < deadline, "server did not start"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+
+
+def free_port() -> int:
+    with free_socket() as sock:
+        return sock.getsockname()[1]

@@ -74,7 +74,7 @@ def test_cp_into_a_read_only_folder():
     (r".*\.nothing_here", ["no module of this model matches", r"layers.\d+.self_attn.q_proj"]),
 ])
 def test_target_regex_errors_name_modules_and_real_layer_names(regex, needles):
-    from peftvlm.api import load_model_with_method
+    from peftvlm.trainers.generative import load_model_with_method
     from peftvlm.registry import get_method
 
     recipe = validate_recipe_dict(tiny_recipe(method={"target_regex": regex}))

@@ -22,6 +22,7 @@ from peftvlm.methods.coop import CoopMethod, apply_coop
 from peftvlm.methods.dual_encoder import DualEncoderClassifier, load_method, save_method
 from peftvlm.methods.vpt import VptMethod, apply_vpt
 from peftvlm.recipe import load_recipe, validate_recipe_dict
+from peftvlm.summary import parameter_counts
 
 CLASSES = ["red", "green", "blue", "yellow"]
 TEMPLATES = ["a photo of a {}."]
@@ -79,7 +80,7 @@ def test_coop_trains_only_context(clip, csc, n_ctx):
     d = 48  # text encoder width
     expected = (len(CLASSES) if csc else 1) * n_ctx * d
     assert list(trainable(coop)) == ["ctx"]
-    assert coop.parameter_counts()[0] == expected
+    assert parameter_counts(coop)[0] == expected
     assert 0.01 < coop.ctx.std().item() < 0.03  # N(0, 0.02)
 
 
@@ -129,7 +130,7 @@ def test_vpt_trains_only_prompts(clip, deep):
     vpt = build(VptMethod(num_tokens=5, deep=deep), clip)
     layers, d = 2, 64
     assert list(trainable(vpt)) == ["visual_prompts.prompts"]
-    assert vpt.parameter_counts()[0] == (layers if deep else 1) * 5 * d
+    assert parameter_counts(vpt)[0] == (layers if deep else 1) * 5 * d
     bound = (6 / (3 * 8 * 8 + d)) ** 0.5
     assert vpt.visual_prompts.prompts.abs().max() <= bound
 
@@ -183,7 +184,7 @@ def test_vpt_backbone_stays_in_eval_mode(clip):
 def test_clip_adapter_parameter_count(clip, side, n_adapters):
     adapter = build(ClipAdapterMethod(side=side, reduction=4), clip)
     d = 32  # joint embedding width
-    assert adapter.parameter_counts()[0] == n_adapters * 2 * d * d // 4
+    assert parameter_counts(adapter)[0] == n_adapters * 2 * d * d // 4
     assert all(n.endswith("weight") for n in trainable(adapter))  # no biases
 
 

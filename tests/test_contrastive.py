@@ -350,12 +350,12 @@ def test_pairs_come_from_parquet_with_image_bytes_through_the_caption_template(t
 
 # --- the seam ---------------------------------------------------------------------------------
 
-def test_run_kind_matches_methods_and_families(tiny_llava_path):
-    from peftvlm.kinds import run_kind
+def test_kind_for_matches_methods_and_families(tiny_llava_path):
+    from peftvlm.kinds import kind_for
 
     def kind(model, method):
-        return run_kind(validate_recipe_dict({"model": {"id": model}, "method": {"name": method},
-                                              "data": {"synthetic": {"name": "colour-vqa"}}}))
+        return kind_for(validate_recipe_dict({"model": {"id": model}, "method": {"name": method},
+                                              "data": {"synthetic": {"name": "colour-vqa"}}})).name
 
     assert kind("tiny-clip", "lora") == "retrieval"
     assert kind("tiny-siglip", "vera") == "retrieval"

@@ -216,7 +216,7 @@ def test_builtin_templates_have_many_phrasings():
 
 def test_user_template_from_a_path(tmp_path, root):
     path = tmp_path / "count.yaml"
-    path.write_text("name: count\nkind: generic\ncolumns: {image: {}, object: {}, n: {}}\n"
+    path.write_text("name: count\ntask: generic\ncolumns: {image: {}, object: {}, n: {}}\n"
                     "prompts: {count: ['How many {object}s?']}\nanswers: {count: '{n}'}\n")
     template = load_template(str(path))
     r = TemplateRenderer(template, merged_options(template.spec, {}, "t"), {}, root)
@@ -226,7 +226,7 @@ def test_user_template_from_a_path(tmp_path, root):
 
 def test_template_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: b\nkind: vqa\ncolumns: {image: {}}\nprompts: {answer: ['{nope}']}\n")
+    bad.write_text("name: b\ntask: vqa\ncolumns: {image: {}}\nprompts: {answer: ['{nope}']}\n")
     with pytest.raises(DataError, match="unknown placeholder"):
         load_template(str(bad))
     with pytest.raises(DataError, match="unknown data template"):
@@ -235,6 +235,19 @@ def test_template_errors(tmp_path):
         merged_options(load_template("vqa").spec, {"answer_selektion": "x"}, "t")
     with pytest.raises(DataError, match="must be one of"):
         merged_options(load_template("vqa").spec, {"answer_selection": "x"}, "t")
+
+
+def test_old_kind_key_still_names_the_task(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("name: o\nkind: vqa\ncolumns: {image: {}, question: {}, answers: {}}\n"
+                   "prompts: {answer: ['{question}']}\n")
+    assert load_template(str(old)).spec.task == "vqa"
+    both = tmp_path / "both.yaml"
+    both.write_text(old.read_text().replace("kind: vqa", "kind: vqa\ntask: vqa"))
+    with pytest.raises(DataError, match="give `task` only"):
+        load_template(str(both))
+    assert all(load_template(name).spec.task for name in builtin_templates())
+    assert not any("\nkind:" in path.read_text() for path in builtin_templates().values())
 
 
 def test_recipe_validation_checks_templates(tmp_path):

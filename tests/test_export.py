@@ -45,13 +45,14 @@ def make_run(run_dir: Path, method_name: str, **extra) -> Path:
     """A finished run folder whose adapter is non-zero, without spending time on training."""
     import torch
 
-    from peftvlm import api
     from peftvlm.recipe import validate_recipe_dict
     from peftvlm.registry import get_method
+    from peftvlm.summary import parameter_counts
+    from peftvlm.trainers.generative import load_model_with_method
 
     recipe = validate_recipe_dict(recipe_dict(method_name, **extra))
     torch.manual_seed(0)
-    loaded, model = api.load_model_with_method(recipe, get_method(method_name))
+    loaded, model = load_model_with_method(recipe, get_method(method_name))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -60,7 +61,7 @@ def make_run(run_dir: Path, method_name: str, **extra) -> Path:
     model.save_pretrained(run_dir / "adapter")
     loaded.processor.save_pretrained(run_dir / "adapter")
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-    trainable, total = api.parameter_counts(model)
+    trainable, total = parameter_counts(model)
     summary = {"name": recipe.name, "method": method_name, "model": "tiny-llava", "family": "llava",
                "trainable_params": trainable, "total_params": total, "train_runtime_s": 1.5,
                "global_step": 3, "final_loss": 2.5, "hardware": "cpu",

@@ -73,3 +73,62 @@ def test_each_clip_family_method_is_one_package_without_twins():
         config_imports = imports_of(package / "config.py")
         assert not [i for i in config_imports if i.startswith("peftvlm.methods")]
         assert "import torch" not in (package / "config.py").read_text()
+
+
+# --- kind names -------------------------------------------------------------------------------
+
+KIND_NAMES = {"generative", "classification", "retrieval", "dual_encoder"}
+KIND_HOMES = ("kinds/", "families/", "registry.py")  # where run kinds may be named and compared
+
+
+def kind_name_constants(node) -> list[str]:
+    """The run-kind names among `node`'s string constants (a tuple/list/set is looked into)."""
+    items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+    return [i.value for i in items if isinstance(i, ast.Constant) and i.value in KIND_NAMES]
+
+
+def kind_comparisons(tree) -> list[tuple[int, str]]:
+    """(line, name) of every comparison, `match` case or inline dict dispatch on a kind name."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            found += [(node.lineno, n) for side in sides for n in kind_name_constants(side)]
+        elif isinstance(node, ast.MatchValue):
+            found += [(node.lineno, n) for n in kind_name_constants(node.value)]
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Dict):
+            found += [(node.lineno, n) for key in node.value.keys if key is not None
+                      for n in kind_name_constants(key)]
+    return found
+
+
+def test_kind_comparisons_finds_what_it_looks_for():
+    source = ('a = kind == "retrieval"\nb = "generative" not in m.kinds\n'
+              'c = {"classification": 1}[k]\nd = x in ("dual_encoder", "y")\n'
+              'match k:\n    case "retrieval": pass\ne = {"retrieval": f}\nf = k == "caption"\n')
+    assert [line for line, _ in kind_comparisons(ast.parse(source))] == [1, 2, 3, 4, 6]
+
+
+def test_no_kind_name_comparison_outside_the_kinds_package():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = path.relative_to(PACKAGE).as_posix()
+        if name.startswith(KIND_HOMES):
+            continue
+        offenders += [f"{name}:{line} compares {kind!r}"
+                      for line, kind in kind_comparisons(ast.parse(path.read_text()))]
+    assert not offenders, ("ask the kind (peftvlm.kinds.kind_for), the family "
+                           "(is_generative) or the method (trains_generative) instead:\n"
+                           + "\n".join(offenders))
+
+
+def test_kind_wiring_is_reached_only_through_the_registry():
+    """kinds/<name>.py import the stages they wire; no stage imports them back (the registry
+    names them by path), so the stages may ask `kind_for` without an import cycle."""
+    from peftvlm.kinds import KINDS
+
+    wiring = {path.partition(":")[0] for path in KINDS.values()}
+    offenders = {str(p.relative_to(PACKAGE)): sorted(imports_of(p) & wiring)
+                 for p in PACKAGE.rglob("*.py") if not str(p.relative_to(PACKAGE)).startswith(
+                     "kinds/")}
+    assert not {k: v for k, v in offenders.items() if v}

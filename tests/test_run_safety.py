@@ -22,6 +22,7 @@ from peftvlm.checkpoints import incomplete_reason, mark_complete, recipe_changes
 from peftvlm.errors import ModelError, RunError
 from peftvlm.recipe import validate_recipe_dict
 from peftvlm.runs import LOCK, MARKER, claim_run_dir, release_run_dir
+from peftvlm.trainers import generative
 from test_train_run import adapter_weights, tiny_recipe
 
 QUIET = {"log": lambda *_: None}
@@ -55,7 +56,7 @@ def test_overwrite_clears_a_run_folder_but_only_after_loading(tmp_path, monkeypa
     def fails_to_load(*args):
         raise ModelError("no such model")
 
-    monkeypatch.setattr(api, "load_model_with_method", fails_to_load)
+    monkeypatch.setattr(generative, "load_model_with_method", fails_to_load)
     with pytest.raises(ModelError):  # the new recipe fails to load: the old run stays
         api.train(validate_recipe_dict(tiny_recipe()), run, overwrite=True, **QUIET)
     assert (run / "summary.json").exists() and (run / "adapter").is_dir()

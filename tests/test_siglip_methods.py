@@ -21,6 +21,7 @@ from peftvlm.methods.coop import CoopMethod, apply_coop
 from peftvlm.methods.dual_encoder import DualEncoderClassifier, load_method, save_method
 from peftvlm.methods.vpt import VptMethod, apply_vpt
 from peftvlm.recipe import load_recipe
+from peftvlm.summary import parameter_counts
 
 CLASSES = ["red", "green", "blue", "yellow"]
 TEMPLATES = ["a photo of a {}."]
@@ -82,7 +83,7 @@ def test_zero_shot_uses_siglip_scoring_exactly(siglip):
 @pytest.mark.parametrize("side,n_adapters", [("image", 1), ("text", 1), ("both", 2)])
 def test_adapter_parameter_count(siglip, side, n_adapters):
     adapter = build(ClipAdapterMethod(side=side, reduction=4), siglip)
-    assert adapter.parameter_counts()[0] == n_adapters * 2 * 64 * 64 // 4  # d = 64
+    assert parameter_counts(adapter)[0] == n_adapters * 2 * 64 * 64 // 4  # d = 64
 
 
 def test_adapter_alpha_zero_is_zero_shot_siglip_exactly(siglip):
@@ -98,7 +99,7 @@ def test_adapter_alpha_zero_is_zero_shot_siglip_exactly(siglip):
 @pytest.mark.parametrize("csc,n_ctx", [(False, 16), (True, 4)])
 def test_coop_parameter_count_and_front_context(siglip, csc, n_ctx):
     coop = build(CoopMethod(n_ctx=n_ctx, csc=csc), siglip)
-    assert coop.parameter_counts()[0] == (len(CLASSES) if csc else 1) * n_ctx * 48
+    assert parameter_counts(coop)[0] == (len(CLASSES) if csc else 1) * n_ctx * 48
     # No start token: the context opens the sequence; every prompt is padded to 64.
     assert coop.ctx_slots[0].tolist() == list(range(n_ctx))
     assert coop.prompt_ids.shape == (len(CLASSES), 64) and coop.prompt_mask is None

@@ -22,9 +22,9 @@ def processor_collator(recipe):
     from peftvlm.models import load_processor_only
 
     processor, family = load_processor_only(recipe.model)
-    if family.kind != "generative":
+    if not family.is_generative:
         raise DataError(f"data preview/stats render conversations for generative models; "
-                        f"{recipe.model.id} is a {family.kind} ({family.name})",
+                        f"{recipe.model.id} is a dual encoder ({family.name})",
                         hint="for CLIP-family recipes look at the source files directly")
     return ConversationCollator(processor, family, recipe.train.assistant_only_loss)
 
@@ -34,7 +34,7 @@ def preview(recipe, n: int = 3, console=None) -> list[dict]:
     from rich.console import Console
     from rich.rule import Rule
 
-    from peftvlm.data.loading import prepare_data
+    from peftvlm.data.pipeline import prepare_data
     from peftvlm.data.preview import box_picture, render_example
 
     console = console or Console()

@@ -22,7 +22,9 @@ row before training (length grouping, bin packing, a template's `group_by_image`
 Resume: each checkpoint holds `peftvlm-stream.json`, every rank's position after the last batch
 that step trained on (`datasets`' `state_dict()` plus the rows of the current record already
 used, and the bad-row counts so far). `--resume` loads it, so training continues at the next
-row, not at the shard's start, and the trainer does not replay batches (`ignore_data_skip`).
+row, not at the shard's start, and the trainer does not replay batches (`ignore_data_skip`);
+the trainer restores the checkpoint's RNG states, and the data loader draws nothing from them,
+so a resumed run (dropout on) trains exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -258,7 +260,12 @@ class StreamingRows(torch.utils.data.IterableDataset):
         from accelerate.data_loader import prepare_data_loader
         from torch.utils.data import DataLoader
 
-        loader = DataLoader(self, batch_size=batch_size, collate_fn=collator)
+        # Its own generator: starting an iterator draws a seed, and from the global torch RNG
+        # that draw would shift every dropout mask of a resumed run (the trainer restores the
+        # checkpoint's RNG state before the iterator starts), so losses would differ from an
+        # uninterrupted run's.
+        loader = DataLoader(self, batch_size=batch_size, collate_fn=collator,
+                            generator=torch.Generator())
         return prepare_data_loader(loader, device, num_processes=1, process_index=0,
                                    put_on_device=True, dispatch_batches=False)
 
@@ -417,7 +424,7 @@ def open_training_stream(recipe, collator, rank: int | None = None,
 
 
 def prepare_streaming(recipe, collator):
-    """`loading.prepare_data` for a streamed run: the training stream, and the held-out rows read
+    """`pipeline.prepare_data` for a streamed run: the training stream, and the held-out rows read
     whole and checked as `prepare_data` checks them."""
     from peftvlm.data.loading import drop_unfit_rows, load_section, recipe_sources
     from peftvlm.data.rows import enforce_policy

@@ -2,14 +2,15 @@
 conversations the trainer reads.
 
 A template (`data_templates/<name>.yaml`, or any YAML path given in the recipe) declares its
-`kind` (which annotation logic applies), the `columns` it reads, its `options`, an optional
-system prompt, and several phrasings per task; a phrasing is chosen per row with a generator
-seeded by `data.seed` and the row id, so renders are reproducible and independent of order or
-parallelism. Add a template by dropping a YAML file in `data_templates/`; `kind: generic` needs
-no code at all (prompts and answers are `{column}` formats). List them: `peftvlm ls templates`.
+`task` (which annotation logic applies: caption, vqa, ...), the `columns` it reads, its
+`options`, an optional system prompt, and several phrasings per prompt; a phrasing is chosen per
+row with a generator seeded by `data.seed` and the row id, so renders are reproducible and
+independent of order or parallelism. Add a template by dropping a YAML file in
+`data_templates/`; `task: generic` needs no code at all (prompts and answers are `{column}`
+formats). List them: `peftvlm ls templates`. (`kind:` is still read as the old name of `task:`.)
 
 Rendering one row: map columns (recipe `columns:` template column -> source column), check the
-values (bad ones raise `BadRow`), build the turns of the row's kind, then assemble
+values (bad ones raise `BadRow`), build the turns of the template's task, then assemble
 conversations (one per turn, or one per image with `group_by_image`).
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from peftvlm._schema import Section
 from peftvlm.data.boxes import BOX_INPUTS, answer_text, box_text, clip_box, get_convention, read_box
@@ -38,10 +39,10 @@ TEMPLATES_DIR = shipped_dir("data_templates")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 PLACEHOLDER = re.compile(r"\{(\w*)\}")
 
-# Options every kind understands, then each kind's own; a template's `options:` and the recipe's
+# Options every task understands, then each task's own; a template's `options:` and the recipe's
 # `template_options:` may only set these keys.
 COMMON_OPTIONS = {"suffix": "", "group_by_image": False, "max_turns": 10}
-KIND_OPTIONS: dict[str, dict[str, Any]] = {
+TASK_OPTIONS: dict[str, dict[str, Any]] = {
     "caption": {"selection": "random", "style": "auto", "detailed_min_words": 20},
     "vqa": {"answer_selection": "most_common"},
     "doc_qa": {"answer_selection": "first"},
@@ -55,8 +56,8 @@ CHOICES = {"selection": ("random", "all"), "style": ("auto", "short", "detailed"
            "answer_selection": ("most_common", "all_weighted", "first"),
            "box_input": BOX_INPUTS, "direction": ("both", "locate", "describe"),
            "mode": ("all", "per_category")}
-# Variables each kind's phrasings may use, per task.
-KIND_TASKS: dict[str, dict[str, set[str]]] = {
+# Variables each task's phrasings may use, per prompt (the keys of a template's `prompts:`).
+TASK_PROMPTS: dict[str, dict[str, set[str]]] = {
     "caption": {"short": set(), "detailed": set()},
     "vqa": {"answer": {"question"}},
     "doc_qa": {"answer": {"question"}},
@@ -76,7 +77,7 @@ class TemplateSpec(Section):
     """One data template, as read from YAML."""
 
     name: str
-    kind: Literal["caption", "vqa", "doc_qa", "multiple_choice", "grounding", "detection",
+    task: Literal["caption", "vqa", "doc_qa", "multiple_choice", "grounding", "detection",
                   "classification", "generic"]
     description: str = ""
     columns: dict[str, ColumnSpec]
@@ -85,8 +86,16 @@ class TemplateSpec(Section):
     options: dict[str, Any] = Field(default_factory=dict)
     prompts: dict[str, list[str]]
     answers: dict[str, str] = Field(default_factory=dict,
-                                    description="generic kind: task -> answer format")
+                                    description="generic task: prompt -> answer format")
     clip_prompts: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def old_kind_key(cls, data):
+        """`kind:` was this field's name before `kind` came to mean only a run's kind."""
+        if isinstance(data, dict) and "kind" in data and "task" not in data:
+            data = {("task" if k == "kind" else k): v for k, v in data.items()}
+        return data
 
     def required_columns(self) -> list[str]:
         return [c for c, spec in self.columns.items() if spec.required]
@@ -129,7 +138,11 @@ def load_template(name: str, base_dir: Path | None = None) -> Template:
     path = template_path(name, base_dir)
     text = path.read_text()
     try:
-        spec = TemplateSpec.model_validate(load_yaml(text))
+        data = load_yaml(text)
+        if isinstance(data, dict) and {"kind", "task"} <= set(data):
+            raise DataError(f"data template {path}: give `task` only (`kind` is its old name)",
+                            hint="delete the `kind:` line")
+        spec = TemplateSpec.model_validate(data)
     except AliasBombError as exc:
         raise DataError(f"data template {path}: refused: {exc}",
                         hint="write repeated values out, or use fewer nested aliases") from None
@@ -142,32 +155,32 @@ def load_template(name: str, base_dir: Path | None = None) -> Template:
 
 
 def check_phrasings(spec: TemplateSpec, path: Path) -> None:
-    """Every task has phrasings, and each uses only the variables its kind provides."""
-    tasks = KIND_TASKS.get(spec.kind) or {t: set(spec.columns) for t in spec.answers}
-    if spec.kind == "generic" and set(spec.prompts) != set(spec.answers):
-        raise DataError(f"data template {path}: a generic template needs the same tasks in "
+    """Every prompt has phrasings, and each uses only the variables its task provides."""
+    prompts = TASK_PROMPTS.get(spec.task) or {t: set(spec.columns) for t in spec.answers}
+    if spec.task == "generic" and set(spec.prompts) != set(spec.answers):
+        raise DataError(f"data template {path}: a generic template needs the same prompts in "
                         f"`prompts` and `answers` (got {sorted(spec.prompts)} and "
                         f"{sorted(spec.answers)})")
-    for task, allowed in tasks.items():
-        phrasings = spec.prompts.get(task)
+    for prompt, allowed in prompts.items():
+        phrasings = spec.prompts.get(prompt)
         if not phrasings:
-            raise DataError(f"data template {path}: no phrasings for task `{task}` "
-                            f"(kind {spec.kind} needs prompts for {', '.join(tasks)})")
-        for text in [*phrasings, spec.answers.get(task, "")]:
+            raise DataError(f"data template {path}: no phrasings for prompt `{prompt}` "
+                            f"(task {spec.task} needs prompts for {', '.join(prompts)})")
+        for text in [*phrasings, spec.answers.get(prompt, "")]:
             unknown = set(PLACEHOLDER.findall(text)) - allowed
             if unknown:
                 raise DataError(f"data template {path}: `{text}` uses unknown placeholder(s) "
-                                f"{sorted(unknown)}; task `{task}` provides {sorted(allowed)}")
+                                f"{sorted(unknown)}; prompt `{prompt}` provides {sorted(allowed)}")
 
 
 def merged_options(spec: TemplateSpec, overrides: dict, where: str) -> dict:
-    """Kind defaults <- template options <- recipe `template_options`; unknown keys are errors."""
+    """Task defaults <- template options <- recipe `template_options`; unknown keys are errors."""
     options = {**COMMON_OPTIONS, "group_by_image": spec.group_by_image,
-               **KIND_OPTIONS[spec.kind]}
+               **TASK_OPTIONS[spec.task]}
     for origin, given in (("template", spec.options), ("recipe", overrides)):
         unknown = set(given) - set(options)
         if unknown:
-            raise DataError(f"{where}: unknown option(s) {sorted(unknown)} for a {spec.kind} "
+            raise DataError(f"{where}: unknown option(s) {sorted(unknown)} for a {spec.task} "
                             f"template ({origin}); known: {', '.join(sorted(options))}")
         options.update(given)
     for key, allowed in CHOICES.items():
@@ -234,7 +247,7 @@ def select_answers(answers: list[str], how: str) -> list[str]:
     return [a for a, n in counts.items() for _ in range(n)]
 
 
-# --- turns per kind: (task, variables, answer[, extra row fields for eval]) ------------------
+# --- turns per task: (prompt, variables, answer[, extra row fields for eval]) ----------------
 
 def caption_turns(v, opts, rng, ctx):
     captions = as_text_list(v["captions"], "captions")
@@ -353,7 +366,7 @@ def classification_turns(v, opts, rng, ctx):
 
 
 def generic_turns(v, opts, rng, ctx):
-    """`kind: generic`: each task's prompt and answer are formats over the columns."""
+    """`task: generic`: each prompt and its answer are formats over the columns."""
     texts = {c: "" if x is None else as_text(x, c) if not isinstance(x, str) else x.strip()
              for c, x in v.items() if c != "image"}
     out = []
@@ -365,7 +378,7 @@ def generic_turns(v, opts, rng, ctx):
     return out
 
 
-KIND_TURNS = {"caption": caption_turns, "vqa": vqa_turns, "doc_qa": vqa_turns,
+TASK_TURNS = {"caption": caption_turns, "vqa": vqa_turns, "doc_qa": vqa_turns,
               "multiple_choice": multiple_choice_turns, "grounding": grounding_turns,
               "detection": detection_turns,
               "classification": classification_turns, "generic": generic_turns}
@@ -439,12 +452,12 @@ class TemplateRenderer:
         image = self.image(values.get("image"))
         values["image"] = image
         rng = random.Random(f"{self.seed}:{self.salt}:{row_id}")
-        made = KIND_TURNS[self.spec.kind](values, self.options, rng, self)
+        made = TASK_TURNS[self.spec.task](values, self.options, rng, self)
         turns = [(self.phrase(task, variables, rng), answer)
                  for task, variables, answer, *_ in made]
         extras = [t[3] if len(t) > 3 else {} for t in made]
         qtype = record.get("answer_type") or record.get("question_type")
-        return Piece(image_key(image), image, turns, reference_answers(self.spec.kind, values),
+        return Piece(image_key(image), image, turns, reference_answers(self.spec.task, values),
                      qtype if isinstance(qtype, str) else None, row_id,
                      extras if any(extras) else None)
 
@@ -519,9 +532,9 @@ def column_value(record: dict, source: str):
     return value
 
 
-def reference_answers(kind: str, values: dict) -> list[str] | None:
+def reference_answers(task: str, values: dict) -> list[str] | None:
     """All acceptable answers of a row, for evaluation (training uses the selected ones)."""
-    column = {"vqa": "answers", "doc_qa": "answers", "caption": "captions"}.get(kind)
+    column = {"vqa": "answers", "doc_qa": "answers", "caption": "captions"}.get(task)
     if column is None or values.get(column) is None:
         return None
     return as_text_list(values[column], column)

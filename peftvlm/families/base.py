@@ -142,12 +142,26 @@ class FamilySpec:
     # is isolated per conversation by restarting `position_ids` (transformers builds the
     # block-diagonal mask from them on CPU/SDPA, and flash-attention's varlen path on GPU).
     packing_refusal: str | None = None
+    # Why TRL's fused LM head (SFTTrainer projects the backbone's `last_hidden_state` itself)
+    # cannot run on this family's forward, or None; training then derives the same per-token
+    # outputs from the model's own logits (`peftvlm.trainers.lm_head`).
+    unfused_lm_head: str | None = None
     # `packed_positions(model, batch) -> (k, rows, tokens)`: for a family whose rotary
     # positions are not just token order (Qwen-VL's 3-D M-RoPE), each row's own positions as
     # the model computes them for the right-padded training `batch`; packing lays them end to
     # end behind the text positions (transformers' (1 + k, rows, tokens) `position_ids`).
     packed_positions: Callable[[Any, dict], Any] | None = field(
         default=None, compare=False, repr=False)
+
+    @property
+    def is_generative(self) -> bool:
+        """A generative VLM (image + text in, text out), loaded with AutoModelForImageTextToText."""
+        return self.kind == "generative"
+
+    @property
+    def is_dual_encoder(self) -> bool:
+        """A dual encoder (CLIP, SigLIP): image and text features in one space, no generation."""
+        return self.kind == "dual_encoder"
 
     def joint_dim(self, config) -> int:
         """The width of the joint image-text feature space of a dual encoder."""

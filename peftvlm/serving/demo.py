@@ -6,7 +6,9 @@
 Upload an image (or click a held-out example), press Answer: the fine-tuned answer and, side by
 side, the base model's. The task is the one the run was trained for: a question (editable,
 prefilled with the training prompt), a caption, grounding (the predicted box is drawn on the
-image), or for CLIP-family runs the class probabilities as bars. The run's recipe summary and
+image), for CLIP-family runs the class probabilities as bars, and for retrieval runs the
+captions you list (one per line; prefilled with held-out ones) ranked for the image, as
+probabilities over them. The run's recipe summary and
 eval metrics are shown above. Everything goes through `predictor.Predictor`, so the answers are
 the ones `peftvlm predict` and `peftvlm eval` give.
 """
@@ -18,10 +20,13 @@ import tempfile
 from pathlib import Path
 
 from peftvlm.data.boxes import box_format_for
+from peftvlm.runs import MERGED
+from peftvlm.data.images import load_rgb
 from peftvlm.errors import PeftVLMError
 
 TITLES = {"question": "Ask a question about an image", "caption": "Caption an image",
-          "grounding": "Find the region a phrase describes", "classify": "Classify an image"}
+          "grounding": "Find the region a phrase describes", "classify": "Classify an image",
+          "retrieve": "Rank captions for an image"}
 
 
 # --- what the page shows about the run ----------------------------------------------------------
@@ -47,7 +52,7 @@ def recipe_summary(predictor) -> str:
     if summary.get("trainable_params"):
         lines.append(f"**trainable** {summary['trainable_params']:,} of "
                      f"{summary['total_params']:,} parameters")
-    if files.kind == "merged":
+    if files.layout == MERGED:
         lines.append(f"**serving** the merged export {files.path}")
     return "  \n".join(lines)
 
@@ -112,8 +117,10 @@ def responder(predictor, compare_base: bool):
     def respond(image, question):
         if image is None:
             raise gr.Error("Upload an image first (or click an example below).")
-        image = image.convert("RGB")
-        if predictor.kind == "dual_encoder":
+        image = load_rgb(image)  # as training decoded its images (EXIF, alpha on white)
+        if predictor.task == "retrieve":
+            return rank_captions(predictor, image, question, compare_base)
+        if predictor.task == "classify":
             ranked = predictor.classify([image], top_k=10)[0]
             base = predictor.classify([image], top_k=10, base=True)[0] if compare_base else []
             return [ranked[0][0], dict(ranked), base[0][0] if base else "", dict(base)]
@@ -134,6 +141,39 @@ def responder(predictor, compare_base: bool):
     return respond
 
 
+def rank_captions(predictor, image, text: str, compare_base: bool) -> list:
+    """The retrieval page's outputs: best caption and {caption: probability}, tuned and base."""
+    import gradio as gr
+
+    captions = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if len(captions) < 2:
+        raise gr.Error("List at least two captions to rank, one per line.")
+    tuned = predictor.caption_probabilities(image, captions)
+    base = predictor.caption_probabilities(image, captions, base=True) if compare_base else {}
+    best = lambda probs: max(probs, key=probs.get) if probs else ""  # noqa: E731
+    return [best(tuned), tuned, best(base), base]
+
+
+def retrieval_examples(predictor, limit: int = 8) -> list[list]:
+    """[image path, its captions] of held-out pairs (images in memory are saved first)."""
+    from peftvlm.data.collate import open_image
+
+    folder, examples = None, []
+    for i, pair in enumerate(predictor.examples[:limit]):
+        image = pair["images"][0]
+        if not isinstance(image, (str, Path)):
+            folder = folder or Path(tempfile.mkdtemp(prefix="peftvlm-demo-"))
+            image = folder / f"example-{i}.png"
+            open_image(pair["images"][0]).save(image)
+        examples.append([str(image), "\n".join(pair["captions"])])
+    return examples
+
+
+def default_captions(predictor, limit: int = 4) -> str:
+    """One held-out caption of each of the first images: a ready list to rank."""
+    return "\n".join(pair["captions"][0] for pair in predictor.examples[:limit])
+
+
 # --- the page ------------------------------------------------------------------------------------
 
 def build_demo(predictor, compare_base: bool = True):
@@ -150,21 +190,29 @@ def build_demo(predictor, compare_base: bool = True):
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="pil", label="Image", elem_id="input-image", height=320)
-                question = gr.Textbox(value=predictor.default_prompt or "", label="Question",
-                                      elem_id="question", visible=task == "question")
+                if task == "retrieve":
+                    question = gr.Textbox(value=default_captions(predictor), lines=4,
+                                          label="Captions to rank (one per line)",
+                                          elem_id="question")
+                else:
+                    question = gr.Textbox(value=predictor.default_prompt or "",
+                                          label="Question", elem_id="question",
+                                          visible=task == "question")
                 button = gr.Button("Answer", variant="primary", elem_id="answer-button")
             outputs = []
             for which, label in (("tuned", "Fine-tuned"), ("base", "Base model")):
                 with gr.Column(visible=which == "tuned" or compare_base):
                     outputs.append(gr.Textbox(label=f"{label} answer", elem_id=f"{which}-answer",
                                               interactive=False))
-                    if task == "classify":
-                        outputs.append(gr.Label(num_top_classes=10, label=f"{label}: class "
+                    if task in ("classify", "retrieve"):
+                        what = "class" if task == "classify" else "caption"
+                        outputs.append(gr.Label(num_top_classes=10, label=f"{label}: {what} "
                                                 "probabilities", elem_id=f"{which}-classes"))
                     elif task == "grounding":
                         outputs.append(gr.AnnotatedImage(label=f"{label}: predicted box",
                                                          elem_id=f"{which}-box"))
-        examples = example_files(predictor)
+        examples = (retrieval_examples(predictor) if task == "retrieve"
+                    else example_files(predictor))
         if examples:
             gr.Examples(examples=examples, inputs=[image, question], examples_per_page=4,
                         elem_id="examples", label="Held-out examples (click one, then Answer)")
@@ -174,7 +222,9 @@ def build_demo(predictor, compare_base: bool = True):
 
 
 def example_folders(predictor) -> list[str]:
-    return sorted({str(Path(path).parent) for path, _ in example_files(predictor)})
+    examples = (retrieval_examples(predictor) if predictor.task == "retrieve"
+                else example_files(predictor))
+    return sorted({str(Path(path).parent) for path, _ in examples})
 
 
 def launch(run, host: str = "127.0.0.1", port: int = 7860, compare_base: bool = True,

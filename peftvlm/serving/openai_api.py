@@ -1,62 +1,40 @@
-"""`peftvlm serve RUN`: an OpenAI-compatible chat-completions server (FastAPI + uvicorn).
+"""`peftvlm serve RUN`: an OpenAI-compatible server (FastAPI + uvicorn).
 
     peftvlm serve runs/quickstart                       # http://127.0.0.1:8000/v1
     python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1',
                api_key='-'); print(c.models.list())"
 
-Endpoints: `GET /v1/models` (the run, and `<name>:base` for its base model),
-`POST /v1/chat/completions` (text and `image_url` content parts as `data:` URLs, or `file://`
-URLs under `--allowed-local-media-path`; `stream: true` sends server-sent events), `GET /health`
-(status and batching counters, no key needed). Concurrent non-streaming requests are batched
-(`batching.Batcher`); streaming ones generate alone, token by token. A bad request gets a 4xx
-JSON body in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}` and the
-server carries on. Why not `transformers serve`: see docs/serve.md.
+Endpoints: `GET /v1/models` (the run, and `<name>:base` for its base model); for a generative
+run `POST /v1/chat/completions` (text and `image_url` content parts as `data:` URLs, or `file://`
+URLs under `--allowed-local-media-path`; `stream: true` sends server-sent events); for a
+dual-encoder run `POST /v1/embeddings` (`embeddings.py`; chat is refused with a 400 saying
+why); `GET /health` (status and batching counters, no key needed). Concurrent non-streaming
+requests are batched (`batching.Batcher`); streaming ones generate alone, token by token, and
+stop when the client goes away. A bad request gets a 4xx JSON body in OpenAI's error shape
+`{"error": {"message", "type", "param", "code"}}` and the server carries on; the limits and
+the order they are checked in are in `inputs.py` and `guard.py`. Why not `transformers serve`:
+see docs/serve.md.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
-import io
+import asyncio
 import json
+import logging
+import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Union
-from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from peftvlm.serving.embeddings import EmbeddingRequest, embed
+from peftvlm.serving.inputs import (APIError, ServerOptions, check_image_count,
+                                    check_image_url, check_text, check_text_budget,
+                                    read_image_url)
 
-@dataclass
-class ServerOptions:
-    """Limits and access of the server (the CLI's options)."""
-
-    api_key: str | None = None
-    allowed_local_media_path: Path | None = None
-    max_batch_size: int = 8
-    batch_wait_s: float = 0.01
-    max_tokens_limit: int = 1024
-    max_images: int = 8
-    max_image_bytes: int = 20 * 2**20
-    max_image_pixels: int = 40_000_000
-    max_body_bytes: int = 64 * 2**20
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape with an HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = (status, message, param,
-                                                                        code, kind)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code}}
+logger = logging.getLogger(__name__)
 
 
 # --- the request schema (OpenAI's field names; unknown fields are ignored, as OpenAI does) ------
@@ -101,85 +79,48 @@ class ChatRequest(_Part):
 
 # --- turning a request into a row --------------------------------------------------------------
 
-def read_image_url(url: str, where: str, opts: ServerOptions):
-    """A `data:` URL or an allowed `file://` URL -> RGB PIL image; anything else is a 400."""
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if ";base64" not in header or not payload:
-            raise APIError(400, f"{where}: a data URL must be base64 (data:image/png;base64,...)",
-                           where, "invalid_image_url")
-        if len(payload) * 3 // 4 > opts.max_image_bytes:
-            raise APIError(413, f"{where}: the image is over {opts.max_image_bytes // 2**20} MiB",
-                           where, "image_too_large")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise APIError(400, f"{where}: the data URL is not valid base64", where,
-                           "invalid_image_url") from None
-        return decode_image(io.BytesIO(data), where, opts)
-    if url.startswith("file://"):
-        return decode_image(allowed_file(url, where, opts), where, opts)
-    raise APIError(400, f"{where}: only data: URLs (and file:// URLs under "
-                        "--allowed-local-media-path) are read; this server fetches nothing from "
-                        "the network", where, "invalid_image_url")
+def parts_of(message: Message, i: int) -> list[tuple[str, Part]]:
+    """(request field, part) of a message's content, a plain string being one text part."""
+    if isinstance(message.content, str):
+        return [(f"messages[{i}].content", TextPart(type="text", text=message.content))]
+    return [(f"messages[{i}].content[{j}]", part) for j, part in enumerate(message.content)]
 
 
-def allowed_file(url: str, where: str, opts: ServerOptions) -> Path:
-    root = opts.allowed_local_media_path
-    if root is None:
-        raise APIError(400, f"{where}: file:// URLs are off; start the server with "
-                            "--allowed-local-media-path DIR to allow files under DIR", where,
-                       "invalid_image_url")
-    path = Path(unquote(urlparse(url).path)).resolve()
-    if not path.is_relative_to(Path(root).resolve()):
-        raise APIError(403, f"{where}: {path} is outside the allowed folder", where,
-                       "file_not_allowed")
-    if not path.is_file():
-        raise APIError(400, f"{where}: no such file {path}", where, "invalid_image_url")
-    if path.stat().st_size > opts.max_image_bytes:
-        raise APIError(413, f"{where}: the image is over {opts.max_image_bytes // 2**20} MiB",
-                       where, "image_too_large")
-    return path
-
-
-def decode_image(source, where: str, opts: ServerOptions):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(source) as im:
-            if im.width * im.height > opts.max_image_pixels:
-                raise APIError(413, f"{where}: {im.width}x{im.height} is over "
-                                    f"{opts.max_image_pixels:,} pixels", where, "image_too_large")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise APIError(400, f"{where}: not a readable image ({str(exc).splitlines()[0]})", where,
-                       "invalid_image") from None
+def check_messages(req: ChatRequest, opts: ServerOptions, media_tokens: tuple[str, ...]) -> None:
+    """Everything about the messages that costs no decoding and no tokenising: the last role,
+    the image count, each image URL (form, size, allow-list), the text's length and literal
+    image tokens. A request with 40 large images is refused here, before any is decoded."""
+    if req.messages[-1].role != "user":
+        raise APIError(400, "messages: the last message must be the user's", "messages")
+    parts = [(where, part) for i, m in enumerate(req.messages) for where, part in parts_of(m, i)]
+    check_image_count(sum(isinstance(p, ImagePart) for _, p in parts), "messages", opts)
+    check_text_budget(sum(len(p.text) for _, p in parts if isinstance(p, TextPart)), "messages",
+                      opts)
+    for where, part in parts:
+        if isinstance(part, TextPart):
+            check_text(part.text, f"{where}.text" if where.endswith("]") else where,
+                       media_tokens)
+        else:
+            check_image_url(part.image_url.url, f"{where}.image_url", opts)
 
 
 def request_row(req: ChatRequest, opts: ServerOptions, system_prompt: str | None) -> dict:
-    """The conversation as a training-format row (images in order), ending in an answer slot."""
-    from peftvlm.data.loading import with_system_prompt
+    """The conversation as a training-format row (images in order), ending in an answer slot
+    (call `check_messages` first: this decodes the images)."""
+    from peftvlm.data.rows import with_system_prompt
     from peftvlm.serving.predictor import with_answer_slot
 
     messages, images = [], []
     for i, message in enumerate(req.messages):
-        parts = ([TextPart(type="text", text=message.content)]
-                 if isinstance(message.content, str) else message.content)
         content = []
-        for j, part in enumerate(parts):
+        for where, part in parts_of(message, i):
             if isinstance(part, TextPart):
                 content.append({"type": "text", "text": part.text})
             else:
-                images.append(read_image_url(part.image_url.url,
-                                             f"messages[{i}].content[{j}].image_url", opts))
+                images.append(read_image_url(part.image_url.url, f"{where}.image_url", opts))
                 content.append({"type": "image"})
         role = "system" if message.role == "developer" else message.role
         messages.append({"role": role, "content": content})
-    if messages[-1]["role"] != "user":
-        raise APIError(400, "the last message must be the user's", "messages")
-    if len(images) > opts.max_images:
-        raise APIError(400, f"{len(images)} images: at most {opts.max_images} per request",
-                       "messages", "too_many_images")
     row = with_system_prompt([{"messages": messages, "images": images}], system_prompt)[0]
     return with_answer_slot(row)
 
@@ -187,24 +128,29 @@ def request_row(req: ChatRequest, opts: ServerOptions, system_prompt: str | None
 # --- the app -----------------------------------------------------------------------------------
 
 def build_app(predictor, opts: ServerOptions | None = None):
-    """The FastAPI app serving `predictor` (a generative `Predictor`)."""
+    """The FastAPI app serving `predictor`: chat completions for a generative run, embeddings for
+    a dual-encoder run (retrieval or CLIP-family classification); `/v1/models` lists either."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
     from peftvlm.serving.batching import Batcher
+    from peftvlm.serving.guard import Guard
 
     opts = opts or ServerOptions()
     model_ids = {predictor.name: False}
     if predictor.has_base:
         model_ids[f"{predictor.name}:base"] = True
+    chats, embeds = hasattr(predictor, "answer"), hasattr(predictor, "embed_texts")
+    shutdown = threading.Event()  # set when the server stops: every generation ends early
 
     def run_batch(key, rows):
         base, options = key
-        return predictor.answer(rows, base=base, generation=dict(options),
+        generation = {**dict(options), "stopping_criteria": stopping_on(shutdown)}
+        return predictor.answer(rows, base=base, generation=generation,
                                 batch_size=opts.max_batch_size)
 
     batcher = Batcher(run_batch, opts.max_batch_size, opts.batch_wait_s)
@@ -213,10 +159,12 @@ def build_app(predictor, opts: ServerOptions | None = None):
     async def lifespan(_app):
         batcher.start()
         yield
+        shutdown.set()
         await batcher.stop()
 
     app = FastAPI(title=f"peftvlm: {predictor.name}", lifespan=lifespan)
     app.state.batcher = batcher
+    app.add_middleware(Guard, api_key=opts.api_key, max_body_bytes=opts.max_body_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(_request, exc: APIError):
@@ -231,23 +179,15 @@ def build_app(predictor, opts: ServerOptions | None = None):
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, exc: HTTPException):
-        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(),
-                            status_code=exc.status_code)
+        error = getattr(exc, "api_error", None) or APIError(exc.status_code, str(exc.detail))
+        return JSONResponse(error.body(), status_code=error.status)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """API key (on /v1/ routes) and body size, before any parsing."""
-        if request.url.path.startswith("/v1/") and opts.api_key:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), opts.api_key.encode()):
-                return JSONResponse(APIError(401, "invalid or missing API key (send "
-                                                  "`Authorization: Bearer KEY`)", None,
-                                             "invalid_api_key").body(), status_code=401)
-        if int(request.headers.get("content-length") or 0) > opts.max_body_bytes:
-            return JSONResponse(APIError(413, f"request body over "
-                                              f"{opts.max_body_bytes // 2**20} MiB", None,
-                                         "request_too_large").body(), status_code=413)
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def server_error(_request, exc: Exception):
+        # The traceback goes to the server's log; the client learns only that it failed.
+        logger.error("request failed", exc_info=exc)
+        return JSONResponse(APIError(500, "the server failed to answer this request",
+                                     kind="server_error").body(), status_code=500)
 
     @app.get("/health")
     async def health():
@@ -265,30 +205,44 @@ def build_app(predictor, opts: ServerOptions | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        import asyncio
-
-        prepared = await asyncio.to_thread(prepare, predictor, req, opts, model_ids)
-        row, key, prompt_tokens = prepared
+        if req.model not in model_ids:
+            raise unknown_model(req.model, model_ids)
+        if not chats:
+            raise APIError(400, f"{req.model!r} is a dual-encoder (CLIP-family) run: it embeds "
+                                "images and texts into one space and generates no text, so it "
+                                "has no chat; use POST /v1/embeddings (or `peftvlm predict` to "
+                                "rank captions)", "model", "chat_not_supported")
+        row, key, prompt_tokens = await asyncio.to_thread(prepare, predictor, req, opts,
+                                                          model_ids)
         if req.stream:
-            return StreamingResponse(stream_events(predictor, req, row, key, prompt_tokens),
+            return StreamingResponse(stream_events(predictor, req, row, key, prompt_tokens,
+                                                   shutdown),
                                      media_type="text/event-stream")
         text = await batcher.submit(key, row)
         return completion(predictor, req, text, prompt_tokens, dict(key[1]))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest):
+        if req.model not in model_ids:
+            raise unknown_model(req.model, model_ids)
+        if not embeds:
+            raise APIError(400, f"{req.model!r} is a generative run: it has no embeddings; use "
+                                "POST /v1/chat/completions", "model", "embeddings_not_supported")
+        return await asyncio.to_thread(embed, predictor, req, opts, model_ids[req.model])
 
     return app
 
 
 def prepare(predictor, req: ChatRequest, opts: ServerOptions, model_ids: dict):
     """Check a request and build its row, batching key and prompt length (in a worker thread:
-    image decoding and tokenizing stay off the event loop)."""
-    if req.model not in model_ids:
-        raise unknown_model(req.model, model_ids)
+    image decoding and tokenizing stay off the event loop). Cheap checks come first."""
     if req.n != 1:
         raise APIError(400, "n: only one choice per request is generated", "n")
     max_tokens = req.max_completion_tokens or req.max_tokens
     if max_tokens is not None and max_tokens > opts.max_tokens_limit:
         raise APIError(400, f"max_tokens {max_tokens} is over this server's limit of "
                             f"{opts.max_tokens_limit}", "max_tokens", "max_tokens_too_large")
+    check_messages(req, opts, predictor.family.literal_media_tokens())
     row = request_row(req, opts, predictor.system_prompt)
     options = predictor.generation(max_tokens, req.temperature, req.top_p)
     prompt_tokens = predictor.prompt_tokens(row)
@@ -300,8 +254,23 @@ def prepare(predictor, req: ChatRequest, opts: ServerOptions, model_ids: dict):
     return row, (model_ids[req.model], tuple(sorted(options.items()))), prompt_tokens
 
 
+def stopping_on(*events: threading.Event):
+    """transformers stopping criteria that end generation once any of `events` is set."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class OnEvent(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            stop = any(event.is_set() for event in events)
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool,
+                              device=input_ids.device)
+
+    return StoppingCriteriaList([OnEvent()])
+
+
 def unknown_model(model_id: str, model_ids: dict) -> APIError:
-    return APIError(404, f"the model {model_id!r} does not exist; this server has "
+    return APIError(404, f"model: {model_id!r} does not exist; this server has "
                          f"{', '.join(model_ids)}", "model", "model_not_found")
 
 
@@ -323,11 +292,17 @@ def completion(predictor, req: ChatRequest, text: str, prompt_tokens: int, optio
     }
 
 
-def stream_events(predictor, req: ChatRequest, row: dict, key, prompt_tokens: int):
+async def stream_events(predictor, req: ChatRequest, row: dict, key, prompt_tokens: int,
+                        shutdown: threading.Event):
     """Server-sent events: a role chunk, one chunk per generated piece, a finish chunk, [DONE].
-    A sync generator: Starlette iterates it in a thread while `generate` runs in another."""
+    `generate` runs in a worker thread. When the client goes away, Starlette cancels this
+    generator (its `finally` runs); when the server stops, `shutdown` is set: either ends the
+    generation at its next token, so the model is free again at once."""
+    from starlette.concurrency import iterate_in_threadpool
+
     base, options = key
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    stop = threading.Event()
 
     def event(delta: dict, finish: str | None = None) -> str:
         chunk = {"id": chunk_id, "object": "chat.completion.chunk", "created": created,
@@ -335,15 +310,21 @@ def stream_events(predictor, req: ChatRequest, row: dict, key, prompt_tokens: in
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
         return f"data: {json.dumps(chunk)}\n\n"
 
+    generation = {**dict(options), "stopping_criteria": stopping_on(stop, shutdown)}
+    pieces = predictor.stream(row, base=base, generation=generation)
     yield event({"role": "assistant", "content": ""})
     text = ""
     try:
-        for piece in predictor.stream(row, base=base, generation=dict(options)):
+        async for piece in iterate_in_threadpool(pieces):
             text += piece
             yield event({"content": piece})
     except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
-        yield f"data: {json.dumps(APIError(500, str(exc), kind='server_error').body())}\n\n"
+        logger.error("streamed generation failed", exc_info=exc)
+        error = APIError(500, "generation failed on the server", kind="server_error")
+        yield f"data: {json.dumps(error.body())}\n\n"
         return
+    finally:
+        stop.set()
     limit = dict(options)["max_new_tokens"]
     yield event({}, "length" if predictor.count_tokens(text) >= limit else "stop")
     yield "data: [DONE]\n\n"
@@ -351,16 +332,16 @@ def stream_events(predictor, req: ChatRequest, row: dict, key, prompt_tokens: in
 
 def run_server(run: str | Path, opts: ServerOptions, host: str = "127.0.0.1", port: int = 8000,
                log=print) -> None:
-    """Load the run and serve it until Ctrl-C."""
+    """Load the run and serve it until Ctrl-C or SIGTERM (in-flight requests get
+    `opts.shutdown_grace_s`, then are cancelled and their generations stopped)."""
     import uvicorn
 
-    from peftvlm.errors import RunError
     from peftvlm.serving.predictor import open_predictor
 
     predictor = open_predictor(run, log)
-    if predictor.kind != "generative":
-        raise RunError(f"{run} is a CLIP-family run: it ranks classes, it does not chat",
-                       hint=f"use `peftvlm predict {run} --image ...` or `peftvlm demo {run}`")
-    log(f"serving {predictor.name} at http://{host}:{port}/v1 (models: {predictor.name}"
-        + (f", {predictor.name}:base" if predictor.has_base else "") + ")")
-    uvicorn.run(build_app(predictor, opts), host=host, port=port, log_level="warning")
+    endpoint = "chat completions" if hasattr(predictor, "answer") else "embeddings"
+    log(f"serving {predictor.name} ({endpoint}) at http://{host}:{port}/v1 (models: "
+        + ", ".join([predictor.name] + ([f"{predictor.name}:base"] if predictor.has_base
+                                        else [])) + ")")
+    uvicorn.run(build_app(predictor, opts), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=opts.shutdown_grace_s)

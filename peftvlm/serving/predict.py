@@ -3,11 +3,16 @@
     peftvlm predict runs/quickstart --image photo.png --image more_images/
     peftvlm predict runs/quickstart/merged --image a.png --prompt "What color is the shape?"
     peftvlm predict runs/clip-coop --image a.png --top-k 3 --base --out predictions.jsonl
+    peftvlm predict runs/clip-retrieval-tiny --image x.png --caption "a red square" \
+        --caption "a blue circle"                      # or --captions captions.txt
+    peftvlm predict runs/clip-retrieval-tiny --text "a red square" --image a.png --image b.png
 
 Images are files, folders (their image files, sorted, not recursive) or `file://` URLs. An
 image that cannot be opened is named on stderr and skipped; the others are answered. Each
 JSONL row holds the image, the prompt and the answer (`base_answer` with `--base`); CLIP-family
-rows hold the ranked classes with probabilities (`base_top_k` with `--base`). An answer with
+rows hold the ranked classes with probabilities (`base_top_k` with `--base`). Retrieval runs
+rank the given captions for each image (`ranking`: caption and cosine similarity, best first),
+or with `--text` the given images for that text (one row). An answer with
 boxes in the model family's convention (grounding / detection runs) also gets `boxes`
 (`[{"label", "box": [x1, y1, x2, y2]}]` in pixels of the image); with `--out`, they are drawn
 on the image into `<out stem>-boxes/<image stem>.png` (the row's `picture`).
@@ -21,7 +26,10 @@ from urllib.parse import unquote, urlparse
 
 from peftvlm.data.boxes import box_format_for
 from peftvlm.data.preview import PREDICTION_COLOUR, answer_boxes, draw_boxes
+from peftvlm.data.images import load_rgb
+from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError, RunError
+from peftvlm.serving.retrieval import RetrievalPredictor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -54,30 +62,47 @@ def expand_images(specs: list[str]) -> list[Path]:
 
 def open_images(paths: list[Path], warn) -> list[tuple[Path, object]]:
     """(path, RGB image) of each readable image; unreadable ones are named and skipped."""
-    from PIL import Image, UnidentifiedImageError
-
     opened = []
     for path in paths:
         try:
-            with Image.open(path) as im:
-                opened.append((path, im.convert("RGB")))
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            warn(f"skipped {path}: not a readable image ({str(exc).splitlines()[0]})")
+            opened.append((path, load_rgb(path)))  # decoded as training decoded its images
+        except BadRow as exc:
+            warn(f"skipped {path}: not a readable image ({exc.detail})")
     return opened
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """Captions from a text file, one per line (blank lines skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"--captions {path}: cannot be read ({exc})",
+                        hint="give a UTF-8 text file with one caption per line") from exc
+    captions = [line.strip() for line in lines if line.strip()]
+    if not captions:
+        raise DataError(f"--captions {path}: the file holds no captions",
+                        hint="write one caption per line")
+    return captions
 
 
 def predict(run: str | Path, images: list[str], prompt: str | None = None, base: bool = False,
             top_k: int = 5, out: str | Path | None = None, batch_size: int | None = None,
+            captions: list[str] | None = None, text: str | None = None,
             log=print, warn=print) -> list[dict]:
-    """Answer every readable image; write JSONL to `out` if given; return the rows."""
+    """Answer (classify, or for retrieval runs rank) every readable image; write JSONL to
+    `out` if given; return the rows."""
     from peftvlm.serving.predictor import open_predictor
 
     paths = expand_images(images)
     predictor = open_predictor(run, log)
+    check_ranking_flags(predictor, run, captions, text)
     opened = open_images(paths, warn)
     if not opened:
         raise DataError(f"none of the {len(paths)} images could be read")
-    if predictor.kind == "dual_encoder":
+    if isinstance(predictor, RetrievalPredictor):
+        rows = (image_ranking_rows(predictor, opened, text, base) if text is not None
+                else caption_ranking_rows(predictor, opened, captions, base))
+    elif hasattr(predictor, "classify"):
         rows = classify_rows(predictor, opened, top_k, base, batch_size or 32)
     else:
         rows = answer_rows(predictor, opened, prompt, base, batch_size)
@@ -86,6 +111,50 @@ def predict(run: str | Path, images: list[str], prompt: str | None = None, base:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
+
+
+def check_ranking_flags(predictor, run, captions, text) -> None:
+    """--caption/--captions/--text go with retrieval runs, and a retrieval run needs one."""
+    if not isinstance(predictor, RetrievalPredictor):
+        if captions or text is not None:
+            raise DataError(f"--caption/--captions/--text rank with retrieval runs; {run} "
+                            "is not one", hint="drop them (it answers or classifies images)")
+        return
+    if captions and text is not None:
+        raise DataError("give captions to rank per image (--caption/--captions) or a --text to "
+                        "rank the images for, not both")
+    if not captions and text is None:
+        raise DataError(f"{run} is a retrieval run: it ranks captions you give for each image, "
+                        "or images for a text",
+                        hint='add --caption "a red square" --caption "a blue circle" (or '
+                             '--captions FILE), or --text "a red square"')
+
+
+def caption_ranking_rows(predictor, opened, captions: list[str], base: bool) -> list[dict]:
+    """Per image: the captions best first with their cosine similarity."""
+    images = [image for _, image in opened]
+    ranked = predictor.rank_texts(images, captions)
+    base_ranked = predictor.rank_texts(images, captions, base=True) if base else None
+    rows = []
+    for i, (path, _) in enumerate(opened):
+        row = {"image": str(path), "prediction": ranked[i][0][0],
+               "ranking": [{"caption": c, "score": s} for c, s in ranked[i]]}
+        if base_ranked is not None:
+            row["base_prediction"] = base_ranked[i][0][0]
+            row["base_ranking"] = [{"caption": c, "score": s} for c, s in base_ranked[i]]
+        rows.append(row)
+    return rows
+
+
+def image_ranking_rows(predictor, opened, text: str, base: bool) -> list[dict]:
+    """One row: the images best first for `text`, with their cosine similarity."""
+    images = [image for _, image in opened]
+    row = {"text": text}
+    for prefix, is_base in (("", False), ("base_", True)) if base else (("", False),):
+        ranked = predictor.rank_images(text, images, base=is_base)
+        row[prefix + "prediction"] = str(opened[ranked[0][0]][0])
+        row[prefix + "ranking"] = [{"image": str(opened[i][0]), "score": s} for i, s in ranked]
+    return [row]
 
 
 def answer_rows(predictor, opened, prompt: str | None, base: bool, batch_size) -> list[dict]:
@@ -141,10 +210,12 @@ def classify_rows(predictor, opened, top_k: int, base: bool, batch_size: int) ->
 
 
 def print_rows(rows: list[dict]) -> None:
-    """A table on the terminal: image, answer (and base answer) or top classes."""
+    """A table on the terminal: image, answer (and base answer), top classes or rankings."""
     from rich.console import Console
     from rich.table import Table
 
+    if rows and "ranking" in rows[0]:
+        return print_rankings(rows)
     table = Table(show_lines=False)
     table.add_column("image")
     classify = bool(rows) and "top_k" in rows[0]
@@ -159,4 +230,24 @@ def print_rows(rows: list[dict]) -> None:
         else:
             cells = [row[key] for key in ("answer", "base_answer") if key in row]
         table.add_row(Path(row["image"]).name, *cells)
+    Console().print(table)
+
+
+def print_rankings(rows: list[dict]) -> None:
+    """Retrieval rows as a table: the query (image or text), then what it ranks, best first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    table.add_column("query")
+    table.add_column("ranked (cosine similarity)")
+    with_base = "base_ranking" in rows[0]
+    if with_base:
+        table.add_column("base")
+    for row in rows:
+        query = row["text"] if "text" in row else Path(row["image"]).name
+        cells = [", ".join(f"{Path(r['image']).name if 'image' in r else r['caption']} "
+                           f"{r['score']:.3f}" for r in row[key])
+                 for key in ("ranking", "base_ranking") if key in row]
+        table.add_row(query, *cells)
     Console().print(table)

@@ -20,93 +20,43 @@ builds one from an image and a question. Generation holds a lock: one model call
 from __future__ import annotations
 
 import functools
-import json
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from peftvlm.errors import PeftVLMError, RunError
+from peftvlm.kinds import kind_for, kind_for_export
+from peftvlm.trainers.contrastive import Encoder, pooled
+from peftvlm.runs import MERGED, RUN, RunFolder, read_run_folder
 
 TASKS = ("question", "caption", "grounding", "classify")
 
 
-@dataclass
-class RunFiles:
-    """What a path points at: a run folder or a merged export, with its recipe and summary."""
-
-    path: Path
-    kind: str  # "run" | "merged"
-    recipe: object | None
-    summary: dict = field(default_factory=dict)
-    export_report: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        if self.recipe is not None and self.recipe.name:
-            return self.recipe.name + ("-merged" if self.kind == "merged" else "")
-        return self.path.resolve().name
-
-    @property
-    def run_dir(self) -> Path | None:
-        """The run folder (for a merged export: the run it came from, when known)."""
-        if self.kind == "run":
-            return self.path
-        parent = self.path.resolve().parent
-        return parent if (parent / "summary.json").exists() else None
+RunFiles = RunFolder  # what a path points at: a run folder or a merged export
 
 
-def read_recipe(path: Path):
-    from peftvlm.recipe import validate_recipe_dict
-    from peftvlm.safe_yaml import load_yaml
-
-    try:
-        data = load_yaml(path.read_text())  # a run folder may come from elsewhere: aliases bounded
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise RunError(f"{path} cannot be read: {exc}", hint="the run folder is damaged") from exc
-    return validate_recipe_dict(data, str(path))
-
-
-def locate(path: str | Path) -> RunFiles:
-    """A run folder (summary.json + recipe.yaml + adapter/) or a merged export (config.json)."""
-    from peftvlm.runs import read_summary
-
-    path = Path(path)
-    if not path.is_dir():
-        raise RunError(f"{path} is not a folder",
-                       hint="give a run folder (runs/<name>) or a merged export "
-                            "(runs/<name>/merged)")
-    if (path / "summary.json").exists():
-        if not (path / "recipe.yaml").exists() or not (path / "adapter").is_dir():
-            raise RunError(f"run folder {path} lacks recipe.yaml or adapter/",
-                           hint="the run is incomplete: train it again with --overwrite")
-        return RunFiles(path, "run", read_recipe(path / "recipe.yaml"), read_summary(path))
-    if (path / "config.json").exists() and any(path.glob("*.safetensors")):
-        report = path / "export_report.json"
-        files = RunFiles(path, "merged", None,
-                         export_report=json.loads(report.read_text()) if report.exists() else {})
-        if files.run_dir is not None:
-            files.recipe = read_recipe(files.run_dir / "recipe.yaml")
-            files.summary = read_summary(files.run_dir)
-        return files
-    if (path / "adapter_config.json").exists():
-        raise RunError(f"{path} is an adapter-only export: give the run folder it came from, or "
-                       "a merged export", hint="merge it: peftvlm export RUN --merge")
-    raise RunError(f"{path} is neither a run folder (summary.json) nor a merged export "
-                   "(config.json + *.safetensors)",
-                   hint="train with `peftvlm train`, or export with `peftvlm export RUN --merge`")
+def locate(path: str | Path) -> RunFolder:
+    """A run folder (summary.json + recipe.yaml + adapter/) or a merged export (config.json),
+    read by `runs.read_run_folder`, the one reader of run folders."""
+    folder = read_run_folder(path, accept=(RUN, MERGED))
+    folder.recipe  # noqa: B018  (read now: a broken recipe.yaml fails before any model loads)
+    return folder
 
 
 def open_predictor(path: str | Path, log=print):
-    """The predictor for a run folder or merged export (generative or CLIP-family)."""
-    from peftvlm.registry import get_method
-
+    """The predictor for a run folder or merged export, built by the run's kind (a merged
+    export without its run's recipe: by its model family)."""
     files = locate(path)
-    if files.recipe is not None and "generative" not in get_method(files.recipe.method.name).kinds:
-        return DualEncoderPredictor.load(files, log)
-    return GenerativePredictor.load(files, log)
+    kind = (kind_for(files.recipe) if files.recipe is not None
+            else kind_for_export(merged_family(files)))
+    return kind.predictor(files, log)
+
+
+def merged_family(files: RunFiles):
+    """The model family of a merged export folder, from its config.json."""
+    from peftvlm.models import detect_family
+
+    return detect_family(str(files.path), merged_model_config(files))
 
 
 # --- rows --------------------------------------------------------------------------------------
@@ -137,7 +87,8 @@ def first_user_text(row: dict) -> str | None:
 def held_out_rows(recipe, family, limit: int = 8) -> list[dict]:
     """The first `limit` held-out rows of a recipe as training read them (training rows when it
     has no held-out data; none when its data cannot be read from here)."""
-    from peftvlm.data.loading import load_source, recipe_sources, with_system_prompt
+    from peftvlm.data.loading import load_source, recipe_sources
+    from peftvlm.data.rows import with_system_prompt
 
     try:
         train_sources, eval_sources = recipe_sources(recipe)
@@ -169,7 +120,7 @@ def task_of(recipe) -> str:
 class GenerativePredictor:
     """A generative VLM with its trained adapter (or merged weights); answers rows."""
 
-    kind = "generative"
+    generates = True  # answers in text: chat completions, generated answers
 
     def __init__(self, files: RunFiles, loaded, model, base_switch, log=print):
         self.files, self.loaded, self.model = files, loaded, model
@@ -203,7 +154,7 @@ class GenerativePredictor:
         from peftvlm.models import load_base
         from peftvlm.registry import get_method
 
-        if files.kind == "merged":
+        if files.layout == MERGED:
             loaded = load_base(merged_model_config(files))
             place_on_device(loaded)
             loaded.model.eval()
@@ -344,7 +295,7 @@ def merged_model_config(files: RunFiles):
 class DualEncoderPredictor:
     """A CLIP-family run: the trained method and zero-shot CLIP over the run's classes."""
 
-    kind = "dual_encoder"
+    generates = False  # ranks classes
     task = "classify"
     default_prompt = None
     has_base = True
@@ -365,7 +316,7 @@ class DualEncoderPredictor:
         from peftvlm.methods.dual_encoder import DualEncoderClassifier, load_method
         from peftvlm.trainers.clip import ADAPTER_DIR, load_dual_encoder
 
-        if files.kind != "run":
+        if files.layout != RUN:
             raise RunError(f"{files.path}: a CLIP-family merged export is not loaded here",
                            hint="give the run folder it came from")
         recipe = files.recipe
@@ -378,16 +329,64 @@ class DualEncoderPredictor:
                                           trained.classnames, trained.templates).eval()
         return cls(files, loaded, trained, zero_shot, class_examples(recipe))
 
+    @functools.cached_property
+    def encoder(self) -> Encoder:
+        """Texts into model inputs with the family's padding, as retrieval training does."""
+        return Encoder(self.loaded.model, self.family, self.loaded.processor)
+
+    def pixels(self, images: list, device=None):
+        """Pixel values of paths or PIL images, decoded as training decoded them."""
+        from peftvlm.data.collate import open_image
+
+        pixels = self.loaded.processor.image_processor(
+            images=[open_image(i) for i in images], return_tensors="pt")["pixel_values"]
+        return pixels if device is None else pixels.to(device)
+
+    def embed_images(self, images: list, base: bool = False, batch_size: int = 32):
+        """L2-normalised image features [N, D] as the trained method computes them (VPT's
+        prompts, CLIP-Adapter's image adapter), or the base model's with `base`."""
+        import torch
+        import torch.nn.functional as F
+
+        classifier = self.zero_shot if base else self.trained
+        device = next(classifier.parameters()).device
+        out = []
+        with self.lock, torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                pixels = self.pixels(images[start:start + batch_size], device)
+                out.append(classifier.image_features(pixels).float())
+        return F.normalize(torch.cat(out), dim=-1).cpu()
+
+    def embed_texts(self, texts: list[str], base: bool = False, batch_size: int = 64):
+        """L2-normalised text features [N, D] of the frozen text tower: the classification
+        methods learn class prompts, not a text encoder, so any text is encoded as the base
+        model encodes it (`base` gives the same)."""
+        import torch
+        import torch.nn.functional as F
+
+        model = self.loaded.model
+        device = next(model.parameters()).device
+        out = []
+        with self.lock, torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                inputs = self.encoder.texts(texts[start:start + batch_size], device)
+                out.append(pooled(model.get_text_features(**inputs)).float())
+        return F.normalize(torch.cat(out), dim=-1).cpu()
+
+    @property
+    def max_text_tokens(self) -> int:
+        return self.encoder.max_length
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.loaded.processor.tokenizer(text)["input_ids"])
+
     def classify(self, images: list, top_k: int = 5, base: bool = False) -> list[list[tuple]]:
         """Per image, the `top_k` classes best first with their probabilities (softmax over the
         classes; independent sigmoids for families that score with a logit bias, as SigLIP)."""
         import torch
 
-        from peftvlm.data.collate import open_image
-
         classifier = self.zero_shot if base else self.trained
-        pixels = self.loaded.processor.image_processor(
-            images=[open_image(i) for i in images], return_tensors="pt")["pixel_values"]
+        pixels = self.pixels(images)
         with self.lock, torch.no_grad():
             logits = classifier(pixels.to(next(classifier.parameters()).device)).float().cpu()
         probs = logits.sigmoid() if self.family.logit_bias else logits.softmax(-1)
@@ -409,4 +408,5 @@ def class_examples(recipe, limit: int = 8) -> list[dict]:
     return [{"images": [str(image)], "label": task.classnames[label]}
             for image, label in list(zip(split.images, split.labels))[:limit]
             if isinstance(image, (str, Path))]
+
 

@@ -14,19 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftvlm.errors import RecipeError
+from peftvlm.methods.dual_encoder import DualEncoderClassifier, save_method
+from peftvlm.methods.dual_encoder.base import WEIGHTS_FILE
+from peftvlm.models import load_base
+from peftvlm.registry import get_method
+from peftvlm.runs import plot_loss, write_json
+from peftvlm.summary import loop_losses, parameter_counts, run_summary
 from peftvlm.trainers import clip_data
-from peftvlm.trainers.loop import (ADAPTER_DIR, CHECKPOINT_DIR, fit, hardware,  # noqa: F401
-                                  start_session)
+from peftvlm.trainers.loop import ADAPTER_DIR, CHECKPOINT_DIR, fit, start_session  # noqa: F401
 
 
 # --- model ------------------------------------------------------------------------------------
 
 def load_dual_encoder(recipe):
     """The recipe's base model (frozen later by the method), processor and family."""
-    from peftvlm.models import load_base
-
     loaded = load_base(recipe.model, recipe.method.name)
-    if loaded.family.kind != "dual_encoder":
+    if not loaded.family.is_dual_encoder:
         raise RecipeError(f"model.id: {recipe.model.id!r} is a {loaded.family.name} model; "
                           f"{recipe.method.name} needs a dual encoder such as CLIP",
                           hint="use model.id=tiny-clip or a CLIP checkpoint")
@@ -124,10 +127,8 @@ def evaluate(classifier, sets: EvalSets) -> dict | None:
 
 def build_classifier(recipe, loaded, classnames: list[str]):
     """Apply the recipe's method to the frozen base, over `classnames`."""
-    from peftvlm.registry import get_method
-
     method = get_method(recipe.method.name)
-    if "dual_encoder" not in method.kinds:
+    if not method.trains_dual_encoders:
         raise RecipeError(f"method.name: {method.name!r} is not a CLIP-family method",
                           hint="use coop, vpt or clip_adapter with a CLIP model")
     classifier = method.apply(loaded.model, loaded.family, recipe.method,
@@ -144,7 +145,7 @@ def dry_run_dual_encoder(recipe, log=print) -> dict:
     """Load, apply the method and report parameter counts; trains and writes nothing."""
     loaded = load_dual_encoder(recipe)
     classnames, train_data, eval_sets = prepare_task(recipe, loaded.processor)
-    trainable, total = build_classifier(recipe, loaded, classnames).parameter_counts()
+    trainable, total = parameter_counts(build_classifier(recipe, loaded, classnames))
     log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
     log(f"classes: {', '.join(classnames)}; train images: {len(train_data.labels)}")
     return {"trainable_params": trainable, "total_params": total,
@@ -154,9 +155,6 @@ def dry_run_dual_encoder(recipe, log=print) -> dict:
 def train_dual_encoder(recipe, run_dir: Path, resume: bool = False, log=print) -> dict:
     """Train the recipe's CLIP-family method; returns (and writes) the run summary."""
     from accelerate.utils import set_seed
-
-    from peftvlm.methods.dual_encoder import DualEncoderClassifier, save_method
-    from peftvlm.runs import plot_loss, write_json
 
     run_dir, session = Path(run_dir), start_session(recipe)
     accelerator = session.accelerator
@@ -168,21 +166,15 @@ def train_dual_encoder(recipe, run_dir: Path, resume: bool = False, log=print) -
                                       classnames, recipe.data.prompt_templates)
     before = evaluate(zero_shot, eval_sets) if recipe.eval.before_training else None
     classifier = build_classifier(recipe, loaded, classnames)
-    trainable, total = classifier.parameter_counts()
+    counts = parameter_counts(classifier)
     task = ClassificationTask(classifier, train_data, eval_sets)
     done = fit(recipe, session, task, classifier, run_dir, resume, log)
     state = done.state
-    summary = {
-        "name": recipe.name, "method": recipe.method.name, "kind": "dual_encoder",
-        "model": recipe.model.id, "family": loaded.family.name,
-        "trainable_params": trainable, "total_params": total,
-        "train_runtime_s": round(done.runtime_s, 3), "global_step": state.step,
-        "final_loss": state.history[-1]["loss"] if state.history else None,
-        "loss_curve": [[h["step"], round(h["loss"], 6)] for h in state.history],
-        "train_examples": len(train_data.labels), "classnames": classnames,
-        "eval": eval_summary(before, evaluate(classifier, eval_sets), recipe.data.base_to_new),
-        "hardware": hardware(),
-    }
+    summary = run_summary(
+        recipe, loaded.family, counts, runtime_s=done.runtime_s, global_step=state.step,
+        **loop_losses(state.history),
+        eval=eval_summary(before, evaluate(classifier, eval_sets), recipe.data.base_to_new),
+        train_examples=len(train_data.labels), classnames=classnames)
     if accelerator.is_main_process:
         save_method(classifier, run_dir / ADAPTER_DIR)
         plot_loss(state.history, run_dir / "loss.png", title=f"{recipe.method.name} loss")
@@ -226,14 +218,10 @@ class ClassificationTask:
         return {f"accuracy_{k}": v for k, v in evaluate(self.classifier, self.eval_sets).items()}
 
     def save_learned(self, folder: Path) -> None:
-        from peftvlm.methods.dual_encoder import save_method
-
         save_method(self.classifier, folder)
 
     def load_learned(self, folder: Path) -> None:
         from safetensors.torch import load_file
-
-        from peftvlm.methods.dual_encoder.base import WEIGHTS_FILE
 
         device = next(self.classifier.parameters()).device
         tensors = {k: v.to(device) for k, v in load_file(folder / WEIGHTS_FILE).items()}

@@ -6,6 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftvlm.errors import RecipeError, RunError
+from peftvlm.eval_report import compare, write_outputs
+from peftvlm.methods.dual_encoder import DualEncoderClassifier, load_method
+from peftvlm.metrics.classification import per_class_accuracy, top1_accuracy, top5_accuracy
 from peftvlm.trainers.clip import (ADAPTER_DIR, EvalSets, ImageSet, load_dual_encoder,
                                    prepare_task)
 
@@ -26,8 +29,6 @@ def evaluate_dual_encoder(recipe, run_dir, split: str = "test", max_samples: int
     `accuracy_new` and `harmonic_mean`. The result has the shape of `peftvlm eval`'s for
     generative runs; it is written to RUN/eval/ (metrics.json, predictions.jsonl, metrics.png).
     """
-    from peftvlm.eval_report import compare, write_outputs
-
     run_dir = Path(run_dir)
     if split not in EVAL_SPLITS:
         raise RecipeError(f"--split {split!r}: a CLIP-family run has the splits "
@@ -58,8 +59,6 @@ def evaluate_dual_encoder(recipe, run_dir, split: str = "test", max_samples: int
 def load_for_eval(recipe, run_dir: Path, split: str, with_base: bool):
     """({"zero_shot"?, "trained"} classifiers on one base model, the image sets to score)."""
     import torch
-
-    from peftvlm.methods.dual_encoder import DualEncoderClassifier, load_method
 
     if not (run_dir / ADAPTER_DIR).is_dir():
         raise RunError(f"{run_dir} has no {ADAPTER_DIR}/ folder: the run is unfinished",
@@ -120,8 +119,6 @@ def score_classes(classifier, classnames: list[str], data: ImageSet,
     `data`: top-1, per-class accuracy (+ top-5 beyond 5 classes) via `peftvlm.metrics`. The
     classifier's own classes are restored afterwards."""
     import torch
-
-    from peftvlm.metrics.classification import per_class_accuracy, top1_accuracy, top5_accuracy
 
     trained = classifier.classnames
     classifier.set_classnames(classnames)

@@ -22,8 +22,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftvlm.data.pairs import Pairs, image_id, open_rgb, pairs_from_rows  # noqa: F401
-from peftvlm.trainers.loop import ADAPTER_DIR, fit, hardware, start_session
+from peftvlm.data.images import load_rgb
+from peftvlm.data.loading import load_rows
+from peftvlm.data.pairs import Pairs, image_id, pairs_from_rows  # noqa: F401
+from peftvlm.errors import RecipeError
+from peftvlm.eval_report import compare
+from peftvlm.eval_report import write_outputs as write_eval_outputs
+from peftvlm.metrics.retrieval import cross_modal_ranks, cross_modal_recall, mean_ranks
+from peftvlm.models import load_base
+from peftvlm.registry import get_method
+from peftvlm.runs import plot_loss, write_json
+from peftvlm.summary import before_after, loop_losses, parameter_counts, run_summary
+from peftvlm.trainers.loop import ADAPTER_DIR, fit, start_session
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -48,7 +58,7 @@ class Encoder:
         return {k: v.to(device) for k, v in batch.items() if k in keep}
 
     def pixels(self, images: list, device):
-        pixels = self.processor.image_processor(images=[open_rgb(i) for i in images],
+        pixels = self.processor.image_processor(images=[load_rgb(i) for i in images],
                                                 return_tensors="pt")["pixel_values"]
         return pixels.to(device)
 
@@ -81,8 +91,6 @@ def retrieval_scores(model, encoder: Encoder, pairs: Pairs, batch_size: int,
                      with_ranks: bool = False):
     """Image->text and text->image Recall@1/5/10, rsum and mean ranks on `pairs`; with
     `with_ranks`, also each caption's rank of its image (for predictions files)."""
-    from peftvlm.metrics.retrieval import cross_modal_ranks, cross_modal_recall, mean_ranks
-
     img, txt, owner = features(model, encoder, pairs, batch_size)
     similarity = (img @ txt.t()).cpu().numpy()
     scores = {**cross_modal_recall(similarity, owner),
@@ -137,8 +145,6 @@ class RetrievalTask:
 
 def load_pairs(recipe, max_eval: int | None):
     """(prepared rows, training pairs, held-out pairs or None) through the generative readers."""
-    from peftvlm.data.loading import load_rows
-
     data = load_rows(recipe)
     held_out = pairs_from_rows(data.eval, "data.eval") if data.eval else None
     if held_out is not None and max_eval:
@@ -148,21 +154,12 @@ def load_pairs(recipe, max_eval: int | None):
 
 def load_and_adapt(recipe):
     """(loaded base, the PeftModel, the family's encoder) for a retrieval recipe."""
-    from peftvlm.models import load_base
-    from peftvlm.registry import get_method
-
     loaded = load_base(recipe.model, recipe.method.name)
     encoder = Encoder(loaded.model, loaded.family, loaded.processor)
     model = get_method(recipe.method.name).apply(
         loaded.model, loaded.family, recipe.method,
         gradient_checkpointing=recipe.train.gradient_checkpointing)
     return loaded, model, encoder
-
-
-def parameter_counts(model) -> tuple[int, int]:
-    """(trainable, total) parameters."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def dry_run_contrastive(recipe, log=print) -> dict:
@@ -206,27 +203,15 @@ def train_contrastive(recipe, run_dir: Path, resume: bool = False, log=print) ->
 
 def summarise(recipe, loaded, done, counts, data, train: Pairs, before, after) -> dict:
     """summary.json: the generative summary's fields, with retrieval scores under `eval`."""
-    state = done.state
-    metrics = list((after or before or {}).keys())
-    return {
-        "name": recipe.name, "method": recipe.method.name, "kind": "retrieval",
-        "model": recipe.model.id, "family": loaded.family.name,
-        "trainable_params": counts[0], "total_params": counts[1],
-        "train_runtime_s": round(done.runtime_s, 3), "global_step": state.step,
-        "final_loss": state.history[-1]["loss"] if state.history else None,
-        "loss_curve": [[h["step"], round(h["loss"], 6)] for h in state.history],
-        "eval": {m: {"before": (before or {}).get(m), "after": (after or {}).get(m)}
-                 for m in metrics},
-        "data": {**data.report(), "train_images": len(train),
-                 "train_captions": sum(map(len, train.captions))},
-        "hardware": hardware(),
-    }
+    return run_summary(
+        recipe, loaded.family, counts, runtime_s=done.runtime_s, global_step=done.state.step,
+        **loop_losses(done.state.history), eval=before_after(before, after),
+        data={**data.report(), "train_images": len(train),
+              "train_captions": sum(map(len, train.captions))})
 
 
 def write_outputs(recipe, model, processor, done, summary: dict, run_dir: Path) -> None:
     """adapter/ (peft format + processor), summary.json, loss.png; W&B summary."""
-    from peftvlm.runs import plot_loss, write_json
-
     model.save_pretrained(run_dir / ADAPTER_DIR)
     processor.save_pretrained(run_dir / ADAPTER_DIR)
     plot_loss(done.state.history, run_dir / "loss.png", title=f"{recipe.method.name} loss")
@@ -249,10 +234,6 @@ def evaluate_retrieval(recipe, run_dir, split: str = "test", max_samples: int | 
     its image, metrics.png)."""
     from peft import PeftModel
 
-    from peftvlm.errors import RecipeError
-    from peftvlm.eval_report import compare, write_outputs
-    from peftvlm.models import load_base
-
     run_dir, limit = Path(run_dir), max_samples or recipe.eval.max_samples
     _, train, held_out = load_pairs(recipe, limit)
     pairs = held_out if split == "test" else Pairs(train.images[:limit], train.captions[:limit])
@@ -270,7 +251,8 @@ def evaluate_retrieval(recipe, run_dir, split: str = "test", max_samples: int | 
               "model": recipe.model.id, "method": recipe.method.name, "split": split,
               "num_examples": len(pairs), "metrics": compare(base, tuned, LOWER_IS_BETTER),
               "per_class": {}, "notes": {}}
-    files = write_outputs(run_dir / "eval", result, prediction_rows(pairs, ranks, base_ranks))
+    files = write_eval_outputs(run_dir / "eval", result,
+                               prediction_rows(pairs, ranks, base_ranks))
     result["files"] = {k: str(v) for k, v in files.items()}
     log(f"{split}: rsum {tuned['rsum']:.2f} with {recipe.method.name}"
         + (f" ({base['rsum']:.2f} base)" if base else ""))

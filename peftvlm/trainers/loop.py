@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from peftvlm.checkpoints import (complete_checkpoints, describe_resume, last_complete_checkpoint,
+                                 mark_complete)
 from peftvlm.errors import RecipeError, RunError
+from peftvlm.trainers.signals import Interrupted, StopSignals, any_rank
 
 ADAPTER_DIR, CHECKPOINT_DIR = "adapter", "checkpoints"
 LOOP_STATE = "loop_state.json"
@@ -163,8 +166,6 @@ class LoopState:
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoint folders (with a matching manifest: `peftvlm.checkpoints`), oldest
     first."""
-    from peftvlm.checkpoints import complete_checkpoints
-
     return complete_checkpoints(run_dir)
 
 
@@ -187,8 +188,6 @@ def save_checkpoint(accelerator, run_dir: Path, state: LoopState, keep: int | No
     """checkpoints/checkpoint-<step>/: learned tensors, optimiser, schedule, RNG states (all
     processes write their own), then the loop's step and history (last: marks it complete)."""
     folder = Path(run_dir) / CHECKPOINT_DIR / f"checkpoint-{state.step}"
-    from peftvlm.checkpoints import mark_complete
-
     accelerator.save_state(str(folder))
     accelerator.wait_for_everyone()  # every rank's RNG file is written before the manifest
     if accelerator.is_main_process:
@@ -201,14 +200,13 @@ def save_checkpoint(accelerator, run_dir: Path, state: LoopState, keep: int | No
 
 
 def load_checkpoint(accelerator, run_dir: Path, log=print) -> LoopState:
-    """Restore the latest complete checkpoint into the live objects (accelerate's load_state);
-    newer torn ones are moved aside, saying so."""
-    from peftvlm.checkpoints import last_complete_checkpoint
-
+    """Restore the latest complete checkpoint into the live objects (accelerate's load_state),
+    naming it; newer torn ones are moved aside, saying so."""
     latest = last_complete_checkpoint(run_dir, log)
     if latest is None:
         raise RunError(f"{run_dir}: nothing to resume (no complete {CHECKPOINT_DIR}/checkpoint-*)",
                        hint="start without --resume, or point at the run folder that has them")
+    log(describe_resume(latest))
     accelerator.load_state(str(latest))
     saved = json.loads((latest / LOOP_STATE).read_text())
     return LoopState(saved["step"], saved["history"])
@@ -280,14 +278,20 @@ def fit(recipe, session: Session, task: Task, module, run_dir: Path, resume: boo
     tracker = start_wandb(recipe, run_dir, log) if accelerator.is_main_process else None
     started = time.time()
     parts = Parts(accelerator, wrapped, module, optimizer, scheduler, settings)
-    run_loop(recipe, parts, task, state, run_dir, tracker)
+    stop = StopSignals()  # Ctrl-C / SIGTERM: finish the step, save, raise Interrupted
+    stop.install()
+    try:
+        run_loop(recipe, parts, task, state, run_dir, tracker, stop)
+    finally:
+        stop.uninstall()
     return FitResult(state, time.time() - started, tracker)
 
 
 def run_loop(recipe, parts: Parts, task: Task, state: LoopState, run_dir: Path,
-             tracker) -> None:
+             tracker, stop: StopSignals | None = None) -> None:
     """Optimiser steps from `state.step` to the end, logging, scoring every train.eval_steps,
-    checkpointing every train.save_steps; updates `state` in place."""
+    checkpointing every train.save_steps; updates `state` in place. Once `stop` has received
+    a signal, the step ends with a checkpoint and `Interrupted`."""
     from tqdm.auto import tqdm
 
     train, acc, s = recipe.train, parts.accelerator, parts.settings
@@ -318,7 +322,18 @@ def run_loop(recipe, parts: Parts, task: Task, state: LoopState, run_dir: Path,
             tracker.log(logs, step=state.step)
         if state.step % train.save_steps == 0:
             save_checkpoint(acc, run_dir, state, train.save_total_limit)
+        if stop is not None and any_rank(stop.received is not None, acc.device):
+            bar.close()
+            stop_here(acc, run_dir, state, train, stop.received)
     bar.close()
+
+
+def stop_here(accelerator, run_dir: Path, state: LoopState, train, signum: int | None) -> None:
+    """Save the step just finished (unless its checkpoint exists) and raise `Interrupted`."""
+    if state.step % train.save_steps:
+        save_checkpoint(accelerator, run_dir, state, train.save_total_limit)
+    raise Interrupted(signum, state.step,
+                      Path(run_dir) / CHECKPOINT_DIR / f"checkpoint-{state.step}")
 
 
 def optimizer_step(parts: Parts, task: Task, stream, train) -> tuple[int, float]:
@@ -335,9 +350,3 @@ def optimizer_step(parts: Parts, task: Task, stream, train) -> tuple[int, float]
     parts.scheduler.step()
     parts.optimizer.zero_grad()
     return epoch, sum(losses) / len(losses)
-
-
-def hardware() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

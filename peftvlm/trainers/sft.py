@@ -6,11 +6,14 @@ recipe's `train` section maps one-to-one onto `SFTConfig` fields of the same nam
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import trl
 from transformers import TrainerCallback
+
+from peftvlm.checkpoints import complete_checkpoints, describe_resume, last_complete_checkpoint
+from peftvlm.trainers.lm_head import use_logits_head
+from peftvlm.trainers.signals import Interrupted, StopSignals, any_rank
 
 # Recipe `train` fields passed to SFTConfig unchanged (the names are Hugging Face's).
 PASSTHROUGH = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
@@ -41,30 +44,37 @@ def sft_config(train_cfg, run_dir: Path, report_to: list[str], run_name: str | N
 
 
 class StopOnInterrupt(TrainerCallback):
-    """Ctrl-C finishes the current step, saves a checkpoint and stops, so no work is lost."""
+    """Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and stops, so no work is
+    lost; `SFTTrainer.train` then raises `Interrupted` naming the checkpoint
+    (`peftvlm.trainers.signals`)."""
 
     def __init__(self):
-        self.interrupted = False
-        self._previous = None
+        self.signals = StopSignals()
+        self.stopped_at: int | None = None  # the step the run stopped after, on a signal
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped_at is not None or self.signals.received is not None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-
-    def _handle(self, signum, frame):
-        self.interrupted = True
+        self.signals.install()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.interrupted:
+        if any_rank(self.signals.received is not None, args.device):
             control.should_save = True
             control.should_training_stop = True
+            self.stopped_at = state.global_step
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        self.signals.uninstall()
+
+    def raise_if_interrupted(self, output_dir: str | Path, step: int) -> None:
+        """After training: `Interrupted` naming the checkpoint saved at the stop, if any."""
+        if not self.interrupted:
+            return
+        found = complete_checkpoints(Path(output_dir).parent)
+        raise Interrupted(self.signals.received, step, found[-1] if found else None)
 
 
 class PeriodicEval(TrainerCallback):
@@ -83,10 +93,11 @@ class PeriodicEval(TrainerCallback):
 
 
 def last_checkpoint(run_dir: Path, log=print) -> str | None:
-    """The newest complete checkpoint (torn ones are moved aside, see `peftvlm.checkpoints`)."""
-    from peftvlm.checkpoints import last_complete_checkpoint
-
+    """The newest complete checkpoint (torn ones are moved aside, see `peftvlm.checkpoints`),
+    named in the log as the one the run resumes from."""
     found = last_complete_checkpoint(run_dir, log)
+    if found:
+        log(describe_resume(found))
     return str(found) if found else None
 
 
@@ -110,6 +121,19 @@ class SFTTrainer(trl.SFTTrainer):
 
     row_lengths: list[int] | None = None  # token lengths of the training rows (cached column)
     stream = None  # streaming.StreamingRows: batches come from it (train_dataset: its source)
+
+    def train(self, *args, **kwargs):
+        """Trainer.train; a run stopped by Ctrl-C or SIGTERM raises `Interrupted` once every
+        callback has seen the end of training."""
+        stoppers = [c for c in self.callback_handler.callbacks if isinstance(c, StopOnInterrupt)]
+        try:
+            result = super().train(*args, **kwargs)
+        finally:  # an error mid-training skips on_train_end: give the signals back all the same
+            for stopper in stoppers:
+                stopper.signals.uninstall()
+        for stopper in stoppers:
+            stopper.raise_if_interrupted(self.args.output_dir, self.state.global_step)
+        return result
 
     def get_train_dataloader(self):
         if self.stream is None:
@@ -168,10 +192,11 @@ def full_state_dict(trainer):
     return None
 
 
-def build_trainer(model, processor, collator, train_rows, args, callbacks=()):
+def build_trainer(model, processor, collator, train_rows, args, callbacks=(), family=None):
     """An SFTTrainer over conversation rows (a `table.Rows` Arrow view, decoded per batch, a
     list of dicts, `streaming.StreamingRows`, or with `train.packing` the rows' bins,
-    `packing.PackedRows`), collated by `collator`."""
+    `packing.PackedRows`), collated by `collator`. A `family` that TRL's fused LM head cannot
+    run on (`FamilySpec.unfused_lm_head`) gets the loss from its logits (`lm_head`)."""
     from datasets import Dataset
 
     from peftvlm.data.packing import PackedRows
@@ -191,6 +216,11 @@ def build_trainer(model, processor, collator, train_rows, args, callbacks=()):
         dataset = Dataset.from_list(train_rows)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                          processing_class=processor, callbacks=list(callbacks))
+    if family is not None and family.unfused_lm_head:
+        from accelerate.utils import is_peft_model
+
+        use_logits_head(trainer.model.get_base_model() if is_peft_model(trainer.model)
+                        else trainer.model)  # where TRL installed its head
     trainer.row_lengths = lengths
     if isinstance(train_rows, StreamingRows):
         trainer.stream = train_rows

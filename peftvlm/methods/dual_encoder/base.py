@@ -129,11 +129,6 @@ class DualEncoderClassifier(nn.Module):
         return {name: p.detach() for name, p in self.named_parameters()
                 if not name.startswith(BASE_PREFIX)}
 
-    def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts."""
-        params = list(self.parameters())
-        return (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
-
 
 def save_method(classifier: DualEncoderClassifier, out_dir: Path) -> None:
     """Write the method config + class names (JSON) and learned tensors (safetensors)."""
