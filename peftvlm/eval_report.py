@@ -7,6 +7,9 @@
                                 exact match for classification-like answers; settings
     RUN/eval/metrics.png        grouped bars (base vs fine-tuned), then one panel per breakdown
                                 (`vqa_accuracy/<question type>`, answer classes)
+    RUN/eval/boxes/row-N.png    grounding / detection rows (answers with boxes in the family's
+                                convention): reference boxes green, crowd grey, the fine-tuned
+                                model's predicted boxes red, for the first few rows
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 from pathlib import Path
 
 MAX_CLASSES = 20  # more distinct answers than this is free text, not classes
+MAX_BOX_PICTURES = 8  # eval rows whose boxes are drawn (a few to look at, not a gallery)
 
 
 def compare(base: dict | None, tuned: dict, higher_is_better: dict) -> dict:
@@ -179,3 +183,18 @@ def score_cells(row: dict) -> list[str]:
         colour = "green" if better else "red" if delta != 0 else "dim"
         shown = f"[{colour}]{delta:+.4f}[/{colour}]"
     return [fmt(row.get("base")), f"[bold]{fmt(row.get('fine_tuned'))}[/bold]", shown]
+
+
+def write_box_pictures(folder: Path, rows: list[dict], predictions: list[str], box_format: str,
+                       limit: int = MAX_BOX_PICTURES) -> list[Path]:
+    """Reference vs predicted boxes drawn on the first `limit` rows whose answers hold boxes."""
+    from peftvlm.data.preview import box_picture
+
+    written = []
+    for i, (row, prediction) in enumerate(zip(rows, predictions)):
+        if len(written) >= limit:
+            break
+        path = folder / "boxes" / f"row-{i}.png"
+        if box_picture(row, box_format, path, prediction):
+            written.append(path)
+    return written

@@ -21,8 +21,9 @@ from pathlib import Path
 from peftvlm.data.collate import ConversationCollator
 from peftvlm.data.pipeline import prepare_data
 from peftvlm.errors import DataError, RecipeError, RunError
+from peftvlm.data.boxes import box_format_for
 from peftvlm.eval_report import (answer_classes, compare, per_class_accuracy, prediction_rows,
-                                 write_outputs)
+                                 write_box_pictures, write_outputs)
 from peftvlm.evaluate import evaluate_rows, generation_kwargs
 from peftvlm.kinds import kind_for
 from peftvlm.models import load_base
@@ -62,6 +63,10 @@ def evaluate_generative(recipe, run_dir: Path, split: str = "test",
                                   base and base["predictions"], tuned["references"])
     files = write_outputs(run_dir / "eval", result, predictions)
     result["files"] = {k: str(v) for k, v in files.items()}
+    pictures = write_box_pictures(run_dir / "eval", rows, tuned["predictions"],
+                                  box_format_for(loaded.family, loaded.processor))
+    if pictures:
+        result["files"]["box_pictures"] = str(pictures[0].parent)
     return result
 
 

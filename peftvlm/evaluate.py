@@ -40,6 +40,9 @@ def generate_answers(model, processor, family, rows: list[dict], batch_size: int
         with torch.no_grad():
             out = model.generate(**batch, **options,
                                  pad_token_id=processor.tokenizer.pad_token_id)
+        if family.decode is not None:
+            answers += family.decode(processor, out, batch)
+            continue
         new_tokens = out[:, batch["input_ids"].shape[1]:]
         answers += [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
     model.train(was_training)
@@ -62,7 +65,7 @@ def evaluate_rows(model, processor, family, rows: list[dict], eval_cfg,
     references = [row_references(r) for r in rows]
     box_format = box_format_for(family, processor)  # how grounding answers write boxes
     result = score_predictions(get_metrics(eval_cfg.metrics), predictions, references,
-                               [{**{k: r[k] for k in ("question_type",) if k in r},
+                               [{**{k: r[k] for k in ("question_type", "crowd") if k in r},
                                  "box_format": box_format} for r in rows])
     return {"scores": result["scores"], "notes": result["notes"],
             "higher_is_better": result["higher_is_better"], "predictions": predictions,

@@ -78,6 +78,8 @@ def logits_of(model, batch: dict):
     batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
     with torch.no_grad():
         logits = model(**batch).logits.float().cpu()
+    if logits.shape[1] != batch["attention_mask"].shape[1]:  # an encoder-decoder's decoder
+        return logits.reshape(-1, logits.shape[-1])
     return logits[batch["attention_mask"].cpu().bool()]
 
 
@@ -92,6 +94,8 @@ def generate_text(model, processor, family, row: dict) -> tuple[str, int]:
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=GENERATION_TOKENS, do_sample=False,
                              pad_token_id=processor.tokenizer.pad_token_id)
+    if family.decode is not None:  # Florence-2: the output is the decoder's, box tokens kept
+        return family.decode(processor, out, batch)[0], int(out.shape[1] - 1)
     new = out[0, batch["input_ids"].shape[1]:]
     return processor.decode(new, skip_special_tokens=True).strip(), int(new.numel())
 

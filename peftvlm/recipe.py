@@ -54,7 +54,8 @@ RowFormat = Literal["auto", "messages", "openai_messages", "llava_conversations"
                     "swift_rejected_response", "trl_prompt"]
 SourceFormat = Literal["auto", "messages", "openai_messages", "llava_conversations",
                        "llamafactory_v1", "trl_preference", "rlaifv", "llamafactory_ranking",
-                       "swift_rejected_response", "trl_prompt", "coco_captions", "vqav2"]
+                       "swift_rejected_response", "trl_prompt", "coco_captions",
+                       "coco_instances", "yolo", "vqav2"]
 
 
 FORMAT_ALIASES = {"sharegpt": "llava_conversations", "openai": "openai_messages",
@@ -93,7 +94,9 @@ class SourceConfig(Section):
                             "are llava_conversations, with `messages` messages or, with OpenAI "
                             "`image_url` items, openai_messages; with `value` items, "
                             "llamafactory_v1). Annotation layouts: "
-                            "coco_captions, vqav2 (path = questions file, `annotations` = "
+                            "coco_captions, coco_instances and yolo (detection: a COCO "
+                            "instances JSON; a folder with images/ + labels/), vqav2 (path = "
+                            "questions file, `annotations` = "
                             "annotations file). Row formats (forced): messages, openai_messages, "
                             "llava_conversations, llamafactory_v1 (docs/data.md); preference rows "
                             "(chosen vs rejected, for train.objective: dpo): trl_preference, "
@@ -140,13 +143,14 @@ class SourceConfig(Section):
 
 class SyntheticConfig(Section):
     name: Literal["colour-vqa", "colour-preference", "colour-classes", "coco-captions", "vqav2",
-                  "refcoco"] = Field(
+                  "refcoco", "coco-instances"] = Field(
         "colour-vqa", description="Built-in offline task: `colour-vqa` (What color is the "
                                   "shape? -> red/green/blue/yellow), `colour-preference` (the "
                                   "same as preference rows: the right colour chosen, another "
                                   "rejected), `colour-classes` (labels), or "
                                   "annotation files in public layouts rendered by data.template: "
-                                  "`coco-captions`, `vqav2`, `refcoco` (boxes).")
+                                  "`coco-captions`, `vqav2`, `refcoco` (boxes), "
+                                  "`coco-instances` (detection: COCO instances JSON).")
     train_size: int = Field(2000, gt=0, description="Training rows to generate.")
     eval_size: int = Field(100, gt=0, description="Held-out rows to generate.")
     image_size: int = Field(32, gt=0, description="Side of the generated square images.")

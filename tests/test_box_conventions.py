@@ -54,7 +54,8 @@ def test_every_family_round_trips_several_labelled_objects(family, size):
 
 def test_families_name_their_published_conventions():
     expected = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl",
-                "qwen3_vl_moe": "qwen3_vl", "paligemma": "paligemma", "internvl": "internvl"}
+                "qwen3_vl_moe": "qwen3_vl", "paligemma": "paligemma", "internvl": "internvl",
+                "florence2": "florence2"}
     for family, name in expected.items():
         assert FAMILIES[family].box_format == name
     # every family names a known convention (the rest: the documented norm1 choice)

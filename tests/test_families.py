@@ -189,17 +189,22 @@ def test_forward_backward_and_generate(loaded):
     second = [user("Where?")] if spec.encode else fit(spec, two_turns("a", "b")[:-1])
     prompts = prompt_batch(spec, processor, [single_turn("red")[:1], second])
     out = model.generate(**prompts, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    assert out.shape == (2, prompts["input_ids"].shape[1] + 4)
+    # an encoder-decoder (Florence-2) returns the decoder's start token and new tokens only
+    start = 1 if model.config.is_encoder_decoder else prompts["input_ids"].shape[1]
+    assert out.shape == (2, start + 4)
 
 
 # --- label masks -------------------------------------------------------------------------------
 
 def test_single_turn_labels_are_exactly_answer_and_end_of_turn(loaded):
-    spec, _, processor = loaded
+    spec, model, processor = loaded
     batch = training_batch(spec, processor, [single_turn("red"), single_turn("blue circle")])
-    assert batch["labels"].shape == batch["input_ids"].shape
     for row, answer in zip(batch["labels"], ["red", "blue circle"]):
         assert reply_runs(processor, row) == [expected_reply(spec, answer)]
+    if model.config.is_encoder_decoder:  # labels are the decoder's: the answer, then padding
+        assert batch["labels"][0, -1] == -100
+        return
+    assert batch["labels"].shape == batch["input_ids"].shape
     # the shorter row is padded; padding never carries loss
     pad = batch["attention_mask"] == 0
     assert pad.any() and (batch["labels"][pad] == -100).all()
@@ -222,9 +227,11 @@ def test_multi_turn_labels_cover_every_reply_and_nothing_else(tiny_dirs, name):
 
 def test_training_prompt_matches_generation_prompt(loaded):
     """The tokens before the first label are the prompt the model sees at inference."""
-    spec, _, processor = loaded
+    spec, model, processor = loaded
     train = training_batch(spec, processor, [single_turn("red")])
     first_label = int((train["labels"][0] != -100).nonzero()[0])
+    if model.config.is_encoder_decoder:  # the whole encoder input is the prompt
+        first_label = train["input_ids"].shape[1]
     prompt = prompt_batch(spec, processor, [single_turn("red")[:1]])
     assert prompt["input_ids"][0].tolist() == train["input_ids"][0, :first_label].tolist()
 

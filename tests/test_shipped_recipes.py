@@ -30,7 +30,9 @@ def offline_overrides(recipe) -> list[str]:
     out = []
     if recipe.model.id not in tiny_models():
         out.append(f"model.id={FAMILIES[recipe.model.family].tiny_name}")
-    uses_remote_data = any(s.dataset for s in (recipe.data.train or []))
+    # a Hub dataset, or a local data set the user brings (COCO files named in the recipe)
+    uses_remote_data = any(s.dataset or (s.path and not (recipe.base_dir() / s.path).exists())
+                           for s in (recipe.data.train or []))
     if uses_remote_data:
         # Same template on a local fixture in the same public layout where one exists.
         fixture = FIXTURE_FOR_TEMPLATE.get(recipe.data.template)
@@ -43,7 +45,8 @@ def offline_overrides(recipe) -> list[str]:
     return out
 
 
-FIXTURE_FOR_TEMPLATE = {"vqa": "vqav2", "caption": "coco-captions", "grounding": "refcoco"}
+FIXTURE_FOR_TEMPLATE = {"vqa": "vqav2", "caption": "coco-captions", "grounding": "refcoco",
+                        "detection": "coco-instances"}
 
 
 @pytest.mark.parametrize("name", list(RECIPES))

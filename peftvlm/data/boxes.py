@@ -16,6 +16,9 @@ docs/grounding.md.
 - `qwen3_vl`: the same JSON on 0-1000.
 - `paligemma`: `<locY1><locX1><locY2><locX2> label ; ...` (y first), 1024 bins.
 - `internvl`: `<ref>label</ref><box>[[x1, y1, x2, y2]]</box>` on 0-1000.
+- `florence2`: `label<loc_x1><loc_y1><loc_x2><loc_y2>` on 1000 bins (a pixel's bin is
+  floor(x / size * 1000), read back as the bin's centre, as Florence-2's processor quantizes and
+  dequantizes), with its task tokens (`<OD>`, `<CAPTION_TO_PHRASE_GROUNDING>`...) as prompts.
 
 `qwen2_5_vl` depends on the processor (its `smart_resize`, with the processor's patch x merge
 factor and min / max pixels): `box_format_for(family, processor)` binds those into the name
@@ -43,6 +46,8 @@ _BRACKET = re.compile(r"\[" + ",".join([_NUM] * 4) + r"\]")
 _PAIRS = re.compile(r"\(" + _NUM + "," + _NUM + r"\)\s*,?\s*(?:to\s*)?\(" + _NUM + "," + _NUM
                     + r"\)")
 _LOC = re.compile(r"<loc(\d{4})>" * 4 + r"([^;<]*)")
+_FLORENCE_LOC = re.compile(r"<loc_(\d+)>" * 4)
+_FLORENCE_MARKUP = re.compile(r"</?s>|<pad>|<od>|</od>|<ground>|<obj>")
 _JSON_OBJECT = re.compile(r"\{[^{}]*\}")
 # Markup and separators that may sit between a label and its box (or be all that is between two
 # boxes of one label); special tokens may also be gone when decoded with skip_special_tokens.
@@ -189,6 +194,26 @@ def _internvl_box(b, decimals):
     return _internvl_write([(None, b)], decimals)
 
 
+def _florence_write(objects, decimals):
+    def one(label, b):
+        if label is not None and "<" in label:
+            raise BadRow("bad_label", f"label {label!r} holds '<': Florence-2 reads the text "
+                                      "before a <loc_> token as the label")
+        return (label or "") + "".join(f"<loc_{int(v)}>" for v in b)
+    return "".join(one(label, b) for label, b in objects)
+
+
+def _florence_box(b, decimals):
+    return _florence_write([(None, b)], decimals)
+
+
+def _florence_parse(text: str) -> list[Labelled]:
+    """Florence-2's `description_with_bboxes` / `phrase_grounding` parsing: the text before
+    a run of `<loc_>` quadruples labels each box of the run (equal to the processor's
+    `post_process_generation`, tests/test_florence2.py)."""
+    return _scan(_FLORENCE_MARKUP.sub("", text), _FLORENCE_LOC)
+
+
 # --- conventions -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -202,6 +227,9 @@ class BoxConvention:
     as the box's label (the checkpoint's own outputs do), else it is the bare box.
     `task_prompts`: (template task, prompt) pairs that replace a template's phrasings where the
     checkpoint was trained on one fixed task prefix (PaliGemma's `detect {expression}`).
+    `list_separator`: how a prompt lists several class names (PaliGemma: `detect a ; b`).
+    `quantize`: "round" (to the nearest grid unit), or "floor" (a pixel's bin, read back as the
+    bin's centre: Florence-2's processor).
     """
 
     name: str
@@ -215,6 +243,8 @@ class BoxConvention:
     top: float | None = None
     names_objects: bool = True
     task_prompts: tuple[tuple[str, str], ...] = ()
+    list_separator: str = ", "
+    quantize: str = "round"
     factor: int = 28
     min_pixels: int = 3136
     max_pixels: int = 12845056
@@ -250,13 +280,16 @@ class BoxConvention:
         out = []
         for v, s, m in ((x1, sx, mx), (y1, sy, my), (x2, sx, mx), (y2, sy, my)):
             v = min(max(v * s, 0.0), m)
+            if self.quantize == "floor":
+                v = float(math.floor(v))
             out.append(float(round(v)) if places is None else round(v, places))
         return tuple(out)  # type: ignore[return-value]
 
     def to_pixels(self, native: Box, width: float, height: float) -> Box:
         """Grid units -> a pixel box of the original image."""
         sx, sy = self.units(width, height)
-        x1, y1, x2, y2 = native
+        half = 0.5 if self.quantize == "floor" else 0.0  # a bin is read as its centre
+        x1, y1, x2, y2 = (v + half for v in native)
         return x1 / sx, y1 / sy, x2 / sx, y2 / sy
 
     def write(self, objects: list[Labelled], width: float, height: float,
@@ -318,10 +351,17 @@ CONVENTIONS: dict[str, BoxConvention] = {c.name: c for c in (
     BoxConvention("qwen2_5_vl", _SOURCES, "resized_pixels", _json_write, _json_box, _json_parse),
     BoxConvention("qwen3_vl", _SOURCES, "relative", _json_write, _json_box, _json_parse),
     BoxConvention("paligemma", _SOURCES, "relative", _paligemma_write, _paligemma_box,
-                  _paligemma_parse, scale=1024.0, top=1023.0,
-                  task_prompts=(("locate", "detect {expression}"),)),
+                  _paligemma_parse, scale=1024.0, top=1023.0, list_separator=" ; ",
+                  task_prompts=(("locate", "detect {expression}"), ("all", "detect {categories}"),
+                                ("category", "detect {category}"))),
     BoxConvention("internvl", _SOURCES, "relative", _internvl_write, _internvl_box,
                   lambda t: _scan(t, _BRACKET)),
+    BoxConvention("florence2", _SOURCES, "relative", _florence_write, _florence_box,
+                  _florence_parse, top=999.0, quantize="floor",
+                  task_prompts=(("locate", "<CAPTION_TO_PHRASE_GROUNDING>{expression}"),
+                                ("describe", "<REGION_TO_DESCRIPTION>{box}"),
+                                ("all", "<OD>"),
+                                ("category", "<CAPTION_TO_PHRASE_GROUNDING>{category}"))),
 )}
 BOX_FORMATS = tuple(CONVENTIONS)
 

@@ -5,7 +5,9 @@ the way public datasets ship them, so the same readers and templates as real dat
 - `coco-captions`: COCO captions JSON (`images` + `annotations`), several captions per image;
 - `vqav2`: VQAv2 questions + annotations files, two questions per image, 10 annotator answers;
 - `refcoco`: a RefCOCO-style JSONL (`file_name`, `sentences`, COCO `bbox` in pixels, xywh),
-  two shapes per image, one row per shape.
+  two shapes per image, one row per shape;
+- `coco-instances`: COCO instances JSON (`images`, `annotations` with pixel `bbox` xywh,
+  `categories` = the colours), one or two shapes per image, one image in ten empty: detection.
 Recipes use them through `data.synthetic.name`; `scripts/make_fixture_data.py` writes them to a
 folder of your choice.
 """
@@ -20,8 +22,9 @@ from pathlib import Path
 from peftvlm.data.synthetic import COLOURS
 
 SHAPES = ("circle", "square", "triangle")
-FIXTURES = ("coco-captions", "vqav2", "refcoco")
-DEFAULT_TEMPLATE = {"coco-captions": "caption", "vqav2": "vqa", "refcoco": "grounding"}
+FIXTURES = ("coco-captions", "vqav2", "refcoco", "coco-instances")
+DEFAULT_TEMPLATE = {"coco-captions": "caption", "vqav2": "vqa", "refcoco": "grounding",
+                    "coco-instances": "detection"}
 
 
 def draw(rng: random.Random, size: int, n_shapes: int):
@@ -32,7 +35,7 @@ def draw(rng: random.Random, size: int, n_shapes: int):
     img = Image.new("RGB", (size, size), (grey, grey, grey))
     pen = ImageDraw.Draw(img)
     colours = rng.sample(list(COLOURS), n_shapes)
-    half = size // n_shapes
+    half = size // max(n_shapes, 1)
     objects = []
     for i, colour in enumerate(colours):
         side = rng.randint(max(4, half // 2), max(5, half - 1))
@@ -91,13 +94,33 @@ def refcoco_rows(images: list[dict], objects: list) -> list[dict]:
     return rows
 
 
+def coco_instances(images: list[dict], objects: list) -> dict:
+    names = list(COLOURS)
+    annotations = [{"image_id": img["id"], "category_id": names.index(colour) + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0}
+                   for img, objs in zip(images, objects) for colour, _, (x1, y1, x2, y2) in objs]
+    for k, ann in enumerate(annotations):
+        ann["id"] = k + 1
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
+
+
+def shapes_in(name: str, rng: random.Random) -> int:
+    if name == "refcoco":
+        return 2
+    if name == "coco-instances":  # some images hold nothing: the answer says so
+        return 0 if rng.random() < 0.1 else rng.randint(1, 2)
+    return 1
+
+
 def write_split(name: str, folder: Path, split: str, n: int, size: int,
                 rng: random.Random, first_id: int) -> dict[str, Path]:
     """Images for one split plus its annotation file(s); returns the files written."""
     images, objects = [], []
     for k in range(n):
         image_id = first_id + k
-        img, objs = draw(rng, size, 2 if name == "refcoco" else 1)
+        img, objs = draw(rng, size, shapes_in(name, rng))
         rel = f"images/{image_id:06d}.png"
         img.save(folder / rel)
         images.append({"id": image_id, "file_name": rel, "width": size, "height": size})
@@ -111,6 +134,9 @@ def write_split(name: str, folder: Path, split: str, n: int, size: int,
                  "annotations": folder / f"annotations_{split}.json"}
         files["path"].write_text(json.dumps(questions))
         files["annotations"].write_text(json.dumps(annotations))
+    elif name == "coco-instances":
+        files = {"path": folder / f"instances_{split}.json"}
+        files["path"].write_text(json.dumps(coco_instances(images, objects)))
     else:
         files = {"path": folder / f"refs_{split}.jsonl"}
         files["path"].write_text("".join(json.dumps(r) + "\n"
@@ -142,7 +168,8 @@ def source_options(name: str) -> dict:
             "vqav2": {"format": "vqav2", "image_pattern": "images/{image_id:06d}.png"},
             "refcoco": {"columns": {"image": "file_name", "expression": "sentences",
                                     "box": "bbox"},
-                        "template_options": {"box_input": "xywh"}}}[name]
+                        "template_options": {"box_input": "xywh"}},
+            "coco-instances": {"format": "coco_instances"}}[name]
 
 
 def fixture_sources(cfg, cache_root: Path, template: str | None):

@@ -1,8 +1,16 @@
-"""Show a rendered training example with the tokens that carry loss highlighted."""
+"""Show a rendered training example with the tokens that carry loss highlighted, and draw the
+boxes of grounding / detection answers on their image (parsed back from the rendered text with
+the family's box convention, so a user sees where the model is taught to point)."""
 
 from __future__ import annotations
 
-from peftvlm.data.collate import IGNORE_INDEX
+from pathlib import Path
+
+from peftvlm.data.boxes import get_convention
+from peftvlm.data.collate import IGNORE_INDEX, last_answer, open_image
+
+# Reference boxes green, predictions red (eval pictures), thin enough for small images.
+REFERENCE_COLOUR, PREDICTION_COLOUR = (0, 200, 0), (230, 0, 0)
 
 
 def loss_spans(input_ids, labels) -> list[tuple[list[int], bool]]:
@@ -27,7 +35,10 @@ def render_example(collator, row: dict, image_token: str | None = None):
     # the processor's video token, where it has one (`<|video_pad|>`, `<video>`)
     video_token = getattr(collator.processor, "video_token", None) if row.get("videos") else None
     text = Text()
-    for span, trained in loss_spans(ids, labels):
+    spans = loss_spans(ids, labels)
+    if len(labels) != len(ids):  # an encoder-decoder: the prompt feeds the encoder, the labels
+        spans = [(ids, False), ([t for t in labels if t != IGNORE_INDEX], True)]  # the decoder
+    for span, trained in spans:
         piece = tokenizer.decode(span)
         for token in filter(None, (image_token, video_token)):
             if piece.count(token) > 3:  # a run of one image's / clip's tokens, shown counted
@@ -39,3 +50,43 @@ def render_example(collator, row: dict, image_token: str | None = None):
     return text, {"tokens": len(ids), "trained_tokens": n_trained,
                   "image_tokens": ids.count(image_id) if image_id is not None else 0,
                   "video_tokens": ids.count(video_id) if video_id is not None else 0}
+
+
+def draw_boxes(image, layers: list[tuple[list, tuple[int, int, int]]]):
+    """A copy of `image` with each layer's (label, pixel box) pairs drawn in its colour."""
+    from PIL import ImageDraw
+
+    picture = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(picture)
+    width = max(1, round(min(picture.size) / 150))
+    for objects, colour in layers:
+        for label, (x1, y1, x2, y2) in objects:
+            draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour,
+                           width=width)
+            if label:
+                draw.text((x1 + width + 1, y1 + width), str(label), fill=colour)
+    return picture
+
+
+def answer_boxes(text: str, box_format: str, image) -> list:
+    """(label, pixel box) pairs of an answer in the family's convention, on `image`."""
+    width, height = image.size
+    return get_convention(box_format).parse(text, width, height)
+
+
+def box_picture(row: dict, box_format: str, path: Path, prediction: str | None = None) -> bool:
+    """Draw the boxes of a row's answer (green) and of a predicted answer (red) on the row's
+    image and save a PNG at `path`; False (nothing written) when the answer holds no box."""
+    if not row.get("images"):
+        return False
+    image = open_image(row["images"][0])
+    reference = answer_boxes(last_answer(row["messages"]), box_format, image)
+    crowd = answer_boxes(row["crowd"], box_format, image) if row.get("crowd") else []
+    predicted = answer_boxes(prediction, box_format, image) if prediction else []
+    if not reference and not predicted:
+        return False
+    layers = [(reference, REFERENCE_COLOUR), (crowd, (120, 120, 120)),
+              (predicted, PREDICTION_COLOUR)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw_boxes(image, layers).save(path)
+    return True

@@ -6,6 +6,8 @@ Kinds (by `source.format`, else the path's suffix):
 - an image folder with one subfolder per class -> `{"image", "label"}` records;
 - `format: coco_captions`: COCO captions JSON (`images` + `annotations` lists) -> one
   `{"image", "captions", "width", "height", "image_id"}` record per image;
+- `format: coco_instances` / `format: yolo` (detection, `peftvlm.data.detection`): one
+  `{"image", "boxes", "labels", "crowd", "width", "height", "categories"}` record per image;
 - `format: vqav2`: a VQAv2 questions file (`path`) + annotations file (`annotations`) -> one
   `{"image", "question", "answers", "question_id", "image_id"}` record per question; image files
   come from `image_pattern` (default `{data_subtype}/COCO_{data_subtype}_{image_id:012d}.jpg`);
@@ -34,6 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from peftvlm.data.detection import looks_like_coco_instances, looks_like_yolo, read_coco_instances, read_yolo
 from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError
 from peftvlm.safe_yaml import regular_file_problem
@@ -82,6 +85,9 @@ def open_source(src, base_dir: Path) -> SourceData:
     if path.is_dir():
         if is_saved_dataset(path):
             return read_dataset(src, base_dir)
+        if src.format == "yolo" or (src.format == "auto" and looks_like_yolo(path)):
+            return SourceData(src.path, Deferred(read_yolo, path), root or path,
+                              [path, path / "images", path / "labels"], "detection", "yolo")
         if path.suffix in DATA_SUFFIXES:  # the user meant a file: "no class subfolders" misleads
             raise DataError(f"data file {path} is a directory, not a file",
                             hint="give the path of the data file inside it, or a folder of "
@@ -91,7 +97,10 @@ def open_source(src, base_dir: Path) -> SourceData:
                           "image_folder")
     fmt = src.format  # row formats (messages, llava_conversations...) are read as plain rows
     if fmt == "auto" and path.suffix == ".json":
-        fmt = "coco_captions" if looks_like_coco(path) else "auto"
+        fmt = coco_layout(path) or "auto"
+    if fmt == "coco_instances":
+        return SourceData(src.path, Deferred(read_coco_instances, path), root or path.parent,
+                          [path], "detection", "coco_instances")
     if fmt == "coco_captions":
         records = Deferred(read_coco_captions, path)
     elif fmt == "vqav2":
@@ -410,6 +419,15 @@ def looks_like_coco(path: Path) -> bool:
     with path.open(errors="replace") as f:  # a bad byte is reported when the file is read
         head = f.read(65536)
     return head.lstrip().startswith("{") and '"images"' in head and '"annotations"' in head
+
+
+def coco_layout(path: Path) -> str | None:
+    """`coco_instances` (annotations with boxes), `coco_captions`, or None (not COCO)."""
+    if not looks_like_coco(path):
+        return None
+    with path.open(errors="replace") as f:
+        head = f.read(1 << 20)
+    return "coco_instances" if looks_like_coco_instances(head) else "coco_captions"
 
 
 def read_coco_captions(path: Path) -> list[tuple[str, Any]]:

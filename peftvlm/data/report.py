@@ -38,7 +38,7 @@ def preview(recipe, n: int = 3, console=None, show_row=None) -> list[dict]:
     from rich.rule import Rule
 
     from peftvlm.data.pipeline import prepare_data
-    from peftvlm.data.preview import render_example
+    from peftvlm.data.preview import box_picture, render_example
 
     console = console or Console()
     collator = processor_collator(recipe)
@@ -71,6 +71,9 @@ def preview(recipe, n: int = 3, console=None, show_row=None) -> list[dict]:
                            f"{counts['trained_tokens']} carry loss, {counts['image_tokens']} image "
                            f"tokens ({len(row['images'])} image(s){videos})", align="left"))
         console.print(text)
+        picture = picture_path(recipe, i)
+        if box_picture(row, box_format_for(collator.family, collator.processor), picture):
+            console.print(f"boxes of this answer drawn on its image: {picture}")
         shown.append({**counts, "row_id": row.get("row_id"), "images": len(row["images"])})
     return shown
 
@@ -90,6 +93,13 @@ def print_pair(collator, row: dict, index: int, console) -> dict:
         console.print(text)
         shown[which] = counts
     return shown
+
+
+def picture_path(recipe, index: int) -> Path:
+    """Where `data preview` draws an example's boxes: the cache's previews/<recipe name>/."""
+    from peftvlm.models import cache_dir
+
+    return cache_dir() / "previews" / recipe.name / f"example-{index}.png"
 
 
 def print_formats(sources: list[dict], console) -> None:

@@ -28,6 +28,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from peftvlm._schema import Section
 from peftvlm.data.boxes import BOX_INPUTS, answer_text, box_text, clip_box, get_convention, read_box
+from peftvlm.data.detection import NO_OBJECTS, image_objects
 from peftvlm.data.rows import BadRow
 from peftvlm.data.sources import resolve_image
 from peftvlm.errors import DataError
@@ -47,12 +48,14 @@ TASK_OPTIONS: dict[str, dict[str, Any]] = {
     "doc_qa": {"answer_selection": "first"},
     "multiple_choice": {"shuffle_options": False},
     "grounding": {"box_input": "xyxy", "direction": "both", "precision": 2},
+    "detection": {"box_input": "xyxy", "mode": "all", "precision": 2, "class_names": None},
     "classification": {"class_names": None},
     "generic": {},
 }
 CHOICES = {"selection": ("random", "all"), "style": ("auto", "short", "detailed"),
            "answer_selection": ("most_common", "all_weighted", "first"),
-           "box_input": BOX_INPUTS, "direction": ("both", "locate", "describe")}
+           "box_input": BOX_INPUTS, "direction": ("both", "locate", "describe"),
+           "mode": ("all", "per_category")}
 # Variables each task's phrasings may use, per prompt (the keys of a template's `prompts:`).
 TASK_PROMPTS: dict[str, dict[str, set[str]]] = {
     "caption": {"short": set(), "detailed": set()},
@@ -60,6 +63,7 @@ TASK_PROMPTS: dict[str, dict[str, set[str]]] = {
     "doc_qa": {"answer": {"question"}},
     "multiple_choice": {"answer": {"question", "options"}},
     "grounding": {"locate": {"expression"}, "describe": {"box"}},
+    "detection": {"all": {"categories"}, "category": {"category"}},
     "classification": {"answer": set()},
 }
 
@@ -73,8 +77,8 @@ class TemplateSpec(Section):
     """One data template, as read from YAML."""
 
     name: str
-    task: Literal["caption", "vqa", "doc_qa", "multiple_choice", "grounding", "classification",
-                  "generic"]
+    task: Literal["caption", "vqa", "doc_qa", "multiple_choice", "grounding", "detection",
+                  "classification", "generic"]
     description: str = ""
     columns: dict[str, ColumnSpec]
     system_prompt: str | None = None
@@ -243,7 +247,7 @@ def select_answers(answers: list[str], how: str) -> list[str]:
     return [a for a, n in counts.items() for _ in range(n)]
 
 
-# --- turns per task: (prompt, variables, answer) ---------------------------------------------
+# --- turns per task: (prompt, variables, answer[, extra row fields for eval]) ----------------
 
 def caption_turns(v, opts, rng, ctx):
     captions = as_text_list(v["captions"], "captions")
@@ -308,6 +312,49 @@ def grounding_turns(v, opts, rng, ctx):
     return turns
 
 
+def detection_turns(v, opts, rng, ctx):
+    """`mode: all`: one question, every object of the image in one answer; `per_category`:
+    one question per category present, its boxes the answer. Crowd regions are left out of
+    answers (kept in the turn's `crowd` field for evaluation); an image with no object is
+    answered `NO_OBJECTS` (also in per_category mode, as one `all` question)."""
+    width, height = ctx.size(v)
+    class_names = opts["class_names"]
+    labels = [class_name(x, class_names) for x in v["labels"]] \
+        if class_names and isinstance(v["labels"], (list, tuple)) else v["labels"]
+    objects = image_objects(v["boxes"], labels, v.get("crowd"), width, height,
+                            opts["box_input"])
+    convention = get_convention(ctx.box_format)
+    places = opts["precision"] if convention.decimals is not None else None
+
+    def answer(objs):
+        labelled = [(label, box) for label, box, crowd in objs if not crowd]
+        return convention.write(labelled, width, height, places) if labelled else NO_OBJECTS
+
+    def extra(objs):  # crowd regions, for evaluation only (see detection_map)
+        regions = [(label, box) for label, box, crowd in objs if crowd]
+        return {"crowd": convention.write(regions, width, height, places)} if regions else {}
+
+    present = list(dict.fromkeys(label for label, _, crowd in objects if not crowd))
+    # every class of the data set where known (PaliGemma's `detect a ; b` lists them all)
+    names = [str(c) for c in v.get("categories") or class_names or []] or present
+    if opts["mode"] == "all" or not present:
+        return [("all", {"categories": convention.list_separator.join(names)}, answer(objects),
+                 extra(objects))]
+    mine = {name: [o for o in objects if o[0] == name] for name in present}
+    return [("category", {"category": name}, answer(mine[name]), extra(mine[name]))
+            for name in present]
+
+
+def class_name(label, names: list[str]):
+    """An integer class id -> its name in `class_names` (names pass through)."""
+    if isinstance(label, int) and not isinstance(label, bool):
+        if not 0 <= label < len(names):
+            raise BadRow("bad_label", f"label {label} is not an index into class_names "
+                                      f"({len(names)} names)")
+        return names[label]
+    return label
+
+
 def classification_turns(v, opts, rng, ctx):
     label = v["label"]
     names = opts["class_names"]
@@ -333,6 +380,7 @@ def generic_turns(v, opts, rng, ctx):
 
 TASK_TURNS = {"caption": caption_turns, "vqa": vqa_turns, "doc_qa": vqa_turns,
               "multiple_choice": multiple_choice_turns, "grounding": grounding_turns,
+              "detection": detection_turns,
               "classification": classification_turns, "generic": generic_turns}
 
 
@@ -350,6 +398,9 @@ class Piece:
     references: list[str] | None = None
     question_type: str | None = None
     row_id: str = ""  # the source row it came from (`file:line`), what reports name
+    # Per turn: fields a conversation ending with that turn carries for evaluation (a
+    # detection answer's crowd regions); empty dicts elsewhere.
+    extras: list[dict] | None = None
 
 
 class TemplateRenderer:
@@ -374,11 +425,12 @@ class TemplateRenderer:
             raise BadRow("bad_row", "a row must be a mapping of columns")
         values = {}
         for column, source in self.columns.items():
-            if record.get(source) is None and self.spec.columns[column].required:
+            value = column_value(record, source)
+            if value is None and self.spec.columns[column].required:
                 raise BadRow("missing_column", f"no value in column `{source}`"
                                                + (f" (template column `{column}`)"
                                                   if source != column else ""))
-            values[column] = record.get(source)
+            values[column] = value
         return values
 
     def size(self, values: dict) -> tuple[float, float]:
@@ -400,12 +452,14 @@ class TemplateRenderer:
         image = self.image(values.get("image"))
         values["image"] = image
         rng = random.Random(f"{self.seed}:{self.salt}:{row_id}")
-        make_turns = TASK_TURNS[self.spec.task]
+        made = TASK_TURNS[self.spec.task](values, self.options, rng, self)
         turns = [(self.phrase(task, variables, rng), answer)
-                 for task, variables, answer in make_turns(values, self.options, rng, self)]
+                 for task, variables, answer, *_ in made]
+        extras = [t[3] if len(t) > 3 else {} for t in made]
         qtype = record.get("answer_type") or record.get("question_type")
         return Piece(image_key(image), image, turns, reference_answers(self.spec.task, values),
-                     qtype if isinstance(qtype, str) else None, row_id)
+                     qtype if isinstance(qtype, str) else None, row_id,
+                     extras if any(extras) else None)
 
     def image(self, value):
         """Resolve and check an image once per path (VQA rows often share one image)."""
@@ -435,30 +489,47 @@ class TemplateRenderer:
     def conversations(self, pieces: list[Piece]) -> list[dict]:
         """Pieces -> conversations: one per turn, or grouped per image (up to max_turns)."""
         if not self.options["group_by_image"]:
-            return [self.conversation(p.image, [(*t, p)]) for p in pieces for t in p.turns]
+            return [self.conversation(p.image, [(*t, p, i)]) for p in pieces
+                    for i, t in enumerate(p.turns)]
         groups: dict[Any, list] = {}
         for p in pieces:
-            groups.setdefault(p.image_key, [p.image, []])[1].extend((*t, p) for t in p.turns)
+            groups.setdefault(p.image_key, [p.image, []])[1].extend(
+                (*t, p, i) for i, t in enumerate(p.turns))
         step = self.options["max_turns"]
         return [self.conversation(image, turns[i:i + step])
                 for image, turns in groups.values() for i in range(0, len(turns), step)]
 
-    def conversation(self, image, turns: list[tuple[str, str, Piece]]) -> dict:
+    def conversation(self, image, turns: list[tuple[str, str, Piece, int]]) -> dict:
         messages = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}
                     ] if self.system_prompt else []
-        for i, (question, answer, _) in enumerate(turns):
+        for i, (question, answer, *_) in enumerate(turns):
             content = [{"type": "image"}] if i == 0 and image is not None else []
             messages.append({"role": "user", "content": [*content,
                                                          {"type": "text", "text": question}]})
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         row = {"row_id": turns[0][2].row_id, "messages": messages,
                "images": [image] if image is not None else []}
-        last = turns[-1][2]
+        last, index = turns[-1][2], turns[-1][3]
+        if last.extras:
+            row.update(last.extras[index])
         if last.references:
             row["references"] = last.references
         if last.question_type:
             row["question_type"] = last.question_type
         return row
+
+
+def column_value(record: dict, source: str):
+    """`record[source]`, or a nested field named with dots (`objects.bbox`: a Hub detection
+    set's boxes inside its `objects` feature)."""
+    if source in record or "." not in source:
+        return record.get(source)
+    value = record
+    for part in source.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def reference_answers(task: str, values: dict) -> list[str] | None:

@@ -52,6 +52,9 @@ class FamilySpec:
       prompt is a conversation up to its last user turn (no answer), replacing the generic
       `apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, ...)`. New tokens
       are `output[:, batch["input_ids"].shape[1]:]`.
+    - `decode(processor, output, batch)`: the answer texts of `generate`'s output, replacing
+      the generic decode of the new tokens with special tokens skipped (Florence-2: an
+      encoder-decoder whose output is all new, and whose box tokens are special tokens).
     """
 
     name: str
@@ -102,6 +105,8 @@ class FamilySpec:
     encode: Callable[[Any, list[Conversation]], dict] | None = field(
         default=None, compare=False, repr=False)
     encode_prompt: Callable[[Any, list[Conversation]], dict] | None = field(
+        default=None, compare=False, repr=False)
+    decode: Callable[[Any, Any, dict], list[str]] | None = field(
         default=None, compare=False, repr=False)
     # What a conversation may hold: (min, max) images (None = any; BLIP-2 reads exactly one),
     # and whether a system message may sit next to an image (Llama 3.2 Vision's template

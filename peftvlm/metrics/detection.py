@@ -25,6 +25,7 @@ import math
 from pathlib import Path
 
 from peftvlm.data.boxes import get_convention
+from peftvlm.data.detection import is_no_objects
 from peftvlm.errors import MetricsError
 from peftvlm.metrics import mean, register
 
@@ -276,7 +277,7 @@ def score_coco_files(gt_path: str | Path, results_path: str | Path) -> dict:
 
 def _text_objects(text: str, convention, where: str | None) -> list:
     objects = convention.parse(text) if convention else []
-    if where is not None and not objects:
+    if where is not None and not objects and not is_no_objects(text):
         raise MetricsError(f"{where}: reference {text!r} holds no box in the "
                            f"{convention.name if convention else '(none given)'} box convention",
                            hint="detection references are the family's answer text")
@@ -284,11 +285,15 @@ def _text_objects(text: str, convention, where: str | None) -> list:
 
 
 def detection_map(predictions: list[str], references: list[list],
-                  box_format: list[str | None] | None = None) -> dict[str, float]:
+                  box_format: list[str | None] | None = None,
+                  crowd: list[str | None] | None = None) -> dict[str, float]:
     """COCO mAP over generated answers: each answer's labelled boxes (family convention) are
     detections scored 1.0 in answer order; the reference answer's boxes the ground truth. Boxes
-    are compared in the convention's grid (area ranges are not reported: no pixel sizes)."""
+    are compared in the convention's grid (area ranges are not reported: no pixel sizes).
+    `crowd` (per row, the detection template's crowd regions as text) adds iscrowd ground
+    truth; a reference that is the template's empty answer (`NO_OBJECTS`) has no ground truth."""
     formats = box_format or [None] * len(predictions)
+    crowds = crowd or [None] * len(predictions)
     conventions = [get_convention(fmt or "norm1") for fmt in formats]
     gt = {"images": [{"id": i + 1} for i in range(len(predictions))], "annotations": []}
     names: dict[str, int] = {}  # class name -> id, from the references of every row
@@ -297,6 +302,10 @@ def detection_map(predictions: list[str], references: list[list],
             for label, box in _text_objects(str(ref), convention, f"row {i + 1}"):
                 cat = names.setdefault(label or "object", len(names) + 1)
                 gt["annotations"].append(_coco_ann(len(gt["annotations"]) + 1, i + 1, cat, box))
+        for label, box in _text_objects(crowds[i], convention, None) if crowds[i] else ():
+            cat = names.setdefault(label or "object", len(names) + 1)
+            gt["annotations"].append({**_coco_ann(len(gt["annotations"]) + 1, i + 1, cat, box),
+                                      "iscrowd": 1})
     results, parsed = [], []
     for i, (text, convention) in enumerate(zip(predictions, conventions)):
         found = _text_objects(text, convention, None)
@@ -417,7 +426,7 @@ def segmentation_scores(predictions: list, references: list[list]) -> dict[str, 
 
 
 register("detection_map", detection_map, higher_is_better=True,
-         extras={"box_format": "box_format"},
+         extras={"box_format": "box_format", "crowd": "crowd"},
          summary="COCO mAP@[.5:.95] / 50 / 75 of labelled boxes in answers (family convention), "
                  "per-class AP, parse rate")
 register("mask_iou", segmentation_scores, higher_is_better=True, prediction="masks",

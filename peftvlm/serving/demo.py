@@ -19,6 +19,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from peftvlm.data.boxes import box_format_for
 from peftvlm.runs import MERGED
 from peftvlm.data.images import load_rgb
 from peftvlm.errors import PeftVLMError
@@ -98,16 +99,13 @@ def example_files(predictor, limit: int = 8) -> list[list]:
 
 # --- answering -----------------------------------------------------------------------------------
 
-def draw_box(image, answer: str):
-    """(image, [(box in pixels, label)]) for gr.AnnotatedImage from a box in the answer text."""
-    from peftvlm.metrics.grounding import parse_box
+def draw_box(image, answer: str, box_format: str = "norm1"):
+    """(image, [(box in pixels, label)]) for gr.AnnotatedImage: every box of the answer, read
+    with the family's own convention (Qwen2.5-VL pixels, PaliGemma / Florence-2 tokens...)."""
+    from peftvlm.data.preview import answer_boxes
 
-    box = parse_box(answer or "")
-    if box is None:
-        return image, []
-    w, h = image.size
-    pixels = (int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h))
-    return image, [(pixels, "predicted")]
+    return image, [(tuple(int(v) for v in box), label or "predicted")
+                   for label, box in answer_boxes(answer or "", box_format, image)]
 
 
 def responder(predictor, compare_base: bool):
@@ -135,8 +133,9 @@ def responder(predictor, compare_base: bool):
             raise gr.Error(exc.message) from exc
         answers += [""] * (2 - len(answers))
         if predictor.task == "grounding":
-            return [answers[0], draw_box(image, answers[0]), answers[1],
-                    draw_box(image, answers[1])]
+            box_format = box_format_for(predictor.family, predictor.processor)
+            return [answers[0], draw_box(image, answers[0], box_format), answers[1],
+                    draw_box(image, answers[1], box_format)]
         return answers
 
     return respond

@@ -12,7 +12,10 @@ image that cannot be opened is named on stderr and skipped; the others are answe
 JSONL row holds the image, the prompt and the answer (`base_answer` with `--base`); CLIP-family
 rows hold the ranked classes with probabilities (`base_top_k` with `--base`). Retrieval runs
 rank the given captions for each image (`ranking`: caption and cosine similarity, best first),
-or with `--text` the given images for that text (one row).
+or with `--text` the given images for that text (one row). An answer with
+boxes in the model family's convention (grounding / detection runs) also gets `boxes`
+(`[{"label", "box": [x1, y1, x2, y2]}]` in pixels of the image); with `--out`, they are drawn
+on the image into `<out stem>-boxes/<image stem>.png` (the row's `picture`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import json
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from peftvlm.data.boxes import box_format_for
+from peftvlm.data.preview import PREDICTION_COLOUR, answer_boxes, draw_boxes
 from peftvlm.data.images import load_rgb
 from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError, RunError
@@ -102,6 +107,7 @@ def predict(run: str | Path, images: list[str], prompt: str | None = None, base:
     else:
         rows = answer_rows(predictor, opened, prompt, base, batch_size)
     if out is not None:
+        draw_answer_boxes(rows, opened, Path(out).parent / f"{Path(out).stem}-boxes")
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
@@ -161,13 +167,29 @@ def answer_rows(predictor, opened, prompt: str | None, base: bool, batch_size) -
     rows = [question_row(image, prompt, predictor.system_prompt) for _, image in opened]
     answers = predictor.answer(rows, batch_size=batch_size)
     base_answers = predictor.answer(rows, base=True, batch_size=batch_size) if base else None
+    box_format = box_format_for(predictor.family, predictor.processor)
     result = []
-    for i, (path, _) in enumerate(opened):
+    for i, (path, image) in enumerate(opened):
         row = {"image": str(path), "prompt": prompt, "answer": answers[i]}
+        boxes = answer_boxes(answers[i], box_format, image)
+        if boxes:
+            row["boxes"] = [{"label": label, "box": [round(v, 1) for v in box]}
+                            for label, box in boxes]
         if base_answers is not None:
             row["base_answer"] = base_answers[i]
         result.append(row)
     return result
+
+
+def draw_answer_boxes(rows: list[dict], opened, folder: Path) -> None:
+    """Each answer's boxes (red) drawn on its image, saved as `folder/<image stem>.png`."""
+    for row, (path, image) in zip(rows, opened):
+        if row.get("boxes"):
+            folder.mkdir(parents=True, exist_ok=True)
+            picture = folder / f"{path.stem}.png"
+            objects = [(b["label"], tuple(b["box"])) for b in row["boxes"]]
+            draw_boxes(image, [(objects, PREDICTION_COLOUR)]).save(picture)
+            row["picture"] = str(picture)
 
 
 def classify_rows(predictor, opened, top_k: int, base: bool, batch_size: int) -> list[dict]:

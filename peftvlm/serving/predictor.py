@@ -108,7 +108,7 @@ def task_of(recipe) -> str:
     if recipe is None:
         return "question"
     template = recipe.data.template or ""
-    if "grounding" in template:
+    if "grounding" in template or "detection" in template:  # answers are boxes: drawn
         return "grounding"
     if "caption" in template or (recipe.data.synthetic and "caption" in recipe.data.synthetic.name):
         return "caption"

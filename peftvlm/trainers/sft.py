@@ -156,6 +156,14 @@ class SFTTrainer(StopsOnSignals, trl.SFTTrainer):
         return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            # TRL's fused LM head runs the backbone without labels and shifts them as a causal
+            # LM's: an encoder-decoder's decoder (Florence-2) would see only its start token.
+            # The model's own loss (labels shifted into decoder_input_ids) is the sound one.
+            import transformers
+
+            return transformers.Trainer.compute_loss(self, model, inputs, return_outputs,
+                                                     num_items_in_batch)
         counted = getattr(self, "_total_train_tokens", 0)
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.model.training and "attention_mask" not in inputs and "position_ids" in inputs:
