@@ -127,11 +127,13 @@ class SourceConfig(Section):
 
 
 class SyntheticConfig(Section):
-    name: Literal["colour-vqa", "colour-classes", "coco-captions", "vqav2", "refcoco"] = Field(
+    name: Literal["colour-vqa", "colour-classes", "coco-captions", "vqav2", "refcoco",
+                  "coco-instances"] = Field(
         "colour-vqa", description="Built-in offline task: `colour-vqa` (What color is the "
                                   "shape? -> red/green/blue/yellow), `colour-classes` (labels), or "
                                   "annotation files in public layouts rendered by data.template: "
-                                  "`coco-captions`, `vqav2`, `refcoco` (boxes).")
+                                  "`coco-captions`, `vqav2`, `refcoco` (boxes), "
+                                  "`coco-instances` (detection: COCO instances JSON).")
     train_size: int = Field(2000, gt=0, description="Training rows to generate.")
     eval_size: int = Field(100, gt=0, description="Held-out rows to generate.")
     image_size: int = Field(32, gt=0, description="Side of the generated square images.")

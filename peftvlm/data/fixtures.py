@@ -5,7 +5,9 @@ the way public datasets ship them, so the same readers and templates as real dat
 - `coco-captions`: COCO captions JSON (`images` + `annotations`), several captions per image;
 - `vqav2`: VQAv2 questions + annotations files, two questions per image, 10 annotator answers;
 - `refcoco`: a RefCOCO-style JSONL (`file_name`, `sentences`, COCO `bbox` in pixels, xywh),
-  two shapes per image, one row per shape.
+  two shapes per image, one row per shape;
+- `coco-instances`: a COCO instances JSON (`images`, `annotations` with `bbox`, `categories`):
+  one or two shapes per image, each a box whose class is its colour (detection).
 Recipes use them through `data.synthetic.name`; `scripts/make_fixture_data.py` writes them to a
 folder of your choice.
 """
@@ -20,8 +22,9 @@ from pathlib import Path
 from peftvlm.data.synthetic import COLOURS
 
 SHAPES = ("circle", "square", "triangle")
-FIXTURES = ("coco-captions", "vqav2", "refcoco")
-DEFAULT_TEMPLATE = {"coco-captions": "caption", "vqav2": "vqa", "refcoco": "grounding"}
+FIXTURES = ("coco-captions", "vqav2", "refcoco", "coco-instances")
+DEFAULT_TEMPLATE = {"coco-captions": "caption", "vqav2": "vqa", "refcoco": "grounding",
+                    "coco-instances": "detection"}
 
 
 def draw(rng: random.Random, size: int, n_shapes: int):
@@ -91,13 +94,26 @@ def refcoco_rows(images: list[dict], objects: list) -> list[dict]:
     return rows
 
 
+def coco_instances(images: list[dict], objects: list) -> dict:
+    """Every shape a box of class `colour` (category ids in COLOURS order, from 1)."""
+    ids = {colour: k + 1 for k, colour in enumerate(COLOURS)}
+    boxes = [(img["id"], colour, box) for img, objs in zip(images, objects)
+             for colour, _, box in objs]
+    annotations = [{"id": n + 1, "image_id": image_id, "category_id": ids[colour],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0} for n, (image_id, colour, (x1, y1, x2, y2)) in enumerate(boxes)]
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": k, "name": c} for c, k in ids.items()]}
+
+
 def write_split(name: str, folder: Path, split: str, n: int, size: int,
                 rng: random.Random, first_id: int) -> dict[str, Path]:
     """Images for one split plus its annotation file(s); returns the files written."""
     images, objects = [], []
     for k in range(n):
         image_id = first_id + k
-        img, objs = draw(rng, size, 2 if name == "refcoco" else 1)
+        shapes = {"refcoco": 2, "coco-instances": rng.choice((1, 2))}.get(name, 1)
+        img, objs = draw(rng, size, shapes)
         rel = f"images/{image_id:06d}.png"
         img.save(folder / rel)
         images.append({"id": image_id, "file_name": rel, "width": size, "height": size})
@@ -111,6 +127,9 @@ def write_split(name: str, folder: Path, split: str, n: int, size: int,
                  "annotations": folder / f"annotations_{split}.json"}
         files["path"].write_text(json.dumps(questions))
         files["annotations"].write_text(json.dumps(annotations))
+    elif name == "coco-instances":
+        files = {"path": folder / f"instances_{split}.json"}
+        files["path"].write_text(json.dumps(coco_instances(images, objects)))
     else:
         files = {"path": folder / f"refs_{split}.jsonl"}
         files["path"].write_text("".join(json.dumps(r) + "\n"
@@ -142,7 +161,8 @@ def source_options(name: str) -> dict:
             "vqav2": {"format": "vqav2", "image_pattern": "images/{image_id:06d}.png"},
             "refcoco": {"columns": {"image": "file_name", "expression": "sentences",
                                     "box": "bbox"},
-                        "template_options": {"box_input": "xywh"}}}[name]
+                        "template_options": {"box_input": "xywh"}},
+            "coco-instances": {}}[name]
 
 
 def fixture_sources(cfg, cache_root: Path, template: str | None):

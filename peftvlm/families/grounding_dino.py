@@ -66,7 +66,9 @@ def build_tiny_tokenizer():
 
 def tiny_config(vocab_size: int):
     """A ~0.4 M-parameter Grounding DINO: Swin (embed 16, depths 1x4), 1-layer BERT (32 wide),
-    d_model 32, 1 encoder + 2 decoder layers (>= 2: the tied bbox_embed keys), 20 queries."""
+    d_model 32, 1 encoder + 2 decoder layers (>= 2: the tied bbox_embed keys), 20 queries.
+    Three feature levels (the backbone's three stages): a fourth, made by a strided conv from
+    the last, would be 1x1 at 64 pixels, which its GroupNorm refuses for a single image."""
     from transformers import BertConfig, GroundingDinoConfig, SwinConfig
 
     backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 4],
@@ -77,7 +79,7 @@ def tiny_config(vocab_size: int):
     return GroundingDinoConfig(
         backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1,
         decoder_layers=2, num_queries=20, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        encoder_attention_heads=2, decoder_attention_heads=2, num_feature_levels=4,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_feature_levels=3,
         max_text_len=32, use_timm_backbone=False, use_pretrained_backbone=False)
 
 
@@ -120,4 +122,11 @@ SPEC = FamilySpec(
     reference_checkpoint="IDEA-Research/grounding-dino-tiny",
     build_tiny=build_tiny,
     model_class=model_class,
+    refused_methods=tuple((m, "a CLIP-family classification method; Grounding DINO is a "
+                              "detector: train it with lora, dora or vera")
+                          for m in ("coop", "vpt", "clip_adapter")) + (
+        ("qlora", "4-bit quantization of the detector is not supported: use lora (the model "
+                  "is small: 172 M parameters for grounding-dino-tiny)"),
+        ("per_part", "per-part learning rates and vision prompts are for generative VLMs: "
+                     "use lora with method.target")),
 )
