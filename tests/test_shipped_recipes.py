@@ -33,7 +33,8 @@ def offline_overrides(recipe) -> list[str]:
     uses_remote_data = any(s.dataset for s in (recipe.data.train or []))
     if uses_remote_data:
         # Same template on a local fixture in the same public layout where one exists.
-        fixture = FIXTURE_FOR_TEMPLATE.get(recipe.data.template)
+        detector = FAMILIES[recipe.model.family].is_detector if recipe.model.family else False
+        fixture = "coco-instances" if detector else FIXTURE_FOR_TEMPLATE.get(recipe.data.template)
         out += ["data.train=null", "data.eval=null", "data.synthetic.train_size=16",
                 "data.synthetic.eval_size=4", f"data.synthetic.name={fixture or 'colour-vqa'}"]
         if fixture is None:

@@ -10,6 +10,10 @@ every object's pixel box and class name, read from a COCO instances JSON or a JS
 - JSONL rows `{"image", "boxes", "labels"}` (+ optional `crowd`, `width`, `height`); boxes in
   pixels, `xyxy`, or COCO `xywh` with `template_options: {box_input: xywh}`; a source's
   `columns` maps these names to the file's own.
+- A `datasets` source (`dataset:` Hub id or saved folder, `split:`) in the layout of the Hub's
+  detection sets (CPPE-5, the transformers object-detection guide): an `image` column and an
+  `objects` column with COCO `bbox` [x, y, w, h] and a ClassLabel `category` (its names are
+  the classes; `columns` maps `image` / `objects`).
 
 A box partly outside its image is clipped; a box wholly outside, with no area, not 4 numbers, or
 an unnamed label makes its image a bad row (`data.on_bad_row`: skip and count, or stop). An
@@ -46,10 +50,6 @@ class DetectionData:
 
 
 def source_path(src, base_dir: Path) -> Path:
-    if not src.path:
-        raise DataError("detection data: a source needs `path` (a COCO instances JSON or a "
-                        "JSONL file); Hub `dataset:` sources are not read by the detection kind",
-                        hint="export the split to COCO instances JSON or JSONL")
     path = Path(src.path) if Path(src.path).is_absolute() else base_dir / src.path
     if not path.is_file():
         raise DataError(f"detection data: {path} is not a file")
@@ -128,8 +128,45 @@ def checked_record(raw: dict, root: Path) -> dict:
             "height": float(height)}
 
 
+def dataset_rows(src, base_dir: Path) -> tuple[list[tuple[str, dict]], list[str]]:
+    """(row id, raw record) per row of a `datasets` split with `image` + `objects` columns, and
+    the ClassLabel names of `objects.category`."""
+    from peftvlm.data.readers import load_saved_split
+
+    folder = base_dir / src.dataset
+    if folder.is_dir():
+        data = load_saved_split(folder, src.split)[0]
+    else:
+        from datasets import load_dataset
+
+        data = load_dataset(src.dataset, split=src.split)
+    image_col, objects_col = src.columns.get("image", "image"), src.columns.get("objects",
+                                                                                 "objects")
+    if objects_col not in data.column_names:
+        raise DataError(f"dataset {src.dataset}: no `{objects_col}` column (has "
+                        f"{', '.join(data.column_names)})",
+                        hint="detection sets need `objects` {bbox, category}; map it with "
+                             "columns: {objects: <name>}")
+    feature = data.features[objects_col]
+    category = getattr(feature, "feature", feature)["category"]
+    category = getattr(category, "feature", category)
+    names = list(getattr(category, "names", None) or [])
+    rows = []
+    for n, row in enumerate(data):
+        objects = row[objects_col] or {}
+        labels = [names[c] if names and isinstance(c, int) else c
+                  for c in objects.get("category", [])]
+        rows.append((f"{src.dataset}[{n}]", {"image": row[image_col], "boxes": objects.get(
+            "bbox", []), "labels": labels, "box_input": "xywh", "crowd": objects.get(
+            "iscrowd"), "width": row.get("width"), "height": row.get("height")}))
+    return rows, names
+
+
 def read_source(src, base_dir: Path, options: dict, report: BadRowReport):
     """The checked records of one source and the classes its file names (COCO), or []."""
+    if src.dataset:
+        rows, classes = dataset_rows(src, base_dir)
+        return checked_records(rows, base_dir, src, report), classes
     path = source_path(src, base_dir)
     root = Path(src.image_root) if src.image_root else path.parent
     root = root if root.is_absolute() else base_dir / root
@@ -141,13 +178,18 @@ def read_source(src, base_dir: Path, options: dict, report: BadRowReport):
     else:
         raise DataError(f"detection data: {path}: read are COCO instances .json files and "
                         ".jsonl rows with image/boxes/labels")
+    return checked_records(rows, root, src, report), classes
+
+
+def checked_records(rows: list, root: Path, src, report: BadRowReport) -> list[dict]:
+    """The usable records among `rows` (up to `src.max_samples`); bad ones counted."""
     records = []
     for row_id, raw in rows[:src.max_samples] if src.max_samples else rows:
         try:
             records.append(checked_record(raw, root))
         except BadRow as bad:
             report.add(bad.reason, row_id, bad.detail)
-    return records, classes
+    return records
 
 
 def read_section(sources, base_dir: Path, options: dict, policy: str, what: str,
