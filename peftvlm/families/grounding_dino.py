@@ -83,6 +83,26 @@ def tiny_config(vocab_size: int):
         max_text_len=32, use_timm_backbone=False, use_pretrained_backbone=False)
 
 
+def like_a_pretrained_checkpoint(model) -> None:
+    """Undo the parts of transformers' from-scratch init that leave an adapter nothing to steer
+    (a released checkpoint has none of them): box heads whose last layer is zero (boxes never
+    leave the encoder's fixed anchors, and no gradient reaches the layers before), fusion gates
+    at 1e-4 (the image<->text fusion is switched off), and query / text features of norm
+    sqrt(d_model) whose dot products saturate every class score at the start."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            kind = type(module).__name__
+            if kind == "GroundingDinoMLPPredictionHead":
+                module.layers[-1].weight.normal_(0.0, 0.1)
+            elif kind == "GroundingDinoFusionLayer":
+                module.vision_param.fill_(0.1)
+                module.text_param.fill_(0.1)
+        model.model.decoder.layer_norm.weight.mul_(0.2)
+        model.model.enc_output_norm.weight.mul_(0.2)
+
+
 def build_tiny(out_dir: Path) -> None:
     """A random GroundingDinoForObjectDetection with a local WordPiece tokenizer and the PIL
     image processor (64x64 images), saved as a Hub checkpoint is laid out."""
@@ -94,6 +114,7 @@ def build_tiny(out_dir: Path) -> None:
         size={"height": TINY_SIDE, "width": TINY_SIDE}, do_pad=False)
     processor = GroundingDinoProcessor(image_processor=image_proc, tokenizer=tok)
     model = GroundingDinoForObjectDetection(tiny_config(len(tok)))
+    like_a_pretrained_checkpoint(model)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
 
