@@ -32,10 +32,13 @@ TINY_SIDE = 64  # the tiny twin's images are resized to this square
 # LoRA targets of the `detector` part, as name suffixes under `model` (full names such as
 # model.decoder.layers.0.encoder_attn_text.query): the image<->text fusion of the encoder,
 # the text enhancer's and decoder's self-attention, the decoder's cross-attention to the text
-# and the value/output projections of its deformable cross-attention to the image. The
+# and the value/output projections of its deformable cross-attention to the image, and the
+# language-guided query selection (`enc_output` and the encoder's proposal box head). The
 # deformable attention's sampling offsets and attention weights are left out (as in DINO
-# fine-tuning practice: small changes there move the sampling points), and the names never
-# reach into the backbones (Swin: attention.q_proj, BERT: attention.self.query).
+# fine-tuning practice: small changes there move the sampling points), and so is the decoder's
+# box head: its weights are tied to the detection head's (`bbox_embed`), so a merged adapter
+# there would also change the other copy's path. The names never reach into the backbones
+# (Swin: attention.q_proj, BERT: attention.self.query).
 DETECTOR_TARGETS = (
     "fusion_layer.attn.vision_proj", "fusion_layer.attn.text_proj",
     "fusion_layer.attn.values_vision_proj", "fusion_layer.attn.values_text_proj",
@@ -43,6 +46,8 @@ DETECTOR_TARGETS = (
     "self_attn.query", "self_attn.key", "self_attn.value", "self_attn.out_proj",
     "encoder_attn_text.query", "encoder_attn_text.key", "encoder_attn_text.value",
     "encoder_attn_text.out_proj", "encoder_attn.value_proj", "encoder_attn.output_proj",
+    "enc_output", "encoder_output_bbox_embed.layers.0", "encoder_output_bbox_embed.layers.1",
+    "encoder_output_bbox_embed.layers.2",
 )
 
 
@@ -85,22 +90,24 @@ def tiny_config(vocab_size: int):
 
 def like_a_pretrained_checkpoint(model) -> None:
     """Undo the parts of transformers' from-scratch init that leave an adapter nothing to steer
-    (a released checkpoint has none of them): box heads whose last layer is zero (boxes never
-    leave the encoder's fixed anchors, and no gradient reaches the layers before), fusion gates
-    at 1e-4 (the image<->text fusion is switched off), and query / text features of norm
-    sqrt(d_model) whose dot products saturate every class score at the start."""
+    (a released checkpoint has none of them): box heads whose last layer is zero and inner
+    layers at std 0.02 (boxes never leave the encoder's fixed anchors, and almost no gradient
+    reaches the layers before), fusion gates
+    at 1e-4 (the image<->text fusion is switched off)."""
     import torch
 
     with torch.no_grad():
         for module in model.modules():
             kind = type(module).__name__
             if kind == "GroundingDinoMLPPredictionHead":
-                module.layers[-1].weight.normal_(0.0, 0.1)
+                # He init inside (at transformers' 0.02 two ReLU layers shrink the signal
+                # ~100x), a small last layer: box deltas start near 0.3 in logit space
+                for layer in module.layers[:-1]:
+                    layer.weight.normal_(0.0, (2.0 / layer.in_features) ** 0.5)
+                module.layers[-1].weight.normal_(0.0, 0.05)
             elif kind == "GroundingDinoFusionLayer":
                 module.vision_param.fill_(0.1)
                 module.text_param.fill_(0.1)
-        model.model.decoder.layer_norm.weight.mul_(0.2)
-        model.model.enc_output_norm.weight.mul_(0.2)
 
 
 def build_tiny(out_dir: Path) -> None:
