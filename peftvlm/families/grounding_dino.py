@@ -150,11 +150,11 @@ SPEC = FamilySpec(
     reference_checkpoint="IDEA-Research/grounding-dino-tiny",
     build_tiny=build_tiny,
     model_class=model_class,
-    refused_methods=tuple((m, "a CLIP-family classification method; Grounding DINO is a "
-                              "detector: train it with lora, dora or vera")
-                          for m in ("coop", "vpt", "clip_adapter")) + (
+    refused_methods=(
+        ("per_part", "per-part learning rates and vision prompts are for generative VLMs: "
+                     "use lora with method.target"),
         ("qlora", "4-bit quantization of the detector is not supported: use lora (the model "
                   "is small: 172 M parameters for grounding-dino-tiny)"),
-        ("per_part", "per-part learning rates and vision prompts are for generative VLMs: "
-                     "use lora with method.target")),
+    ) + tuple((m, "a CLIP-family classification method; Grounding DINO is a detector: train it "
+                  "with lora, dora or vera") for m in ("coop", "vpt", "clip_adapter")),
 )
