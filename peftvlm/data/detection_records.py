@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftvlm.data.boxes import clip_box, read_box
+from peftvlm.data.readers import load_saved_split
 from peftvlm.data.rows import BadRow, BadRowReport, enforce_policy
 from peftvlm.data.sources import image_size, resolve_image
 from peftvlm.errors import DataError
@@ -131,8 +132,6 @@ def checked_record(raw: dict, root: Path) -> dict:
 def dataset_rows(src, base_dir: Path) -> tuple[list[tuple[str, dict]], list[str]]:
     """(row id, raw record) per row of a `datasets` split with `image` + `objects` columns, and
     the ClassLabel names of `objects.category`."""
-    from peftvlm.data.readers import load_saved_split
-
     folder = base_dir / src.dataset
     if folder.is_dir():
         data = load_saved_split(folder, src.split)[0]
