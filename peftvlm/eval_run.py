@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftvlm.data.collate import ConversationCollator
-from peftvlm.data.loading import prepare_data
+from peftvlm.data.pipeline import prepare_data
 from peftvlm.errors import DataError, RecipeError, RunError
 from peftvlm.eval_report import (answer_classes, compare, per_class_accuracy, prediction_rows,
                                  write_outputs)
@@ -27,7 +27,7 @@ from peftvlm.evaluate import evaluate_rows, generation_kwargs
 from peftvlm.kinds import kind_for
 from peftvlm.models import load_base
 from peftvlm.registry import get_method
-from peftvlm.runs import read_summary
+from peftvlm.runs import read_run_folder
 
 SPLITS = {"test": "data.eval (the held-out rows scored during training)",
           "train": "data.train (the training rows, after the length filter)"}
@@ -78,10 +78,7 @@ def check_request(recipe, split: str) -> None:
 
 def check_run(recipe, run_dir: Path) -> dict:
     """The run folder exists, finished, and was trained from this recipe's model and method."""
-    if not run_dir.is_dir():
-        raise RunError(f"run folder {run_dir} does not exist",
-                       hint="train it first: peftvlm train RECIPE -o RUN_DIR")
-    summary = read_summary(run_dir)
+    summary = read_run_folder(run_dir).summary
     expected = {"model": recipe.model.id, "method": recipe.method.name}
     wrong = {k: v for k, v in expected.items() if summary.get(k) != v}
     if wrong:

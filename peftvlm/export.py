@@ -26,13 +26,13 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peftvlm.errors import ExportError, PeftVLMError
+from peftvlm.errors import ExportError, RunError
 from peftvlm.export_serving import prepare_for_serving
 from peftvlm.export_staging import Staging
 from peftvlm.kinds import kind_for
 from peftvlm.registry import get_method
-from peftvlm.runs import write_json
-from peftvlm.safe_yaml import AliasBombError, load_yaml
+from peftvlm.runs import RunFolder as Run  # a finished run folder, read back
+from peftvlm.runs import read_run_folder, write_json
 from peftvlm.export_checks import (check_adapter_effect, check_adapter_files, check_generation,
                                    check_merged_files, check_weights_changed, compare_logits,
                                    device, encode_rows, generate_text, logits_of, probe_rows,
@@ -43,15 +43,6 @@ PROCESSOR_FILES = ("chat_template.jinja", "chat_template.json", "processor_confi
                    "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 
-
-@dataclass
-class Run:
-    """A finished run folder, read back: its recipe, summary and adapter folder."""
-
-    dir: Path
-    recipe: object
-    summary: dict
-    adapter_dir: Path
 
 
 @dataclass
@@ -213,36 +204,14 @@ def own_exporter(info):
 # --- reading the run and the options ---------------------------------------------------------
 
 def read_run(run_dir: str | Path) -> Run:
-    """The run folder's recipe, summary and adapter; a clear error for anything missing."""
-    from peftvlm.recipe import validate_recipe_dict
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ExportError(f"run folder {run_dir} does not exist",
-                          hint="give the folder `peftvlm train` wrote (runs/<name> by default)")
-    if not (run_dir / "summary.json").exists():
-        raise ExportError(f"{run_dir} has no summary.json: the run is unfinished (or not a run)",
-                          hint="finish it with `peftvlm train RECIPE --resume`, then export")
-    adapter_dir = run_dir / "adapter"
-    if not adapter_dir.is_dir():
-        raise ExportError(f"{run_dir} has no adapter/ folder to export",
-                          hint="the run folder is incomplete: train it again with --overwrite")
-    recipe_file = run_dir / "recipe.yaml"
-    if not recipe_file.exists():
-        raise ExportError(f"{run_dir} has no recipe.yaml", hint="the run folder is incomplete")
+    """The run folder's recipe, summary and adapter (`runs.read_run_folder`, the one reader);
+    what is missing or damaged is an ExportError."""
     try:
-        recipe = validate_recipe_dict(load_yaml(recipe_file.read_text()), str(recipe_file))
-    except PeftVLMError as exc:
-        raise ExportError(f"{recipe_file} does not validate: {exc.message}") from exc
-    except AliasBombError as exc:  # a run folder may come from elsewhere
-        raise ExportError(f"{recipe_file}: refused: {exc}") from None
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{run_dir / 'summary.json'} is not valid JSON ({exc.msg}, line "
-                          f"{exc.lineno})",
-                          hint="the run folder is damaged: train it again") from exc
-    return Run(run_dir, recipe, summary, adapter_dir)
+        run = read_run_folder(run_dir)
+        run.recipe  # noqa: B018  (read now: a broken recipe.yaml fails before any model loads)
+    except RunError as exc:
+        raise ExportError(exc.message, hint=exc.hint) from None
+    return run
 
 
 def resolve_options(run: Run, merge, out, dtype, push_to_hub, private, wandb_merged,

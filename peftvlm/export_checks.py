@@ -29,7 +29,8 @@ def device():
 def probe_rows(recipe, family) -> tuple[list[dict], str]:
     """A few held-out rows of the recipe, rendered as in training (training rows if it has no
     held-out data; a drawn image if its data cannot be read from here)."""
-    from peftvlm.data.loading import load_source, recipe_sources, with_system_prompt
+    from peftvlm.data.loading import load_source, recipe_sources
+    from peftvlm.data.rows import with_system_prompt
 
     try:
         train_sources, eval_sources = recipe_sources(recipe)

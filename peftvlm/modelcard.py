@@ -20,7 +20,10 @@ def write_model_card(out: Path, run, report: dict, repo_id: str | None = None) -
     """Write `out/README.md`; the snippet loads `repo_id` when pushing, else the folder itself
     (by its path relative to the run folder: cards never carry this machine's paths)."""
     path = out / "README.md"
-    path.write_text(build_model_card(run, report, repo_id or portable_path(out, run.dir)))
+    # `out` may be relative to the working directory (`peftvlm export runs/q`): resolve it
+    # first, so the card names it relative to the run folder, as a string.
+    path.write_text(build_model_card(run, report,
+                                     repo_id or portable_path(Path(out).resolve(), run.dir)))
     return path
 
 

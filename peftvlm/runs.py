@@ -27,9 +27,14 @@ import shutil
 import socket
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftvlm.errors import RunError
+import yaml
+
+from peftvlm.errors import PeftVLMError, RunError
+from peftvlm.recipe import validate_recipe_dict
+from peftvlm.safe_yaml import AliasBombError, load_yaml
 
 MARKER, LOCK = ".peftvlm-run", ".peftvlm-lock"
 _HELD: dict[Path, int] = {}  # resolved run folder -> fd of the lock file this process holds
@@ -190,17 +195,143 @@ def read_summary(run_dir: Path) -> dict:
     """A finished run's summary.json; a missing or damaged one is a RunError."""
     path = Path(run_dir) / "summary.json"
     if not path.exists():
-        raise RunError(f"{run_dir} has no summary.json: the run is missing or unfinished",
+        raise RunError(f"{run_dir} has no summary.json: the run is unfinished (or not a run)",
                        hint="finish it with `peftvlm train RECIPE --resume`")
     try:
         summary = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunError(f"{path} is damaged (not valid JSON: {exc})",
-                       hint="train the run again with --overwrite") from None
+        where = f", line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise RunError(f"{path} is not valid JSON ({getattr(exc, 'msg', exc)}{where}): the run "
+                       "folder is damaged", hint="train the run again with --overwrite") from None
     if not isinstance(summary, dict):
         raise RunError(f"{path} is damaged (not a JSON object)",
                        hint="train the run again with --overwrite")
     return summary
+
+
+# --- reading a run folder (or an export of one) back ----------------------------------------
+
+RUN, MERGED, ADAPTER = "run", "merged", "adapter"  # what a folder holds: `RunFolder.layout`
+
+
+@dataclass
+class RunFolder:
+    """A folder read back: a finished run (`layout` "run": summary.json, recipe.yaml, adapter/),
+    a merged export ("merged": config.json + *.safetensors, inside its run folder when known) or
+    an adapter export ("adapter": adapter_config.json). The one reader of run folders: export,
+    eval, predict, serve and the demo all open them with `read_run_folder`."""
+
+    path: Path
+    layout: str
+    summary: dict = field(default_factory=dict)
+    export_report: dict = field(default_factory=dict)
+    _recipe: object = field(default=None, repr=False)
+
+    @property
+    def dir(self) -> Path:
+        return self.path
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run folder (for an export: the run it was written into, when it is there)."""
+        if self.layout == RUN:
+            return self.path
+        parent = self.path.resolve().parent
+        return parent if (parent / "summary.json").exists() else None
+
+    @property
+    def adapter_dir(self) -> Path | None:
+        return self.path / "adapter" if self.layout == RUN else None
+
+    @property
+    def recipe(self):
+        """The run's recipe.yaml, validated (read once, on first use); None for an export whose
+        run folder is not around it."""
+        if self._recipe is None and self.run_dir is not None:
+            self._recipe = read_run_recipe(self.run_dir)
+        return self._recipe
+
+    @recipe.setter
+    def recipe(self, value) -> None:
+        self._recipe = value
+
+    @property
+    def name(self) -> str:
+        if self.recipe is not None and self.recipe.name:
+            return self.recipe.name + ("-merged" if self.layout == MERGED else "")
+        return self.path.resolve().name
+
+
+def folder_layout(path: Path) -> str | None:
+    """What `path` holds, from its files alone: RUN, MERGED, ADAPTER, "unfinished" or None."""
+    if (path / "summary.json").exists():
+        return RUN
+    if (path / "config.json").exists() and any(path.glob("*.safetensors")):
+        return MERGED
+    if (path / "adapter_config.json").exists():
+        return ADAPTER
+    if is_run_dir(path) or (path / "recipe.yaml").exists() or (path / "adapter").is_dir():
+        return "unfinished"
+    return None
+
+
+def read_run_folder(path: str | Path, accept: tuple[str, ...] = (RUN,)) -> RunFolder:
+    """Read `path` as one of the `accept`ed layouts, or a RunError saying what it is instead.
+    A run's summary and adapter/ are checked here; its recipe when first used."""
+    path = Path(path)
+    if not path.exists():
+        raise RunError(f"run folder {path} does not exist",
+                       hint="give the folder `peftvlm train` wrote (runs/<name> by default), "
+                            "or train it first: peftvlm train RECIPE -o RUN_DIR")
+    if not path.is_dir():
+        raise RunError(f"{path} is not a folder", hint="give a run folder (runs/<name>)" + (
+            " or a merged export (runs/<name>/merged)" if MERGED in accept else ""))
+    layout = folder_layout(path)
+    if layout not in accept:
+        raise wrong_layout(path, layout, accept)
+    if layout == RUN:
+        summary = read_summary(path)
+        if not (path / "adapter").is_dir():
+            raise RunError(f"{path} has no adapter/ folder",
+                           hint="the run folder is incomplete: train it again with --overwrite")
+        return RunFolder(path, RUN, summary)
+    report = path / "export_report.json"
+    folder = RunFolder(path, layout,
+                       export_report=json.loads(report.read_text()) if report.exists() else {})
+    if folder.run_dir is not None:
+        folder.summary = read_summary(folder.run_dir)
+    return folder
+
+
+def wrong_layout(path: Path, layout: str | None, accept: tuple[str, ...]) -> RunError:
+    if layout == "unfinished" or (layout is None and accept == (RUN,)):
+        return RunError(f"{path} has no summary.json: the run is unfinished (or not a run)",
+                        hint="finish it with `peftvlm train RECIPE --resume`")
+    if layout == ADAPTER and MERGED in accept:
+        return RunError(f"{path} is an adapter-only export: give the run folder it came from, "
+                        "or a merged export", hint="merge it: peftvlm export RUN --merge")
+    if layout in (MERGED, ADAPTER):
+        return RunError(f"{path} is a{' merged' if layout == MERGED else 'n adapter'} export, "
+                        "not a run folder", hint=f"give the run folder it came from "
+                                                 f"({path.resolve().parent})")
+    return RunError(f"{path} is neither a run folder (summary.json) nor a merged export "
+                    "(config.json + *.safetensors)",
+                    hint="train with `peftvlm train`, or export with `peftvlm export RUN --merge`")
+
+
+def read_run_recipe(run_dir: Path):
+    """The run's recipe.yaml, validated; missing, unreadable or invalid is a RunError."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.exists():
+        raise RunError(f"{run_dir} has no recipe.yaml", hint="the run folder is incomplete")
+    try:  # a run folder may come from elsewhere: alias expansion bounded
+        return validate_recipe_dict(load_yaml(path.read_text()), str(path))
+    except AliasBombError as exc:
+        raise RunError(f"{path}: refused: {exc}", hint="the run folder is damaged") from None
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise RunError(f"{path} cannot be read: {exc}", hint="the run folder is damaged") from None
+    except PeftVLMError as exc:
+        raise RunError(f"{path} does not validate: {exc.message}", hint=exc.hint) from exc
 
 
 def loss_history(log_history: list[dict]) -> tuple[list[int], list[float]]:

@@ -63,7 +63,7 @@ def child(recipe_path: str) -> None:
     """One start in this process: prints seconds, rows and RSS (MB) as JSON."""
     import resource
 
-    from peftvlm.data.loading import prepare_data
+    from peftvlm.data.pipeline import prepare_data
     from peftvlm.data.report import processor_collator
     from peftvlm.recipe import load_recipe
 

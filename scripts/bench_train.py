@@ -58,7 +58,7 @@ def packed_batch(batch: int) -> int:
     """Packed rows per step holding about the tokens of `batch` unpadded rows (the mean row
     length from the cached `length` column, which the run then reads warm)."""
     from peftvlm.data.collate import ConversationCollator
-    from peftvlm.data.loading import prepare_data
+    from peftvlm.data.pipeline import prepare_data
     from peftvlm.models import load_base
     from peftvlm.recipe import validate_recipe_dict
 

@@ -86,8 +86,15 @@ def cli_in_process(capsys, monkeypatch):
 SHARED_RUN_FILES = {"test_quickstart.py", "test_serve.py", "test_demo.py"}
 
 
-def work_unit(file_name: str) -> str:
-    """The xdist work unit of a test file: the file itself, or its shared-run group."""
+# Files of independent CLI runs (one per family) with no shared fixture: each test is its own
+# unit, so both workers share them.
+PER_TEST_FILES = {"test_train_every_family.py"}
+
+
+def work_unit(file_name: str, nodeid: str = "") -> str:
+    """The xdist work unit of a test: its file, its shared-run group, or (PER_TEST_FILES) itself."""
+    if file_name in PER_TEST_FILES and nodeid:
+        return nodeid
     return "quickstart-run" if file_name in SHARED_RUN_FILES else file_name
 
 
@@ -101,7 +108,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class FileUnits(LoadScopeScheduling):
         def _split_scope(self, nodeid):
-            return work_unit(nodeid.split("::", 1)[0].rsplit("/", 1)[-1])
+            return work_unit(nodeid.split("::", 1)[0].rsplit("/", 1)[-1], nodeid)
 
     config.option.loadscopereorder = False
     return FileUnits(config, log)

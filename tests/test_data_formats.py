@@ -390,7 +390,7 @@ def test_parquet_and_dataset_rows_are_named_by_their_place_in_the_file(tmp_path,
     and a `datasets` row by its index in the whole split, also when the split is sliced."""
     import datasets
 
-    from peftvlm.data.loading import prepare_data
+    from peftvlm.data.pipeline import prepare_data
     from peftvlm.data.report import preview
 
     task_images(tmp_path)

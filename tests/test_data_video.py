@@ -12,7 +12,8 @@ from PIL import Image
 
 from data_helpers import data_cache  # noqa: F401
 from peftvlm.data.lengths import collator_lengths, token_lengths
-from peftvlm.data.loading import load_rows, prepare_data
+from peftvlm.data.loading import load_rows
+from peftvlm.data.pipeline import prepare_data
 from peftvlm.errors import DataError
 from peftvlm.recipe import validate_recipe_dict
 

@@ -196,7 +196,7 @@ def test_an_epoch_of_packed_training_is_one_pass_over_the_bins(tmp_path):
 def test_grouping_uses_cached_lengths_of_rows_or_of_bins(tmp_path):
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from peftvlm.data.loading import prepare_data
+    from peftvlm.data.pipeline import prepare_data
     from peftvlm.models import load_base
     from peftvlm.trainers.sft import build_trainer, sft_config
 

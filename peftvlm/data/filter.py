@@ -28,17 +28,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftvlm.data.filtered import FilterSettings, settings, unfiltered
+from peftvlm.data.images import load_rgb
 from peftvlm.errors import DataError, RecipeError
 
 LOWEST_SHOWN = 5
-
-
-@dataclass
-class FilterSettings:
-    min_score: float
-    model_id: str
-    batch_size: int
-    out_dir: Path
 
 
 @dataclass
@@ -47,24 +41,6 @@ class Pair:
     caption: str
     source: str
     row: int  # the image's index within its source
-
-
-def settings(recipe, clipscore: float | None = None, model: str | None = None,
-             batch_size: int | None = None, output: str | None = None) -> FilterSettings:
-    """Command-line values over the recipe's `data.filter`, over the defaults."""
-    cfg = recipe.data.filter
-    min_score = clipscore if clipscore is not None else cfg and cfg.clipscore
-    if min_score is None:
-        raise RecipeError(f"{recipe.source_path}: no CLIPScore threshold",
-                          hint="pass --clipscore MIN (e.g. 0.7) or set data.filter.clipscore")
-    out = output or (cfg and cfg.output) or str(Path("runs") / f"{recipe.name}-filtered")
-    return FilterSettings(float(min_score), model or (cfg and cfg.model) or recipe.model.id,
-                          batch_size or (cfg.batch_size if cfg else 64), Path(out))
-
-
-def unfiltered(recipe):
-    """The recipe as written, without `data.filter` (so its own train sources are read)."""
-    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"filter": None})})
 
 
 def read_pairs(recipe) -> tuple[list[Pair], dict]:
@@ -155,7 +131,6 @@ def score_pairs(pairs: list[Pair], s: FilterSettings, state: dict, log) -> list[
     from tqdm.auto import tqdm
 
     from peftvlm.metrics.clipscore import clip_scores_per_caption
-    from peftvlm.data.pairs import open_rgb
 
     out = s.out_dir
     if state["pairs_done"] < len(pairs):
@@ -165,7 +140,7 @@ def score_pairs(pairs: list[Pair], s: FilterSettings, state: dict, log) -> list[
         bar = tqdm(total=len(pairs), initial=state["pairs_done"], desc="scoring pairs")
         with (out / "scores.jsonl").open("a") as f:
             for batch in groups_from(pairs, state["pairs_done"], s.batch_size):
-                images = [open_rgb(pairs[i].image) for i, _ in batch]
+                images = [load_rgb(pairs[i].image) for i, _ in batch]
                 captions = [[p.caption for p in pairs[i:j]] for i, j in batch]
                 scores = clip_scores_per_caption(model, processor, images, captions,
                                                  s.batch_size)
@@ -190,12 +165,10 @@ def image_file(image, out: Path, index: int) -> str:
     """An absolute path for a kept pair's image (in-memory images are written as PNG)."""
     if isinstance(image, str):
         return image
-    from peftvlm.data.pairs import open_rgb
-
     path = out / "images" / f"{index:08d}.png"
     if not path.exists():
         path.parent.mkdir(exist_ok=True)
-        open_rgb(image).save(path)
+        load_rgb(image).save(path)
     return str(path.resolve())
 
 
@@ -259,21 +232,3 @@ def run_filter(recipe, clipscore: float | None = None, model: str | None = None,
                                                          "histogram.png", "report.json")}}
     (s.out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def filtered_sources(recipe) -> list:
-    """The kept pairs as the training source of a recipe with `data.filter`."""
-    from peftvlm.recipe import SourceConfig
-
-    s = settings(recipe)
-    report_file = s.out_dir / "report.json"
-    rerun = f"run `peftvlm data filter {recipe.source_path or 'RECIPE'}` first"
-    if not report_file.exists():
-        raise DataError(f"data.filter: {s.out_dir} holds no filtered pairs yet", hint=rerun)
-    report = json.loads(report_file.read_text())
-    if report["min_score"] != s.min_score or report["model"] != s.model_id:
-        raise DataError(f"data.filter: {s.out_dir} was filtered at {report['min_score']} with "
-                        f"{report['model']}, the recipe asks {s.min_score} with {s.model_id}",
-                        hint=rerun + " (scores are reused: only the kept set is rewritten)")
-    return [SourceConfig(path=str((s.out_dir / "kept.jsonl").resolve()),
-                         image_root=report["image_root"], template="caption")]

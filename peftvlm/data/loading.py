@@ -27,9 +27,10 @@ from pathlib import Path
 
 from peftvlm.data import table
 from peftvlm.data.boxes import box_format_for
+from peftvlm.data.filtered import filtered_sources, unfiltered
 from peftvlm.data.readers import open_source, take
 from peftvlm.data.sources import resolve_image, to_conversation
-from peftvlm.data.rows import BadRow, BadRowReport, enforce_policy
+from peftvlm.data.rows import BadRow, BadRowReport, enforce_policy, with_system_prompt
 from peftvlm.data.table import Rows
 from peftvlm.errors import DataError
 
@@ -83,8 +84,6 @@ def recipe_sources(recipe):
     `data.filter`, training reads the pairs `peftvlm data filter` kept."""
     data = recipe.data
     if data.filter is not None:
-        from peftvlm.data.filter import filtered_sources, unfiltered
-
         return filtered_sources(recipe), recipe_sources(unfiltered(recipe))[1]
     if data.synthetic is None:
         return data.train or [], data.eval or []
@@ -476,27 +475,6 @@ def load_section(sources, data_cfg, base_dir: Path, box_format: str, section: st
     return rows, report, [p.info(section, u) for p, u in zip(loaded, used)]
 
 
-def with_system_prompt(rows, prompt: str | None) -> list[dict]:
-    if not prompt:
-        return rows
-    system = {"role": "system", "content": [{"type": "text", "text": prompt}]}
-    return [r if r["messages"][0]["role"] == "system"
-            else {**r, "messages": [system, *r["messages"]]} for r in rows]
-
-
-def encoded_image(image) -> dict:
-    """A checked image as `{"bytes", "path"}` (the Arrow struct; PIL images are PNG-encoded)."""
-    if isinstance(image, str):
-        return {"bytes": None, "path": image}
-    if isinstance(image, dict):
-        return {"bytes": image.get("bytes"), "path": image.get("path")}
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return {"bytes": buffer.getvalue(), "path": None}
-
-
 def load_rows(recipe, box_format: str = "norm1", collator=None) -> PreparedData:
     """Checked conversations of the recipe's train and eval sources (no length filter yet);
     with a collator, training rows carry their token lengths."""
@@ -586,12 +564,8 @@ def drop_unfit_rows(rows, family, policy: str, what: str, report: dict):
     return rows.select(keep) if hasattr(rows, "select") else [rows[i] for i in keep]
 
 
-def prepare_data(recipe, collator) -> PreparedData:
+def prepare_rows(recipe, collator) -> PreparedData:
     """Load, check and length-filter the recipe's rows; bad rows never crash training later."""
-    if recipe.data.streams():  # rows read as training goes (data/streaming.py)
-        from peftvlm.data.streaming import prepare_streaming
-
-        return prepare_streaming(recipe, collator)
     from peftvlm.data.video import check_video_support
 
     data = load_rows(recipe, box_format_for(collator.family, collator.processor), collator)

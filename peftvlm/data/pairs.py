@@ -78,17 +78,4 @@ def pairs_from_rows(rows: list[dict], what: str) -> Pairs:
     return Pairs(images, captions)
 
 
-def open_rgb(image):
-    """An RGB PIL image from a path, `{"bytes"|"path"}` dict or PIL image."""
-    import io
-
-    from PIL import Image
-
-    if isinstance(image, dict):
-        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    with Image.open(image) as im:
-        return im.convert("RGB")
-
 

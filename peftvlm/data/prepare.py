@@ -44,7 +44,7 @@ def rendered_entries(records, renderer, system_prompt: str | None):
     """(entry, row) per row of each record, in order, or (entry, None) for a bad record.
     `records` is 1 on the first entry a record makes (a template may make several rows of one
     record), so its sum is the number of records read."""
-    from peftvlm.data.loading import with_system_prompt
+    from peftvlm.data.rows import with_system_prompt
 
     for row_id, record in records:
         try:

@@ -34,7 +34,7 @@ def preview(recipe, n: int = 3, console=None) -> list[dict]:
     from rich.console import Console
     from rich.rule import Rule
 
-    from peftvlm.data.loading import prepare_data
+    from peftvlm.data.pipeline import prepare_data
     from peftvlm.data.preview import render_example
 
     console = console or Console()

@@ -55,3 +55,11 @@ def enforce_policy(report: BadRowReport, policy: str, what: str) -> None:
     if report.total and policy == "error":
         raise DataError(f"{what}: {report.total} bad row(s): {report.describe()}",
                         hint="fix those rows, or set data.on_bad_row: skip to drop and count them")
+
+
+def with_system_prompt(rows, prompt: str | None) -> list[dict]:
+    if not prompt:
+        return rows
+    system = {"role": "system", "content": [{"type": "text", "text": prompt}]}
+    return [r if r["messages"][0]["role"] == "system"
+            else {**r, "messages": [system, *r["messages"]]} for r in rows]

@@ -299,7 +299,7 @@ class StreamSource:
 
     def rows(self, example: dict, system_prompt: str | None) -> list[dict]:
         """The conversation rows of one raw record (a template may make several)."""
-        from peftvlm.data.loading import with_system_prompt
+        from peftvlm.data.rows import with_system_prompt
 
         piece = self.renderer.render(example["row_id"], self.record(example))
         return with_system_prompt(self.renderer.conversations([piece]), system_prompt)

@@ -424,7 +424,7 @@ def open_training_stream(recipe, collator, rank: int | None = None,
 
 
 def prepare_streaming(recipe, collator):
-    """`loading.prepare_data` for a streamed run: the training stream, and the held-out rows read
+    """`pipeline.prepare_data` for a streamed run: the training stream, and the held-out rows read
     whole and checked as `prepare_data` checks them."""
     from peftvlm.data.loading import drop_unfit_rows, load_section, recipe_sources
     from peftvlm.data.rows import enforce_policy

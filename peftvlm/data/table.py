@@ -14,10 +14,12 @@ reads no row, `rows.dataset` is what the trainer gets.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
 
 def arrow_schema():
     import pyarrow as pa
@@ -28,10 +30,15 @@ def arrow_schema():
 
 
 def image_struct(image) -> dict:
-    """A checked image (path, `{"bytes"}` dict or PIL image) as the Arrow struct."""
-    from peftvlm.data.loading import encoded_image
-
-    return encoded_image(image)
+    """A checked image (path, `{"bytes"}` dict or PIL image) as the Arrow `{"bytes", "path"}`
+    struct: paths stay paths, PIL images are PNG-encoded."""
+    if isinstance(image, str):
+        return {"bytes": None, "path": image}
+    if isinstance(image, dict):
+        return {"bytes": image.get("bytes"), "path": image.get("path")}
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
 
 
 def arrow_row(row: dict) -> dict:

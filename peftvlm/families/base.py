@@ -144,6 +144,10 @@ class FamilySpec:
     # is isolated per conversation by restarting `position_ids` (transformers builds the
     # block-diagonal mask from them on CPU/SDPA, and flash-attention's varlen path on GPU).
     packing_refusal: str | None = None
+    # Why TRL's fused LM head (SFTTrainer projects the backbone's `last_hidden_state` itself)
+    # cannot run on this family's forward, or None; training then derives the same per-token
+    # outputs from the model's own logits (`peftvlm.trainers.lm_head`).
+    unfused_lm_head: str | None = None
     # `packed_positions(model, batch) -> (k, rows, tokens)`: for a family whose rotary
     # positions are not just token order (Qwen-VL's 3-D M-RoPE), each row's own positions as
     # the model computes them for the right-padded training `batch`; packing lays them end to

@@ -99,6 +99,11 @@ SPEC = FamilySpec(
                     "text; packed rows would carry several; use train.group_by_length",
     dummy_image_refusal="every BLIP-2 row has exactly one image (images_per_row), so text-only "
                         "batches never occur",
+    # TRL's fused head runs `model.base_model` for the hidden states; BLIP-2 has no separate
+    # backbone module (base_model is the model itself), so it returns the full forward's output,
+    # which carries logits but no `last_hidden_state`
+    unfused_lm_head="BLIP-2's forward (vision, Q-Former, projection, then the OPT language "
+                    "model) has no backbone that returns the language model's hidden states",
     refused_methods=(("per_part", "the Q-Former cross-attends to every ViT token and the language "
                       "model sees only its 32 queries: VPT prompt tokens in the ViT would not "
                       "reach the language model as prompts"),),

@@ -79,20 +79,34 @@ class FramesVideoProcessor:
                              "video_grid_thw": np.array(grids, dtype=np.int64),
                              "video_metadata": timing})
 
-    def target_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
+    def _merge_and_standardize_kwargs(self, **videos_kwargs) -> dict:
+        """The settings a processor call uses: its `videos_kwargs` over this processor's own, with
+        `size` as {shortest_edge, longest_edge} pixels. transformers' video-processor API: since
+        5.25 the processors' `_get_num_multimodal_tokens` reads `merge_size` from it and passes
+        it back to `get_num_of_video_patches`."""
+        settings = {name: getattr(self, name) for name in self.SETTINGS}
+        settings["size"] = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+        settings.update({k: v for k, v in videos_kwargs.items() if v is not None})
+        return settings
+
+    def target_size(self, num_frames: int, height: int, width: int,
+                    settings: dict | None = None) -> tuple[int, int]:
         """(height, width) every frame is resized to: Qwen2-VL's `smart_resize` per frame."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-        return smart_resize(height, width, factor=self.patch_size * self.merge_size,
-                            min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        s = settings or self._merge_and_standardize_kwargs()
+        return smart_resize(height, width, factor=s["patch_size"] * s["merge_size"],
+                            min_pixels=s["size"]["shortest_edge"],
+                            max_pixels=s["size"]["longest_edge"])
 
     def get_num_of_video_patches(self, num_frames: int, height: int, width: int,
                                  videos_kwargs=None) -> int:
         """Patches of a clip of this size (transformers' video-processor API, which the
         processor's `_get_num_multimodal_tokens` calls)."""
-        h, w = self.target_size(num_frames, height, width)
-        t = self.temporal_patch_size
-        return -(-num_frames // t) * (h // self.patch_size) * (w // self.patch_size)
+        s = self._merge_and_standardize_kwargs(**(videos_kwargs or {}))
+        h, w = self.target_size(num_frames, height, width, s)
+        return -(-num_frames // s["temporal_patch_size"]) * (h // s["patch_size"]) \
+            * (w // s["patch_size"])
 
     def frames(self, video):
         """(T, H, W, 3) uint8 -> (T, 3, h, w) float32, resized and normalised."""

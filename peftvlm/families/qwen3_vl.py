@@ -8,7 +8,10 @@ Like Qwen2-VL, the stock processor wants a torchvision video processor: `process
 the image-only subclass, carrying `Qwen3FramesVideoProcessor` (NumPy) for rows with videos. The
 processor itself (transformers' `Qwen3VLProcessor.replace_video_token`) writes each temporal
 patch of a clip as `<t seconds><|vision_start|><|video_pad|>...<|vision_end|>`, t the mean
-timestamp of the patch's frames, from the clip's `video_metadata` (peftvlm.data.video.metadata).
+timestamp of the patch's frames, from the clip's `video_metadata` (peftvlm.data.video.metadata);
+since transformers 5.25 these replace the template's own `<|vision_start|><|video_pad|>
+<|vision_end|>` wrapper instead of nesting inside it. Token counts come from the processor, so
+training and the length checks follow whichever rendering the installed release uses.
 """
 
 from __future__ import annotations
@@ -32,15 +35,18 @@ class Qwen3FramesVideoProcessor(FramesVideoProcessor):
     video config's min / max pixels). Real checkpoints ship that config
     (`video_preprocessor_config.json`, 16 px patches); so does the tiny twin."""
 
-    def target_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
+    def target_size(self, num_frames: int, height: int, width: int,
+                    settings: dict | None = None) -> tuple[int, int]:
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
 
+        s = settings or self._merge_and_standardize_kwargs()
         # its smart_resize refuses a clip shorter than one temporal patch, which `patchify`
         # fills by repeating the last frame: size it as that filled clip
-        return smart_resize(max(num_frames, self.temporal_patch_size), height, width,
-                            temporal_factor=self.temporal_patch_size,
-                            factor=self.patch_size * self.merge_size,
-                            min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return smart_resize(max(num_frames, s["temporal_patch_size"]), height, width,
+                            temporal_factor=s["temporal_patch_size"],
+                            factor=s["patch_size"] * s["merge_size"],
+                            min_pixels=s["size"]["shortest_edge"],
+                            max_pixels=s["size"]["longest_edge"])
 
 
 def tiny_video_config(image_proc) -> dict:

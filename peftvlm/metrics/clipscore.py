@@ -9,8 +9,8 @@ and PIL images or image paths.
 
 from __future__ import annotations
 
-from pathlib import Path
 
+from peftvlm.data.images import load_rgb
 from peftvlm.metrics import mean, register
 
 CLIP_W = 2.5
@@ -34,13 +34,6 @@ def _text_features(model, processor, texts: list[str], batch_size: int):
     return torch.cat(out)
 
 
-def _load(image):
-    """A PIL image as is; a path is opened as RGB."""
-    if isinstance(image, (str, Path)):
-        from PIL import Image
-
-        return Image.open(image).convert("RGB")
-    return image
 
 
 def _image_features(model, processor, images: list, batch_size: int):
@@ -48,7 +41,7 @@ def _image_features(model, processor, images: list, batch_size: int):
 
     out = []
     for i in range(0, len(images), batch_size):
-        batch = processor(images=[_load(im) for im in images[i:i + batch_size]],
+        batch = processor(images=[load_rgb(im) for im in images[i:i + batch_size]],
                           return_tensors="pt").to(model.device, dtype=model.dtype)
         with torch.no_grad():
             out.append(_normalised(model.get_image_features(**batch)))

@@ -19,6 +19,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from peftvlm.runs import MERGED
+from peftvlm.data.images import load_rgb
 from peftvlm.errors import PeftVLMError, RunError
 
 TITLES = {"question": "Ask a question about an image", "caption": "Caption an image",
@@ -49,7 +51,7 @@ def recipe_summary(predictor) -> str:
     if summary.get("trainable_params"):
         lines.append(f"**trainable** {summary['trainable_params']:,} of "
                      f"{summary['total_params']:,} parameters")
-    if files.kind == "merged":
+    if files.layout == MERGED:
         lines.append(f"**serving** the merged export {files.path}")
     return "  \n".join(lines)
 
@@ -117,7 +119,7 @@ def responder(predictor, compare_base: bool):
     def respond(image, question):
         if image is None:
             raise gr.Error("Upload an image first (or click an example below).")
-        image = image.convert("RGB")
+        image = load_rgb(image)  # as training decoded its images (EXIF, alpha on white)
         if predictor.task == "retrieve":
             return rank_captions(predictor, image, question, compare_base)
         if predictor.task == "classify":

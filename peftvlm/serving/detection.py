@@ -20,8 +20,9 @@ from typing import Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from peftvlm.data.pairs import open_rgb
+from peftvlm.data.images import load_rgb
 from peftvlm.errors import DataError, PeftVLMError, RunError
+from peftvlm.runs import MERGED
 from peftvlm.trainers.detection import detect, load_data, load_detector, prompt_for
 from peftvlm.trainers.loop import ADAPTER_DIR
 
@@ -82,7 +83,7 @@ class DetectionPredictor:
         from peftvlm.serving.predictor import merged_model_config
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        if files.kind == "merged":
+        if files.layout == MERGED:
             loaded = load_detector(merged_model_config(files))
             return cls(files, loaded, loaded.model.to(device).eval(), None)
         loaded = load_detector(files.recipe.model, files.recipe.method.name)
@@ -143,7 +144,7 @@ class DetectionPredictor:
         """Per image (path or PIL image): detections `{label, score, box: [x1, y1, x2, y2]}`
         in the image's pixels, best first, scoring at least `threshold`."""
         classes = self.prompt(classes)
-        opened = [open_rgb(i) for i in images]
+        opened = [load_rgb(i) for i in images]
         records = [{"image": im, "width": im.width, "height": im.height} for im in opened]
         with self.lock, self.model_for(base) as model:
             found = detect(model, self.processor, records, classes)

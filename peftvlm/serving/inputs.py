@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from peftvlm.data.images import load_rgb
+from peftvlm.data.rows import BadRow
+
 
 @dataclass
 class ServerOptions:
@@ -137,16 +140,13 @@ def read_image_url(url: str, where: str, opts: ServerOptions):
 
 
 def decode_image(source, where: str, opts: ServerOptions):
-    """RGB PIL image, refused when over the pixel limit (read from the header, before the
-    pixels are decoded) or unreadable (PIL's message is not repeated: it can hold the path)."""
-    from PIL import Image, UnidentifiedImageError
-
+    """The image as training decoded it (`load_rgb`: EXIF, alpha on white, 16-bit scaled),
+    refused when over the pixel limit (read from the header, before the pixels are decoded)
+    or unreadable (the decoder's message is not repeated: it can hold the path)."""
     try:
-        with Image.open(source) as im:
-            if im.width * im.height > opts.max_image_pixels:
-                raise APIError(413, f"{where}: {im.width}x{im.height} is over "
-                                    f"{opts.max_image_pixels:,} pixels", where, "image_too_large")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError):
+        return load_rgb(source, where, max_pixels=opts.max_image_pixels)
+    except BadRow as exc:
+        if exc.reason == "image_too_large":
+            raise APIError(413, exc.detail, where, "image_too_large") from None
         raise APIError(400, f"{where}: not a readable image (PNG, JPEG, WebP, ...)", where,
                        "invalid_image") from None

@@ -109,7 +109,7 @@ def check_messages(req: ChatRequest, opts: ServerOptions, media_tokens: tuple[st
 def request_row(req: ChatRequest, opts: ServerOptions, system_prompt: str | None) -> dict:
     """The conversation as a training-format row (images in order), ending in an answer slot
     (call `check_messages` first: this decodes the images)."""
-    from peftvlm.data.loading import with_system_prompt
+    from peftvlm.data.rows import with_system_prompt
     from peftvlm.serving.predictor import with_answer_slot
 
     messages, images = [], []

@@ -24,6 +24,8 @@ import json
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from peftvlm.data.images import load_rgb
+from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError, RunError
 from peftvlm.serving.detection import detection_rows
 from peftvlm.serving.retrieval import RetrievalPredictor
@@ -59,15 +61,12 @@ def expand_images(specs: list[str]) -> list[Path]:
 
 def open_images(paths: list[Path], warn) -> list[tuple[Path, object]]:
     """(path, RGB image) of each readable image; unreadable ones are named and skipped."""
-    from PIL import Image, UnidentifiedImageError
-
     opened = []
     for path in paths:
         try:
-            with Image.open(path) as im:
-                opened.append((path, im.convert("RGB")))
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            warn(f"skipped {path}: not a readable image ({str(exc).splitlines()[0]})")
+            opened.append((path, load_rgb(path)))  # decoded as training decoded its images
+        except BadRow as exc:
+            warn(f"skipped {path}: not a readable image ({exc.detail})")
     return opened
 
 

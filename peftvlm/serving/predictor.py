@@ -20,85 +20,27 @@ builds one from an image and a question. Generation holds a lock: one model call
 from __future__ import annotations
 
 import functools
-import json
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 from peftvlm.errors import PeftVLMError, RunError
 from peftvlm.kinds import kind_for, kind_for_export
 from peftvlm.trainers.contrastive import Encoder, pooled
+from peftvlm.runs import MERGED, RUN, RunFolder, read_run_folder
 
 TASKS = ("question", "caption", "grounding", "classify")
 
 
-@dataclass
-class RunFiles:
-    """What a path points at: a run folder or a merged export, with its recipe and summary."""
-
-    path: Path
-    kind: str  # "run" | "merged"
-    recipe: object | None
-    summary: dict = field(default_factory=dict)
-    export_report: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        if self.recipe is not None and self.recipe.name:
-            return self.recipe.name + ("-merged" if self.kind == "merged" else "")
-        return self.path.resolve().name
-
-    @property
-    def run_dir(self) -> Path | None:
-        """The run folder (for a merged export: the run it came from, when known)."""
-        if self.kind == "run":
-            return self.path
-        parent = self.path.resolve().parent
-        return parent if (parent / "summary.json").exists() else None
+RunFiles = RunFolder  # what a path points at: a run folder or a merged export
 
 
-def read_recipe(path: Path):
-    from peftvlm.recipe import validate_recipe_dict
-    from peftvlm.safe_yaml import load_yaml
-
-    try:
-        data = load_yaml(path.read_text())  # a run folder may come from elsewhere: aliases bounded
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise RunError(f"{path} cannot be read: {exc}", hint="the run folder is damaged") from exc
-    return validate_recipe_dict(data, str(path))
-
-
-def locate(path: str | Path) -> RunFiles:
-    """A run folder (summary.json + recipe.yaml + adapter/) or a merged export (config.json)."""
-    from peftvlm.runs import read_summary
-
-    path = Path(path)
-    if not path.is_dir():
-        raise RunError(f"{path} is not a folder",
-                       hint="give a run folder (runs/<name>) or a merged export "
-                            "(runs/<name>/merged)")
-    if (path / "summary.json").exists():
-        if not (path / "recipe.yaml").exists() or not (path / "adapter").is_dir():
-            raise RunError(f"run folder {path} lacks recipe.yaml or adapter/",
-                           hint="the run is incomplete: train it again with --overwrite")
-        return RunFiles(path, "run", read_recipe(path / "recipe.yaml"), read_summary(path))
-    if (path / "config.json").exists() and any(path.glob("*.safetensors")):
-        report = path / "export_report.json"
-        files = RunFiles(path, "merged", None,
-                         export_report=json.loads(report.read_text()) if report.exists() else {})
-        if files.run_dir is not None:
-            files.recipe = read_recipe(files.run_dir / "recipe.yaml")
-            files.summary = read_summary(files.run_dir)
-        return files
-    if (path / "adapter_config.json").exists():
-        raise RunError(f"{path} is an adapter-only export: give the run folder it came from, or "
-                       "a merged export", hint="merge it: peftvlm export RUN --merge")
-    raise RunError(f"{path} is neither a run folder (summary.json) nor a merged export "
-                   "(config.json + *.safetensors)",
-                   hint="train with `peftvlm train`, or export with `peftvlm export RUN --merge`")
+def locate(path: str | Path) -> RunFolder:
+    """A run folder (summary.json + recipe.yaml + adapter/) or a merged export (config.json),
+    read by `runs.read_run_folder`, the one reader of run folders."""
+    folder = read_run_folder(path, accept=(RUN, MERGED))
+    folder.recipe  # noqa: B018  (read now: a broken recipe.yaml fails before any model loads)
+    return folder
 
 
 def open_predictor(path: str | Path, log=print):
@@ -145,7 +87,8 @@ def first_user_text(row: dict) -> str | None:
 def held_out_rows(recipe, family, limit: int = 8) -> list[dict]:
     """The first `limit` held-out rows of a recipe as training read them (training rows when it
     has no held-out data; none when its data cannot be read from here)."""
-    from peftvlm.data.loading import load_source, recipe_sources, with_system_prompt
+    from peftvlm.data.loading import load_source, recipe_sources
+    from peftvlm.data.rows import with_system_prompt
 
     try:
         train_sources, eval_sources = recipe_sources(recipe)
@@ -211,7 +154,7 @@ class GenerativePredictor:
         from peftvlm.models import load_base
         from peftvlm.registry import get_method
 
-        if files.kind == "merged":
+        if files.layout == MERGED:
             loaded = load_base(merged_model_config(files))
             place_on_device(loaded)
             loaded.model.eval()
@@ -373,7 +316,7 @@ class DualEncoderPredictor:
         from peftvlm.methods.dual_encoder import DualEncoderClassifier, load_method
         from peftvlm.trainers.clip import ADAPTER_DIR, load_dual_encoder
 
-        if files.kind != "run":
+        if files.layout != RUN:
             raise RunError(f"{files.path}: a CLIP-family merged export is not loaded here",
                            hint="give the run folder it came from")
         recipe = files.recipe

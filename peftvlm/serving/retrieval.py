@@ -21,6 +21,7 @@ import functools
 import threading
 from contextlib import contextmanager
 
+from peftvlm.runs import MERGED
 from peftvlm.errors import PeftVLMError, RunError
 from peftvlm.trainers.contrastive import Encoder, load_pairs, pooled
 from peftvlm.trainers.loop import ADAPTER_DIR
@@ -52,7 +53,7 @@ class RetrievalPredictor:
         from peftvlm.serving.predictor import merged_model_config
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        if files.kind == "merged":
+        if files.layout == MERGED:
             loaded = load_base(merged_model_config(files))
             return cls(files, loaded, loaded.model.to(device).eval(), None)
         loaded = load_base(files.recipe.model, files.recipe.method.name)

@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftvlm.data.images import load_rgb
+from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError, RecipeError
 
 
@@ -68,20 +70,12 @@ def _split_from_rows(rows, classnames: list[str]) -> Split:
 
 
 def open_image(image):
-    """An RGB PIL image from a path (or an image already in memory)."""
-    from PIL import Image
-
-    if isinstance(image, dict):  # encoded bytes from parquet / datasets
-        from peftvlm.data.pairs import open_rgb
-
-        return open_rgb(image)
-    if not isinstance(image, (str, Path)):
-        return image.convert("RGB")
+    """The RGB image training sees (`load_rgb`, the one decoder), from a path, `{"bytes"}` dict
+    or PIL image; an image that stopped decoding since it was read is a `DataError`."""
     try:
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{image}: cannot read image ({exc})") from exc
+        return load_rgb(image)
+    except BadRow as exc:
+        raise DataError(f"cannot read image: {exc.detail}") from exc
 
 
 def load_task(data, base_dir: Path) -> ClassificationTask:

@@ -22,8 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftvlm.data.images import load_rgb
 from peftvlm.data.loading import load_rows
-from peftvlm.data.pairs import Pairs, image_id, open_rgb, pairs_from_rows  # noqa: F401
+from peftvlm.data.pairs import Pairs, image_id, pairs_from_rows  # noqa: F401
 from peftvlm.errors import RecipeError
 from peftvlm.eval_report import compare
 from peftvlm.eval_report import write_outputs as write_eval_outputs
@@ -57,7 +58,7 @@ class Encoder:
         return {k: v.to(device) for k, v in batch.items() if k in keep}
 
     def pixels(self, images: list, device):
-        pixels = self.processor.image_processor(images=[open_rgb(i) for i in images],
+        pixels = self.processor.image_processor(images=[load_rgb(i) for i in images],
                                                 return_tensors="pt")["pixel_values"]
         return pixels.to(device)
 

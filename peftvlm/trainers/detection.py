@@ -24,7 +24,7 @@ from pathlib import Path
 
 from peftvlm.data.detection_records import DetectionData, read_section
 from peftvlm.data.loading import recipe_sources
-from peftvlm.data.pairs import open_rgb
+from peftvlm.data.images import load_rgb
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.eval_report import compare
 from peftvlm.eval_report import write_outputs as write_eval_outputs
@@ -70,7 +70,7 @@ def annotations_of(record: dict, classes: list[str], image_id: int) -> dict:
 def encode(processor, records: list[dict], classes: list[str], device, labels: bool = True):
     """Model inputs for `records` (pixels, mask, the class prompt) and, with `labels`, the
     training targets in transformers' format."""
-    images = [open_rgb(r["image"]) for r in records]
+    images = [load_rgb(r["image"]) for r in records]
     kwargs = {"annotations": [annotations_of(r, classes, i) for i, r in enumerate(records)]} \
         if labels else {}
     vision = processor.image_processor(images=images, return_tensors="pt", **kwargs)
@@ -336,7 +336,7 @@ def evaluate_detection(recipe, run_dir, split: str = "test", max_samples: int | 
     images = run_dir / "eval" / "images"
     images.mkdir(exist_ok=True)
     for i, (record, row) in enumerate(list(zip(data.records, rows))[:8]):
-        draw_detections(open_rgb(record["image"]), row["prediction"],
+        draw_detections(load_rgb(record["image"]), row["prediction"],
                         references=row["references"]).save(images / f"{i:03d}.png")
     result["files"] = {**{k: str(v) for k, v in files.items()}, "images": str(images)}
     log(f"{split}: mAP50 {tuned['detection_mAP50']:.3f} with {recipe.method.name}"

@@ -21,13 +21,14 @@ import torch
 from transformers import set_seed
 
 from peftvlm.data.collate import ConversationCollator
-from peftvlm.data.loading import count_skipped_rows, prepare_data, skipped_rows_file
+from peftvlm.data.loading import count_skipped_rows, skipped_rows_file
+from peftvlm.data.pipeline import prepare_data
 from peftvlm.data.mixed import for_training
 from peftvlm.data.packing import describe_bins, train_collator, train_items
 from peftvlm.data.preview import render_example
 from peftvlm.data.streaming import StreamCheckpoint, StreamCollator
 from peftvlm.distributed import sharding_args, sharding_mode
-from peftvlm.errors import RecipeError, RunError
+from peftvlm.errors import RecipeError
 from peftvlm.evaluate import evaluate_rows
 from peftvlm.families import method_refusal
 from peftvlm.models import detect_family, load_base, resolve_model_path
@@ -170,7 +171,8 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
         collator, streamed = StreamCollator(collator, data.train), [StreamCheckpoint(data.train,
                                                                                      log)]
     trainer = build_trainer(model, loaded.processor, collator, items, args,
-                            [stopper, *streamed, MarkCheckpointComplete(), *callbacks])
+                            [stopper, *streamed, MarkCheckpointComplete(), *callbacks],
+                            family=loaded.family)
     add_periodic_eval(trainer, recipe, loaded, data)
     checkpoint = last_checkpoint(run_dir, log) if resume else None
     if resume and checkpoint is None:

@@ -12,6 +12,7 @@ import trl
 from transformers import TrainerCallback
 
 from peftvlm.checkpoints import complete_checkpoints, describe_resume, last_complete_checkpoint
+from peftvlm.trainers.lm_head import use_logits_head
 from peftvlm.trainers.signals import Interrupted, StopSignals, any_rank
 
 # Recipe `train` fields passed to SFTConfig unchanged (the names are Hugging Face's).
@@ -183,10 +184,11 @@ def full_state_dict(trainer):
     return None
 
 
-def build_trainer(model, processor, collator, train_rows, args, callbacks=()):
+def build_trainer(model, processor, collator, train_rows, args, callbacks=(), family=None):
     """An SFTTrainer over conversation rows (a `table.Rows` Arrow view, decoded per batch, a
     list of dicts, `streaming.StreamingRows`, or with `train.packing` the rows' bins,
-    `packing.PackedRows`), collated by `collator`."""
+    `packing.PackedRows`), collated by `collator`. A `family` that TRL's fused LM head cannot
+    run on (`FamilySpec.unfused_lm_head`) gets the loss from its logits (`lm_head`)."""
     from datasets import Dataset
 
     from peftvlm.data.packing import PackedRows
@@ -206,6 +208,11 @@ def build_trainer(model, processor, collator, train_rows, args, callbacks=()):
         dataset = Dataset.from_list(train_rows)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                          processing_class=processor, callbacks=list(callbacks))
+    if family is not None and family.unfused_lm_head:
+        from accelerate.utils import is_peft_model
+
+        use_logits_head(trainer.model.get_base_model() if is_peft_model(trainer.model)
+                        else trainer.model)  # where TRL installed its head
     trainer.row_lengths = lengths
     if isinstance(train_rows, StreamingRows):
         trainer.stream = train_rows
