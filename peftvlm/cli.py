@@ -429,13 +429,15 @@ def predict(
     captions: Optional[Path] = typer.Option(None, "--captions", help="Retrieval runs: a text "
                                             "file of captions to rank, one per line."),
     text: Optional[str] = typer.Option(None, "--text", "-t", help="Retrieval runs: rank the "
-                                       "images for this text."),
+                                       "images for this text. Detection runs: the classes to "
+                                       "find, 'cat . dog .' (default: the run's)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the rows as JSONL."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per "
                                              "batch (default: the recipe's eval.batch_size)."),
 ):
     """Answer images with a trained run (generative: answers; CLIP family: top-k classes;
-    retrieval: the given captions ranked per image, or the images ranked for --text)."""
+    retrieval: the given captions ranked per image, or the images ranked for --text;
+    detection: boxes with labels and scores, drawn into PNGs)."""
     quiet_libraries()
     from peftvlm.serving.predict import predict as run_predict, print_rows, read_captions
 

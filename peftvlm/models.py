@@ -136,6 +136,8 @@ def disable_cpu_inference_repacking(model) -> int:
 def model_class(family: FamilySpec):
     from transformers import AutoModel, AutoModelForImageTextToText
 
+    if family.model_class is not None:
+        return family.model_class()
     return AutoModelForImageTextToText if family.is_generative else AutoModel
 
 

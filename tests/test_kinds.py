@@ -24,6 +24,10 @@ TINY = {
     "retrieval": ("clip-retrieval-tiny.yaml", ["train.max_steps=2",
                                                "data.synthetic.train_size=16",
                                                "data.synthetic.eval_size=8"]),
+    "detection": ("grounding-dino-tiny.yaml", ["train.max_steps=2",
+                                               "train.per_device_train_batch_size=4",
+                                               "data.synthetic.train_size=8",
+                                               "data.synthetic.eval_size=4"]),
 }
 ABSTRACT = [v for v in VERBS if v != "check"]  # `check` may keep the base's no-op
 
@@ -58,8 +62,8 @@ def test_kind_for_is_decided_by_method_and_family(tiny_llava_path):
     assert get_kind("generative").generates and not get_kind("retrieval").generates
     with pytest.raises(RecipeError, match="'qlora' does not train dual encoders"):
         kind("tiny-clip", "qlora")
-    with pytest.raises(RecipeError, match="unknown run kind 'detection'"):
-        get_kind("detection")
+    with pytest.raises(RecipeError, match="unknown run kind 'segmentation'"):
+        get_kind("segmentation")
 
 
 @pytest.mark.parametrize("name", list(KINDS))

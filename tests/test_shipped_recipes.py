@@ -35,7 +35,9 @@ def offline_overrides(recipe) -> list[str]:
                            for s in (recipe.data.train or []))
     if uses_remote_data:
         # Same template on a local fixture in the same public layout where one exists.
-        fixture = FIXTURE_FOR_TEMPLATE.get(recipe.data.template)
+        detector = FAMILIES[recipe.model.family].is_detector if recipe.model.family else False
+        fixture = ("coco-instances" if detector
+                   else FIXTURE_FOR_TEMPLATE.get(recipe.data.template))
         # preference objectives (dpo) read pairs: the same colour task as preference rows
         plain = "colour-preference" if recipe.train.objective == "dpo" else "colour-vqa"
         out += ["data.train=null", "data.eval=null", "data.synthetic.train_size=16",

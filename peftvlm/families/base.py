@@ -21,7 +21,7 @@ def read_template(name: str) -> str:
 
 
 DEFAULT_LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PARTS = ("vision", "qformer", "projector", "language")
+PARTS = ("vision", "qformer", "projector", "detector", "language")
 
 
 
@@ -59,7 +59,7 @@ class FamilySpec:
 
     name: str
     model_types: tuple[str, ...]
-    kind: Literal["generative", "dual_encoder"] = "generative"
+    kind: Literal["generative", "dual_encoder", "detector"] = "generative"
     vision_module: str = "model.vision_tower"
     projector_module: str | None = "model.multi_modal_projector"
     language_module: str | None = "model.language_model"
@@ -69,6 +69,10 @@ class FamilySpec:
     # BLIP-2's Q-Former between the vision tower and the projector; None elsewhere.
     qformer_module: str | None = None
     qformer_targets: tuple[str, ...] = ("query", "key", "value", "dense")
+    # An open-vocabulary detector's fusion and query-decoder layers (Grounding DINO); None
+    # elsewhere.
+    detector_module: str | None = None
+    detector_targets: tuple[str, ...] = ()
     image_token: str | None = "<image>"
     # The other special tokens that stand for or frame an image / video in the text the
     # processor reads (Qwen's `<|vision_start|>`, Gemma 3's `<start_of_image>`...). Typed in a
@@ -102,6 +106,9 @@ class FamilySpec:
     build_tiny: Callable[[Path], None] | None = field(default=None, compare=False, repr=False)
     # Hooks for families the generic paths do not fit; None = the generic path (see above).
     processor_class: Callable[[], type] | None = field(default=None, compare=False, repr=False)
+    # `model_class()`: the transformers class to load weights with instead of the Auto class of
+    # the family's kind (a detector's task head: GroundingDinoForObjectDetection).
+    model_class: Callable[[], type] | None = field(default=None, compare=False, repr=False)
     encode: Callable[[Any, list[Conversation]], dict] | None = field(
         default=None, compare=False, repr=False)
     encode_prompt: Callable[[Any, list[Conversation]], dict] | None = field(
@@ -166,6 +173,11 @@ class FamilySpec:
         """A dual encoder (CLIP, SigLIP): image and text features in one space, no generation."""
         return self.kind == "dual_encoder"
 
+    @property
+    def is_detector(self) -> bool:
+        """An open-vocabulary detector (Grounding DINO): image + class names in, boxes out."""
+        return self.kind == "detector"
+
     def joint_dim(self, config) -> int:
         """The width of the joint image-text feature space of a dual encoder."""
         for name in self.joint_dim_config.split("."):
@@ -177,16 +189,19 @@ class FamilySpec:
         return read_template(self.chat_template) if self.chat_template else None
 
     def module_prefix(self, part: str) -> str | None:
-        """The module prefix of a part: `vision`, `qformer`, `projector` or `language`."""
+        """The module prefix of a part: `vision`, `qformer`, `projector`, `detector` or
+        `language`."""
         return {"vision": self.vision_module, "qformer": self.qformer_module,
-                "projector": self.projector_module, "language": self.language_module}[part]
+                "projector": self.projector_module, "detector": self.detector_module,
+                "language": self.language_module}[part]
 
     def part_targets(self, part: str) -> tuple[str, ...]:
         """The linear-layer names LoRA targets by default inside a part; `""` is the part's
         module itself (Llama 3.2 Vision's and BLIP-2's projectors are one Linear); `()` means
         the part has no linear layer to adapt (Gemma 3's projector is a bare weight)."""
         return {"vision": self.vision_targets, "qformer": self.qformer_targets,
-                "projector": self.projector_targets, "language": self.language_targets}[part]
+                "projector": self.projector_targets, "detector": self.detector_targets,
+                "language": self.language_targets}[part]
 
     def parts(self) -> tuple[str, ...]:
         """The parts this family has, in model order."""

@@ -1,12 +1,15 @@
 """Run kinds: the one seam between the kind-agnostic flow (`peftvlm.api`) and the stages.
 
-A run is one of three kinds, decided here and nowhere else (`kind_for`):
+A run is one of four kinds, decided here and nowhere else (`kind_for`):
 
 - `generative`: a generative VLM trained with TRL (`peftvlm.trainers.generative`);
 - `classification`: a CLIP-family method (CoOp, VPT, CLIP-Adapter) on a dual encoder, few-shot
   classification with the shared dual-encoder loop (`peftvlm.trainers.clip`);
 - `retrieval`: a peft method (lora, dora, vera) on a dual encoder, trained contrastively on
-  image-caption pairs (`peftvlm.trainers.contrastive`).
+  image-caption pairs (`peftvlm.trainers.contrastive`);
+- `detection`: a peft method (lora, dora, vera) on an open-vocabulary detector (Grounding
+  DINO), class names as its prompt, trained with the model's own loss
+  (`peftvlm.trainers.detection`).
 
 Every stage asks the run's `Kind` object (`check`, `dry_run`, `fit`, `evaluate`,
 `export_weights`, `predictor`) instead of comparing names, so adding a kind is one wiring
@@ -31,6 +34,7 @@ KINDS: dict[str, str] = {
     "generative": "peftvlm.kinds.generative:GenerativeKind",
     "classification": "peftvlm.kinds.classification:ClassificationKind",
     "retrieval": "peftvlm.kinds.retrieval:RetrievalKind",
+    "detection": "peftvlm.kinds.detection:DetectionKind",
 }
 
 VERBS = ("check", "dry_run", "fit", "evaluate", "export_weights", "predictor")
@@ -98,6 +102,8 @@ def kind_name(recipe, family=None) -> str:
     family = family or model_family(recipe.model)
     if family.is_generative:
         return "generative"
+    if family.is_detector and method.trains_dual_encoders:
+        return "detection"
     if not method.trains_dual_encoders:
         raise RecipeError(f"method.name: {method.name!r} does not train dual encoders such as "
                           f"{family.name} ({recipe.model.id!r})",
@@ -115,4 +121,6 @@ def kind_for_export(family) -> Kind:
     """The kind of a merged export found without its run's recipe, from its model family: a
     dual encoder there is a retrieval export (the classification methods have no merged form
     that loads on its own)."""
+    if family.is_detector:
+        return get_kind("detection")
     return get_kind("generative" if family.is_generative else "retrieval")

@@ -16,9 +16,9 @@ from peftvlm._schema import Section
 from peftvlm.errors import RecipeError
 from peftvlm.registry import register
 
-Part = Literal["language", "text", "vision", "qformer", "projector", "all"]
+Part = Literal["language", "text", "vision", "qformer", "projector", "detector", "all"]
 # The same as families.base.PARTS, spelled out: recipe.py imports this module.
-PARTS = ("vision", "qformer", "projector", "language")
+PARTS = ("vision", "qformer", "projector", "detector", "language")
 # Dual encoders (CLIP, SigLIP) call their language part the text tower.
 ALIASES = {"text": "language"}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from peftvlm.data.boxes import box_format_for
 from peftvlm.runs import MERGED
 from peftvlm.data.images import load_rgb
-from peftvlm.errors import PeftVLMError
+from peftvlm.errors import PeftVLMError, RunError
 
 TITLES = {"question": "Ask a question about an image", "caption": "Caption an image",
           "grounding": "Find the region a phrase describes", "classify": "Classify an image",
@@ -233,6 +233,10 @@ def launch(run, host: str = "127.0.0.1", port: int = 7860, compare_base: bool = 
     from peftvlm.serving.predictor import open_predictor
 
     predictor = open_predictor(run, log)
+    if predictor.task not in TITLES:  # detection runs: no demo page yet
+        raise RunError(f"{run}: `peftvlm demo` has no page for {predictor.task!r} runs yet",
+                       hint="use `peftvlm predict RUN --image ...` (boxes drawn into PNGs) or "
+                            "`peftvlm serve RUN` (POST /v1/detections)")
     demo = build_demo(predictor, compare_base)
     log(f"demo of {predictor.name} at http://{host}:{port}")
     demo.launch(server_name=host, server_port=port, ssr_mode=False, quiet=True,

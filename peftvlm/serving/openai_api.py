@@ -8,7 +8,8 @@ Endpoints: `GET /v1/models` (the run, and `<name>:base` for its base model); for
 run `POST /v1/chat/completions` (text and `image_url` content parts as `data:` URLs, or `file://`
 URLs under `--allowed-local-media-path`; `stream: true` sends server-sent events); for a
 dual-encoder run `POST /v1/embeddings` (`embeddings.py`; chat is refused with a 400 saying
-why); `GET /health` (status and batching counters, no key needed). Concurrent non-streaming
+why); for a detection run `POST /v1/detections` (`detection.py`: an image and class names in,
+boxes with labels and scores out; chat and embeddings refused with a 400); `GET /health` (status and batching counters, no key needed). Concurrent non-streaming
 requests are batched (`batching.Batcher`); streaming ones generate alone, token by token, and
 stop when the client goes away. A bad request gets a 4xx JSON body in OpenAI's error shape
 `{"error": {"message", "type", "param", "code"}}` and the server carries on; the limits and
@@ -29,6 +30,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from peftvlm.serving.detection import DetectionRequest, answer_detection_request
 from peftvlm.serving.embeddings import EmbeddingRequest, embed
 from peftvlm.serving.inputs import (APIError, ServerOptions, check_image_count,
                                     check_image_url, check_text, check_text_budget,
@@ -145,6 +147,7 @@ def build_app(predictor, opts: ServerOptions | None = None):
     if predictor.has_base:
         model_ids[f"{predictor.name}:base"] = True
     chats, embeds = hasattr(predictor, "answer"), hasattr(predictor, "embed_texts")
+    detects = hasattr(predictor, "detect")
     shutdown = threading.Event()  # set when the server stops: every generation ends early
 
     def run_batch(key, rows):
@@ -207,6 +210,11 @@ def build_app(predictor, opts: ServerOptions | None = None):
     async def chat(req: ChatRequest):
         if req.model not in model_ids:
             raise unknown_model(req.model, model_ids)
+        if detects:
+            raise APIError(400, f"{req.model!r} is a detection run: it finds boxes for class "
+                                "names and generates no text, so it has no chat; use POST "
+                                "/v1/detections (or `peftvlm predict`)", "model",
+                           "chat_not_supported")
         if not chats:
             raise APIError(400, f"{req.model!r} is a dual-encoder (CLIP-family) run: it embeds "
                                 "images and texts into one space and generates no text, so it "
@@ -226,9 +234,22 @@ def build_app(predictor, opts: ServerOptions | None = None):
         if req.model not in model_ids:
             raise unknown_model(req.model, model_ids)
         if not embeds:
-            raise APIError(400, f"{req.model!r} is a generative run: it has no embeddings; use "
-                                "POST /v1/chat/completions", "model", "embeddings_not_supported")
+            other = "/v1/detections" if detects else "/v1/chat/completions"
+            raise APIError(400, f"{req.model!r} is a {'detection' if detects else 'generative'} "
+                                f"run: it has no embeddings; use POST {other}", "model",
+                           "embeddings_not_supported")
         return await asyncio.to_thread(embed, predictor, req, opts, model_ids[req.model])
+
+    @app.post("/v1/detections")
+    async def detections(req: DetectionRequest):
+        if req.model not in model_ids:
+            raise unknown_model(req.model, model_ids)
+        if not detects:
+            raise APIError(400, f"{req.model!r} is not a detection run: it finds no boxes; use "
+                                f"POST {'/v1/chat/completions' if chats else '/v1/embeddings'}",
+                           "model", "detections_not_supported")
+        return await asyncio.to_thread(answer_detection_request, predictor, req, opts,
+                                       model_ids[req.model])
 
     return app
 
@@ -339,7 +360,8 @@ def run_server(run: str | Path, opts: ServerOptions, host: str = "127.0.0.1", po
     from peftvlm.serving.predictor import open_predictor
 
     predictor = open_predictor(run, log)
-    endpoint = "chat completions" if hasattr(predictor, "answer") else "embeddings"
+    endpoint = ("chat completions" if hasattr(predictor, "answer") else
+                "detections" if hasattr(predictor, "detect") else "embeddings")
     log(f"serving {predictor.name} ({endpoint}) at http://{host}:{port}/v1 (models: "
         + ", ".join([predictor.name] + ([f"{predictor.name}:base"] if predictor.has_base
                                         else [])) + ")")

@@ -6,6 +6,7 @@
     peftvlm predict runs/clip-retrieval-tiny --image x.png --caption "a red square" \
         --caption "a blue circle"                      # or --captions captions.txt
     peftvlm predict runs/clip-retrieval-tiny --text "a red square" --image a.png --image b.png
+    peftvlm predict runs/grounding-dino-tiny --image a.png --text "red . blue ." --out d.jsonl
 
 Images are files, folders (their image files, sorted, not recursive) or `file://` URLs. An
 image that cannot be opened is named on stderr and skipped; the others are answered. Each
@@ -16,6 +17,9 @@ or with `--text` the given images for that text (one row). An answer with
 boxes in the model family's convention (grounding / detection runs) also gets `boxes`
 (`[{"label", "box": [x1, y1, x2, y2]}]` in pixels of the image); with `--out`, they are drawn
 on the image into `<out stem>-boxes/<image stem>.png` (the row's `picture`).
+Detection runs give each image's
+boxes with labels and scores (`--text "cat . dog ."` names the classes; default: the run's),
+and draw them into PNGs (beside `--out` in `<name>_images/`, else in `RUN/predictions/`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from peftvlm.data.preview import PREDICTION_COLOUR, answer_boxes, draw_boxes
 from peftvlm.data.images import load_rgb
 from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError, RunError
+from peftvlm.serving.detection import detection_rows
 from peftvlm.serving.retrieval import RetrievalPredictor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -99,7 +104,11 @@ def predict(run: str | Path, images: list[str], prompt: str | None = None, base:
     opened = open_images(paths, warn)
     if not opened:
         raise DataError(f"none of the {len(paths)} images could be read")
-    if isinstance(predictor, RetrievalPredictor):
+    if hasattr(predictor, "detect"):
+        drawn = (Path(out).parent / f"{Path(out).stem}_images" if out is not None
+                 else Path(run) / "predictions")
+        rows = detection_rows(predictor, opened, text, base, drawn)
+    elif isinstance(predictor, RetrievalPredictor):
         rows = (image_ranking_rows(predictor, opened, text, base) if text is not None
                 else caption_ranking_rows(predictor, opened, captions, base))
     elif hasattr(predictor, "classify"):
@@ -115,6 +124,11 @@ def predict(run: str | Path, images: list[str], prompt: str | None = None, base:
 
 def check_ranking_flags(predictor, run, captions, text) -> None:
     """--caption/--captions/--text go with retrieval runs, and a retrieval run needs one."""
+    if hasattr(predictor, "detect"):
+        if captions:
+            raise DataError(f"{run} is a detection run: name the classes to find with "
+                            '--text "cat . dog ." (default: the classes it was trained on)')
+        return
     if not isinstance(predictor, RetrievalPredictor):
         if captions or text is not None:
             raise DataError(f"--caption/--captions/--text rank with retrieval runs; {run} "
@@ -216,6 +230,8 @@ def print_rows(rows: list[dict]) -> None:
 
     if rows and "ranking" in rows[0]:
         return print_rankings(rows)
+    if rows and "detections" in rows[0]:
+        return print_detections(rows)
     table = Table(show_lines=False)
     table.add_column("image")
     classify = bool(rows) and "top_k" in rows[0]
@@ -250,4 +266,19 @@ def print_rankings(rows: list[dict]) -> None:
                            f"{r['score']:.3f}" for r in row[key])
                  for key in ("ranking", "base_ranking") if key in row]
         table.add_row(query, *cells)
+    Console().print(table)
+
+
+def print_detections(rows: list[dict]) -> None:
+    """Detection rows as a table: image, its boxes (label score [x1, y1, x2, y2]), the PNG."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    for column in ("image", "detections", "drawn"):
+        table.add_column(column)
+    for row in rows:
+        boxes = "; ".join(f"{d['label']} {d['score']:.2f} {[round(v) for v in d['box']]}"
+                          for d in row["detections"][:10]) or "(none above 0.3)"
+        table.add_row(Path(row["image"]).name, boxes, row["drawn"])
     Console().print(table)
