@@ -208,7 +208,7 @@ def data_images(recipe, family, limit: int = 256) -> tuple[tuple[int, int], int]
     if any(src.dataset for src in recipe.data.train or []):
         return None  # a Hub dataset: planning downloads nothing
     from peftvlm.data.loading import load_rows
-    from peftvlm.data.sources import image_size
+    from peftvlm.data.images import image_size
 
     rows = load_rows(recipe, family.box_format).train[:limit]
     sizes = [image_size(image) for row in rows for image in row["images"]]

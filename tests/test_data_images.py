@@ -15,7 +15,7 @@ from transformers.image_utils import load_image
 
 from peftvlm.data.images import MAX_IMAGE_PIXELS, load_rgb
 from peftvlm.data.loading import load_rows
-from peftvlm.data.sources import image_size
+from peftvlm.data.images import image_size
 from peftvlm.recipe import validate_recipe_dict
 
 

@@ -143,3 +143,18 @@ def check_image(source, name: str) -> None:
     with decoding(name, MAX_IMAGE_PIXELS) as opened:
         with opened(source) as im:
             im.load()
+
+
+def image_size(image) -> tuple[int, int]:
+    """(width, height) of a resolved image as training sees it, reading only the header."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.size
+    if isinstance(image, dict):
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    with Image.open(image) as im:
+        width, height = im.size
+        # EXIF orientations 5-8 rotate by 90 degrees: training sees the transposed image.
+        rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    return (height, width) if rotated else (width, height)

@@ -135,3 +135,21 @@ def json_list_shards(path: Path, limit: int | None, size: int) -> list[tuple[int
             starts.append([reader.item_offset(), line, 0])
         starts[-1][2] += 1
     return [tuple(s) for s in starts]
+
+
+def read_text(path: Path) -> str:
+    """A whole text file as UTF-8 (a BOM dropped); a bad byte is an error naming its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: byte {data[exc.start]:#04x} is not UTF-8",
+                        hint="save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from exc
+
+
+def load_json(path: Path):
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc

@@ -97,7 +97,7 @@ class LengthCounter:
 
     def size(self, image) -> tuple[int, int]:
         """Image size from its header, remembered per path (rows often share images)."""
-        from peftvlm.data.sources import image_size
+        from peftvlm.data.images import image_size
 
         if not isinstance(image, str):
             return image_size(image)

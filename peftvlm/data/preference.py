@@ -242,14 +242,3 @@ def check_same_images(batch: dict, rows: int) -> None:
                            f"({rows} pairs): the replies would be scored on different images",
                            hint="report this with the rows of the batch; set "
                                 "PEFTVLM_DEBUG=1 for the traceback")
-
-
-def preview_pair(collator, row: dict, image_token: str | None):
-    """(chosen, rejected) rendered for `data preview`: rich Texts with the reply's tokens (the
-    ones DPO scores) in green, and their counts."""
-    from peftvlm.data.preview import render_example
-
-    chosen = render_example(collator, row, image_token)
-    rejected = render_example(collator, {**row, "messages": rejected_conversation(row)},
-                              image_token)
-    return chosen, rejected

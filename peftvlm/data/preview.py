@@ -8,6 +8,7 @@ from pathlib import Path
 
 from peftvlm.data.boxes import get_convention
 from peftvlm.data.collate import IGNORE_INDEX, last_answer, open_image
+from peftvlm.data.preference import rejected_conversation
 
 # Reference boxes green, predictions red (eval pictures), thin enough for small images.
 REFERENCE_COLOUR, PREDICTION_COLOUR = (0, 200, 0), (230, 0, 0)
@@ -68,6 +69,21 @@ def draw_boxes(image, layers: list[tuple[list, tuple[int, int, int]]]):
     return picture
 
 
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60))
+
+
+def draw_detections(image, detections: list[dict], references: list[dict] | None = None):
+    """A copy of `image` with each detection's box, label and score drawn in its class's colour
+    (reference boxes, when given, in white): `draw_boxes` with one layer per class."""
+    names = sorted({d["label"] for d in detections})
+    layers = [([(None, ref["box"]) for ref in references or []], (255, 255, 255))]
+    layers += [([(f"{d['label']} {d['score']:.2f}", d["box"]) for d in detections
+                 if d["label"] == name], PALETTE[k % len(PALETTE)])
+               for k, name in enumerate(names)]
+    return draw_boxes(image, layers)
+
+
 def answer_boxes(text: str, box_format: str, image) -> list:
     """(label, pixel box) pairs of an answer in the family's convention, on `image`."""
     width, height = image.size
@@ -90,3 +106,12 @@ def box_picture(row: dict, box_format: str, path: Path, prediction: str | None =
     path.parent.mkdir(parents=True, exist_ok=True)
     draw_boxes(image, layers).save(path)
     return True
+
+
+def preview_pair(collator, row: dict, image_token: str | None):
+    """(chosen, rejected) rendered for `data preview`: rich Texts with the reply's tokens (the
+    ones DPO scores) in green, and their counts."""
+    chosen = render_example(collator, row, image_token)
+    rejected = render_example(collator, {**row, "messages": rejected_conversation(row)},
+                              image_token)
+    return chosen, rejected

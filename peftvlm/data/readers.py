@@ -36,7 +36,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from peftvlm.data.detection import looks_like_coco_instances, looks_like_yolo, read_coco_instances, read_yolo
+from peftvlm.data.detection import (looks_like_coco_instances, looks_like_yolo,
+                                    read_coco_instances, read_yolo)
+from peftvlm.data.json_list import load_json, read_json_list, read_text, starts_a_list
 from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError
 from peftvlm.safe_yaml import regular_file_problem
@@ -202,29 +204,9 @@ def jsonl_shards(path: Path, limit: int | None) -> list[Deferred]:
     return [Deferred(read_jsonl, path, *start) for start in starts]
 
 
-def read_text(path: Path) -> str:
-    """A whole text file as UTF-8 (a BOM dropped); a bad byte is an error naming its line."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"{path}:{line}: byte {data[exc.start]:#04x} is not UTF-8",
-                        hint="save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from exc
-
-
-def load_json(path: Path):
-    try:
-        return json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-
-
 def read_json(path: Path) -> Iterable[tuple[str, Any]]:
     """A JSON list (or `{"data": [...]}`); each record is named by the line it starts on. A
     list is read one item at a time (`json_list.py`)."""
-    from peftvlm.data.json_list import read_json_list, starts_a_list
-
     if starts_a_list(path):
         return read_json_list(path)
     text = read_text(path)

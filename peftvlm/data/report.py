@@ -13,7 +13,8 @@ from pathlib import Path
 
 from peftvlm.data.boxes import box_format_for
 from peftvlm.data.formats import interleaving_note
-from peftvlm.data.preference import is_preference_row, preview_pair
+from peftvlm.data.preference import is_preference_row
+from peftvlm.data.preview import preview_pair
 from peftvlm.errors import DataError
 
 

@@ -87,23 +87,6 @@ def verify_image_bytes(data: bytes) -> None:
     check_image(data, "image bytes")
 
 
-def image_size(image) -> tuple[int, int]:
-    """(width, height) of a resolved image as training sees it, reading only the header."""
-    import io
-
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.size
-    if isinstance(image, dict):
-        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-    with Image.open(image) as im:
-        width, height = im.size
-        # EXIF orientations 5-8 rotate by 90 degrees: training sees the transposed image.
-        rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    return (height, width) if rotated else (width, height)
-
-
 def to_conversation(record, root: Path, fmt: str = "messages", video=None, resolve=None) -> dict:
     """A raw record of row format `fmt` (`formats.py`) -> `{"messages", "images"}` (+ `videos`
     when it has any) with media resolved (images by `resolve(image, root)`, default

@@ -440,7 +440,7 @@ class TemplateRenderer:
                 return float(values["width"]), float(values["height"])
             except (TypeError, ValueError):
                 raise BadRow("bad_column_type", "width/height must be numbers") from None
-        from peftvlm.data.sources import image_size
+        from peftvlm.data.images import image_size
 
         return image_size(values["image"])
 

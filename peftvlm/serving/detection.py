@@ -21,16 +21,13 @@ from typing import Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from peftvlm.data.images import load_rgb
+from peftvlm.data.preview import draw_detections
 from peftvlm.errors import DataError, PeftVLMError, RunError
 from peftvlm.runs import MERGED
 from peftvlm.trainers.detection import detect, load_data, load_detector, prompt_for
 from peftvlm.trainers.loop import ADAPTER_DIR
 
 DEFAULT_THRESHOLD = 0.3
-PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60))
-
-
 def parse_classes(text: str) -> list[str]:
     """Class names from a Grounding DINO prompt ("cat . dog .") or a comma-separated list."""
     separator = "." if "." in text else ","
@@ -38,25 +35,6 @@ def parse_classes(text: str) -> list[str]:
     if not names:
         raise DataError(f"no class names in {text!r}", hint='write them as "cat . dog ."')
     return names
-
-
-def draw_detections(image, detections: list[dict], references: list[dict] | None = None):
-    """A copy of `image` with each detection's box, label and score drawn in its class's colour
-    (reference boxes, when given, in white, thin)."""
-    from PIL import ImageDraw
-
-    image = image.convert("RGB").copy()
-    pen = ImageDraw.Draw(image)
-    width = max(1, round(max(image.size) / 200))
-    for ref in references or []:
-        pen.rectangle(ref["box"], outline=(255, 255, 255), width=1)
-    names = sorted({d["label"] for d in detections})
-    for det in detections:
-        colour = PALETTE[names.index(det["label"]) % len(PALETTE)]
-        x1, y1, x2, y2 = det["box"]
-        pen.rectangle([x1, y1, max(x1, x2), max(y1, y2)], outline=colour, width=width)
-        pen.text((x1 + 2, y1 + 1), f"{det['label']} {det['score']:.2f}", fill=colour)
-    return image
 
 
 class DetectionPredictor:

@@ -311,7 +311,7 @@ def evaluate_detection(recipe, run_dir, split: str = "test", max_samples: int | 
     (`test`) or the training images (`train`); writes RUN/eval/ (metrics.json,
     predictions.jsonl: each image's detections above 0.3 and its reference boxes,
     metrics.png, and images/ with predicted (red) and reference (green) boxes drawn)."""
-    from peftvlm.serving.detection import draw_detections
+    from peftvlm.data.preview import draw_detections
 
     run_dir, limit = Path(run_dir), max_samples or recipe.eval.max_samples
     train, held_out, classes = load_data(recipe, limit)
