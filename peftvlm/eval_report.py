@@ -17,6 +17,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from peftvlm.data.preview import box_picture
+from peftvlm.metrics import get_metric
+
 MAX_CLASSES = 20  # more distinct answers than this is free text, not classes
 MAX_BOX_PICTURES = 8  # eval rows whose boxes are drawn (a few to look at, not a gallery)
 
@@ -43,8 +46,6 @@ def answer_classes(references: list[list[str]]) -> list[str] | None:
 
 def per_class_accuracy(predictions: list[str], classes: list[str]) -> dict[str, float]:
     """Exact match (VQA-normalised) among the rows of each answer class."""
-    from peftvlm.metrics import get_metric
-
     scores = get_metric("exact_match").func(predictions, [[c] for c in classes],
                                             question_types=classes)
     return {k.split("/", 1)[1]: v for k, v in scores.items() if "/" in k}
@@ -188,8 +189,6 @@ def score_cells(row: dict) -> list[str]:
 def write_box_pictures(folder: Path, rows: list[dict], predictions: list[str], box_format: str,
                        limit: int = MAX_BOX_PICTURES) -> list[Path]:
     """Reference vs predicted boxes drawn on the first `limit` rows whose answers hold boxes."""
-    from peftvlm.data.preview import box_picture
-
     written = []
     for i, (row, prediction) in enumerate(zip(rows, predictions)):
         if len(written) >= limit:

@@ -27,22 +27,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from peftvlm.errors import ExportError, RunError
-from peftvlm.export_serving import prepare_for_serving
-from peftvlm.export_staging import Staging
-from peftvlm.kinds import kind_for
-from peftvlm.registry import get_method
-from peftvlm.runs import RunFolder as Run  # a finished run folder, read back
-from peftvlm.runs import read_run_folder, write_json
 from peftvlm.export_checks import (check_adapter_effect, check_adapter_files, check_generation,
                                    check_merged_files, check_weights_changed, compare_logits,
                                    device, encode_rows, generate_text, logits_of, probe_rows,
                                    prompt_text, weight_probes)
+from peftvlm.export_serving import prepare_for_serving
+from peftvlm.export_staging import Staging
+from peftvlm.kinds import kind_for
+from peftvlm.modelcard import local_path_leaks, portable_path, portable_values, write_model_card
+from peftvlm.models import cache_dir, load_base, load_processor
+from peftvlm.registry import get_method
+from peftvlm.runs import RunFolder as Run  # a finished run folder, read back
+from peftvlm.runs import read_run_folder, write_json
 
 DTYPES = ("float32", "bfloat16", "float16")
 PROCESSOR_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json",
                    "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
-
 
 
 @dataclass
@@ -114,8 +115,6 @@ def export_after_training(recipe, run_dir: Path, summary: dict, log) -> None:
 
 def finish_export(run: Run, opts: ExportOptions, report: dict, log) -> dict:
     """Card, report, failure check, then the Hub and W&B (only for exports that passed)."""
-    from peftvlm.modelcard import portable_path, write_model_card
-
     target = opts.staging.target if opts.staging else opts.out
     make_portable(opts.out, run, report, shown_as=target)
     # the card's snippet names where the export will be, not its staging folder
@@ -155,8 +154,6 @@ def make_portable(out: Path, run: Run, report: dict, shown_as: Path | None = Non
     """Local paths in the report and the adapter config become relative to the run folder,
     so nothing exported or pushed carries this machine's folders (the report's `out`:
     `shown_as`, where the export ends up, when `out` is its staging folder)."""
-    from peftvlm.modelcard import portable_path, portable_values
-
     known = tuple(p for p in (run.recipe.model.id, report.get("base_model"))
                   if isinstance(p, str) and Path(p).is_absolute())
     shown = str(Path(shown_as or out).resolve())
@@ -171,9 +168,6 @@ def make_portable(out: Path, run: Run, report: dict, shown_as: Path | None = Non
 
 def check_no_local_paths(out: Path, run: Run, report: dict) -> dict:
     """No text file of the export (card, report, configs) names a local folder."""
-    from peftvlm.models import cache_dir
-    from peftvlm.modelcard import local_path_leaks
-
     write_json(out / "export_report.json", report)  # scanned too
     leaks = local_path_leaks(out, [Path.home(), Path.cwd(), run.dir, cache_dir(),
                                    run.recipe.base_dir()])
@@ -266,8 +260,6 @@ def print_plan(run: Run, opts: ExportOptions, log) -> dict:
 def load_unquantized_base(recipe, dtype: str | None, processor_dir: Path | None = None):
     """The run's base model without quantization (QLoRA bases too), in `dtype`, with the
     processor the run saved beside its adapter (the one it trained with) when there is one."""
-    from peftvlm.models import load_base, load_processor
-
     update = {"quantization": None}
     if dtype:
         update["dtype"] = dtype
@@ -337,8 +329,6 @@ def quantization_gap(run: Run, batch: dict, merged_logits) -> dict:
     """How far the unquantized merge is from the model as trained (adapter on the quantized
     base): informative, not a check, since quantization error is expected here."""
     from peft import PeftModel
-
-    from peftvlm.models import load_base
 
     loaded = load_base(run.recipe.model, run.recipe.method.name)
     model = PeftModel.from_pretrained(loaded.model, run.adapter_dir)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftvlm.data.collate import ConversationCollator, encode_prompts
+from peftvlm.data.loading import load_source, recipe_sources
+from peftvlm.data.rows import with_system_prompt
+from peftvlm.data.synthetic import COLOURS, draw_shape, vqa_row
 from peftvlm.errors import PeftVLMError
 
 # Logit tolerance of the merged model against the adapter model: fp32 is absolute; for half
@@ -29,9 +33,6 @@ def device():
 def probe_rows(recipe, family) -> tuple[list[dict], str]:
     """A few held-out rows of the recipe, rendered as in training (training rows if it has no
     held-out data; a drawn image if its data cannot be read from here)."""
-    from peftvlm.data.loading import load_source, recipe_sources
-    from peftvlm.data.rows import with_system_prompt
-
     try:
         train_sources, eval_sources = recipe_sources(recipe)
         for what, sources in (("held-out rows", eval_sources), ("training rows", train_sources)):
@@ -48,8 +49,6 @@ def probe_rows(recipe, family) -> tuple[list[dict], str]:
 def synthetic_probe() -> dict:
     import random
 
-    from peftvlm.data.synthetic import COLOURS, draw_shape, vqa_row
-
     row = vqa_row("", "red")
     row["images"] = [draw_shape(random.Random(0), COLOURS["red"], 32)]
     return row
@@ -64,8 +63,6 @@ def prompt_text(row: dict) -> str | None:
 
 def encode_rows(processor, family, rows: list[dict]) -> dict:
     """Whole conversations (prompt + answer) as one padded batch, without labels."""
-    from peftvlm.data.collate import ConversationCollator
-
     batch = ConversationCollator(processor, family)(rows)
     batch.pop("labels", None)
     return batch
@@ -85,8 +82,6 @@ def logits_of(model, batch: dict):
 
 def generate_text(model, processor, family, row: dict) -> tuple[str, int]:
     """Greedy answer to one row's prompt, and how many new tokens it has."""
-    from peftvlm.data.collate import encode_prompts
-
     import torch
 
     batch = encode_prompts(processor, family, [row])

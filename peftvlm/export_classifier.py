@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftvlm.errors import ExportError
+from peftvlm.export import read_run
 from peftvlm.export_checks import check_adapter_effect, compare_logits
-from peftvlm.methods.dual_encoder.base import (CONFIG_FILE, WEIGHTS_FILE, DualEncoderClassifier,
+from peftvlm.methods.dual_encoder.base import (CONFIG_FILE, DualEncoderClassifier, WEIGHTS_FILE,
                                                load_method)
+from peftvlm.trainers.clip import accuracy, load_dual_encoder, prepare_task
 
 HEAD_WEIGHTS, HEAD_CONFIG = "class_head.safetensors", "class_head.json"
 PROBE_IMAGES = 8
@@ -68,9 +70,6 @@ class HeadClassifier(nn.Module):
 
 def export_dual_encoder(run_dir, adapter_dir: Path, out_dir: Path, merge: bool) -> dict:
     """Write and check the export of a finished CLIP-family run (see the module docstring)."""
-    from peftvlm.export import read_run
-    from peftvlm.trainers.clip import load_dual_encoder, prepare_task
-
     run = read_run(run_dir)
     loaded = load_dual_encoder(run.recipe)
     classnames, train_data, sets = prepare_task(run.recipe, loaded.processor)
@@ -125,8 +124,6 @@ def write_head_export(trained, model, out_dir: Path) -> HeadClassifier:
 
 def accuracy_check(exported, held_out, summary: dict) -> dict:
     """The export's held-out accuracy against the one the run reported."""
-    from peftvlm.trainers.clip import accuracy
-
     expected = ((summary.get("eval") or {}).get("accuracy") or {}).get("after")
     if held_out is None or expected is None:
         return {"passed": True, "skipped": "the run has no held-out accuracy to reproduce"}

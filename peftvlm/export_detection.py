@@ -14,6 +14,8 @@ Probe images are the recipe's first held-out images, asked for the run's classes
 from __future__ import annotations
 
 from peftvlm.errors import ExportError
+from peftvlm.export import (adapter_base, copy_adapter_files, load_unquantized_base, merge_adapter,
+                            reload_merged)
 from peftvlm.export_checks import (check_adapter_effect, check_adapter_files, check_merged_files,
                                    check_weights_changed, compare_logits, device, weight_probes)
 from peftvlm.trainers.detection import encode, load_data, peft_ready
@@ -49,8 +51,6 @@ def export_detection_merged(run, opts, log) -> dict:
     """Merge, save, reload plainly, compare logits and boxes."""
     from peft import PeftModel
 
-    from peftvlm.export import load_unquantized_base, merge_adapter, reload_merged
-
     loaded = load_unquantized_base(run.recipe, opts.dtype, run.adapter_dir)
     peft_ready(loaded.model, loaded.family)
     batch, source, classes = probe_batch(run.recipe, loaded.processor)
@@ -73,8 +73,6 @@ def export_detection_merged(run, opts, log) -> dict:
 def export_detection_adapter(run, opts, log) -> dict:
     """Copy the adapter; it must load with plain PeftModel and change the base's outputs."""
     from peft import PeftModel
-
-    from peftvlm.export import adapter_base, copy_adapter_files, load_unquantized_base
 
     copy_adapter_files(run.adapter_dir, opts.out)
     loaded = load_unquantized_base(run.recipe, None, run.adapter_dir)

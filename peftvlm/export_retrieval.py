@@ -12,10 +12,13 @@ Probe pairs are the recipe's first held-out rows (a drawn image when its data is
 
 from __future__ import annotations
 
+from peftvlm.data.pairs import pairs_from_rows
 from peftvlm.errors import ExportError
-from peftvlm.export_checks import (check_adapter_effect, check_adapter_files,
-                                   check_merged_files, check_weights_changed, device, probe_rows,
-                                   weight_probes)
+from peftvlm.export import (adapter_base, copy_adapter_files, load_unquantized_base, merge_adapter,
+                            reload_merged)
+from peftvlm.export_checks import (check_adapter_effect, check_adapter_files, check_merged_files,
+                                   check_weights_changed, device, probe_rows, weight_probes)
+from peftvlm.trainers.contrastive import Encoder, pooled
 
 # Features are unit vectors: in float32 a merge is exact to rounding.
 FEATURE_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
@@ -23,9 +26,6 @@ FEATURE_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
 
 def probe_inputs(recipe, loaded):
     """(text inputs, pixel values, where they came from) of a few probe pairs."""
-    from peftvlm.data.pairs import pairs_from_rows
-    from peftvlm.trainers.contrastive import Encoder
-
     rows, source = probe_rows(recipe, loaded.family)
     pairs = pairs_from_rows(rows, "probe rows")
     encoder = Encoder(loaded.model, loaded.family, loaded.processor)
@@ -36,8 +36,6 @@ def probe_inputs(recipe, loaded):
 def features_of(model, texts: dict, pixels):
     """Image and text features of the probes, one [N_img + N_txt, D] float32 tensor."""
     import torch
-
-    from peftvlm.trainers.contrastive import pooled
 
     model.eval()
     with torch.no_grad():
@@ -66,8 +64,6 @@ def export_retrieval_merged(run, opts, log) -> dict:
     """Merge, save, reload plainly, compare features."""
     from peft import PeftModel
 
-    from peftvlm.export import load_unquantized_base, merge_adapter, reload_merged
-
     loaded = load_unquantized_base(run.recipe, opts.dtype, run.adapter_dir)
     texts, pixels, source = probe_inputs(run.recipe, loaded)
     model = PeftModel.from_pretrained(loaded.model, run.adapter_dir).to(device())
@@ -89,8 +85,6 @@ def export_retrieval_merged(run, opts, log) -> dict:
 def export_retrieval_adapter(run, opts, log) -> dict:
     """Copy the adapter; it must load with plain PeftModel and change the base's features."""
     from peft import PeftModel
-
-    from peftvlm.export import adapter_base, copy_adapter_files, load_unquantized_base
 
     copy_adapter_files(run.adapter_dir, opts.out)
     loaded = load_unquantized_base(run.recipe, None, run.adapter_dir)

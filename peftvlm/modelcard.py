@@ -13,6 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from peftvlm.recipe import QuantizationConfig
+from peftvlm.tracking import scrub_secrets
+
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -221,7 +224,6 @@ def requantize_note(recipe, family_name: str | None, report: dict) -> str:
     """Merged QLoRA weights are saved unquantized; say how to get 4-bit back at load time."""
     if not report.get("base_quantized_in_training"):
         return ""
-    from peftvlm.recipe import QuantizationConfig
 
     q = recipe.model.quantization or QuantizationConfig()
     skip = q.skip_modules
@@ -266,8 +268,6 @@ def public_recipe_yaml(recipe, run_dir: Path | None = None) -> str:
     """The resolved recipe without anything that looks like a secret, and without local paths:
     no base_dir (data paths stay relative to the recipe), other absolute paths made relative
     to the run folder."""
-    from peftvlm.tracking import scrub_secrets
-
     data = recipe.model_dump(mode="json", exclude_none=True, exclude={"base_dir_"})
     if run_dir is not None:
         data = portable_values(data, run_dir)

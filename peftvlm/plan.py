@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftvlm import memory
-from peftvlm.errors import ModelError
+from peftvlm.data.images import image_size
+from peftvlm.data.loading import load_rows
+from peftvlm.distributed import read_config_file, sharding_mode
+from peftvlm.errors import ModelError, PeftVLMError
+from peftvlm.families import tiny_models
+from peftvlm.models import detect_family, model_class, quantization_config
+from peftvlm.registry import get_method
 
 BUNDLED = Path(__file__).resolve().parent / "families" / "configs"
 PLAN_IMAGE_SIDE = 4096  # larger than any shipped processor keeps: it resizes to its maximum
@@ -27,8 +33,6 @@ class ConfigSource:
 
 def find_config(model_cfg) -> ConfigSource:
     """Where the model's config.json comes from; weights are never read."""
-    from peftvlm.families import tiny_models
-
     if model_cfg.id in tiny_models():
         from peftvlm.models import tiny_model_path
 
@@ -65,9 +69,6 @@ def build_on_meta(recipe, source: ConfigSource):
     import torch
     from transformers import AutoConfig
 
-    from peftvlm.models import detect_family, model_class
-    from peftvlm.registry import get_method
-
     config = AutoConfig.from_pretrained(source.folder,
                                         trust_remote_code=recipe.model.trust_remote_code)
     family = detect_family(str(source.folder), recipe.model)
@@ -94,8 +95,6 @@ def part_of(name: str, family) -> str:
 def quantized_weights(model, recipe, family) -> set[str]:
     """Names of the weights bitsandbytes would quantize: linear layers outside the skip list."""
     from torch import nn
-
-    from peftvlm.models import quantization_config
 
     quant = quantization_config(recipe.model, family, recipe.method.name)
     if quant is None:
@@ -207,8 +206,6 @@ def data_images(recipe, family, limit: int = 256) -> tuple[tuple[int, int], int]
     training rows, when the recipe's data is local (files or a synthetic task); else None."""
     if any(src.dataset for src in recipe.data.train or []):
         return None  # a Hub dataset: planning downloads nothing
-    from peftvlm.data.loading import load_rows
-    from peftvlm.data.images import image_size
 
     rows = load_rows(recipe, family.box_format).train[:limit]
     sizes = [image_size(image) for row in rows for image in row["images"]]
@@ -219,8 +216,6 @@ def data_images(recipe, family, limit: int = 256) -> tuple[tuple[int, int], int]
 
 def recipe_sharding(recipe) -> str:
     """none / fsdp / zero2 / zero3 from the recipe's train section (what plan assumes)."""
-    from peftvlm.distributed import read_config_file, sharding_mode
-
     mode = sharding_mode(recipe.train)
     if mode == "deepspeed":
         ds = recipe.train.deepspeed
@@ -293,7 +288,6 @@ def pick_gpu(name: str | None) -> dict:
         lowered = cards.lower()
         if all(w in lowered or w == str(gib) for w in words):
             return {"gib": gib, "cards": cards, "asked": name}
-    from peftvlm.errors import PeftVLMError
 
     raise PeftVLMError(f"--gpu {name}: not a GPU plan knows",
                        hint="give its memory in GiB (24, 40, 48, 80, 141) or one of: "

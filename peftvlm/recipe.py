@@ -15,11 +15,15 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from peftvlm._schema import Section, describe_validation_error
-from peftvlm.errors import RecipeError
-from peftvlm.families import tiny_models
-from peftvlm.registry import method_config_classes
+from peftvlm.data.templates import load_template, merged_options
+from peftvlm.distributed import read_config_file
+from peftvlm.errors import DataError, RecipeError
+from peftvlm.families import FAMILIES, tiny_models
+from peftvlm.metrics import available_metrics
+from peftvlm.registry import get_method, method_config_classes
 from peftvlm.rewards import check_custom, options_of, reward_names
 from peftvlm.safe_yaml import AliasBombError, load_yaml, regular_file_problem
+from peftvlm.trainers.objectives import check_objective
 
 
 class QuantizationConfig(Section):
@@ -138,7 +142,6 @@ class SourceConfig(Section):
         if v is not None and info.data.get("path") is not None:
             raise ValueError("give either `path` or `dataset`, not both")
         return v
-
 
 
 class SyntheticConfig(Section):
@@ -684,15 +687,12 @@ def validate_recipe_dict(data: dict, file: str = "<recipe>") -> Recipe:
 def check_recipe_files(recipe: Recipe) -> None:
     """Files and templates the recipe names must exist (checked at validate time, before any
     model loads)."""
-    from peftvlm.families import FAMILIES
-
     if recipe.model.family is not None and recipe.model.family not in FAMILIES:
         raise RecipeError(f"{recipe.source_path}: model.family: unknown family "
                           f"{recipe.model.family!r}; known: {', '.join(FAMILIES)}",
                           hint="or leave it out to detect the family from the model's config")
     check_method_fits_family(recipe)
     check_objective_fits(recipe)
-    from peftvlm.metrics import available_metrics
 
     unknown = [m for m in recipe.eval.metrics if m not in available_metrics()]
     if unknown:
@@ -723,8 +723,6 @@ def check_recipe_files(recipe: Recipe) -> None:
 
 def _check_sharding_files(recipe: Recipe) -> None:
     """train.fsdp_config / train.deepspeed files exist and parse (validate time, no torch)."""
-    from peftvlm.distributed import read_config_file
-
     for field in ("fsdp_config", "deepspeed"):
         value = getattr(recipe.train, field)
         if isinstance(value, str):
@@ -823,8 +821,6 @@ def check_grpo(recipe: Recipe) -> None:
 def known_family(recipe: Recipe):
     """The model's family when it is known without loading anything (model.family, or a
     built-in tiny model); None for a Hub id or folder (checked again once loaded)."""
-    from peftvlm.families import FAMILIES, tiny_models
-
     if recipe.model.family is not None:
         return FAMILIES[recipe.model.family]
     return tiny_models().get(recipe.model.id)
@@ -855,17 +851,12 @@ def check_objective_fits(recipe: Recipe) -> None:
     """`train.objective` must fit the model's family and the method (validate time; a Hub
     id's family is checked again once its config is read)."""
     from peftvlm.families import known_family
-    from peftvlm.registry import get_method
-    from peftvlm.trainers.objectives import check_objective
 
     check_objective(recipe, known_family(recipe.model), get_method(recipe.method.name))
 
 
 def _check_template(recipe: Recipe, src, where: str) -> None:
     """The template a source uses exists, parses, and accepts the options given."""
-    from peftvlm.data.templates import load_template, merged_options
-    from peftvlm.errors import DataError
-
     name = (src.template if src else None) or recipe.data.template
     if name is None:
         return

@@ -11,8 +11,12 @@ from __future__ import annotations
 import functools
 import itertools
 
-from peftvlm.data.chat_template import chat_template_of
+from peftvlm.data.chat_template import chat_template_of, shift_spans, token_mask
+from peftvlm.data.images import load_rgb
+from peftvlm.data.rows import BadRow
 from peftvlm.data.shapes import ShapeRenderer
+from peftvlm.data.video import load_frames, metadata
+from peftvlm.errors import DataError
 
 IGNORE_INDEX = -100
 RENDER_CACHE_SIZE = 200_000  # rendered rows kept by a collator (text + spans, ~1 kB each)
@@ -23,8 +27,6 @@ def media_errors() -> tuple:
     """What opening a row's media raises when a file is gone, replaced or corrupt."""
     from PIL import Image
 
-    from peftvlm.data.rows import BadRow
-
     # OSError: missing, unreadable or truncated files (PIL's UnidentifiedImageError too);
     # ValueError / SyntaxError / EOFError: what PIL's decoders raise on corrupt data.
     return (OSError, ValueError, SyntaxError, EOFError, BadRow, Image.DecompressionBombError)
@@ -33,16 +35,12 @@ def media_errors() -> tuple:
 def open_image(image):
     """The RGB image the processor gets: decoded as `peftvlm.data.images.load_rgb` says (EXIF
     orientation applied, transparency on white, 16-bit scaled), from a path, bytes or PIL image."""
-    from peftvlm.data.images import load_rgb
-
     return load_rgb(image)
 
 
 def with_images(messages: list[dict], images: list, videos: list = ()) -> list[dict]:
     """Attach the row's images (and videos: frame arrays with their timing, `video_metadata`),
     in order, to its media items."""
-    from peftvlm.data.video import load_frames, metadata
-
     pending = iter(open_image(i) for i in images)
     clips = iter({"type": "video", "video": load_frames(v), "video_metadata": metadata(v)}
                  for v in videos)
@@ -179,8 +177,6 @@ class ConversationCollator:
 
     def stand_in(self) -> list[dict]:
         """A decoded good row for a batch whose rows all failed (see `decode_or_skip`)."""
-        from peftvlm.errors import DataError
-
         candidates = [self._last_good] if self._last_good is not None else []
         for row in itertools.chain(candidates, self.spare_rows or ()):
             try:
@@ -227,8 +223,6 @@ def process_texts(processor, texts: list[str], images: list[list], offsets: bool
 def reply_masks(batch: dict, spans: list) -> object:
     """Boolean (rows, tokens) mask of reply tokens; pops the offsets from `batch`."""
     import numpy as np
-
-    from peftvlm.data.chat_template import shift_spans, token_mask
 
     offsets = np.asarray(batch.pop("offset_mapping"))
     replacements = batch.pop("text_replacement_offsets", None)

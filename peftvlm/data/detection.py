@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from peftvlm.data.boxes import Box, clip_box, read_box
-from peftvlm.data.rows import BadRow
 from peftvlm.data.images import image_size
+from peftvlm.data.json_list import load_json
+from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError
 from peftvlm.safe_yaml import load_yaml
 
@@ -77,8 +78,6 @@ def looks_like_coco_instances(head: str) -> bool:
 def read_coco_instances(path: Path) -> list[tuple[str, Any]]:
     """One record per image of a COCO instances file (`images`, `annotations`, `categories`);
     an annotation whose box is not 4 numbers is a bad row of its image."""
-    from peftvlm.data.json_list import load_json  # readers imports this module
-
     data = load_json(path)
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
                                              for k in ("images", "annotations", "categories")):

@@ -30,7 +30,13 @@ from pathlib import Path
 
 from peftvlm.data.filtered import FilterSettings, settings, unfiltered
 from peftvlm.data.images import load_rgb
+from peftvlm.data.loading import load_source, recipe_sources
+from peftvlm.data.pairs import pairs_from_rows
+from peftvlm.data.rows import BadRowReport, enforce_policy
 from peftvlm.errors import DataError, RecipeError
+from peftvlm.metrics.clipscore import clip_scores_per_caption
+from peftvlm.models import load_base
+from peftvlm.recipe import ModelConfig
 
 LOWEST_SHOWN = 5
 
@@ -45,10 +51,6 @@ class Pair:
 
 def read_pairs(recipe) -> tuple[list[Pair], dict]:
     """Every (image, caption) pair of the training sources, and the bad rows per source."""
-    from peftvlm.data.loading import load_source, recipe_sources
-    from peftvlm.data.rows import BadRowReport, enforce_policy
-    from peftvlm.data.pairs import pairs_from_rows
-
     train_sources, _ = recipe_sources(unfiltered(recipe))
     pairs, report, bad = [], BadRowReport(), {}
     for src in train_sources:
@@ -67,9 +69,6 @@ def read_pairs(recipe) -> tuple[list[Pair], dict]:
 
 def load_scorer(model_id: str):
     """A dual encoder and its processor (CLIPScore needs one)."""
-    from peftvlm.models import load_base
-    from peftvlm.recipe import ModelConfig
-
     loaded = load_base(ModelConfig(id=model_id))
     if not loaded.family.is_dual_encoder:
         raise RecipeError(f"data filter: {model_id!r} is a {loaded.family.name} model; "
@@ -129,8 +128,6 @@ def groups_from(pairs: list[Pair], start: int, batch_size: int):
 def score_pairs(pairs: list[Pair], s: FilterSettings, state: dict, log) -> list[float]:
     """Score the pairs not scored yet (appending to scores.jsonl); return every score."""
     from tqdm.auto import tqdm
-
-    from peftvlm.metrics.clipscore import clip_scores_per_caption
 
     out = s.out_dir
     if state["pairs_done"] < len(pairs):

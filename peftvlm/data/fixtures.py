@@ -20,6 +20,7 @@ import random
 from pathlib import Path
 
 from peftvlm.data.synthetic import COLOURS
+from peftvlm.recipe import SourceConfig
 
 SHAPES = ("circle", "square", "triangle")
 FIXTURES = ("coco-captions", "vqav2", "refcoco", "coco-instances")
@@ -174,8 +175,6 @@ def source_options(name: str) -> dict:
 
 def fixture_sources(cfg, cache_root: Path, template: str | None):
     """(train, eval) `SourceConfig`s over a fixture written once into the cache."""
-    from peftvlm.recipe import SourceConfig
-
     key = hashlib.sha1(cfg.model_dump_json().encode()).hexdigest()[:10]
     files = write_fixture(cfg.name, cache_root / "data" / f"{cfg.name}-{key}", cfg.train_size,
                           cfg.eval_size, cfg.image_size, cfg.seed)

@@ -25,6 +25,7 @@ import re
 from urllib.parse import unquote, urlparse
 
 from peftvlm.data.rows import BadRow
+from peftvlm.errors import DataError
 
 ROW_FORMATS = ("messages", "openai_messages", "llava_conversations", "llamafactory_v1")
 DETECT_ROWS = 100  # rows looked at to detect a source's format
@@ -237,8 +238,6 @@ def decode_data_url(url: str) -> bytes:
 
 def no_format_error(records: list, name: str):
     """No row of the first ones holds a conversation: say what the rows have and what to do."""
-    from peftvlm.errors import DataError
-
     first = next((r for _, r in records[:DETECT_ROWS] if isinstance(r, dict)), None)
     if first is None:
         return "messages"  # every row is already bad (invalid JSON...): they are counted as such

@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 
+from peftvlm.data.images import image_size
 from peftvlm.data.shapes import ShapeRenderer
+from peftvlm.data.table import Rows, decode_row, drop_if_torn
 
 LENGTH_BATCH = 64
 LENGTHS_VERSION = "2"      # bump when counting changes
@@ -97,8 +99,6 @@ class LengthCounter:
 
     def size(self, image) -> tuple[int, int]:
         """Image size from its header, remembered per path (rows often share images)."""
-        from peftvlm.data.images import image_size
-
         if not isinstance(image, str):
             return image_size(image)
         if image not in self._sizes:
@@ -169,8 +169,6 @@ class BatchCounter:
         self._counter = None
 
     def __call__(self, texts: list[str], images: list[list[dict]]) -> dict:
-        from peftvlm.data.table import decode_row
-
         return {"length": self.rows([decode_row({"row": t, "images": i})
                                      for t, i in zip(texts, images)])}
 
@@ -186,8 +184,6 @@ class BatchCounter:
 def with_lengths(rows, collator, num_proc: int | None, folder=None):
     """`rows` (a `table.Rows`) with a `length` column; cached in `folder` when given."""
     import datasets
-
-    from peftvlm.data.table import Rows, drop_if_torn
 
     if "length" in rows.table.column_names:
         return rows

@@ -25,14 +25,20 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftvlm.data import table
+from peftvlm.data import lengths, prepare, table
 from peftvlm.data.boxes import box_format_for
 from peftvlm.data.filtered import filtered_sources, unfiltered
+from peftvlm.data.fixtures import fixture_sources
+from peftvlm.data.formats import media_token_detail, media_token_hits, no_format_error
+from peftvlm.data.prompt_rows import detect_source_format
 from peftvlm.data.readers import open_source, take
-from peftvlm.data.sources import resolve_image, to_conversation
 from peftvlm.data.rows import BadRow, BadRowReport, enforce_policy, with_system_prompt
+from peftvlm.data.sources import resolve_image, to_conversation
 from peftvlm.data.table import Rows
+from peftvlm.data.templates import TemplateRenderer, load_template, merged_options
+from peftvlm.data.video import check_video_support
 from peftvlm.errors import DataError
+from peftvlm.models import cache_dir
 
 CACHE_MIN_ROWS = 1000      # below this, rendering is faster than reading a cache file
 PARALLEL_MIN_ROWS = 2000   # below this, starting worker processes costs more than it saves
@@ -88,7 +94,6 @@ def recipe_sources(recipe):
         return filtered_sources(recipe), recipe_sources(unfiltered(recipe))[1]
     if data.synthetic is None:
         return data.train or [], data.eval or []
-    from peftvlm.models import cache_dir
 
     if data.synthetic.name in ("colour-vqa", "colour-classes", "colour-preference"):
         from peftvlm.data.synthetic import write_synthetic
@@ -96,7 +101,6 @@ def recipe_sources(recipe):
 
         paths = write_synthetic(data.synthetic, cache_dir())
         return [SourceConfig(path=str(paths["train"]))], [SourceConfig(path=str(paths["test"]))]
-    from peftvlm.data.fixtures import fixture_sources
 
     return fixture_sources(data.synthetic, cache_dir(), data.template)
 
@@ -114,9 +118,6 @@ class MessagesRenderer:
 
     def detect(self, records: list, name: str) -> None:
         """Pick the source's row format from its first rows (when not forced)."""
-        from peftvlm.data.formats import no_format_error
-        from peftvlm.data.prompt_rows import detect_source_format
-
         if self.format == "auto" and records:
             self.format = detect_source_format(records) or no_format_error(records, name)
 
@@ -156,7 +157,6 @@ def make_renderer(src, opened, data_cfg, box_format: str, base_dir: Path):
         return MessagesRenderer(opened.root, fmt,
                                 VideoOptions(data_cfg.video_fps, data_cfg.video_max_frames,
                                              data_cfg.video_num_frames))
-    from peftvlm.data.templates import TemplateRenderer, load_template, merged_options
 
     template = load_template(name, base_dir)
     options = merged_options(template.spec, {**data_cfg.template_options,
@@ -280,8 +280,6 @@ def build_source(opened, renderer, src, data_cfg, folder: Path | None, read: tup
     Arrow (`prepare.py`), then saved to `folder` (or, uncached, copied into memory); with a
     collator, with its `length` column (saved as the lengths cache a warm start reads).
     `read`: the records taken so far and the rest, for a source that cannot be split."""
-    from peftvlm.data import lengths, prepare
-
     limit = src.max_samples
     if opened.split is not None:
         shards = opened.split(limit)
@@ -426,8 +424,6 @@ def main_process_first():
 
 
 def prepared_cache_dir() -> Path:
-    from peftvlm.models import cache_dir
-
     return cache_dir() / "prepared"
 
 
@@ -528,8 +524,6 @@ def drop_media_token_rows(rows: Rows, family, report: BadRowReport) -> Rows:
     """`rows` without those whose text holds the family's own image/video tokens (typed
     `<|image_pad|>`, `<start_of_image>`...), each counted in `report` as `media_token_in_text`
     with the token and the fix; `rows` itself when none does."""
-    from peftvlm.data.formats import media_token_detail, media_token_hits
-
     hits = media_token_hits(rows, family.literal_media_tokens())
     if not hits:
         return rows
@@ -568,8 +562,6 @@ def drop_unfit_rows(rows, family, policy: str, what: str, report: dict):
 
 def prepare_rows(recipe, collator) -> PreparedData:
     """Load, check and length-filter the recipe's rows; bad rows never crash training later."""
-    from peftvlm.data.video import check_video_support
-
     data = load_rows(recipe, box_format_for(collator.family, collator.processor), collator)
     for section in ("train", "eval"):
         check_video_support(getattr(data, section), collator.family, recipe.model.id)

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from peftvlm.data.collate import IGNORE_INDEX
+from peftvlm.data.table import decode_row
 from peftvlm.errors import DataError
 
 
@@ -112,8 +113,6 @@ class PackedRows:
 
     def decode(self, batch: dict) -> dict:
         """`datasets` transform: bins of row indices -> their decoded rows (one Arrow read)."""
-        from peftvlm.data.table import decode_row
-
         records = self.rows.table[[i for b in batch["bin"] for i in b]]
         rows = iter(decode_row({"row": text, "images": images})
                     for text, images in zip(records["row"], records["images"]))

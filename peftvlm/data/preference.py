@@ -25,6 +25,7 @@ from __future__ import annotations
 from peftvlm.data.formats import (DETECT_ROWS, content_items, detect_format, expand_item,
                                   media_list, merge_inline, sharegpt_turn)
 from peftvlm.data.rows import BadRow
+from peftvlm.errors import DataError, RunError
 
 PREFERENCE_FORMATS = ("trl_preference", "rlaifv", "llamafactory_ranking",
                       "swift_rejected_response")
@@ -172,8 +173,6 @@ def rejected_conversation(row: dict) -> list[dict]:
 
 def require_preference_rows(rows, what: str, source_formats: list[dict]) -> None:
     """DPO trains on pairs: a source without rejected replies is named, with its format."""
-    from peftvlm.errors import DataError
-
     plain = [s for s in source_formats if s.get("format") not in PREFERENCE_FORMATS
              and s.get("section") == what.rpartition(".")[2]]
     if plain or (len(rows) and not is_preference_row(rows[0])):
@@ -231,8 +230,6 @@ def check_same_images(batch: dict, rows: int) -> None:
     """Chosen and rejected must be scored on identical pixels, or DPO would learn from the
     images' difference rather than the replies' (a guard: the halves of every image tensor)."""
     import torch
-
-    from peftvlm.errors import RunError
 
     for key, value in batch.items():
         if key in TEXT_KEYS or not isinstance(value, torch.Tensor) or not value.dim():

@@ -20,7 +20,9 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from peftvlm.data.rows import BadRow, BadRowReport
+from peftvlm.data import table
+from peftvlm.data.lengths import BatchCounter
+from peftvlm.data.rows import BadRow, BadRowReport, with_system_prompt
 from peftvlm.data.table import arrow_row, arrow_schema
 
 ROW_COLUMNS = ("row_id", "row", "images")
@@ -44,8 +46,6 @@ def rendered_entries(records, renderer, system_prompt: str | None):
     """(entry, row) per row of each record, in order, or (entry, None) for a bad record.
     `records` is 1 on the first entry a record makes (a template may make several rows of one
     record), so its sum is the number of records read."""
-    from peftvlm.data.rows import with_system_prompt
-
     for row_id, record in records:
         try:
             piece = renderer.render(row_id, record)
@@ -66,8 +66,6 @@ class ShardRenderer:
     (picklable: each process gets the shard list, the renderer and the collator once)."""
 
     def __init__(self, shards: list, renderer, system_prompt: str | None, collator=None):
-        from peftvlm.data.lengths import BatchCounter
-
         self.shards, self.renderer, self.system_prompt = shards, renderer, system_prompt
         self.counter = BatchCounter(collator) if collator is not None else None
 
@@ -112,8 +110,6 @@ def split_entries(built, rows_path: Path, lengths_path: Path | None) -> tuple[Ba
     from contextlib import nullcontext
 
     import pyarrow.compute as pc
-
-    from peftvlm.data import table
 
     report, records = BadRowReport(), 0
     row_features = entry_features(False).copy()

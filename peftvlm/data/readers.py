@@ -38,7 +38,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from peftvlm.data.detection import (looks_like_coco_instances, looks_like_yolo,
                                     read_coco_instances, read_yolo)
-from peftvlm.data.json_list import load_json, read_json_list, read_text, starts_a_list
+from peftvlm.data.json_list import (json_list_shards, load_json, read_json_list, read_text,
+                                    starts_a_list)
 from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError
 from peftvlm.safe_yaml import regular_file_problem
@@ -362,8 +363,6 @@ def parquet_shards(path: Path, limit: int | None) -> list[Deferred]:
 
 def json_shards(path: Path, limit: int | None) -> list[Deferred]:
     """A JSON list in shards of `SHARD_ROWS` items (`json_list.py`); another JSON file whole."""
-    from peftvlm.data.json_list import json_list_shards, read_json_list, starts_a_list
-
     if not starts_a_list(path):
         return [Deferred(first_records, Deferred(read_json, path), limit)]
     return [Deferred(read_json_list, path, *start)

@@ -12,17 +12,19 @@ import statistics
 from pathlib import Path
 
 from peftvlm.data.boxes import box_format_for
+from peftvlm.data.collate import ConversationCollator
 from peftvlm.data.formats import interleaving_note
+from peftvlm.data.loading import load_rows
+from peftvlm.data.pipeline import prepare_data
 from peftvlm.data.preference import is_preference_row
-from peftvlm.data.preview import preview_pair
+from peftvlm.data.preview import box_picture, preview_pair, render_example
+from peftvlm.data.video import check_video_support
 from peftvlm.errors import DataError
+from peftvlm.models import cache_dir, load_processor_only
 
 
 def processor_collator(recipe):
     """The trainer's collator built on the recipe model's processor (weights are not loaded)."""
-    from peftvlm.data.collate import ConversationCollator
-    from peftvlm.models import load_processor_only
-
     processor, family = load_processor_only(recipe.model)
     if not family.is_generative:
         raise DataError(f"data preview/stats render conversations for generative models; "
@@ -37,9 +39,6 @@ def preview(recipe, n: int = 3, console=None, show_row=None) -> list[dict]:
     objective reads it (GRPO: the rollout prompt and its references)."""
     from rich.console import Console
     from rich.rule import Rule
-
-    from peftvlm.data.pipeline import prepare_data
-    from peftvlm.data.preview import box_picture, render_example
 
     console = console or Console()
     collator = processor_collator(recipe)
@@ -98,8 +97,6 @@ def print_pair(collator, row: dict, index: int, console) -> dict:
 
 def picture_path(recipe, index: int) -> Path:
     """Where `data preview` draws an example's boxes: the cache's previews/<recipe name>/."""
-    from peftvlm.models import cache_dir
-
     return cache_dir() / "previews" / recipe.name / f"example-{index}.png"
 
 
@@ -121,10 +118,6 @@ def print_bad_rows(bad_rows: dict, console) -> None:
 
 def stats(recipe, plot_path: Path) -> dict:
     """Rows per source, token lengths (histogram written to `plot_path`), overflow, bad rows."""
-    from peftvlm.data.loading import load_rows
-
-    from peftvlm.data.video import check_video_support
-
     refuse_unreadable_streams(recipe)
     collator = processor_collator(recipe)
     data = load_rows(recipe, box_format_for(collator.family, collator.processor), collator)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftvlm.data.formats import to_native
+from peftvlm.data.images import check_image
 from peftvlm.data.preference import PREFERENCE_FORMATS, to_native_pair
 from peftvlm.data.prompt_rows import PROMPT_FORMAT, to_native_prompt
 from peftvlm.data.rows import BadRow
@@ -75,15 +77,12 @@ def resolve_image(image, root: Path):
         raise BadRow("missing_image", f"{image} not found")
     if path.stat().st_size == 0:
         raise BadRow("corrupt_image", f"{image} is empty")
-    from peftvlm.data.images import check_image
 
     check_image(path, image)  # decoded whole, as training will: never a crash at step N
     return str(path)
 
 
 def verify_image_bytes(data: bytes) -> None:
-    from peftvlm.data.images import check_image
-
     check_image(data, "image bytes")
 
 
@@ -91,8 +90,6 @@ def to_conversation(record, root: Path, fmt: str = "messages", video=None, resol
     """A raw record of row format `fmt` (`formats.py`) -> `{"messages", "images"}` (+ `videos`
     when it has any) with media resolved (images by `resolve(image, root)`, default
     `resolve_image`) and checked, or `BadRow`. `video`: `VideoOptions`."""
-    from peftvlm.data.formats import to_native
-
     if isinstance(record, BadRow):
         raise record
     if not isinstance(record, dict):

@@ -22,7 +22,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftvlm.data.rows import BadRow
+from peftvlm.data.loading import make_renderer
+from peftvlm.data.readers import SourceData, parquet_row_id
+from peftvlm.data.rows import BadRow, with_system_prompt
 from peftvlm.errors import DataError
 
 PEEK = 100            # records looked at to detect a source's row format
@@ -111,8 +113,6 @@ def parquet_records(paths: list[str], source: int):
     sources are (`readers.parquet_row_id`)."""
     import fsspec
     import pyarrow.parquet as pq
-
-    from peftvlm.data.readers import parquet_row_id
 
     for path in paths:
         index = 0
@@ -299,8 +299,6 @@ class StreamSource:
 
     def rows(self, example: dict, system_prompt: str | None) -> list[dict]:
         """The conversation rows of one raw record (a template may make several)."""
-        from peftvlm.data.rows import with_system_prompt
-
         piece = self.renderer.render(example["row_id"], self.record(example))
         return with_system_prompt(self.renderer.conversations([piece]), system_prompt)
 
@@ -321,9 +319,6 @@ class StreamSource:
 
 def stream_source(src, stream, index: int, data_cfg, base_dir: Path, box_format: str):
     """The `StreamSource` of a recipe source (its renderer from `loading.make_renderer`)."""
-    from peftvlm.data.loading import make_renderer
-    from peftvlm.data.readers import SourceData
-
     name = src.dataset or src.path
     if src.image_root:
         root = (base_dir / src.image_root).resolve()

@@ -39,9 +39,13 @@ from transformers import TrainerCallback
 
 from peftvlm.data.boxes import box_format_for
 from peftvlm.data.formats import media_token_detail, token_in_text
-from peftvlm.data.rows import BadRow, BadRowReport
+from peftvlm.data.lengths import LengthCounter, collator_lengths
+from peftvlm.data.loading import drop_unfit_rows, load_section, recipe_sources
+from peftvlm.data.rows import BadRow, BadRowReport, enforce_policy
 from peftvlm.data.stream_sources import StreamSource, open_stream, stream_source
+from peftvlm.data.video import check_video_support
 from peftvlm.errors import DataError, RunError
+from peftvlm.recipe import check_streaming
 
 STATE_FILE = "peftvlm-stream.json"
 CHUNK = 32            # records rendered and token-counted together (one batched tokenizer call)
@@ -222,8 +226,6 @@ class StreamingRows(torch.utils.data.IterableDataset):
     def lengths(self, rows: list[dict]) -> list[int]:
         """Token counts as the collator makes them (`lengths.LengthCounter`, kept: it remembers
         image sizes and per-size expansions)."""
-        from peftvlm.data.lengths import LengthCounter, collator_lengths
-
         if not rows:
             return []
         if self.family.encode is not None:
@@ -407,8 +409,6 @@ def open_training_stream(recipe, collator, rank: int | None = None,
     accelerate unless given)."""
     from datasets.distributed import split_dataset_by_node
 
-    from peftvlm.data.loading import recipe_sources
-
     if rank is None:
         rank, world = rank_and_world()
     data_cfg, base = recipe.data, recipe.base_dir()
@@ -426,11 +426,6 @@ def open_training_stream(recipe, collator, rank: int | None = None,
 def prepare_streaming(recipe, collator):
     """`pipeline.prepare_data` for a streamed run: the training stream, and the held-out rows read
     whole and checked as `prepare_data` checks them."""
-    from peftvlm.data.loading import drop_unfit_rows, load_section, recipe_sources
-    from peftvlm.data.rows import enforce_policy
-    from peftvlm.data.video import check_video_support
-    from peftvlm.recipe import check_streaming
-
     check_streaming(recipe)
     rows = open_training_stream(recipe, collator)
     data_cfg, family = recipe.data, collator.family

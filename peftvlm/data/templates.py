@@ -27,8 +27,10 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from peftvlm._schema import Section
-from peftvlm.data.boxes import BOX_INPUTS, answer_text, box_text, clip_box, get_convention, read_box
+from peftvlm.data.boxes import (BOX_INPUTS, answer_text, box_text, clip_box, get_convention,
+                                read_box)
 from peftvlm.data.detection import NO_OBJECTS, image_objects
+from peftvlm.data.images import image_size
 from peftvlm.data.rows import BadRow
 from peftvlm.data.sources import resolve_image
 from peftvlm.errors import DataError
@@ -440,7 +442,6 @@ class TemplateRenderer:
                 return float(values["width"]), float(values["height"])
             except (TypeError, ValueError):
                 raise BadRow("bad_column_type", "width/height must be numbers") from None
-        from peftvlm.data.images import image_size
 
         return image_size(values["image"])
 

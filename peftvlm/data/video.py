@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftvlm.data.images import load_rgb
 from peftvlm.data.readers import IMAGE_SUFFIXES
 from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError
@@ -172,8 +173,6 @@ def decode(path: Path):
 def load_frames(video: dict):
     """The checked video's chosen frames as a `(frames, height, width, 3)` uint8 array."""
     import numpy as np
-
-    from peftvlm.data.images import load_rgb
 
     path, wanted = Path(video["path"]), list(video["frames"])
     if path.is_dir():

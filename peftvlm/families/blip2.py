@@ -15,7 +15,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from peftvlm.families._processors import with_init
 from peftvlm.families._tiny import save_tiny
+from peftvlm.families._tokenizer import build_tiny_tokenizer
 from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "blip2-peftvlm.jinja"  # a deviation: BLIP-2 ships no chat template
@@ -27,8 +29,6 @@ def processor_class():
     """`Blip2Processor` that keeps its chat template: the stock `__init__` drops the argument,
     so a saved template would be lost on every reload (the tokenizer keeps its copy)."""
     from transformers import Blip2Processor
-
-    from peftvlm.families._processors import with_init
 
     def __init__(self, image_processor, tokenizer, num_query_tokens=None, chat_template=None,
                  **kwargs):
@@ -43,8 +43,6 @@ def build_tiny(out_dir: Path) -> None:
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-
-    from peftvlm.families._tokenizer import build_tiny_tokenizer
 
     template = read_template(TEMPLATE_FILE)
     # OPT's tokenizer uses </s> as both BOS and EOS.

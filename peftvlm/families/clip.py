@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftvlm.families._tokenizer import build_tiny_tokenizer
 from peftvlm.families.base import FamilySpec
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -19,8 +20,6 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 def build_tiny_clip_tokenizer():
     """The tiny BPE tokenizer with CLIP's start/end-of-text tokens added around every text."""
     from tokenizers.processors import TemplateProcessing
-
-    from peftvlm.families._tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer([BOS, EOS], bos_token=BOS, eos_token=EOS, pad_token=EOS)
     # The BPE backend adds no special tokens by itself; CLIP's tokenizer adds both.

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftvlm.families._tiny import save_tiny
+from peftvlm.errors import DataError
+from peftvlm.families._tiny import save_tiny, widen_output_embeddings
+from peftvlm.families._tokenizer import build_tiny_tokenizer
 from peftvlm.families.base import FamilySpec
 from peftvlm.families.paligemma import split_conversation
 
@@ -38,8 +40,6 @@ def _parts(conversations):
 
 def encode(processor, conversations: list[list[dict]]) -> dict:
     """Training inputs: prompt + image into the encoder, the answer (then EOS) as `labels`."""
-    from peftvlm.errors import DataError
-
     prompts, images, answers = _parts(conversations)
     if any(a is None for a in answers):
         raise DataError("a Florence-2 training row has no assistant answer",
@@ -88,9 +88,6 @@ def build_tiny(out_dir: Path) -> None:
                               Florence2Processor)
     from transformers.models.clip import CLIPImageProcessorPil
     from transformers.models.florence2.configuration_florence2 import Florence2VisionConfig
-
-    from peftvlm.families._tiny import widen_output_embeddings
-    from peftvlm.families._tokenizer import build_tiny_tokenizer
 
     locs = [f"<loc_{i}>" for i in range(LOC_BINS)]
     tok = build_tiny_tokenizer(["<image>", *locs], bos_token="<s>", eos_token="</s>",

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftvlm.families._tiny import save_tiny
+from peftvlm.families._tokenizer import build_tiny_tokenizer
 from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "gemma-3.jinja"  # google/gemma-3-*-it's chat template
@@ -27,8 +28,6 @@ def build_tiny(out_dir: Path) -> None:
     import torch
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
-
-    from peftvlm.families._tokenizer import build_tiny_tokenizer
 
     template = read_template(TEMPLATE_FILE)
     # Gemma 3's processor reads the image markers off the tokenizer (boi/eoi/image_token).

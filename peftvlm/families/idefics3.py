@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftvlm.families._tiny import save_tiny
-from peftvlm.families.base import FamilySpec
+from peftvlm.families._tiny import save_tiny, widen_output_embeddings
+from peftvlm.families._tokenizer import build_tiny_tokenizer
+from peftvlm.families.base import FamilySpec, read_template
 
 # The tiny twin carries the template HuggingFaceTB/SmolVLM-*-Instruct (and SmolVLM2) publish;
 # HuggingFaceM4/Idefics3-8B-Llama3 ships its own (`<|begin_of_text|>User:...`), which is what
@@ -30,10 +31,6 @@ def build_tiny(out_dir: Path) -> None:
     from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor,
                               Idefics3VisionConfig, LlamaConfig)
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
-    from peftvlm.families._tiny import widen_output_embeddings
-    from peftvlm.families._tokenizer import build_tiny_tokenizer
-    from peftvlm.families.base import read_template
 
     template = read_template(PUBLISHED_TEMPLATE)
     tok = build_tiny_tokenizer(SPECIAL_TOKENS, chat_template=template,

@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from peftvlm.families._processors import image_only
 from peftvlm.families._tiny import save_tiny
+from peftvlm.families._tokenizer import build_tiny_tokenizer
 from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "internvl3-hf.jinja"  # OpenGVLab/InternVL3-*-hf's chat template
@@ -25,8 +27,6 @@ SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<img>", "</img
 def processor_class():
     """`InternVLProcessor` without its video processor (see `_processors.image_only`)."""
     from transformers import InternVLProcessor
-
-    from peftvlm.families._processors import image_only
 
     def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256,
                  chat_template=None, **kwargs):
@@ -41,8 +41,6 @@ def build_tiny(out_dir: Path) -> None:
     """A 2-layer random InternVL (Qwen2 language model) with 32x32 tiles of 4 tokens each."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-    from peftvlm.families._tokenizer import build_tiny_tokenizer
 
     template = read_template(TEMPLATE_FILE)
     tok = build_tiny_tokenizer(SPECIAL_TOKENS, chat_template=template, eos_token="<|im_end|>",

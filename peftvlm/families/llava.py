@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftvlm.families._tiny import save_tiny
-from peftvlm.families.base import FamilySpec
+from peftvlm.families._tiny import save_tiny, widen_output_embeddings
+from peftvlm.families._tokenizer import build_tiny_tokenizer
+from peftvlm.families.base import FamilySpec, read_template
 
 # The tiny twin carries the template llava-hf/llava-1.5-7b-hf publishes. It writes no `</s>`
 # after a reply: `end_of_turn` below is appended after the final reply in training only, so
@@ -17,10 +18,6 @@ def build_tiny(out_dir: Path) -> None:
     """A 2-layer random LLaVA with a local tokenizer and processor, saved like a Hub model."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip import CLIPImageProcessorPil
-
-    from peftvlm.families._tiny import widen_output_embeddings
-    from peftvlm.families._tokenizer import build_tiny_tokenizer
-    from peftvlm.families.base import read_template
 
     template = read_template(PUBLISHED_TEMPLATE)
     tok = build_tiny_tokenizer(["<image>"], chat_template=template)

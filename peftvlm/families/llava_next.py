@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftvlm.families._tiny import save_tiny
+from peftvlm.families._tokenizer import build_tiny_tokenizer
 from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "llava-v1.6-mistral.jinja"  # llava-hf/llava-v1.6-mistral-7b-hf's chat template
@@ -23,8 +24,6 @@ def build_tiny(out_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForImageTextToText, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import (
         LlavaNextImageProcessorPil)
-
-    from peftvlm.families._tokenizer import build_tiny_tokenizer
 
     template = read_template(TEMPLATE_FILE)
     tok = build_tiny_tokenizer(["<image>", "[INST]", "[/INST]"], chat_template=template)

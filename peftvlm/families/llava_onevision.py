@@ -13,7 +13,11 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from peftvlm.data.video import uneven_frames_error
+from peftvlm.families._frames import VideoConfigMixin, clips_with_timing, resize_normalise
+from peftvlm.families._processors import image_only
 from peftvlm.families._tiny import save_tiny
+from peftvlm.families._tokenizer import build_tiny_tokenizer
 from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "llava-onevision-qwen2.jinja"  # llava-hf/llava-onevision-qwen2-*-hf's template
@@ -53,9 +57,6 @@ class OnevisionFramesVideoProcessor:
         import numpy as np
         from transformers import BatchFeature
 
-        from peftvlm.data.video import uneven_frames_error
-        from peftvlm.families._frames import clips_with_timing, resize_normalise
-
         clips = clips_with_timing(videos, video_metadata, self.fps)
         frames = [resize_normalise(v, self.size["height"], self.size["width"],
                                    self.rescale_factor, self.image_mean, self.image_std)
@@ -70,9 +71,6 @@ class OnevisionFramesVideoProcessor:
 def processor_class():
     """`LlavaOnevisionProcessor` without its video processor (see `_processors.image_only`)."""
     from transformers import LlavaOnevisionProcessor
-
-    from peftvlm.families._frames import VideoConfigMixin
-    from peftvlm.families._processors import image_only
 
     def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
                  vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
@@ -93,8 +91,6 @@ def build_tiny(out_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil)
-
-    from peftvlm.families._tokenizer import build_tiny_tokenizer
 
     template = read_template(TEMPLATE_FILE)
     tok = build_tiny_tokenizer(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<image>",

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftvlm.families._tiny import save_tiny
+from peftvlm.families._tokenizer import build_tiny_tokenizer
 from peftvlm.families.base import FamilySpec, read_template
 
 TEMPLATE_FILE = "llama-3.2-vision.jinja"  # Llama-3.2-11B-Vision-Instruct's chat template
@@ -27,8 +28,6 @@ def build_tiny(out_dir: Path) -> None:
     import torch
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
-
-    from peftvlm.families._tokenizer import build_tiny_tokenizer
 
     template = read_template(TEMPLATE_FILE)
     tok = build_tiny_tokenizer(SPECIAL_TOKENS, chat_template=template,

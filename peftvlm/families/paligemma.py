@@ -13,6 +13,7 @@ from pathlib import Path
 
 from peftvlm.errors import DataError
 from peftvlm.families._tiny import save_tiny
+from peftvlm.families._tokenizer import build_tiny_tokenizer
 from peftvlm.families.base import FamilySpec
 
 IMAGE_SIZE, PATCH = 32, 8
@@ -84,8 +85,6 @@ def build_tiny(out_dir: Path) -> None:
     from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
     from transformers import PaliGemmaProcessor, SiglipVisionConfig
     from transformers.models.siglip import SiglipImageProcessorPil
-
-    from peftvlm.families._tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(["<bos>", "<eos>", "<image>"], bos_token="<bos>",
                                eos_token="<eos>")

@@ -13,8 +13,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from peftvlm.families._tiny import save_tiny
-from peftvlm.families.base import FamilySpec
+from peftvlm.families._frames import VideoConfigMixin, clips_with_timing, resize_normalise
+from peftvlm.families._tiny import save_tiny, widen_output_embeddings
+from peftvlm.families._tokenizer import build_tiny_tokenizer
+from peftvlm.families.base import FamilySpec, read_template
 
 # The template Qwen2-VL-*-Instruct and Qwen2.5-VL-*-Instruct publish (byte-identical).
 PUBLISHED_TEMPLATE = "qwen2-vl"
@@ -67,8 +69,6 @@ class FramesVideoProcessor:
         import numpy as np
         from transformers import BatchFeature
 
-        from peftvlm.families._frames import clips_with_timing
-
         patches, grids, timing = [], [], []
         for video, meta in clips_with_timing(videos, video_metadata, self.fps):
             video_patches, grid = self.patchify(self.frames(video))
@@ -110,8 +110,6 @@ class FramesVideoProcessor:
 
     def frames(self, video):
         """(T, H, W, 3) uint8 -> (T, 3, h, w) float32, resized and normalised."""
-        from peftvlm.families._frames import resize_normalise
-
         h, w = self.target_size(len(video), *video.shape[1:3])
         return resize_normalise(video, h, w, self.rescale_factor, self.image_mean, self.image_std)
 
@@ -137,8 +135,6 @@ def _image_only(processor_cls, video_processor_cls=FramesVideoProcessor):
     `video_processor` out of it keeps transformers from looking for the torchvision-backed video
     processor when building, saving or loading; `video_processor_cls` (NumPy) takes its place.
     """
-
-    from peftvlm.families._frames import VideoConfigMixin
 
     class ImageOnlyProcessor(VideoConfigMixin, processor_cls):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -189,10 +185,6 @@ def _build_tiny(version: str, out_dir: Path) -> None:
     """A 2-layer random Qwen{version}-VL with a local tokenizer and image-only processor."""
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from peftvlm.families._tiny import widen_output_embeddings
-    from peftvlm.families._tokenizer import build_tiny_tokenizer
-    from peftvlm.families.base import read_template
 
     template = read_template(PUBLISHED_TEMPLATE)
     tok = build_tiny_tokenizer(SPECIAL_TOKENS, chat_template=template,

@@ -20,9 +20,10 @@ import functools
 from pathlib import Path
 
 from peftvlm.families._tiny import save_tiny
+from peftvlm.families._tokenizer import build_tiny_tokenizer
 from peftvlm.families.base import FamilySpec, read_template
-from peftvlm.families.qwen2_vl import (SPECIAL_TOKENS, FramesVideoProcessor, _image_only,
-                                      mrope_positions)
+from peftvlm.families.qwen2_vl import (FramesVideoProcessor, SPECIAL_TOKENS, _image_only,
+                                       mrope_positions)
 
 TEMPLATE_FILE = "qwen3-vl.jinja"  # Qwen/Qwen3-VL-2B-Instruct's chat template
 PATCH, MERGE = 8, 2
@@ -87,8 +88,6 @@ def _text_config(vocab_size: int, tok, moe: bool) -> dict:
 def _build(out_dir: Path, moe: bool) -> None:
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from peftvlm.families._tokenizer import build_tiny_tokenizer
 
     template = read_template(TEMPLATE_FILE)
     tok = build_tiny_tokenizer(SPECIAL_TOKENS, chat_template=template, eos_token="<|im_end|>",

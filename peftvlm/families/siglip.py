@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from peftvlm.families._tokenizer import build_tiny_tokenizer
 from peftvlm.families.base import FamilySpec
 
 EOS = "</s>"
@@ -27,8 +28,6 @@ def build_tiny_siglip_tokenizer():
     """The tiny BPE tokenizer with SigLIP's conventions: `</s>` appended, pad = `</s>`, no
     start token, and only `input_ids` (SigLIP's text model was trained without a mask)."""
     from tokenizers.processors import TemplateProcessing
-
-    from peftvlm.families._tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(eos_token=EOS, pad_token=EOS, bos_token=None)
     tok._tokenizer.post_processor = TemplateProcessing(

@@ -24,7 +24,12 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from peftvlm.errors import ModelError, RunError
+from peftvlm.errors import ExportError, ModelError, RunError
+from peftvlm.export import base_was_quantized, copy_adapter_files, load_unquantized_base, read_run
+from peftvlm.export_checks import (check_adapter_effect, check_adapter_files, check_generation,
+                                   compare_logits, device, encode_rows, logits_of, probe_rows,
+                                   prompt_text)
+from peftvlm.methods.lora import apply_peft
 from peftvlm.methods.vpt.model import VisualPrompts
 
 PROMPTS_CONFIG = "peftvlm_prompts.json"
@@ -152,8 +157,6 @@ def build_prompts(model, settings: dict) -> VisualPrompts:
 def apply_parts(model, family, cfg, *, quantized: bool = False,
                 gradient_checkpointing: bool = False) -> PeftModelWithPrompts:
     """peft adapter on the language model, VPT prompts in the vision tower, per-part rates."""
-    from peftvlm.methods.lora import apply_peft
-
     settings = prompt_settings(model, family, cfg.parts.vision)
     prompts = build_prompts(model, settings)  # before peft: same init whatever the adapter
     peft_model = apply_peft(model, family, cfg.parts.language, quantized=quantized,
@@ -178,13 +181,6 @@ def export_per_part(run_dir, adapter_dir: Path, out_dir: Path, merge: bool) -> d
     by reloading the export as a user would and comparing with the run's own adapter folder.
     Merging is refused: prompts are extra tokens in the tower's input, not weight deltas."""
     import shutil
-
-    from peftvlm.errors import ExportError
-    from peftvlm.export import (base_was_quantized, copy_adapter_files, load_unquantized_base,
-                                read_run)
-    from peftvlm.export_checks import (check_adapter_effect, check_adapter_files,
-                                       check_generation, compare_logits, device, encode_rows,
-                                       logits_of, probe_rows, prompt_text)
 
     if merge:
         raise ExportError("per_part runs cannot be merged: VPT prompts are extra tokens fed to "

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from peftvlm.errors import MetricsError
 from peftvlm.metrics import MetricUnavailable, mean, register
+from peftvlm.metrics._ngrams import NgramTable, lookup, max_per_key, unique
 
 # Tokens PTBTokenizer emits for punctuation, removed as pycocoevalcap does.
 PTB_PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?",
@@ -114,8 +115,6 @@ def _ngram_table(predictions: list[str], references: list[list[str]], n: int):
     """Count n-grams of predictions then references; also return each sentence's image index."""
     import numpy as np
 
-    from peftvlm.metrics._ngrams import NgramTable
-
     if len(predictions) != len(references) or not all(references):
         raise MetricsError("captioning metrics need one prediction and at least one reference "
                            f"per image (got {len(predictions)} predictions, {len(references)} "
@@ -133,8 +132,6 @@ def bleu(predictions: list[str], references: list[list[str]], n: int = 4) -> dic
     """Corpus BLEU-1..n on tokenised captions, equal to pycocoevalcap's Bleu: clipped n-gram
     counts, the closest reference length (shorter on ties), its tiny/small smoothing."""
     import numpy as np
-
-    from peftvlm.metrics._ngrams import lookup, max_per_key
 
     table, image, num_refs = _ngram_table(predictions, references, n)
     num = len(predictions)
@@ -177,8 +174,6 @@ def cider_d_per_image(predictions: list[str], references: list[list[str]], n: in
     a Gaussian penalty (sigma 6) on the length gap, mean over n-gram orders and references, x10.
     """
     import numpy as np
-
-    from peftvlm.metrics._ngrams import lookup, unique
 
     table, image, num_refs = _ngram_table(predictions, references, n)
     num, grams = len(predictions), table.num_grams

@@ -20,9 +20,12 @@ import tempfile
 from pathlib import Path
 
 from peftvlm.data.boxes import box_format_for
-from peftvlm.runs import MERGED
+from peftvlm.data.collate import open_image
 from peftvlm.data.images import load_rgb
+from peftvlm.data.preview import answer_boxes
 from peftvlm.errors import PeftVLMError, RunError
+from peftvlm.runs import MERGED
+from peftvlm.serving.predictor import first_user_text, open_predictor, question_row
 
 TITLES = {"question": "Ask a question about an image", "caption": "Caption an image",
           "grounding": "Find the region a phrase describes", "classify": "Classify an image",
@@ -80,9 +83,6 @@ def metrics_table(predictor) -> str:
 def example_files(predictor, limit: int = 8) -> list[list]:
     """[image path, question] of held-out rows (images held in memory are saved to a temp
     folder first: Gradio serves examples from files)."""
-    from peftvlm.data.collate import open_image
-    from peftvlm.serving.predictor import first_user_text
-
     folder = None
     examples = []
     for i, row in enumerate(predictor.examples[:limit]):
@@ -102,8 +102,6 @@ def example_files(predictor, limit: int = 8) -> list[list]:
 def draw_box(image, answer: str, box_format: str = "norm1"):
     """(image, [(box in pixels, label)]) for gr.AnnotatedImage: every box of the answer, read
     with the family's own convention (Qwen2.5-VL pixels, PaliGemma / Florence-2 tokens...)."""
-    from peftvlm.data.preview import answer_boxes
-
     return image, [(tuple(int(v) for v in box), label or "predicted")
                    for label, box in answer_boxes(answer or "", box_format, image)]
 
@@ -111,8 +109,6 @@ def draw_box(image, answer: str, box_format: str = "norm1"):
 def responder(predictor, compare_base: bool):
     """The button's function: image (+ question) -> the outputs of the run's task."""
     import gradio as gr
-
-    from peftvlm.serving.predictor import question_row
 
     def respond(image, question):
         if image is None:
@@ -156,8 +152,6 @@ def rank_captions(predictor, image, text: str, compare_base: bool) -> list:
 
 def retrieval_examples(predictor, limit: int = 8) -> list[list]:
     """[image path, its captions] of held-out pairs (images in memory are saved first)."""
-    from peftvlm.data.collate import open_image
-
     folder, examples = None, []
     for i, pair in enumerate(predictor.examples[:limit]):
         image = pair["images"][0]
@@ -230,8 +224,6 @@ def example_folders(predictor) -> list[str]:
 def launch(run, host: str = "127.0.0.1", port: int = 7860, compare_base: bool = True,
            log=print, block: bool = True):
     """Load the run and serve the demo (until Ctrl-C unless `block` is False); returns it."""
-    from peftvlm.serving.predictor import open_predictor
-
     predictor = open_predictor(run, log)
     if predictor.task not in TITLES:  # detection runs: no demo page yet
         raise RunError(f"{run}: `peftvlm demo` has no page for {predictor.task!r} runs yet",

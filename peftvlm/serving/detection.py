@@ -24,6 +24,8 @@ from peftvlm.data.images import load_rgb
 from peftvlm.data.preview import draw_detections
 from peftvlm.errors import DataError, PeftVLMError, RunError
 from peftvlm.runs import MERGED
+from peftvlm.serving.inputs import APIError, check_text_budget, read_image_url
+from peftvlm.serving.predictor import merged_model_config
 from peftvlm.trainers.detection import detect, load_data, load_detector, prompt_for
 from peftvlm.trainers.loop import ADAPTER_DIR
 
@@ -57,8 +59,6 @@ class DetectionPredictor:
         """The run's base + adapter (as eval loads it), or a merged export's own weights."""
         import torch
         from peft import PeftModel
-
-        from peftvlm.serving.predictor import merged_model_config
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if files.layout == MERGED:
@@ -149,8 +149,6 @@ class DetectionRequest(BaseModel):
 
 def answer_detection_request(predictor, req, opts, base: bool) -> dict:
     """The detections response (run in a worker thread: decoding and the model call)."""
-    from peftvlm.serving.inputs import APIError, check_text_budget, read_image_url
-
     classes = req.classes
     if isinstance(classes, str):
         check_text_budget(len(classes), "classes", opts)

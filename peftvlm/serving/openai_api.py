@@ -30,11 +30,14 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from peftvlm.data.rows import with_system_prompt
+from peftvlm.serving.batching import Batcher
 from peftvlm.serving.detection import DetectionRequest, answer_detection_request
 from peftvlm.serving.embeddings import EmbeddingRequest, embed
-from peftvlm.serving.inputs import (APIError, ServerOptions, check_image_count,
-                                    check_image_url, check_text, check_text_budget,
-                                    read_image_url)
+from peftvlm.serving.guard import Guard
+from peftvlm.serving.inputs import (APIError, ServerOptions, check_image_count, check_image_url,
+                                    check_text, check_text_budget, read_image_url)
+from peftvlm.serving.predictor import open_predictor, with_answer_slot
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +112,6 @@ def check_messages(req: ChatRequest, opts: ServerOptions, media_tokens: tuple[st
 def request_row(req: ChatRequest, opts: ServerOptions, system_prompt: str | None) -> dict:
     """The conversation as a training-format row (images in order), ending in an answer slot
     (call `check_messages` first: this decodes the images)."""
-    from peftvlm.data.rows import with_system_prompt
-    from peftvlm.serving.predictor import with_answer_slot
-
     messages, images = [], []
     for i, message in enumerate(req.messages):
         content = []
@@ -138,9 +138,6 @@ def build_app(predictor, opts: ServerOptions | None = None):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
-
-    from peftvlm.serving.batching import Batcher
-    from peftvlm.serving.guard import Guard
 
     opts = opts or ServerOptions()
     model_ids = {predictor.name: False}
@@ -356,8 +353,6 @@ def run_server(run: str | Path, opts: ServerOptions, host: str = "127.0.0.1", po
     """Load the run and serve it until Ctrl-C or SIGTERM (in-flight requests get
     `opts.shutdown_grace_s`, then are cancelled and their generations stopped)."""
     import uvicorn
-
-    from peftvlm.serving.predictor import open_predictor
 
     predictor = open_predictor(run, log)
     endpoint = ("chat completions" if hasattr(predictor, "answer") else

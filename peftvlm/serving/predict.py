@@ -29,11 +29,12 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from peftvlm.data.boxes import box_format_for
-from peftvlm.data.preview import PREDICTION_COLOUR, answer_boxes, draw_boxes
 from peftvlm.data.images import load_rgb
+from peftvlm.data.preview import PREDICTION_COLOUR, answer_boxes, draw_boxes
 from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError, RunError
 from peftvlm.serving.detection import detection_rows
+from peftvlm.serving.predictor import open_predictor, question_row
 from peftvlm.serving.retrieval import RetrievalPredictor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -96,8 +97,6 @@ def predict(run: str | Path, images: list[str], prompt: str | None = None, base:
             log=print, warn=print) -> list[dict]:
     """Answer (classify, or for retrieval runs rank) every readable image; write JSONL to
     `out` if given; return the rows."""
-    from peftvlm.serving.predictor import open_predictor
-
     paths = expand_images(images)
     predictor = open_predictor(run, log)
     check_ranking_flags(predictor, run, captions, text)
@@ -172,8 +171,6 @@ def image_ranking_rows(predictor, opened, text: str, base: bool) -> list[dict]:
 
 
 def answer_rows(predictor, opened, prompt: str | None, base: bool, batch_size) -> list[dict]:
-    from peftvlm.serving.predictor import question_row
-
     prompt = prompt or predictor.default_prompt
     if prompt is None and predictor.task != "caption":
         raise RunError(f"{predictor.files.path}: no prompt given and none known from the run's "

@@ -24,10 +24,22 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from peftvlm.data.collate import encode_prompts, open_image
+from peftvlm.data.loading import load_source, recipe_sources
+from peftvlm.data.rows import with_system_prompt
 from peftvlm.errors import PeftVLMError, RunError
+from peftvlm.eval_run import load_adapter, place_on_device
+from peftvlm.evaluate import generate_answers, generation_kwargs
+from peftvlm.export_checks import prompt_text
 from peftvlm.kinds import kind_for, kind_for_export
-from peftvlm.trainers.contrastive import Encoder, pooled
+from peftvlm.methods.dual_encoder import DualEncoderClassifier, load_method
+from peftvlm.models import detect_family, load_base
+from peftvlm.recipe import ModelConfig
+from peftvlm.registry import get_method
 from peftvlm.runs import MERGED, RUN, RunFolder, read_run_folder
+from peftvlm.trainers import clip_data
+from peftvlm.trainers.clip import ADAPTER_DIR, load_dual_encoder
+from peftvlm.trainers.contrastive import Encoder, pooled
 
 TASKS = ("question", "caption", "grounding", "classify")
 
@@ -54,8 +66,6 @@ def open_predictor(path: str | Path, log=print):
 
 def merged_family(files: RunFiles):
     """The model family of a merged export folder, from its config.json."""
-    from peftvlm.models import detect_family
-
     return detect_family(str(files.path), merged_model_config(files))
 
 
@@ -79,17 +89,12 @@ def with_answer_slot(row: dict) -> dict:
 
 
 def first_user_text(row: dict) -> str | None:
-    from peftvlm.export_checks import prompt_text
-
     return prompt_text(row)
 
 
 def held_out_rows(recipe, family, limit: int = 8) -> list[dict]:
     """The first `limit` held-out rows of a recipe as training read them (training rows when it
     has no held-out data; none when its data cannot be read from here)."""
-    from peftvlm.data.loading import load_source, recipe_sources
-    from peftvlm.data.rows import with_system_prompt
-
     try:
         train_sources, eval_sources = recipe_sources(recipe)
         for sources in (eval_sources, train_sources):
@@ -150,10 +155,6 @@ class GenerativePredictor:
 
     @classmethod
     def load(cls, files: RunFiles, log=print) -> GenerativePredictor:
-        from peftvlm.eval_run import load_adapter, place_on_device
-        from peftvlm.models import load_base
-        from peftvlm.registry import get_method
-
         if files.layout == MERGED:
             loaded = load_base(merged_model_config(files))
             place_on_device(loaded)
@@ -177,8 +178,6 @@ class GenerativePredictor:
                    top_p: float | None = None) -> dict:
         """`generate()` options: the recipe's eval settings, with a request's overrides
         (temperature 0 = greedy, > 0 = sampling)."""
-        from peftvlm.evaluate import generation_kwargs
-
         options = generation_kwargs(self.eval_cfg) if self.eval_cfg is not None else {
             "max_new_tokens": 64, "do_sample": False, "num_beams": 1}
         if max_new_tokens is not None:
@@ -220,8 +219,6 @@ class GenerativePredictor:
     def answer(self, rows: list[dict], base: bool = False, generation: dict | None = None,
                batch_size: int | None = None) -> list[str]:
         """Greedy (or the recipe's) answers to each row's conversation, in batches."""
-        from peftvlm.evaluate import generate_answers
-
         options = generation or self.generation()
         size = batch_size or (self.eval_cfg.batch_size if self.eval_cfg else 16)
         with self.lock, self.model_for(base) as model:
@@ -262,8 +259,6 @@ class GenerativePredictor:
 
     def encode(self, row: dict, device=None) -> dict:
         """The row's prompt as model inputs (as eval encodes it: `encode_prompts`)."""
-        from peftvlm.data.collate import encode_prompts
-
         batch = encode_prompts(self.processor, self.family, [row])
         return {k: v.to(device) if device is not None and hasattr(v, "to") else v
                 for k, v in batch.items()}
@@ -282,8 +277,6 @@ class GenerativePredictor:
 
 def merged_model_config(files: RunFiles):
     """A model section loading the merged folder itself, in the run's dtype and family."""
-    from peftvlm.recipe import ModelConfig
-
     update = {"id": str(files.path), "revision": None, "quantization": None}
     if files.recipe is None:
         return ModelConfig(id=str(files.path))
@@ -313,9 +306,6 @@ class DualEncoderPredictor:
     def load(cls, files: RunFiles, log=print) -> DualEncoderPredictor:
         import torch
 
-        from peftvlm.methods.dual_encoder import DualEncoderClassifier, load_method
-        from peftvlm.trainers.clip import ADAPTER_DIR, load_dual_encoder
-
         if files.layout != RUN:
             raise RunError(f"{files.path}: a CLIP-family merged export is not loaded here",
                            hint="give the run folder it came from")
@@ -336,8 +326,6 @@ class DualEncoderPredictor:
 
     def pixels(self, images: list, device=None):
         """Pixel values of paths or PIL images, decoded as training decoded them."""
-        from peftvlm.data.collate import open_image
-
         pixels = self.loaded.processor.image_processor(
             images=[open_image(i) for i in images], return_tensors="pt")["pixel_values"]
         return pixels if device is None else pixels.to(device)
@@ -398,8 +386,6 @@ class DualEncoderPredictor:
 
 def class_examples(recipe, limit: int = 8) -> list[dict]:
     """Held-out images with their labels (`{"images": [path], "label": name}`) for the demo."""
-    from peftvlm.trainers import clip_data
-
     try:
         task = clip_data.load_task(recipe.data, recipe.base_dir())
     except (PeftVLMError, OSError):

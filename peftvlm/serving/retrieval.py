@@ -21,8 +21,10 @@ import functools
 import threading
 from contextlib import contextmanager
 
-from peftvlm.runs import MERGED
 from peftvlm.errors import PeftVLMError, RunError
+from peftvlm.models import load_base
+from peftvlm.runs import MERGED
+from peftvlm.serving.predictor import merged_model_config
 from peftvlm.trainers.contrastive import Encoder, load_pairs, pooled
 from peftvlm.trainers.loop import ADAPTER_DIR
 
@@ -48,9 +50,6 @@ class RetrievalPredictor:
         """The run's base + adapter (as eval loads it), or a merged export's own weights."""
         import torch
         from peft import PeftModel
-
-        from peftvlm.models import load_base
-        from peftvlm.serving.predictor import merged_model_config
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if files.layout == MERGED:

@@ -15,9 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftvlm.data.images import load_rgb
-from peftvlm.data.rows import BadRow
+from peftvlm.data.loading import load_source
+from peftvlm.data.pairs import row_captions
+from peftvlm.data.rows import BadRow, BadRowReport, enforce_policy
+from peftvlm.data.synthetic import COLOURS, write_synthetic
 from peftvlm.errors import DataError, RecipeError
-
+from peftvlm.models import cache_dir
+from peftvlm.recipe import SourceConfig
 
 
 @dataclass
@@ -39,10 +43,6 @@ def read_sources(sources, data_cfg, base_dir: Path, section: str = "train") -> l
     """(image, label name) rows through the shared readers (`load_source`: image folders,
     JSONL/CSV/parquet, saved or Hub datasets) and the `classification` template (columns
     `image`, `label`; rename with the source's `columns`); bad rows follow data.on_bad_row."""
-    from peftvlm.data.loading import load_source
-    from peftvlm.data.pairs import row_captions
-    from peftvlm.data.rows import BadRowReport, enforce_policy
-
     rows, report = [], BadRowReport()
     for src in sources:
         if src.template is None:
@@ -94,10 +94,6 @@ def load_task(data, base_dir: Path) -> ClassificationTask:
 
 def synthetic_sources(cfg):
     """(train, eval) sources of the built-in task, written once into the cache."""
-    from peftvlm.data.synthetic import write_synthetic
-    from peftvlm.models import cache_dir
-    from peftvlm.recipe import SourceConfig
-
     if cfg.name != "colour-classes":
         raise RecipeError(f"data.synthetic.name: {cfg.name!r} is not a classification task",
                           hint="CLIP-family methods use `colour-classes`")
@@ -106,8 +102,6 @@ def synthetic_sources(cfg):
 
 
 def _only(rows, names):
-    from peftvlm.data.synthetic import COLOURS
-
     unknown = [n for n in names if n not in COLOURS]
     if unknown:
         raise RecipeError(f"data.classnames: colour-classes draws no {unknown}",

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftvlm.data.detection_records import DetectionData, read_section
-from peftvlm.data.loading import recipe_sources
 from peftvlm.data.images import load_rgb
+from peftvlm.data.loading import recipe_sources
+from peftvlm.data.preview import draw_detections
 from peftvlm.errors import DataError, RecipeError
-from peftvlm.eval_report import compare
-from peftvlm.eval_report import write_outputs as write_eval_outputs
+from peftvlm.eval_report import compare, write_outputs as write_eval_outputs
 from peftvlm.metrics.detection import coco_evaluate
 from peftvlm.models import load_base
 from peftvlm.registry import get_method
@@ -311,8 +311,6 @@ def evaluate_detection(recipe, run_dir, split: str = "test", max_samples: int | 
     (`test`) or the training images (`train`); writes RUN/eval/ (metrics.json,
     predictions.jsonl: each image's detections above 0.3 and its reference boxes,
     metrics.png, and images/ with predicted (red) and reference (green) boxes drawn)."""
-    from peftvlm.data.preview import draw_detections
-
     run_dir, limit = Path(run_dir), max_samples or recipe.eval.max_samples
     train, held_out, classes = load_data(recipe, limit)
     data = held_out if split == "test" else DetectionData(train.records[:limit], classes)

@@ -27,6 +27,7 @@ from typing import Protocol
 from peftvlm.checkpoints import (complete_checkpoints, describe_resume, last_complete_checkpoint,
                                  mark_complete)
 from peftvlm.errors import RecipeError, RunError
+from peftvlm.tracking import start_wandb
 from peftvlm.trainers.signals import Interrupted, StopSignals, any_rank
 
 ADAPTER_DIR, CHECKPOINT_DIR = "adapter", "checkpoints"
@@ -256,8 +257,6 @@ def fit(recipe, session: Session, task: Task, module, run_dir: Path, resume: boo
         log) -> FitResult:
     """Optimise `module`'s trainable parameters on `task` as the recipe's train section says;
     resumes from the last checkpoint when asked; writes recipe.yaml and starts W&B."""
-    from peftvlm.tracking import start_wandb
-
     accelerator = session.accelerator
     settings = optim_settings(recipe, task.n_examples, accelerator.num_processes)
     optimizer = build_optimizer(module.named_parameters(), settings,

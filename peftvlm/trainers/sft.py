@@ -11,7 +11,11 @@ from pathlib import Path
 import trl
 from transformers import TrainerCallback
 
-from peftvlm.checkpoints import complete_checkpoints, describe_resume, last_complete_checkpoint
+from peftvlm.checkpoints import (complete_checkpoints, describe_resume, last_complete_checkpoint,
+                                 mark_complete)
+from peftvlm.data.packing import PackedRows
+from peftvlm.data.streaming import StreamingRows
+from peftvlm.data.table import Rows
 from peftvlm.trainers.lm_head import use_logits_head
 from peftvlm.trainers.signals import Interrupted, StopSignals, any_rank
 
@@ -106,8 +110,6 @@ class MarkCheckpointComplete(TrainerCallback):
     complete, so --resume never picks one that a kill cut short."""
 
     def on_save(self, args, state, control, **kwargs):
-        from peftvlm.checkpoints import mark_complete
-
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if args.should_save and folder.is_dir():
             mark_complete(folder)
@@ -201,10 +203,6 @@ def build_trainer(model, processor, collator, train_rows, args, callbacks=(), fa
     `packing.PackedRows`), collated by `collator`. A `family` that TRL's fused LM head cannot
     run on (`FamilySpec.unfused_lm_head`) gets the loss from its logits (`lm_head`)."""
     from datasets import Dataset
-
-    from peftvlm.data.packing import PackedRows
-    from peftvlm.data.streaming import StreamingRows
-    from peftvlm.data.table import Rows
 
     lengths = None
     if isinstance(train_rows, StreamingRows):  # TRL checks its raw records; batches: the rows

@@ -12,6 +12,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from peftvlm._schema import Section, describe_validation_error
 from peftvlm.errors import RecipeError
+from peftvlm.recipe import apply_overrides, read_recipe_yaml
 
 # Words a model answering about one image cannot act on. Unlike the text-only Self-Instruct
 # list, image words (image, picture, photo, chart, diagram, map, draw) are allowed here.
@@ -138,8 +139,6 @@ class SelfInstructConfig(Section):
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> SelfInstructConfig:
     """Read, override and validate a config; every problem becomes one `RecipeError`."""
-    from peftvlm.recipe import apply_overrides, read_recipe_yaml
-
     path = Path(path)
     if not (path.exists() or path.is_symlink()):  # a directory, FIFO...: read_recipe_yaml says
         raise RecipeError(f"self-instruct config {path} does not exist",

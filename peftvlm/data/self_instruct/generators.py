@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftvlm.errors import ModelError, RecipeError
+from peftvlm.models import resolve_model_path, torch_dtype
 
 
 @dataclass
@@ -74,8 +75,6 @@ class LocalGenerator:
 def _load_local(config, base_dir: Path):
     """(model, tokenizer, whether the chat template wants list content) from a folder or id."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
-
-    from peftvlm.models import resolve_model_path, torch_dtype
 
     path = config.path
     if (base_dir / path).exists():

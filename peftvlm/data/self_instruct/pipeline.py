@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftvlm.data.self_instruct.config import VISUAL_TASK_TYPES, SelfInstructConfig
-from peftvlm.data.self_instruct.filters import REASONS, Filters
+from peftvlm.data.self_instruct.config import SelfInstructConfig, VISUAL_TASK_TYPES
+from peftvlm.data.self_instruct.filters import Filters, REASONS
+from peftvlm.data.self_instruct.generators import build_generator
 from peftvlm.data.self_instruct.prompts import (Candidate, Parsed, parse_text_response,
                                                 parse_visual_response, text_prompt, visual_prompt)
 from peftvlm.data.self_instruct.seeds import load_images, load_seed_tasks, render_context
@@ -179,8 +180,6 @@ class SelfInstruct:
         return report
 
     def _generator(self):
-        from peftvlm.data.self_instruct.generators import build_generator
-
         factory = self._generator_factory or build_generator
         return factory(self.config.generator, self.config.base_dir())
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftvlm.errors import RunError
+from peftvlm.registry import get_method
 
 CONFIG_FILE = "peftvlm_method.json"
 WEIGHTS_FILE = "peftvlm_method.safetensors"
@@ -146,8 +147,6 @@ def save_method(classifier: DualEncoderClassifier, out_dir: Path) -> None:
 def load_method(model, family, tokenizer, method_dir: Path) -> DualEncoderClassifier:
     """Rebuild a saved method on `model` (the same base it was trained on) and load its tensors."""
     from safetensors.torch import load_file
-
-    from peftvlm.registry import get_method
 
     method_dir = Path(method_dir)
     if not (method_dir / CONFIG_FILE).exists() or not (method_dir / WEIGHTS_FILE).exists():

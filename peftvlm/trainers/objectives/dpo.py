@@ -12,6 +12,7 @@ summary.json (`dpo`), and a non-finite one stops the run.
 from __future__ import annotations
 
 from peftvlm.data.preference import require_preference_rows
+from peftvlm.trainers.objectives.dpo_trainer import build_dpo_trainer
 
 # TRL's DPO metrics kept in summary.json (the last logged values) and checked to be finite.
 LOGGED = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -53,8 +54,6 @@ class DPOObjective:
 
     def build_trainer(self, recipe, model, processor, collator, data, run_dir, report_to,
                       sharding, callbacks, log=print):
-        from peftvlm.trainers.objectives.dpo_trainer import build_dpo_trainer
-
         return build_dpo_trainer(recipe, model, processor, collator, data, run_dir, report_to,
                                  sharding, callbacks)
 

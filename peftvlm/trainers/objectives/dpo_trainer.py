@@ -10,8 +10,10 @@ from pathlib import Path
 import trl
 from transformers import TrainerCallback
 
-from peftvlm.data.preference import PreferenceCollator
+from peftvlm.data.preference import PreferenceCollator, is_preference_row
+from peftvlm.data.table import Rows
 from peftvlm.errors import RunError
+from peftvlm.recipe import DPOConfig as DPOSettings
 from peftvlm.trainers.lm_head import outputs_from_logits
 from peftvlm.trainers.sft import PASSTHROUGH, StopsOnSignals
 
@@ -117,8 +119,6 @@ def dpo_config(recipe, run_dir: Path, report_to: list[str], sharding: dict | Non
     import torch
     from trl import DPOConfig
 
-    from peftvlm.recipe import DPOConfig as DPOSettings
-
     train = recipe.train
     on_gpu = torch.cuda.is_available()
     bf16 = train.bf16 if train.bf16 is not None else (on_gpu and torch.cuda.is_bf16_supported())
@@ -136,9 +136,6 @@ def build_dpo_trainer(recipe, model, processor, collator, data, run_dir: Path, r
     """A DPOTrainer over `data.train`'s preference rows (a `table.Rows` view or a list of
     dicts); held-out preference rows, if any, are scored before and after training."""
     from datasets import Dataset
-
-    from peftvlm.data.preference import is_preference_row
-    from peftvlm.data.table import Rows
 
     rows = data.train
     dataset = rows.dataset if isinstance(rows, Rows) else Dataset.from_list(list(rows))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import trl
 
+from peftvlm.data.boxes import box_format_for
 from peftvlm.data.collate import open_image, process_texts, prompt_messages
 from peftvlm.data.table import image_struct
 from peftvlm.errors import DataError, RecipeError, RunError
@@ -176,8 +177,6 @@ def grpo_dataset(rows, box_format: str | None):
 def build_grpo_trainer(recipe, model, processor, family, train_rows, run_dir: Path,
                        report_to: list[str], sharding, callbacks, reward_funcs: list):
     """A GRPOTrainer over the training rows, rewarded by `reward_funcs` (`build_rewards`)."""
-    from peftvlm.data.boxes import box_format_for
-
     dataset = grpo_dataset(train_rows, box_format_for(family, processor))
     return GRPOTrainer(model=model, args=grpo_config(recipe, run_dir, report_to, sharding),
                        reward_funcs=[finite_rewards(f) for f in reward_funcs],
