@@ -25,10 +25,6 @@ from pathlib import Path
 from peft import PeftModel
 
 from peftvlm.errors import ExportError, ModelError, RunError
-from peftvlm.export import base_was_quantized, copy_adapter_files, load_unquantized_base, read_run
-from peftvlm.export_checks import (check_adapter_effect, check_adapter_files, check_generation,
-                                   compare_logits, device, encode_rows, logits_of, probe_rows,
-                                   prompt_text)
 from peftvlm.methods.lora import apply_peft
 from peftvlm.methods.vpt.model import VisualPrompts
 
@@ -181,6 +177,14 @@ def export_per_part(run_dir, adapter_dir: Path, out_dir: Path, merge: bool) -> d
     by reloading the export as a user would and comparing with the run's own adapter folder.
     Merging is refused: prompts are extra tokens in the tower's input, not weight deltas."""
     import shutil
+
+    # lazy: a method module is imported by the registry (so by `validate`); the export stage
+    # above it pulls in the trainers (TRL), which only an export needs
+    from peftvlm.export import (base_was_quantized, copy_adapter_files, load_unquantized_base,
+                                read_run)
+    from peftvlm.export_checks import (check_adapter_effect, check_adapter_files,
+                                       check_generation, compare_logits, device, encode_rows,
+                                       logits_of, probe_rows, prompt_text)
 
     if merge:
         raise ExportError("per_part runs cannot be merged: VPT prompts are extra tokens fed to "

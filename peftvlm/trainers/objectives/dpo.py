@@ -12,7 +12,6 @@ summary.json (`dpo`), and a non-finite one stops the run.
 from __future__ import annotations
 
 from peftvlm.data.preference import require_preference_rows
-from peftvlm.trainers.objectives.dpo_trainer import build_dpo_trainer
 
 # TRL's DPO metrics kept in summary.json (the last logged values) and checked to be finite.
 LOGGED = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -54,6 +53,9 @@ class DPOObjective:
 
     def build_trainer(self, recipe, model, processor, collator, data, run_dir, report_to,
                       sharding, callbacks, log=print):
+        # lazy: `validate` asks an objective for its refusal; its trainer imports TRL
+        from peftvlm.trainers.objectives.dpo_trainer import build_dpo_trainer
+
         return build_dpo_trainer(recipe, model, processor, collator, data, run_dir, report_to,
                                  sharding, callbacks)
 

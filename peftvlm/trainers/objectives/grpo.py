@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import re
 
-from peftvlm.data.collate import encode_prompts
 from peftvlm.errors import DataError
-from peftvlm.evaluate import row_references
-from peftvlm.rewards import build_rewards
-from peftvlm.trainers.objectives.grpo_trainer import build_grpo_trainer
 
 
 class GRPOObjective:
@@ -61,6 +57,10 @@ class GRPOObjective:
 
     def build_trainer(self, recipe, model, processor, collator, data, run_dir, report_to,
                       sharding, callbacks, log=print):
+        # lazy: `validate` asks an objective for its refusal; its trainer imports TRL
+        from peftvlm.rewards import build_rewards
+        from peftvlm.trainers.objectives.grpo_trainer import build_grpo_trainer
+
         rewards = build_rewards(recipe.train.rewards, recipe.base_dir(),
                                 recipe.train.allow_custom_rewards)
         log("grpo: rewards " + ", ".join(f"{f.__name__} x {s.weight:g}"
@@ -73,6 +73,9 @@ class GRPOObjective:
         prompt included, image runs counted) and the references the rewards compare with."""
         from rich.rule import Rule
         from rich.text import Text
+
+        from peftvlm.data.collate import encode_prompts
+        from peftvlm.evaluate import row_references
 
         ids = encode_prompts(collator.processor, collator.family, [row])["input_ids"][0].tolist()
         token = collator.family.image_token

@@ -3,10 +3,6 @@ peftvlm's assistant-only collator, packing, streaming and several-process batche
 
 from __future__ import annotations
 
-from peftvlm.data.mixed import for_training
-from peftvlm.data.packing import describe_bins, train_collator, train_items
-from peftvlm.trainers.sft import build_trainer, sft_config
-
 
 class SFTObjective:
     name = "sft"
@@ -19,6 +15,11 @@ class SFTObjective:
 
     def build_trainer(self, recipe, model, processor, collator, data, run_dir, report_to,
                       sharding, callbacks, log=print):
+        # lazy: `validate` asks an objective for its refusal; its trainer imports TRL
+        from peftvlm.data.mixed import for_training
+        from peftvlm.data.packing import describe_bins, train_collator, train_items
+        from peftvlm.trainers.sft import build_trainer, sft_config
+
         args = sft_config(recipe.train, run_dir, report_to, recipe.name, sharding)
         # several processes: text-only batches carry a zero-weighted image, so no rank hangs
         # (with packing, the blank image's tokens are a block of their own that nothing
