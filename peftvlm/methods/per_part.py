@@ -26,7 +26,6 @@ from pydantic import Field
 
 from peftvlm._schema import Section
 from peftvlm.methods.lora import DoraMethod, LoraMethod, VeraMethod
-from peftvlm.methods.vision_prompts import PeftModelWithPrompts, apply_parts, export_per_part
 from peftvlm.methods.vpt import VptMethod
 from peftvlm.registry import register
 
@@ -80,12 +79,16 @@ class PerPartMethod(Section):
 def apply_per_part(model, family, cfg: PerPartMethod, *, quantized: bool = False,
                    gradient_checkpointing: bool = False):
     """The model with the language adapter and the vision prompts; only those two train."""
+    from peftvlm.methods.vision_prompts import apply_parts
+
     return apply_parts(model, family, cfg, quantized=quantized,
                        gradient_checkpointing=gradient_checkpointing)
 
 
 def load_trained(model, adapter_dir, is_trainable: bool = False):
     """A trained per-part model from a run's `adapter/` folder, on `model` (the same base)."""
+    from peftvlm.methods.vision_prompts import PeftModelWithPrompts
+
     return PeftModelWithPrompts.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
 
 
@@ -96,4 +99,6 @@ register("per_part", PerPartMethod, "peftvlm.methods.per_part:apply_per_part", (
 
 def export_adapter(run_dir, adapter_dir, out_dir, merge: bool) -> dict:
     """`peftvlm export` hook (see `peftvlm.export.export_custom_method`): adapter + prompts."""
+    from peftvlm.methods.vision_prompts import export_per_part
+
     return export_per_part(run_dir, adapter_dir, out_dir, merge)

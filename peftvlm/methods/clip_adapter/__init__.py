@@ -9,13 +9,14 @@ Config in `config.py` (torch-free), model in `model.py` (imported when applied).
 from __future__ import annotations
 
 from peftvlm.methods.clip_adapter.config import ClipAdapterMethod  # noqa: F401
-from peftvlm.methods.clip_adapter.model import ClipAdapterClassifier
 from peftvlm.registry import register
 
 
 def apply_clip_adapter(model, family, cfg: ClipAdapterMethod, *, tokenizer, classnames,
                        templates):
     """CLIP with residual feature adapters; only the adapters train."""
+    from peftvlm.methods.clip_adapter.model import ClipAdapterClassifier
+
     return ClipAdapterClassifier(model, family, cfg, tokenizer, classnames, templates)
 
 

@@ -13,12 +13,13 @@ the recipe's `train` optimiser settings.
 from __future__ import annotations
 
 from peftvlm.methods.coop.config import CoopMethod, PAPER_OPTIM  # noqa: F401
-from peftvlm.methods.coop.model import CoOpClassifier
 from peftvlm.registry import register
 
 
 def apply_coop(model, family, cfg: CoopMethod, *, tokenizer, classnames, templates):
     """CLIP with CoOp context over `classnames`; only the context trains."""
+    from peftvlm.methods.coop.model import CoOpClassifier
+
     return CoOpClassifier(model, family, cfg, tokenizer, classnames, templates)
 
 

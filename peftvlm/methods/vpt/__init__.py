@@ -12,12 +12,13 @@ Config in `config.py` (torch-free), model in `model.py` (imported when applied).
 from __future__ import annotations
 
 from peftvlm.methods.vpt.config import VptMethod  # noqa: F401
-from peftvlm.methods.vpt.model import VPTClassifier
 from peftvlm.registry import register
 
 
 def apply_vpt(model, family, cfg: VptMethod, *, tokenizer, classnames, templates):
     """CLIP with VPT prompts in its vision encoder; only the prompts train."""
+    from peftvlm.methods.vpt.model import VPTClassifier
+
     return VPTClassifier(model, family, cfg, tokenizer, classnames, templates)
 
 
