@@ -45,7 +45,7 @@ def draw_detections(image, detections: list[dict], references: list[dict] | None
     (reference boxes, when given, in white, thin)."""
     from PIL import ImageDraw
 
-    image = image.convert("RGB").copy()
+    image = load_rgb(image).copy()
     pen = ImageDraw.Draw(image)
     width = max(1, round(max(image.size) / 200))
     for ref in references or []:
