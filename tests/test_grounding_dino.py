@@ -119,6 +119,29 @@ def test_class_scores_group_a_class_s_tokens_and_coco_scores_rank_detections():
     assert coco_scores(records, swapped, ["cat", "dog"])["detection_mAP50"] == 0.0
 
 
+def test_detection_batches_get_the_one_decoder_s_pixels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from peftvlm.data.images import load_rgb
+    from peftvlm.trainers.detection import encode
+
+    path = tmp_path / "clear.png"
+    Image.new("RGBA", (8, 6), (255, 0, 0, 0)).save(path)  # transparent: white, not black
+    seen = []
+
+    class Processor:
+        def image_processor(self, images, return_tensors, **kwargs):
+            seen.extend(images)
+            return {}
+
+        def tokenizer(self, texts, padding, return_tensors):
+            return {}
+
+    encode(Processor(), [{"image": str(path)}], ["red"], "cpu", labels=False)
+    assert np.array_equal(np.asarray(seen[0]), np.asarray(load_rgb(path)))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One short run of the shipped tiny recipe, through the kind-agnostic api."""

@@ -226,6 +226,9 @@ NOT_DECODING = {
     "peftvlm.data.video": "video frames (GIF/WebP) are decoded as frames, not as images",
     "peftvlm.serving.predictor": "classify() gets predict's / serve's decoded images",
     "peftvlm.trainers.clip_data": "open_image: load_rgb for trainers.clip (tested above)",
+    "peftvlm.trainers.detection": "load_rgb for the detection kind's batches (its pixels: "
+                                  "tests/test_grounding_dino.py)",
+    "peftvlm.serving.detection": "load_rgb on predict's / serve's images and for drawing",
 }
 
 

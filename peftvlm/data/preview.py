@@ -8,6 +8,7 @@ from pathlib import Path
 
 from peftvlm.data.boxes import get_convention
 from peftvlm.data.collate import IGNORE_INDEX, last_answer, open_image
+from peftvlm.data.images import load_rgb
 from peftvlm.data.preference import rejected_conversation
 
 # Reference boxes green, predictions red (eval pictures), thin enough for small images.
@@ -57,7 +58,7 @@ def draw_boxes(image, layers: list[tuple[list, tuple[int, int, int]]]):
     """A copy of `image` with each layer's (label, pixel box) pairs drawn in its colour."""
     from PIL import ImageDraw
 
-    picture = image.convert("RGB").copy()
+    picture = load_rgb(image).copy()  # as training saw it (alpha on white)
     draw = ImageDraw.Draw(picture)
     width = max(1, round(min(picture.size) / 150))
     for objects, colour in layers:
