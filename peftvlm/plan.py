@@ -180,6 +180,7 @@ def model_shape(recipe, model, config, family) -> tuple[memory.Shape, dict]:
         dtype="bfloat16" if recipe.model.dtype == "auto" else recipe.model.dtype,  # on a GPU
         adapter_inputs_per_layer=adapter_values_per_layer(model, dims["layers"], dropout),
         vision_trainable=vision_trainable, largest_layer_params=largest_layer(model),
+        unfused_lm_head=bool(family.unfused_lm_head),
         **dims, **vision_dims(config))
     return shape, parts
 
@@ -275,7 +276,7 @@ def image_budget(recipe, source, config, family, size, per_row) -> dict | None:
     counted = image_tokens(source, config, family, size)
     if counted is None:
         return None
-    counted["per_row"] = per_row or (found[1] if found else 1)
+    counted["per_row"] = per_row if per_row is not None else (found[1] if found else 1)
     counted["size_from"] = origin
     return counted
 
