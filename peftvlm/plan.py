@@ -404,7 +404,9 @@ def render(result: dict) -> str:
         "optimizer": f"{w['optim']}: {memory.optimizer_bytes_per_param(w['optim']):g} B per "
                      "trainable parameter",
         "activations": f"{w['batch_size'] * w['seq_len']:,} tokens x {s['layers']} layers",
-        "logits": f"vocabulary {s['vocab']:,}: logits + fp32 loss + gradient",
+        "logits": f"vocabulary {s['vocab']:,}: " + (
+            "logits + fp32 log-softmax + gradient" if s["unfused_lm_head"]
+            else "TRL's fused head, tiles of 4,096 tokens x 32,768 entries"),
         "vision": "trainable: kept for backward" if s["vision_trainable"]
         else "frozen: one layer live at a time",
     }
