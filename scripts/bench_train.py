@@ -194,8 +194,43 @@ VARIABLE_CONTENDERS = {
                                                      group_by_length=True)}
 
 
-def child(name, steps, batch):
-    seconds = {**CONTENDERS, **VARIABLE_CONTENDERS}[name](steps, batch)
+def profiled(fn, *args, top: int = 25):
+    """`fn(*args)` with its training loop (`Trainer._inner_training_loop`; the whole call for
+    the bare loop) under cProfile; prints the `top` functions by own time, as shares of the
+    profile's total (shares, not seconds: they hold under load), to stderr."""
+    import cProfile
+    import pstats
+
+    from transformers import Trainer
+
+    profiler = cProfile.Profile()
+    loop = Trainer._inner_training_loop
+
+    def inner(*a, **k):
+        return profiler.runcall(loop, *a, **k)
+
+    Trainer._inner_training_loop = inner
+    try:
+        result = fn(*args) if fn is not run_bare_torch else profiler.runcall(fn, *args)
+    finally:
+        Trainer._inner_training_loop = loop
+    stats = pstats.Stats(profiler)
+    if os.environ.get("BENCH_PROFILE_FILE"):  # for pstats / snakeviz
+        stats.dump_stats(os.environ["BENCH_PROFILE_FILE"])
+    total = sum(v[2] for v in stats.stats.values()) or 1.0
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    print("| own time | cumulative | calls | function |\n| ---: | ---: | ---: | --- |",
+          file=sys.stderr)
+    for (file, line, func), (_, calls, own, cumulative, _) in rows:
+        where = f"{Path(file).name}:{line}({func})" if line else func
+        print(f"| {own / total:.1%} | {cumulative / total:.1%} | {calls} | `{where}` |",
+              file=sys.stderr)
+    return result
+
+
+def child(name, steps, batch, profile=False):
+    run = {**CONTENDERS, **VARIABLE_CONTENDERS}[name]
+    seconds = profiled(run, steps, batch) if profile else run(steps, batch)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tail = LOSSES[-max(1, len(LOSSES) // 10):]
     batches = max(STATS["steps"], 1)  # collated batches: with max_steps, one fetched ahead
@@ -232,9 +267,13 @@ def main():
     parser.add_argument("--packed-batch", type=int,
                         help="--variable-length: packed rows per step (default: as many as "
                              "hold the tokens of --batch rows)")
+    parser.add_argument("--profile", metavar="CONTENDER",
+                        help="run only CONTENDER, in this process, under cProfile; print its "
+                             "top functions by share of time (then its result line)")
     parser.add_argument("--rows-file", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=[*CONTENDERS, *VARIABLE_CONTENDERS],
                         help=argparse.SUPPRESS)
+    parser.set_defaults(profile=None)
     args = parser.parse_args()
     VARIABLE["rows"], VARIABLE["packed_batch"] = args.rows_file, args.packed_batch
     if args.child:
@@ -248,6 +287,9 @@ def main():
         extra, names = ["--rows-file", str(rows)], [*CONTENDERS, *VARIABLE_CONTENDERS]
         if args.packed_batch:
             extra += ["--packed-batch", str(args.packed_batch)]
+        VARIABLE["rows"] = str(rows)
+    if args.profile:
+        return child(args.profile, args.steps, args.batch, profile=True)
     results = {}
     # Round-robin (every contender once per round), so a load that drifts during the benchmark
     # falls on every contender alike instead of on whichever ran its repeats first.

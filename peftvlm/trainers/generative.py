@@ -172,7 +172,10 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
                                                                                      log)]
     trainer = build_trainer(model, loaded.processor, collator, items, args,
                             [stopper, *streamed, MarkCheckpointComplete(), *callbacks],
-                            family=loaded.family)
+                            family=loaded.family, group_by_length=recipe.train.group_by_length)
+    if recipe.train.group_by_length is None and trainer.grouped_by_length:
+        log("rows vary in length: batching rows of similar length (train.group_by_length, "
+            "unset; set it to false for random batches)")
     add_periodic_eval(trainer, recipe, loaded, data)
     checkpoint = last_checkpoint(run_dir, log) if resume else None
     if resume and checkpoint is None:

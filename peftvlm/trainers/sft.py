@@ -12,6 +12,7 @@ import trl
 from transformers import TrainerCallback
 
 from peftvlm.checkpoints import complete_checkpoints, describe_resume, last_complete_checkpoint
+from peftvlm.data.packing import group_by_default, seeded_length_grouped_sampler
 from peftvlm.trainers.lm_head import use_logits_head
 from peftvlm.trainers.signals import Interrupted, StopSignals, any_rank
 
@@ -145,11 +146,10 @@ class SFTTrainer(trl.SFTTrainer):
         # Give LengthGroupedSampler the counted lengths: it would otherwise read the `length`
         # column through the dataset's decoding transform, or tokenise every row itself.
         if self.args.train_sampling_strategy == "group_by_length" and self.row_lengths:
-            from transformers.trainer_pt_utils import LengthGroupedSampler
-
-            return LengthGroupedSampler(
+            return seeded_length_grouped_sampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                lengths=self.row_lengths)
+                self.row_lengths, self.args.data_seed if self.args.data_seed is not None
+                else self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -184,11 +184,15 @@ def full_state_dict(trainer):
     return None
 
 
-def build_trainer(model, processor, collator, train_rows, args, callbacks=(), family=None):
+def build_trainer(model, processor, collator, train_rows, args, callbacks=(), family=None,
+                  group_by_length: bool | None = False):
     """An SFTTrainer over conversation rows (a `table.Rows` Arrow view, decoded per batch, a
     list of dicts, `streaming.StreamingRows`, or with `train.packing` the rows' bins,
     `packing.PackedRows`), collated by `collator`. A `family` that TRL's fused LM head cannot
-    run on (`FamilySpec.unfused_lm_head`) gets the loss from its logits (`lm_head`)."""
+    run on (`FamilySpec.unfused_lm_head`) gets the loss from its logits (`lm_head`).
+    `group_by_length` None (the recipe left `train.group_by_length` unset) groups rows by
+    length when their cached lengths vary (`packing.group_by_default`); the trainer's
+    `grouped_by_length` says what was decided."""
     from datasets import Dataset
 
     from peftvlm.data.packing import PackedRows
@@ -214,6 +218,10 @@ def build_trainer(model, processor, collator, train_rows, args, callbacks=(), fa
         use_logits_head(trainer.model.get_base_model() if is_peft_model(trainer.model)
                         else trainer.model)  # where TRL installed its head
     trainer.row_lengths = lengths
+    if group_by_length is None and lengths and group_by_default(
+            lengths, args.train_batch_size * args.gradient_accumulation_steps):
+        trainer.args.train_sampling_strategy = "group_by_length"
+    trainer.grouped_by_length = trainer.args.train_sampling_strategy == "group_by_length"
     if isinstance(train_rows, StreamingRows):
         trainer.stream = train_rows
     return trainer
