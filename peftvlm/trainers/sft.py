@@ -167,6 +167,19 @@ class SFTTrainer(trl.SFTTrainer):
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return result
 
+    _flos_params: int | None = None  # the model's non-embedding parameters, counted once
+
+    def floating_point_ops(self, inputs) -> int:
+        """Trainer's estimate (6 x tokens x non-embedding parameters) for `total_flos`, with the
+        parameters counted once: transformers recounts them every step, a walk over every
+        module of the model (~10k `named_modules` calls a step on tiny-llava with LoRA)."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._flos_params is None:
+            self._flos_params = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._flos_params
+
     def create_optimizer(self, model=None):
         groups_of = getattr(self.model, "optimizer_param_groups", None)
         if self.optimizer is None and groups_of is not None:
