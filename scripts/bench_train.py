@@ -15,7 +15,9 @@ packed runs take `--packed-batch` packed rows of up to `max_length` (512) tokens
 by default as many as hold the tokens of `--batch` unpadded rows, so the steps are about as
 large and as many as unpacked and the losses compare. Each line shows samples (conversations)
 per second, steps, real tokens per step, padding share, trained tokens, and the mean and last
-loss per token.
+loss per token. "steady" rates run from the end of the first step to the end of the last
+(per-step cost only: the trainer's once-a-run set-up, final checkpoint and end-of-train gc are
+left out, as the bare loop has none); the plain rate is the whole `train()` call.
 
     python scripts/bench_train.py [--steps 60] [--batch 16] [--repeats 1]
     python scripts/bench_train.py --variable-length [--rows 1600] [--batch 16] [--packed-batch N]
@@ -125,12 +127,26 @@ def run_peftvlm(steps, batch, **train):
     packing.train_collator = lambda *args: Counted(make(*args))
     out = Path(tempfile.mkdtemp()) / "run"
     summary = api.train(validate_recipe_dict(recipe_dict(steps, batch, **train)), out,
-                        log=lambda *_: None)
+                        log=lambda *_: None, callbacks=[step_clock()])
     LOSSES[:] = [loss for _, loss in summary["loss_curve"]]
     return summary["train_runtime_s"]
 
 
 LOSSES: list[float] = []  # logged losses of the contender that ran in this process
+STEP_ENDS: list[float] = []  # perf_counter at the end of each optimizer step (steady rate)
+
+
+def step_clock():
+    """A TrainerCallback noting when each step ends: the steady rate (first step to last) leaves
+    out the trainer's once-a-run costs (set-up, final checkpoint, accelerate's end-of-train
+    gc), which the bare loop does not pay either."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            STEP_ENDS.append(time.perf_counter())
+
+    return StepClock()
 STATS = {"steps": 0, "samples": 0, "slots": 0, "real": 0, "targets": 0}
 
 
@@ -196,7 +212,7 @@ def run_trl_stock(steps, batch):
                      per_device_train_batch_size=batch, report_to=[], save_steps=10_000,
                      gradient_checkpointing=False, disable_tqdm=True, max_length=None, **options)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data,
-                         processing_class=loaded.processor)
+                         processing_class=loaded.processor, callbacks=[step_clock()])
     trainer.data_collator = Counted(trainer.data_collator)
     start = time.perf_counter()
     trainer.train()
@@ -227,6 +243,7 @@ def run_bare_torch(steps, batch):
         opt.step()
         opt.zero_grad()
         LOSSES.append(float(loss))
+        STEP_ENDS.append(time.perf_counter())
     return time.perf_counter() - start
 
 
@@ -282,7 +299,12 @@ def child(name, steps, batch, profile=False):
     batches = max(STATS["steps"], 1)  # collated batches: with max_steps, one fetched ahead
     if not VARIABLE["rows"]:
         STATS["samples"], STATS["steps"] = steps * batch, steps
+    steady = None  # samples/s from the end of step 1 to the end of the last step
+    if len(STEP_ENDS) > 1:
+        steady = STATS["samples"] * (len(STEP_ENDS) - 1) / len(STEP_ENDS) / (
+            STEP_ENDS[-1] - STEP_ENDS[0])
     print(json.dumps({"name": name, "seconds": seconds, "samples_per_s": STATS["samples"] / seconds,
+                      "steady_samples_per_s": steady,
                       "peak_rss_mb": rss_mb, "steps": STATS["steps"],
                       "tokens_per_step": STATS["real"] / batches,
                       "padding": 1 - STATS["real"] / max(STATS["slots"], 1),
@@ -360,14 +382,18 @@ def main():
     floor = results.get("torch", {}).get("samples_per_s")
     trl = results.get("trl", {}).get("samples_per_s")
     ratio = lambda value, base: f"{value / base:.2f}" if base else "-"  # noqa: E731
-    print("| contender | samples/s | vs bare loop | vs TRL stock | steps | tokens/step | "
-          "padding | trained tokens | mean loss | last loss | peak RSS MB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    steady_floor = results.get("torch", {}).get("steady_samples_per_s")
+    print("| contender | samples/s | vs bare loop | vs TRL stock | steady samples/s | steady vs "
+          "bare loop | steps | tokens/step | padding | trained tokens | mean loss | last loss | "
+          "peak RSS MB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+          "---: |")
     for name, res in results.items():
         mean, last = (f"{res[k]:.4f}" if res.get(k) is not None else "-"
                       for k in ("mean_loss", "loss"))
         print(f"| {name} | {res['samples_per_s']:.1f} | {ratio(res['samples_per_s'], floor)} | "
-              f"{ratio(res['samples_per_s'], trl)} | {res['steps']} | "
+              f"{ratio(res['samples_per_s'], trl)} | {res['steady_samples_per_s'] or 0:.1f} | "
+              f"{ratio(res['steady_samples_per_s'] or 0, steady_floor)} | {res['steps']} | "
               f"{res['tokens_per_step']:.0f} | {res['padding']:.1%} | {res['targets']} | "
               f"{mean} | {last} | {res['peak_rss_mb']:.0f} |")
     print(f"peftvlm --help wall time: {help_wall_time():.3f} s")
