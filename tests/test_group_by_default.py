@@ -87,3 +87,22 @@ def test_unset_grouping_follows_the_data_and_an_explicit_value_wins(tmp_path):
     sampler = varied._get_train_sampler()
     assert isinstance(sampler, LengthGroupedSampler) and hasattr(sampler, "set_epoch")
     assert not trainer_for(tmp_path, rows, group_by_length=False).grouped_by_length
+
+
+def test_peftvlm_train_groups_varied_rows_by_default_and_says_so(tmp_path):
+    from conftest import run_cli
+
+    rows = write_rows(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: grouped\nmodel: {id: tiny-llava}\nmethod: {name: lora, r: 4}\n"
+        f"data: {{train: {rows}}}\n"
+        "train: {max_steps: 2, per_device_train_batch_size: 4, max_length: 256, "
+        "logging_steps: 1, save_steps: 1000}\n"
+        "eval: {metrics: [], before_training: false}\n")
+    res = run_cli("train", recipe, "-o", tmp_path / "run")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "batching rows of similar length" in res.stdout + res.stderr
+    res = run_cli("train", recipe, "train.group_by_length=false", "-o", tmp_path / "run2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "batching rows of similar length" not in res.stdout + res.stderr
