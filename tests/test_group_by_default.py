@@ -106,3 +106,18 @@ def test_peftvlm_train_groups_varied_rows_by_default_and_says_so(tmp_path):
     res = run_cli("train", recipe, "train.group_by_length=false", "-o", tmp_path / "run2")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "batching rows of similar length" not in res.stdout + res.stderr
+
+
+def test_the_trainers_dataloader_repeats_an_epochs_grouped_order_after_a_restart(tmp_path):
+    """What --resume relies on: a new trainer (a restarted process) told the epoch, as the
+    trainer tells it, yields that epoch's batches in the same order."""
+    rows = {"train": str(write_rows(tmp_path, n=40))}
+
+    def epoch_batches(epoch):
+        loader = trainer_for(tmp_path, rows).get_train_dataloader()
+        loader.set_epoch(epoch)
+        return [b["input_ids"].tolist() for b in loader]
+
+    first, again = epoch_batches(1), epoch_batches(1)
+    assert first == again and len(first) == 10
+    assert epoch_batches(0) != first
