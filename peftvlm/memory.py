@@ -33,8 +33,11 @@ ASSUMPTIONS = [
     "per token and decoder layer the inputs of the norms, q/k/v/o and the gated MLP; with "
     "gradient checkpointing one layer input per layer plus one layer recomputed",
     "every row padded to the longest allowed (train.max_length) unless --text-tokens is given",
-    "logits for every position in the compute dtype, their fp32 copy for the loss and its "
-    "gradient (transformers computes the full-vocabulary cross-entropy)",
+    "the loss head: TRL's fused LM head (every family but those with "
+    "`FamilySpec.unfused_lm_head`) projects at most 4,096 tokens x 32,768 vocabulary entries at "
+    "a time (one tile buffer, forward and backward) plus fp32 per-token statistics and the fp32 "
+    "gradient of the last hidden state; families on the logits head (BLIP-2) hold the full "
+    "logits, their log-softmax and their gradient (3 x tokens x vocabulary)",
     "a frozen vision tower keeps no activations (one layer's worth is live while it runs)",
     "FSDP / ZeRO-3 divide weights, gradients and optimizer states by the GPU count (plus one "
     "gathered layer); ZeRO-2 divides gradients and optimizer states; DDP divides nothing",
@@ -66,6 +69,7 @@ class Shape:
     vision_intermediate: int = 0
     vision_trainable: bool = False
     largest_layer_params: int = 0
+    unfused_lm_head: bool = False  # the family computes its loss from full logits (lm_head.py)
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Workload:
     optim: str = "adamw_torch"
     gpus: int = 1
     sharding: str = "none"         # none | ddp | fsdp | zero2 | zero3
+    device: str = "cuda"           # cuda | cpu: TRL's fused head folds its tiles differently
 
 
 def optimizer_bytes_per_param(optim: str) -> float:
@@ -96,6 +101,29 @@ def layer_activation_values(s: Shape) -> int:
     """Values saved for backward per token in one decoder layer (SDPA, gated MLP)."""
     return (4 * s.hidden + 2 * s.q_dim + 2 * s.kv_dim + 4 * s.intermediate
             + s.adapter_inputs_per_layer)
+
+
+# trl.kernels.chunked_logprob: TOKEN_CHUNK_SIZE and the vocabulary chunk SFTTrainer passes
+FUSED_TOKEN_TILE, FUSED_VOCAB_TILE = 4096, 32768
+# Without Triton (CPU) TRL folds each tile with whole-tile torch ops: at the peak of its backward
+# the projection buffer, its fp32 scaled copy, z, log p, p, the gradient, the target mask (bool,
+# a quarter) and two temporaries of the gradient's update are live: ~9 fp32 tiles (measured 8.5
+# on the large-vocabulary twin, scripts/bench_memory.py). With Triton (GPU) the tile is folded
+# in place: one buffer.
+FUSED_TILES = {"cuda": 1.0, "cpu": 9.0}
+
+
+def loss_head_bytes(s: Shape, tokens: int, a: int, device: str = "cuda") -> float:
+    """Bytes the loss head adds at its peak (the backward pass). TRL's fused head keeps one
+    projection tile (reused tile by tile, allocated again in backward; `FUSED_TILES` of them on
+    CPU), a few fp32 values per token (log-normaliser, entropy, target logit, running sums) and
+    the fp32 gradient of the hidden states it projects; the logits head keeps the logits, the
+    fp32 log-softmax saved for backward and the logits' fp32 gradient."""
+    if s.unfused_lm_head:
+        return tokens * s.vocab * (a + 4 + 4)
+    tile_bytes = a if device == "cuda" else 4  # the CPU fallback folds in fp32
+    tile = min(tokens, FUSED_TOKEN_TILE) * min(s.vocab, FUSED_VOCAB_TILE) * tile_bytes
+    return tile * FUSED_TILES.get(device, 1.0) + tokens * (8 * 4 + 2 * s.hidden * 4)
 
 
 def vision_layer_values(s: Shape) -> int:
@@ -119,7 +147,7 @@ def estimate(s: Shape, w: Workload) -> dict:
         activations = tokens * (s.layers * s.hidden * a + per_layer)
     else:
         activations = tokens * s.layers * per_layer
-    logits = tokens * s.vocab * (a + 4 + 4)
+    logits = loss_head_bytes(s, tokens, a, w.device)
     patches = w.batch_size * w.vision_patches
     vision_layer = patches * vision_layer_values(s) * a
     if s.vision_trainable:

@@ -179,6 +179,7 @@ def model_shape(recipe, model, config, family) -> tuple[memory.Shape, dict]:
         dtype="bfloat16" if recipe.model.dtype == "auto" else recipe.model.dtype,  # on a GPU
         adapter_inputs_per_layer=adapter_values_per_layer(model, dims["layers"], dropout),
         vision_trainable=vision_trainable, largest_layer_params=largest_layer(model),
+        unfused_lm_head=bool(family.unfused_lm_head),
         **dims, **vision_dims(config))
     return shape, parts
 
@@ -270,7 +271,7 @@ def image_budget(recipe, source, config, family, size, per_row) -> dict | None:
     counted = image_tokens(source, config, family, size)
     if counted is None:
         return None
-    counted["per_row"] = per_row or (found[1] if found else 1)
+    counted["per_row"] = per_row if per_row is not None else (found[1] if found else 1)
     counted["size_from"] = origin
     return counted
 
@@ -397,7 +398,9 @@ def render(result: dict) -> str:
         "optimizer": f"{w['optim']}: {memory.optimizer_bytes_per_param(w['optim']):g} B per "
                      "trainable parameter",
         "activations": f"{w['batch_size'] * w['seq_len']:,} tokens x {s['layers']} layers",
-        "logits": f"vocabulary {s['vocab']:,}: logits + fp32 loss + gradient",
+        "logits": f"vocabulary {s['vocab']:,}: " + (
+            "logits + fp32 log-softmax + gradient" if s["unfused_lm_head"]
+            else "TRL's fused head, tiles of 4,096 tokens x 32,768 entries"),
         "vision": "trainable: kept for backward" if s["vision_trainable"]
         else "frozen: one layer live at a time",
     }

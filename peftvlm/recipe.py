@@ -467,10 +467,12 @@ class TrainConfig(Section):
         None, description="DeepSpeed config: a mapping, or a JSON/YAML file relative to the "
                           "recipe (ZeRO-2/3; CUDA GPUs only).")
     # Variable-length speed-ups (data/packing.py); lengths come from the cached `length` column.
-    group_by_length: bool = Field(False, description="Batch rows of similar token length "
-                                                     "together (less padding), keeping some "
-                                                     "randomness (transformers' "
-                                                     "LengthGroupedSampler).")
+    group_by_length: bool | None = Field(
+        None, description="Batch rows of similar token length together (less padding), keeping "
+                          "some randomness (transformers' LengthGroupedSampler, seeded from "
+                          "train.seed per epoch). Unset: on when the rows' cached lengths vary "
+                          "(random batches would pad >= 10% of their tokens), else off; "
+                          "true/false forces it.")
     packing: bool = Field(False, description="Padding-free packing: conversations are packed "
                                              "(best fit decreasing) into rows of up to "
                                              "max_length tokens, and "

@@ -18,6 +18,7 @@ three ways and prints a markdown table of milliseconds per batch:
     python scripts/bench_collator.py                      # batch 16, all chat families
     python scripts/bench_collator.py --batch-size 64 --repeats 20 --families llava smolvlm
     python scripts/bench_collator.py --turns 3              # multi-turn rows (3 replies each)
+    python scripts/bench_collator.py --profile --families llava --turns 3 --repeats 50
 """
 
 from __future__ import annotations
@@ -101,6 +102,40 @@ def bench_family(name: str, batch_size: int, repeats: int, root: Path, turns: in
             per_batch(lambda: cold(by_prefixes), repeats), per_batch(transformers_mask, repeats))
 
 
+def profile_collator(name: str, batch_size: int, repeats: int, turns: int, top: int = 20):
+    """The collator's first-epoch cost (render cache cleared per batch) under cProfile, as
+    shares of the profile's total (shares hold under load; seconds do not)."""
+    import cProfile
+    import pstats
+
+    from transformers import AutoProcessor
+
+    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.families import FAMILIES
+
+    spec = FAMILIES[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        spec.build_tiny(Path(tmp) / name)
+        processor = (spec.processor_class() if spec.processor_class else AutoProcessor) \
+            .from_pretrained(Path(tmp) / name)
+    batch, collator = rows(batch_size, turns), ConversationCollator(processor, spec)
+    collator(batch)  # shapes proven once, as in any run
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(repeats):
+        collator._rendered.clear()
+        collator(batch)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    total = sum(v[2] for v in stats.stats.values()) or 1.0
+    print(f"{name}, batch of {batch_size}, {turns} turn(s), {repeats} cold batches\n")
+    print("| own time | cumulative | calls | function |\n| ---: | ---: | ---: | --- |")
+    for (file, line, func), (_, calls, own, cumulative, _) in sorted(
+            stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]:
+        where = f"{Path(file).name}:{line}({func})" if line else func
+        print(f"| {own / total:.1%} | {cumulative / total:.1%} | {calls} | `{where}` |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=16)
@@ -108,7 +143,12 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=1, help="question/answer turns per row")
     parser.add_argument("--families", nargs="+", default=list(REFERENCE_TEMPLATES),
                         choices=list(REFERENCE_TEMPLATES))
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: cProfile `--repeats` cold batches of the first family's "
+                             "collator; top functions by share of own time")
     args = parser.parse_args()
+    if args.profile:
+        return profile_collator(args.families[0], args.batch_size, args.repeats, args.turns)
     print(f"batch of {args.batch_size}, {args.turns} turn(s) per row, mean of {args.repeats} "
           "batches, ms per batch\n")
     print("| family | peftvlm | peftvlm (cold) | peftvlm (cold, prefixes) | transformers mask |")

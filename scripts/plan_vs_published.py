@@ -66,7 +66,8 @@ def llama_row() -> dict:
             "estimate_gib": est["peak_allocated"] / memory.GIB,
             "note": "batch 2 x 512 tokens assumed (the figure does not say); PyTorch's peak "
                     "(no CUDA context); torchtune chunks the output layer's loss, this "
-                    f"estimate counts full logits ({est['parts']['logits'] / memory.GIB:.1f} GiB)"}
+                    "estimate counts TRL's fused head "
+                    f"({est['parts']['logits'] / memory.GIB:.1f} GiB)"}
 
 
 def main() -> None:

@@ -96,7 +96,10 @@ def test_memory_terms_add_up_by_hand():
     assert parts["optimizer"] == 800
     per_layer = (4 * 8 + 2 * 8 + 2 * 4 + 4 * 16) * 2
     assert parts["activations"] == 10 * 2 * per_layer
-    assert parts["logits"] == 10 * 10 * (2 + 4 + 4)
+    # TRL's fused head: one bf16 tile (10 tokens x 10 vocabulary) + per-token fp32 values
+    assert parts["logits"] == 10 * 10 * 2 + 10 * (8 * 4 + 2 * 8 * 4)
+    logits_head = memory.with_changes(shape, work, shape={"unfused_lm_head": True})
+    assert logits_head["parts"]["logits"] == 10 * 10 * (2 + 4 + 4)
     checkpointed = memory.with_changes(shape, work, work={"gradient_checkpointing": True})
     assert checkpointed["parts"]["activations"] == 10 * (2 * 8 * 2 + per_layer)
     eight_bit = memory.with_changes(shape, work, work={"optim": "paged_adamw_8bit"})

@@ -207,3 +207,50 @@ def train_collator(collator, packing: bool, model=None):
 def train_items(rows, packing: bool, max_length: int):
     """What the trainer iterates: the rows, or with packing their bins (`PackedRows`)."""
     return PackedRows(rows, max_length) if packing else rows
+
+
+# `train.group_by_length` unset: group when random batches would pad this share or more of
+# their token slots (estimated from the cached lengths as 1 - mean / max of each batch).
+AUTO_GROUP_PADDING = 0.10
+
+
+def random_batch_padding(lengths, batch_size: int, seed: int = 0) -> float:
+    """Share of token slots random batches of `batch_size` rows spend on padding (each batch
+    padded to its longest row), over one seeded shuffle of `lengths`."""
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) < 2 or batch_size < 2:
+        return 0.0
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    slots = real = 0
+    for start in range(0, len(order), batch_size):
+        batch = lengths[order[start:start + batch_size]]
+        slots += int(batch.max()) * len(batch)
+        real += int(batch.sum())
+    return 1 - real / max(slots, 1)
+
+
+def group_by_default(lengths, batch_size: int) -> bool:
+    """What `train.group_by_length` left unset means: group when the rows' lengths vary enough
+    that random batches would pad `AUTO_GROUP_PADDING` of their slots (docs/benchmarks.md)."""
+    return bool(lengths) and random_batch_padding(lengths, batch_size) >= AUTO_GROUP_PADDING
+
+
+def seeded_length_grouped_sampler(batch_size: int, lengths, seed: int):
+    """transformers' `LengthGroupedSampler` (mega-batches of 50 batches, sorted by length
+    inside, longest batch first) drawing from its own generator, reseeded from `seed` and the
+    epoch on `set_epoch` (the trainer calls it every epoch, resumed runs included). The stock
+    one draws from the global RNG when iterated, which a resumed run restores to the
+    checkpoint's step, not to the epoch's start: its order would differ from the interrupted
+    run's, and skipping the trained batches would skip other rows."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class SeededLengthGroupedSampler(LengthGroupedSampler):
+        def set_epoch(self, epoch: int) -> None:
+            self.generator.manual_seed(seed + epoch)
+
+    sampler = SeededLengthGroupedSampler(batch_size, lengths=list(lengths),
+                                         generator=torch.Generator().manual_seed(seed))
+    return sampler

@@ -37,7 +37,8 @@ def outputs_from_logits(logits, labels, shift_labels=None, num_items_in_batch=No
     the distribution's entropy, whether the label is the top token (all zero where the label is
     -100), and the mean negative log-likelihood (over `num_items_in_batch` when given)."""
     import torch
-    from trl.trainer.utils import FusedCausalLMOutput, entropy_from_logits, selective_log_softmax
+    from torch.nn import functional as F
+    from trl.trainer.utils import FusedCausalLMOutput, entropy_from_logits
 
     if shift_labels is None:
         logits, labels = logits[:, :-1], labels[:, 1:]
@@ -45,7 +46,10 @@ def outputs_from_logits(logits, labels, shift_labels=None, num_items_in_batch=No
         labels = shift_labels
     labels = labels.to(logits.device)
     mask = labels != -100
-    log_probs = selective_log_softmax(logits, labels.clamp(min=0)).masked_fill(~mask, 0)
+    # cross_entropy (fused log-softmax + NLL) keeps one logits-sized tensor for backward, where
+    # TRL's selective_log_softmax (gather - logsumexp) keeps more: scripts/bench_memory.py
+    log_probs = -F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100,
+                                 reduction="none").view(labels.shape)
     with torch.no_grad():  # metrics only, as in TRL's head
         entropy = entropy_from_logits(logits.detach()).masked_fill(~mask, 0)
         is_top1 = (logits.argmax(-1) == labels) & mask

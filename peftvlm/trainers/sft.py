@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from peftvlm.checkpoints import (complete_checkpoints, describe_resume, last_complete_checkpoint,
                                  mark_complete)
-from peftvlm.data.packing import PackedRows
+from peftvlm.data.packing import PackedRows, group_by_default, seeded_length_grouped_sampler
 from peftvlm.data.streaming import StreamingRows
 from peftvlm.data.table import Rows
 from peftvlm.trainers.lm_head import use_logits_head
@@ -150,11 +150,10 @@ class SFTTrainer(StopsOnSignals, trl.SFTTrainer):
         # Give LengthGroupedSampler the counted lengths: it would otherwise read the `length`
         # column through the dataset's decoding transform, or tokenise every row itself.
         if self.args.train_sampling_strategy == "group_by_length" and self.row_lengths:
-            from transformers.trainer_pt_utils import LengthGroupedSampler
-
-            return LengthGroupedSampler(
+            return seeded_length_grouped_sampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                lengths=self.row_lengths)
+                self.row_lengths, self.args.data_seed if self.args.data_seed is not None
+                else self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -180,6 +179,19 @@ class SFTTrainer(StopsOnSignals, trl.SFTTrainer):
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return result
 
+    _flos_params: int | None = None  # the model's non-embedding parameters, counted once
+
+    def floating_point_ops(self, inputs) -> int:
+        """Trainer's estimate (6 x tokens x non-embedding parameters) for `total_flos`, with the
+        parameters counted once: transformers recounts them every step, a walk over every
+        module of the model (~10k `named_modules` calls a step on tiny-llava with LoRA)."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._flos_params is None:
+            self._flos_params = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._flos_params
+
     def create_optimizer(self, model=None):
         groups_of = getattr(self.model, "optimizer_param_groups", None)
         if self.optimizer is None and groups_of is not None:
@@ -197,11 +209,15 @@ def full_state_dict(trainer):
     return None
 
 
-def build_trainer(model, processor, collator, train_rows, args, callbacks=(), family=None):
+def build_trainer(model, processor, collator, train_rows, args, callbacks=(), family=None,
+                  group_by_length: bool | None = False):
     """An SFTTrainer over conversation rows (a `table.Rows` Arrow view, decoded per batch, a
     list of dicts, `streaming.StreamingRows`, or with `train.packing` the rows' bins,
     `packing.PackedRows`), collated by `collator`. A `family` that TRL's fused LM head cannot
-    run on (`FamilySpec.unfused_lm_head`) gets the loss from its logits (`lm_head`)."""
+    run on (`FamilySpec.unfused_lm_head`) gets the loss from its logits (`lm_head`).
+    `group_by_length` None (the recipe left `train.group_by_length` unset) groups rows by
+    length when their cached lengths vary (`packing.group_by_default`); the trainer's
+    `grouped_by_length` says what was decided."""
     from datasets import Dataset
 
     lengths = None
@@ -223,6 +239,10 @@ def build_trainer(model, processor, collator, train_rows, args, callbacks=(), fa
         use_logits_head(trainer.model.get_base_model() if is_peft_model(trainer.model)
                         else trainer.model)  # where TRL installed its head
     trainer.row_lengths = lengths
+    if group_by_length is None and lengths and group_by_default(
+            lengths, args.train_batch_size * args.gradient_accumulation_steps):
+        trainer.args.train_sampling_strategy = "group_by_length"
+    trainer.grouped_by_length = trainer.args.train_sampling_strategy == "group_by_length"
     if isinstance(train_rows, StreamingRows):
         trainer.stream = train_rows
     return trainer

@@ -33,8 +33,13 @@ class SFTObjective:
             callbacks = [callbacks[0], StreamCheckpoint(data.train, log), *callbacks[1:]]
         if recipe.train.packing:
             log(describe_bins(items))
-        return build_trainer(model, processor, collator, items, args, callbacks,
-                             family=collator.family)
+        trainer = build_trainer(model, processor, collator, items, args, callbacks,
+                                family=collator.family,
+                                group_by_length=recipe.train.group_by_length)
+        if recipe.train.group_by_length is None and trainer.grouped_by_length:
+            log("rows vary in length: batching rows of similar length (train.group_by_length "
+                "unset; set it to false for random batches)")
+        return trainer
 
     def summary(self, log_history: list[dict]) -> dict:
         return {}
