@@ -7,8 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftvlm.checkpoints import check_resume_recipe
-from peftvlm.eval_run import evaluate_run
-from peftvlm.export import export_run
 from peftvlm.kinds import kind_for
 from peftvlm.recipe import Recipe, load_recipe
 from peftvlm.runs import claimed_run_dir, default_run_dir
@@ -43,9 +41,15 @@ def checked_kind(recipe: Recipe):
 def evaluate(recipe: Recipe, run_dir: str | Path, *, split: str = "test",
              max_samples: int | None = None, with_base: bool = True, log=print) -> dict:
     """Score a finished run's base and fine-tuned model on a split; writes RUN/eval/."""
+    # lazy, as export below: every command imports this module (`validate` must not start
+    # torch), and the evaluation and export stages import it at their top
+    from peftvlm.eval_run import evaluate_run
+
     return evaluate_run(recipe, run_dir, split, max_samples, with_base, log)
 
 
 def export(run_dir: str | Path, **options) -> dict:
     """Export a finished run (`peftvlm.export.export_run`'s options); returns the report."""
+    from peftvlm.export import export_run
+
     return export_run(run_dir, **options)
