@@ -43,7 +43,7 @@ def evaluate(recipe: Recipe, run_dir: str | Path, *, split: str = "test",
     """Score a finished run's base and fine-tuned model on a split; writes RUN/eval/."""
     # lazy, as export below: every command imports this module (`validate` must not start
     # torch), and the evaluation and export stages import it at their top
-    from peftvlm.eval_run import evaluate_run
+    from peftvlm.eval.run import evaluate_run
 
     return evaluate_run(recipe, run_dir, split, max_samples, with_base, log)
 

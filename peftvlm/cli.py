@@ -79,7 +79,7 @@ def eval_run(
     """Score a trained run against its base model; writes RUN/eval/ (predictions, metrics, plot)."""
     quiet_libraries()
     from peftvlm import api
-    from peftvlm.eval_report import print_comparison
+    from peftvlm.eval.report import print_comparison
     from peftvlm.recipe import load_recipe
 
     loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])

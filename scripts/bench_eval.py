@@ -29,8 +29,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="best of N timings per size")
     args = parser.parse_args()
 
-    from peftvlm.eval_run import load_adapter, load_base_and_rows
-    from peftvlm.evaluate import generate_answers
+    from peftvlm.eval.run import load_adapter, load_base_and_rows
+    from peftvlm.eval.generate import generate_answers
     from peftvlm.recipe import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")

@@ -249,7 +249,7 @@ def test_eval_scores_answers_with_the_runs_convention(monkeypatch):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import \
         Qwen2VLImageProcessorPil
 
-    import peftvlm.evaluate as evaluate
+    import peftvlm.eval.generate as evaluate
     from peftvlm.recipe import EvalConfig
 
     processor = type("P", (), {"image_processor": Qwen2VLImageProcessorPil(

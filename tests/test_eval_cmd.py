@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from conftest import REPO
 from peftvlm import api
 from peftvlm.errors import DataError, RecipeError, RunError
-from peftvlm.eval_report import answer_classes, plot_comparison, prediction_rows
+from peftvlm.eval.report import answer_classes, plot_comparison, prediction_rows
 from peftvlm.recipe import load_recipe
 from test_train_run import tiny_recipe
 
@@ -142,8 +142,8 @@ def test_eval_rows_with_no_usable_rows_are_refused(finished_run, tmp_path):
 
 def test_multi_reference_rows_and_question_types_are_scored(tmp_path):
     """Rows with `references` (VQA's 10 answers) and `question_type` score with them."""
-    from peftvlm.eval_report import compare
-    from peftvlm.evaluate import row_references
+    from peftvlm.eval.report import compare
+    from peftvlm.eval.generate import row_references
 
     row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "how many?"}]},
                         {"role": "assistant", "content": [{"type": "text", "text": "2"}]}],

@@ -221,7 +221,7 @@ def test_exports_load_with_plain_libraries_in_a_fresh_process(merged_export, ada
     from peft import PeftModel
 
     from peftvlm.export import load_unquantized_base, read_run
-    from peftvlm.export_checks import encode_rows, logits_of, probe_rows
+    from peftvlm.export.checks import encode_rows, logits_of, probe_rows
 
     (merged, _), (adapter, adapter_report) = merged_export, adapter_export
     merged_code = card_snippet((merged / "README.md").read_text())
@@ -276,7 +276,7 @@ def test_model_card_content(merged_export, adapter_export):
 def test_exports_carry_no_local_paths(merged_export, adapter_export, lora_run):
     """Card (recipe, snippet), report and adapter config: paths relative to the run folder."""
     from peftvlm.models import cache_dir
-    from peftvlm.modelcard import local_path_leaks
+    from peftvlm.export.card import local_path_leaks
 
     for out, report in (merged_export, adapter_export):
         assert report["checks"]["no_local_paths"]["passed"]
@@ -310,7 +310,7 @@ def test_card_carries_license_and_base_from_local_base(tmp_path):
 def test_card_metadata_for_hub_models(monkeypatch):
     from types import SimpleNamespace
 
-    from peftvlm.modelcard import card_metadata as metadata
+    from peftvlm.export.card import card_metadata as metadata
     from peftvlm.recipe import validate_recipe_dict
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the license lookup must not touch the network
@@ -408,7 +408,7 @@ def hub(monkeypatch, tmp_path):
 
 
 def test_push_uploads_exact_files_and_keeps_token_secret(hub, merged_export, caplog, capsys):
-    from peftvlm.hub import push_folder
+    from peftvlm.export.hub import push_folder
 
     out, _ = merged_export
     logs = []
@@ -435,7 +435,7 @@ def test_push_uploads_exact_files_and_keeps_token_secret(hub, merged_export, cap
     (403, "the token has no permission to write there (HTTP 403)"),
 ])
 def test_push_permission_errors(hub, adapter_export, status, message):
-    from peftvlm.hub import push_folder
+    from peftvlm.export.hub import push_folder
 
     hub.fail["/api/repos/create"] = [status]
     with pytest.raises(ExportError) as err:
@@ -445,7 +445,7 @@ def test_push_permission_errors(hub, adapter_export, status, message):
 
 
 def test_push_retries_transient_failures(hub, adapter_export):
-    from peftvlm.hub import push_folder
+    from peftvlm.export.hub import push_folder
 
     hub.fail["/api/repos/create"] = [503]
     hub.fail["/commit/"] = [502]
@@ -461,7 +461,7 @@ def test_push_network_down(adapter_export, monkeypatch):
 
     from huggingface_hub import constants
 
-    from peftvlm.hub import push_folder
+    from peftvlm.export.hub import push_folder
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -582,7 +582,7 @@ def test_cli_dtype_needs_merge(fake_run, cli_in_process):
 
 
 def test_probe_falls_back_to_a_drawn_image_when_data_is_unreadable(tmp_path, monkeypatch):
-    from peftvlm.export_checks import probe_rows
+    from peftvlm.export.checks import probe_rows
     from peftvlm.families import get_family
     from peftvlm.recipe import validate_recipe_dict
 

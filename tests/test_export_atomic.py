@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from peftvlm.errors import ExportError
-from peftvlm.export_staging import Staging
+from peftvlm.export.staging import Staging
 from test_export import make_run
 
 QUIET = {"log": lambda *_: None}

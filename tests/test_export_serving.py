@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from peftvlm.export_serving import prepare_for_serving
+from peftvlm.export.serving import prepare_for_serving
 from peftvlm.families import FAMILIES
 
 TEMPLATED = [name for name, f in FAMILIES.items()

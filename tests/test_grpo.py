@@ -17,7 +17,7 @@ from peftvlm.data.collate import ConversationCollator
 from peftvlm.data.pipeline import prepare_data
 from peftvlm.errors import RecipeError, RunError
 from peftvlm.families import FAMILIES
-from peftvlm.evaluate import evaluate_rows
+from peftvlm.eval.generate import evaluate_rows
 from peftvlm.recipe import validate_recipe_dict
 from peftvlm.registry import get_method
 from peftvlm.rewards import build_rewards

@@ -208,7 +208,7 @@ def clipscore(image, clip, received, tmp_path):
 
 
 GENERATIVE_PATHS = {"peftvlm.data.collate": generative_training,
-                    "peftvlm.evaluate": generative_eval,
+                    "peftvlm.eval.generate": generative_eval,
                     "peftvlm.serving.predict": predict,
                     SERVE_INPUTS: serve_data_url,
                     "peftvlm.serving.demo": demo}

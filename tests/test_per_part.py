@@ -257,7 +257,7 @@ def test_api_train_runs_and_reloads(tmp_path, llava_path):
         export_run(tmp_path / "run", merge=True, out=tmp_path / "merged", log=lambda *_: None)
 
     # `peftvlm eval` reloads the prompts too (peft alone would silently drop them).
-    from peftvlm.eval_run import load_adapter
+    from peftvlm.eval.run import load_adapter
 
     reloaded = load_adapter(load_base(recipe.model).model, tmp_path / "run", "per_part")
     assert torch.equal(reloaded.visual_prompts.prompts, model.visual_prompts.prompts)

@@ -143,7 +143,7 @@ def test_vpt_is_refused_with_the_reason(siglip):
 
 
 def test_merged_export_is_refused_with_the_reason(siglip):
-    from peftvlm.export_classifier import class_head
+    from peftvlm.export.classification import class_head
 
     with pytest.raises(ExportError, match="logit bias"):
         class_head(build(CoopMethod(n_ctx=4), siglip))

@@ -1,7 +1,7 @@
 """The classification kind: a CLIP-family method (CoOp, VPT, CLIP-Adapter) on a frozen dual
 encoder, few-shot image classification in the shared dual-encoder loop (`trainers.clip`),
 scored as zero-shot vs trained accuracy (`trainers.clip_eval`), exported as the method's files
-or a merged class head (`export_classifier`), predicted as top-k classes
+or a merged class head (`export.classification`), predicted as top-k classes
 (`serving.predictor.DualEncoderPredictor`)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftvlm.export import export_after_training
-from peftvlm.export_classifier import export_dual_encoder
+from peftvlm.export.classification import export_dual_encoder
 from peftvlm.kinds import Kind
 from peftvlm.recipe import refuse_dual_encoder_stream
 from peftvlm.runs import prepare_run_dir

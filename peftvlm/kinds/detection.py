@@ -2,7 +2,7 @@
 (Grounding DINO), class names as its text prompt, trained with the model's own loss in the
 shared dual-encoder loop (`trainers.detection`), scored by COCO mAP
 (`trainers.detection.evaluate_detection`), exported as a peft adapter or merged weights
-(`export_detection`), served as boxes with labels and scores
+(`export.detection`), served as boxes with labels and scores
 (`serving.detection.DetectionPredictor`)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from peftvlm.errors import RecipeError
 from peftvlm.export import export_after_training
-from peftvlm.export_detection import export_detection_adapter, export_detection_merged
+from peftvlm.export.detection import export_detection_adapter, export_detection_merged
 from peftvlm.kinds import Kind
 from peftvlm.runs import prepare_run_dir
 from peftvlm.serving.detection import DetectionPredictor

@@ -1,5 +1,5 @@
 """The generative kind: a VLM (image + text in, text out) adapted by a peft method, trained with
-TRL (`trainers.generative`), scored by generating answers (`eval_run.evaluate_generative`),
+TRL (`trainers.generative`), scored by generating answers (`eval.run.evaluate_generative`),
 exported as a peft adapter or merged weights (`export`), served as chat completions
 (`serving.predictor.GenerativePredictor`)."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftvlm import export
-from peftvlm.eval_run import evaluate_generative
+from peftvlm.eval.run import evaluate_generative
 from peftvlm.kinds import Kind
 from peftvlm.serving.predictor import GenerativePredictor
 from peftvlm.trainers import generative

@@ -1,7 +1,7 @@
 """The retrieval kind: a peft method (lora, dora, vera) on a dual encoder, trained
 contrastively on image-caption pairs in the shared dual-encoder loop (`trainers.contrastive`),
 scored by recall@k both ways (`trainers.contrastive.evaluate_retrieval`), exported as a peft
-adapter or merged weights (`export_retrieval`), served as a ranker and embedder
+adapter or merged weights (`export.retrieval`), served as a ranker and embedder
 (`serving.retrieval.RetrievalPredictor`)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftvlm.export import export_after_training
-from peftvlm.export_retrieval import export_retrieval_adapter, export_retrieval_merged
+from peftvlm.export.retrieval import export_retrieval_adapter, export_retrieval_merged
 from peftvlm.kinds import Kind
 from peftvlm.kinds.classification import refuse_streams
 from peftvlm.runs import prepare_run_dir

@@ -182,7 +182,7 @@ def export_per_part(run_dir, adapter_dir: Path, out_dir: Path, merge: bool) -> d
     # above it pulls in the trainers (TRL), which only an export needs
     from peftvlm.export import (base_was_quantized, copy_adapter_files, load_unquantized_base,
                                 read_run)
-    from peftvlm.export_checks import (check_adapter_effect, check_adapter_files,
+    from peftvlm.export.checks import (check_adapter_effect, check_adapter_files,
                                        check_generation, compare_logits, device, encode_rows,
                                        logits_of, probe_rows, prompt_text)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftvlm.errors import RecipeError, RunError
-from peftvlm.eval_report import compare, write_outputs
+from peftvlm.eval.report import compare, write_outputs
 from peftvlm.methods.dual_encoder import DualEncoderClassifier, load_method
 from peftvlm.metrics.classification import per_class_accuracy, top1_accuracy, top5_accuracy
 from peftvlm.trainers.clip import (ADAPTER_DIR, EvalSets, ImageSet, load_dual_encoder,

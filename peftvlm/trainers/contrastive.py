@@ -26,8 +26,8 @@ from peftvlm.data.images import load_rgb
 from peftvlm.data.loading import load_rows
 from peftvlm.data.pairs import Pairs, image_id, pairs_from_rows  # noqa: F401
 from peftvlm.errors import RecipeError
-from peftvlm.eval_report import compare
-from peftvlm.eval_report import write_outputs as write_eval_outputs
+from peftvlm.eval.report import compare
+from peftvlm.eval.report import write_outputs as write_eval_outputs
 from peftvlm.metrics.retrieval import cross_modal_ranks, cross_modal_recall, mean_ranks
 from peftvlm.models import load_base
 from peftvlm.registry import get_method

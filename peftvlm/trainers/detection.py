@@ -27,7 +27,7 @@ from peftvlm.data.images import load_rgb
 from peftvlm.data.loading import recipe_sources
 from peftvlm.data.preview import draw_detections
 from peftvlm.errors import DataError, RecipeError
-from peftvlm.eval_report import compare, write_outputs as write_eval_outputs
+from peftvlm.eval.report import compare, write_outputs as write_eval_outputs
 from peftvlm.metrics.detection import coco_evaluate
 from peftvlm.models import load_base
 from peftvlm.registry import get_method

@@ -26,7 +26,7 @@ from peftvlm.data.pipeline import prepare_data
 from peftvlm.data.preview import render_example
 from peftvlm.distributed import sharding_args, sharding_mode
 from peftvlm.errors import RecipeError
-from peftvlm.evaluate import evaluate_rows
+from peftvlm.eval.generate import evaluate_rows
 from peftvlm.families import method_refusal
 from peftvlm.models import detect_family, load_base, resolve_model_path
 from peftvlm.recipe import Recipe, check_packing

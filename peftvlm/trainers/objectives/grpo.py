@@ -75,7 +75,7 @@ class GRPOObjective:
         from rich.text import Text
 
         from peftvlm.data.collate import encode_prompts
-        from peftvlm.evaluate import row_references
+        from peftvlm.eval.generate import row_references
 
         ids = encode_prompts(collator.processor, collator.family, [row])["input_ids"][0].tolist()
         token = collator.family.image_token

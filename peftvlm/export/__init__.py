@@ -9,7 +9,7 @@ held-out rows, merged weights must differ from the base wherever the adapter is 
 that silently did nothing is caught), and one short generation must run. The numbers go into
 `export_report.json`; any failed check raises `ExportError` and nothing is pushed. Each export
 is written into a staging folder beside its target and renamed into place once its report is
-written, so a killed export never leaves a target without its report (`export_staging.py`).
+written, so a killed export never leaves a target without its report (`export/staging.py`).
 
 QLoRA (and any run trained on a quantized base) is merged into the base reloaded UNQUANTIZED in
 the chosen dtype; the model card shows how to quantize it again at load time.
@@ -27,14 +27,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from peftvlm.errors import ExportError, RunError
-from peftvlm.export_checks import (check_adapter_effect, check_adapter_files, check_generation,
+from peftvlm.export.checks import (check_adapter_effect, check_adapter_files, check_generation,
                                    check_merged_files, check_weights_changed, compare_logits,
                                    device, encode_rows, generate_text, logits_of, probe_rows,
                                    prompt_text, weight_probes)
-from peftvlm.export_serving import prepare_for_serving
-from peftvlm.export_staging import Staging
+from peftvlm.export.serving import prepare_for_serving
+from peftvlm.export.staging import Staging
 from peftvlm.kinds import kind_for
-from peftvlm.modelcard import local_path_leaks, portable_path, portable_values, write_model_card
+from peftvlm.export.card import local_path_leaks, portable_path, portable_values, write_model_card
 from peftvlm.models import cache_dir, load_base, load_processor
 from peftvlm.registry import get_method
 from peftvlm.runs import RunFolder as Run  # a finished run folder, read back
@@ -75,7 +75,7 @@ def export_run(run_dir: str | Path, *, merge: bool | None = None, out: str | Pat
                            max_shard_size)
     check_out_dir(opts.out)
     if opts.push_to_hub:
-        from peftvlm.hub import require_token
+        from peftvlm.export.hub import require_token
 
         require_token()
     if dry_run:
@@ -85,7 +85,7 @@ def export_run(run_dir: str | Path, *, merge: bool | None = None, out: str | Pat
 
 def export_staged(run: Run, opts: ExportOptions, log) -> dict:
     """The export written into a staging folder beside `opts.out`, which `finish_export` renames
-    into place once its report is written (`peftvlm.export_staging`): an export that fails or
+    into place once its report is written (`peftvlm.export.staging`): an export that fails or
     is killed on the way never leaves a target without its report."""
     staging = Staging(opts.out, log)
     try:
@@ -134,7 +134,7 @@ def finish_export(run: Run, opts: ExportOptions, report: dict, log) -> dict:
     log(f"export ok: {opts.out} ({report['kind']}; " + ", ".join(
         f"{k} ok" for k in report["checks"]) + ")")
     if opts.push_to_hub:
-        from peftvlm.hub import push_folder
+        from peftvlm.export.hub import push_folder
 
         report["hub"] = push_folder(opts.out, opts.push_to_hub, private=opts.private,
                                     commit_message=f"peftvlm export of run {run.recipe.name} "

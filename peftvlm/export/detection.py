@@ -16,7 +16,7 @@ from __future__ import annotations
 from peftvlm.errors import ExportError
 from peftvlm.export import (adapter_base, copy_adapter_files, load_unquantized_base, merge_adapter,
                             reload_merged)
-from peftvlm.export_checks import (check_adapter_effect, check_adapter_files, check_merged_files,
+from peftvlm.export.checks import (check_adapter_effect, check_adapter_files, check_merged_files,
                                    check_weights_changed, compare_logits, device, weight_probes)
 from peftvlm.trainers.detection import encode, load_data, peft_ready
 

@@ -6,7 +6,7 @@
 The base model is loaded as training loaded it, scored, then the run's adapter is loaded onto
 it (`PeftModel.from_pretrained`) and scored on the same rows with the recipe's `eval` settings
 (greedy by default), so on the held-out split the fine-tuned numbers equal the `after` numbers
-in the run's summary.json. Outputs go to RUN/eval/ (see `peftvlm.eval_report`).
+in the run's summary.json. Outputs go to RUN/eval/ (see `peftvlm.eval.report`).
 
 `evaluate_run` checks the request and the run folder, then asks the run's kind
 (`peftvlm.kinds`): generative runs are scored by `evaluate_generative` below, classification runs
@@ -22,9 +22,9 @@ from peftvlm.data.collate import ConversationCollator
 from peftvlm.data.pipeline import prepare_data
 from peftvlm.errors import DataError, RecipeError, RunError
 from peftvlm.data.boxes import box_format_for
-from peftvlm.eval_report import (answer_classes, compare, per_class_accuracy, prediction_rows,
+from peftvlm.eval.report import (answer_classes, compare, per_class_accuracy, prediction_rows,
                                  write_box_pictures, write_outputs)
-from peftvlm.evaluate import evaluate_rows, generation_kwargs
+from peftvlm.eval.generate import evaluate_rows, generation_kwargs
 from peftvlm.kinds import kind_for
 from peftvlm.models import load_base
 from peftvlm.registry import get_method

@@ -27,7 +27,7 @@ from torch import nn
 
 from peftvlm.errors import ExportError
 from peftvlm.export import read_run
-from peftvlm.export_checks import check_adapter_effect, compare_logits
+from peftvlm.export.checks import check_adapter_effect, compare_logits
 from peftvlm.methods.dual_encoder.base import (CONFIG_FILE, DualEncoderClassifier, WEIGHTS_FILE,
                                                load_method)
 from peftvlm.trainers.clip import accuracy, load_dual_encoder, prepare_task
