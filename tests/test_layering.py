@@ -132,3 +132,72 @@ def test_kind_wiring_is_reached_only_through_the_registry():
                  for p in PACKAGE.rglob("*.py") if not str(p.relative_to(PACKAGE)).startswith(
                      "kinds/")}
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def module_graph() -> tuple[dict[str, set[str]], int, int]:
+    """Our modules and the modules of ours each imports (every import statement, those inside
+    functions too; `from pkg import name` points at the submodule `name` when it is one), with
+    the count of internal import statements and of those inside functions."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = ("peftvlm",) + path.relative_to(PACKAGE).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph, total, in_functions = {}, 0, 0
+    for name, path in modules.items():
+        tree, edges = ast.parse(path.read_text()), set()
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef,
+                                                                  ast.AsyncFunctionDef))]
+        nested = {id(n) for f in functions for n in ast.walk(f) if n is not f}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found = {resolve(a.name) for a in node.names if a.name.startswith("peftvlm")}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                if not base.startswith("peftvlm"):
+                    continue
+                found = {resolve(f"{base}.{a.name}") for a in node.names}
+            else:
+                continue
+            if not found:
+                continue
+            total += 1
+            in_functions += id(node) in nested
+            edges |= found - {None, name}
+        graph[name] = edges
+    return graph, total, in_functions
+
+
+def test_no_import_cycles_counting_imports_inside_functions():
+    graph, _, _ = module_graph()
+    state, cycles = {}, []
+
+    def visit(module, trail):
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycles.append(trail[trail.index(target):] + [target])
+            elif target not in state:
+                visit(target, trail + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, [" -> ".join(c) for c in cycles[:5]]
+
+
+def test_our_modules_are_imported_at_module_top():
+    """Lazy imports of our own modules are start-up guards only (cli.py, api.py, objectives,
+    method packages: docs/architecture.md), at most a fifth of them."""
+    _, total, in_functions = module_graph()
+    assert in_functions <= 0.2 * total, f"{in_functions} of {total} inside functions"
