@@ -23,11 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from peftvlm.data.images import load_rgb
 from peftvlm.data.preview import draw_detections
 from peftvlm.errors import DataError, PeftVLMError, RunError
-from peftvlm.runs import MERGED
 from peftvlm.serving.inputs import APIError, check_text_budget, read_image_url
-from peftvlm.serving.predictor import merged_model_config
+from peftvlm.serving.predictor import load_adapted
 from peftvlm.trainers.detection import detect, load_data, load_detector, prompt_for
-from peftvlm.trainers.loop import ADAPTER_DIR
 
 DEFAULT_THRESHOLD = 0.3
 def parse_classes(text: str) -> list[str]:
@@ -57,21 +55,7 @@ class DetectionPredictor:
     @classmethod
     def load(cls, files, log=print) -> DetectionPredictor:
         """The run's base + adapter (as eval loads it), or a merged export's own weights."""
-        import torch
-        from peft import PeftModel
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if files.layout == MERGED:
-            loaded = load_detector(merged_model_config(files))
-            return cls(files, loaded, loaded.model.to(device).eval(), None)
-        loaded = load_detector(files.recipe.model, files.recipe.method.name)
-        try:
-            model = PeftModel.from_pretrained(loaded.model.to(device), files.path / ADAPTER_DIR)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise RunError(f"cannot load the adapter of {files.path} onto "
-                           f"{files.recipe.model.id}: {str(exc).splitlines()[0]}",
-                           hint="the run folder is damaged: train it again") from exc
-        return cls(files, loaded, model.eval(), model.disable_adapter)
+        return cls(files, *load_adapted(files, load_detector))
 
     @functools.cached_property
     def classes(self) -> list[str]:

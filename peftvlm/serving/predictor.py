@@ -283,6 +283,27 @@ def merged_model_config(files: RunFiles):
     return files.recipe.model.model_copy(update=update)
 
 
+
+def load_adapted(files: RunFiles, load) -> tuple:
+    """(loaded, model, base switch) for a dual-encoder or detector run: its base with the
+    run's peft adapter, as eval loads it (the switch: `disable_adapter`), or a merged export's
+    own weights (no switch). `load(model_cfg[, method_name])` loads the kind's base."""
+    import torch
+    from peft import PeftModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if files.layout == MERGED:
+        loaded = load(merged_model_config(files))
+        return loaded, loaded.model.to(device).eval(), None
+    loaded = load(files.recipe.model, files.recipe.method.name)
+    try:
+        model = PeftModel.from_pretrained(loaded.model.to(device), files.path / ADAPTER_DIR)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise RunError(f"cannot load the adapter of {files.path} onto "
+                       f"{files.recipe.model.id}: {str(exc).splitlines()[0]}",
+                       hint="the run folder is damaged: train it again") from exc
+    return loaded, model.eval(), model.disable_adapter
+
 # --- CLIP family ---------------------------------------------------------------------------------
 
 class DualEncoderPredictor:

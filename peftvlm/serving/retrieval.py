@@ -23,10 +23,8 @@ from contextlib import contextmanager
 
 from peftvlm.errors import PeftVLMError, RunError
 from peftvlm.models import load_base
-from peftvlm.runs import MERGED
-from peftvlm.serving.predictor import merged_model_config
+from peftvlm.serving.predictor import load_adapted
 from peftvlm.trainers.contrastive import Encoder, load_pairs, pooled
-from peftvlm.trainers.loop import ADAPTER_DIR
 
 
 class RetrievalPredictor:
@@ -48,21 +46,7 @@ class RetrievalPredictor:
     @classmethod
     def load(cls, files, log=print) -> RetrievalPredictor:
         """The run's base + adapter (as eval loads it), or a merged export's own weights."""
-        import torch
-        from peft import PeftModel
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if files.layout == MERGED:
-            loaded = load_base(merged_model_config(files))
-            return cls(files, loaded, loaded.model.to(device).eval(), None)
-        loaded = load_base(files.recipe.model, files.recipe.method.name)
-        try:
-            model = PeftModel.from_pretrained(loaded.model.to(device), files.path / ADAPTER_DIR)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise RunError(f"cannot load the adapter of {files.path} onto "
-                           f"{files.recipe.model.id}: {str(exc).splitlines()[0]}",
-                           hint="the run folder is damaged: train it again") from exc
-        return cls(files, loaded, model.eval(), model.disable_adapter)
+        return cls(files, *load_adapted(files, load_base))
 
     @functools.cached_property
     def examples(self) -> list[dict]:

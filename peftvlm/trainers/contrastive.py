@@ -33,9 +33,8 @@ from peftvlm.models import load_base
 from peftvlm.registry import get_method
 from peftvlm.runs import plot_loss, write_json
 from peftvlm.summary import before_after, loop_losses, parameter_counts, run_summary
-from peftvlm.trainers.loop import ADAPTER_DIR, fit, start_session
+from peftvlm.trainers.loop import ADAPTER_DIR, PeftAdapterState, fit, start_session
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -103,7 +102,7 @@ def retrieval_scores(model, encoder: Encoder, pairs: Pairs, batch_size: int,
 # --- the task for the shared loop -------------------------------------------------------------
 
 @dataclass
-class RetrievalTask:
+class RetrievalTask(PeftAdapterState):
     """Contrastive training on `train` pairs, scored on `held_out` pairs."""
 
     model: object  # the PeftModel
@@ -128,17 +127,6 @@ class RetrievalTask:
         if not self.held_out:
             return None
         return retrieval_scores(self.model, self.encoder, self.held_out, self.eval_batch_size)
-
-    def save_learned(self, folder: Path) -> None:
-        self.model.save_pretrained(folder)
-
-    def load_learned(self, folder: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        device = next(self.model.parameters()).device
-        tensors = load_file(folder / ADAPTER_WEIGHTS, device=str(device))
-        set_peft_model_state_dict(self.model, tensors)
 
 
 # --- the run ----------------------------------------------------------------------------------

@@ -33,9 +33,8 @@ from peftvlm.models import load_base
 from peftvlm.registry import get_method
 from peftvlm.runs import plot_loss, write_json
 from peftvlm.summary import before_after, loop_losses, parameter_counts, run_summary
-from peftvlm.trainers.loop import ADAPTER_DIR, fit, start_session
+from peftvlm.trainers.loop import ADAPTER_DIR, PeftAdapterState, fit, start_session
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MAX_DETECTIONS = 100  # per image, as COCO evaluates (maxDets 100)
 METRICS = {"mAP": "detection_mAP", "mAP50": "detection_mAP50", "mAP75": "detection_mAP75",
            "AR100": "detection_AR100"}
@@ -155,7 +154,7 @@ def detection_scores(model, processor, data: DetectionData, classes: list[str]) 
 # --- the task for the shared loop -------------------------------------------------------------
 
 @dataclass
-class DetectionTask:
+class DetectionTask(PeftAdapterState):
     """Grounding DINO's own loss on `train` images, scored on `held_out` images."""
 
     model: object  # the PeftModel
@@ -176,17 +175,6 @@ class DetectionTask:
         if not self.held_out:
             return None
         return detection_scores(self.model, self.processor, self.held_out, self.classes)
-
-    def save_learned(self, folder: Path) -> None:
-        self.model.save_pretrained(folder)
-
-    def load_learned(self, folder: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        device = next(self.model.parameters()).device
-        set_peft_model_state_dict(self.model, load_file(folder / ADAPTER_WEIGHTS,
-                                                        device=str(device)))
 
 
 # --- the run ----------------------------------------------------------------------------------

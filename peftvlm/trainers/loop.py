@@ -52,6 +52,24 @@ class Task(Protocol):
         """Read what `save_learned` wrote back into the live model."""
 
 
+class PeftAdapterState:
+    """`save_learned` / `load_learned` of a task whose learned state is its model's peft
+    adapter (retrieval, detection): the adapter's own files, read back in place."""
+
+    ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+    def save_learned(self, folder: Path) -> None:
+        self.model.save_pretrained(folder)
+
+    def load_learned(self, folder: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        device = next(self.model.parameters()).device
+        set_peft_model_state_dict(self.model, load_file(folder / self.ADAPTER_WEIGHTS,
+                                                        device=str(device)))
+
+
 # --- optimisation -----------------------------------------------------------------------------
 
 @dataclass
