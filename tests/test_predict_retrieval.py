@@ -75,7 +75,7 @@ def plain_features(plain, texts=(), images=(), base=False):
 @pytest.fixture(scope="module")
 def held_out(predictor, tmp_path_factory):
     """Four held-out images with distinct first captions, as PNG files, and those captions."""
-    from peftvlm.data.pairs import open_rgb
+    from peftvlm.data.images import load_rgb
 
     folder = tmp_path_factory.mktemp("images")
     paths, captions = [], []
@@ -83,7 +83,7 @@ def held_out(predictor, tmp_path_factory):
         if pair["captions"][0] in captions or len(paths) == 4:
             continue
         path = folder / f"img{i}.png"
-        open_rgb(pair["images"][0]).save(path)
+        load_rgb(pair["images"][0]).save(path)
         paths.append(path)
         captions.append(pair["captions"][0])
     assert len(captions) == 4, captions
