@@ -257,7 +257,8 @@ def test_filter_resumes_after_an_interruption(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(clipscore, "clip_scores_per_caption", stop_on_second_batch)
+    # where the filter looks it up (imported at its module top)
+    monkeypatch.setattr(data_filter, "clip_scores_per_caption", stop_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         data_filter.run_filter(recipe, clipscore=0.1, batch_size=4, output=str(tmp_path / "b"),
                                log=lambda *_: None)

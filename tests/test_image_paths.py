@@ -221,6 +221,10 @@ DUAL_ENCODER_PATHS = {"peftvlm.trainers.clip": clip_training,
 NOT_DECODING = {
     "peftvlm.data.images": "the decoder itself",
     "peftvlm.data.sources": "image_size reads the header (and EXIF tag) for length checks",
+    "peftvlm.data.preview": "draws boxes on the image the collator opened (open_image: the "
+                            "training path above) or on load_rgb's",
+    "peftvlm.trainers.objectives.grpo_trainer": "rollouts open images with the collator's "
+                                                "open_image (the training path above)",
     "peftvlm.metrics.detection": "segmentation masks (PNG) are label maps for IoU, not images "
                                  "for a model",
     "peftvlm.data.video": "video frames (GIF/WebP) are decoded as frames, not as images",

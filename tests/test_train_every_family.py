@@ -21,6 +21,7 @@ from peftvlm.families import FAMILIES
 RECIPE_FOR_KIND = {
     "generative": ("recipes/quickstart.yaml", "data.synthetic.eval_size=2"),
     "dual_encoder": ("recipes/clip-retrieval-tiny.yaml", "data.synthetic.eval_size=4"),
+    "detector": ("recipes/grounding-dino-tiny.yaml", "data.synthetic.eval_size=4"),
 }
 TINY = [name for name, spec in FAMILIES.items() if spec.tiny_name]
 

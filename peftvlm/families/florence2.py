@@ -158,4 +158,9 @@ SPEC = FamilySpec(
     images_per_row=(1, 1),
     packing_refusal="Florence-2 is an encoder-decoder: its decoder reads one answer per row, "
                     "which packed rows cannot keep apart",
+    refused_objectives=(
+        ("dpo", "TRL's DPOTrainer scores replies as a decoder-only model's continuation of the "
+                "prompt; Florence-2 is an encoder-decoder (its decoder reads only the answer)"),
+        ("grpo", "TRL's GRPOTrainer samples and scores completions as a decoder-only model's; "
+                 "Florence-2 is an encoder-decoder")),
 )
