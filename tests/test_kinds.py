@@ -1,5 +1,5 @@
 """Run kinds as objects (`peftvlm.kinds`): every registered kind implements every verb, and each
-kind's verbs work on its tiny model (dry run, train, eval, export, predict), derived from the
+kind's verbs work on its tiny model (dry run, train, eval, export, predict, serve), derived from the
 KINDS registry so a new kind is tested by adding its shipped tiny recipe below."""
 
 from __future__ import annotations
@@ -88,3 +88,25 @@ def test_each_kind_trains_evaluates_exports_and_predicts_on_its_tiny_model(name,
 
     predictor = open_predictor(run, **QUIET)
     assert predictor.generates == get_kind(name).generates
+    assert_served(predictor)
+
+
+def assert_served(predictor):
+    """`peftvlm serve`'s app on the run: it lists the run, and chat completions answer exactly
+    when the kind generates text (the others refuse with a 400 that says why)."""
+    import httpx
+
+    from peftvlm.serving.openai_api import build_app
+    from serve_helpers import served
+
+    with served(build_app(predictor)) as url:
+        listed = httpx.get(f"{url}/v1/models", timeout=60).json()
+        assert predictor.name in [m["id"] for m in listed["data"]]
+        chat = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "model": predictor.name, "max_tokens": 2,
+            "messages": [{"role": "user", "content": "What colour is it?"}]})
+    if predictor.generates:
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["choices"][0]["message"]["role"] == "assistant"
+    else:
+        assert chat.status_code == 400 and chat.json()["error"]["message"], chat.text
