@@ -14,17 +14,15 @@ names may be asked for (open vocabulary); by default, the classes the run was tr
 from __future__ import annotations
 
 import functools
-import threading
-from contextlib import contextmanager
 from typing import Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from peftvlm.data.images import load_rgb
 from peftvlm.data.preview import draw_detections
-from peftvlm.errors import DataError, PeftVLMError, RunError
+from peftvlm.errors import DataError, PeftVLMError
 from peftvlm.serving.inputs import APIError, check_text_budget, read_image_url
-from peftvlm.serving.predictor import load_adapted
+from peftvlm.serving.predictor import AdaptedPredictor
 from peftvlm.trainers.detection import detect, load_data, load_detector, prompt_for
 
 DEFAULT_THRESHOLD = 0.3
@@ -37,25 +35,13 @@ def parse_classes(text: str) -> list[str]:
     return names
 
 
-class DetectionPredictor:
+class DetectionPredictor(AdaptedPredictor):
     """An open-vocabulary detector with its trained adapter (or merged weights)."""
 
     generates = False  # boxes, not text: no chat completions
     task = "detect"
-    default_prompt = None
-    system_prompt = None
 
-    def __init__(self, files, loaded, model, base_switch):
-        self.files, self.loaded, self.model = files, loaded, model
-        self.family, self.processor = loaded.family, loaded.processor
-        self._base_switch = base_switch  # PeftModel.disable_adapter; None for a merged export
-        self.name = files.name
-        self.lock = threading.Lock()
-
-    @classmethod
-    def load(cls, files, log=print) -> DetectionPredictor:
-        """The run's base + adapter (as eval loads it), or a merged export's own weights."""
-        return cls(files, *load_adapted(files, load_detector))
+    load_model = staticmethod(load_detector)
 
     @functools.cached_property
     def classes(self) -> list[str]:
@@ -74,21 +60,6 @@ class DetectionPredictor:
             return []
         records = (held_out or train).records[:8]
         return [{"images": [r["image"]], "classes": classes} for r in records]
-
-    @property
-    def has_base(self) -> bool:
-        return self._base_switch is not None
-
-    @contextmanager
-    def model_for(self, base: bool):
-        if not base:
-            yield self.model
-            return
-        if self._base_switch is None:
-            raise RunError(f"{self.files.path} is a merged export: its base model is not "
-                           "loaded here", hint="give the run folder for a base comparison")
-        with self._base_switch():
-            yield self.model
 
     def prompt(self, classes: list[str] | None) -> list[str]:
         classes = list(classes or self.classes)

@@ -304,6 +304,45 @@ def load_adapted(files: RunFiles, load) -> tuple:
                        hint="the run folder is damaged: train it again") from exc
     return loaded, model.eval(), model.disable_adapter
 
+
+class AdaptedPredictor:
+    """A run served as its base with the run's peft adapter (or a merged export), compared with
+    the base by switching the adapter off: the retrieval and detection predictors. A subclass
+    names its kind's base loader in `load_model`."""
+
+    generates = False
+    default_prompt = None
+    system_prompt = None
+    load_model = staticmethod(load_base)
+
+    def __init__(self, files, loaded, model, base_switch):
+        self.files, self.loaded, self.model = files, loaded, model
+        self.family, self.processor = loaded.family, loaded.processor
+        self._base_switch = base_switch  # PeftModel.disable_adapter; None for a merged export
+        self.name = files.name
+        self.lock = threading.Lock()
+
+    @classmethod
+    def load(cls, files, log=print):
+        """The run's base + adapter (as eval loads it), or a merged export's own weights."""
+        return cls(files, *load_adapted(files, cls.load_model))
+
+    @property
+    def has_base(self) -> bool:
+        return self._base_switch is not None
+
+    @contextmanager
+    def model_for(self, base: bool):
+        """The adapted model, or with `base` the same model with its adapter switched off."""
+        if not base:
+            yield self.model
+            return
+        if self._base_switch is None:
+            raise RunError(f"{self.files.path} is a merged export: its base model is not "
+                           "loaded here", hint="give the run folder for a base comparison")
+        with self._base_switch():
+            yield self.model
+
 # --- CLIP family ---------------------------------------------------------------------------------
 
 class DualEncoderPredictor:

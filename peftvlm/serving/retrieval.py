@@ -18,35 +18,23 @@ similarity of an image and a text feature (what Recall@K ranks by).
 from __future__ import annotations
 
 import functools
-import threading
-from contextlib import contextmanager
 
 from peftvlm.errors import PeftVLMError, RunError
 from peftvlm.models import load_base
-from peftvlm.serving.predictor import load_adapted
+from peftvlm.serving.predictor import AdaptedPredictor
 from peftvlm.trainers.contrastive import Encoder, load_pairs, pooled
 
 
-class RetrievalPredictor:
+class RetrievalPredictor(AdaptedPredictor):
     """A dual encoder with its contrastively trained adapter (or merged weights)."""
 
     generates = False  # ranks captions and images, embeds both
     task = "retrieve"
-    default_prompt = None
-    system_prompt = None
+    load_model = staticmethod(load_base)
 
     def __init__(self, files, loaded, model, base_switch):
-        self.files, self.loaded, self.model = files, loaded, model
-        self.family, self.processor = loaded.family, loaded.processor
+        super().__init__(files, loaded, model, base_switch)
         self.encoder = Encoder(loaded.model, loaded.family, loaded.processor)
-        self._base_switch = base_switch  # PeftModel.disable_adapter; None for a merged export
-        self.name = files.name
-        self.lock = threading.Lock()
-
-    @classmethod
-    def load(cls, files, log=print) -> RetrievalPredictor:
-        """The run's base + adapter (as eval loads it), or a merged export's own weights."""
-        return cls(files, *load_adapted(files, load_base))
 
     @functools.cached_property
     def examples(self) -> list[dict]:
@@ -61,22 +49,6 @@ class RetrievalPredictor:
         pairs = held_out or train
         return [{"images": [image], "captions": list(captions)}
                 for image, captions in zip(pairs.images[:8], pairs.captions[:8])]
-
-    @property
-    def has_base(self) -> bool:
-        return self._base_switch is not None
-
-    @contextmanager
-    def model_for(self, base: bool):
-        """The adapted model, or with `base` the same model with its adapter switched off."""
-        if not base:
-            yield self.model
-            return
-        if self._base_switch is None:
-            raise RunError(f"{self.files.path} is a merged export: its base model is not "
-                           "loaded here", hint="give the run folder for a base comparison")
-        with self._base_switch():
-            yield self.model
 
     @property
     def max_text_tokens(self) -> int:
