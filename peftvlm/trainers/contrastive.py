@@ -31,9 +31,9 @@ from peftvlm.eval.report import write_outputs as write_eval_outputs
 from peftvlm.metrics.retrieval import cross_modal_ranks, cross_modal_recall, mean_ranks
 from peftvlm.models import load_base
 from peftvlm.registry import get_method
-from peftvlm.runs import plot_loss, write_json
 from peftvlm.summary import before_after, loop_losses, parameter_counts, run_summary
-from peftvlm.trainers.loop import ADAPTER_DIR, PeftAdapterState, fit, start_session
+from peftvlm.trainers.loop import (ADAPTER_DIR, PeftAdapterState, fit, start_session,
+                                   write_peft_run)
 
 
 
@@ -185,7 +185,7 @@ def train_contrastive(recipe, run_dir: Path, resume: bool = False, log=print) ->
     after = task.scores()
     summary = summarise(recipe, loaded, done, (trainable, total), data, train, before, after)
     if session.accelerator.is_main_process:
-        write_outputs(recipe, model, loaded.processor, done, summary, run_dir)
+        write_peft_run(recipe, model, loaded.processor, done, summary, run_dir)
     return summary
 
 
@@ -196,17 +196,6 @@ def summarise(recipe, loaded, done, counts, data, train: Pairs, before, after) -
         **loop_losses(done.state.history), eval=before_after(before, after),
         data={**data.report(), "train_images": len(train),
               "train_captions": sum(map(len, train.captions))})
-
-
-def write_outputs(recipe, model, processor, done, summary: dict, run_dir: Path) -> None:
-    """adapter/ (peft format + processor), summary.json, loss.png; W&B summary."""
-    model.save_pretrained(run_dir / ADAPTER_DIR)
-    processor.save_pretrained(run_dir / ADAPTER_DIR)
-    plot_loss(done.state.history, run_dir / "loss.png", title=f"{recipe.method.name} loss")
-    write_json(run_dir / "summary.json", summary)
-    if done.tracker is not None:
-        done.tracker.summary.update({f"eval/{k}": v["after"] for k, v in summary["eval"].items()})
-        done.tracker.finish()
 
 
 # --- peftvlm eval -----------------------------------------------------------------------------

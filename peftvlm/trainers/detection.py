@@ -31,9 +31,9 @@ from peftvlm.eval.report import compare, write_outputs as write_eval_outputs
 from peftvlm.metrics.detection import coco_evaluate
 from peftvlm.models import load_base
 from peftvlm.registry import get_method
-from peftvlm.runs import plot_loss, write_json
 from peftvlm.summary import before_after, loop_losses, parameter_counts, run_summary
-from peftvlm.trainers.loop import ADAPTER_DIR, PeftAdapterState, fit, start_session
+from peftvlm.trainers.loop import (ADAPTER_DIR, PeftAdapterState, fit, start_session,
+                                   write_peft_run)
 
 MAX_DETECTIONS = 100  # per image, as COCO evaluates (maxDets 100)
 METRICS = {"mAP": "detection_mAP", "mAP50": "detection_mAP50", "mAP75": "detection_mAP75",
@@ -266,19 +266,8 @@ def train_detection(recipe, run_dir: Path, resume: bool = False, log=print) -> d
               "bad_rows": {"train": train.bad_rows,
                            "eval": held_out.bad_rows if held_out else {}}})
     if session.accelerator.is_main_process:
-        write_outputs(recipe, model, loaded.processor, done, summary, run_dir)
+        write_peft_run(recipe, model, loaded.processor, done, summary, run_dir)
     return summary
-
-
-def write_outputs(recipe, model, processor, done, summary: dict, run_dir: Path) -> None:
-    """adapter/ (peft format + processor), summary.json, loss.png; W&B summary."""
-    model.save_pretrained(run_dir / ADAPTER_DIR)
-    processor.save_pretrained(run_dir / ADAPTER_DIR)
-    plot_loss(done.state.history, run_dir / "loss.png", title=f"{recipe.method.name} loss")
-    write_json(run_dir / "summary.json", summary)
-    if done.tracker is not None:
-        done.tracker.summary.update({f"eval/{k}": v["after"] for k, v in summary["eval"].items()})
-        done.tracker.finish()
 
 
 # --- peftvlm eval -----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Protocol
 from peftvlm.checkpoints import (complete_checkpoints, describe_resume, last_complete_checkpoint,
                                  mark_complete)
 from peftvlm.errors import RecipeError, RunError
+from peftvlm.runs import plot_loss, write_json
 from peftvlm.tracking import start_wandb
 from peftvlm.trainers.signals import Interrupted, StopSignals, any_rank
 
@@ -69,6 +70,18 @@ class PeftAdapterState:
         set_peft_model_state_dict(self.model, load_file(folder / self.ADAPTER_WEIGHTS,
                                                         device=str(device)))
 
+
+
+def write_peft_run(recipe, model, processor, done, summary: dict, run_dir: Path) -> None:
+    """A loop-trained peft run's folder: adapter/ (peft format + processor), summary.json,
+    loss.png; the W&B summary (retrieval and detection write the same files)."""
+    model.save_pretrained(run_dir / ADAPTER_DIR)
+    processor.save_pretrained(run_dir / ADAPTER_DIR)
+    plot_loss(done.state.history, run_dir / "loss.png", title=f"{recipe.method.name} loss")
+    write_json(run_dir / "summary.json", summary)
+    if done.tracker is not None:
+        done.tracker.summary.update({f"eval/{k}": v["after"] for k, v in summary["eval"].items()})
+        done.tracker.finish()
 
 # --- optimisation -----------------------------------------------------------------------------
 
