@@ -272,13 +272,13 @@ def responder(predictor, compare_base: bool):
 def answer_column(gr, page: Page, which: str, label: str) -> list:
     """The output components of one column: the answer, and what the page shows beside it."""
     outputs = [gr.Textbox(label=f"{label} answer", elem_id=f"{which}-answer",
-                          interactive=False, lines=2 if page.shows == "picture" else 1)]
+                          interactive=False, max_lines=8)]
     if page.shows == "probabilities":
         outputs.append(gr.Label(num_top_classes=10, label=f"{label}: probabilities",
                                 elem_id=f"{which}-classes"))
     elif page.shows == "picture":
         outputs.append(gr.Image(type="pil", format="png", label=f"{label}: predicted boxes",
-                                elem_id=f"{which}-boxes", interactive=False))
+                                elem_id=f"{which}-boxes", interactive=False, height=320))
     return outputs
 
 
