@@ -190,9 +190,14 @@ def detected_boxes(predictor, image, text: str, base: bool, threshold: float):
     drawn on the image (`draw_detections`, as `predict` draws them)."""
     classes = parse_classes(text) if text and text.strip() else None
     found = predictor.detect([image], classes, threshold=threshold, base=base)[0]
-    listed = "\n".join(f"{d['label']} {d['score']:.2f} at [{', '.join(f'{v:g}' for v in d['box'])}]"
-                       for d in found)
+    listed = "\n".join(detection_line(d) for d in found)
     return listed or f"no boxes scoring {threshold:.2f} or more", draw_detections(image, found)
+
+
+def detection_line(detection: dict) -> str:
+    """`red 0.91 at [x1, y1, x2, y2]` (pixels of the image)."""
+    box = ", ".join(f"{v:g}" for v in detection["box"])
+    return f"{detection['label']} {detection['score']:.2f} at [{box}]"
 
 
 # --- pages ---------------------------------------------------------------------------------------
