@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from data_helpers import data_cache, run_cli, save_image  # noqa: F401
+from data_helpers import data_cache, save_image  # noqa: F401
 
 from peftvlm.data.boxes import get_convention
 from peftvlm.data.detection import NO_OBJECTS
@@ -168,14 +168,15 @@ def test_detection_map_reads_crowd_and_empty_answers():
     assert detection_map(spurious, refs, fmt, crowd)["detection_mAP"] < 1.0
 
 
-def test_data_preview_cli_renders_detection(tmp_path, data_cache):
+def test_data_preview_cli_renders_detection(tmp_path, data_cache, cli_in_process):
     coco_file(tmp_path)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({
         "name": "det", "model": {"id": "tiny-qwen2.5-vl"}, "method": {"name": "lora", "r": 4},
         "data": {"train": [{"path": "instances.json"}], "template": "detection"},
         "train": {"max_length": 512}}))
-    out = run_cli("data", "preview", str(recipe), "-n", "2", cache=data_cache)
+    # in-process: `data preview` keeps its subprocess tests (test_box_conventions, test_data_sources)
+    out = cli_in_process("data", "preview", str(recipe), "-n", "2")
     assert out.returncode == 0, out.stderr
     assert '"bbox_2d"' in out.stdout
     said = out.stdout.replace("\n", "").split("drawn on its image: ")[1]

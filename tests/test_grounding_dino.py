@@ -14,7 +14,7 @@ import httpx
 import pytest
 from serve_helpers import data_url, served
 
-from conftest import REPO, run_cli
+from conftest import REPO
 from peftvlm import api
 from peftvlm.data.detection_records import read_section
 from peftvlm.errors import DataError, RecipeError
@@ -193,7 +193,8 @@ def test_predict_cli_draws_boxes_and_takes_class_names(trained, tmp_path, cli_in
 
         image = str(load_data(trained[0], 1)[1].records[0]["image"])
     out = tmp_path / "d.jsonl"
-    res = run_cli("predict", run, "--image", image, "--text", "red . blue .", "--out", out)
+    # in-process: `predict` keeps its subprocess tests (test_predict_retrieval, test_serve)
+    res = cli_in_process("predict", run, "--image", image, "--text", "red . blue .", "--out", out)
     assert res.returncode == 0, res.stderr[-2000:]
     row = json.loads(out.read_text().splitlines()[0])
     assert row["prompt"] == "red . blue ." and {d["label"] for d in row["detections"]} <= \
