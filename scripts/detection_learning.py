@@ -51,8 +51,8 @@ SIZE, SIDE, JITTER = 64, 32, 4
 GUESSES = 20  # colour-blind guesses averaged for the baseline
 
 # Per model: what trains and how fast. The generative twins' random output heads cannot single
-# out box tokens through LoRA alone (`modules_to_save: [lm_head]`); Grounding DINO's box and
-# class features need its heads and LayerNorms (see docs/benchmarks.md).
+# out box tokens through LoRA alone (`modules_to_save: [lm_head]`); Grounding DINO: below (and
+# docs/benchmarks.md).
 MODEL_DEFAULTS = {
     "tiny-qwen2.5-vl": {"steps": 100, "lr": 0.01, "target": "all", "modules_to_save": ["lm_head"]},
     "tiny-florence2": {"steps": 150, "lr": 0.02, "target": "all", "modules_to_save": ["lm_head"]},
