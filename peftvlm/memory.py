@@ -34,8 +34,8 @@ ASSUMPTIONS = [
     "gradient checkpointing one layer input per layer plus one layer recomputed",
     "every row padded to the longest allowed (train.max_length) unless --text-tokens is given",
     "the loss head: TRL's fused LM head (every family but those with "
-    "`FamilySpec.unfused_lm_head`) projects at most 4,096 tokens x 32,768 vocabulary entries at "
-    "a time (one tile buffer, forward and backward) plus fp32 per-token statistics and the fp32 "
+    "`FamilySpec.unfused_lm_head`) projects at most 4,096 tokens x 32,768 vocabulary entries "
+    "(4,096 on CPU) at a time (one tile buffer, forward and backward) plus fp32 per-token statistics and the fp32 "
     "gradient of the last hidden state; families on the logits head (BLIP-2) hold the full "
     "logits, their log-softmax and their gradient (3 x tokens x vocabulary)",
     "a frozen vision tower keeps no activations (one layer's worth is live while it runs)",
@@ -103,13 +103,13 @@ def layer_activation_values(s: Shape) -> int:
             + s.adapter_inputs_per_layer)
 
 
-# trl.kernels.chunked_logprob: TOKEN_CHUNK_SIZE and the vocabulary chunk SFTTrainer passes
-FUSED_TOKEN_TILE, FUSED_VOCAB_TILE = 4096, 32768
-# Without Triton (CPU) TRL folds each tile with whole-tile torch ops: at the peak of its backward
-# the projection buffer, its fp32 scaled copy, z, log p, p, the gradient, the target mask (bool,
-# a quarter) and two temporaries of the gradient's update are live: ~9 fp32 tiles (measured 8.5
-# on the large-vocabulary twin, scripts/bench_memory.py). With Triton (GPU) the tile is folded
-# in place: one buffer.
+# trl.kernels.chunked_logprob's TOKEN_CHUNK_SIZE, and the vocabulary chunk per device: TRL's
+# 32,768 with its Triton kernel (GPU), which folds a tile in place (one buffer); without Triton
+# (CPU) TRL folds each tile with whole-tile torch ops, ~9 fp32 tiles live at the backward's
+# peak (measured 8.5, scripts/bench_memory.py), so peftvlm gives it 4,096-entry chunks there
+# (`trainers.lm_head.fit_fused_head`: 2.3 GiB -> 0.3 GiB of tiles at 2k tokens).
+FUSED_TOKEN_TILE = 4096
+FUSED_VOCAB_TILE = {"cuda": 32768, "cpu": 4096}
 FUSED_TILES = {"cuda": 1.0, "cpu": 9.0}
 
 
@@ -122,7 +122,8 @@ def loss_head_bytes(s: Shape, tokens: int, a: int, device: str = "cuda") -> floa
     if s.unfused_lm_head:
         return tokens * s.vocab * (a + 4 + 4)
     tile_bytes = a if device == "cuda" else 4  # the CPU fallback folds in fp32
-    tile = min(tokens, FUSED_TOKEN_TILE) * min(s.vocab, FUSED_VOCAB_TILE) * tile_bytes
+    vocab_tile = FUSED_VOCAB_TILE.get(device, FUSED_VOCAB_TILE["cuda"])
+    tile = min(tokens, FUSED_TOKEN_TILE) * min(s.vocab, vocab_tile) * tile_bytes
     return tile * FUSED_TILES.get(device, 1.0) + tokens * (8 * 4 + 2 * s.hidden * 4)
 
 
