@@ -41,3 +41,47 @@ def fit_fused_head(device) -> None:
     triton = _use_triton(device)
     trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = _TRL_VOCAB_TILE if triton else FUSED_VOCAB_TILE["cpu"]
     use_cpu_folds(not triton)
+
+
+def use_logits_head(model) -> None:
+    """Replace the fused head TRL installed on `model` (the base model, under PEFT) by one that
+    computes its outputs from the logits of the model's own forward."""
+    trl_forward = model.forward  # TRL's patch: the model's forward unless fused_lm_head=True
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
+                num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:  # as TRL's head: only the arguments given reach the model
+            given = {k: v for k, v in (("labels", labels), ("shift_labels", shift_labels),
+                                       ("num_items_in_batch", num_items_in_batch))
+                     if v is not None}
+            return trl_forward(*args, **kwargs, **given)
+        logits = trl_forward(*args, **{**kwargs, "use_cache": False}).logits
+        return outputs_from_logits(logits, labels, shift_labels, num_items_in_batch)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def outputs_from_logits(logits, labels, shift_labels=None, num_items_in_batch=None):
+    """TRL's `FusedCausalLMOutput` for these logits: each next-token label's log-probability,
+    the distribution's entropy, whether the label is the top token (all zero where the label is
+    -100), and the mean negative log-likelihood (over `num_items_in_batch` when given)."""
+    import torch
+    from torch.nn import functional as F
+    from trl.trainer.utils import FusedCausalLMOutput, entropy_from_logits
+
+    if shift_labels is None:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    else:
+        labels = shift_labels
+    labels = labels.to(logits.device)
+    mask = labels != -100
+    # cross_entropy (fused log-softmax + NLL) keeps one logits-sized tensor for backward, where
+    # TRL's selective_log_softmax (gather - logsumexp) keeps more: scripts/bench_memory.py
+    log_probs = -F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100,
+                                 reduction="none").view(labels.shape)
+    with torch.no_grad():  # metrics only, as in TRL's head
+        entropy = entropy_from_logits(logits.detach()).masked_fill(~mask, 0)
+        is_top1 = (logits.argmax(-1) == labels) & mask
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs,
+                               entropy=entropy, is_top1=is_top1, label_mask=mask)
