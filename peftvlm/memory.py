@@ -104,13 +104,15 @@ def layer_activation_values(s: Shape) -> int:
 
 
 # trl.kernels.chunked_logprob's TOKEN_CHUNK_SIZE, and the vocabulary chunk per device: TRL's
-# 32,768 with its Triton kernel (GPU), which folds a tile in place (one buffer); without Triton
-# (CPU) TRL folds each tile with whole-tile torch ops, ~9 fp32 tiles live at the backward's
-# peak (measured 8.5, scripts/bench_memory.py), so peftvlm gives it 4,096-entry chunks there
-# (`trainers.lm_head.fit_fused_head`: 2.3 GiB -> 0.3 GiB of tiles at 2k tokens).
+# 32,768 with its Triton kernel (GPU), which folds a tile in place (one buffer). On CPU
+# `trainers.lm_head.fit_fused_head` gives TRL 4,096-entry chunks and folds them in place
+# (`trainers.cpu_fold`: the projection buffer, the scaled logits and their exponentials live
+# at once, 3 tiles; measured 4.3 tiles' worth above the rest of the step on the
+# large-vocabulary twin, scripts/bench_memory.py). TRL's own CPU fallback kept ~9 tiles of
+# 32,768 (2.3 GiB at 2k tokens).
 FUSED_TOKEN_TILE = 4096
 FUSED_VOCAB_TILE = {"cuda": 32768, "cpu": 4096}
-FUSED_TILES = {"cuda": 1.0, "cpu": 9.0}
+FUSED_TILES = {"cuda": 1.0, "cpu": 4.0}
 
 
 def loss_head_bytes(s: Shape, tokens: int, a: int, device: str = "cuda") -> float:

@@ -102,15 +102,44 @@ def test_the_cpu_folds_give_trls_values_bit_for_bit(case):
         assert is_top1[0] and not is_top1[1] and is_top1[2:4].all() and not is_top1.all()
 
 
-def test_fit_fused_head_on_cpu_narrows_the_chunks_and_folds_in_place():
+def test_fit_fused_head_on_cpu_scores_labelled_positions_in_narrow_chunks_in_place():
     from trl.kernels import chunked_logprob
     from trl.trainer import utils as trl_utils
 
     from peftvlm.memory import FUSED_VOCAB_TILE
     from peftvlm.trainers.cpu_fold import backward_tile, forward_tile
-    from peftvlm.trainers.lm_head import fit_fused_head
+    from peftvlm.trainers.lm_head import fit_fused_head, use_trl_head
 
+    use_trl_head()
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == 32768
+    assert not trl_utils._use_triton(torch.device("cpu"))  # TRL scores every position
     fit_fused_head(torch.device("cpu"))
     assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == FUSED_VOCAB_TILE["cpu"] == 4096
+    assert trl_utils._use_triton(torch.device("cpu"))  # only the labelled ones
     assert chunked_logprob._forward_tile is forward_tile
     assert chunked_logprob._backward_tile is backward_tile
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_a_cpu_training_step_is_the_same_on_the_fitted_head_as_on_trls(name):
+    """Loss, metrics and every gradient bit for bit (the batch's vocabulary fits one chunk)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from peftvlm.trainers.lm_head import fit_fused_head, use_trl_head
+
+    results = []
+    for fit in (use_trl_head, lambda: fit_fused_head(torch.device("cpu"))):
+        torch.manual_seed(0)
+        model, batch = tiny_batch(FAMILIES[name])
+        model.eval()
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+        fit()
+        out = model(**batch, fused_lm_head=True)
+        out.loss.backward()
+        results.append([out.loss, out.log_probs, out.entropy, out.is_top1,
+                        *(p.grad for p in model.parameters() if p.grad is not None)])
+    trl, ours = results
+    assert (batch["labels"] != -100).float().mean() < 0.5  # prompt positions are not scored
+    assert len(trl) == len(ours) > 4
+    for a, b in zip(trl, ours):
+        assert torch.equal(a, b)

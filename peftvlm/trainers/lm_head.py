@@ -19,28 +19,53 @@ import types
 from peftvlm.memory import FUSED_VOCAB_TILE
 from peftvlm.trainers.cpu_fold import use_cpu_folds
 
-_TRL_VOCAB_TILE: int | None = None  # TRL's own chunk, kept to restore it for Triton devices
+TRL_HEAD: dict = {}  # TRL's own settings (chunk, compact), kept to restore them for Triton devices
 
 
 def fit_fused_head(device) -> None:
     """Fit TRL's fused LM head (every TRL trainer: SFT, DPO, GRPO) to `device`, the device
-    training runs on. Without Triton (CPU) TRL folds each `tokens x chunk` tile with whole-tile
-    torch ops (~9 fp32 tiles live at the backward's peak: 2.3 GiB at 2k tokens with TRL's
-    32,768-entry chunks): there the tiles are folded in place (`cpu_fold`: the same values,
-    fewer passes, two tiles at most) and the chunks are 4,096 entries wide (the same loss:
-    the same online log-sum-exp over narrower tiles). With Triton (GPU) TRL's chunk is kept
-    (its kernel folds in place). TRL reads the chunk, a module constant, and its fallback
-    folds by name on every fused forward, so this holds for the process; each training run
-    sets it again for its own device."""
-    global _TRL_VOCAB_TILE
+    training runs on. Without Triton (CPU) TRL's fallback scores every position, padding and
+    prompt included, and folds each `tokens x chunk` tile with whole-tile torch ops (~9 fp32
+    tiles live at the backward's peak: 2.3 GiB at 2k tokens with TRL's 32,768-entry chunks).
+    There it now scores only the labelled positions (as TRL does with Triton: it scores them
+    all elsewhere only so that XLA-like devices keep one tile shape), folds in place
+    (`cpu_fold`: TRL's values bit for bit, two tiles at most) and takes 4,096-entry chunks (the
+    same online log-sum-exp over narrower tiles). With Triton (GPU) TRL's head is left as it
+    is. TRL reads these (module names) on every fused forward, so this holds for the process;
+    each training run sets them again for its own device."""
     from trl.kernels.chunked_logprob import _use_triton
+
+    trl_utils = trl_head_settings()
+    if _use_triton(device):
+        return use_trl_head()
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = FUSED_VOCAB_TILE["cpu"]
+    # trl.trainer.utils reads `_use_triton` only to decide whether to score the labelled
+    # positions alone ("compact"); its kernels module keeps its own, which picks the folds.
+    trl_utils._use_triton = score_labelled_positions_only
+    use_cpu_folds(True)
+
+
+def use_trl_head() -> None:
+    """TRL's fused head as TRL ships it (its chunk, its choice of positions, its folds)."""
+    trl_utils = trl_head_settings()
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = TRL_HEAD["chunk"]
+    trl_utils._use_triton = TRL_HEAD["compact"]
+    use_cpu_folds(False)
+
+
+def trl_head_settings():
+    """`trl.trainer.utils`, once its own head settings are kept in `TRL_HEAD`."""
     from trl.trainer import utils as trl_utils
 
-    if _TRL_VOCAB_TILE is None:
-        _TRL_VOCAB_TILE = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
-    triton = _use_triton(device)
-    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = _TRL_VOCAB_TILE if triton else FUSED_VOCAB_TILE["cpu"]
-    use_cpu_folds(not triton)
+    if not TRL_HEAD:
+        TRL_HEAD.update(chunk=trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE,
+                        compact=trl_utils._use_triton)
+    return trl_utils
+
+
+def score_labelled_positions_only(device) -> bool:
+    """TRL's fused head asks this whether to project only the positions with a label."""
+    return True
 
 
 def use_logits_head(model) -> None:
