@@ -35,9 +35,9 @@ ASSUMPTIONS = [
     "every row padded to the longest allowed (train.max_length) unless --text-tokens is given",
     "the loss head: TRL's fused LM head (every family but those with "
     "`FamilySpec.unfused_lm_head`) projects at most 4,096 tokens x 32,768 vocabulary entries "
-    "(4,096 on CPU) at a time (one tile buffer, forward and backward) plus fp32 per-token statistics and the fp32 "
-    "gradient of the last hidden state; families on the logits head (BLIP-2) hold the full "
-    "logits, their log-softmax and their gradient (3 x tokens x vocabulary)",
+    "(4,096 on CPU) at a time (one tile buffer with Triton, ~4 on CPU) plus fp32 per-token "
+    "statistics and the fp32 gradient of the last hidden state; families on the logits head "
+    "(BLIP-2) hold the full logits, their log-softmax and their gradient (3 x tokens x vocabulary)",
     "a frozen vision tower keeps no activations (one layer's worth is live while it runs)",
     "FSDP / ZeRO-3 divide weights, gradients and optimizer states by the GPU count (plus one "
     "gathered layer); ZeRO-2 divides gradients and optimizer states; DDP divides nothing",
@@ -116,11 +116,12 @@ FUSED_TILES = {"cuda": 1.0, "cpu": 4.0}
 
 
 def loss_head_bytes(s: Shape, tokens: int, a: int, device: str = "cuda") -> float:
-    """Bytes the loss head adds at its peak (the backward pass). TRL's fused head keeps one
-    projection tile (reused tile by tile, allocated again in backward; `FUSED_TILES` of them on
-    CPU), a few fp32 values per token (log-normaliser, entropy, target logit, running sums) and
-    the fp32 gradient of the hidden states it projects; the logits head keeps the logits, the
-    fp32 log-softmax saved for backward and the logits' fp32 gradient."""
+    """Bytes the loss head adds at its peak. TRL's fused head keeps one projection tile
+    (reused tile by tile, allocated again in backward; `FUSED_TILES` of them on CPU, with
+    narrower chunks: `FUSED_VOCAB_TILE`), a few fp32 values per token (log-normaliser,
+    entropy, target logit, running sums) and the fp32 gradient of the hidden states it
+    projects; the logits head keeps the logits, the fp32 log-softmax saved for backward and
+    the logits' fp32 gradient."""
     if s.unfused_lm_head:
         return tokens * s.vocab * (a + 4 + 4)
     tile_bytes = a if device == "cuda" else 4  # the CPU fallback folds in fp32

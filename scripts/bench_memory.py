@@ -21,7 +21,8 @@ model, the adapter, the optimiser and the step. The heads:
 Also prints `peftvlm plan`'s estimate (`peak_allocated`, fp32 on CPU) of the same step for the
 twin, per head. CPU load does not change these figures (they are bytes, not seconds).
 
-    python scripts/bench_memory.py [--tokens 2048] [--vocab 151680] [--hidden 128] [--trl-head] [--json]
+    python scripts/bench_memory.py [--tokens 2048] [--vocab 151680] [--hidden 128] [--trl-head]
+                                   [--json]
 """
 
 from __future__ import annotations
