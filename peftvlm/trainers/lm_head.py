@@ -19,25 +19,25 @@ import types
 from peftvlm.memory import FUSED_VOCAB_TILE
 from peftvlm.trainers.cpu_fold import use_cpu_folds
 
-TRL_HEAD: dict = {}  # TRL's own settings (chunk, compact), kept to restore them for Triton devices
+TRL_HEAD: dict = {}  # TRL's own settings (chunk, compact), kept to restore them off the CPU
 
 
 def fit_fused_head(device) -> None:
     """Fit TRL's fused LM head (every TRL trainer: SFT, DPO, GRPO) to `device`, the device
-    training runs on. Without Triton (CPU) TRL's fallback scores every position, padding and
-    prompt included, and folds each `tokens x chunk` tile with whole-tile torch ops (~9 fp32
-    tiles live at the backward's peak: 2.3 GiB at 2k tokens with TRL's 32,768-entry chunks).
-    There it now scores only the labelled positions (as TRL does with Triton: it scores them
-    all elsewhere only so that XLA-like devices keep one tile shape), folds in place
-    (`cpu_fold`: TRL's values bit for bit, two tiles at most) and takes 4,096-entry chunks (the
-    same online log-sum-exp over narrower tiles). With Triton (GPU) TRL's head is left as it
-    is. TRL reads these (module names) on every fused forward, so this holds for the process;
-    each training run sets them again for its own device."""
-    from trl.kernels.chunked_logprob import _use_triton
+    training runs on. On CPU TRL's fallback scores every position, padding and prompt
+    included, and folds each `tokens x chunk` tile with whole-tile torch ops (~9 fp32 tiles
+    live at the backward's peak: 2.3 GiB at 2k tokens with TRL's 32,768-entry chunks). There
+    it now scores only the labelled positions (as TRL does with Triton: it scores them all
+    elsewhere only so that XLA-like devices keep one tile shape), folds in place (`cpu_fold`:
+    TRL's values bit for bit, three tiles at most) and takes 4,096-entry chunks (the same
+    online log-sum-exp over narrower tiles). On any other device (a GPU: Triton) TRL's head is
+    left as it is. TRL looks these up by name on every fused forward, so this holds for the
+    process; each training run sets them again for its own device."""
+    import torch
 
     trl_utils = trl_head_settings()
-    if _use_triton(device):
-        return use_trl_head()
+    if torch.device(device).type != "cpu":  # GPUs fold with Triton; XLA-like devices need
+        return use_trl_head()               # TRL's one tile shape: TRL's head as it is
     trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = FUSED_VOCAB_TILE["cpu"]
     # trl.trainer.utils reads `_use_triton` only to decide whether to score the labelled
     # positions alone ("compact"); its kernels module keeps its own, which picks the folds.
