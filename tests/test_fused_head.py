@@ -31,11 +31,16 @@ def test_the_training_loss_head_equals_the_models_own_loss(name):
 
     from peftvlm.trainers.lm_head import fit_fused_head, use_logits_head
 
+    from transformers import AutoConfig
+
+    from peftvlm.models import tiny_model_path
+
     spec = FAMILIES[name]
-    model, batch = tiny_batch(spec)
-    if getattr(model.config, "is_encoder_decoder", False):
+    if getattr(AutoConfig.from_pretrained(tiny_model_path(spec.tiny_name)),
+               "is_encoder_decoder", False):  # known from the config: no model built
         pytest.skip("encoder-decoders (Florence-2) train on the model's own loss "
                     "(trainers/sft.py compute_loss): TRL's fused head is not used")
+    model, batch = tiny_batch(spec)
     model.eval()  # no dropout: both forwards see the same network
     own = model(**batch).loss
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer
@@ -120,8 +125,7 @@ def test_fit_fused_head_on_cpu_scores_labelled_positions_in_narrow_chunks_in_pla
     assert chunked_logprob._backward_tile is backward_tile
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
-def test_a_cpu_training_step_is_the_same_on_the_fitted_head_as_on_trls(name):
+def test_a_cpu_training_step_is_the_same_on_the_fitted_head_as_on_trls():
     """Loss, metrics and every gradient bit for bit (the batch's vocabulary fits one chunk)."""
     from trl.trainer.utils import add_fused_lm_head
 
@@ -130,7 +134,7 @@ def test_a_cpu_training_step_is_the_same_on_the_fitted_head_as_on_trls(name):
     results = []
     for fit in (use_trl_head, lambda: fit_fused_head(torch.device("cpu"))):
         torch.manual_seed(0)
-        model, batch = tiny_batch(FAMILIES[name])
+        model, batch = tiny_batch(FAMILIES["llava"])
         model.eval()
         add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
         fit()
