@@ -66,7 +66,7 @@ def main() -> None:
     from peftvlm.data.lengths import collator_lengths
     from peftvlm.data.loading import load_rows
     from peftvlm.data.report import processor_collator, stats
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
 
     recipe = load_recipe(recipe_path)
     collator, t_proc = timed(lambda: processor_collator(recipe))

@@ -33,7 +33,7 @@ def child(recipe_path: str, rows: int) -> None:
 
     from peftvlm.data.report import processor_collator
     from peftvlm.data.streaming import open_training_stream
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
 
     recipe = load_recipe(recipe_path)
     collator = processor_collator(recipe)

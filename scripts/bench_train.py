@@ -106,7 +106,7 @@ def packed_batch(batch: int) -> int:
     from peftvlm.data.collate import ConversationCollator
     from peftvlm.data.pipeline import prepare_data
     from peftvlm.models import load_base
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.recipe.load import validate_recipe_dict
 
     if VARIABLE["packed_batch"]:
         return VARIABLE["packed_batch"]
@@ -119,7 +119,7 @@ def packed_batch(batch: int) -> int:
 def run_peftvlm(steps, batch, **train):
     from peftvlm import api
     from peftvlm.data import packing
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.recipe.load import validate_recipe_dict
 
     if train.get("packing") and VARIABLE["rows"]:
         batch = packed_batch(batch)
@@ -183,7 +183,7 @@ def lora_model_and_rows(steps, batch):
 
     from peftvlm.trainers.generative import load_model_with_method
     from peftvlm.data.loading import load_rows
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.recipe.load import validate_recipe_dict
     from peftvlm.registry import get_method
 
     recipe = validate_recipe_dict(recipe_dict(steps, batch))

@@ -56,7 +56,7 @@ def write_rows(folder: Path, n: int, rng: random.Random, prefix: str,
 
 
 def recipe_for(model_id: str, args, workdir: Path):
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.recipe.load import validate_recipe_dict
 
     recipe = validate_recipe_dict({
         "name": "squares", "model": {"id": model_id},

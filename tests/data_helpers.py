@@ -25,7 +25,7 @@ def llava_collator(data_cache):
     """The trainer's collator on the tiny LLaVA processor (no model weights loaded)."""
     from peftvlm.data.collate import ConversationCollator
     from peftvlm.models import load_processor_only
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     processor, family = load_processor_only(ModelConfig(id="tiny-llava"))
     return ConversationCollator(processor, family)

@@ -250,7 +250,7 @@ def test_eval_scores_answers_with_the_runs_convention(monkeypatch):
         Qwen2VLImageProcessorPil
 
     import peftvlm.eval.generate as evaluate
-    from peftvlm.recipe import EvalConfig
+    from peftvlm.recipe.schema import EvalConfig
 
     processor = type("P", (), {"image_processor": Qwen2VLImageProcessorPil(
         size={"shortest_edge": 1024, "longest_edge": 1024}, patch_size=8, merge_size=2)})()

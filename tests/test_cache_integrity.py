@@ -13,7 +13,7 @@ from data_helpers import (data_cache, llava_collator, recipe_file, run_cli,  # n
 
 from peftvlm.data.collate import IGNORE_INDEX
 from peftvlm.data.loading import CACHE_MIN_ROWS, load_source, prepared_cache_dir
-from peftvlm.recipe import DataConfig, SourceConfig
+from peftvlm.recipe.schema import DataConfig, SourceConfig
 
 ROWS = CACHE_MIN_ROWS  # the smallest source that is cached
 

@@ -223,7 +223,7 @@ def test_family_template_file_replaces_the_checkpoints_and_is_saved(tmp_path):
     from transformers import AutoProcessor
 
     from peftvlm.models import load_processor, tiny_model_path
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     spec = dataclasses.replace(FAMILIES["smolvlm"], chat_template="idefics3")
     processor = load_processor(str(tiny_model_path("tiny-smolvlm")), ModelConfig(id="x"), spec)
@@ -261,7 +261,7 @@ def test_loading_a_checkpoint_without_a_template_names_it(tmp_path):
     from transformers import AutoProcessor
 
     from peftvlm.models import load_processor, tiny_model_path
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     processor = AutoProcessor.from_pretrained(tiny_model_path("tiny-llava"))
     processor.chat_template = processor.tokenizer.chat_template = None

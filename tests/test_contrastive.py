@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from peftvlm.errors import DataError, RecipeError
-from peftvlm.recipe import load_recipe, validate_recipe_dict
+from peftvlm.recipe.load import load_recipe, validate_recipe_dict
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -214,7 +214,7 @@ def test_filter_keeps_exactly_the_pairs_at_or_above_min(tmp_path, monkeypatch):
     from peftvlm.data import filter as data_filter
     from peftvlm.metrics.clipscore import clip_scores_per_image
     from peftvlm.models import load_base
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     path = write_pairs(tmp_path)
     recipe = filter_recipe(path)

@@ -13,7 +13,7 @@ from data_helpers import data_cache, llava_collator, save_image  # noqa: F401
 from peftvlm.data import readers
 from peftvlm.data.loading import CACHE_MIN_ROWS, MessagesRenderer, load_source, render_chunk
 from peftvlm.data.readers import read_csv, read_jsonl, read_parquet
-from peftvlm.recipe import DataConfig, SourceConfig
+from peftvlm.recipe.schema import DataConfig, SourceConfig
 
 ROWS = CACHE_MIN_ROWS + 150
 

@@ -12,7 +12,7 @@ from data_helpers import data_cache, llava_collator, save_image  # noqa: F401
 from peftvlm.data.loading import CACHE_MIN_ROWS, drop_overflowing, load_source, prepared_cache_dir
 from peftvlm.errors import DataError
 from peftvlm.families import FAMILIES
-from peftvlm.recipe import DataConfig, SourceConfig
+from peftvlm.recipe.schema import DataConfig, SourceConfig
 
 
 def conversation_row(i: int, image="a.png") -> str:
@@ -121,7 +121,7 @@ def test_counted_lengths_equal_the_collators_for_every_family(name, tmp_path):
     from peftvlm.data.collate import ConversationCollator
     from peftvlm.data.lengths import collator_lengths, token_lengths
     from peftvlm.models import load_processor_only
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     processor, family = load_processor_only(ModelConfig(id=name))
     collator = ConversationCollator(processor, family)

@@ -11,7 +11,8 @@ from data_helpers import data_cache, llava_collator, recipe_file, run_cli, save_
 from peftvlm.data.fixtures import write_fixture
 from peftvlm.data.loading import load_rows, load_source, mix
 from peftvlm.errors import DataError
-from peftvlm.recipe import DataConfig, SourceConfig, load_recipe
+from peftvlm.recipe.load import load_recipe
+from peftvlm.recipe.schema import DataConfig, SourceConfig
 
 QA = [{"image": "a.png", "question": f"What is {i}?", "answers": [f"ans{i}"]} for i in range(4)]
 

@@ -251,7 +251,7 @@ def test_old_kind_key_still_names_the_task(tmp_path):
 
 
 def test_recipe_validation_checks_templates(tmp_path):
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
 
     data = tmp_path / "d.jsonl"
     data.write_text("")

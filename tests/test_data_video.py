@@ -15,7 +15,7 @@ from peftvlm.data.lengths import collator_lengths, token_lengths
 from peftvlm.data.loading import load_rows
 from peftvlm.data.pipeline import prepare_data
 from peftvlm.errors import DataError
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.recipe.load import validate_recipe_dict
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 220),
            "yellow": (240, 220, 30)}
@@ -25,7 +25,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 220),
 def qwen_collator(data_cache):  # noqa: F811
     from peftvlm.data.collate import ConversationCollator
     from peftvlm.models import load_processor_only
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     processor, family = load_processor_only(ModelConfig(id="tiny-qwen2-vl"))
     return ConversationCollator(processor, family)
@@ -180,7 +180,7 @@ def test_qwen2_5_vl_trains_and_generates_on_a_video_row(tmp_path, data_cache):  
 
     from peftvlm.data.collate import ConversationCollator, encode_prompts
     from peftvlm.models import load_processor_only, tiny_model_path
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     write_jsonl(tmp_path / "v.jsonl", [video_row(write_folder(tmp_path / "f", ["red", "blue"]))])
     row = load_rows(recipe(tmp_path, "v.jsonl")).train[0]

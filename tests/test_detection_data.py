@@ -15,7 +15,7 @@ from peftvlm.data.loading import load_source
 from peftvlm.data.preview import PREDICTION_COLOUR, REFERENCE_COLOUR
 from peftvlm.data.readers import open_source
 from peftvlm.metrics.detection import detection_map
-from peftvlm.recipe import DataConfig, SourceConfig
+from peftvlm.recipe.schema import DataConfig, SourceConfig
 
 W, H = 200, 100
 

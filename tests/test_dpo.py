@@ -16,7 +16,7 @@ import yaml
 from data_helpers import data_cache, llava_collator, save_image  # noqa: F401  (fixtures)
 from peftvlm.errors import RecipeError
 from peftvlm.families import tiny_models
-from peftvlm.recipe import load_recipe, validate_recipe_dict
+from peftvlm.recipe.load import load_recipe, validate_recipe_dict
 
 QUESTION = "What color is the shape?"
 

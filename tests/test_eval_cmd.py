@@ -13,7 +13,7 @@ from conftest import REPO
 from peftvlm import api
 from peftvlm.errors import DataError, RecipeError, RunError
 from peftvlm.eval.report import answer_classes, plot_comparison, prediction_rows
-from peftvlm.recipe import load_recipe
+from peftvlm.recipe.load import load_recipe
 from test_train_run import tiny_recipe
 
 # 8 steps at this rate move tiny-llava's held-out answers off the base's.

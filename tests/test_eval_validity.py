@@ -12,7 +12,7 @@ from peftvlm.data.loading import load_rows
 from peftvlm.errors import DataError
 from peftvlm.metrics import get_metrics
 from peftvlm.metrics.files import score_predictions
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.recipe.load import validate_recipe_dict
 from test_train_run import tiny_recipe, write_image
 
 

@@ -20,7 +20,8 @@ from peftvlm.errors import DataError, RecipeError
 from peftvlm.families import FAMILIES, tiny_models
 from peftvlm.methods.lora import LoraMethod, apply_peft
 from peftvlm.models import load_base
-from peftvlm.recipe import ModelConfig, load_recipe
+from peftvlm.recipe.load import load_recipe
+from peftvlm.recipe.schema import ModelConfig
 
 REFUSING = [n for n, s in FAMILIES.items() if s.refused_methods and s.tiny_name]
 

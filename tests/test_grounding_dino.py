@@ -18,7 +18,8 @@ from peftvlm.data.detection_records import read_section
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.families import FAMILIES, tiny_models
 from peftvlm.kinds import get_kind, kind_for, kind_for_export
-from peftvlm.recipe import SourceConfig, load_recipe, validate_recipe_dict
+from peftvlm.recipe.load import load_recipe, validate_recipe_dict
+from peftvlm.recipe.schema import SourceConfig
 
 QUIET = {"log": lambda *_: None}
 RECIPE = REPO / "recipes" / "grounding-dino-tiny.yaml"

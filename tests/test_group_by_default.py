@@ -12,7 +12,7 @@ from PIL import Image
 
 from peftvlm.data.packing import (group_by_default, random_batch_padding,
                                   seeded_length_grouped_sampler)
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.recipe.load import validate_recipe_dict
 
 
 def test_only_lengths_that_vary_are_grouped_by_default():

@@ -86,7 +86,7 @@ def received(monkeypatch) -> list:
 @pytest.fixture(scope="module")
 def llava():
     from peftvlm.models import load_base
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     return load_base(ModelConfig(id="tiny-llava"))
 
@@ -94,7 +94,7 @@ def llava():
 @pytest.fixture(scope="module")
 def clip():
     from peftvlm.models import load_base
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     return load_base(ModelConfig(id="tiny-clip"))
 
@@ -104,7 +104,7 @@ def clip():
 def vqa_rows(image: Path):
     """The row training reads from a JSONL file naming the image (the real reader)."""
     from peftvlm.data.loading import load_rows
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.recipe.load import validate_recipe_dict
 
     data = image.parent / "t.jsonl"
     data.write_text(json.dumps({"messages": [

@@ -11,7 +11,7 @@ import pytest
 from data_helpers import data_cache, recipe_file, save_image  # noqa: F401
 
 from peftvlm.errors import DataError, RecipeError
-from peftvlm.recipe import load_recipe
+from peftvlm.recipe.load import load_recipe
 from peftvlm.safe_yaml import load_yaml
 
 BOMB_LEVELS = 9
@@ -79,7 +79,7 @@ def test_a_recipe_path_that_is_a_directory_fifo_or_loop_is_a_clear_error(tmp_pat
 
 def test_a_data_path_that_is_not_a_file_is_a_clear_error(tmp_path):
     from peftvlm.data.loading import load_source
-    from peftvlm.recipe import DataConfig, SourceConfig
+    from peftvlm.recipe.schema import DataConfig, SourceConfig
 
     (tmp_path / "train.jsonl").mkdir()
     os.mkfifo(tmp_path / "fifo.jsonl")

@@ -11,7 +11,7 @@ from peftvlm.data.mixed import WithDummyImage, for_training
 from peftvlm.errors import DataError
 from peftvlm.families import FAMILIES
 from peftvlm.models import load_base
-from peftvlm.recipe import ModelConfig
+from peftvlm.recipe.schema import ModelConfig
 
 TEXT_ROWS = [
     {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say red."}]},

@@ -220,7 +220,7 @@ def test_classification_run_serves_its_methods_image_features(tmp_path):
     from peftvlm import api
     from peftvlm.data.collate import open_image
     from peftvlm.methods.dual_encoder import load_method
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
     from peftvlm.serving.openai_api import build_app
     from peftvlm.serving.predictor import open_predictor
     from peftvlm.trainers.clip import load_dual_encoder

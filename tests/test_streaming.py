@@ -16,7 +16,7 @@ from data_helpers import data_cache, llava_collator, save_image  # noqa: F401
 
 from peftvlm.data.streaming import STATE_FILE, StreamCollator, open_training_stream
 from peftvlm.errors import DataError, RecipeError
-from peftvlm.recipe import load_recipe, validate_recipe_dict
+from peftvlm.recipe.load import load_recipe, validate_recipe_dict
 
 
 def conversation(answer: str, image: str | None = "red.png", question: str = "What color?"):

@@ -56,7 +56,7 @@ def tiny_batch(spec):
     from peftvlm.data.collate import ConversationCollator
     from peftvlm.data.synthetic import draw_shape
     from peftvlm.models import load_base
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     loaded = load_base(ModelConfig(id=spec.tiny_name))
     rng = random.Random(0)

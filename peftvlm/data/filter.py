@@ -36,7 +36,7 @@ from peftvlm.data.rows import BadRowReport, enforce_policy
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.metrics.clipscore import clip_scores_per_caption
 from peftvlm.models import load_base
-from peftvlm.recipe import ModelConfig
+from peftvlm.recipe.schema import ModelConfig
 
 LOWEST_SHOWN = 5
 

@@ -20,7 +20,7 @@ import random
 from pathlib import Path
 
 from peftvlm.data.synthetic import COLOURS
-from peftvlm.recipe import SourceConfig
+from peftvlm.recipe.schema import SourceConfig
 
 SHAPES = ("circle", "square", "triangle")
 FIXTURES = ("coco-captions", "vqav2", "refcoco", "coco-instances")

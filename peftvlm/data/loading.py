@@ -97,7 +97,7 @@ def recipe_sources(recipe):
 
     if data.synthetic.name in ("colour-vqa", "colour-classes", "colour-preference"):
         from peftvlm.data.synthetic import write_synthetic
-        from peftvlm.recipe import SourceConfig
+        from peftvlm.recipe.schema import SourceConfig
 
         paths = write_synthetic(data.synthetic, cache_dir())
         return [SourceConfig(path=str(paths["train"]))], [SourceConfig(path=str(paths["test"]))]

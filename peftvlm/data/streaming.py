@@ -45,7 +45,7 @@ from peftvlm.data.rows import BadRow, BadRowReport, enforce_policy
 from peftvlm.data.stream_sources import StreamSource, open_stream, stream_source
 from peftvlm.data.video import check_video_support
 from peftvlm.errors import DataError, RunError
-from peftvlm.recipe import check_streaming
+from peftvlm.recipe.checks import check_streaming
 
 STATE_FILE = "peftvlm-stream.json"
 CHUNK = 32            # records rendered and token-counted together (one batched tokenizer call)

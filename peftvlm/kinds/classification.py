@@ -11,7 +11,7 @@ from pathlib import Path
 from peftvlm.export import export_after_training
 from peftvlm.export.classification import export_dual_encoder
 from peftvlm.kinds import Kind
-from peftvlm.recipe import refuse_dual_encoder_stream
+from peftvlm.recipe.checks import refuse_dual_encoder_stream
 from peftvlm.runs import prepare_run_dir
 from peftvlm.serving.predictor import DualEncoderPredictor
 from peftvlm.trainers import clip

@@ -21,7 +21,7 @@ from peftvlm.data.rows import BadRow, BadRowReport, enforce_policy
 from peftvlm.data.synthetic import COLOURS, write_synthetic
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.models import cache_dir
-from peftvlm.recipe import SourceConfig
+from peftvlm.recipe.schema import SourceConfig
 
 
 @dataclass

@@ -27,7 +27,7 @@ from peftvlm.data.collate import open_image, process_texts, prompt_messages
 from peftvlm.data.table import image_struct
 from peftvlm.errors import DataError, RecipeError, RunError
 from peftvlm.eval.generate import row_references
-from peftvlm.recipe import GRPOConfig as GRPOSettings
+from peftvlm.recipe.schema import GRPOConfig as GRPOSettings
 from peftvlm.trainers.sft import PASSTHROUGH, StopsOnSignals
 
 
