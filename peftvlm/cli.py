@@ -248,7 +248,7 @@ def data_filter(
 ):
     """Score the training pairs with CLIP, keep those above a CLIPScore; rerun to resume."""
     quiet_libraries()
-    from peftvlm.data.filter import run_filter
+    from peftvlm.data.prepare.filter import run_filter
     from peftvlm.recipe.load import load_recipe
 
     loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
@@ -266,7 +266,7 @@ def data_filter(
 
 
 def list_templates() -> None:
-    from peftvlm.data.templates import list_templates as specs
+    from peftvlm.data.render.templates import list_templates as specs
 
     for spec in specs():
         columns = ", ".join(c if spec.columns[c].required else f"[{c}]" for c in spec.columns)

@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-clip", help="CLIP model that scores")
     args = parser.parse_args()
 
-    from peftvlm.data import filter as data_filter
+    from peftvlm.data.prepare import filter as data_filter
     from peftvlm.recipe.load import validate_recipe_dict
 
     # Load the scorer once, outside the timings (imports and weights are not throughput).

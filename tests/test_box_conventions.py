@@ -13,8 +13,8 @@ from data_helpers import data_cache, recipe_file, run_cli, save_image  # noqa: F
 
 from peftvlm.data.boxes import (BOX_FORMATS, CONVENTIONS, answer_text, bind_convention,
                                 box_format_for, get_convention)
+from peftvlm.data.render.templates import TemplateRenderer, load_template, merged_options
 from peftvlm.data.rows import BadRow
-from peftvlm.data.templates import TemplateRenderer, load_template, merged_options
 from peftvlm.errors import MetricsError
 from peftvlm.families import FAMILIES
 from peftvlm.metrics.files import score_files

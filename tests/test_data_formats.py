@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 from data_helpers import data_cache, save_image  # noqa: F401
-from peftvlm.data.loading import load_rows
+from peftvlm.data.prepare.loading import load_rows
 from peftvlm.errors import DataError
 from peftvlm.recipe.load import validate_recipe_dict
 
@@ -24,7 +24,7 @@ FAMILIES = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl"}
 @pytest.fixture(scope="session")
 def collators(data_cache):  # noqa: F811
     """The trainer's collator per family, on the processor alone."""
-    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.batch.collate import ConversationCollator
     from peftvlm.models import load_processor_only
     from peftvlm.recipe.schema import ModelConfig
 
@@ -206,7 +206,7 @@ def test_interleaved_images_stand_where_the_tags_are_on_qwen_and_first_on_llava(
     llava = collators["llava"]
     text = llava.processor.tokenizer.decode(llava(data.train)["input_ids"][0])
     assert text.index("Left") > text.rindex("<image>")  # llava-1.5 renders images first
-    from peftvlm.data.formats import interleaving_note
+    from peftvlm.data.read.formats import interleaving_note
 
     assert interleaving_note(data.train, llava.family).startswith("1 row(s) place images")
     assert interleaving_note(data.train, qwen.family) is None
@@ -335,7 +335,7 @@ def test_stats_report_formats(tmp_path, data_cache):  # noqa: F811
 def test_the_quickstart_task_as_llava_json_trains_exactly_like_native(tmp_path):
     """Same rows in LLaVA-Instruct JSON: the same batches, so the same (falling) loss curve."""
     from peftvlm import api
-    from peftvlm.data.synthetic import write_synthetic
+    from peftvlm.data.read.synthetic import write_synthetic
     from peftvlm.recipe.schema import SyntheticConfig
 
     paths = write_synthetic(SyntheticConfig(train_size=32, eval_size=4), tmp_path)

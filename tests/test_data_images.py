@@ -13,8 +13,8 @@ from PIL import Image
 from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import load_image
 
-from peftvlm.data.images import MAX_IMAGE_PIXELS, image_size, load_rgb
-from peftvlm.data.loading import load_rows
+from peftvlm.data.prepare.loading import load_rows
+from peftvlm.data.read.images import MAX_IMAGE_PIXELS, image_size, load_rgb
 from peftvlm.recipe.load import validate_recipe_dict
 
 

@@ -6,9 +6,9 @@ import pytest
 from data_helpers import data_cache, llava_collator, recipe_file, run_cli, save_image  # noqa: F401
 
 from peftvlm.data.boxes import box_text, clip_box, format_box, read_box
+from peftvlm.data.render.templates import (TemplateRenderer, builtin_templates, clip_prompts,
+                                           load_template, merged_options, select_answers)
 from peftvlm.data.rows import BadRow
-from peftvlm.data.templates import (TemplateRenderer, builtin_templates, clip_prompts,
-                                    load_template, merged_options, select_answers)
 from peftvlm.errors import DataError, RecipeError
 
 RECORDS = {

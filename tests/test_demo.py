@@ -49,7 +49,7 @@ def test_demo_page_answers_an_uploaded_held_out_image_with_its_colour(demo_url, 
 @needs_browser
 def test_demo_held_out_example_is_one_click_away(demo_url):
     predictor = quickstart_predictor()
-    from peftvlm.data.collate import last_answer
+    from peftvlm.data.batch.collate import last_answer
 
     expected = last_answer(predictor.examples[1]["messages"])
     assert answer_in_browser(demo_url, example=1)["tuned"] == expected

@@ -163,7 +163,7 @@ def test_multi_reference_rows_and_question_types_are_scored(tmp_path):
 
 
 def test_sources_keep_eval_fields(tmp_path):
-    from peftvlm.data.sources import to_conversation
+    from peftvlm.data.read.sources import to_conversation
     from peftvlm.data.rows import BadRow
 
     record = {"id": 7, "references": ["a", "b"], "question_type": "what",

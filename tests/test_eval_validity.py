@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from peftvlm.data.loading import load_rows
+from peftvlm.data.prepare.loading import load_rows
 from peftvlm.errors import DataError
 from peftvlm.metrics import get_metrics
 from peftvlm.metrics.files import score_predictions

@@ -14,7 +14,7 @@ from serve_helpers import data_url, served
 
 from conftest import REPO, run_cli
 from peftvlm import api
-from peftvlm.data.detection_records import read_section
+from peftvlm.data.read.detection_records import read_section
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.families import FAMILIES, tiny_models
 from peftvlm.kinds import get_kind, kind_for, kind_for_export
@@ -124,7 +124,7 @@ def test_detection_batches_get_the_one_decoder_s_pixels(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from peftvlm.data.images import load_rgb
+    from peftvlm.data.read.images import load_rgb
     from peftvlm.trainers.detection import encode
 
     path = tmp_path / "clear.png"

@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from peftvlm.data.collate import ConversationCollator
+from peftvlm.data.batch.collate import ConversationCollator
 from peftvlm.data.pipeline import prepare_data
 from peftvlm.errors import RecipeError, RunError
 from peftvlm.eval.generate import evaluate_rows

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from peftvlm.data.collate import ConversationCollator
-from peftvlm.data.synthetic import COLOURS, draw_shape, vqa_row
+from peftvlm.data.batch.collate import ConversationCollator
+from peftvlm.data.read.synthetic import COLOURS, draw_shape, vqa_row
 from peftvlm.families import FAMILIES
 from peftvlm.methods.lora import DoraMethod, LoraMethod, VeraMethod
 from peftvlm.models import load_base, tiny_model_path

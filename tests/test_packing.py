@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from peftvlm.data.collate import ConversationCollator, IGNORE_INDEX
-from peftvlm.data.packing import PackedCollator, PackedRows, best_fit_decreasing, pack_batch
+from peftvlm.data.batch.collate import ConversationCollator, IGNORE_INDEX
+from peftvlm.data.batch.packing import PackedCollator, PackedRows, best_fit_decreasing, pack_batch
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.families import FAMILIES
 from peftvlm.recipe.load import validate_recipe_dict
@@ -128,7 +128,7 @@ def test_pack_batch_puts_all_conversations_in_one_row_by_default():
 def test_a_text_only_packed_batch_with_the_blank_image_keeps_its_loss():
     """Several processes: a text-only batch of packed Qwen-VL rows carries the blank image
     behind its own M-RoPE positions, and the loss of the real tokens is unchanged."""
-    from peftvlm.data.mixed import WithDummyImage
+    from peftvlm.data.batch.mixed import WithDummyImage
     from peftvlm.models import load_base
     from peftvlm.recipe.schema import ModelConfig
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from peftvlm.data.collate import ConversationCollator
+from peftvlm.data.batch.collate import ConversationCollator
 from peftvlm.errors import RecipeError
 from peftvlm.methods.per_part import PerPartMethod, load_trained
 from peftvlm.methods.vision_prompts import PROMPTS_CONFIG, PROMPTS_WEIGHTS

@@ -53,8 +53,8 @@ def tiny_batch(spec):
     """One collated two-row batch of the colour task for a tiny twin, and the loaded model."""
     import random
 
-    from peftvlm.data.collate import ConversationCollator
-    from peftvlm.data.synthetic import draw_shape
+    from peftvlm.data.batch.collate import ConversationCollator
+    from peftvlm.data.read.synthetic import draw_shape
     from peftvlm.models import load_base
     from peftvlm.recipe.schema import ModelConfig
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from data_helpers import data_cache  # noqa: F401
-from peftvlm.data.collate import ConversationCollator, IGNORE_INDEX, encode_prompts
-from peftvlm.data.lengths import collator_lengths, token_lengths
-from peftvlm.data.loading import load_rows
-from peftvlm.data.video import check_video_support
+from peftvlm.data.batch.collate import ConversationCollator, IGNORE_INDEX, encode_prompts
+from peftvlm.data.prepare.lengths import collator_lengths, token_lengths
+from peftvlm.data.prepare.loading import load_rows
+from peftvlm.data.read.video import check_video_support
 from peftvlm.errors import DataError
 from peftvlm.families import FAMILIES
 from test_data_video import recipe, video_row, write_folder, write_gif, write_jsonl

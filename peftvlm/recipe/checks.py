@@ -7,7 +7,7 @@ import glob
 import importlib.util
 from pathlib import Path
 
-from peftvlm.data.templates import load_template, merged_options
+from peftvlm.data.render.templates import load_template, merged_options
 from peftvlm.distributed import read_config_file
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.families import FAMILIES, known_family as family_of_model, method_refusal, tiny_models

@@ -44,8 +44,9 @@ class ModelConfig(Section):
         None, description="bitsandbytes quantization of the base (QLoRA sets 4-bit nf4 by default).")
 
 
-# Row formats (peftvlm/data/formats.py) and annotation layouts (peftvlm/data/readers.py).
-# Preference formats (chosen vs rejected replies, peftvlm/data/preference.py) are row formats too.
+# Row formats (peftvlm/data/read/formats.py) and annotation layouts (peftvlm/data/read/readers.py).
+# Preference formats (chosen vs rejected replies, peftvlm/data/read/preference.py) are row
+# formats too.
 RowFormat = Literal["auto", "messages", "openai_messages", "llava_conversations",
                     "llamafactory_v1", "trl_preference", "rlaifv", "llamafactory_ranking",
                     "swift_rejected_response", "trl_prompt"]
@@ -459,7 +460,8 @@ class TrainConfig(Section):
     deepspeed: dict[str, Any] | str | None = Field(
         None, description="DeepSpeed config: a mapping, or a JSON/YAML file relative to the "
                           "recipe (ZeRO-2/3; CUDA GPUs only).")
-    # Variable-length speed-ups (data/packing.py); lengths come from the cached `length` column.
+    # Variable-length speed-ups (data/batch/packing.py); lengths come from the cached `length`
+    # column.
     group_by_length: bool | None = Field(
         None, description="Batch rows of similar token length together (less padding), keeping "
                           "some randomness (transformers' LengthGroupedSampler, seeded from "

@@ -19,10 +19,10 @@ import json
 import tempfile
 from pathlib import Path
 
+from peftvlm.data.batch.collate import open_image
+from peftvlm.data.batch.preview import answer_boxes
 from peftvlm.data.boxes import box_format_for
-from peftvlm.data.collate import open_image
-from peftvlm.data.images import load_rgb
-from peftvlm.data.preview import answer_boxes
+from peftvlm.data.read.images import load_rgb
 from peftvlm.errors import PeftVLMError, RunError
 from peftvlm.runs import MERGED
 from peftvlm.serving.predictor import first_user_text, open_predictor, question_row

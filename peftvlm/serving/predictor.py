@@ -24,8 +24,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from peftvlm.data.collate import encode_prompts, open_image
-from peftvlm.data.loading import load_source, recipe_sources
+from peftvlm.data.batch.collate import encode_prompts, open_image
+from peftvlm.data.prepare.loading import load_source, recipe_sources
 from peftvlm.data.rows import with_system_prompt
 from peftvlm.errors import PeftVLMError, RunError
 from peftvlm.eval.generate import generate_answers, generation_kwargs

@@ -22,18 +22,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftvlm.data.detection_records import DetectionData, read_section
-from peftvlm.data.images import load_rgb
-from peftvlm.data.loading import recipe_sources
-from peftvlm.data.preview import draw_detections
+from peftvlm.data.batch.preview import draw_detections
+from peftvlm.data.prepare.loading import recipe_sources
+from peftvlm.data.read.detection_records import DetectionData, read_section
+from peftvlm.data.read.images import load_rgb
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.eval.report import compare, write_outputs as write_eval_outputs
 from peftvlm.metrics.detection import coco_evaluate
 from peftvlm.models import load_base
 from peftvlm.registry import get_method
 from peftvlm.summary import before_after, loop_losses, parameter_counts, run_summary
-from peftvlm.trainers.loop import (ADAPTER_DIR, PeftAdapterState, fit, start_session,
-                                   write_peft_run)
+from peftvlm.trainers.loop import ADAPTER_DIR, PeftAdapterState, fit, start_session, write_peft_run
 
 MAX_DETECTIONS = 100  # per image, as COCO evaluates (maxDets 100)
 METRICS = {"mAP": "detection_mAP", "mAP50": "detection_mAP50", "mAP75": "detection_mAP75",

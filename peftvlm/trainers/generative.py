@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from peftvlm.data.collate import ConversationCollator
-from peftvlm.data.loading import count_skipped_rows, skipped_rows_file
+from peftvlm.data.batch.collate import ConversationCollator
+from peftvlm.data.batch.preview import render_example
 from peftvlm.data.pipeline import prepare_data
-from peftvlm.data.preview import render_example
+from peftvlm.data.prepare.loading import count_skipped_rows, skipped_rows_file
 from peftvlm.distributed import sharding_args, sharding_mode
 from peftvlm.errors import RecipeError
 from peftvlm.eval.generate import evaluate_rows

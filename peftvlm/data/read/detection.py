@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from peftvlm.data.boxes import Box, clip_box, read_box
-from peftvlm.data.images import image_size
-from peftvlm.data.json_list import load_json
+from peftvlm.data.read.images import image_size
+from peftvlm.data.read.json_list import load_json
 from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError
 from peftvlm.safe_yaml import load_yaml

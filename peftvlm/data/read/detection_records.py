@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftvlm.data.boxes import clip_box, read_box
-from peftvlm.data.readers import load_saved_split
+from peftvlm.data.read.images import image_size
+from peftvlm.data.read.readers import load_saved_split
+from peftvlm.data.read.sources import resolve_image
 from peftvlm.data.rows import BadRow, BadRowReport, enforce_policy
-from peftvlm.data.sources import resolve_image
-from peftvlm.data.images import image_size
 from peftvlm.errors import DataError
 
 SEPARATORS = (".", "?")  # Grounding DINO splits its prompt into classes at these tokens

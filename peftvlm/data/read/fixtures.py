@@ -19,7 +19,7 @@ import json
 import random
 from pathlib import Path
 
-from peftvlm.data.synthetic import COLOURS
+from peftvlm.data.read.synthetic import COLOURS
 from peftvlm.recipe.schema import SourceConfig
 
 SHAPES = ("circle", "square", "triangle")
