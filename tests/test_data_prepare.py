@@ -1,6 +1,7 @@
 """Cold preparation in shards (`data/prepare/shards.py`, `readers.SourceData.split`): the same
-rows, row ids and bad-row report as reading and rendering the file record by record, for any number of
-processes; sharded readers (JSONL, CSV, Parquet) return exactly what whole-file reading does."""
+rows, row ids and bad-row report as reading and rendering the file record by record, for any
+number of processes; sharded readers (JSONL, CSV, Parquet) return exactly what whole-file
+reading does."""
 
 from __future__ import annotations
 
