@@ -8,7 +8,8 @@ from pathlib import Path
 
 from peftvlm.checkpoints import check_resume_recipe
 from peftvlm.kinds import kind_for
-from peftvlm.recipe import Recipe, load_recipe
+from peftvlm.recipe.load import load_recipe
+from peftvlm.recipe.schema import Recipe
 from peftvlm.runs import claimed_run_dir, default_run_dir
 
 

@@ -55,7 +55,7 @@ def train(
     """Fine-tune a model as a recipe says."""
     quiet_libraries()
     from peftvlm import api
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
 
     loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
     summary = api.train(loaded, output_dir, resume=resume, overwrite=overwrite, dry_run=dry_run)
@@ -80,7 +80,7 @@ def eval_run(
     quiet_libraries()
     from peftvlm import api
     from peftvlm.eval.report import print_comparison
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
 
     loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
     result = api.evaluate(loaded, run, split=split, max_samples=max_samples,
@@ -174,7 +174,7 @@ def plan(
     import json
 
     from peftvlm.plan import plan as make_plan, render
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
 
     if sharding not in (None, "none", "ddp", "fsdp", "zero2", "zero3"):
         raise RecipeError(f"--sharding {sharding}: unknown", hint="none, ddp, fsdp, zero2, zero3")
@@ -198,7 +198,7 @@ def data_preview(
 ):
     """Show training examples exactly as encoded: loss tokens in green, image token counts."""
     from peftvlm.data.report import preview
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
     from peftvlm.trainers.objectives import objective_for
 
     loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
@@ -218,7 +218,7 @@ def data_stats(
     import json
 
     from peftvlm.data.report import print_stats, stats
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
     from peftvlm.runs import default_run_dir, mark_run_dir
 
     loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
@@ -248,8 +248,8 @@ def data_filter(
 ):
     """Score the training pairs with CLIP, keep those above a CLIPScore; rerun to resume."""
     quiet_libraries()
-    from peftvlm.data.filter import run_filter
-    from peftvlm.recipe import load_recipe
+    from peftvlm.data.prepare.filter import run_filter
+    from peftvlm.recipe.load import load_recipe
 
     loaded = load_recipe(resolve_recipe_path(recipe), overrides or [])
     report = run_filter(loaded, clipscore, model, batch_size, str(out) if out else None,
@@ -266,7 +266,7 @@ def data_filter(
 
 
 def list_templates() -> None:
-    from peftvlm.data.templates import list_templates as specs
+    from peftvlm.data.render.templates import list_templates as specs
 
     for spec in specs():
         columns = ", ".join(c if spec.columns[c].required else f"[{c}]" for c in spec.columns)

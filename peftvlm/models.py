@@ -100,7 +100,7 @@ def quantization_config(model_cfg, family: FamilySpec, method_name: str, sharded
     (`bnb_4bit_quant_storage`), so FSDP can flatten and shard them with the bf16 parameters."""
     q = model_cfg.quantization
     if q is None and method_name == "qlora":
-        from peftvlm.recipe import QuantizationConfig
+        from peftvlm.recipe.schema import QuantizationConfig
 
         q = QuantizationConfig()
     if q is None:

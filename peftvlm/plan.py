@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftvlm import memory
-from peftvlm.data.images import image_size
-from peftvlm.data.loading import load_rows
+from peftvlm.data.prepare.loading import load_rows
+from peftvlm.data.read.images import image_size
 from peftvlm.distributed import read_config_file, sharding_mode
 from peftvlm.errors import ModelError, PeftVLMError
 from peftvlm.families import tiny_models

@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from peftvlm.errors import PeftVLMError, RunError
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.recipe.load import validate_recipe_dict
 from peftvlm.safe_yaml import AliasBombError, load_yaml
 
 MARKER, LOCK = ".peftvlm-run", ".peftvlm-lock"

@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from peftvlm import api
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
 
     root = Path(__file__).resolve().parents[1] / "recipes"
     overrides = args.set + ([f"train.max_steps={args.steps}"] if args.steps else [])

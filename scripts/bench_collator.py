@@ -71,8 +71,8 @@ def reference_template(name: str, processor) -> str:
 def bench_family(name: str, batch_size: int, repeats: int, root: Path, turns: int) -> tuple:
     from transformers import AutoProcessor
 
-    from peftvlm.data.chat_template import render_by_prefixes
-    from peftvlm.data.collate import ConversationCollator, with_images
+    from peftvlm.data.render.chat_template import render_by_prefixes
+    from peftvlm.data.batch.collate import ConversationCollator, with_images
     from peftvlm.families import FAMILIES
 
     spec = FAMILIES[name]
@@ -110,7 +110,7 @@ def profile_collator(name: str, batch_size: int, repeats: int, turns: int, top: 
 
     from transformers import AutoProcessor
 
-    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.batch.collate import ConversationCollator
     from peftvlm.families import FAMILIES
 
     spec = FAMILIES[name]

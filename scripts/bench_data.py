@@ -65,7 +65,7 @@ def child(recipe_path: str) -> None:
 
     from peftvlm.data.pipeline import prepare_data
     from peftvlm.data.report import processor_collator
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
 
     recipe = load_recipe(recipe_path)
     collator = processor_collator(recipe)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 def write_data(workdir: Path, rows: int) -> Path:
     """VQAv2 questions + annotations (two questions per image) and a recipe reading them."""
-    from peftvlm.data.fixtures import write_fixture
+    from peftvlm.data.read.fixtures import write_fixture
 
     files = write_fixture("vqav2", workdir / "vqav2", train_size=rows // 2, eval_size=10)["train"]
     recipe = workdir / "bench.yaml"
@@ -63,10 +63,10 @@ def main() -> None:
     os.environ["PEFTVLM_CACHE"] = str(workdir / "cache")
     recipe_path, t_write = timed(lambda: write_data(workdir, args.rows))
 
-    from peftvlm.data.lengths import collator_lengths
-    from peftvlm.data.loading import load_rows
+    from peftvlm.data.prepare.lengths import collator_lengths
+    from peftvlm.data.prepare.loading import load_rows
     from peftvlm.data.report import processor_collator, stats
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
 
     recipe = load_recipe(recipe_path)
     collator, t_proc = timed(lambda: processor_collator(recipe))

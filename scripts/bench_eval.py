@@ -31,7 +31,7 @@ def main() -> None:
 
     from peftvlm.eval.run import load_adapter, load_base_and_rows
     from peftvlm.eval.generate import generate_answers
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
     loaded, rows = load_base_and_rows(recipe, "test", args.rows)

@@ -25,8 +25,8 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-clip", help="CLIP model that scores")
     args = parser.parse_args()
 
-    from peftvlm.data import filter as data_filter
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.data.prepare import filter as data_filter
+    from peftvlm.recipe.load import validate_recipe_dict
 
     # Load the scorer once, outside the timings (imports and weights are not throughput).
     scorer = data_filter.load_scorer(args.model)

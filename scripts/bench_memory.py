@@ -86,7 +86,7 @@ def save_twin(folder: Path, vocab: int, hidden: int) -> Path:
 
 
 def recipe_for(folder: Path, tokens: int):
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.recipe.load import validate_recipe_dict
 
     return validate_recipe_dict({
         "name": "bench-memory", "model": {"id": str(folder), "dtype": "float32"},

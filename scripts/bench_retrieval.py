@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from peftvlm import api
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
 
     recipe_path = Path(__file__).resolve().parents[1] / "recipes" / "clip-retrieval-tiny.yaml"
     print("| model | method | trainable | " + " | ".join(SHOWN) + " |")

@@ -18,7 +18,7 @@ import itertools
 import random
 import time
 
-from peftvlm.data.rouge import NoveltyIndex, naive_novelty_filter
+from peftvlm.data.self_instruct.rouge import NoveltyIndex, naive_novelty_filter
 
 
 def synthetic_corpus(size: int, seed: int, vocab_size: int = 5000,

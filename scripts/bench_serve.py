@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 def data_url(image) -> str:
-    from peftvlm.data.collate import open_image
+    from peftvlm.data.batch.collate import open_image
 
     buffer = io.BytesIO()
     open_image(image).save(buffer, format="PNG")
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from peftvlm.data.collate import last_answer
+    from peftvlm.data.batch.collate import last_answer
     from peftvlm.serving.predictor import open_predictor
 
     predictor = open_predictor(args.run, log=lambda *_: None)

@@ -32,8 +32,8 @@ def child(recipe_path: str, rows: int) -> None:
     import resource
 
     from peftvlm.data.report import processor_collator
-    from peftvlm.data.streaming import open_training_stream
-    from peftvlm.recipe import load_recipe
+    from peftvlm.data.stream.streaming import open_training_stream
+    from peftvlm.recipe.load import load_recipe
 
     recipe = load_recipe(recipe_path)
     collator = processor_collator(recipe)

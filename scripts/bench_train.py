@@ -103,10 +103,10 @@ def recipe_dict(steps: int, batch: int, **train) -> dict:
 def packed_batch(batch: int) -> int:
     """Packed rows per step holding about the tokens of `batch` unpadded rows (the mean row
     length from the cached `length` column, which the run then reads warm)."""
-    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.batch.collate import ConversationCollator
     from peftvlm.data.pipeline import prepare_data
     from peftvlm.models import load_base
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.recipe.load import validate_recipe_dict
 
     if VARIABLE["packed_batch"]:
         return VARIABLE["packed_batch"]
@@ -118,8 +118,8 @@ def packed_batch(batch: int) -> int:
 
 def run_peftvlm(steps, batch, **train):
     from peftvlm import api
-    from peftvlm.data import packing
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.data.batch import packing
+    from peftvlm.recipe.load import validate_recipe_dict
 
     if train.get("packing") and VARIABLE["rows"]:
         batch = packed_batch(batch)
@@ -182,8 +182,8 @@ def lora_model_and_rows(steps, batch):
     from transformers import set_seed
 
     from peftvlm.trainers.generative import load_model_with_method
-    from peftvlm.data.loading import load_rows
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.data.prepare.loading import load_rows
+    from peftvlm.recipe.load import validate_recipe_dict
     from peftvlm.registry import get_method
 
     recipe = validate_recipe_dict(recipe_dict(steps, batch))
@@ -225,7 +225,7 @@ def run_bare_torch(steps, batch):
     """The floor: our collator + AdamW, no trainer."""
     import torch
 
-    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.batch.collate import ConversationCollator
 
     recipe, loaded, model, rows = lora_model_and_rows(steps, batch)
     collator = Counted(ConversationCollator(loaded.processor, loaded.family,

@@ -43,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from peftvlm.data.synthetic import COLOURS  # noqa: E402
+from peftvlm.data.read.synthetic import COLOURS  # noqa: E402
 from peftvlm.families import tiny_models  # noqa: E402
 from peftvlm.metrics.detection import coco_evaluate  # noqa: E402
 
@@ -136,7 +136,7 @@ def settings(model_id: str, args) -> dict:
 
 
 def recipe_for(model_id: str, args, workdir: Path, detector: bool):
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.recipe.load import validate_recipe_dict
 
     s = settings(model_id, args)
     data = {"train": "train.jsonl", "eval": "test.jsonl"}

@@ -33,7 +33,7 @@ TEXT_TOKENS, IMAGE_SIZE = 512, (640, 480)
 
 
 def recipe_for(model_id: str, family: str, method: str, seq: int):
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.recipe.load import validate_recipe_dict
 
     model = {"id": model_id, "family": family, "dtype": "bfloat16"}
     if method == "qlora":

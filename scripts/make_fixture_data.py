@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from peftvlm.data.fixtures import FIXTURES, write_fixture  # noqa: E402
+from peftvlm.data.read.fixtures import FIXTURES, write_fixture  # noqa: E402
 
 
 def main() -> None:

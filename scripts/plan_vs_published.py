@@ -29,7 +29,7 @@ train: {per_device_train_batch_size: 1, gradient_checkpointing: true, max_length
 def qwen_rows() -> list[dict]:
     """ms-swift's Qwen2.5-VL-7B LoRA captioning example (one GPU, batch 1, ViT frozen)."""
     from peftvlm.plan import plan
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "qwen7b.yaml"

@@ -47,7 +47,7 @@ def write_clips(folder: Path, n: int, rng: random.Random, prefix: str = "") -> l
 
 def run(model_id: str, args, workdir: Path) -> dict:
     from peftvlm import api
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.recipe.load import validate_recipe_dict
 
     rng = random.Random(0)
     for name, n, sub in (("train", args.train, ""), ("test", args.test, "test/")):

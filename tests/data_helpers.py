@@ -23,9 +23,9 @@ def data_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llava_collator(data_cache):
     """The trainer's collator on the tiny LLaVA processor (no model weights loaded)."""
-    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.batch.collate import ConversationCollator
     from peftvlm.models import load_processor_only
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     processor, family = load_processor_only(ModelConfig(id="tiny-llava"))
     return ConversationCollator(processor, family)

@@ -72,7 +72,7 @@ def held_out_by_colour() -> dict[str, Path]:
     """One held-out image file per colour, from the run's own test split."""
     import json
 
-    from peftvlm.data.loading import recipe_sources
+    from peftvlm.data.prepare.loading import recipe_sources
 
     recipe = quickstart_predictor().files.recipe
     test_file = Path(recipe_sources(recipe)[1][0].path)

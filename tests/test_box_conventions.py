@@ -13,8 +13,8 @@ from data_helpers import data_cache, recipe_file, run_cli, save_image  # noqa: F
 
 from peftvlm.data.boxes import (BOX_FORMATS, CONVENTIONS, answer_text, bind_convention,
                                 box_format_for, get_convention)
+from peftvlm.data.render.templates import TemplateRenderer, load_template, merged_options
 from peftvlm.data.rows import BadRow
-from peftvlm.data.templates import TemplateRenderer, load_template, merged_options
 from peftvlm.errors import MetricsError
 from peftvlm.families import FAMILIES
 from peftvlm.metrics.files import score_files
@@ -250,7 +250,7 @@ def test_eval_scores_answers_with_the_runs_convention(monkeypatch):
         Qwen2VLImageProcessorPil
 
     import peftvlm.eval.generate as evaluate
-    from peftvlm.recipe import EvalConfig
+    from peftvlm.recipe.schema import EvalConfig
 
     processor = type("P", (), {"image_processor": Qwen2VLImageProcessorPil(
         size={"shortest_edge": 1024, "longest_edge": 1024}, patch_size=8, merge_size=2)})()

@@ -11,9 +11,9 @@ import pytest
 from data_helpers import (data_cache, llava_collator, recipe_file, run_cli,  # noqa: F401
                           save_image)
 
-from peftvlm.data.collate import IGNORE_INDEX
-from peftvlm.data.loading import CACHE_MIN_ROWS, load_source, prepared_cache_dir
-from peftvlm.recipe import DataConfig, SourceConfig
+from peftvlm.data.batch.collate import IGNORE_INDEX
+from peftvlm.data.prepare.loading import CACHE_MIN_ROWS, load_source, prepared_cache_dir
+from peftvlm.recipe.schema import DataConfig, SourceConfig
 
 ROWS = CACHE_MIN_ROWS  # the smallest source that is cached
 
@@ -114,7 +114,7 @@ def collate_rows(folder, n: int, bad: set[int]):
 
 
 def test_a_row_whose_image_fails_in_training_is_skipped_and_counted(tmp_path, llava_collator):
-    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.batch.collate import ConversationCollator
 
     save_image(tmp_path / "a.png")
     collator = ConversationCollator(llava_collator.processor, llava_collator.family)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from peftvlm.data.chat_template import render_conversations
-from peftvlm.data.collate import ConversationCollator, encode_prompts
+from peftvlm.data.batch.collate import ConversationCollator, encode_prompts
+from peftvlm.data.render.chat_template import render_conversations
 from peftvlm.errors import ModelError
 from peftvlm.families import FAMILIES
 from peftvlm.families.base import TEMPLATES_DIR, read_template
@@ -223,7 +223,7 @@ def test_family_template_file_replaces_the_checkpoints_and_is_saved(tmp_path):
     from transformers import AutoProcessor
 
     from peftvlm.models import load_processor, tiny_model_path
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     spec = dataclasses.replace(FAMILIES["smolvlm"], chat_template="idefics3")
     processor = load_processor(str(tiny_model_path("tiny-smolvlm")), ModelConfig(id="x"), spec)
@@ -261,7 +261,7 @@ def test_loading_a_checkpoint_without_a_template_names_it(tmp_path):
     from transformers import AutoProcessor
 
     from peftvlm.models import load_processor, tiny_model_path
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     processor = AutoProcessor.from_pretrained(tiny_model_path("tiny-llava"))
     processor.chat_template = processor.tokenizer.chat_template = None
@@ -289,8 +289,8 @@ def test_shape_layouts_give_the_prefix_methods_text_and_spans(processors, name, 
     """Whatever the family's template, the collator's renderer (one layout per conversation
     shape where proven) gives exactly what prefix rendering gives, row by row and in a batch,
     even with no row of a shape checked against the reference."""
-    from peftvlm.data import shapes
-    from peftvlm.data.chat_template import render_by_prefixes
+    from peftvlm.data.render import shapes
+    from peftvlm.data.render.chat_template import render_by_prefixes
 
     monkeypatch.setattr(shapes, "CHECKED_ROWS", 0)
     spec, processor, _ = processors[name]
@@ -311,7 +311,7 @@ def test_shape_layouts_give_the_prefix_methods_text_and_spans(processors, name, 
 
 def test_shape_layouts_are_taken_by_verbatim_templates_and_refused_by_rewriting_ones(
         processors, monkeypatch):
-    from peftvlm.data import chat_template, shapes
+    from peftvlm.data.render import chat_template, shapes
 
     spec, processor, _ = processors["llava"]
     renderer = shapes.ShapeRenderer(processor, spec.end_of_turn)
@@ -401,8 +401,8 @@ def test_mixed_turns_train_on_the_published_contexts(processors, name, case, mon
     before each trained reply are the published template's, taken from the shape's layout
     alone (no row checked against the reference); where the published template refuses the
     conversation, the error is ours and names the template."""
-    from peftvlm.data import shapes
-    from peftvlm.data.chat_template import render_by_prefixes
+    from peftvlm.data.render import shapes
+    from peftvlm.data.render.chat_template import render_by_prefixes
 
     monkeypatch.setattr(shapes, "CHECKED_ROWS", 0)
     spec, processor, published = processors[name]

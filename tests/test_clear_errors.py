@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from peftvlm.errors import RecipeError
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.recipe.load import validate_recipe_dict
 from test_run_safety import unprivileged
 from test_train_run import tiny_recipe
 

@@ -21,7 +21,7 @@ from peftvlm.methods.clip_adapter import ClipAdapterMethod, apply_clip_adapter
 from peftvlm.methods.coop import CoopMethod, apply_coop
 from peftvlm.methods.dual_encoder import DualEncoderClassifier, load_method, save_method
 from peftvlm.methods.vpt import VptMethod, apply_vpt
-from peftvlm.recipe import load_recipe, validate_recipe_dict
+from peftvlm.recipe.load import load_recipe, validate_recipe_dict
 from peftvlm.summary import parameter_counts
 
 CLASSES = ["red", "green", "blue", "yellow"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from peftvlm.errors import DataError, RecipeError
-from peftvlm.recipe import load_recipe, validate_recipe_dict
+from peftvlm.recipe.load import load_recipe, validate_recipe_dict
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -185,7 +185,7 @@ def write_pairs(folder: Path, n: int = 24) -> Path:
     """A JSONL of shape images, half with their true caption and half with a wrong colour."""
     import random
 
-    from peftvlm.data.synthetic import COLOURS, draw_shape
+    from peftvlm.data.read.synthetic import COLOURS, draw_shape
 
     rng, colours, rows = random.Random(1), list(COLOURS), []
     (folder / "images").mkdir(parents=True)
@@ -211,10 +211,10 @@ def test_filter_keeps_exactly_the_pairs_at_or_above_min(tmp_path, monkeypatch):
     a new MIN re-scores nothing."""
     from PIL import Image
 
-    from peftvlm.data import filter as data_filter
+    from peftvlm.data.prepare import filter as data_filter
     from peftvlm.metrics.clipscore import clip_scores_per_image
     from peftvlm.models import load_base
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     path = write_pairs(tmp_path)
     recipe = filter_recipe(path)
@@ -242,7 +242,7 @@ def test_filter_keeps_exactly_the_pairs_at_or_above_min(tmp_path, monkeypatch):
 
 
 def test_filter_resumes_after_an_interruption(tmp_path, monkeypatch):
-    from peftvlm.data import filter as data_filter
+    from peftvlm.data.prepare import filter as data_filter
     from peftvlm.metrics import clipscore
 
     path = write_pairs(tmp_path, n=12)
@@ -272,7 +272,7 @@ def test_filter_resumes_after_an_interruption(tmp_path, monkeypatch):
 
 
 def test_recipe_data_filter_trains_on_the_kept_pairs(tmp_path):
-    from peftvlm.data.filter import run_filter
+    from peftvlm.data.prepare.filter import run_filter
     from peftvlm.trainers.contrastive import load_pairs
 
     path = write_pairs(tmp_path, n=8)
@@ -303,7 +303,7 @@ def test_filter_command_through_the_cli(tmp_path, cli, cli_in_process):
 # --- pairs ------------------------------------------------------------------------------------
 
 def test_pairs_group_captions_per_image_and_sample_one_per_epoch():
-    from peftvlm.data.pairs import pairs_from_rows
+    from peftvlm.data.prepare.pairs import pairs_from_rows
 
     def row(image, caption, refs=None):
         r = {"messages": [{"role": "user", "content": [{"type": "image"}]},

@@ -12,9 +12,9 @@ import torch
 from rich.console import Console
 
 from data_helpers import data_cache, save_image  # noqa: F401
-from peftvlm.data.loading import load_rows
+from peftvlm.data.prepare.loading import load_rows
 from peftvlm.errors import DataError
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.recipe.load import validate_recipe_dict
 
 QUESTION = "What color is the shape?"
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 220)}
@@ -24,9 +24,9 @@ FAMILIES = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl"}
 @pytest.fixture(scope="session")
 def collators(data_cache):  # noqa: F811
     """The trainer's collator per family, on the processor alone."""
-    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.batch.collate import ConversationCollator
     from peftvlm.models import load_processor_only
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     out = {}
     for family, model_id in FAMILIES.items():
@@ -206,7 +206,7 @@ def test_interleaved_images_stand_where_the_tags_are_on_qwen_and_first_on_llava(
     llava = collators["llava"]
     text = llava.processor.tokenizer.decode(llava(data.train)["input_ids"][0])
     assert text.index("Left") > text.rindex("<image>")  # llava-1.5 renders images first
-    from peftvlm.data.formats import interleaving_note
+    from peftvlm.data.read.formats import interleaving_note
 
     assert interleaving_note(data.train, llava.family).startswith("1 row(s) place images")
     assert interleaving_note(data.train, qwen.family) is None
@@ -335,8 +335,8 @@ def test_stats_report_formats(tmp_path, data_cache):  # noqa: F811
 def test_the_quickstart_task_as_llava_json_trains_exactly_like_native(tmp_path):
     """Same rows in LLaVA-Instruct JSON: the same batches, so the same (falling) loss curve."""
     from peftvlm import api
-    from peftvlm.data.synthetic import write_synthetic
-    from peftvlm.recipe import SyntheticConfig
+    from peftvlm.data.read.synthetic import write_synthetic
+    from peftvlm.recipe.schema import SyntheticConfig
 
     paths = write_synthetic(SyntheticConfig(train_size=32, eval_size=4), tmp_path)
     rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]

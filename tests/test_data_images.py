@@ -13,10 +13,9 @@ from PIL import Image
 from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import load_image
 
-from peftvlm.data.images import MAX_IMAGE_PIXELS, load_rgb
-from peftvlm.data.loading import load_rows
-from peftvlm.data.images import image_size
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.data.prepare.loading import load_rows
+from peftvlm.data.read.images import MAX_IMAGE_PIXELS, image_size, load_rgb
+from peftvlm.recipe.load import validate_recipe_dict
 
 
 def gradient(size=(40, 20)) -> np.ndarray:

@@ -11,10 +11,10 @@ import pytest
 from rich.console import Console
 
 from data_helpers import data_cache, save_image  # noqa: F401
-from peftvlm.data.loading import load_rows
+from peftvlm.data.prepare.loading import load_rows
 from peftvlm.errors import DataError
 from peftvlm.families import FAMILIES
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.recipe.load import validate_recipe_dict
 
 GENERATIVE = [name for name, spec in FAMILIES.items()
               if spec.kind == "generative" and spec.tiny_name]
@@ -24,9 +24,9 @@ PLACEHOLDERS = ("<image>", "<video>")  # cut out of the text by the row formats
 @pytest.fixture(scope="module")
 def collator_of(data_cache):  # noqa: F811
     """family name -> the trainer's collator on its tiny twin's processor (built once)."""
-    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.batch.collate import ConversationCollator
     from peftvlm.models import load_processor_only
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     made = {}
 
@@ -144,9 +144,9 @@ def test_typed_tokens_in_held_out_rows_stats_and_the_error_policy(tmp_path, coll
 def test_a_cached_source_drops_the_same_rows_warm_and_counts_lengths(tmp_path, collator_of):
     """A source large enough for the preparation cache: the warm start (rows memory-mapped)
     finds the same typed token, and the kept rows' lengths are the collator's."""
-    from peftvlm.data.lengths import collator_lengths
-    from peftvlm.data.loading import CACHE_MIN_ROWS, load_source
-    from peftvlm.recipe import DataConfig, SourceConfig
+    from peftvlm.data.prepare.lengths import collator_lengths
+    from peftvlm.data.prepare.loading import CACHE_MIN_ROWS, load_source
+    from peftvlm.recipe.schema import DataConfig, SourceConfig
 
     collator = collator_of("qwen2_vl")
     save_image(tmp_path / "img" / "a.png", (32, 32))

@@ -1,6 +1,7 @@
-"""Cold preparation in shards (`prepare.py`, `readers.SourceData.split`): the same rows, row ids
-and bad-row report as reading and rendering the file record by record, for any number of
-processes; sharded readers (JSONL, CSV, Parquet) return exactly what whole-file reading does."""
+"""Cold preparation in shards (`data/prepare/shards.py`, `readers.SourceData.split`): the same
+rows, row ids and bad-row report as reading and rendering the file record by record, for any
+number of processes; sharded readers (JSONL, CSV, Parquet) return exactly what whole-file
+reading does."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import json
 import pytest
 from data_helpers import data_cache, llava_collator, save_image  # noqa: F401
 
-from peftvlm.data import readers
-from peftvlm.data.loading import CACHE_MIN_ROWS, MessagesRenderer, load_source, render_chunk
-from peftvlm.data.readers import read_csv, read_jsonl, read_parquet
-from peftvlm.recipe import DataConfig, SourceConfig
+from peftvlm.data.prepare.loading import (CACHE_MIN_ROWS, MessagesRenderer, load_source,
+                                          render_chunk)
+from peftvlm.data.read import readers
+from peftvlm.data.read.readers import read_csv, read_jsonl, read_parquet
+from peftvlm.recipe.schema import DataConfig, SourceConfig
 
 ROWS = CACHE_MIN_ROWS + 150
 
@@ -189,8 +191,8 @@ LOOP = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
     ("{% if c['text'] == 'red' %}RED{% endif %}{{ c['text'] }}", False),  # seen in a checked row
 ])
 def test_shape_renderer_gives_the_templates_own_text(body, cached):
-    from peftvlm.data.chat_template import render_texts
-    from peftvlm.data.shapes import ShapeRenderer
+    from peftvlm.data.render.chat_template import render_texts
+    from peftvlm.data.render.shapes import ShapeRenderer
 
     processor = fake_processor(LOOP.replace("BODY", body))
     conversations = [conversation("What colour?", "red"),
@@ -208,7 +210,7 @@ def test_shape_renderer_gives_the_templates_own_text(body, cached):
 
 
 def test_json_list_read_item_by_item_equals_whole_file_parsing(tmp_path, monkeypatch):
-    from peftvlm.data import json_list
+    from peftvlm.data.read import json_list
 
     monkeypatch.setattr(json_list, "CHUNK", 37)  # items and characters cut across chunks
     monkeypatch.setattr(readers, "SHARD_ROWS", 4)

@@ -9,10 +9,11 @@ import pickle
 import pytest
 from data_helpers import data_cache, llava_collator, save_image  # noqa: F401
 
-from peftvlm.data.loading import CACHE_MIN_ROWS, drop_overflowing, load_source, prepared_cache_dir
+from peftvlm.data.prepare.loading import (CACHE_MIN_ROWS, drop_overflowing, load_source,
+                                          prepared_cache_dir)
 from peftvlm.errors import DataError
 from peftvlm.families import FAMILIES
-from peftvlm.recipe import DataConfig, SourceConfig
+from peftvlm.recipe.schema import DataConfig, SourceConfig
 
 
 def conversation_row(i: int, image="a.png") -> str:
@@ -58,7 +59,7 @@ def test_cache_loses_nothing_and_a_warm_start_counts_no_row(tmp_path, data_cache
     src = SourceConfig(path=path)
     cold = load_source(src, DataConfig(cache=True), tmp_path, collator=llava_collator)
     plain = load_source(src, DataConfig(cache=False), tmp_path, collator=llava_collator)
-    from peftvlm.data import lengths
+    from peftvlm.data.prepare import lengths
 
     def no_counting(*args, **kwargs):
         raise AssertionError("a warm start counted tokens")
@@ -73,8 +74,8 @@ def test_cache_loses_nothing_and_a_warm_start_counts_no_row(tmp_path, data_cache
     assert dict(warm.report.counts) == {"missing_image": 1}
     assert warm.rows.lengths().tolist() == plain.rows.lengths().tolist()
     # the Arrow round trip returns exactly what the renderer made
-    from peftvlm.data.loading import MessagesRenderer, render_chunk
-    from peftvlm.data.readers import read_jsonl
+    from peftvlm.data.prepare.loading import MessagesRenderer, render_chunk
+    from peftvlm.data.read.readers import read_jsonl
 
     direct, _ = render_chunk(MessagesRenderer(tmp_path), read_jsonl(tmp_path / path))
     assert list(warm.rows) == direct
@@ -118,10 +119,10 @@ def test_over_long_rows_are_named_by_their_source_line(tmp_path, llava_collator)
 @pytest.mark.parametrize("name", [s.tiny_name for s in FAMILIES.values()
                                   if s.kind == "generative" and s.tiny_name])
 def test_counted_lengths_equal_the_collators_for_every_family(name, tmp_path):
-    from peftvlm.data.collate import ConversationCollator
-    from peftvlm.data.lengths import collator_lengths, token_lengths
+    from peftvlm.data.batch.collate import ConversationCollator
+    from peftvlm.data.prepare.lengths import collator_lengths, token_lengths
     from peftvlm.models import load_processor_only
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     processor, family = load_processor_only(ModelConfig(id=name))
     collator = ConversationCollator(processor, family)

@@ -8,10 +8,11 @@ import json
 import pytest
 from data_helpers import data_cache, llava_collator, recipe_file, run_cli, save_image  # noqa: F401
 
-from peftvlm.data.fixtures import write_fixture
-from peftvlm.data.loading import load_rows, load_source, mix
+from peftvlm.data.prepare.loading import load_rows, load_source, mix
+from peftvlm.data.read.fixtures import write_fixture
 from peftvlm.errors import DataError
-from peftvlm.recipe import DataConfig, SourceConfig, load_recipe
+from peftvlm.recipe.load import load_recipe
+from peftvlm.recipe.schema import DataConfig, SourceConfig
 
 QA = [{"image": "a.png", "question": f"What is {i}?", "answers": [f"ans{i}"]} for i in range(4)]
 
@@ -227,7 +228,7 @@ def test_large_sources_are_cached_and_parallel_matches_serial(tmp_path, data_cac
 # --- lengths and CLI ---------------------------------------------------------------------------
 
 def test_fast_token_lengths_match_the_collator(tmp_path, llava_collator):
-    from peftvlm.data.lengths import collator_lengths, token_lengths
+    from peftvlm.data.prepare.lengths import collator_lengths, token_lengths
 
     save_image(tmp_path / "a.png", size=(64, 48))
     rows = list(load(tmp_path, DataConfig(template="vqa", cache=False, system_prompt="Be brief.",

@@ -6,9 +6,9 @@ import pytest
 from data_helpers import data_cache, llava_collator, recipe_file, run_cli, save_image  # noqa: F401
 
 from peftvlm.data.boxes import box_text, clip_box, format_box, read_box
+from peftvlm.data.render.templates import (TemplateRenderer, builtin_templates, clip_prompts,
+                                           load_template, merged_options, select_answers)
 from peftvlm.data.rows import BadRow
-from peftvlm.data.templates import (TemplateRenderer, builtin_templates, clip_prompts,
-                                    load_template, merged_options, select_answers)
 from peftvlm.errors import DataError, RecipeError
 
 RECORDS = {
@@ -251,7 +251,7 @@ def test_old_kind_key_still_names_the_task(tmp_path):
 
 
 def test_recipe_validation_checks_templates(tmp_path):
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
 
     data = tmp_path / "d.jsonl"
     data.write_text("")

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from data_helpers import data_cache  # noqa: F401
-from peftvlm.data.lengths import collator_lengths, token_lengths
-from peftvlm.data.loading import load_rows
 from peftvlm.data.pipeline import prepare_data
+from peftvlm.data.prepare.lengths import collator_lengths, token_lengths
+from peftvlm.data.prepare.loading import load_rows
 from peftvlm.errors import DataError
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.recipe.load import validate_recipe_dict
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 220),
            "yellow": (240, 220, 30)}
@@ -23,9 +23,9 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 220),
 
 @pytest.fixture(scope="session")
 def qwen_collator(data_cache):  # noqa: F811
-    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.batch.collate import ConversationCollator
     from peftvlm.models import load_processor_only
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     processor, family = load_processor_only(ModelConfig(id="tiny-qwen2-vl"))
     return ConversationCollator(processor, family)
@@ -108,7 +108,7 @@ def test_video_kinds_sampling_and_token_counts(tmp_path, qwen_collator):
     assert ((batch["labels"] != -100).sum(dim=1) == 2).all()
     assert not ((batch["labels"] != -100) & (ids == video_id)).any()
     # The first MP4 frame decodes to (close to) the red it was encoded from.
-    from peftvlm.data.video import load_frames
+    from peftvlm.data.read.video import load_frames
 
     first = load_frames(data.train[2]["videos"][0])[0].reshape(-1, 3).mean(axis=0)
     assert np.abs(first - COLOURS["red"]).max() < 25
@@ -128,7 +128,7 @@ def test_a_still_video_patchifies_like_the_image(qwen_collator):
 
 
 def test_families_without_video_refuse_video_rows(tmp_path, data_cache):  # noqa: F811
-    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.batch.collate import ConversationCollator
     from peftvlm.models import load_processor_only
 
     write_jsonl(tmp_path / "v.jsonl", [video_row(write_gif(tmp_path / "c.gif", ["red", "blue"]))])
@@ -178,9 +178,9 @@ def test_which_colour_appears_last_is_learned_from_video(tmp_path):
 def test_qwen2_5_vl_trains_and_generates_on_a_video_row(tmp_path, data_cache):  # noqa: F811
     from transformers import AutoModelForImageTextToText
 
-    from peftvlm.data.collate import ConversationCollator, encode_prompts
+    from peftvlm.data.batch.collate import ConversationCollator, encode_prompts
     from peftvlm.models import load_processor_only, tiny_model_path
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     write_jsonl(tmp_path / "v.jsonl", [video_row(write_folder(tmp_path / "f", ["red", "blue"]))])
     row = load_rows(recipe(tmp_path, "v.jsonl")).train[0]

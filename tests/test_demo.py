@@ -58,7 +58,7 @@ def detector(tmp_path_factory):
     """The predictor of a one-step run of the shipped tiny Grounding DINO recipe (it does not
     learn in a CPU test's steps; the page must draw whatever it finds)."""
     from peftvlm import api
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
     from peftvlm.serving.predictor import open_predictor
 
     recipe = load_recipe(REPO / "recipes" / "grounding-dino-tiny.yaml", [
@@ -91,8 +91,8 @@ def test_detection_page_draws_the_boxes_of_a_held_out_example(detector, browser)
     import numpy as np
     from PIL import Image
 
-    from peftvlm.data.images import load_rgb
-    from peftvlm.data.preview import draw_detections
+    from peftvlm.data.read.images import load_rgb
+    from peftvlm.data.batch.preview import draw_detections
 
     with demo_of(detector) as url:
         answers = answer_in_browser(url, example=1, threshold=0.0, browser=browser)
@@ -116,9 +116,9 @@ def test_every_task_has_a_page_and_grounding_answers_are_drawn(monkeypatch):
     its answer's boxes (read with the family's convention) on the uploaded image."""
     from PIL import Image
 
-    from peftvlm.data.preview import PREDICTION_COLOUR
+    from peftvlm.data.batch.preview import PREDICTION_COLOUR
     from peftvlm.errors import RunError
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
     from peftvlm.serving.demo import PAGES, build_demo, page_for, responder
     from peftvlm.serving.predictor import TASKS, task_of
 

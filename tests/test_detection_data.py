@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from data_helpers import data_cache, save_image  # noqa: F401
 
+from peftvlm.data.batch.preview import PREDICTION_COLOUR, REFERENCE_COLOUR
 from peftvlm.data.boxes import get_convention
-from peftvlm.data.detection import NO_OBJECTS
-from peftvlm.data.loading import load_source
-from peftvlm.data.preview import PREDICTION_COLOUR, REFERENCE_COLOUR
-from peftvlm.data.readers import open_source
+from peftvlm.data.prepare.loading import load_source
+from peftvlm.data.read.detection import NO_OBJECTS
+from peftvlm.data.read.readers import open_source
 from peftvlm.metrics.detection import detection_map
-from peftvlm.recipe import DataConfig, SourceConfig
+from peftvlm.recipe.schema import DataConfig, SourceConfig
 
 W, H = 200, 100
 

@@ -16,7 +16,7 @@ import yaml
 from data_helpers import data_cache, llava_collator, save_image  # noqa: F401  (fixtures)
 from peftvlm.errors import RecipeError
 from peftvlm.families import tiny_models
-from peftvlm.recipe import load_recipe, validate_recipe_dict
+from peftvlm.recipe.load import load_recipe, validate_recipe_dict
 
 QUESTION = "What color is the shape?"
 
@@ -59,7 +59,7 @@ def format_rows(folder: Path) -> dict[str, dict]:
 
 
 def test_each_preference_format_is_detected_and_read_as_the_same_pair(tmp_path, data_cache):
-    from peftvlm.data.loading import load_rows
+    from peftvlm.data.prepare.loading import load_rows
 
     rows = {}
     for fmt, row in format_rows(tmp_path).items():
@@ -78,7 +78,7 @@ def test_each_preference_format_is_detected_and_read_as_the_same_pair(tmp_path, 
 
 
 def test_bad_preference_rows_are_named_by_file_and_line(tmp_path, data_cache):
-    from peftvlm.data.loading import load_rows
+    from peftvlm.data.prepare.loading import load_rows
 
     good = format_rows(tmp_path)["rlaifv"]
     write_jsonl(tmp_path / "p.jsonl", [
@@ -93,7 +93,7 @@ def test_bad_preference_rows_are_named_by_file_and_line(tmp_path, data_cache):
 
 
 def test_dpo_refuses_plain_conversations_naming_the_source(tmp_path, data_cache):
-    from peftvlm.data.loading import load_rows
+    from peftvlm.data.prepare.loading import load_rows
     from peftvlm.errors import DataError
     from peftvlm.trainers.objectives import objective_for
 
@@ -203,7 +203,7 @@ def test_chosen_and_rejected_see_identical_pixels_and_only_the_last_reply_is_sco
         tmp_path, llava_collator):
     import torch
 
-    from peftvlm.data.preference import PreferenceCollator
+    from peftvlm.data.read.preference import PreferenceCollator
 
     red = str(tmp_path / save_image(tmp_path / "red.png", colour=(200, 0, 0)))
     green = str(tmp_path / save_image(tmp_path / "green.png", colour=(0, 200, 0)))
@@ -223,7 +223,7 @@ def test_chosen_and_rejected_see_identical_pixels_and_only_the_last_reply_is_sco
 def test_a_batch_whose_halves_differ_in_pixels_is_refused(llava_collator, tmp_path):
     import torch
 
-    from peftvlm.data.preference import check_same_images
+    from peftvlm.data.read.preference import check_same_images
     from peftvlm.errors import RunError
 
     pixels = torch.zeros(4, 3, 8, 8)
@@ -234,7 +234,7 @@ def test_a_batch_whose_halves_differ_in_pixels_is_refused(llava_collator, tmp_pa
 
 
 def test_multi_image_rows_keep_all_their_images(tmp_path, llava_collator):
-    from peftvlm.data.preference import PreferenceCollator
+    from peftvlm.data.read.preference import PreferenceCollator
 
     images = [str(tmp_path / save_image(tmp_path / f"{i}.png", colour=(60 * i, 0, 0)))
               for i in range(3)]
@@ -263,7 +263,7 @@ def test_non_finite_margins_stop_the_run():
 def test_the_reference_is_the_base_with_the_adapter_disabled(tmp_path, data_cache):
     import torch
 
-    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.batch.collate import ConversationCollator
     from peftvlm.data.pipeline import prepare_data
     from peftvlm.models import load_base
     from peftvlm.registry import get_method

@@ -13,7 +13,7 @@ from conftest import REPO
 from peftvlm import api
 from peftvlm.errors import DataError, RecipeError, RunError
 from peftvlm.eval.report import answer_classes, plot_comparison, prediction_rows
-from peftvlm.recipe import load_recipe
+from peftvlm.recipe.load import load_recipe
 from test_train_run import tiny_recipe
 
 # 8 steps at this rate move tiny-llava's held-out answers off the base's.
@@ -163,7 +163,7 @@ def test_multi_reference_rows_and_question_types_are_scored(tmp_path):
 
 
 def test_sources_keep_eval_fields(tmp_path):
-    from peftvlm.data.sources import to_conversation
+    from peftvlm.data.read.sources import to_conversation
     from peftvlm.data.rows import BadRow
 
     record = {"id": 7, "references": ["a", "b"], "question_type": "what",

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from peftvlm.data.loading import load_rows
+from peftvlm.data.prepare.loading import load_rows
 from peftvlm.errors import DataError
 from peftvlm.metrics import get_metrics
 from peftvlm.metrics.files import score_predictions
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.recipe.load import validate_recipe_dict
 from test_train_run import tiny_recipe, write_image
 
 

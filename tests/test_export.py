@@ -45,7 +45,7 @@ def make_run(run_dir: Path, method_name: str, **extra) -> Path:
     """A finished run folder whose adapter is non-zero, without spending time on training."""
     import torch
 
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.recipe.load import validate_recipe_dict
     from peftvlm.registry import get_method
     from peftvlm.summary import parameter_counts
     from peftvlm.trainers.generative import load_model_with_method
@@ -311,7 +311,7 @@ def test_card_metadata_for_hub_models(monkeypatch):
     from types import SimpleNamespace
 
     from peftvlm.export.card import card_metadata as metadata
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.recipe.load import validate_recipe_dict
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the license lookup must not touch the network
     recipe = validate_recipe_dict(recipe_dict("lora", model={"id": "llava-hf/llava-1.5-7b-hf"}))
@@ -537,7 +537,7 @@ def test_custom_method_exporter_goes_through_card_and_checks(fake_run, dual_enco
 @pytest.fixture
 def fake_run(tmp_path):
     """A run folder with the files export reads before loading any model."""
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.recipe.load import validate_recipe_dict
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
@@ -584,7 +584,7 @@ def test_cli_dtype_needs_merge(fake_run, cli_in_process):
 def test_probe_falls_back_to_a_drawn_image_when_data_is_unreadable(tmp_path, monkeypatch):
     from peftvlm.export.checks import probe_rows
     from peftvlm.families import get_family
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.recipe.load import validate_recipe_dict
 
     monkeypatch.chdir(tmp_path)  # relative data paths resolve here, where nothing exists
     recipe = validate_recipe_dict({**recipe_dict("lora"), "data": {"train": "gone.jsonl"}})

@@ -19,7 +19,7 @@ def test_merged_export_stops_and_decodes_as_the_run_was_scored(name):
     from transformers import GenerationConfig
 
     from peftvlm.models import load_processor_only
-    from peftvlm.recipe import EvalConfig, ModelConfig
+    from peftvlm.recipe.schema import EvalConfig, ModelConfig
 
     family = FAMILIES[name]
     processor, _ = load_processor_only(ModelConfig(id=family.tiny_name))

@@ -13,11 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from peftvlm.data.batch.collate import ConversationCollator, encode_prompts
 from peftvlm.data.boxes import BOX_FORMATS
-from peftvlm.data.collate import ConversationCollator, encode_prompts
 from peftvlm.errors import DataError
-from peftvlm.families import FAMILIES, family_for_model_type, tiny_models
-from peftvlm.families import paligemma
+from peftvlm.families import FAMILIES, family_for_model_type, paligemma, tiny_models
 from peftvlm.methods.lora import LoraMethod, apply_peft
 from test_chat_templates import fixture_template
 
@@ -52,7 +51,7 @@ def image(colour=(255, 0, 0)):
     and exactly zero gradients for the vision tower's queries and keys."""
     import random
 
-    from peftvlm.data.synthetic import draw_shape
+    from peftvlm.data.read.synthetic import draw_shape
 
     return draw_shape(random.Random(sum(colour)), colour, 32)
 

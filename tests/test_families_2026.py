@@ -13,14 +13,15 @@ import pytest
 import torch
 import yaml
 
-from peftvlm.data.collate import ConversationCollator
-from peftvlm.data.lengths import LengthCounter, collator_lengths
-from peftvlm.data.synthetic import draw_shape
+from peftvlm.data.batch.collate import ConversationCollator
+from peftvlm.data.prepare.lengths import LengthCounter, collator_lengths
+from peftvlm.data.read.synthetic import draw_shape
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.families import FAMILIES, tiny_models
 from peftvlm.methods.lora import LoraMethod, apply_peft
 from peftvlm.models import load_base
-from peftvlm.recipe import ModelConfig, load_recipe
+from peftvlm.recipe.load import load_recipe
+from peftvlm.recipe.schema import ModelConfig
 
 REFUSING = [n for n, s in FAMILIES.items() if s.refused_methods and s.tiny_name]
 
@@ -153,7 +154,7 @@ def test_gemma3_token_type_ids_reach_the_model_and_matter():
 # --- rows a family cannot take are bad rows, not crashes --------------------------------------
 
 def test_unfit_rows_are_dropped_and_counted_or_an_error():
-    from peftvlm.data.loading import drop_unfit_rows
+    from peftvlm.data.prepare.loading import drop_unfit_rows
 
     blip2, mllama = FAMILIES["blip_2"], FAMILIES["mllama"]
     rows = [row(), row(images=0), row(images=2)]

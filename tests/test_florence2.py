@@ -23,7 +23,7 @@ CONV = get_convention("florence2")
 @pytest.fixture(scope="module")
 def processor(data_cache):
     from peftvlm.models import load_processor_only
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     proc, family = load_processor_only(ModelConfig(id="tiny-florence2"))
     assert family is FAMILIES["florence2"]

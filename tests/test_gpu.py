@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from peftvlm import api
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.recipe.load import validate_recipe_dict
 from test_train_run import tiny_recipe
 
 pytestmark = pytest.mark.gpu

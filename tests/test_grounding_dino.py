@@ -16,11 +16,12 @@ from serve_helpers import data_url, served
 
 from conftest import REPO
 from peftvlm import api
-from peftvlm.data.detection_records import read_section
+from peftvlm.data.prepare.detection import read_section
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.families import FAMILIES, tiny_models
 from peftvlm.kinds import get_kind, kind_for, kind_for_export
-from peftvlm.recipe import SourceConfig, load_recipe, validate_recipe_dict
+from peftvlm.recipe.load import load_recipe, validate_recipe_dict
+from peftvlm.recipe.schema import SourceConfig
 
 QUIET = {"log": lambda *_: None}
 RECIPE = REPO / "recipes" / "grounding-dino-tiny.yaml"
@@ -99,6 +100,19 @@ def test_coco_and_jsonl_records_clip_keep_crowd_and_name_bad_rows(tmp_path):
     assert data.classes == ["red shape"]  # each class once, however many boxes carry it
     assert "rows.jsonl:2" in data.bad_rows["bad_label"]["first_rows"][0]
 
+    # a YOLO folder is read by the same reader as generative detection data
+    (tmp_path / "yolo" / "labels").mkdir(parents=True)
+    (tmp_path / "yolo" / "images").mkdir()
+    write_images(tmp_path / "yolo" / "images", 2)
+    (tmp_path / "yolo" / "labels" / "0.txt").write_text("1 0.5 0.5 0.5 0.25\n")
+    (tmp_path / "yolo" / "labels" / "1.txt").write_text("0 2.0 2.0 0.1 0.1\n")  # outside
+    (tmp_path / "yolo" / "data.yaml").write_text("names: [dog, cat]\n")
+    data = read_section([SourceConfig(path="yolo")], tmp_path, {}, "skip", "data.train")
+    assert data.classes == ["dog", "cat"] and len(data.records) == 1
+    assert data.records[0]["boxes"] == [[10.0, 15.0, 30.0, 25.0]]
+    assert data.records[0]["labels"] == ["cat"] and data.records[0]["image"].endswith("0.png")
+    assert list(data.bad_rows) == ["box_outside_image"]
+
 
 def test_class_scores_group_a_class_s_tokens_and_coco_scores_rank_detections():
     import torch
@@ -127,7 +141,7 @@ def test_detection_batches_get_the_one_decoder_s_pixels(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from peftvlm.data.images import load_rgb
+    from peftvlm.data.read.images import load_rgb
     from peftvlm.trainers.detection import encode
 
     path = tmp_path / "clear.png"

@@ -10,9 +10,9 @@ import random
 
 from PIL import Image
 
-from peftvlm.data.packing import (group_by_default, random_batch_padding,
-                                  seeded_length_grouped_sampler)
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.data.batch.packing import (group_by_default, random_batch_padding,
+                                        seeded_length_grouped_sampler)
+from peftvlm.recipe.load import validate_recipe_dict
 
 
 def test_only_lengths_that_vary_are_grouped_by_default():
@@ -56,7 +56,7 @@ def write_rows(folder, n: int = 24):
 
 
 def trainer_for(tmp_path, data: dict, **train):
-    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.batch.collate import ConversationCollator
     from peftvlm.data.pipeline import prepare_data
     from peftvlm.models import load_base
     from peftvlm.trainers.sft import build_trainer, sft_config

@@ -13,12 +13,12 @@ import torch
 import yaml
 from PIL import Image
 
-from peftvlm.data.collate import ConversationCollator
+from peftvlm.data.batch.collate import ConversationCollator
 from peftvlm.data.pipeline import prepare_data
 from peftvlm.errors import RecipeError, RunError
-from peftvlm.families import FAMILIES
 from peftvlm.eval.generate import evaluate_rows
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.families import FAMILIES
+from peftvlm.recipe.load import validate_recipe_dict
 from peftvlm.registry import get_method
 from peftvlm.rewards import build_rewards
 from peftvlm.trainers.generative import load_model_with_method

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from peftvlm.data.images import load_rgb
+from peftvlm.data.read.images import load_rgb
 
 PACKAGE = Path(__file__).resolve().parent.parent / "peftvlm"
 
@@ -86,7 +86,7 @@ def received(monkeypatch) -> list:
 @pytest.fixture(scope="module")
 def llava():
     from peftvlm.models import load_base
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     return load_base(ModelConfig(id="tiny-llava"))
 
@@ -94,7 +94,7 @@ def llava():
 @pytest.fixture(scope="module")
 def clip():
     from peftvlm.models import load_base
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     return load_base(ModelConfig(id="tiny-clip"))
 
@@ -103,8 +103,8 @@ def clip():
 
 def vqa_rows(image: Path):
     """The row training reads from a JSONL file naming the image (the real reader)."""
-    from peftvlm.data.loading import load_rows
-    from peftvlm.recipe import validate_recipe_dict
+    from peftvlm.data.prepare.loading import load_rows
+    from peftvlm.recipe.load import validate_recipe_dict
 
     data = image.parent / "t.jsonl"
     data.write_text(json.dumps({"messages": [
@@ -117,14 +117,14 @@ def vqa_rows(image: Path):
 
 
 def generative_training(image, llava, received, tmp_path):
-    from peftvlm.data.collate import ConversationCollator
+    from peftvlm.data.batch.collate import ConversationCollator
 
     ConversationCollator(llava.processor, llava.family)(vqa_rows(image))
     return received
 
 
 def generative_eval(image, llava, received, tmp_path):
-    from peftvlm.data.collate import encode_prompts
+    from peftvlm.data.batch.collate import encode_prompts
 
     encode_prompts(llava.processor, llava.family, vqa_rows(image))
     return received
@@ -190,7 +190,7 @@ def retrieval_training(image, clip, received, tmp_path):
 
 def data_filter(image, clip, received, tmp_path):
     """`peftvlm data filter`: the images scored, batch by batch."""
-    from peftvlm.data.filter import FilterSettings, Pair, score_pairs
+    from peftvlm.data.prepare.filter import FilterSettings, Pair, score_pairs
 
     out = tmp_path / "filtered"
     out.mkdir()
@@ -207,27 +207,27 @@ def clipscore(image, clip, received, tmp_path):
     return received
 
 
-GENERATIVE_PATHS = {"peftvlm.data.collate": generative_training,
+GENERATIVE_PATHS = {"peftvlm.data.batch.collate": generative_training,
                     "peftvlm.eval.generate": generative_eval,
                     "peftvlm.serving.predict": predict,
                     SERVE_INPUTS: serve_data_url,
                     "peftvlm.serving.demo": demo}
 DUAL_ENCODER_PATHS = {"peftvlm.trainers.clip": clip_training,
                       "peftvlm.trainers.contrastive": retrieval_training,
-                      "peftvlm.data.filter": data_filter,
+                      "peftvlm.data.prepare.filter": data_filter,
                       "peftvlm.metrics.clipscore": clipscore}
 
 # Modules the scan finds that are not a path of their own (header readers, helpers), with why.
 NOT_DECODING = {
-    "peftvlm.data.images": "the decoder itself",
-    "peftvlm.data.sources": "image_size reads the header (and EXIF tag) for length checks",
-    "peftvlm.data.preview": "draws boxes on the image the collator opened (open_image: the "
+    "peftvlm.data.read.images": "the decoder itself",
+    "peftvlm.data.read.sources": "image_size reads the header (and EXIF tag) for length checks",
+    "peftvlm.data.batch.preview": "draws boxes on the image the collator opened (open_image: the "
                             "training path above) or on load_rgb's",
     "peftvlm.trainers.objectives.grpo_trainer": "rollouts open images with the collator's "
                                                 "open_image (the training path above)",
     "peftvlm.metrics.detection": "segmentation masks (PNG) are label maps for IoU, not images "
                                  "for a model",
-    "peftvlm.data.video": "video frames (GIF/WebP) are decoded as frames, not as images",
+    "peftvlm.data.read.video": "video frames (GIF/WebP) are decoded as frames, not as images",
     "peftvlm.serving.predictor": "classify() gets predict's / serve's decoded images",
     "peftvlm.trainers.clip_data": "open_image: load_rgb for trainers.clip (tested above)",
     "peftvlm.trainers.detection": "load_rgb for the detection kind's batches (its pixels: "
@@ -280,13 +280,14 @@ def decoding_modules() -> dict[str, set[str]]:
 def test_every_decoding_module_is_a_tested_path():
     tested = set(GENERATIVE_PATHS) | set(DUAL_ENCODER_PATHS) | set(NOT_DECODING)
     found = decoding_modules()
-    assert "peftvlm.serving.predict" in found and "peftvlm.data.collate" in found  # scan works
+    # the scan works:
+    assert "peftvlm.serving.predict" in found and "peftvlm.data.batch.collate" in found
     untested = {m: sorted(how) for m, how in found.items() if m not in tested}
     assert not untested, f"modules decoding images outside the tested paths: {untested}"
 
 
 def test_only_the_decoder_opens_images_for_models():
-    """Outside data/images.py, PIL's own `Image.open` / `convert("RGB")` appear only where an
+    """Outside data/read/images.py, PIL's own `Image.open` / `convert("RGB")` appear only where an
     image is not handed to a model (NOT_DECODING says why)."""
     plain = {m: sorted(how - DECODER_CALLS) for m, how in decoding_modules().items()
              if how - DECODER_CALLS and m not in NOT_DECODING}

@@ -11,7 +11,7 @@ import pytest
 from data_helpers import data_cache, recipe_file, save_image  # noqa: F401
 
 from peftvlm.errors import DataError, RecipeError
-from peftvlm.recipe import load_recipe
+from peftvlm.recipe.load import load_recipe
 from peftvlm.safe_yaml import load_yaml
 
 BOMB_LEVELS = 9
@@ -48,7 +48,7 @@ def test_an_alias_bomb_in_an_override_or_a_template_is_refused(tmp_path):
         f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, BOMB_LEVELS)]
     with pytest.raises(RecipeError, match="alias"):
         load_recipe(recipe, ["description={" + ", ".join(levels) + "}"])
-    from peftvlm.data.templates import load_template
+    from peftvlm.data.render.templates import load_template
 
     template = tmp_path / "bomb_template.yaml"
     template.write_text(alias_bomb("description"))
@@ -78,8 +78,8 @@ def test_a_recipe_path_that_is_a_directory_fifo_or_loop_is_a_clear_error(tmp_pat
 
 
 def test_a_data_path_that_is_not_a_file_is_a_clear_error(tmp_path):
-    from peftvlm.data.loading import load_source
-    from peftvlm.recipe import DataConfig, SourceConfig
+    from peftvlm.data.prepare.loading import load_source
+    from peftvlm.recipe.schema import DataConfig, SourceConfig
 
     (tmp_path / "train.jsonl").mkdir()
     os.mkfifo(tmp_path / "fifo.jsonl")
@@ -92,7 +92,7 @@ def test_a_data_path_that_is_not_a_file_is_a_clear_error(tmp_path):
 
 
 def test_image_paths_that_are_not_files_are_counted_bad_rows(tmp_path):
-    from peftvlm.data.loading import load_rows
+    from peftvlm.data.prepare.loading import load_rows
 
     save_image(tmp_path / "a.png")
     (tmp_path / "folder.png").mkdir()
@@ -114,7 +114,7 @@ def test_image_paths_that_are_not_files_are_counted_bad_rows(tmp_path):
 
 
 def test_an_image_replaced_by_a_fifo_after_the_checks_does_not_hang_training(tmp_path):
-    from peftvlm.data.images import load_rgb
+    from peftvlm.data.read.images import load_rgb
     from peftvlm.data.rows import BadRow
 
     os.mkfifo(tmp_path / "late.png")

@@ -11,8 +11,8 @@ import pytest
 from conftest import REPO
 from peftvlm import api
 from peftvlm.errors import RecipeError
-from peftvlm.kinds import KINDS, VERBS, Kind, get_kind, kind_for
-from peftvlm.recipe import load_recipe, validate_recipe_dict
+from peftvlm.kinds import KINDS, Kind, VERBS, get_kind, kind_for
+from peftvlm.recipe.load import load_recipe, validate_recipe_dict
 from peftvlm.serving.predictor import open_predictor
 
 QUIET = {"log": lambda *_: None}

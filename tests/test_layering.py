@@ -1,6 +1,7 @@
 """Layering rules, read from the source (imports inside functions included): methods never
 reach up into trainers or exports, the data layer never into trainers, trainers never into the
-api, the dual-encoder loop names no method, and each method lives in one package."""
+api, the data layers import only the ones below them (leaves, read, render, prepare, stream /
+batch), the dual-encoder loop names no method, and each method lives in one package."""
 
 from __future__ import annotations
 
@@ -33,6 +34,23 @@ FORBIDDEN = {
     "data": ("peftvlm.trainers", "peftvlm.api", "peftvlm.export"),
     "trainers": ("peftvlm.api", "peftvlm.export", "peftvlm.eval.run"),
 }
+# The data stage's own layers (peftvlm/data/__init__.py): leaves, read, render, prepare, then
+# stream and batch; pipeline.py and report.py on top.
+_DATA_ABOVE = ["peftvlm.data.render", "peftvlm.data.prepare", "peftvlm.data.stream",
+               "peftvlm.data.batch", "peftvlm.data.pipeline", "peftvlm.data.report"]
+FORBIDDEN.update({
+    "data/read": tuple(_DATA_ABOVE),
+    "data/render": tuple(_DATA_ABOVE[1:]),
+    "data/prepare": tuple(_DATA_ABOVE[2:]),
+    "data/stream": tuple(_DATA_ABOVE[3:]),
+    "data/batch": ("peftvlm.data.stream", *_DATA_ABOVE[4:]),
+})
+
+
+def test_the_data_leaves_import_no_other_data_module():
+    for leaf in ("rows.py", "boxes.py"):
+        used = imports_of(PACKAGE / "data" / leaf)
+        assert not [i for i in used if i.startswith("peftvlm.data") and i != "peftvlm.data.rows"]
 
 
 # Known exception, to move out in its own change: per_part's exporter (a generative method's

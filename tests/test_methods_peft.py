@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 
-from peftvlm.data.collate import ConversationCollator
-from peftvlm.data.synthetic import COLOURS, draw_shape, vqa_row
+from peftvlm.data.batch.collate import ConversationCollator
+from peftvlm.data.read.synthetic import COLOURS, draw_shape, vqa_row
 from peftvlm.families import FAMILIES
 from peftvlm.methods.lora import DoraMethod, LoraMethod, VeraMethod
 from peftvlm.models import load_base, tiny_model_path
-from peftvlm.recipe import ModelConfig
+from peftvlm.recipe.schema import ModelConfig
 from peftvlm.registry import get_method
 
 TINY_FAMILIES = [f.tiny_name for f in FAMILIES.values() if f.tiny_name and f.kind == "generative"]

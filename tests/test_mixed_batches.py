@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftvlm.data.collate import ConversationCollator
-from peftvlm.data.mixed import WithDummyImage, for_training
+from peftvlm.data.batch.collate import ConversationCollator
+from peftvlm.data.batch.mixed import WithDummyImage, for_training
 from peftvlm.errors import DataError
 from peftvlm.families import FAMILIES
 from peftvlm.models import load_base
-from peftvlm.recipe import ModelConfig
+from peftvlm.recipe.schema import ModelConfig
 
 TEXT_ROWS = [
     {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say red."}]},

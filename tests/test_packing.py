@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from peftvlm.data.collate import IGNORE_INDEX, ConversationCollator
-from peftvlm.data.packing import PackedCollator, PackedRows, best_fit_decreasing, pack_batch
+from peftvlm.data.batch.collate import ConversationCollator, IGNORE_INDEX
+from peftvlm.data.batch.packing import PackedCollator, PackedRows, best_fit_decreasing, pack_batch
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.families import FAMILIES
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.recipe.load import validate_recipe_dict
 
 GENERATIVE = [s for s in FAMILIES.values() if s.kind == "generative" and s.tiny_name]
 PACKABLE = [s.tiny_name for s in GENERATIVE if s.packing_refusal is None]
@@ -83,7 +83,7 @@ def with_text_positions(packed: dict, text: torch.Tensor) -> dict:
 @pytest.mark.parametrize("name", PACKABLE)
 def test_packed_loss_equals_unpacked_loss_per_token(name):
     from peftvlm.models import load_base
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     loaded = load_base(ModelConfig(id=name))
     model = loaded.model.eval()
@@ -128,9 +128,9 @@ def test_pack_batch_puts_all_conversations_in_one_row_by_default():
 def test_a_text_only_packed_batch_with_the_blank_image_keeps_its_loss():
     """Several processes: a text-only batch of packed Qwen-VL rows carries the blank image
     behind its own M-RoPE positions, and the loss of the real tokens is unchanged."""
-    from peftvlm.data.mixed import WithDummyImage
+    from peftvlm.data.batch.mixed import WithDummyImage
     from peftvlm.models import load_base
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     loaded = load_base(ModelConfig(id="tiny-qwen2-vl"))
     model = loaded.model.eval()
@@ -144,7 +144,7 @@ def test_a_text_only_packed_batch_with_the_blank_image_keeps_its_loss():
 
 @pytest.mark.parametrize("name", REFUSING)
 def test_families_that_cannot_isolate_conversations_refuse_packing(name, tmp_path):
-    from peftvlm.recipe import check_recipe_files
+    from peftvlm.recipe.checks import check_recipe_files
 
     recipe = validate_recipe_dict({
         "model": {"id": name}, "method": {"name": "lora"},

@@ -9,12 +9,13 @@ import pytest
 import torch
 from peft import PeftModel
 
-from peftvlm.data.collate import ConversationCollator
+from peftvlm.data.batch.collate import ConversationCollator
 from peftvlm.errors import RecipeError
 from peftvlm.methods.per_part import PerPartMethod, load_trained
 from peftvlm.methods.vision_prompts import PROMPTS_CONFIG, PROMPTS_WEIGHTS
 from peftvlm.models import load_base, tiny_model_path
-from peftvlm.recipe import ModelConfig, load_recipe, validate_recipe_dict
+from peftvlm.recipe.load import load_recipe, validate_recipe_dict
+from peftvlm.recipe.schema import ModelConfig
 from peftvlm.registry import get_method
 from test_methods_peft import colour_rows, train_steps
 
@@ -151,7 +152,7 @@ def test_both_parts_train_and_nothing_else_does(language):
 
 
 def test_trainer_gets_one_param_group_per_part_and_trains_both(tmp_path):
-    from peftvlm.recipe import TrainConfig
+    from peftvlm.recipe.schema import TrainConfig
     from peftvlm.trainers.sft import build_trainer, sft_config
 
     loaded, model = adapted()

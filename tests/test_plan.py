@@ -14,7 +14,7 @@ from peftvlm.cli import shipped_recipes
 from peftvlm.errors import ModelError, PeftVLMError
 from peftvlm.families import tiny_models
 from peftvlm.plan import BUNDLED, plan, render
-from peftvlm.recipe import load_recipe
+from peftvlm.recipe.load import load_recipe
 
 # Published sizes (model cards / the papers), in parameters.
 PUBLISHED = {

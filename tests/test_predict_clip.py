@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def coop_run(tmp_path_factory):
     from peftvlm import api
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / "clip-coop.yaml",
                          ["train.max_steps=5", "data.synthetic.eval_size=20"])

@@ -71,7 +71,7 @@ def plain_features(plain, texts=(), images=(), base=False):
 @pytest.fixture(scope="module")
 def held_out(predictor, tmp_path_factory):
     """Four held-out images with distinct first captions, as PNG files, and those captions."""
-    from peftvlm.data.images import load_rgb
+    from peftvlm.data.read.images import load_rgb
 
     folder = tmp_path_factory.mktemp("images")
     paths, captions = [], []
@@ -212,9 +212,9 @@ def test_classification_run_serves_its_methods_image_features(tmp_path):
     import torch.nn.functional as F
 
     from peftvlm import api
-    from peftvlm.data.collate import open_image
+    from peftvlm.data.batch.collate import open_image
     from peftvlm.methods.dual_encoder import load_method
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
     from peftvlm.trainers.clip import load_dual_encoder
 
     recipe = load_recipe(REPO / "recipes" / "clip-adapter.yaml",

@@ -8,7 +8,7 @@ import torch
 
 from peftvlm.methods.lora import QloraMethod
 from peftvlm.models import load_base
-from peftvlm.recipe import ModelConfig
+from peftvlm.recipe.schema import ModelConfig
 from peftvlm.registry import get_method
 from test_methods_peft import batch_for
 

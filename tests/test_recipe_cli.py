@@ -75,7 +75,7 @@ def test_debug_env_shows_traceback(tmp_path):
 
 
 def test_overrides_address_dotted_fields(tmp_path):
-    from peftvlm.recipe import load_recipe
+    from peftvlm.recipe.load import load_recipe
 
     recipe = load_recipe(write(tmp_path, GOOD), ["train.learning_rate=1e-4", "method.r=4",
                                                  "tracking.wandb.mode=offline"])

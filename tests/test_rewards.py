@@ -14,7 +14,7 @@ from peftvlm.data.boxes import get_convention
 from peftvlm.errors import RecipeError
 from peftvlm.metrics.captioning import python_ptb_tokenize, rouge_l
 from peftvlm.metrics.vqa import anls
-from peftvlm.recipe import RewardSpec
+from peftvlm.recipe.schema import RewardSpec
 from peftvlm.rewards import REWARDS, build_rewards, completion_text, reward_names
 
 

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from peftvlm.errors import RunError
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.recipe.load import validate_recipe_dict
 from peftvlm.runs import ADAPTER, MERGED, RUN, read_run_folder
 
 RECIPE = {"name": "r", "model": {"id": "tiny-llava"}, "method": {"name": "lora"},

@@ -20,7 +20,7 @@ from conftest import REPO
 from peftvlm import api
 from peftvlm.checkpoints import incomplete_reason, mark_complete, recipe_changes
 from peftvlm.errors import ModelError, RunError
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.recipe.load import validate_recipe_dict
 from peftvlm.runs import LOCK, MARKER, claim_run_dir, release_run_dir
 from peftvlm.trainers import generative
 from test_train_run import adapter_weights, tiny_recipe

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peftvlm.data.rouge import (NoveltyIndex, fast_novelty_filter, lcs_length,
-                                naive_novelty_filter, rouge_l)
 from peftvlm.data.self_instruct import load_config, run_self_instruct
 from peftvlm.data.self_instruct.generators import Generation
+from peftvlm.data.self_instruct.rouge import (NoveltyIndex, fast_novelty_filter, lcs_length,
+                                              naive_novelty_filter, rouge_l)
 from peftvlm.errors import ModelError, RecipeError, RunError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -339,7 +339,7 @@ def visual_script(seed, prompt, attempt):
 
 
 def test_visual_mode_writes_image_rows_the_trainer_reads(tmp_path, serve):
-    from peftvlm.data.sources import to_conversation
+    from peftvlm.data.read.sources import to_conversation
 
     server = serve(visual_script)
     images = make_images(tmp_path / "data")

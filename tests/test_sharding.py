@@ -13,7 +13,8 @@ import pytest
 from conftest import REPO
 from peftvlm.distributed import sharding_args, sharding_mode
 from peftvlm.errors import RecipeError
-from peftvlm.recipe import TrainConfig, load_recipe
+from peftvlm.recipe.load import load_recipe
+from peftvlm.recipe.schema import TrainConfig
 
 CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
 EXPECTED = {"ddp": ("MULTI_GPU", None), "fsdp": ("FSDP", "2"), "fsdp-qlora": ("FSDP", "1"),
@@ -117,7 +118,7 @@ def test_sharded_qlora_stores_4bit_weights_in_the_compute_dtype():
 
     from peftvlm.families import get_family
     from peftvlm.models import quantization_config
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     cfg = ModelConfig(id="x", quantization={"compute_dtype": "bfloat16"})
     family = get_family("llava")

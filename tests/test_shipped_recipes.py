@@ -7,7 +7,7 @@ import pytest
 
 from peftvlm.cli import shipped_recipes
 from peftvlm.families import FAMILIES, tiny_models
-from peftvlm.recipe import load_recipe
+from peftvlm.recipe.load import load_recipe
 
 RECIPES = shipped_recipes()
 

@@ -19,7 +19,7 @@ from conftest import REPO, run_cli
 from data_helpers import save_image
 from peftvlm import api
 from peftvlm.checkpoints import MANIFEST, incomplete_reason
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.recipe.load import validate_recipe_dict
 from peftvlm.trainers.signals import Interrupted, StopSignals
 from test_streaming import StopAfterSaving, conversation, recipe_dict, write_jsonl
 from test_train_run import tiny_recipe

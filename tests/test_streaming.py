@@ -1,5 +1,5 @@
-"""Streamed training data (peftvlm/data/streaming.py): sources read as training goes, bad and
-over-long rows counted by name, each rank its own part, and --resume continuing at the row where
+"""Streamed training data (peftvlm/data/stream/streaming.py): sources read as training goes,
+bad and over-long rows counted by name, each rank its own part, and --resume continuing at the row where
 training stopped."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import yaml
 from conftest import REPO
 from data_helpers import data_cache, llava_collator, save_image  # noqa: F401
 
-from peftvlm.data.streaming import STATE_FILE, StreamCollator, open_training_stream
+from peftvlm.data.stream.streaming import STATE_FILE, StreamCollator, open_training_stream
 from peftvlm.errors import DataError, RecipeError
-from peftvlm.recipe import load_recipe, validate_recipe_dict
+from peftvlm.recipe.load import load_recipe, validate_recipe_dict
 
 
 def conversation(answer: str, image: str | None = "red.png", question: str = "What color?"):
@@ -216,7 +216,7 @@ def test_make_shards_writes_shards_the_stream_reads_as_it_read_the_jsonl(messy, 
 def test_a_template_renders_shard_samples_and_resumes_inside_a_record(tmp_path, llava_collator):
     """A caption template with `selection: all` makes one row per caption: a position can fall
     between two rows of one record, and resuming there yields the record's next row."""
-    from peftvlm.data.streaming import Position
+    from peftvlm.data.stream.streaming import Position
 
     write_shard(tmp_path / "captions.tar", {
         f"{i:06d}": {"json": {"captions": [f"a red square {i}", f"red shape {i}"]}, "png": RED}
@@ -355,7 +355,7 @@ def test_a_streamed_row_typing_the_models_own_image_token_is_a_bad_row():
     """A stream checks rows as prepared sources do (`loading.drop_media_token_rows`)."""
     from types import SimpleNamespace
 
-    from peftvlm.data.streaming import StreamingRows
+    from peftvlm.data.stream.streaming import StreamingRows
     from peftvlm.families import get_family
 
     family = get_family("qwen2_vl")

@@ -21,10 +21,10 @@ import pytest
 from test_chat_templates import (CASES, as_row, assistant, load_tiny_processor, published_ids,
                                  trained_runs, user)
 
-from peftvlm.data import shapes
-from peftvlm.data.chat_template import render_by_prefixes
-from peftvlm.data.collate import ConversationCollator, encode_prompts
-from peftvlm.data.lengths import collator_lengths, token_lengths
+from peftvlm.data.batch.collate import ConversationCollator, encode_prompts
+from peftvlm.data.prepare.lengths import collator_lengths, token_lengths
+from peftvlm.data.render import shapes
+from peftvlm.data.render.chat_template import render_by_prefixes
 from peftvlm.errors import ModelError
 from peftvlm.families import FAMILIES
 

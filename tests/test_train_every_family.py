@@ -53,10 +53,10 @@ def tiny_batch(spec):
     """One collated two-row batch of the colour task for a tiny twin, and the loaded model."""
     import random
 
-    from peftvlm.data.collate import ConversationCollator
-    from peftvlm.data.synthetic import draw_shape
+    from peftvlm.data.batch.collate import ConversationCollator
+    from peftvlm.data.read.synthetic import draw_shape
     from peftvlm.models import load_base
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     loaded = load_base(ModelConfig(id=spec.tiny_name))
     rng = random.Random(0)

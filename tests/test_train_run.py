@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from conftest import REPO, run_cli
 from peftvlm import api
 from peftvlm.errors import DataError, RunError
-from peftvlm.recipe import validate_recipe_dict
+from peftvlm.recipe.load import validate_recipe_dict
 
 
 def tiny_recipe(**sections) -> dict:

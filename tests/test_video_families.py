@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from data_helpers import data_cache  # noqa: F401
-from peftvlm.data.collate import IGNORE_INDEX, ConversationCollator, encode_prompts
-from peftvlm.data.lengths import collator_lengths, token_lengths
-from peftvlm.data.loading import load_rows
-from peftvlm.data.video import check_video_support
+from peftvlm.data.batch.collate import ConversationCollator, IGNORE_INDEX, encode_prompts
+from peftvlm.data.prepare.lengths import collator_lengths, token_lengths
+from peftvlm.data.prepare.loading import load_rows
+from peftvlm.data.read.video import check_video_support
 from peftvlm.errors import DataError
 from peftvlm.families import FAMILIES
 from test_data_video import recipe, video_row, write_folder, write_gif, write_jsonl
@@ -26,7 +26,7 @@ VIDEO_FAMILIES = [name for name, spec in FAMILIES.items() if spec.takes_video an
 
 def processor_of(spec):
     from peftvlm.models import load_processor_only
-    from peftvlm.recipe import ModelConfig
+    from peftvlm.recipe.schema import ModelConfig
 
     return load_processor_only(ModelConfig(id=spec.tiny_name))[0]
 

@@ -4,8 +4,8 @@ It sits above both, so neither imports the other."""
 
 from __future__ import annotations
 
-from peftvlm.data.loading import PreparedData, prepare_rows
-from peftvlm.data.streaming import StreamedData, prepare_streaming
+from peftvlm.data.prepare.loading import PreparedData, prepare_rows
+from peftvlm.data.stream.streaming import StreamedData, prepare_streaming
 
 
 def prepare_data(recipe, collator) -> PreparedData | StreamedData:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from peftvlm.data.batch.collate import ConversationCollator
+from peftvlm.data.batch.preview import box_picture, preview_pair, render_example
 from peftvlm.data.boxes import box_format_for
-from peftvlm.data.collate import ConversationCollator
-from peftvlm.data.formats import interleaving_note
-from peftvlm.data.loading import load_rows
 from peftvlm.data.pipeline import prepare_data
-from peftvlm.data.preference import is_preference_row
-from peftvlm.data.preview import box_picture, preview_pair, render_example
-from peftvlm.data.video import check_video_support
+from peftvlm.data.prepare.loading import load_rows
+from peftvlm.data.read.formats import interleaving_note
+from peftvlm.data.read.preference import is_preference_row
+from peftvlm.data.read.video import check_video_support
 from peftvlm.errors import DataError
 from peftvlm.models import cache_dir, load_processor_only
 

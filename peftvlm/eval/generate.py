@@ -6,8 +6,8 @@ go through `evaluate_rows`, so the same rows and settings give the same numbers.
 
 from __future__ import annotations
 
+from peftvlm.data.batch.collate import encode_prompts, last_answer
 from peftvlm.data.boxes import box_format_for
-from peftvlm.data.collate import encode_prompts, last_answer
 from peftvlm.metrics import get_metrics
 from peftvlm.metrics.files import score_predictions
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from peftvlm.data.preview import box_picture
+from peftvlm.data.batch.preview import box_picture
 from peftvlm.metrics import get_metric
 
 MAX_CLASSES = 20  # more distinct answers than this is free text, not classes

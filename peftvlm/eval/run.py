@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftvlm.data.collate import ConversationCollator
+from peftvlm.data.batch.collate import ConversationCollator
+from peftvlm.data.boxes import box_format_for
 from peftvlm.data.pipeline import prepare_data
 from peftvlm.errors import DataError, RecipeError, RunError
-from peftvlm.data.boxes import box_format_for
+from peftvlm.eval.generate import evaluate_rows, generation_kwargs
 from peftvlm.eval.report import (answer_classes, compare, per_class_accuracy, prediction_rows,
                                  write_box_pictures, write_outputs)
-from peftvlm.eval.generate import evaluate_rows, generation_kwargs
 from peftvlm.kinds import kind_for
 from peftvlm.models import load_base
 from peftvlm.registry import get_method

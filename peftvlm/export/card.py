@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from peftvlm.recipe import QuantizationConfig
+from peftvlm.recipe.schema import QuantizationConfig
 from peftvlm.tracking import scrub_secrets
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")

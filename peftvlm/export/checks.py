@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftvlm.data.collate import ConversationCollator, encode_prompts
-from peftvlm.data.loading import load_source, recipe_sources
+from peftvlm.data.batch.collate import ConversationCollator, encode_prompts
+from peftvlm.data.prepare.loading import load_source, recipe_sources
+from peftvlm.data.read.synthetic import COLOURS, draw_shape, vqa_row
 from peftvlm.data.rows import with_system_prompt
-from peftvlm.data.synthetic import COLOURS, draw_shape, vqa_row
 from peftvlm.errors import PeftVLMError
 
 # Logit tolerance of the merged model against the adapter model: fp32 is absolute; for half

@@ -12,7 +12,7 @@ Probe pairs are the recipe's first held-out rows (a drawn image when its data is
 
 from __future__ import annotations
 
-from peftvlm.data.pairs import pairs_from_rows
+from peftvlm.data.prepare.pairs import pairs_from_rows
 from peftvlm.export import (adapter_base, copy_adapter_files, load_unquantized_base,
                             verify_adapter_effect, verify_merge)
 from peftvlm.export.checks import check_adapter_files, device, probe_rows

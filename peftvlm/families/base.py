@@ -33,8 +33,8 @@ class FamilySpec:
     LoRA targets are name suffixes inside that prefix (`attn.proj` where a bare `proj` would also
     hit a convolution).
     Conversations are rendered with the checkpoint's own chat template (the processor's); which
-    tokens carry loss is derived from it (`peftvlm.data.chat_template`). A family deviates only
-    as data: `chat_template` names a `.jinja` file in `peftvlm/families/templates/` that
+    tokens carry loss is derived from it (`peftvlm.data.render.chat_template`). A family deviates
+    only as data: `chat_template` names a `.jinja` file in `peftvlm/families/templates/` that
     replaces the checkpoint's template at load time (for training, eval, preview and export
     alike); `end_of_turn` is the token a reply ends with (trained, and appended after the final
     reply where the template writes none). A family with no chat template at all (PaliGemma)
@@ -136,7 +136,7 @@ class FamilySpec:
     logit_bias: bool = False
     # Dotted path in the model config to the joint embedding width.
     joint_dim_config: str = "projection_dim"
-    # Planning and mixed batches (`peftvlm plan`, `peftvlm.data.mixed`):
+    # Planning and mixed batches (`peftvlm plan`, `peftvlm.data.batch.mixed`):
     # `image_tokens(image_inputs, config) -> (tokens, patches)`: for ONE image as the family's
     # image processor returns it (NumPy arrays), the tokens it takes in the language model's
     # sequence and the patches its vision tower runs over. None: plan cannot count images.

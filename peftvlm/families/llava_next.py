@@ -2,7 +2,7 @@
 tower, MLP projector and language model, with "anyres" tiling: an image is resized to the best
 of `image_grid_pinpoints`, cut into tiles, and each tile's features (minus padding, plus one
 newline token per row) follow the base view's. The image-token count therefore depends on the
-image's size; lengths are measured per size with the real processor (`data/lengths.py`).
+image's size; lengths are measured per size with the real processor (`data/prepare/lengths.py`).
 """
 
 from __future__ import annotations

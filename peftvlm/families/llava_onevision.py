@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from peftvlm.data.video import uneven_frames_error
+from peftvlm.data.read.video import uneven_frames_error
 from peftvlm.families._frames import VideoConfigMixin, clips_with_timing, resize_normalise
 from peftvlm.families._processors import image_only
 from peftvlm.families._tiny import save_tiny

@@ -8,7 +8,8 @@ Like Qwen2-VL, the stock processor wants a torchvision video processor: `process
 the image-only subclass, carrying `Qwen3FramesVideoProcessor` (NumPy) for rows with videos. The
 processor itself (transformers' `Qwen3VLProcessor.replace_video_token`) writes each temporal
 patch of a clip as `<t seconds><|vision_start|><|video_pad|>...<|vision_end|>`, t the mean
-timestamp of the patch's frames, from the clip's `video_metadata` (peftvlm.data.video.metadata);
+timestamp of the patch's frames, from the clip's `video_metadata`
+(peftvlm.data.read.video.metadata);
 since transformers 5.25 these replace the template's own `<|vision_start|><|video_pad|>
 <|vision_end|>` wrapper instead of nesting inside it. Token counts come from the processor, so
 training and the length checks follow whichever rendering the installed release uses.

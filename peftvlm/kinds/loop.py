@@ -10,7 +10,7 @@ from typing import Callable
 
 from peftvlm.export import export_after_training
 from peftvlm.kinds import Kind
-from peftvlm.recipe import refuse_dual_encoder_stream
+from peftvlm.recipe.checks import refuse_dual_encoder_stream
 from peftvlm.runs import prepare_run_dir
 
 

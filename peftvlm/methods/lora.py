@@ -17,7 +17,7 @@ from peftvlm.errors import RecipeError
 from peftvlm.registry import register
 
 Part = Literal["language", "text", "vision", "qformer", "projector", "detector", "all"]
-# The same as families.base.PARTS, spelled out: recipe.py imports this module.
+# The same as families.base.PARTS, spelled out: recipe/schema.py imports this module.
 PARTS = ("vision", "qformer", "projector", "detector", "language")
 # Dual encoders (CLIP, SigLIP) call their language part the text tower.
 ALIASES = {"text": "language"}

@@ -10,7 +10,7 @@ and PIL images or image paths.
 from __future__ import annotations
 
 
-from peftvlm.data.images import load_rgb
+from peftvlm.data.read.images import load_rgb
 from peftvlm.metrics import mean, register
 
 CLIP_W = 2.5

@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 
 from peftvlm.data.boxes import get_convention
-from peftvlm.data.detection import is_no_objects
+from peftvlm.data.read.detection import is_no_objects
 from peftvlm.errors import MetricsError
 from peftvlm.metrics import mean, register
 

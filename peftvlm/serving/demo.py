@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from peftvlm.data.batch.collate import open_image
+from peftvlm.data.batch.preview import PREDICTION_COLOUR, answer_boxes, draw_boxes, draw_detections
 from peftvlm.data.boxes import box_format_for
-from peftvlm.data.collate import open_image
-from peftvlm.data.images import load_rgb
-from peftvlm.data.preview import PREDICTION_COLOUR, answer_boxes, draw_boxes, draw_detections
+from peftvlm.data.read.images import load_rgb
 from peftvlm.errors import DataError, PeftVLMError, RunError
 from peftvlm.runs import MERGED
 from peftvlm.serving.detection import DEFAULT_THRESHOLD, parse_classes

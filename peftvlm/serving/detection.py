@@ -18,8 +18,8 @@ from typing import Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from peftvlm.data.images import load_rgb
-from peftvlm.data.preview import draw_detections
+from peftvlm.data.batch.preview import draw_detections
+from peftvlm.data.read.images import load_rgb
 from peftvlm.errors import DataError, PeftVLMError
 from peftvlm.serving.inputs import APIError, check_text_budget, read_image_url
 from peftvlm.serving.predictor import AdaptedPredictor

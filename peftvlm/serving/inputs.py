@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from peftvlm.data.images import load_rgb
+from peftvlm.data.read.images import load_rgb
 from peftvlm.data.rows import BadRow
 
 

@@ -28,9 +28,9 @@ import json
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from peftvlm.data.batch.preview import PREDICTION_COLOUR, answer_boxes, draw_boxes
 from peftvlm.data.boxes import box_format_for
-from peftvlm.data.images import load_rgb
-from peftvlm.data.preview import PREDICTION_COLOUR, answer_boxes, draw_boxes
+from peftvlm.data.read.images import load_rgb
 from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError, RunError
 from peftvlm.serving.detection import detection_rows

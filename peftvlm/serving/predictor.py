@@ -24,17 +24,17 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from peftvlm.data.collate import encode_prompts, open_image
-from peftvlm.data.loading import load_source, recipe_sources
+from peftvlm.data.batch.collate import encode_prompts, open_image
+from peftvlm.data.prepare.loading import load_source, recipe_sources
 from peftvlm.data.rows import with_system_prompt
 from peftvlm.errors import PeftVLMError, RunError
-from peftvlm.eval.run import load_adapter, place_on_device
 from peftvlm.eval.generate import generate_answers, generation_kwargs
+from peftvlm.eval.run import load_adapter, place_on_device
 from peftvlm.export.checks import prompt_text
 from peftvlm.kinds import kind_for, kind_for_export
 from peftvlm.methods.dual_encoder import DualEncoderClassifier, load_method
 from peftvlm.models import detect_family, load_base
-from peftvlm.recipe import ModelConfig
+from peftvlm.recipe.schema import ModelConfig
 from peftvlm.registry import get_method
 from peftvlm.runs import MERGED, RUN, RunFolder, read_run_folder
 from peftvlm.trainers import clip_data

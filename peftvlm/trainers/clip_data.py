@@ -1,7 +1,7 @@
 """Image-classification data for the CLIP trainer, read by the shared readers (image folders,
 JSONL/CSV/parquet, saved and Hub datasets; the synthetic `colour-classes` task is written as
-JSONL by `peftvlm.data.synthetic`) through the `classification` template, with the same bad-row
-policy as every run; seeded k-shot sampling and the base/new class split.
+JSONL by `peftvlm.data.read.synthetic`) through the `classification` template, with the same
+bad-row policy as every run; seeded k-shot sampling and the base/new class split.
 
 A task is a list of images (checked paths or encoded bytes), integer labels and the class names
 they index. Folders hold one subfolder per class; rows hold `image` (a path relative to the
@@ -14,14 +14,14 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftvlm.data.images import load_rgb
-from peftvlm.data.loading import load_source
-from peftvlm.data.pairs import row_captions
+from peftvlm.data.prepare.loading import load_source
+from peftvlm.data.prepare.pairs import row_captions
+from peftvlm.data.read.images import load_rgb
+from peftvlm.data.read.synthetic import COLOURS, write_synthetic
 from peftvlm.data.rows import BadRow, BadRowReport, enforce_policy
-from peftvlm.data.synthetic import COLOURS, write_synthetic
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.models import cache_dir
-from peftvlm.recipe import SourceConfig
+from peftvlm.recipe.schema import SourceConfig
 
 
 @dataclass

@@ -9,7 +9,7 @@ the base learned them (frozen), so the adapter alone is the trained state and lo
 `PeftModel.from_pretrained` on `CLIPModel` / `SiglipModel`.
 
 Pairs come from the same readers, templates and bad-row policy as generative training
-(`peftvlm.data.loading.load_rows`): the `caption` template's columns, COCO/Flickr30k-style
+(`peftvlm.data.prepare.loading.load_rows`): the `caption` template's columns, COCO/Flickr30k-style
 files, parquet, Hub datasets. Rows of one image are grouped; each epoch draws one of its
 captions (seeded by data.seed, epoch and image), so every caption is seen over the epochs.
 
@@ -22,12 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftvlm.data.images import load_rgb
-from peftvlm.data.loading import load_rows
-from peftvlm.data.pairs import Pairs, image_id, pairs_from_rows  # noqa: F401
+from peftvlm.data.prepare.loading import load_rows
+from peftvlm.data.prepare.pairs import Pairs, image_id, pairs_from_rows  # noqa: F401
+from peftvlm.data.read.images import load_rgb
 from peftvlm.errors import RecipeError
-from peftvlm.eval.report import compare
-from peftvlm.eval.report import write_outputs as write_eval_outputs
+from peftvlm.eval.report import compare, write_outputs as write_eval_outputs
 from peftvlm.metrics.retrieval import cross_modal_ranks, cross_modal_recall, mean_ranks
 from peftvlm.models import load_base
 from peftvlm.registry import get_method

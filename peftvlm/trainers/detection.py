@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftvlm.data.detection_records import DetectionData, read_section
-from peftvlm.data.images import load_rgb
-from peftvlm.data.loading import recipe_sources
-from peftvlm.data.preview import draw_detections
+from peftvlm.data.batch.preview import draw_detections
+from peftvlm.data.prepare.detection import DetectionData, read_section
+from peftvlm.data.prepare.loading import recipe_sources
+from peftvlm.data.read.images import load_rgb
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.eval.report import compare, write_outputs as write_eval_outputs
 from peftvlm.metrics.detection import coco_evaluate

@@ -22,16 +22,17 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from peftvlm.data.collate import ConversationCollator
-from peftvlm.data.loading import count_skipped_rows, skipped_rows_file
+from peftvlm.data.batch.collate import ConversationCollator
+from peftvlm.data.batch.preview import render_example
 from peftvlm.data.pipeline import prepare_data
-from peftvlm.data.preview import render_example
+from peftvlm.data.prepare.loading import count_skipped_rows, skipped_rows_file
 from peftvlm.distributed import sharding_args, sharding_mode
 from peftvlm.errors import RecipeError
 from peftvlm.eval.generate import evaluate_rows
 from peftvlm.families import method_refusal
 from peftvlm.models import detect_family, load_base, resolve_model_path
-from peftvlm.recipe import Recipe, check_packing
+from peftvlm.recipe.checks import check_packing
+from peftvlm.recipe.schema import Recipe
 from peftvlm.registry import get_method
 from peftvlm.runs import eval_history, loss_history, plot_loss, prepare_run_dir, write_json
 from peftvlm.summary import before_after, parameter_counts, run_summary
@@ -39,8 +40,7 @@ from peftvlm.tracking import active_run_info, start_wandb
 from peftvlm.trainers.lm_head import fit_fused_head
 from peftvlm.trainers.objectives import check_objective, objective_for
 from peftvlm.trainers.sft import (MarkCheckpointComplete, PeriodicEval, StopOnInterrupt,
-                                  last_checkpoint)
-from peftvlm.trainers.sft import full_state_dict as gather_state_dict
+                                  full_state_dict as gather_state_dict, last_checkpoint)
 
 
 def dry_run(recipe: Recipe, log=print) -> dict:

@@ -13,9 +13,9 @@ from transformers import TrainerCallback
 
 from peftvlm.checkpoints import (complete_checkpoints, describe_resume, last_complete_checkpoint,
                                  mark_complete)
-from peftvlm.data.packing import PackedRows, group_by_default, seeded_length_grouped_sampler
-from peftvlm.data.streaming import StreamingRows
-from peftvlm.data.table import Rows
+from peftvlm.data.batch.packing import PackedRows, group_by_default, seeded_length_grouped_sampler
+from peftvlm.data.prepare.table import Rows
+from peftvlm.data.stream.streaming import StreamingRows
 from peftvlm.trainers.lm_head import use_logits_head
 from peftvlm.trainers.signals import Interrupted, StopSignals, any_rank
 

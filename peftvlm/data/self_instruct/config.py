@@ -12,7 +12,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from peftvlm._schema import Section, describe_validation_error
 from peftvlm.errors import RecipeError
-from peftvlm.recipe import apply_overrides, read_recipe_yaml
+from peftvlm.recipe.load import apply_overrides, read_recipe_yaml
 
 # Words a model answering about one image cannot act on. Unlike the text-only Self-Instruct
 # list, image words (image, picture, photo, chart, diagram, map, draw) are allowed here.

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 
-from peftvlm.data.rouge import NoveltyIndex
 from peftvlm.data.self_instruct.prompts import Candidate
+from peftvlm.data.self_instruct.rouge import NoveltyIndex
 
 REASONS = ("truncated", "malformed", "empty_output", "input_equals_output", "too_short",
            "too_long", "blacklisted", "exact_duplicate", "not_novel", "near_duplicate")

@@ -4,14 +4,14 @@ rejected one, relative to a reference model (TRL's DPOTrainer, Rafailov et al. 2
 The reference is the base model with the adapter disabled: no second copy of the model is held
 (TRL would add a "ref" copy of the adapter, which for a fresh adapter equals the base; it is
 dropped, so the adapter saved is the one trained and nothing else). Rows are preference rows
-(`peftvlm.data.preference`); chosen and rejected are collated together and see the same
+(`peftvlm.data.read.preference`); chosen and rejected are collated together and see the same
 pixels. The margins, rewards and preference accuracy TRL logs go to the trainer log, W&B and
 summary.json (`dpo`), and a non-finite one stops the run.
 """
 
 from __future__ import annotations
 
-from peftvlm.data.preference import require_preference_rows
+from peftvlm.data.read.preference import require_preference_rows
 from peftvlm.trainers.objectives.refusals import Refusals
 
 # TRL's DPO metrics kept in summary.json (the last logged values) and checked to be finite.

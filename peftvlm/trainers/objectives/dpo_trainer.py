@@ -10,10 +10,10 @@ from pathlib import Path
 import trl
 from transformers import TrainerCallback
 
-from peftvlm.data.preference import PreferenceCollator, is_preference_row
-from peftvlm.data.table import Rows
+from peftvlm.data.prepare.table import Rows
+from peftvlm.data.read.preference import PreferenceCollator, is_preference_row
 from peftvlm.errors import RunError
-from peftvlm.recipe import DPOConfig as DPOSettings
+from peftvlm.recipe.schema import DPOConfig as DPOSettings
 from peftvlm.trainers.lm_head import outputs_from_logits
 from peftvlm.trainers.sft import PASSTHROUGH, StopsOnSignals
 

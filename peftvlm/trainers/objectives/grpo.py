@@ -68,7 +68,7 @@ class GRPOObjective:
         from rich.rule import Rule
         from rich.text import Text
 
-        from peftvlm.data.collate import encode_prompts
+        from peftvlm.data.batch.collate import encode_prompts
         from peftvlm.eval.generate import row_references
 
         ids = encode_prompts(collator.processor, collator.family, [row])["input_ids"][0].tolist()

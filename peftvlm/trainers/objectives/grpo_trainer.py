@@ -7,7 +7,7 @@ ways VLM GRPO is known to go silently wrong.
   line up with the prompt ids. The processor pads left here, and every generated batch is
   checked: each prompt carries exactly its own images' tokens, at the positions its token types
   mark (`check_rollout_prompts`), or the run stops with the row named.
-- One decoder (trl#6401): images are decoded by `peftvlm.data.images` (as for SFT and eval),
+- One decoder (trl#6401): images are decoded by `peftvlm.data.read.images` (as for SFT and eval),
   once per row, before TRL sees them.
 - Reference: the base with the adapter disabled; TRL's "ref" copy of the adapter is dropped.
 - Rewards: each one is checked finite per completion (`finite_rewards`) and logged by TRL as
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import trl
 
+from peftvlm.data.batch.collate import open_image, process_texts, prompt_messages
 from peftvlm.data.boxes import box_format_for
-from peftvlm.data.collate import open_image, process_texts, prompt_messages
-from peftvlm.data.table import image_struct
+from peftvlm.data.prepare.table import image_struct
 from peftvlm.errors import DataError, RecipeError, RunError
 from peftvlm.eval.generate import row_references
-from peftvlm.recipe import GRPOConfig as GRPOSettings
+from peftvlm.recipe.schema import GRPOConfig as GRPOSettings
 from peftvlm.trainers.sft import PASSTHROUGH, StopsOnSignals
 
 

@@ -16,8 +16,8 @@ class SFTObjective:
     def build_trainer(self, recipe, model, processor, collator, data, run_dir, report_to,
                       sharding, callbacks, log=print):
         # lazy: `validate` asks an objective for its refusal; its trainer imports TRL
-        from peftvlm.data.mixed import for_training
-        from peftvlm.data.packing import describe_bins, train_collator, train_items
+        from peftvlm.data.batch.mixed import for_training
+        from peftvlm.data.batch.packing import describe_bins, train_collator, train_items
         from peftvlm.trainers.sft import build_trainer, sft_config
 
         args = sft_config(recipe.train, run_dir, report_to, recipe.name, sharding)
@@ -27,7 +27,8 @@ class SFTObjective:
         collator = for_training(train_collator(collator, recipe.train.packing, model))
         items = train_items(data.train, recipe.train.packing, recipe.train.max_length)
         if data.streaming:  # a stream's position goes into each checkpoint, before it is
-            from peftvlm.data.streaming import StreamCheckpoint, StreamCollator  # marked complete
+            # marked complete
+            from peftvlm.data.stream.streaming import StreamCheckpoint, StreamCollator
 
             collator = StreamCollator(collator, data.train)
             callbacks = [callbacks[0], StreamCheckpoint(data.train, log), *callbacks[1:]]

@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftvlm.data.images import load_rgb
-from peftvlm.data.readers import IMAGE_SUFFIXES
+from peftvlm.data.read.images import load_rgb
+from peftvlm.data.read.readers import IMAGE_SUFFIXES
 from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError
 
@@ -69,7 +69,7 @@ def resolve_video(video, root: Path, options: VideoOptions) -> dict:
     rate = rate or options.fps or DEFAULT_FPS
     picked = pick_frames(total, rate, options)
     if path.is_dir():
-        from peftvlm.data.images import check_image
+        from peftvlm.data.read.images import check_image
 
         for i in sorted(set(picked)):
             check_image(frames[i], f"{video}/{frames[i].name}")

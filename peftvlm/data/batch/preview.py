@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftvlm.data.batch.collate import IGNORE_INDEX, last_answer, open_image
 from peftvlm.data.boxes import get_convention
-from peftvlm.data.collate import IGNORE_INDEX, last_answer, open_image
-from peftvlm.data.images import load_rgb
-from peftvlm.data.preference import rejected_conversation
+from peftvlm.data.read.images import load_rgb
+from peftvlm.data.read.preference import rejected_conversation
 
 # Reference boxes green, predictions red (eval pictures), thin enough for small images.
 REFERENCE_COLOUR, PREDICTION_COLOUR = (0, 200, 0), (230, 0, 0)

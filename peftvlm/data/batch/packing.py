@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from peftvlm.data.collate import IGNORE_INDEX
-from peftvlm.data.table import decode_row
+from peftvlm.data.batch.collate import IGNORE_INDEX
+from peftvlm.data.prepare.table import decode_row
 from peftvlm.errors import DataError
 
 

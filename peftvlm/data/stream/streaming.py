@@ -13,7 +13,7 @@ step, and memory stays bounded whatever the data's size. The flow, one rank's vi
   `data.on_bad_row` / `data.on_overflow` say `error` -> the trainer's collator.
 
 Sources (`.jsonl`, `.parquet`, WebDataset `.tar` shards, `dataset:`) and how a record becomes
-rows, images in shards included: `stream_sources.py`. User docs: docs/streaming.md.
+rows, images in shards included: `stream/sources.py`. User docs: docs/streaming.md.
 
 A stream has no length: `train.max_steps` says how long to train, and a stream that ends first
 starts again (the next pass, `datasets`' epoch, in a reshuffled shard order). What needs every
@@ -38,14 +38,14 @@ import torch.utils.data
 from transformers import TrainerCallback
 
 from peftvlm.data.boxes import box_format_for
-from peftvlm.data.formats import media_token_detail, token_in_text
-from peftvlm.data.lengths import LengthCounter, collator_lengths
-from peftvlm.data.loading import drop_unfit_rows, load_section, recipe_sources
+from peftvlm.data.prepare.lengths import LengthCounter, collator_lengths
+from peftvlm.data.prepare.loading import drop_unfit_rows, load_section, recipe_sources
+from peftvlm.data.read.formats import media_token_detail, token_in_text
+from peftvlm.data.read.video import check_video_support
 from peftvlm.data.rows import BadRow, BadRowReport, enforce_policy
-from peftvlm.data.stream_sources import StreamSource, open_stream, stream_source
-from peftvlm.data.video import check_video_support
+from peftvlm.data.stream.sources import StreamSource, open_stream, stream_source
 from peftvlm.errors import DataError, RunError
-from peftvlm.recipe import check_streaming
+from peftvlm.recipe.checks import check_streaming
 
 STATE_FILE = "peftvlm-stream.json"
 CHUNK = 32            # records rendered and token-counted together (one batched tokenizer call)
@@ -372,7 +372,7 @@ class StreamCheckpoint(TrainerCallback):
         positions = all_ranks(self.rows.position_after(self.trained(args, state)).as_dict())
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if args.should_save and folder.is_dir():
-            from peftvlm.data.loading import write_atomic
+            from peftvlm.data.prepare.loading import write_atomic
 
             write_atomic(folder / STATE_FILE, json.dumps(
                 {"world_size": len(positions), "ranks": positions}, default=plain).encode())

@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-from peftvlm.data.images import image_size
-from peftvlm.data.shapes import ShapeRenderer
-from peftvlm.data.table import Rows, decode_row, drop_if_torn
+from peftvlm.data.prepare.table import Rows, decode_row, drop_if_torn
+from peftvlm.data.read.images import image_size
+from peftvlm.data.render.shapes import ShapeRenderer
 
 LENGTH_BATCH = 64
 LENGTHS_VERSION = "2"      # bump when counting changes
@@ -173,7 +173,7 @@ class BatchCounter:
                                      for t, i in zip(texts, images)])}
 
     def rows(self, rows: list[dict]) -> list[int]:
-        """Token lengths of decoded rows (also called on rows just rendered: `prepare.py`)."""
+        """Token lengths of decoded rows (also called on rows just rendered: `shards.py`)."""
         if self.collator.family.encode is not None:
             return collator_lengths(self.collator, rows)
         if self._counter is None:  # one per process: it remembers image sizes and shapes
@@ -208,7 +208,7 @@ def lengths_file(folder, key: str):
 
 
 def save_lengths(counted, collator, folder) -> None:
-    """A `length` column counted while preparing (`prepare.py`), written where `with_lengths`
+    """A `length` column counted while preparing (`shards.py`), written where `with_lengths`
     finds it (`Dataset.map` reads an existing cache file instead of counting)."""
     from datasets.utils import disable_progress_bars, enable_progress_bars
 

@@ -1,29 +1,22 @@
-"""The recipe schema (pydantic v2) and `load_recipe()`: YAML + `key=value` overrides -> `Recipe`.
+"""The recipe schema (pydantic v2): every section of a recipe, with its defaults documented once,
+here, in field descriptions. Unknown keys are errors at any depth.
 
-Unknown keys are errors at any depth; defaults are documented once, here, in field descriptions.
 This module must not import torch: `peftvlm validate` runs on it alone.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from peftvlm._schema import Section, describe_validation_error
-from peftvlm.data.templates import load_template, merged_options
-from peftvlm.distributed import read_config_file
-from peftvlm.errors import DataError, RecipeError
-from peftvlm.families import FAMILIES, tiny_models
-from peftvlm.metrics import available_metrics
-from peftvlm.registry import get_method, method_config_classes
-from peftvlm.rewards import check_custom, options_of, reward_names
-from peftvlm.safe_yaml import AliasBombError, load_yaml, regular_file_problem
-from peftvlm.trainers.objectives import check_objective
+from peftvlm._schema import Section
+from peftvlm.families import tiny_models
+from peftvlm.registry import method_config_classes
+from peftvlm.rewards import options_of, reward_names
 
 
 class QuantizationConfig(Section):
@@ -51,8 +44,9 @@ class ModelConfig(Section):
         None, description="bitsandbytes quantization of the base (QLoRA sets 4-bit nf4 by default).")
 
 
-# Row formats (peftvlm/data/formats.py) and annotation layouts (peftvlm/data/readers.py).
-# Preference formats (chosen vs rejected replies, peftvlm/data/preference.py) are row formats too.
+# Row formats (peftvlm/data/read/formats.py) and annotation layouts (peftvlm/data/read/readers.py).
+# Preference formats (chosen vs rejected replies, peftvlm/data/read/preference.py) are row
+# formats too.
 RowFormat = Literal["auto", "messages", "openai_messages", "llava_conversations",
                     "llamafactory_v1", "trl_preference", "rlaifv", "llamafactory_ranking",
                     "swift_rejected_response", "trl_prompt"]
@@ -466,7 +460,8 @@ class TrainConfig(Section):
     deepspeed: dict[str, Any] | str | None = Field(
         None, description="DeepSpeed config: a mapping, or a JSON/YAML file relative to the "
                           "recipe (ZeRO-2/3; CUDA GPUs only).")
-    # Variable-length speed-ups (data/packing.py); lengths come from the cached `length` column.
+    # Variable-length speed-ups (data/batch/packing.py); lengths come from the cached `length`
+    # column.
     group_by_length: bool | None = Field(
         None, description="Batch rows of similar token length together (less padding), keeping "
                           "some randomness (transformers' LengthGroupedSampler, seeded from "
@@ -600,281 +595,3 @@ class Recipe(Section):
         data = self.model_dump(mode="json", exclude_none=True, by_alias=True)
         data["base_dir"] = str(self.base_dir().resolve())
         return yaml.safe_dump(data, sort_keys=False)
-
-
-# --- loading ---------------------------------------------------------------------------------
-
-def apply_overrides(data: dict, overrides: list[str], file: str = "<recipe>") -> dict:
-    """Apply `dotted.key=value` overrides; values are parsed as YAML scalars/lists."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise RecipeError(f"{file}: override `{item}` is not of the form key=value",
-                              hint="write e.g. train.learning_rate=1e-4")
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = _override_value(item, raw, file)
-    return data
-
-
-def _override_value(item: str, raw: str, file: str):
-    """An override's value parsed as YAML (`1e-4`, `[a, b]`, `{k: v}`); empty means null."""
-    try:
-        return load_yaml(raw) if raw.strip() else None
-    except AliasBombError as exc:
-        raise RecipeError(f"{file}: override `{item}`: {exc}",
-                          hint="write the value out without aliases") from None
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{file}: override `{item}`: the value `{raw}` is not valid YAML "
-                          f"({problem})", hint="write a YAML value (1e-4, [a, b], {k: v}), or "
-                                               "quote text: key='[1'") from None
-
-
-def read_recipe_yaml(path: Path, what: str = "recipe",
-                     start_from: str = "`peftvlm cp quickstart my.yaml`") -> dict:
-    """Read a YAML config (a recipe by default) into a dict, with clear errors for
-    missing/empty/invalid files."""
-    problem = regular_file_problem(path)  # before opening: open() on a FIFO never returns
-    if problem:
-        raise RecipeError(f"{what} file {path} {problem}",
-                          hint=f"give the path of a YAML file (e.g. {path}/recipe.yaml)"
-                          if path.is_dir() else "give the path of a YAML file")
-    if not path.exists():
-        raise RecipeError(f"{what} file {path} does not exist",
-                          hint="check the path, or list the shipped ones: `peftvlm ls recipes`")
-    try:
-        data = load_yaml(path.read_text())
-    except AliasBombError as exc:
-        raise RecipeError(f"{path}: refused: {exc}",
-                          hint="write repeated values out, or use fewer nested aliases") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{path}: invalid YAML{where}: {problem}",
-                          hint="check indentation and quoting around that line") from exc
-    if data is None:
-        raise RecipeError(f"{path}: the {what} is empty", hint=f"start from {start_from}")
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a {what} must be a mapping of sections, "
-                          f"got {type(data).__name__}", hint=f"start from {start_from}")
-    return data
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; every problem becomes one `RecipeError`."""
-    path = Path(path)
-    data = apply_overrides(read_recipe_yaml(path), overrides or [], str(path))
-    recipe = validate_recipe_dict(data, str(path))
-    recipe.source_path = path.resolve()
-    if recipe.name is None:
-        recipe.name = path.stem
-    check_recipe_files(recipe)
-    return recipe
-
-
-def validate_recipe_dict(data: dict, file: str = "<recipe>") -> Recipe:
-    """Validate a dict against the schema, turning pydantic errors into one clear message."""
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(describe_validation_error(exc, file, Recipe)) from exc
-
-
-def check_recipe_files(recipe: Recipe) -> None:
-    """Files and templates the recipe names must exist (checked at validate time, before any
-    model loads)."""
-    if recipe.model.family is not None and recipe.model.family not in FAMILIES:
-        raise RecipeError(f"{recipe.source_path}: model.family: unknown family "
-                          f"{recipe.model.family!r}; known: {', '.join(FAMILIES)}",
-                          hint="or leave it out to detect the family from the model's config")
-    check_method_fits_family(recipe)
-    check_objective_fits(recipe)
-
-    unknown = [m for m in recipe.eval.metrics if m not in available_metrics()]
-    if unknown:
-        raise RecipeError(f"{recipe.source_path}: eval.metrics: unknown metric(s) "
-                          f"{', '.join(unknown)}", hint="see `peftvlm ls metrics`")
-    base = recipe.base_dir()
-    for section in ("train", "eval"):
-        for i, src in enumerate(getattr(recipe.data, section) or []):
-            where = f"{recipe.source_path}: data.{section}[{i}]"
-            for key in ("path", "annotations", "image_root"):
-                value = getattr(src, key)
-                globbed = key == "path" and section == "train" and recipe.data.streams()
-                if value and not _is_remote(value) and not _exists(base, value, globbed):
-                    raise RecipeError(f"{where}.{key}: {value} does not exist (looked in {base})",
-                                      hint="paths are relative to the recipe file")
-            _check_template(recipe, src, where)
-    if recipe.data.train is None and recipe.data.synthetic is None:
-        raise RecipeError(f"{recipe.source_path}: data: give `train` (files or a dataset) or "
-                          f"`synthetic` (a built-in offline task)")
-    if recipe.data.template:
-        _check_template(recipe, None, f"{recipe.source_path}: data")
-    _check_sharding_files(recipe)
-    check_streaming(recipe)
-    check_grpo(recipe)
-    if recipe.train.packing:
-        check_packing(recipe, known_family(recipe))
-
-
-def _check_sharding_files(recipe: Recipe) -> None:
-    """train.fsdp_config / train.deepspeed files exist and parse (validate time, no torch)."""
-    for field in ("fsdp_config", "deepspeed"):
-        value = getattr(recipe.train, field)
-        if isinstance(value, str):
-            read_config_file(value, recipe.base_dir(), field, str(recipe.source_path))
-
-
-def _exists(base: Path, value: str, globbed: bool) -> bool:
-    """A path exists; a streamed source's path may be a glob (`shards/train-*.tar`)."""
-    import glob
-
-    if globbed and glob.has_magic(value):
-        return bool(glob.glob(str(base / value)))
-    return (base / value).exists()
-
-
-def check_streaming(recipe: Recipe) -> None:
-    """What a streamed training cannot do, refused before anything loads, with the reason."""
-    data, train = recipe.data, recipe.train
-    where = recipe.source_path or "recipe"
-    for i, src in enumerate(data.eval or []):
-        if src.streaming and src.path:
-            raise RecipeError(f"{where}: data.eval[{i}].streaming: held-out rows are read "
-                              "whole (every evaluation scores them all)",
-                              hint="drop streaming there (max_samples caps the rows)")
-    if not data.streams():
-        return
-    family = known_family(recipe)
-    if family is not None and not family.is_generative:
-        refuse_dual_encoder_stream(where, family.name)
-    whole = "set it back to its default, or read the data whole (streaming: false)"
-    counted = "and a stream's rows are counted as they are read"
-    refusals = [
-        (train.max_steps == -1, "train.max_steps",
-         ("a stream has no length, so epochs cannot be counted: give the number of optimizer "
-          "steps (a stream that ends sooner starts again)"),
-         "set train.max_steps, e.g. train.max_steps=1000"),
-        (train.group_by_length, "train.group_by_length",
-         f"length grouping sorts every row by its token length before training, {counted}",
-         whole),
-        (train.packing, "train.packing",
-         f"packing fills bins from every row's token length before training, {counted}", whole),
-        (train.dataloader_num_workers > 0, "train.dataloader_num_workers",
-         ("a stream is read in the training process, which keeps its position for --resume; "
-          "worker processes would each read shards of their own that no checkpoint records"),
-         whole),
-        (data.filter is not None, "data.filter",
-         "the CLIP-score filter scores a whole table before training", whole)]
-    for refused, name, reason, hint in refusals:
-        if refused:
-            raise RecipeError(f"{where}: {name} with streamed training data: {reason}",
-                              hint=hint)
-
-
-def refuse_dual_encoder_stream(where, name: str) -> None:
-    raise RecipeError(f"{where}: streaming: the {name} dual encoder trains on a table of "
-                      "image-text pairs read whole; streaming is for generative training",
-                      hint="read the data whole (streaming: false)")
-
-
-def check_grpo(recipe: Recipe) -> None:
-    """`objective: grpo`: rewards given (custom ones allowed and defined), the batch a whole
-    number of groups, vLLM installed when asked for, a family TRL can roll out (a CUDA device for
-    vLLM is checked when training starts)."""
-    train, where = recipe.train, f"{recipe.source_path}: train"
-    if train.objective != "grpo":
-        return
-    if not train.rewards:
-        raise RecipeError(f"{where}.rewards: objective grpo needs at least one reward",
-                          hint="e.g. rewards: [{name: exact_match}]; available rewards: "
-                               f"{', '.join(reward_names())}")
-    for i, spec in enumerate(train.rewards):
-        if spec.name == "custom":
-            check_custom(spec, recipe.base_dir(), train.allow_custom_rewards,
-                         f"{where}.rewards[{i}]")
-    grpo = train.grpo or GRPOConfig()
-    batch = train.per_device_train_batch_size * (grpo.steps_per_generation
-                                                 or train.gradient_accumulation_steps)
-    if batch % grpo.num_generations:
-        raise RecipeError(f"{where}.grpo.num_generations: a generated batch of {batch} "
-                          "completions (per_device_train_batch_size x steps_per_generation, "
-                          "default gradient_accumulation_steps) is not a whole number of groups "
-                          f"of {grpo.num_generations}",
-                          hint="make per_device_train_batch_size a multiple of num_generations")
-    if grpo.use_vllm and importlib.util.find_spec("vllm") is None:
-        raise RecipeError(f"{where}.grpo.use_vllm: vLLM is not installed",
-                          hint="vLLM rollouts need a CUDA GPU and `pip install vllm`; or set "
-                               "use_vllm: false (transformers' generate)")
-    family = known_family(recipe)
-    if family is not None and family.encode_prompt is not None:
-        raise RecipeError(f"{where}.objective: the {family.name} family cannot train with GRPO: "
-                          "TRL's GRPOTrainer renders rollout prompts with the processor's chat "
-                          "template, and this family has none (it encodes prompts itself)",
-                          hint="use objective: sft for this family, or another model")
-
-
-def known_family(recipe: Recipe):
-    """The model's family when it is known without loading anything (model.family, or a
-    built-in tiny model); None for a Hub id or folder (checked again once loaded)."""
-    if recipe.model.family is not None:
-        return FAMILIES[recipe.model.family]
-    return tiny_models().get(recipe.model.id)
-
-
-def check_packing(recipe: Recipe, family) -> None:
-    """`train.packing` on a family whose attention cannot isolate packed conversations."""
-    if family is not None and family.packing_refusal:
-        raise RecipeError(f"{recipe.source_path}: train.packing: the {family.name} family "
-                          f"cannot pack conversations: {family.packing_refusal}",
-                          hint="set train.packing: false (train.group_by_length: true also "
-                               "cuts padding)")
-
-
-def check_method_fits_family(recipe: Recipe) -> None:
-    """A method the model's family cannot take is refused here, before any weights load (the
-    family is known for `model.family`, built-in tiny models and local folders)."""
-    from peftvlm.families import known_family, method_refusal
-
-    family = known_family(recipe.model)
-    reason = method_refusal(family, recipe.method) if family else None
-    if reason:
-        raise RecipeError(f"{recipe.source_path}: {reason}",
-                          hint="pick another method (`peftvlm ls methods`) or another model")
-
-
-def check_objective_fits(recipe: Recipe) -> None:
-    """`train.objective` must fit the model's family and the method (validate time; a Hub
-    id's family is checked again once its config is read)."""
-    from peftvlm.families import known_family
-
-    check_objective(recipe, known_family(recipe.model), get_method(recipe.method.name))
-
-
-def _check_template(recipe: Recipe, src, where: str) -> None:
-    """The template a source uses exists, parses, and accepts the options given."""
-    name = (src.template if src else None) or recipe.data.template
-    if name is None:
-        return
-    try:
-        spec = load_template(name, recipe.base_dir()).spec
-        merged_options(spec, {**recipe.data.template_options,
-                              **(src.template_options if src else {})}, where)
-        unknown = set(src.columns if src else {}) - set(spec.columns)
-    except DataError as exc:
-        raise RecipeError(f"{where}: {exc.message}", hint=exc.hint) from exc
-    if unknown:
-        raise RecipeError(f"{where}.columns: template {name!r} has no column(s) "
-                          f"{sorted(unknown)}; its columns: {', '.join(spec.columns)}")
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-

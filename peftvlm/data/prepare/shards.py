@@ -20,10 +20,10 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from peftvlm.data import table
-from peftvlm.data.lengths import BatchCounter
+from peftvlm.data.prepare import table
+from peftvlm.data.prepare.lengths import BatchCounter
+from peftvlm.data.prepare.table import arrow_row, arrow_schema
 from peftvlm.data.rows import BadRow, BadRowReport, with_system_prompt
-from peftvlm.data.table import arrow_row, arrow_schema
 
 ROW_COLUMNS = ("row_id", "row", "images")
 ENTRY_COLUMNS = (*ROW_COLUMNS, "bad", "detail", "records")

@@ -22,8 +22,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftvlm.data.loading import make_renderer
-from peftvlm.data.readers import SourceData, parquet_row_id
+from peftvlm.data.prepare.loading import make_renderer
+from peftvlm.data.read.readers import SourceData, parquet_row_id
 from peftvlm.data.rows import BadRow, with_system_prompt
 from peftvlm.errors import DataError
 

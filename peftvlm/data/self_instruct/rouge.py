@@ -16,7 +16,7 @@ accept/reject decisions with far less work:
 Tokenisation is rouge-score's default tokenizer (lowercase, split on non-alphanumerics, optional
 Porter stemming), imported from the package itself.
 
-    python -c "from peftvlm.data.rouge import rouge_l; print(rouge_l('a red car', 'the red car'))"
+    python -c "from peftvlm.data.self_instruct.rouge import rouge_l; print(rouge_l('a red car', 'the red car'))"
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Per source: open it (`readers.py`), render each record (a template, or `messages` rows as they
 are), check its images, and count bad rows by reason. The rendered rows live in an Arrow table
 (`table.py`); large sources (>= CACHE_MIN_ROWS records) are read in shards, rendered and
-counted in `data.num_proc` processes straight into Arrow (`prepare.py`) and saved under
+counted in `data.num_proc` processes straight into Arrow (`prepare/shards.py`) and saved under
 `<cache>/prepared/<fingerprint>/` (keyed by the content of the source's files (a fast hash),
 template text, options, family box format and seed) together with their bad-row report, row
 count and the size and mtime of every image they name (`meta.json`, written last) and, per
@@ -25,18 +25,19 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftvlm.data import lengths, prepare, table
 from peftvlm.data.boxes import box_format_for
-from peftvlm.data.filtered import filtered_sources, unfiltered
-from peftvlm.data.fixtures import fixture_sources
-from peftvlm.data.formats import media_token_detail, media_token_hits, no_format_error
-from peftvlm.data.prompt_rows import detect_source_format
-from peftvlm.data.readers import open_source, take
+from peftvlm.data.prepare import lengths, table
+from peftvlm.data.prepare.filtered import filtered_sources, unfiltered
+from peftvlm.data.prepare.shards import build_entries, split_entries
+from peftvlm.data.prepare.table import Rows
+from peftvlm.data.read.fixtures import fixture_sources
+from peftvlm.data.read.formats import media_token_detail, media_token_hits, no_format_error
+from peftvlm.data.read.prompt_rows import detect_source_format
+from peftvlm.data.read.readers import open_source, take
+from peftvlm.data.read.sources import resolve_image, to_conversation
+from peftvlm.data.read.video import check_video_support
+from peftvlm.data.render.templates import TemplateRenderer, load_template, merged_options
 from peftvlm.data.rows import BadRow, BadRowReport, enforce_policy, with_system_prompt
-from peftvlm.data.sources import resolve_image, to_conversation
-from peftvlm.data.table import Rows
-from peftvlm.data.templates import TemplateRenderer, load_template, merged_options
-from peftvlm.data.video import check_video_support
 from peftvlm.errors import DataError
 from peftvlm.models import cache_dir
 
@@ -96,8 +97,8 @@ def recipe_sources(recipe):
         return data.train or [], data.eval or []
 
     if data.synthetic.name in ("colour-vqa", "colour-classes", "colour-preference"):
-        from peftvlm.data.synthetic import write_synthetic
-        from peftvlm.recipe import SourceConfig
+        from peftvlm.data.read.synthetic import write_synthetic
+        from peftvlm.recipe.schema import SourceConfig
 
         paths = write_synthetic(data.synthetic, cache_dir())
         return [SourceConfig(path=str(paths["train"]))], [SourceConfig(path=str(paths["test"]))]
@@ -151,7 +152,7 @@ def make_renderer(src, opened, data_cfg, box_format: str, base_dir: Path):
     """The template renderer this source asks for (own, recipe default, or the kind's default)."""
     name = src.template or data_cfg.template or opened.default_template
     if name is None:
-        from peftvlm.data.video import VideoOptions
+        from peftvlm.data.read.video import VideoOptions
 
         fmt = data_cfg.format if src.format in ("auto", "coco_captions", "vqav2") else src.format
         return MessagesRenderer(opened.root, fmt,
@@ -238,7 +239,7 @@ def load_source(src, data_cfg, base_dir: Path, box_format: str = "norm1",
         if loaded is None:
             loaded = render_source(opened, renderer, src, data_cfg, folder, collator)
         if collator is not None:
-            from peftvlm.data.lengths import with_lengths
+            from peftvlm.data.prepare.lengths import with_lengths
 
             on_disk = folder if folder and (folder / "meta.json").is_file() else None
             # Before counting: the processor would read such rows' text as extra media. The
@@ -253,7 +254,7 @@ def load_source(src, data_cfg, base_dir: Path, box_format: str = "norm1",
 def render_source(opened, renderer, src, data_cfg, folder: Path | None,
                   collator=None) -> SourceRows:
     """Render every record into an Arrow table. A source of fewer than CACHE_MIN_ROWS records
-    is rendered here; a larger one is built in shards (`prepare.py`), its tokens counted on
+    is rendered here; a larger one is built in shards (`prepare/shards.py`), its tokens counted on
     the way when a collator is given, and saved to `folder`."""
     records = iter(opened.records)
     head = take(records, min(src.max_samples or CACHE_MIN_ROWS, CACHE_MIN_ROWS))
@@ -277,7 +278,7 @@ def render_source(opened, renderer, src, data_cfg, folder: Path | None,
 def build_source(opened, renderer, src, data_cfg, folder: Path | None, read: tuple,
                  fmt: str, collator=None) -> SourceRows:
     """A large source rendered shard by shard in `data.num_proc` processes straight into
-    Arrow (`prepare.py`), then saved to `folder` (or, uncached, copied into memory); with a
+    Arrow (`prepare/shards.py`), then saved to `folder` (or, uncached, copied into memory); with a
     collator, with its `length` column (saved as the lengths cache a warm start reads).
     `read`: the records taken so far and the rest, for a source that cannot be split."""
     limit = src.max_samples
@@ -288,12 +289,12 @@ def build_source(opened, renderer, src, data_cfg, folder: Path | None, read: tup
         shards = [itertools.chain(head, itertools.islice(rest, limit and limit - len(head)))]
     with build_folder() as scratch:
         workdir = Path(scratch)
-        built = prepare.build_entries(shards, renderer, data_cfg.system_prompt, data_cfg.num_proc,
-                                      workdir, collator)
+        built = build_entries(shards, renderer, data_cfg.system_prompt, data_cfg.num_proc,
+                               workdir, collator)
         out = folder or workdir
         counted = lengths.lengths_file(out, lengths.collator_fingerprint(collator)) \
             if collator is not None else None
-        report, records = prepare.split_entries(built, out / table.ROWS_FILE, counted)
+        report, records = split_entries(built, out / table.ROWS_FILE, counted)
         del built
         rows = table.load(out / table.ROWS_FILE, in_memory=folder is None)
         if folder:  # rows and lengths are in place: the report completes the cache folder

@@ -1,7 +1,7 @@
 """Image-caption pairs from rendered rows (retrieval training, CLIP-score filtering).
 
-Rows come from `peftvlm.data.loading` (any reader, the `caption` template or `messages` rows);
-rows of one image are grouped, keeping each distinct caption once.
+Rows come from `peftvlm.data.prepare.loading` (any reader, the `caption` template or `messages`
+rows); rows of one image are grouped, keeping each distinct caption once.
 """
 
 from __future__ import annotations

@@ -29,10 +29,10 @@ from pydantic import Field, ValidationError, model_validator
 from peftvlm._schema import Section
 from peftvlm.data.boxes import (BOX_INPUTS, answer_text, box_text, clip_box, get_convention,
                                 read_box)
-from peftvlm.data.detection import NO_OBJECTS, image_objects
-from peftvlm.data.images import image_size
+from peftvlm.data.read.detection import NO_OBJECTS, image_objects
+from peftvlm.data.read.images import image_size
+from peftvlm.data.read.sources import resolve_image
 from peftvlm.data.rows import BadRow
-from peftvlm.data.sources import resolve_image
 from peftvlm.errors import DataError
 from peftvlm.resources import shipped_dir
 from peftvlm.safe_yaml import AliasBombError, load_yaml, regular_file_problem

@@ -1,5 +1,7 @@
-"""Object detection data: read COCO instances JSON and YOLO label folders into one record per
-image, and check an image's objects (the `detection` data template renders them).
+"""Object detection data: THE reader of COCO instances JSON and YOLO label folders (one record
+per image), and THE check of an image's objects. Both detection run kinds use them: the
+generative `detection` data template renders the records into answers, and the detector kind
+(Grounding DINO, `data/prepare/detection.py`) trains on them.
 
 A record, whatever the layout it came from (JSONL rows give the same columns themselves):
 
@@ -25,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from peftvlm.data.boxes import Box, clip_box, read_box
-from peftvlm.data.images import image_size
-from peftvlm.data.json_list import load_json
+from peftvlm.data.read.images import image_size
+from peftvlm.data.read.json_list import load_json
 from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError
 from peftvlm.safe_yaml import load_yaml

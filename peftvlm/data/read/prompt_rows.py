@@ -12,8 +12,8 @@ kept in `references`, so SFT trains on it, eval scores against all references, a
 
 from __future__ import annotations
 
-from peftvlm.data.formats import media_list, merge_inline
-from peftvlm.data.preference import detect_row_format, native_turn, prompt_turns
+from peftvlm.data.read.formats import media_list, merge_inline
+from peftvlm.data.read.preference import detect_row_format, native_turn, prompt_turns
 from peftvlm.data.rows import BadRow
 
 PROMPT_FORMAT = "trl_prompt"

@@ -24,7 +24,7 @@ left untrained (a warning says so once per template), so every trained token fol
 the context a served model is shown. Any other difference is refused, naming the template and
 the first differing characters (docs/families.md, docs/safety.md).
 
-The fast path that renders once per conversation shape instead lives in `data/shapes.py`; it
+The fast path that renders once per conversation shape instead lives in `data/render/shapes.py`; it
 is only taken where it gives this module's result.
 
 Character spans become token masks through the tokenizer's offsets, shifted past image

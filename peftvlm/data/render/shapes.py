@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import re
 
-from peftvlm.data.chat_template import (RenderedConversation, chat_template_of, cut_spans,
-                                        prefix_layouts, render_by_prefixes, template_literals)
+from peftvlm.data.render.chat_template import (RenderedConversation, chat_template_of, cut_spans,
+                                               prefix_layouts, render_by_prefixes,
+                                               template_literals)
 from peftvlm.errors import ModelError
 
 SENTINEL = "\x00{}\x00"

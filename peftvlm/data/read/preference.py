@@ -22,8 +22,8 @@ items, else all at the start of the first user turn.
 
 from __future__ import annotations
 
-from peftvlm.data.formats import (DETECT_ROWS, content_items, detect_format, expand_item,
-                                  media_list, merge_inline, sharegpt_turn)
+from peftvlm.data.read.formats import (DETECT_ROWS, content_items, detect_format, expand_item,
+                                       media_list, merge_inline, sharegpt_turn)
 from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError, RunError
 

@@ -19,8 +19,8 @@ import json
 import random
 from pathlib import Path
 
-from peftvlm.data.synthetic import COLOURS
-from peftvlm.recipe import SourceConfig
+from peftvlm.data.read.synthetic import COLOURS
+from peftvlm.recipe.schema import SourceConfig
 
 SHAPES = ("circle", "square", "triangle")
 FIXTURES = ("coco-captions", "vqav2", "refcoco", "coco-instances")

@@ -28,15 +28,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftvlm.data.filtered import FilterSettings, settings, unfiltered
-from peftvlm.data.images import load_rgb
-from peftvlm.data.loading import load_source, recipe_sources
-from peftvlm.data.pairs import pairs_from_rows
+from peftvlm.data.prepare.filtered import FilterSettings, settings, unfiltered
+from peftvlm.data.prepare.loading import load_source, recipe_sources
+from peftvlm.data.prepare.pairs import pairs_from_rows
+from peftvlm.data.read.images import load_rgb
 from peftvlm.data.rows import BadRowReport, enforce_policy
 from peftvlm.errors import DataError, RecipeError
 from peftvlm.metrics.clipscore import clip_scores_per_caption
 from peftvlm.models import load_base
-from peftvlm.recipe import ModelConfig
+from peftvlm.recipe.schema import ModelConfig
 
 LOWEST_SHOWN = 5
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftvlm.data.formats import to_native
-from peftvlm.data.images import check_image
-from peftvlm.data.preference import PREFERENCE_FORMATS, to_native_pair
-from peftvlm.data.prompt_rows import PROMPT_FORMAT, to_native_prompt
+from peftvlm.data.read.formats import to_native
+from peftvlm.data.read.images import check_image
+from peftvlm.data.read.preference import PREFERENCE_FORMATS, to_native_pair
+from peftvlm.data.read.prompt_rows import PROMPT_FORMAT, to_native_prompt
 from peftvlm.data.rows import BadRow
 from peftvlm.safe_yaml import regular_file_problem
 
@@ -102,7 +102,7 @@ def to_conversation(record, root: Path, fmt: str = "messages", video=None, resol
     if "rejected" in native:  # a preference row: the other reply to the same prompt
         row["rejected"] = native["rejected"]
     if native["videos"]:
-        from peftvlm.data.video import VideoOptions, resolve_video
+        from peftvlm.data.read.video import VideoOptions, resolve_video
 
         row["videos"] = [resolve_video(v, root, video or VideoOptions()) for v in native["videos"]]
     if "references" in native:  # a TRL prompt row's reference column (prompt_rows.py)

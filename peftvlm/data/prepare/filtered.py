@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftvlm.errors import DataError, RecipeError
-from peftvlm.recipe import SourceConfig
+from peftvlm.recipe.schema import SourceConfig
 
 
 @dataclass

@@ -6,7 +6,7 @@ Kinds (by `source.format`, else the path's suffix):
 - an image folder with one subfolder per class -> `{"image", "label"}` records;
 - `format: coco_captions`: COCO captions JSON (`images` + `annotations` lists) -> one
   `{"image", "captions", "width", "height", "image_id"}` record per image;
-- `format: coco_instances` / `format: yolo` (detection, `peftvlm.data.detection`): one
+- `format: coco_instances` / `format: yolo` (detection, `peftvlm.data.read.detection`): one
   `{"image", "boxes", "labels", "crowd", "width", "height", "categories"}` record per image;
 - `format: vqav2`: a VQAv2 questions file (`path`) + annotations file (`annotations`) -> one
   `{"image", "question", "answers", "question_id", "image_id"}` record per question; image files
@@ -36,10 +36,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from peftvlm.data.detection import (looks_like_coco_instances, looks_like_yolo,
-                                    read_coco_instances, read_yolo)
-from peftvlm.data.json_list import (json_list_shards, load_json, read_json_list, read_text,
-                                    starts_a_list)
+from peftvlm.data.read.detection import (looks_like_coco_instances, looks_like_yolo,
+                                         read_coco_instances, read_yolo)
+from peftvlm.data.read.json_list import (json_list_shards, load_json, read_json_list, read_text,
+                                         starts_a_list)
 from peftvlm.data.rows import BadRow
 from peftvlm.errors import DataError
 from peftvlm.safe_yaml import regular_file_problem

@@ -1,7 +1,7 @@
 """Turn conversations into model inputs whose labels carry loss only on the assistant's tokens.
 
 Conversations are rendered with the checkpoint's own chat template; which characters are
-replies is derived from that template (`peftvlm.data.chat_template`), then mapped onto the
+replies is derived from that template (`peftvlm.data.render.chat_template`), then mapped onto the
 processor's token ids (image tokens expanded) through the tokenizer's offsets. Families without
 a chat template (PaliGemma) provide their own `encode` hook.
 """
@@ -11,11 +11,11 @@ from __future__ import annotations
 import functools
 import itertools
 
-from peftvlm.data.chat_template import chat_template_of, shift_spans, token_mask
-from peftvlm.data.images import load_rgb
+from peftvlm.data.read.images import load_rgb
+from peftvlm.data.read.video import load_frames, metadata
+from peftvlm.data.render.chat_template import chat_template_of, shift_spans, token_mask
+from peftvlm.data.render.shapes import ShapeRenderer
 from peftvlm.data.rows import BadRow
-from peftvlm.data.shapes import ShapeRenderer
-from peftvlm.data.video import load_frames, metadata
 from peftvlm.errors import DataError
 
 IGNORE_INDEX = -100
@@ -33,7 +33,7 @@ def media_errors() -> tuple:
 
 
 def open_image(image):
-    """The RGB image the processor gets: decoded as `peftvlm.data.images.load_rgb` says (EXIF
+    """The RGB image the processor gets: decoded as `peftvlm.data.read.images.load_rgb` says (EXIF
     orientation applied, transparency on white, 16-bit scaled), from a path, bytes or PIL image."""
     return load_rgb(image)
 
