@@ -342,7 +342,7 @@ def test_a_stopped_dpo_run_resumes_from_its_checkpoint(dpo_run):
 
 @pytest.mark.slow
 def test_dpo_learns_to_prefer_the_right_colour_and_to_stop_then_exports_and_predicts(
-        dpo_run, data_cache, tmp_path, cli_in_process):
+        dpo_run, tmp_path, cli_in_process):
     """Learning proof (dpo-tiny): held-out preference accuracy from about chance to >= 0.9, and
     the greedy answer is the colour word alone (exact match, which a reply that runs on fails:
     DPO's sigmoid loss alone ranked the colours but never taught the end of turn, which both
@@ -359,8 +359,9 @@ def test_dpo_learns_to_prefer_the_right_colour_and_to_stop_then_exports_and_pred
 
     merged = cli_in_process("export", run, "--merge", "--out", tmp_path / "merged")
     assert merged.returncode == 0 and "export ok" in merged.stdout, merged.stdout[-3000:]
-    folder = next((data_cache / "data").glob("colour-preference-*/test.jsonl")).parent
-    held_out = [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()][:4]
+    source = Path(next(s["source"] for s in summary["data"]["sources"] if s["section"] == "eval"))
+    held_out = [json.loads(line) for line in source.read_text().splitlines()][:4]
+    folder = source.parent
     args = [a for row in held_out for a in ("-i", folder / row["image"])]
     answered = cli_in_process("predict", tmp_path / "merged", *args, "-o", tmp_path / "p.jsonl")
     assert answered.returncode == 0, answered.stdout[-3000:]
