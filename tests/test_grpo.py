@@ -275,28 +275,41 @@ def test_wandb_gets_a_table_of_sampled_completions_and_vllm_needs_cuda(tmp_path)
             grpo_config(vllm, tmp_path, [], None)
 
 
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    """One grpo-tiny run through the CLI serves the CLI and the resume tests: SIGTERM once its
+    step-2 checkpoint is complete, then --resume for two steps more (test_signals' check)."""
+    from test_signals import check_interrupted_then_resume, train_until_signalled
+
+    from peftvlm.cli import shipped_recipes
+
+    recipe = yaml.safe_load(shipped_recipes()["grpo-tiny"].read_text())
+    recipe["data"]["synthetic"].update(train_size=32, eval_size=4)
+    recipe["train"].update(max_steps=200, save_steps=2, logging_steps=1)
+    stopped, run, recipe_file = train_until_signalled(tmp_path_factory.mktemp("grpo"), recipe)
+    check_interrupted_then_resume(stopped, run, recipe_file)
+    return stopped, run, recipe_file
+
+
 @pytest.mark.slow
-def test_grpo_tiny_trains_through_the_cli_and_preview_shows_references(tmp_path, cli):
+def test_grpo_tiny_trains_through_the_cli_and_preview_shows_references(grpo_run,
+                                                                       cli_in_process):
     """The user's path: `peftvlm train recipes/grpo-tiny.yaml` writes a run folder whose
     summary holds each reward's logged mean; `data preview` shows the rollout prompt and the
     references the rewards compare with."""
     import json
 
-    run = tmp_path / "run"
-    res = cli("train", "recipes/grpo-tiny.yaml", "-o", run, "train.max_steps=2",
-              "train.logging_steps=1", "data.synthetic.train_size=16",
-              "data.synthetic.eval_size=4")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "grpo: rewards exact_match x 1, length x 0.1" in res.stdout
+    stopped, run, recipe_file = grpo_run
+    assert "grpo: rewards exact_match x 1, length x 0.1" in stopped.stdout
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["global_step"] == 2 and (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "adapter" / "adapter_config.json").is_file()
     rewards = summary["grpo"]["rewards"]
     assert set(rewards) == {"exact_match", "length"}
     assert all(math.isfinite(v) for v in rewards.values())
-    assert len(summary["grpo"]["reward_curve"]) == 2
-    shown = cli("data", "preview", "recipes/grpo-tiny.yaml", "-n", "1",
-                "data.synthetic.train_size=16", "data.synthetic.eval_size=4")
-    assert shown.returncode == 0, shown.stderr[-3000:]
+    curve = summary["grpo"]["reward_curve"]  # logged every step, before and after the resume
+    assert len(curve) >= 2 and curve[-1][0] == summary["global_step"]
+    shown = cli_in_process("data", "preview", recipe_file, "-n", "1")
+    assert shown.returncode == 0, shown.stdout[-3000:]
     assert "GRPO prompt" in shown.stdout and "What color is the shape?" in shown.stdout
     assert "references:" in shown.stdout and "ASSISTANT:" in shown.stdout
 
@@ -350,25 +363,17 @@ def test_trl_prompt_rows_are_read_with_their_reference_column(tmp_path, cli_in_p
 
 
 @pytest.mark.slow
-def test_a_stopped_grpo_run_resumes_from_its_checkpoint_and_evaluates(tmp_path):
+def test_a_stopped_grpo_run_resumes_from_its_checkpoint_and_evaluates(grpo_run, cli_in_process):
     """SIGTERM mid-run saves a complete checkpoint; --resume finishes from it (TRL's GRPO
-    state and the rollout sampler restored), and `peftvlm eval` scores the run's adapter."""
+    state and the rollout sampler restored: checked by the fixture), and `peftvlm eval` scores
+    the run's adapter."""
     import json
 
-    from test_signals import check_interrupted_then_resume, train_until_signalled
-
-    from conftest import run_cli
-    from peftvlm.cli import shipped_recipes
-
-    recipe = yaml.safe_load(shipped_recipes()["grpo-tiny"].read_text())
-    recipe["data"]["synthetic"].update(train_size=32, eval_size=4)
-    recipe["train"].update(max_steps=200, save_steps=2, logging_steps=1)
-    result, run, recipe_file = train_until_signalled(tmp_path, recipe)
-    check_interrupted_then_resume(result, run, recipe_file)
+    _, run, recipe_file = grpo_run
     summary = json.loads((run / "summary.json").read_text())
     assert summary["grpo"]["reward_curve"] and (run / "adapter" / "adapter_config.json").is_file()
-    res = run_cli("eval", recipe_file, "--run", run, "--split", "test")
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = cli_in_process("eval", recipe_file, "--run", run, "--split", "test")
+    assert res.returncode == 0, res.stdout[-3000:]
     assert "exact_match" in res.stdout
 
 
@@ -389,3 +394,20 @@ def test_grpo_rows_take_paths_bytes_and_pil_images_and_keep_references(tmp_path)
     assert dataset[0]["prompt"][-1]["role"] == "user"  # the answer is not in the prompt
     assert [dataset[i]["references"] for i in range(3)] == [["red"], ["green"], ["blue", "navy"]]
     assert dataset[0]["box_format"] == "norm1" and dataset[0]["row_id"] == "rows.jsonl:1"
+
+
+def test_a_completion_budget_shorter_than_the_references_is_warned(tmp_path):
+    """Grounding's first GRPO runs learnt nothing: a norm1 box is 17 tokens of the tiny
+    tokenizer, max_completion_length was 16, every rollout was cut, every reward 0."""
+    from peftvlm.models import load_processor_only
+    from peftvlm.recipe.schema import ModelConfig
+    from peftvlm.trainers.objectives.grpo import completion_too_short
+
+    processor, _ = load_processor_only(ModelConfig(id="tiny-llava"))
+    rows = image_rows(tmp_path, 3)
+    for row in rows:
+        row["messages"][-1]["content"] = [{"type": "text", "text": "[0.1, 0.5, 0.5, 0.8]"}]
+    warning = completion_too_short(rows, processor.tokenizer, 16)
+    assert "max_completion_length 16 is shorter than the references (median 18 tokens" in warning
+    assert "raise it to at least 18" in warning
+    assert completion_too_short(rows, processor.tokenizer, 18) is None

@@ -15,7 +15,28 @@ from __future__ import annotations
 import re
 
 from peftvlm.errors import DataError
+from peftvlm.recipe.schema import GRPOConfig as GRPOSettings
 from peftvlm.trainers.objectives.refusals import Refusals
+
+
+def completion_too_short(rows, tokenizer, max_completion_length: int,
+                         sample: int = 64) -> str | None:
+    """Why the rollouts would be cut before they could match their references (the median
+    reference of the first `sample` rows, plus the end of turn, longer than
+    `max_completion_length`), or None. A cut reply holds no whole box or answer, so box,
+    format and exact-match rewards score every reply of a group 0: no advantage, no learning
+    (a norm1 box is ~17 tokens with the tiny tokenizer)."""
+    from peftvlm.eval.generate import row_references  # lazy: imports torch
+
+    lengths = sorted(len(tokenizer(row_references(rows[i])[0], add_special_tokens=False)
+                         ["input_ids"]) + 1 for i in range(min(len(rows), sample)))
+    if not lengths or lengths[len(lengths) // 2] <= max_completion_length:
+        return None
+    median = lengths[len(lengths) // 2]
+    return (f"train.grpo.max_completion_length {max_completion_length} is shorter than the "
+            f"references (median {median} tokens with the end of turn): rollouts are cut before "
+            "they can match, and box, format or exact-match rewards score cut replies 0, so "
+            f"groups tie and GRPO gets no signal; raise it to at least {median}")
 
 
 class GRPOObjective:
@@ -59,6 +80,11 @@ class GRPOObjective:
                                 recipe.train.allow_custom_rewards)
         log("grpo: rewards " + ", ".join(f"{f.__name__} x {s.weight:g}"
                                          for f, s in zip(rewards, recipe.train.rewards)))
+        settings = recipe.train.grpo or GRPOSettings()
+        short = completion_too_short(data.train, processor.tokenizer,
+                                     settings.max_completion_length)
+        if short:
+            log(f"warning: {short}")
         return build_grpo_trainer(recipe, model, processor, collator.family, data.train, run_dir,
                                   report_to, sharding, callbacks, rewards)
 
