@@ -16,10 +16,21 @@ model, the adapter, the optimiser and the step. The heads:
 - `unfused`: the model's own forward with `labels` (transformers' full-vocabulary
   cross-entropy): what TRL did before 1.16.
 
+`--objectives dpo,grpo` measures one training step of TRL's own DPOTrainer / GRPOTrainer as
+`peftvlm train` runs them (our subclasses: the reference is the base with the adapter disabled),
+text-only, on the same twin, beside `plan`'s estimate for a recipe with that objective:
+
+- `dpo`: one pair, chosen and rejected of `--tokens`/2 tokens each (prompt + reply): the
+  policy's forward and backward over both, and the reference forward (no grad);
+- `grpo`: `GRPO_COMPLETIONS` completions of one prompt (beta 0.04: the reference forward runs),
+  `--tokens`/`GRPO_COMPLETIONS` tokens each, a quarter of them generated (the random twin
+  never samples its end token, so every completion reaches max_completion_length).
+
 Also prints `peftvlm plan`'s estimate (`peak_allocated`, fp32 on CPU) of the same step for the
 twin, per head. CPU load does not change these figures (they are bytes, not seconds).
 
     python scripts/bench_memory.py [--tokens 2048] [--vocab 151680] [--hidden 128] [--json]
+    python scripts/bench_memory.py --heads "" --objectives dpo,grpo [--tokens 2048]
 """
 
 from __future__ import annotations
@@ -37,6 +48,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 HEADS = ("fused", "logits", "unfused")
+OBJECTIVES = ("dpo", "grpo")
+GRPO_COMPLETIONS = 4
 MIB = 1024 ** 2
 
 
@@ -82,28 +95,46 @@ def save_twin(folder: Path, vocab: int, hidden: int) -> Path:
     return folder
 
 
-def recipe_for(folder: Path, tokens: int):
+def recipe_for(folder: Path, tokens: int, objective: str = "sft"):
+    """The bench's recipe: LoRA r16 on the twin, batch 1 (DPO: one pair; GRPO:
+    `GRPO_COMPLETIONS` completions of one prompt, a quarter of `tokens` generated)."""
     from peftvlm.recipe import validate_recipe_dict
 
+    train = {"per_device_train_batch_size": 1, "max_length": tokens,
+             "gradient_checkpointing": False, "objective": objective}
+    if objective == "grpo":
+        train.update(per_device_train_batch_size=GRPO_COMPLETIONS, rewards=[{"name": "length"}],
+                     grpo={"num_generations": GRPO_COMPLETIONS, "beta": 0.04,
+                           "max_completion_length": grpo_lengths(tokens)[1]})
     return validate_recipe_dict({
         "name": "bench-memory", "model": {"id": str(folder), "dtype": "float32"},
         "method": {"name": "lora", "r": 16, "lora_dropout": 0.0},
         "data": {"synthetic": {"name": "colour-vqa", "train_size": 8, "eval_size": 2}},
-        "train": {"per_device_train_batch_size": 1, "max_length": tokens,
-                  "gradient_checkpointing": False}})
+        "train": train})
 
 
-def plan_estimate(folder: Path, tokens: int, unfused: bool) -> dict:
-    """`peftvlm plan`'s step estimate for the twin (text only, `tokens` per row)."""
+def grpo_lengths(tokens: int) -> tuple[int, int]:
+    """(prompt, completion) tokens of each GRPO completion: `tokens` over the group, a quarter
+    of each sequence generated."""
+    per_sequence = tokens // GRPO_COMPLETIONS
+    return per_sequence - per_sequence // 4, per_sequence // 4
+
+
+def plan_estimate(folder: Path, tokens: int, unfused: bool, objective: str = "sft",
+                  row_tokens: int | None = None) -> dict:
+    """`peftvlm plan`'s step estimate for the twin (text only, `row_tokens` per row: the
+    prompt for GRPO; by default `tokens`), through plan's own objective arithmetic."""
     from peftvlm import memory, plan
 
-    recipe = recipe_for(folder, tokens)
+    recipe = recipe_for(folder, tokens, objective)
     source = plan.find_config(recipe.model)
     model, config, family, _ = plan.build_on_meta(recipe, source)
     shape, _ = plan.model_shape(recipe, model, config, family)
     shape.unfused_lm_head = unfused
-    work = memory.Workload(batch_size=1, seq_len=tokens, optim=recipe.train.optim,
-                           device="cpu")
+    seq = row_tokens or tokens
+    work = memory.Workload(**{"batch_size": recipe.train.per_device_train_batch_size,
+                              "seq_len": seq, "optim": recipe.train.optim, "device": "cpu",
+                              **plan.objective_workload(recipe.train, seq)})
     return memory.estimate(shape, work)
 
 
@@ -146,6 +177,71 @@ def measure(head: str, folder: Path, tokens: int) -> dict:
             "params": sum(p.numel() for p in model.parameters())}
 
 
+def repeated(word: str, n: int, tokenizer) -> str:
+    """`word` n times: n tokens (checked: the tokenizer keeps " a" whole)."""
+    text = word * n
+    assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == n, word
+    return text
+
+
+def measure_objective(objective: str, folder: Path, tokens: int) -> dict:
+    """One step of peftvlm's DPO / GRPO trainer (TRL's, subclassed) on the twin, text only;
+    bytes above the post-import baseline, and the tokens a row really had."""
+    import tempfile
+
+    import torch
+    import trl
+    from datasets import Dataset
+
+    from peftvlm.models import detect_family, load_processor, model_class
+    from peftvlm.registry import get_method
+    from peftvlm.trainers.objectives.dpo_trainer import DPOTrainer
+    from peftvlm.trainers.objectives.grpo_trainer import GRPOTrainer
+
+    torch.manual_seed(0)
+    recipe = recipe_for(folder, tokens, objective)
+    family = detect_family(str(folder), recipe.model)
+    processor = load_processor(str(folder), recipe.model, family)
+    tokenizer = processor.tokenizer
+    config = twin_config(*json.loads(os.environ["BENCH_TWIN"]))
+    baseline = current_rss()
+    model = get_method("lora").apply(model_class(family).from_config(config), family,
+                                     recipe.method, quantized=False,
+                                     gradient_checkpointing=False)
+    common = {"output_dir": tempfile.mkdtemp(prefix="bench-memory-run-"), "use_cpu": True,
+              "max_steps": 1, "report_to": [], "save_strategy": "no", "disable_tqdm": True,
+              "logging_steps": 1}
+    if objective == "dpo":
+        half = tokens // 2  # each sequence: a quarter prompt, the rest the reply and its end
+        reply = half - half // 4 - 1
+        row = {"prompt": repeated(" a", half // 4, tokenizer),
+               "chosen": repeated(" b", reply, tokenizer),
+               "rejected": repeated(" c", reply, tokenizer)}
+        args = trl.DPOConfig(per_device_train_batch_size=1, max_length=None, **common)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list([row] * 2),
+                             processing_class=tokenizer)
+        batch = trainer.data_collator([trainer.train_dataset[0]])
+        row_tokens = batch["input_ids"].shape[1]
+    else:
+        prompt_len, completion_len = grpo_lengths(tokens)
+        grpo = recipe.train.grpo
+        args = trl.GRPOConfig(per_device_train_batch_size=GRPO_COMPLETIONS,
+                              num_generations=grpo.num_generations, beta=grpo.beta,
+                              max_completion_length=completion_len, **common)
+        row = {"prompt": repeated(" a", prompt_len, tokenizer)}
+        trainer = GRPOTrainer(model=model, args=args, train_dataset=Dataset.from_list([row] * 8),
+                              processing_class=processor,
+                              reward_funcs=[lambda completions, **_: [0.0] * len(completions)])
+        row_tokens = prompt_len
+    trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    logged = trainer.state.log_history[0]
+    if objective == "grpo":  # every completion ran to max_completion_length
+        assert logged["completions/min_length"] == grpo_lengths(tokens)[1], logged
+    return {"objective": objective, "peak_bytes": peak - baseline, "loss": logged["loss"],
+            "row_tokens": int(row_tokens)}
+
+
 def run_child(head: str, folder: Path, tokens: int, vocab: int, hidden: int) -> dict:
     env = {**os.environ, "BENCH_TWIN": json.dumps([vocab, hidden]), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
@@ -157,8 +253,8 @@ def run_child(head: str, folder: Path, tokens: int, vocab: int, hidden: int) -> 
 
 
 def compare(tokens: int = 2048, vocab: int = 151_680, hidden: int = 128,
-            heads=HEADS) -> dict:
-    """Measured peak and plan's estimate per head."""
+            heads=HEADS, objectives=()) -> dict:
+    """Measured peak and plan's estimate per head (an SFT step) and per objective."""
     folder = save_twin(Path(tempfile.mkdtemp(prefix="bench-memory-")) / "twin", vocab, hidden)
     results = {}
     for head in heads:
@@ -166,6 +262,13 @@ def compare(tokens: int = 2048, vocab: int = 151_680, hidden: int = 128,
         estimate = plan_estimate(folder, tokens, unfused=head != "fused")
         results[head] = {**measured, "plan_bytes": estimate["peak_allocated"],
                          "plan_parts": estimate["parts"]}
+    for objective in objectives:
+        measured = run_child(objective, folder, tokens, vocab, hidden)
+        estimate = plan_estimate(folder, tokens, unfused=False, objective=objective,
+                                 row_tokens=measured["row_tokens"])
+        results[objective] = {**measured, "plan_bytes": estimate["peak_allocated"],
+                              "plan_parts": estimate["parts"],
+                              "plan_phases": estimate["phases"]}
     return results
 
 
@@ -175,25 +278,32 @@ def main():
     parser.add_argument("--vocab", type=int, default=151_680)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", default=",".join(HEADS))
+    parser.add_argument("--objectives", default="", help="also dpo and/or grpo (comma-separated)")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--child", choices=HEADS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=HEADS + OBJECTIVES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child in OBJECTIVES:
+        print(json.dumps(measure_objective(args.child, Path(args.folder), args.tokens)))
+        return
     if args.child:
         print(json.dumps(measure(args.child, Path(args.folder), args.tokens)))
         return
     os.environ.setdefault("PEFTVLM_CACHE", str(Path.home() / ".cache" / "peftvlm"))
-    results = compare(args.tokens, args.vocab, args.hidden, args.heads.split(","))
+    results = compare(args.tokens, args.vocab, args.hidden,
+                      [h for h in args.heads.split(",") if h],
+                      [o for o in args.objectives.split(",") if o])
     if args.json:
         print(json.dumps(results))
         return
     print(f"twin: vocab {args.vocab:,}, hidden {args.hidden}, 2 layers; {args.tokens} tokens, "
           "batch 1, LoRA r16, AdamW, fp32 on CPU")
-    print("| head | measured peak MiB | plan MiB | plan / measured | vs unfused | loss |")
+    print("| head / objective | measured peak MiB | plan MiB | plan / measured | vs unfused "
+          "| loss |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     unfused = results.get("unfused", {}).get("peak_bytes")
     for head, r in results.items():
-        ratio = f"{r['peak_bytes'] / unfused:.2f}" if unfused else "-"
+        ratio = f"{r['peak_bytes'] / unfused:.2f}" if unfused and head in HEADS else "-"
         print(f"| {head} | {r['peak_bytes'] / MIB:.0f} | {r['plan_bytes'] / MIB:.0f} | "
               f"{r['plan_bytes'] / r['peak_bytes']:.2f} | {ratio} | {r['loss']:.4f} |")
 
