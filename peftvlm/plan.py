@@ -351,10 +351,13 @@ def suggestions(recipe, shape, work, result, target, images) -> list[dict]:
                  "frozen_params_4bit": quantizable}):
             return out
     if images and images["tokens"] * images["per_row"] > work.seq_len // 4:
-        shorter = max(256, work.seq_len // 2)
+        reply = work.seq_len - work.prompt_len if work.prompt_len else 0  # GRPO's completions
+        shorter = max(256, (work.seq_len - reply) // 2)
+        prompt = {"prompt_len": shorter} if reply else {}
         if step("fewer image tokens: smaller images (the image processor's max_pixels / "
                 "size) and shorter rows", f"train.max_length={shorter}",
-                work_changes={"seq_len": shorter, "vision_patches": work.vision_patches // 4}):
+                work_changes={"seq_len": shorter + reply, **prompt,
+                              "vision_patches": work.vision_patches // 4}):
             return out
     for n in (2, 4, 8):
         if work.gpus < n:

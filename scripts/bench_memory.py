@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,20 @@ HEADS = ("fused", "logits", "unfused")
 OBJECTIVES = ("dpo", "grpo")
 GRPO_COMPLETIONS = 4
 MIB = 1024 ** 2
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size since start or the last `reset_peak_rss`, in bytes
+    (Linux: VmHWM)."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
+
+
+def reset_peak_rss() -> None:
+    """Start the peak (VmHWM) afresh from the current RSS (Linux >= 4.0: clear_refs 5), so one
+    process can measure several steps one after another."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def current_rss() -> int:
@@ -172,7 +185,7 @@ def measure(head: str, folder: Path, tokens: int) -> dict:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     return {"head": head, "peak_bytes": peak - baseline, "loss": float(loss),
             "params": sum(p.numel() for p in model.parameters())}
 
@@ -234,12 +247,30 @@ def measure_objective(objective: str, folder: Path, tokens: int) -> dict:
                               reward_funcs=[lambda completions, **_: [0.0] * len(completions)])
         row_tokens = prompt_len
     trainer.train()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     logged = trainer.state.log_history[0]
     if objective == "grpo":  # every completion ran to max_completion_length
         assert logged["completions/min_length"] == grpo_lengths(tokens)[1], logged
     return {"objective": objective, "peak_bytes": peak - baseline, "loss": logged["loss"],
             "row_tokens": int(row_tokens)}
+
+
+def measure_in_turn(steps: list[tuple[str, int]], folder: Path) -> dict:
+    """Several (head or objective, tokens) steps in this process, one after another, each on a
+    model of its own: everything of a step is freed, given back to the OS (malloc_trim) and
+    the peak reset before the next, which saves a child's imports per step (the test's cheap
+    path; the benchmark keeps one process per step)."""
+    import ctypes
+    import gc
+
+    results = {}
+    for name, tokens in steps:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # what the last step freed goes back to the OS
+        reset_peak_rss()
+        run = measure_objective if name in OBJECTIVES else measure
+        results[name] = run(name, folder, tokens)
+    return results
 
 
 def run_child(head: str, folder: Path, tokens: int, vocab: int, hidden: int) -> dict:
@@ -252,19 +283,39 @@ def run_child(head: str, folder: Path, tokens: int, vocab: int, hidden: int) -> 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def measured_in_one_child(steps: list[tuple[str, int]], folder: Path, vocab: int,
+                          hidden: int) -> dict:
+    env = {**os.environ, "BENCH_TWIN": json.dumps([vocab, hidden]), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, __file__, "--in-turn", json.dumps(steps),
+                          "--folder", str(folder)], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"child failed\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def compare(tokens: int = 2048, vocab: int = 151_680, hidden: int = 128,
-            heads=HEADS, objectives=()) -> dict:
-    """Measured peak and plan's estimate per head (an SFT step) and per objective."""
+            heads=HEADS, objectives=(), objective_tokens: int | None = None,
+            one_child: bool = False) -> dict:
+    """Measured peak and plan's estimate per head (an SFT step of `tokens`) and per objective
+    (`objective_tokens` through the policy, by default `tokens`); each step in a child process
+    of its own, or with `one_child` all in one, in turn."""
     folder = save_twin(Path(tempfile.mkdtemp(prefix="bench-memory-")) / "twin", vocab, hidden)
+    objective_tokens = objective_tokens or tokens
+    steps = [(h, tokens) for h in heads] + [(o, objective_tokens) for o in objectives]
+    if one_child:
+        done = measured_in_one_child(steps, folder, vocab, hidden)
+    else:
+        done = {name: run_child(name, folder, n, vocab, hidden) for name, n in steps}
     results = {}
     for head in heads:
-        measured = run_child(head, folder, tokens, vocab, hidden)
+        measured = done[head]
         estimate = plan_estimate(folder, tokens, unfused=head != "fused")
         results[head] = {**measured, "plan_bytes": estimate["peak_allocated"],
                          "plan_parts": estimate["parts"]}
     for objective in objectives:
-        measured = run_child(objective, folder, tokens, vocab, hidden)
-        estimate = plan_estimate(folder, tokens, unfused=False, objective=objective,
+        measured = done[objective]
+        estimate = plan_estimate(folder, objective_tokens, unfused=False, objective=objective,
                                  row_tokens=measured["row_tokens"])
         results[objective] = {**measured, "plan_bytes": estimate["peak_allocated"],
                               "plan_parts": estimate["parts"],
@@ -282,7 +333,11 @@ def main():
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", choices=HEADS + OBJECTIVES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--in-turn", help=argparse.SUPPRESS)  # JSON [[step, tokens], ...]
     args = parser.parse_args()
+    if args.in_turn:
+        print(json.dumps(measure_in_turn(json.loads(args.in_turn), Path(args.folder))))
+        return
     if args.child in OBJECTIVES:
         print(json.dumps(measure_objective(args.child, Path(args.folder), args.tokens)))
         return

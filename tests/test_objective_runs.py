@@ -1,6 +1,7 @@
-"""Everything else works on DPO and GRPO runs: a run of each objective (trained once, one step)
-is exported merged and verified, predicted from and served (one chat completion), each through
-the CLI. (The learning proofs, guards and resume are in test_dpo.py / test_grpo.py.)"""
+"""Everything else works on DPO and GRPO runs, through the CLI: a GRPO run (trained once, one
+step) is exported merged and verified, predicted from and served (one chat completion); a DPO
+run (one step) is served (test_dpo.py exports and predicts one). The learning proofs, guards
+and resume are in test_dpo.py / test_grpo.py."""
 
 from __future__ import annotations
 
@@ -67,12 +68,39 @@ def image(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("objective", sorted(RUNS))
-def test_a_run_is_exported_merged_predicted_and_served(objective, trained, image, tmp_path,
-                                                      cli_in_process):
+def ask_served(folder, image) -> dict:
+    """`peftvlm serve FOLDER` (the real entry point), one chat completion with an image; the
+    reply's JSON."""
     import httpx
 
-    run, merged = trained(objective), tmp_path / "merged"
+    port = free_port()
+    server = serve_process(folder, port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(server, url, timeout=300)  # a loaded machine starts it slowly
+        reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "model": folder.name, "max_tokens": 3, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": data_url(image)}},
+                {"type": "text", "text": QUESTION}]}]})
+        assert reply.status_code == 200, (reply.text, server_output(server)[-2000:])
+        return reply.json()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def assert_one_completion(reply: dict) -> None:
+    choice = reply["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str)  # one step from random weights
+    assert choice["finish_reason"] in ("stop", "length")
+    assert reply["usage"]["prompt_tokens"] > 16  # the image's tokens + the question
+
+
+@pytest.mark.slow
+def test_a_grpo_run_is_exported_merged_predicted_and_served(trained, image, tmp_path,
+                                                           cli_in_process):
+    run, merged = trained("grpo"), tmp_path / "merged"
     exported = cli_in_process("export", run, "--merge", "--out", merged)
     assert exported.returncode == 0 and "export ok" in exported.stdout, exported.stderr[-3000:]
     report = json.loads((merged / "export_report.json").read_text())
@@ -88,21 +116,11 @@ def test_a_run_is_exported_merged_predicted_and_served(objective, trained, image
     assert answer["prompt"] == QUESTION  # the run's own question, from its held-out data
     assert isinstance(answer["answer"], str)  # one step from random weights: any text
 
-    port = free_port()
-    server = serve_process(merged, port)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(server, url, timeout=300)  # a loaded machine starts it slowly
-        reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-            "model": merged.name, "max_tokens": 3, "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": data_url(image)}},
-                {"type": "text", "text": QUESTION}]}]})
-        assert reply.status_code == 200, (reply.text, server_output(server)[-2000:])
-        choice = reply.json()["choices"][0]
-        assert choice["message"]["role"] == "assistant"
-        assert isinstance(choice["message"]["content"], str)
-        assert choice["finish_reason"] in ("stop", "length")
-        assert reply.json()["usage"]["prompt_tokens"] > 16  # the image's tokens + the question
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    assert_one_completion(ask_served(merged, image))
+
+
+@pytest.mark.slow
+def test_a_dpo_run_is_served(trained, image):
+    """test_dpo.py exports a DPO run merged and predicts from it; serving is what it leaves:
+    here the run folder itself (its adapter on the base)."""
+    assert_one_completion(ask_served(trained("dpo"), image))
