@@ -78,8 +78,9 @@ def ask_served(folder, image) -> dict:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(server, url, timeout=300)  # a loaded machine starts it slowly
+        model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
         reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-            "model": folder.name, "max_tokens": 3, "messages": [{"role": "user", "content": [
+            "model": model, "max_tokens": 3, "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": data_url(image)}},
                 {"type": "text", "text": QUESTION}]}]})
         assert reply.status_code == 200, (reply.text, server_output(server)[-2000:])
