@@ -491,8 +491,9 @@ def demo(
                                       help="Show the base model's answer beside the "
                                            "fine-tuned one."),
 ):
-    """A web demo (Gradio): upload an image, see the fine-tuned and the base answer (retrieval
-    runs: rank your captions for it)."""
+    """A web demo (Gradio): upload an image, see the fine-tuned and the base answer (CLIP
+    family: class probabilities; retrieval: your captions ranked; grounding and detection
+    runs: boxes drawn on the image)."""
     from peftvlm.serving import require_serve_extra
 
     require_serve_extra("demo", "gradio")

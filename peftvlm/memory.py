@@ -34,10 +34,10 @@ ASSUMPTIONS = [
     "gradient checkpointing one layer input per layer plus one layer recomputed",
     "every row padded to the longest allowed (train.max_length) unless --text-tokens is given",
     "the loss head: TRL's fused LM head (every family but those with "
-    "`FamilySpec.unfused_lm_head`) projects at most 4,096 tokens x 32,768 vocabulary entries at "
-    "a time (one tile buffer, forward and backward) plus fp32 per-token statistics and the fp32 "
-    "gradient of the last hidden state; families on the logits head (BLIP-2) hold the full "
-    "logits, their log-softmax and their gradient (3 x tokens x vocabulary)",
+    "`FamilySpec.unfused_lm_head`) projects at most 4,096 tokens x 32,768 vocabulary entries "
+    "(4,096 on CPU) at a time (one tile buffer with Triton, ~5 on CPU) plus fp32 per-token "
+    "statistics and the fp32 gradient of the last hidden state; families on the logits head "
+    "(BLIP-2) hold the full logits, their log-softmax and their gradient (3 x tokens x vocabulary)",
     "a frozen vision tower keeps no activations (one layer's worth is live while it runs)",
     "FSDP / ZeRO-3 divide weights, gradients and optimizer states by the GPU count (plus one "
     "gathered layer); ZeRO-2 divides gradients and optimizer states; DDP divides nothing",
@@ -120,30 +120,35 @@ def layer_activation_values(s: Shape) -> int:
             + s.adapter_inputs_per_layer)
 
 
-# trl.kernels.chunked_logprob: TOKEN_CHUNK_SIZE and the vocabulary chunk SFTTrainer passes
-FUSED_TOKEN_TILE, FUSED_VOCAB_TILE = 4096, 32768
-# Without Triton (CPU) TRL folds each tile with whole-tile torch ops: at the peak of its backward
-# the projection buffer, its fp32 scaled copy, z, log p, p, the gradient, the target mask (bool,
-# a quarter) and two temporaries of the gradient's update are live: ~9 fp32 tiles (measured 8.5
-# on the large-vocabulary twin, scripts/bench_memory.py). With Triton (GPU) the tile is folded
-# in place: one buffer.
-FUSED_TILES = {"cuda": 1.0, "cpu": 9.0}
-# A forward without grad (a reference's log-probabilities) folds tiles only forwards: on CPU
-# the projection buffer, z, its shifted copy, exp(z) and e * z (trl.kernels.chunked_logprob.
-# _forward_tile): ~5 fp32 tiles; on a GPU one.
-FUSED_FORWARD_TILES = {"cuda": 1.0, "cpu": 5.0}
+# trl.kernels.chunked_logprob's TOKEN_CHUNK_SIZE, and the vocabulary chunk per device: TRL's
+# 32,768 with its Triton kernel (GPU), which folds a tile in place (one buffer). On CPU
+# `trainers.lm_head.fit_fused_head` gives TRL 4,096-entry chunks and folds them in place
+# (`trainers.cpu_fold`: the projection buffer, the scaled logits and their exponentials live
+# at once, 3 tiles); the peak RSS above the rest of the step measured 4.3-6.3 tiles' worth
+# over four runs on the large-vocabulary twin (scripts/bench_memory.py: glibc keeps some
+# freed ~32 MiB tiles), so 5 are counted. TRL's own CPU fallback kept ~9 tiles of 32,768
+# (2.3 GiB at 2k tokens).
+FUSED_TOKEN_TILE = 4096
+FUSED_VOCAB_TILE = {"cuda": 32768, "cpu": 4096}
+FUSED_TILES = {"cuda": 1.0, "cpu": 5.0}
+# A forward without grad (a reference's log-probabilities) holds the forward's tiles only: on a
+# GPU one; on CPU, folded in place (`cpu_fold`), the projection buffer, the scaled logits and
+# their exponentials (3 tiles).
+FUSED_FORWARD_TILES = {"cuda": 1.0, "cpu": 3.0}
 
 
 def loss_head_bytes(s: Shape, tokens: int, a: int, device: str = "cuda") -> float:
-    """Bytes the loss head adds at its peak (the backward pass). TRL's fused head keeps one
-    projection tile (reused tile by tile, allocated again in backward; `FUSED_TILES` of them on
-    CPU), a few fp32 values per token (log-normaliser, entropy, target logit, running sums) and
-    the fp32 gradient of the hidden states it projects; the logits head keeps the logits, the
-    fp32 log-softmax saved for backward and the logits' fp32 gradient."""
+    """Bytes the loss head adds at its peak. TRL's fused head keeps one projection tile
+    (reused tile by tile, allocated again in backward; `FUSED_TILES` of them on CPU, with
+    narrower chunks: `FUSED_VOCAB_TILE`), a few fp32 values per token (log-normaliser,
+    entropy, target logit, running sums) and the fp32 gradient of the hidden states it
+    projects; the logits head keeps the logits, the fp32 log-softmax saved for backward and
+    the logits' fp32 gradient."""
     if s.unfused_lm_head:
         return tokens * s.vocab * (a + 4 + 4)
     tile_bytes = a if device == "cuda" else 4  # the CPU fallback folds in fp32
-    tile = min(tokens, FUSED_TOKEN_TILE) * min(s.vocab, FUSED_VOCAB_TILE) * tile_bytes
+    vocab_tile = FUSED_VOCAB_TILE.get(device, FUSED_VOCAB_TILE["cuda"])
+    tile = min(tokens, FUSED_TOKEN_TILE) * min(s.vocab, vocab_tile) * tile_bytes
     return tile * FUSED_TILES.get(device, 1.0) + tokens * (8 * 4 + 2 * s.hidden * 4)
 
 
@@ -154,7 +159,8 @@ def loss_head_forward_bytes(s: Shape, tokens: int, a: int, device: str = "cuda")
     if s.unfused_lm_head:
         return tokens * s.vocab * (a + 4)
     tile_bytes = a if device == "cuda" else 4
-    tile = min(tokens, FUSED_TOKEN_TILE) * min(s.vocab, FUSED_VOCAB_TILE) * tile_bytes
+    vocab_tile = FUSED_VOCAB_TILE.get(device, FUSED_VOCAB_TILE["cuda"])
+    tile = min(tokens, FUSED_TOKEN_TILE) * min(s.vocab, vocab_tile) * tile_bytes
     return tile * FUSED_FORWARD_TILES.get(device, 1.0) + tokens * 8 * 4
 
 

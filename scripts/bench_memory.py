@@ -9,8 +9,10 @@ peak RSS (`ru_maxrss`) minus its RSS once torch/transformers/trl are imported, s
 model, the adapter, the optimiser and the step. The heads:
 
 - `fused`: TRL 1.16's `add_fused_lm_head` with the outputs SFTTrainer asks for
-  (log_probs, entropy, is_top1) and SFTTrainer's loss from `log_probs`: what `peftvlm train`
-  runs for every family but BLIP-2.
+  (log_probs, entropy, is_top1) and SFTTrainer's loss from `log_probs`, fitted to the CPU as
+  `peftvlm train` fits it (`trainers.lm_head.fit_fused_head`: in-place tile folds, 4,096-entry
+  vocabulary chunks; `--trl-head` keeps TRL's own): what `peftvlm train` runs for every
+  family but BLIP-2.
 - `logits`: our logits head (`peftvlm.trainers.lm_head`, BLIP-2's): the model's own logits,
   then TRL's outputs from them.
 - `unfused`: the model's own forward with `labels` (transformers' full-vocabulary
@@ -29,7 +31,8 @@ text-only, on the same twin, beside `plan`'s estimate for a recipe with that obj
 Also prints `peftvlm plan`'s estimate (`peak_allocated`, fp32 on CPU) of the same step for the
 twin, per head. CPU load does not change these figures (they are bytes, not seconds).
 
-    python scripts/bench_memory.py [--tokens 2048] [--vocab 151680] [--hidden 128] [--json]
+    python scripts/bench_memory.py [--tokens 2048] [--vocab 151680] [--hidden 128] [--trl-head]
+                                   [--json]
     python scripts/bench_memory.py --heads "" --objectives dpo,grpo [--tokens 2048]
 """
 
@@ -159,7 +162,7 @@ def measure(head: str, folder: Path, tokens: int) -> dict:
 
     from peftvlm.models import detect_family, model_class
     from peftvlm.registry import get_method
-    from peftvlm.trainers.lm_head import use_logits_head
+    from peftvlm.trainers.lm_head import fit_fused_head, use_logits_head
 
     torch.manual_seed(0)
     recipe = recipe_for(folder, tokens)
@@ -169,6 +172,8 @@ def measure(head: str, folder: Path, tokens: int) -> dict:
     base = model_class(family).from_config(config)
     if head in ("fused", "logits"):  # as SFTTrainer: patched before PEFT wraps the model
         add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
+        if os.environ.get("BENCH_TRL_HEAD") is None:  # as `peftvlm train` (generative.py)
+            fit_fused_head(torch.device("cpu"))
     if head == "logits":
         use_logits_head(base)
     model = get_method("lora").apply(base, family, recipe.method, quantized=False,
@@ -209,6 +214,7 @@ def measure_objective(objective: str, folder: Path, tokens: int) -> dict:
     from peftvlm.models import detect_family, load_processor, model_class
     from peftvlm.registry import get_method
     from peftvlm.trainers.objectives.dpo_trainer import DPOTrainer
+    from peftvlm.trainers.lm_head import fit_fused_head
     from peftvlm.trainers.objectives.grpo_trainer import GRPOTrainer
 
     torch.manual_seed(0)
@@ -246,6 +252,8 @@ def measure_objective(objective: str, folder: Path, tokens: int) -> dict:
                               processing_class=processor,
                               reward_funcs=[lambda completions, **_: [0.0] * len(completions)])
         row_tokens = prompt_len
+    if os.environ.get("BENCH_TRL_HEAD") is None:  # as `peftvlm train` (generative.py)
+        fit_fused_head(torch.device("cpu"))
     trainer.train()
     peak = peak_rss()
     logged = trainer.state.log_history[0]
@@ -331,6 +339,9 @@ def main():
     parser.add_argument("--heads", default=",".join(HEADS))
     parser.add_argument("--objectives", default="", help="also dpo and/or grpo (comma-separated)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--trl-head", action="store_true",
+                        help="the fused head as TRL ships it on CPU (32,768-entry chunks, its "
+                             "out-of-place folds)")
     parser.add_argument("--child", choices=HEADS + OBJECTIVES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--in-turn", help=argparse.SUPPRESS)  # JSON [[step, tokens], ...]
@@ -345,6 +356,8 @@ def main():
         print(json.dumps(measure(args.child, Path(args.folder), args.tokens)))
         return
     os.environ.setdefault("PEFTVLM_CACHE", str(Path.home() / ".cache" / "peftvlm"))
+    if args.trl_head:
+        os.environ["BENCH_TRL_HEAD"] = "1"
     results = compare(args.tokens, args.vocab, args.hidden,
                       [h for h in args.heads.split(",") if h],
                       [o for o in args.objectives.split(",") if o])

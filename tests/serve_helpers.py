@@ -17,6 +17,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from conftest import run_cli
+
 COLOURS = ("red", "green", "blue", "yellow")
 
 
@@ -26,8 +28,6 @@ def quickstart_cli_run():
     README says, once per test session: (run folder, the finished process). The quickstart
     test reads its promise from it and the serve/predict/demo tests serve it (it learns colour
     VQA to ~1.0 in its 300 steps), so the session trains it once, not twice."""
-    from conftest import run_cli
-
     run_dir = Path(tempfile.mkdtemp(prefix="serve-run-", dir=os.environ["PEFTVLM_CACHE"]))
     res = run_cli("train", "recipes/quickstart.yaml", "-o", run_dir / "quickstart")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -44,9 +44,28 @@ def trained_quickstart() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def quickstart_predictor():
+    return quiet_predictor(trained_quickstart())
+
+
+def cli_trained(run: Path, recipe, *overrides) -> Path:
+    """`peftvlm train RECIPE -o RUN [overrides]` through the real entry point; the run folder."""
+    res = run_cli("train", recipe, *overrides, "-o", run)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run
+
+
+def quiet_predictor(folder: Path):
+    """The predictor of a run folder or export, loaded without logging."""
     from peftvlm.serving.predictor import open_predictor
 
-    return open_predictor(trained_quickstart(), log=lambda *_: None)
+    return open_predictor(folder, log=lambda *_: None)
+
+
+def app_for(predictor, **options):
+    """The OpenAI-compatible app serving `predictor` with `ServerOptions(**options)`."""
+    from peftvlm.serving.openai_api import ServerOptions, build_app
+
+    return build_app(predictor, ServerOptions(**options))
 
 
 def held_out_by_colour() -> dict[str, Path]:

@@ -156,7 +156,7 @@ def demo(image, llava, received, tmp_path):
     from peftvlm.serving.demo import responder
 
     class Predictor:  # records the rows the demo asks about
-        kind, task, system_prompt = "generative", "vqa", None
+        kind, task, system_prompt = "generative", "question", None
         rows = []
 
         def answer(self, rows, base=False):

@@ -28,9 +28,9 @@ def test_the_loss_head_term_follows_the_head_and_the_device():
     shape.unfused_lm_head = True
     logits = memory.loss_head_bytes(shape, tokens, 2, "cuda")
     assert logits == tokens * 151_680 * (2 + 4 + 4)  # logits, fp32 log-softmax, fp32 gradient
-    # one bf16 tile of 2048 x 32768 on a GPU; nine fp32 tiles in TRL's CPU fallback
+    # one bf16 tile of 2048 x 32768 on a GPU; five fp32 tiles of 4,096 on CPU (trainers.lm_head.fit_fused_head)
     assert fused_gpu == pytest.approx(2048 * 32768 * 2, rel=0.03)  # + per-token fp32 values
-    assert fused_cpu == pytest.approx(9 * 2048 * 32768 * 4, rel=0.01)
+    assert fused_cpu == pytest.approx(5 * 2048 * 4096 * 4, rel=0.02)
     assert fused_gpu < 0.1 * logits
 
 
@@ -103,7 +103,7 @@ def test_plan_is_within_15_percent_of_the_measured_step_peak_per_head_and_object
     for name, r in {**heads, **objectives}.items():
         assert r["plan_bytes"] == pytest.approx(r["peak_bytes"], rel=0.15), (name, r)
     # the fused head holds tiles, the logits head three (tokens x vocabulary) tensors
-    assert heads["fused"]["peak_bytes"] < 0.75 * heads["logits"]["peak_bytes"]
+    assert heads["fused"]["peak_bytes"] < 0.7 * heads["logits"]["peak_bytes"]
     assert heads["fused"]["loss"] == pytest.approx(heads["logits"]["loss"], abs=1e-5)
     # DPO's step holds both sequences of its pair, GRPO's the whole group
     assert objectives["dpo"]["row_tokens"] == 256

@@ -47,9 +47,10 @@ def batch_for(loaded, n=4):
     return ConversationCollator(loaded.processor, loaded.family)(colour_rows(n))
 
 
-def train_steps(model, batch, lr=0.5, steps=2):
-    """SGD steps; two, because LoRA's A (and VeRA's d) get zero gradient while B (b) is zero."""
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+def train_steps(model, batch, lr=0.5, steps=2, params=None):
+    """SGD steps; two, because LoRA's A (and VeRA's d) get zero gradient while B (b) is zero.
+    `params`: what SGD steps (parameters or groups; default: every trainable parameter)."""
+    opt = torch.optim.SGD(params or [p for p in model.parameters() if p.requires_grad], lr=lr)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.train()
     for _ in range(steps):

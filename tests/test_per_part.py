@@ -16,7 +16,7 @@ from peftvlm.methods.vision_prompts import PROMPTS_CONFIG, PROMPTS_WEIGHTS
 from peftvlm.models import load_base, tiny_model_path
 from peftvlm.recipe import ModelConfig, load_recipe, validate_recipe_dict
 from peftvlm.registry import get_method
-from test_methods_peft import colour_rows
+from test_methods_peft import colour_rows, train_steps
 
 VISION_LAYERS = 3  # tiny-llava has 2; 3 leaves deep prompts for 2 layers below layer -2
 
@@ -128,18 +128,12 @@ def test_prompts_change_the_output_and_detach_restores_the_base():
     assert torch.equal(detached, base)
 
 
-def train_steps(model, batch, steps=2):
+def per_part_steps(model, batch):
+    """`train_steps` over the method's own parameter groups (one per part)."""
     groups = model.optimizer_param_groups(1e-3, 0.0)
     for g in groups:
         g["lr"] = 0.5  # SGD steps large enough to move every parameter visibly
-    opt = torch.optim.SGD(groups)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        model(**batch).loss.backward()
-        opt.step()
-    return before
+    return train_steps(model, batch, params=groups)
 
 
 @pytest.mark.parametrize("language", ["lora", "dora", "vera"])
@@ -150,7 +144,7 @@ def test_both_parts_train_and_nothing_else_does(language):
     assert vision == {"visual_prompts.prompts"}
     for name in trainable - vision:
         assert loaded.family.language_module in name, f"{name} is outside the language model"
-    before = train_steps(model, batch_for(loaded))
+    before = per_part_steps(model, batch_for(loaded))
     for name, p in model.named_parameters():
         changed = not torch.equal(before[name], p.detach())
         assert changed == (name in trainable), f"{name}: changed={changed}"
@@ -187,7 +181,7 @@ def test_trainer_gets_one_param_group_per_part_and_trains_both(tmp_path):
 
 def test_save_then_reload_gives_identical_logits(tmp_path):
     loaded, model = adapted()
-    train_steps(model, batch_for(loaded))  # so LoRA B and the prompts are non-trivial
+    per_part_steps(model, batch_for(loaded))  # so LoRA B and the prompts are non-trivial
     model.eval()
     batch = batch_for(loaded, seed=1)
     with torch.no_grad():

@@ -26,7 +26,7 @@ def coop_run(tmp_path_factory):
 def test_predict_ranks_the_runs_classes_with_probabilities(coop_run, tmp_path):
     from PIL import Image
 
-    from peftvlm.serving.demo import responder
+    from peftvlm.serving.demo import build_demo, example_folders, responder
     from peftvlm.serving.predict import predict
     from peftvlm.serving.predictor import open_predictor
 
@@ -45,3 +45,5 @@ def test_predict_ranks_the_runs_classes_with_probabilities(coop_run, tmp_path):
     tuned, tuned_probs, base, base_probs = responder(predictor, True)(Image.open(image), "")
     assert tuned == rows[0]["prediction"] and set(tuned_probs) == set(dict(full))
     assert base == rows[0]["base_prediction"] and len(base_probs) == 4
+    assert build_demo(predictor) is not None  # its held-out examples are images, no messages
+    assert example_folders(predictor) == [str(Path(image).parent)]

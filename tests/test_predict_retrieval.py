@@ -14,25 +14,21 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
-from serve_helpers import (data_url, free_port, serve_process, served, server_output,
-                           wait_healthy)
+from serve_helpers import (app_for, cli_trained, data_url, free_port, quiet_predictor,
+                           serve_process, served, server_output, wait_healthy)
 
 pytestmark = pytest.mark.slow  # trains the retrieval recipe once (shared by the tests here)
 
 
 @pytest.fixture(scope="module")
 def retrieval_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("retrieval") / "clip-retrieval-tiny"
-    res = run_cli("train", "recipes/clip-retrieval-tiny.yaml", "-o", run)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return run
+    return cli_trained(tmp_path_factory.mktemp("retrieval") / "clip-retrieval-tiny",
+                       "recipes/clip-retrieval-tiny.yaml")
 
 
 @pytest.fixture(scope="module")
 def predictor(retrieval_run):
-    from peftvlm.serving.predictor import open_predictor
-
-    return open_predictor(retrieval_run, log=lambda *_: None)
+    return quiet_predictor(retrieval_run)
 
 
 @pytest.fixture(scope="module")
@@ -149,13 +145,11 @@ def test_embeddings_equal_plain_peft_features_and_chat_is_refused(predictor, pla
     import openai
     from openai import OpenAI
 
-    from peftvlm.serving.openai_api import ServerOptions, build_app
-
     paths, captions = held_out
     (tmp_path / "media").mkdir()
     local = tmp_path / "media" / "img.png"
     local.write_bytes(paths[1].read_bytes())
-    app = build_app(predictor, ServerOptions(allowed_local_media_path=tmp_path / "media"))
+    app = app_for(predictor, allowed_local_media_path=tmp_path / "media")
     name = predictor.name
     with served(app) as url:
         oa = OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
@@ -221,15 +215,13 @@ def test_classification_run_serves_its_methods_image_features(tmp_path):
     from peftvlm.data.collate import open_image
     from peftvlm.methods.dual_encoder import load_method
     from peftvlm.recipe import load_recipe
-    from peftvlm.serving.openai_api import build_app
-    from peftvlm.serving.predictor import open_predictor
     from peftvlm.trainers.clip import load_dual_encoder
 
     recipe = load_recipe(REPO / "recipes" / "clip-adapter.yaml",
                          ["train.max_steps=3", "data.synthetic.eval_size=8"])
     run = tmp_path / "run"
     api.train(recipe, run, log=lambda *_: None)
-    predictor = open_predictor(run, log=lambda *_: None)
+    predictor = quiet_predictor(run)
     image = predictor.examples[0]["images"][0]
     loaded = load_dual_encoder(recipe)
     method = load_method(loaded.model, loaded.family, loaded.processor.tokenizer,
@@ -243,7 +235,7 @@ def test_classification_run_serves_its_methods_image_features(tmp_path):
         expected = F.normalize(method.image_features(pixels).float(), dim=-1)[0].numpy()
         text_expected = F.normalize(loaded.model.get_text_features(**tokens).pooler_output,
                                     dim=-1)[0].numpy()
-    with served(build_app(predictor)) as url:
+    with served(app_for(predictor)) as url:
         body = httpx.post(f"{url}/v1/embeddings", json={
             "model": predictor.name, "input": [data_url(Path(image)), text]}).json()
         chat = httpx.post(f"{url}/v1/chat/completions", json={
@@ -255,11 +247,10 @@ def test_classification_run_serves_its_methods_image_features(tmp_path):
 
 def test_merged_export_of_a_retrieval_run_embeds_alike(retrieval_run, predictor, held_out):
     from peftvlm.export import export_run
-    from peftvlm.serving.predictor import open_predictor
     from peftvlm.serving.retrieval import RetrievalPredictor
 
     export_run(retrieval_run, merge=True, log=lambda *_: None)
-    merged = open_predictor(retrieval_run / "merged", log=lambda *_: None)
+    merged = quiet_predictor(retrieval_run / "merged")
     assert isinstance(merged, RetrievalPredictor) and not merged.has_base
     paths, captions = held_out
     assert (merged.embed_images(paths) - predictor.embed_images(paths)).abs().max() < 1e-5

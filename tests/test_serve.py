@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from conftest import run_cli
-from serve_helpers import (COLOURS, data_url, held_out_by_colour, noise_png,
-                           quickstart_predictor, served, trained_quickstart)
+from serve_helpers import (COLOURS, app_for, data_url, held_out_by_colour, noise_png,
+                           quickstart_predictor, quiet_predictor, served,
+                           trained_quickstart)
 
 pytestmark = pytest.mark.slow  # trains the quickstart once (shared by every test here)
 
@@ -27,12 +28,6 @@ def predictor():
 @pytest.fixture(scope="module")
 def images():
     return held_out_by_colour()
-
-
-def app_for(predictor, **options):
-    from peftvlm.serving.openai_api import ServerOptions, build_app
-
-    return build_app(predictor, ServerOptions(**options))
 
 
 def client(url: str, key: str = "unused"):
@@ -167,11 +162,11 @@ def test_merged_export_answers_alike_and_carries_what_vllm_reads(images):
     from transformers import AutoProcessor
 
     from peftvlm.export import export_run
-    from peftvlm.serving.predictor import open_predictor, question_row
+    from peftvlm.serving.predictor import question_row
 
     export_run(trained_quickstart(), merge=True, log=lambda *_: None)
     merged = trained_quickstart() / "merged"
-    predictor = open_predictor(merged, log=lambda *_: None)
+    predictor = quiet_predictor(merged)
     rows = [question_row(Image.open(p), predictor.default_prompt) for p in images.values()]
     assert predictor.name == "quickstart-merged" and predictor.has_base
     assert predictor.answer(rows) == list(images)

@@ -25,26 +25,22 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO, run_cli
-from serve_helpers import data_url, free_port, noise_png, serve_process, served, wait_healthy
+from conftest import REPO
+from serve_helpers import (app_for, cli_trained, data_url, free_port, noise_png, quiet_predictor,
+                           serve_process, served, wait_healthy)
 
 QUESTION = "What color is the shape?"
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("limits") / "quickstart"
-    res = run_cli("train", "recipes/quickstart.yaml", "train.max_steps=3",
-                  "eval.before_training=false", "eval.max_samples=4", "-o", run)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return run
+    return cli_trained(tmp_path_factory.mktemp("limits") / "quickstart", "recipes/quickstart.yaml",
+                       "train.max_steps=3", "eval.before_training=false", "eval.max_samples=4")
 
 
 @pytest.fixture(scope="module")
 def predictor(run):
-    from peftvlm.serving.predictor import open_predictor
-
-    return open_predictor(run, log=lambda *_: None)
+    return quiet_predictor(run)
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +50,6 @@ def image(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "red.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(path)
     return path
-
-
-def app_for(predictor, **options):
-    from peftvlm.serving.openai_api import ServerOptions, build_app
-
-    return build_app(predictor, ServerOptions(**options))
 
 
 def chat_body(*parts, model="quickstart", **extra) -> dict:

@@ -205,6 +205,7 @@ def read_section(sources, base_dir: Path, options: dict, policy: str, what: str,
     if not records:
         raise DataError(f"{what}: no usable images" +
                         (f" ({report.describe()})" if report.total else ""))
-    found = list(classes or named)
-    found += [label for r in records for label in r["labels"] if label not in found]
+    # each class once (a comprehension testing `found` while it grows would keep every label)
+    found = list(dict.fromkeys([*(classes or named),
+                                *(label for r in records for label in r["labels"])]))
     return DetectionData(records, found, report.as_dict())

@@ -325,6 +325,26 @@ def reload_merged(folder: Path, dtype: str, auto_class: str = "AutoModelForImage
                           f"{auto_class}: {str(exc).splitlines()[0]}") from exc
 
 
+def verify_merge(run: Run, opts: ExportOptions, loaded, log, *, outputs_of, compare,
+                 compared: str, auto_class: str) -> tuple[object, dict]:
+    """Merge the run's adapter into `loaded.model`, save it with the processor, reload it with
+    plain transformers (`auto_class`) and check it: `compare(adapter's, merged's)` of the
+    probes' `outputs_of(model)` (the check named `compared`), the adapted weights moved, the
+    files are there. Returns (the reloaded model, the checks)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(loaded.model, run.adapter_dir).to(device())
+    reference = outputs_of(model)
+    probes = weight_probes(model, opts.dtype)
+    log(f"merging {run.recipe.method.name} adapter into the base in {opts.dtype}")
+    merge_adapter(model).save_pretrained(opts.out, max_shard_size=opts.max_shard_size)
+    loaded.processor.save_pretrained(opts.out)
+    reloaded = reload_merged(opts.out, opts.dtype, auto_class)
+    return reloaded, {compared: compare(reference, outputs_of(reloaded)),
+                      "weights_changed": check_weights_changed(reloaded, probes),
+                      "files": check_merged_files(opts.out, required=("config.json",))}
+
+
 def quantization_gap(run: Run, batch: dict, merged_logits) -> dict:
     """How far the unquantized merge is from the model as trained (adapter on the quantized
     base): informative, not a check, since quantization error is expected here."""
@@ -346,20 +366,13 @@ def base_was_quantized(recipe) -> bool:
 
 def export_adapter(run: Run, opts: ExportOptions, log) -> dict:
     """Copy the adapter and processor; check it loads with plain PeftModel and does something."""
-    from peft import PeftModel
-
     copy_adapter_files(run.adapter_dir, opts.out)
     loaded = load_unquantized_base(run.recipe, None, run.adapter_dir)
     rows, source = probe_rows(run.recipe, loaded.family)
     batch = encode_rows(loaded.processor, loaded.family, rows)
-    base_logits = logits_of(loaded.model.to(device()), batch)
-    try:
-        model = PeftModel.from_pretrained(loaded.model, opts.out)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ExportError(f"the exported adapter in {opts.out} does not load with "
-                          f"PeftModel.from_pretrained: {str(exc).splitlines()[0]}") from exc
+    model, effect = verify_adapter_effect(loaded, opts.out, lambda m: logits_of(m, batch), source)
     checks = {
-        "adapter_effect": check_adapter_effect(base_logits, logits_of(model, batch), source),
+        "adapter_effect": effect,
         "generation": check_generation(model, loaded.processor, loaded.family, rows[0], None),
         "files": check_adapter_files(opts.out),
     }
@@ -367,6 +380,21 @@ def export_adapter(run: Run, opts: ExportOptions, log) -> dict:
             "example_prompt": prompt_text(rows[0]),
             "base_quantized_in_training": base_was_quantized(run.recipe),
             "base_model": adapter_base(opts.out), "checks": checks}
+
+
+def verify_adapter_effect(loaded, out: Path, outputs_of, source: str) -> tuple[object, dict]:
+    """Load the exported adapter in `out` on the base the way a user would (plain PeftModel)
+    and check it changes the base's `outputs_of(model)` on the probes; returns (the adapter
+    model, the `adapter_effect` check)."""
+    from peft import PeftModel
+
+    base = outputs_of(loaded.model.to(device()))
+    try:
+        model = PeftModel.from_pretrained(loaded.model, out)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"the exported adapter in {out} does not load with "
+                          f"PeftModel.from_pretrained: {str(exc).splitlines()[0]}") from exc
+    return model, check_adapter_effect(base, outputs_of(model), source)
 
 
 def copy_adapter_files(adapter_dir: Path, out: Path) -> None:

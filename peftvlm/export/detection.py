@@ -13,11 +13,9 @@ Probe images are the recipe's first held-out images, asked for the run's classes
 
 from __future__ import annotations
 
-from peftvlm.errors import ExportError
-from peftvlm.export import (adapter_base, copy_adapter_files, load_unquantized_base, merge_adapter,
-                            reload_merged)
-from peftvlm.export.checks import (check_adapter_effect, check_adapter_files, check_merged_files,
-                                   check_weights_changed, compare_logits, device, weight_probes)
+from peftvlm.export import (adapter_base, copy_adapter_files, load_unquantized_base,
+                            verify_adapter_effect, verify_merge)
+from peftvlm.export.checks import check_adapter_files, compare_logits, device
 from peftvlm.trainers.detection import encode, load_data, peft_ready
 
 PROBES = 2
@@ -49,22 +47,13 @@ def outputs_of(model, batch):
 
 def export_detection_merged(run, opts, log) -> dict:
     """Merge, save, reload plainly, compare logits and boxes."""
-    from peft import PeftModel
-
     loaded = load_unquantized_base(run.recipe, opts.dtype, run.adapter_dir)
     peft_ready(loaded.model, loaded.family)
     batch, source, classes = probe_batch(run.recipe, loaded.processor)
-    model = PeftModel.from_pretrained(loaded.model, run.adapter_dir).to(device())
-    reference = outputs_of(model, batch)
-    probes = weight_probes(model, opts.dtype)
-    log(f"merging {run.recipe.method.name} adapter into the base in {opts.dtype}")
-    merge_adapter(model).save_pretrained(opts.out, max_shard_size=opts.max_shard_size)
-    loaded.processor.save_pretrained(opts.out)
-    reloaded = reload_merged(opts.out, opts.dtype, AUTO_CLASS)
-    checks = {"outputs": compare_logits(reference, outputs_of(reloaded, batch), opts.dtype,
-                                        source),
-              "weights_changed": check_weights_changed(reloaded, probes),
-              "files": check_merged_files(opts.out, required=("config.json",))}
+    reloaded, checks = verify_merge(
+        run, opts, loaded, log, outputs_of=lambda model: outputs_of(model, batch),
+        compare=lambda ref, merged: compare_logits(ref, merged, opts.dtype, source),
+        compared="outputs", auto_class=AUTO_CLASS)
     return {"kind": "merged", "dtype": opts.dtype, "method": run.recipe.method.name,
             "model_class": type(reloaded).__name__, "classes": classes, "checks": checks,
             "loading_snippet": loading_snippet(None, classes)}
@@ -72,20 +61,13 @@ def export_detection_merged(run, opts, log) -> dict:
 
 def export_detection_adapter(run, opts, log) -> dict:
     """Copy the adapter; it must load with plain PeftModel and change the base's outputs."""
-    from peft import PeftModel
-
     copy_adapter_files(run.adapter_dir, opts.out)
     loaded = load_unquantized_base(run.recipe, None, run.adapter_dir)
     peft_ready(loaded.model, loaded.family)
     batch, source, classes = probe_batch(run.recipe, loaded.processor)
-    base = outputs_of(loaded.model.to(device()), batch)
-    try:
-        model = PeftModel.from_pretrained(loaded.model, opts.out)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ExportError(f"the exported adapter in {opts.out} does not load with "
-                          f"PeftModel.from_pretrained: {str(exc).splitlines()[0]}") from exc
-    checks = {"adapter_effect": check_adapter_effect(base, outputs_of(model, batch), source),
-              "files": check_adapter_files(opts.out)}
+    _, effect = verify_adapter_effect(loaded, opts.out, lambda model: outputs_of(model, batch),
+                                      source)
+    checks = {"adapter_effect": effect, "files": check_adapter_files(opts.out)}
     return {"kind": "adapter", "method": run.recipe.method.name, "classes": classes,
             "base_model": adapter_base(opts.out), "checks": checks,
             "loading_snippet": loading_snippet(run.recipe.model.id, classes)}

@@ -13,11 +13,9 @@ Probe pairs are the recipe's first held-out rows (a drawn image when its data is
 from __future__ import annotations
 
 from peftvlm.data.pairs import pairs_from_rows
-from peftvlm.errors import ExportError
-from peftvlm.export import (adapter_base, copy_adapter_files, load_unquantized_base, merge_adapter,
-                            reload_merged)
-from peftvlm.export.checks import (check_adapter_effect, check_adapter_files, check_merged_files,
-                                   check_weights_changed, device, probe_rows, weight_probes)
+from peftvlm.export import (adapter_base, copy_adapter_files, load_unquantized_base,
+                            verify_adapter_effect, verify_merge)
+from peftvlm.export.checks import check_adapter_files, device, probe_rows
 from peftvlm.trainers.contrastive import Encoder, pooled
 
 # Features are unit vectors: in float32 a merge is exact to rounding.
@@ -62,21 +60,12 @@ def compare_features(reference, actual, dtype: str, source: str) -> dict:
 
 def export_retrieval_merged(run, opts, log) -> dict:
     """Merge, save, reload plainly, compare features."""
-    from peft import PeftModel
-
     loaded = load_unquantized_base(run.recipe, opts.dtype, run.adapter_dir)
     texts, pixels, source = probe_inputs(run.recipe, loaded)
-    model = PeftModel.from_pretrained(loaded.model, run.adapter_dir).to(device())
-    reference = features_of(model, texts, pixels)
-    probes = weight_probes(model, opts.dtype)
-    log(f"merging {run.recipe.method.name} adapter into the base in {opts.dtype}")
-    merge_adapter(model).save_pretrained(opts.out, max_shard_size=opts.max_shard_size)
-    loaded.processor.save_pretrained(opts.out)
-    reloaded = reload_merged(opts.out, opts.dtype, "AutoModel")
-    checks = {"features": compare_features(reference, features_of(reloaded, texts, pixels),
-                                           opts.dtype, source),
-              "weights_changed": check_weights_changed(reloaded, probes),
-              "files": check_merged_files(opts.out, required=("config.json",))}
+    reloaded, checks = verify_merge(
+        run, opts, loaded, log, outputs_of=lambda model: features_of(model, texts, pixels),
+        compare=lambda ref, merged: compare_features(ref, merged, opts.dtype, source),
+        compared="features", auto_class="AutoModel")
     return {"kind": "merged", "dtype": opts.dtype, "method": run.recipe.method.name,
             "model_class": type(reloaded).__name__, "checks": checks,
             "loading_snippet": loading_snippet(type(reloaded).__name__, None)}
@@ -84,20 +73,12 @@ def export_retrieval_merged(run, opts, log) -> dict:
 
 def export_retrieval_adapter(run, opts, log) -> dict:
     """Copy the adapter; it must load with plain PeftModel and change the base's features."""
-    from peft import PeftModel
-
     copy_adapter_files(run.adapter_dir, opts.out)
     loaded = load_unquantized_base(run.recipe, None, run.adapter_dir)
     texts, pixels, source = probe_inputs(run.recipe, loaded)
-    base = features_of(loaded.model.to(device()), texts, pixels)
-    try:
-        model = PeftModel.from_pretrained(loaded.model, opts.out)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ExportError(f"the exported adapter in {opts.out} does not load with "
-                          f"PeftModel.from_pretrained: {str(exc).splitlines()[0]}") from exc
-    checks = {"adapter_effect": check_adapter_effect(base, features_of(model, texts, pixels),
-                                                     source),
-              "files": check_adapter_files(opts.out)}
+    _, effect = verify_adapter_effect(
+        loaded, opts.out, lambda model: features_of(model, texts, pixels), source)
+    checks = {"adapter_effect": effect, "files": check_adapter_files(opts.out)}
     class_name = type(loaded.model).__name__
     return {"kind": "adapter", "method": run.recipe.method.name, "base_model": adapter_base(
         opts.out), "checks": checks, "loading_snippet": loading_snippet(class_name,

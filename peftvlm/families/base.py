@@ -156,12 +156,24 @@ class FamilySpec:
     # cannot run on this family's forward, or None; training then derives the same per-token
     # outputs from the model's own logits (`peftvlm.trainers.lm_head`).
     unfused_lm_head: str | None = None
+    # Why this family trains on the model's own loss (its forward given `labels`) rather than
+    # TRL's fused LM head, or None. An encoder-decoder's (Florence-2's) labels are shifted into
+    # its decoder's inputs; the fused head shifts them as a causal LM's instead.
+    own_loss: str | None = None
     # `packed_positions(model, batch) -> (k, rows, tokens)`: for a family whose rotary
     # positions are not just token order (Qwen-VL's 3-D M-RoPE), each row's own positions as
     # the model computes them for the right-padded training `batch`; packing lays them end to
     # end behind the text positions (transformers' (1 + k, rows, tokens) `position_ids`).
     packed_positions: Callable[[Any, dict], Any] | None = field(
         default=None, compare=False, repr=False)
+
+    @property
+    def loss_head(self) -> Literal["fused", "logits", "own"]:
+        """How training computes this family's loss: TRL's fused LM head, the loss from the
+        model's logits (`unfused_lm_head`: `peftvlm.trainers.lm_head`), or the model's own."""
+        if self.own_loss:
+            return "own"
+        return "logits" if self.unfused_lm_head else "fused"
 
     @property
     def is_generative(self) -> bool:

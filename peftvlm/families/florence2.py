@@ -156,6 +156,9 @@ SPEC = FamilySpec(
     decode=decode,
     image_tokens=image_tokens,
     images_per_row=(1, 1),
+    own_loss="Florence-2 is an encoder-decoder: TRL's fused LM head runs the backbone without "
+             "labels and shifts them as a causal LM's, so its decoder would see only its start "
+             "token",
     packing_refusal="Florence-2 is an encoder-decoder: its decoder reads one answer per row, "
                     "which packed rows cannot keep apart",
     refused_objectives=(

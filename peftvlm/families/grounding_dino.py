@@ -37,7 +37,10 @@ TINY_SIDE = 64  # the tiny twin's images are resized to this square
 # deformable attention's sampling offsets and attention weights are left out (as in DINO
 # fine-tuning practice: small changes there move the sampling points), and so is the decoder's
 # box head: its weights are tied to the detection head's (`bbox_embed`), so a merged adapter
-# there would also change the other copy's path. The names never reach into the backbones
+# there would also change the other copy's path. That final head (top-level `bbox_embed`,
+# outside `model`) is not a `detector` target either: on a released checkpoint the boxes move
+# through the decoder's hidden states; the random twin learns only with `model` trained in full
+# (docs/benchmarks.md). The names never reach into the backbones
 # (Swin: attention.q_proj, BERT: attention.self.query).
 DETECTOR_TARGETS = (
     "fusion_layer.attn.vision_proj", "fusion_layer.attn.text_proj",

@@ -13,7 +13,8 @@ A run is one of four kinds, decided here and nowhere else (`kind_for`):
 
 Every stage asks the run's `Kind` object (`check`, `dry_run`, `fit`, `evaluate`,
 `export_weights`, `predictor`) instead of comparing names, so adding a kind is one wiring
-module (`kinds/<name>.py`, a `Kind` subclass) plus one line in `KINDS`. The wiring modules are
+module (`kinds/<name>.py`, a `Kind` subclass) plus one line in `KINDS`; the kinds trained in
+the shared dual-encoder loop subclass `kinds.loop.LoopKind` and name only their stages' functions. The wiring modules are
 named by import path, as `registry.METHODS` names apply functions: they import the trainers,
 exporters and predictors of their kind, and those lower stages may ask `kind_for` in turn
 without an import cycle. The model's family comes from its config (no weights are loaded).

@@ -148,15 +148,19 @@ def caption_ranking_rows(predictor, opened, captions: list[str], base: bool) -> 
     images = [image for _, image in opened]
     ranked = predictor.rank_texts(images, captions)
     base_ranked = predictor.rank_texts(images, captions, base=True) if base else None
-    rows = []
-    for i, (path, _) in enumerate(opened):
-        row = {"image": str(path), "prediction": ranked[i][0][0],
-               "ranking": [{"caption": c, "score": s} for c, s in ranked[i]]}
-        if base_ranked is not None:
-            row["base_prediction"] = base_ranked[i][0][0]
-            row["base_ranking"] = [{"caption": c, "score": s} for c, s in base_ranked[i]]
-        rows.append(row)
-    return rows
+    return [with_ranking({"image": str(path)}, ranked[i], base_ranked and base_ranked[i],
+                         "ranking", ("caption", "score"))
+            for i, (path, _) in enumerate(opened)]
+
+
+def with_ranking(row: dict, ranked, base_ranked, field: str, names: tuple[str, str]) -> dict:
+    """`row` with its `prediction` (the best item) and `field` (the (item, value) pairs best
+    first, as dicts keyed by `names`), then the base model's as `base_...` when given."""
+    for prefix, pairs in (("", ranked), ("base_", base_ranked)):
+        if pairs is not None:
+            row[prefix + "prediction"] = pairs[0][0]
+            row[prefix + field] = [dict(zip(names, pair)) for pair in pairs]
+    return row
 
 
 def image_ranking_rows(predictor, opened, text: str, base: bool) -> list[dict]:
@@ -210,13 +214,9 @@ def classify_rows(predictor, opened, top_k: int, base: bool, batch_size: int) ->
         images = [image for _, image in chunk]
         ranked = predictor.classify(images, top_k)
         base_ranked = predictor.classify(images, top_k, base=True) if base else None
-        for i, (path, _) in enumerate(chunk):
-            row = {"image": str(path), "prediction": ranked[i][0][0],
-                   "top_k": [{"label": c, "probability": p} for c, p in ranked[i]]}
-            if base_ranked is not None:
-                row["base_prediction"] = base_ranked[i][0][0]
-                row["base_top_k"] = [{"label": c, "probability": p} for c, p in base_ranked[i]]
-            result.append(row)
+        result += [with_ranking({"image": str(path)}, ranked[i], base_ranked and base_ranked[i],
+                                "top_k", ("label", "probability"))
+                   for i, (path, _) in enumerate(chunk)]
     return result
 
 

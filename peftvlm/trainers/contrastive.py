@@ -31,8 +31,8 @@ from peftvlm.eval.report import write_outputs as write_eval_outputs
 from peftvlm.metrics.retrieval import cross_modal_ranks, cross_modal_recall, mean_ranks
 from peftvlm.models import load_base
 from peftvlm.registry import get_method
-from peftvlm.summary import before_after, loop_losses, parameter_counts, run_summary
-from peftvlm.trainers.loop import (ADAPTER_DIR, PeftAdapterState, fit, start_session,
+from peftvlm.summary import loop_losses, parameter_counts, run_summary
+from peftvlm.trainers.loop import (ADAPTER_DIR, PeftAdapterState, fit_scored, start_session,
                                    write_peft_run)
 
 
@@ -177,23 +177,18 @@ def train_contrastive(recipe, run_dir: Path, resume: bool = False, log=print) ->
         f"{trainable:,} of {total:,} parameters train; {len(train)} training images")
     task = RetrievalTask(model, encoder, train, held_out, recipe.data.seed,
                          recipe.eval.batch_size)
-    before = None
-    if recipe.eval.before_training and held_out:
-        with model.disable_adapter():
-            before = task.scores()
-    done = fit(recipe, session, task, model, run_dir, resume, log)
-    after = task.scores()
-    summary = summarise(recipe, loaded, done, (trainable, total), data, train, before, after)
+    done, scores = fit_scored(recipe, session, task, model, run_dir, resume, log, held_out)
+    summary = summarise(recipe, loaded, done, (trainable, total), data, train, scores)
     if session.accelerator.is_main_process:
         write_peft_run(recipe, model, loaded.processor, done, summary, run_dir)
     return summary
 
 
-def summarise(recipe, loaded, done, counts, data, train: Pairs, before, after) -> dict:
+def summarise(recipe, loaded, done, counts, data, train: Pairs, scores: dict) -> dict:
     """summary.json: the generative summary's fields, with retrieval scores under `eval`."""
     return run_summary(
         recipe, loaded.family, counts, runtime_s=done.runtime_s, global_step=done.state.step,
-        **loop_losses(done.state.history), eval=before_after(before, after),
+        **loop_losses(done.state.history), eval=scores,
         data={**data.report(), "train_images": len(train),
               "train_captions": sum(map(len, train.captions))})
 

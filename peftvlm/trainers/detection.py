@@ -31,8 +31,8 @@ from peftvlm.eval.report import compare, write_outputs as write_eval_outputs
 from peftvlm.metrics.detection import coco_evaluate
 from peftvlm.models import load_base
 from peftvlm.registry import get_method
-from peftvlm.summary import before_after, loop_losses, parameter_counts, run_summary
-from peftvlm.trainers.loop import (ADAPTER_DIR, PeftAdapterState, fit, start_session,
+from peftvlm.summary import loop_losses, parameter_counts, run_summary
+from peftvlm.trainers.loop import (ADAPTER_DIR, PeftAdapterState, fit_scored, start_session,
                                    write_peft_run)
 
 MAX_DETECTIONS = 100  # per image, as COCO evaluates (maxDets 100)
@@ -253,15 +253,10 @@ def train_detection(recipe, run_dir: Path, resume: bool = False, log=print) -> d
         f"{counts[0]:,} of {counts[1]:,} parameters train; {len(train)} training images, "
         f"classes {prompt_for(classes)!r}")
     task = DetectionTask(model, loaded.processor, train, held_out, classes)
-    before = None
-    if recipe.eval.before_training and held_out:
-        with model.disable_adapter():
-            before = task.scores()
-    done = fit(recipe, session, task, model, run_dir, resume, log)
-    after = task.scores()
+    done, scores = fit_scored(recipe, session, task, model, run_dir, resume, log, held_out)
     summary = run_summary(
         recipe, loaded.family, counts, runtime_s=done.runtime_s, global_step=done.state.step,
-        **loop_losses(done.state.history), eval=before_after(before, after), classes=classes,
+        **loop_losses(done.state.history), eval=scores, classes=classes,
         data={"train_images": len(train), "eval_images": len(held_out) if held_out else 0,
               "bad_rows": {"train": train.bad_rows,
                            "eval": held_out.bad_rows if held_out else {}}})

@@ -13,8 +13,10 @@ DPO, ...): the flow asks it which rows it needs (`check_data`), for the TRL trai
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,6 +36,7 @@ from peftvlm.registry import get_method
 from peftvlm.runs import eval_history, loss_history, plot_loss, prepare_run_dir, write_json
 from peftvlm.summary import before_after, parameter_counts, run_summary
 from peftvlm.tracking import active_run_info, start_wandb
+from peftvlm.trainers.lm_head import fit_fused_head
 from peftvlm.trainers.objectives import check_objective, objective_for
 from peftvlm.trainers.sft import (MarkCheckpointComplete, PeriodicEval, StopOnInterrupt,
                                   last_checkpoint)
@@ -162,6 +165,7 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
     trainer = objective_for(recipe).build_trainer(
         recipe, model, loaded.processor, collator, data, run_dir, ["wandb"] if wandb_run else [],
         sharding, [stopper, MarkCheckpointComplete(), *callbacks], log)
+    fit_fused_head(trainer.args.device)
     add_periodic_eval(trainer, recipe, loaded, data)
     checkpoint = last_checkpoint(run_dir, log) if resume else None
     if resume and checkpoint is None:
@@ -170,8 +174,25 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
         data.train.restore(checkpoint, log)
         trainer.args.ignore_data_skip = True
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)  # a signal raises `Interrupted` after saving
+    with gc_skips_what_exists():
+        # a signal raises `Interrupted` after saving
+        trainer.train(resume_from_checkpoint=checkpoint)
     return trainer, time.perf_counter() - started
+
+
+@contextmanager
+def gc_skips_what_exists():
+    """While training, Python's cyclic garbage collector leaves alone the objects that exist
+    before it (the loaded libraries, model, processor and data: `gc.freeze`): its full
+    collections, its own every so often and accelerate's at the end of `train`, then walk only
+    what training creates (that one end-of-train `gc.collect` was 5-8% of a 60-step tiny-model
+    run's training loop, docs/benchmarks.md). Nothing is freed later than it would be but the
+    cycles among those older objects, which are collected again once training returns."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def add_periodic_eval(trainer, recipe, loaded, data) -> None:

@@ -7,11 +7,65 @@ logits. A family whose `base_model` is not a backbone with a `last_hidden_state`
 `FamilySpec.unfused_lm_head` says why) crashes at step 0 there. `use_logits_head` keeps TRL's
 contract (the same `FusedCausalLMOutput` fields TRL's loss and metrics read) but derives them
 from the model's own forward and its full logits: more memory, the same loss.
+
+`fit_fused_head` fits TRL's head to a device without Triton (CPU): narrower vocabulary chunks
+than TRL's 32,768 (sized for its Triton kernel) and our in-place tile folds (`cpu_fold`).
 """
 
 from __future__ import annotations
 
 import types
+
+from peftvlm.memory import FUSED_VOCAB_TILE
+from peftvlm.trainers.cpu_fold import use_cpu_folds
+
+TRL_HEAD: dict = {}  # TRL's own settings (chunk, compact), kept to restore them off the CPU
+
+
+def fit_fused_head(device) -> None:
+    """Fit TRL's fused LM head (every TRL trainer: SFT, DPO, GRPO) to `device`, the device
+    training runs on. On CPU TRL's fallback scores every position, padding and prompt
+    included, and folds each `tokens x chunk` tile with whole-tile torch ops (~9 fp32 tiles
+    live at the backward's peak: 2.3 GiB at 2k tokens with TRL's 32,768-entry chunks). There
+    it now scores only the labelled positions (as TRL does with Triton: it scores them all
+    elsewhere only so that XLA-like devices keep one tile shape), folds in place (`cpu_fold`:
+    TRL's values bit for bit, three tiles at most) and takes 4,096-entry chunks (the same
+    online log-sum-exp over narrower tiles). On any other device (a GPU: Triton) TRL's head is
+    left as it is. TRL looks these up by name on every fused forward, so this holds for the
+    process; each training run sets them again for its own device."""
+    import torch
+
+    trl_utils = trl_head_settings()
+    if torch.device(device).type != "cpu":  # GPUs fold with Triton; XLA-like devices need
+        return use_trl_head()               # TRL's one tile shape: TRL's head as it is
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = FUSED_VOCAB_TILE["cpu"]
+    # trl.trainer.utils reads `_use_triton` only to decide whether to score the labelled
+    # positions alone ("compact"); its kernels module keeps its own, which picks the folds.
+    trl_utils._use_triton = score_labelled_positions_only
+    use_cpu_folds(True)
+
+
+def use_trl_head() -> None:
+    """TRL's fused head as TRL ships it (its chunk, its choice of positions, its folds)."""
+    trl_utils = trl_head_settings()
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = TRL_HEAD["chunk"]
+    trl_utils._use_triton = TRL_HEAD["compact"]
+    use_cpu_folds(False)
+
+
+def trl_head_settings():
+    """`trl.trainer.utils`, once its own head settings are kept in `TRL_HEAD`."""
+    from trl.trainer import utils as trl_utils
+
+    if not TRL_HEAD:
+        TRL_HEAD.update(chunk=trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE,
+                        compact=trl_utils._use_triton)
+    return trl_utils
+
+
+def score_labelled_positions_only(device) -> bool:
+    """TRL's fused head asks this whether to project only the positions with a label."""
+    return True
 
 
 def use_logits_head(model) -> None:

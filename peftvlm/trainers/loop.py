@@ -28,6 +28,7 @@ from peftvlm.checkpoints import (complete_checkpoints, describe_resume, last_com
                                  mark_complete)
 from peftvlm.errors import RecipeError, RunError
 from peftvlm.runs import plot_loss, write_json
+from peftvlm.summary import before_after
 from peftvlm.tracking import start_wandb
 from peftvlm.trainers.signals import Interrupted, StopSignals, any_rank
 
@@ -70,6 +71,19 @@ class PeftAdapterState:
         set_peft_model_state_dict(self.model, load_file(folder / self.ADAPTER_WEIGHTS,
                                                         device=str(device)))
 
+
+
+def fit_scored(recipe, session: Session, task: Task, model, run_dir: Path, resume: bool, log,
+               held_out) -> tuple[FitResult, dict]:
+    """Fit a peft adapter on `task`, scored by `task.scores()` with the adapter off before
+    training (`eval.before_training`, when there is a `held_out` set) and on after: (the fit,
+    the summary's `eval`, {metric: {before, after}}) (retrieval and detection)."""
+    before = None
+    if recipe.eval.before_training and held_out:
+        with model.disable_adapter():
+            before = task.scores()
+    done = fit(recipe, session, task, model, run_dir, resume, log)
+    return done, before_after(before, task.scores())
 
 
 def write_peft_run(recipe, model, processor, done, summary: dict, run_dir: Path) -> None:

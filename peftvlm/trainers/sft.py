@@ -138,6 +138,7 @@ class SFTTrainer(StopsOnSignals, trl.SFTTrainer):
     its own learning rate) gets them, in the optimiser `train.optim` names."""
 
     row_lengths: list[int] | None = None  # token lengths of the training rows (cached column)
+    loss_head = "fused"  # the family's `FamilySpec.loss_head`
     stream = None  # streaming.StreamingRows: batches come from it (train_dataset: its source)
 
     def get_train_dataloader(self):
@@ -157,10 +158,7 @@ class SFTTrainer(StopsOnSignals, trl.SFTTrainer):
         return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            # TRL's fused LM head runs the backbone without labels and shifts them as a causal
-            # LM's: an encoder-decoder's decoder (Florence-2) would see only its start token.
-            # The model's own loss (labels shifted into decoder_input_ids) is the sound one.
+        if self.loss_head == "own":  # `FamilySpec.own_loss` says why (Florence-2)
             import transformers
 
             return transformers.Trainer.compute_loss(self, model, inputs, return_outputs,
@@ -214,7 +212,8 @@ def build_trainer(model, processor, collator, train_rows, args, callbacks=(), fa
     """An SFTTrainer over conversation rows (a `table.Rows` Arrow view, decoded per batch, a
     list of dicts, `streaming.StreamingRows`, or with `train.packing` the rows' bins,
     `packing.PackedRows`), collated by `collator`. A `family` that TRL's fused LM head cannot
-    run on (`FamilySpec.unfused_lm_head`) gets the loss from its logits (`lm_head`).
+    run on (`FamilySpec.unfused_lm_head`) gets the loss from its logits (`lm_head`); one that
+    trains on its own loss (`FamilySpec.own_loss`: Florence-2) gets that.
     `group_by_length` None (the recipe left `train.group_by_length` unset) groups rows by
     length when their cached lengths vary (`packing.group_by_default`); the trainer's
     `grouped_by_length` says what was decided."""
@@ -233,7 +232,8 @@ def build_trainer(model, processor, collator, train_rows, args, callbacks=(), fa
         dataset = Dataset.from_list(train_rows)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                          processing_class=processor, callbacks=list(callbacks))
-    if family is not None and family.unfused_lm_head:
+    trainer.loss_head = family.loss_head if family is not None else "fused"
+    if trainer.loss_head == "logits":
         from accelerate.utils import is_peft_model
 
         use_logits_head(trainer.model.get_base_model() if is_peft_model(trainer.model)

@@ -9,7 +9,8 @@
 The generative flow (load, prepare data, evaluate, train, write the run folder) is the same for
 every objective; it asks the recipe's objective, an `Objective`, for the three things that
 differ: which rows it needs (`check_data`), the TRL trainer (`build_trainer`) and what the run
-summary adds (`summary`). `refusal` is `peftvlm validate`'s check (no torch imported).
+summary adds (`summary`). `refusal` is `peftvlm validate`'s check (no torch imported); DPO
+and GRPO state theirs as data in a `refusals.Refusals`, checked by one function.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ summary.json (`dpo`), and a non-finite one stops the run.
 from __future__ import annotations
 
 from peftvlm.data.preference import require_preference_rows
+from peftvlm.trainers.objectives.refusals import Refusals
 
 # TRL's DPO metrics kept in summary.json (the last logged values) and checked to be finite.
 LOGGED = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -21,32 +22,24 @@ LOGGED = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/m
 class DPOObjective:
     name = "dpo"
 
+    refusals = Refusals(
+        objective="dpo", trainer="DPOTrainer",
+        dual_encoder_family="{family} is a dual encoder, which has no replies to prefer: only "
+                            "generative VLMs train with dpo (dual encoders train with objective: "
+                            "sft)",
+        dual_encoder_method="method {method!r} trains dual encoders, which have no replies to "
+                            "prefer (use objective: sft)",
+        adapter_not_switched="method {method!r} adds modules that peft's disable_adapter does "
+                             "not switch off, so the reference (the base with the adapter "
+                             "disabled) would not be the base: use lora, qlora, dora or vera",
+        settings={"train.packing": "chosen and rejected must stay whole rows",
+                  "train.group_by_length": "rows are grouped by their chosen reply's length only",
+                  "streaming": "pairs are read whole",
+                  "train.assistant_only_loss: false": "DPO scores only the replies"})
+
     def refusal(self, recipe, family, method) -> str | None:
         """What DPO cannot run on, from the recipe alone (no weights, no torch)."""
-        if family is not None and not family.is_generative:
-            return (f"{family.name} is a dual encoder, which has no replies to prefer: only "
-                    "generative VLMs train with dpo (dual encoders train with objective: sft)")
-        if not method.trains_generative:
-            return (f"method {method.name!r} trains dual encoders, which have no replies to "
-                    "prefer (use objective: sft)")
-        if not method.apply_path.endswith(":apply_peft"):
-            return (f"method {method.name!r} adds modules that peft's disable_adapter does not "
-                    "switch off, so the reference (the base with the adapter disabled) would "
-                    "not be the base: use lora, qlora, dora or vera")
-        refusal = family.objective_refusal("dpo") if family is not None else None
-        if refusal:
-            return f"the {family.name} family cannot train with TRL's DPOTrainer: {refusal}"
-        train, data = recipe.train, recipe.data
-        for refused, field, why in (
-                (train.packing, "train.packing", "chosen and rejected must stay whole rows"),
-                (train.group_by_length, "train.group_by_length",
-                 "rows are grouped by their chosen reply's length only"),
-                (data.streams(), "streaming", "pairs are read whole"),
-                (not train.assistant_only_loss, "train.assistant_only_loss: false",
-                 "DPO scores only the replies")):
-            if refused:
-                return f"{field} is not available with dpo ({why}): turn it off"
-        return None
+        return self.refusals.refusal(recipe, family, method)
 
     def check_data(self, data) -> None:
         require_preference_rows(data.train, "data.train", data.sources)

@@ -15,34 +15,28 @@ from __future__ import annotations
 import re
 
 from peftvlm.errors import DataError
+from peftvlm.trainers.objectives.refusals import Refusals
 
 
 class GRPOObjective:
     name = "grpo"
 
+    refusals = Refusals(
+        objective="grpo", trainer="GRPOTrainer",
+        dual_encoder_family="{family} is a dual encoder, which samples no replies to reward: "
+                            "only generative VLMs train with grpo",
+        dual_encoder_method="method {method!r} trains dual encoders (use objective: sft)",
+        adapter_not_switched="method {method!r} adds modules that peft's disable_adapter does "
+                             "not switch off, so neither TRL's rollouts nor its reference (the "
+                             "base with the adapter disabled) would be what they claim: use "
+                             "lora, qlora, dora or vera",
+        settings={"train.packing": "rollouts are generated per prompt",
+                  "train.group_by_length": "TRL samples prompts in groups of num_generations",
+                  "streaming": "TRL's sampler repeats rows by index"})
+
     def refusal(self, recipe, family, method) -> str | None:
         """What GRPO cannot run on, from the recipe alone (no weights, no torch)."""
-        if family is not None and not family.is_generative:
-            return (f"{family.name} is a dual encoder, which samples no replies to reward: only "
-                    "generative VLMs train with grpo")
-        if not method.trains_generative:
-            return f"method {method.name!r} trains dual encoders (use objective: sft)"
-        if not method.apply_path.endswith(":apply_peft"):
-            return (f"method {method.name!r} adds modules that peft's disable_adapter does not "
-                    "switch off, so neither TRL's rollouts nor its reference (the base with the "
-                    "adapter disabled) would be what they claim: use lora, qlora, dora or vera")
-        refusal = family.objective_refusal("grpo") if family is not None else None
-        if refusal:
-            return f"the {family.name} family cannot train with TRL's GRPOTrainer: {refusal}"
-        train, data = recipe.train, recipe.data
-        for refused, field, why in (
-                (train.packing, "train.packing", "rollouts are generated per prompt"),
-                (train.group_by_length, "train.group_by_length",
-                 "TRL samples prompts in groups of num_generations"),
-                (data.streams(), "streaming", "TRL's sampler repeats rows by index")):
-            if refused:
-                return f"{field} is not available with grpo ({why}): turn it off"
-        return None
+        return self.refusals.refusal(recipe, family, method)
 
     def check_data(self, data) -> None:
         """Every training row needs a reference: a last assistant turn (or `references`)."""
