@@ -41,6 +41,14 @@ ASSUMPTIONS = [
     "a frozen vision tower keeps no activations (one layer's worth is live while it runs)",
     "FSDP / ZeRO-3 divide weights, gradients and optimizer states by the GPU count (plus one "
     "gathered layer); ZeRO-2 divides gradients and optimizer states; DDP divides nothing",
+    "objectives (TRL 1.16): DPO runs chosen and rejected as one batch (2 x rows through the "
+    "policy) and then the reference (the base, adapter disabled, no grad: one layer and the "
+    "loss head's forward tiles live) while the policy's activations are held; GRPO samples "
+    "per_device_train_batch_size x steps_per_generation completions at once with `generate` "
+    "(KV cache of prompt + max_completion_length, the last position's logits), then, with "
+    "beta > 0, the reference log-probabilities (no grad, per_device_train_batch_size "
+    "completions at a time), then the loss step on per_device_train_batch_size completions; "
+    "the peak is the largest of these phases",
     "beyond PyTorch's peak allocation: CUDA context ~0.75 GiB and ~10% allocator slack "
     "(what nvidia-smi shows)",
 ]
@@ -82,6 +90,15 @@ class Workload:
     gpus: int = 1
     sharding: str = "none"         # none | ddp | fsdp | zero2 | zero3
     device: str = "cuda"           # cuda | cpu: TRL's fused head folds its tiles differently
+    objective: str = "sft"         # sft | dpo | grpo: what one step runs (see `estimate`)
+    reference: bool = False        # a no-grad reference forward (DPO; GRPO with beta > 0)
+    prompt_len: int = 0            # GRPO: prompt tokens of a rollout (seq_len adds the reply)
+    generated: int = 0             # GRPO: completions sampled at once (one generation batch)
+
+
+def step_rows(w: Workload) -> int:
+    """Sequences through the policy in one step: DPO stacks chosen and rejected."""
+    return w.batch_size * (2 if w.objective == "dpo" else 1)
 
 
 def optimizer_bytes_per_param(optim: str) -> float:
@@ -114,6 +131,10 @@ def layer_activation_values(s: Shape) -> int:
 FUSED_TOKEN_TILE = 4096
 FUSED_VOCAB_TILE = {"cuda": 32768, "cpu": 4096}
 FUSED_TILES = {"cuda": 1.0, "cpu": 5.0}
+# A forward without grad (a reference's log-probabilities) holds the forward's tiles only: on a
+# GPU one; on CPU, folded in place (`cpu_fold`), the projection buffer, the scaled logits and
+# their exponentials (3 tiles).
+FUSED_FORWARD_TILES = {"cuda": 1.0, "cpu": 3.0}
 
 
 def loss_head_bytes(s: Shape, tokens: int, a: int, device: str = "cuda") -> float:
@@ -131,6 +152,45 @@ def loss_head_bytes(s: Shape, tokens: int, a: int, device: str = "cuda") -> floa
     return tile * FUSED_TILES.get(device, 1.0) + tokens * (8 * 4 + 2 * s.hidden * 4)
 
 
+def loss_head_forward_bytes(s: Shape, tokens: int, a: int, device: str = "cuda") -> float:
+    """Bytes the loss head holds in a forward without grad (reference log-probabilities): the
+    fused head's forward tiles and per-token statistics, or the logits head's logits and its
+    fp32 log-softmax."""
+    if s.unfused_lm_head:
+        return tokens * s.vocab * (a + 4)
+    tile_bytes = a if device == "cuda" else 4
+    vocab_tile = FUSED_VOCAB_TILE.get(device, FUSED_VOCAB_TILE["cuda"])
+    tile = min(tokens, FUSED_TOKEN_TILE) * min(s.vocab, vocab_tile) * tile_bytes
+    return tile * FUSED_FORWARD_TILES.get(device, 1.0) + tokens * 8 * 4
+
+
+def no_grad_layer_values(s: Shape) -> int:
+    """Per-token values live at once in one decoder layer run without grad: the layer input
+    and residual, and the gated MLP's gate, up and product (attention's q/k/v/out are fewer)."""
+    return 2 * s.hidden + 3 * s.intermediate
+
+
+def no_grad_forward_bytes(s: Shape, tokens: int, patches: int, a: int, device: str) -> float:
+    """A forward without grad over `tokens` (nothing kept for backward): the largest of the
+    vision tower's one live layer, the decoder's one live layer, and the loss head's forward
+    beside the last hidden states; they run one after another."""
+    return max(patches * vision_layer_values(s) * a,
+               tokens * no_grad_layer_values(s) * a,
+               tokens * s.hidden * a + loss_head_forward_bytes(s, tokens, a, device))
+
+
+def rollout_bytes(s: Shape, w: Workload, a: int) -> dict:
+    """GRPO's generation phase: the KV cache of every completion sampled at once (prompt +
+    max_completion_length, keys and values per layer), the prefill's one live layer over the
+    prompts, and the last position's logits with their fp32 copies (the logits `generate`
+    keeps, the processed scores and the sampling probabilities)."""
+    kv_cache = w.generated * w.seq_len * s.layers * 2 * s.kv_dim * a
+    prefill = max(w.generated * w.prompt_len * no_grad_layer_values(s) * a,
+                  w.generated * w.vision_patches * vision_layer_values(s) * a)
+    logits = w.generated * s.vocab * (a + 3 * 4)
+    return {"kv_cache": kv_cache, "prefill": prefill, "logits": logits}
+
+
 def vision_layer_values(s: Shape) -> int:
     return 6 * s.vision_hidden + 2 * s.vision_intermediate
 
@@ -146,14 +206,15 @@ def estimate(s: Shape, w: Workload) -> dict:
     weight_shards = w.gpus if w.sharding in ("fsdp", "zero3") else 1
     state_shards = w.gpus if w.sharding in ("fsdp", "zero3", "zero2") else 1
     gathered = s.largest_layer_params * a if weight_shards > 1 else 0
-    tokens = w.batch_size * w.seq_len
+    rows = step_rows(w)
+    tokens = rows * w.seq_len
     per_layer = layer_activation_values(s) * a
     if w.gradient_checkpointing:
         activations = tokens * (s.layers * s.hidden * a + per_layer)
     else:
         activations = tokens * s.layers * per_layer
     logits = loss_head_bytes(s, tokens, a, w.device)
-    patches = w.batch_size * w.vision_patches
+    patches = rows * w.vision_patches
     vision_layer = patches * vision_layer_values(s) * a
     if s.vision_trainable:
         vision = (patches * s.vision_layers * s.vision_hidden * a + vision_layer
@@ -163,8 +224,20 @@ def estimate(s: Shape, w: Workload) -> dict:
     parts = {"weights": weights / weight_shards + gathered, "adapter": adapter / weight_shards,
              "gradients": grads / state_shards, "optimizer": optim / state_shards,
              "activations": activations, "logits": logits, "vision": vision}
-    peak = sum(parts.values())
-    return {"parts": parts, "peak_allocated": peak, "with_overhead": peak * 1.10 + 0.75 * GIB}
+    fixed = sum(parts[k] for k in ("weights", "adapter", "gradients", "optimizer"))
+    phases = {"step": activations + logits + vision}
+    if w.reference and w.objective == "dpo":  # after the policy's forward, its activations held
+        phases["reference"] = activations + vision * s.vision_trainable + no_grad_forward_bytes(
+            s, tokens, patches, a, w.device)
+    elif w.reference:  # GRPO: before the step, per_device_train_batch_size completions a time
+        phases["reference"] = no_grad_forward_bytes(s, tokens, patches, a, w.device)
+    rollout = rollout_bytes(s, w, a) if w.generated else None
+    if rollout:
+        phases["rollout"] = sum(rollout.values())
+    peak_phase = max(phases, key=phases.get)
+    peak = fixed + phases[peak_phase]
+    return {"parts": parts, "phases": phases, "peak_phase": peak_phase, "rollout": rollout,
+            "peak_allocated": peak, "with_overhead": peak * 1.10 + 0.75 * GIB}
 
 
 def fits(total_bytes: float) -> list[dict]:

@@ -19,6 +19,7 @@ from peftvlm.distributed import read_config_file, sharding_mode
 from peftvlm.errors import ModelError, PeftVLMError
 from peftvlm.families import tiny_models
 from peftvlm.models import detect_family, model_class, quantization_config
+from peftvlm.recipe.schema import GRPOConfig as GRPOSettings
 from peftvlm.registry import get_method
 
 BUNDLED = Path(__file__).resolve().parent / "families" / "configs"
@@ -241,11 +242,13 @@ def plan(recipe, *, gpu: str | None = None, gpus: int | None = None, sharding: s
     elif text_tokens is not None:
         seq = min(seq, text_tokens)
     mode = sharding or recipe_sharding(recipe)
-    work = memory.Workload(
-        batch_size=recipe.train.per_device_train_batch_size, seq_len=seq,
-        vision_patches=(images["patches"] * images["per_row"]) if images else 0,
-        gradient_checkpointing=recipe.train.gradient_checkpointing, optim=recipe.train.optim,
-        gpus=gpus or (2 if mode in ("fsdp", "zero2", "zero3") else 1), sharding=mode)
+    work = memory.Workload(**{
+        "batch_size": recipe.train.per_device_train_batch_size, "seq_len": seq,
+        "vision_patches": (images["patches"] * images["per_row"]) if images else 0,
+        "gradient_checkpointing": recipe.train.gradient_checkpointing,
+        "optim": recipe.train.optim, "sharding": mode,
+        "gpus": gpus or (2 if mode in ("fsdp", "zero2", "zero3") else 1),
+        **objective_workload(recipe.train, seq)})
     result = memory.estimate(shape, work)
     target = pick_gpu(gpu)
     return {
@@ -260,6 +263,22 @@ def plan(recipe, *, gpu: str | None = None, gpus: int | None = None, sharding: s
         "gpu": target, "suggestions": suggestions(recipe, shape, work, result, target, images),
         "assumptions": memory.ASSUMPTIONS, **memory.as_dict(shape, work),
     }
+
+
+def objective_workload(train, seq: int) -> dict:
+    """What the recipe's objective adds to a step, as TRL 1.16 runs it: DPO's chosen + rejected
+    batch and reference forward; GRPO's rollouts (`seq` prompt tokens + max_completion_length,
+    per_device_train_batch_size x steps_per_generation sampled at once) and, with beta > 0,
+    its reference forward."""
+    if train.objective == "dpo":
+        return {"objective": "dpo", "reference": True}
+    if train.objective == "grpo":
+        grpo = train.grpo or GRPOSettings()
+        per_generation = grpo.steps_per_generation or train.gradient_accumulation_steps
+        return {"objective": "grpo", "reference": grpo.beta > 0, "prompt_len": seq,
+                "seq_len": seq + grpo.max_completion_length,
+                "generated": train.per_device_train_batch_size * per_generation}
+    return {"objective": train.objective}
 
 
 def image_budget(recipe, source, config, family, size, per_row) -> dict | None:
@@ -332,10 +351,13 @@ def suggestions(recipe, shape, work, result, target, images) -> list[dict]:
                  "frozen_params_4bit": quantizable}):
             return out
     if images and images["tokens"] * images["per_row"] > work.seq_len // 4:
-        shorter = max(256, work.seq_len // 2)
+        reply = work.seq_len - work.prompt_len if work.prompt_len else 0  # GRPO's completions
+        shorter = max(256, (work.seq_len - reply) // 2)
+        prompt = {"prompt_len": shorter} if reply else {}
         if step("fewer image tokens: smaller images (the image processor's max_pixels / "
                 "size) and shorter rows", f"train.max_length={shorter}",
-                work_changes={"seq_len": shorter, "vision_patches": work.vision_patches // 4}):
+                work_changes={"seq_len": shorter + reply, **prompt,
+                              "vision_patches": work.vision_patches // 4}):
             return out
     for n in (2, 4, 8):
         if work.gpus < n:
@@ -362,6 +384,31 @@ def _b(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
+def objective_lines(w: dict, est: dict) -> list[str]:
+    """Table rows for what DPO / GRPO add beside the training step (phases that do not overlap
+    it count towards the peak only when larger)."""
+    phases, lines = est["phases"], []
+    if w["objective"] == "dpo":
+        lines.append("| (chosen + rejected) | | DPO: 2 x "
+                     f"{w['batch_size']} rows of {w['seq_len']:,} tokens through the policy |")
+    if "reference" in phases:
+        when = ("after the policy's forward, its activations held" if w["objective"] == "dpo"
+                else "before the step, nothing of it held")
+        lines.append(f"| reference phase | {_gib(phases['reference'])} | the base (adapter "
+                     f"disabled), no grad, {when} |")
+    if est.get("rollout"):
+        r = est["rollout"]
+        lines.append(f"| rollout phase | {_gib(phases['rollout'])} | {w['generated']} "
+                     f"completions of {w['prompt_len']:,} + "
+                     f"{w['seq_len'] - w['prompt_len']:,} tokens: KV cache {_gib(r['kv_cache'])}, "
+                     f"prefill {_gib(r['prefill'])}, last-token logits {_gib(r['logits'])} |")
+    if len(phases) > 1:
+        lines.append(f"| (peak phase) | | {est['peak_phase']}: the phases run one after "
+                     "another, so the peak adds only the largest to the weights, adapter, "
+                     "gradients and optimizer |")
+    return lines
+
+
 def render(result: dict) -> str:
     """The plan as text: counts, tokens, the memory table, fits, changes and assumptions."""
     s, w, est = result["shape"], result["workload"], result["estimate"]
@@ -385,6 +432,7 @@ def render(result: dict) -> str:
                          " such rows are dropped; raise max_length or use smaller images")
     else:
         lines.append("image tokens: not counted (no image processor settings for this model)")
+    lines.append(f"objective: {w['objective']}")
     lines.append(f"sequence: {result['seq_len']} tokens per row (train.max_length "
                  f"{result['max_length']}), batch {w['batch_size']} per GPU, gradient "
                  f"checkpointing {'on' if w['gradient_checkpointing'] else 'off'}, "
@@ -397,7 +445,8 @@ def render(result: dict) -> str:
         "gradients": "fp32, trainable parameters only",
         "optimizer": f"{w['optim']}: {memory.optimizer_bytes_per_param(w['optim']):g} B per "
                      "trainable parameter",
-        "activations": f"{w['batch_size'] * w['seq_len']:,} tokens x {s['layers']} layers",
+        "activations": f"{memory.step_rows(memory.Workload(**w)) * w['seq_len']:,} tokens x "
+                       f"{s['layers']} layers",
         "logits": f"vocabulary {s['vocab']:,}: " + (
             "logits + fp32 log-softmax + gradient" if s["unfused_lm_head"]
             else "TRL's fused head, tiles of 4,096 tokens x 32,768 entries"),
@@ -406,6 +455,7 @@ def render(result: dict) -> str:
     }
     lines += ["", "| memory per GPU | GiB | how |", "| --- | ---: | --- |"]
     lines += [f"| {k} | {_gib(v)} | {how[k]} |" for k, v in parts.items()]
+    lines += objective_lines(w, est)
     lines += [f"| **peak allocated** | **{_gib(est['peak_allocated'])}** | PyTorch's peak |",
               f"| **with CUDA context** | **{_gib(est['with_overhead'])}** | as nvidia-smi "
               "shows it |", ""]
