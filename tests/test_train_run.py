@@ -196,6 +196,7 @@ def test_unreachable_wandb_server_falls_back_to_offline(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")  # the wait a user may set; default 20 s
     notices = []
     recipe = validate_recipe_dict(tiny_recipe(tracking={"wandb": {"mode": "online"}}))
     run = start_wandb(recipe, tmp_path, log=notices.append)
