@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli_in_process
 from serve_helpers import data_url, free_port, noise_png, serve_process, served, wait_healthy
 
 QUESTION = "What color is the shape?"
@@ -34,8 +34,8 @@ QUESTION = "What color is the shape?"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run = tmp_path_factory.mktemp("limits") / "quickstart"
-    res = run_cli("train", "recipes/quickstart.yaml", "train.max_steps=3",
-                  "eval.before_training=false", "eval.max_samples=4", "-o", run)
+    res = run_cli_in_process("train", "recipes/quickstart.yaml", "train.max_steps=3",
+                             "eval.before_training=false", "eval.max_samples=4", "-o", run)
     assert res.returncode == 0, res.stderr[-3000:]
     return run
 
