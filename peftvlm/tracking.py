@@ -29,7 +29,16 @@ def has_wandb_key() -> bool:
         return False
 
 
+# W&B's own variable, so a user (or a test) can wait more or less; W&B's default is 90 s.
 ONLINE_TIMEOUT_S = 20
+
+
+def online_timeout_s() -> float:
+    """Seconds an online start may take before the run falls back to offline."""
+    try:
+        return float(os.environ.get("WANDB_INIT_TIMEOUT") or ONLINE_TIMEOUT_S)
+    except ValueError:
+        return ONLINE_TIMEOUT_S
 
 
 def resolve_mode(mode: str | None, log) -> str:
@@ -60,7 +69,7 @@ def start_wandb(recipe, run_dir, log=print):
     if mode != "online":
         return wandb.init(mode=mode, **kwargs)
     try:  # an unreachable server must cost seconds, not the ~2 minutes of W&B's default
-        return wandb.init(mode="online", settings=wandb.Settings(init_timeout=ONLINE_TIMEOUT_S),
+        return wandb.init(mode="online", settings=wandb.Settings(init_timeout=online_timeout_s()),
                           **kwargs)
     except Exception as exc:  # noqa: BLE001 - any W&B failure falls back, never kills the run
         log(f"W&B: online start failed ({type(exc).__name__}); logging offline instead "

@@ -46,6 +46,42 @@ def run_cli(*args, env=None, cwd=None, timeout=600):
                           cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def run_cli_in_process(*args, env=None, cwd=None):
+    """`peftvlm ARGS` through the same `peftvlm.cli:main` as `run_cli`, in this process, for
+    tests of what a command does (its files, output, exit code) rather than of a fresh process
+    (signals, start-up imports, the console script): the worker has torch and transformers
+    imported already, where each subprocess pays seconds for them. Environment, argv and cwd
+    are restored after; an exception that would end the process with a traceback gives exit
+    code 1 and the traceback in stderr, as from a subprocess. Returns what `run_cli` does."""
+    import contextlib
+    import io
+    import traceback
+
+    from peftvlm.cli import main
+
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.update({key: str(value) for key, value in (env or {}).items()})
+        sys.argv = ["peftvlm", *map(str, args)]
+        os.chdir(cwd or REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+                code = 0
+            except SystemExit as exit_:  # click and main() end every command with sys.exit
+                code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+            except Exception:  # noqa: BLE001 - what an uncaught error does to a real process
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def tiny_llava_path():
     from peftvlm.models import tiny_model_path

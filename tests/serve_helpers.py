@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import run_cli
+from conftest import run_cli, run_cli_in_process
 
 COLOURS = ("red", "green", "blue", "yellow")
 
@@ -48,8 +48,9 @@ def quickstart_predictor():
 
 
 def cli_trained(run: Path, recipe, *overrides) -> Path:
-    """`peftvlm train RECIPE -o RUN [overrides]` through the real entry point; the run folder."""
-    res = run_cli("train", recipe, *overrides, "-o", run)
+    """`peftvlm train RECIPE -o RUN [overrides]` through the CLI's entry point (in-process: the
+    serving tests need the run, not a separate training process); the run folder."""
+    res = run_cli_in_process("train", recipe, *overrides, "-o", run)
     assert res.returncode == 0, res.stderr[-3000:]
     return run
 

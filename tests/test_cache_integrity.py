@@ -8,8 +8,8 @@ import json
 import os
 
 import pytest
-from data_helpers import (data_cache, llava_collator, recipe_file, run_cli,  # noqa: F401
-                          save_image)
+from conftest import run_cli_in_process
+from data_helpers import data_cache, llava_collator, recipe_file, save_image  # noqa: F401
 
 from peftvlm.data.batch.collate import IGNORE_INDEX
 from peftvlm.data.prepare.loading import CACHE_MIN_ROWS, load_source, prepared_cache_dir
@@ -146,14 +146,16 @@ def test_train_skips_and_counts_rows_whose_images_break_after_caching(tmp_path, 
                [row(ROWS, "c.png")])
     recipe = recipe_file(tmp_path, {"train": [{"path": "one.jsonl"}, {"path": "two.jsonl"}]},
                          max_steps=3, per_device_train_batch_size=2, logging_steps=1)
-    first = run_cli("train", str(recipe), "-o", str(tmp_path / "run1"), cache=data_cache)
+    first = run_cli_in_process("train", recipe, "-o", tmp_path / "run1",
+                               env={"PEFTVLM_CACHE": data_cache})
     assert first.returncode == 0, first.stdout + first.stderr
     b = tmp_path / "b.png"
     stat = b.stat()
     b.write_bytes(b"\0" * stat.st_size)  # same size, undecodable
     os.utime(b, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     (tmp_path / "c.png").unlink()
-    second = run_cli("train", str(recipe), "-o", str(tmp_path / "run2"), cache=data_cache)
+    second = run_cli_in_process("train", recipe, "-o", tmp_path / "run2",
+                                env={"PEFTVLM_CACHE": data_cache})
     out = second.stdout + second.stderr
     assert second.returncode == 0, out
     assert "Traceback" not in out

@@ -111,10 +111,10 @@ def test_eval_base_to_new_reports_each_group(tmp_path):
         assert metrics["harmonic_mean"][which] == pytest.approx(expected["harmonic_mean"])
 
 
-def test_peftvlm_eval_command_dispatches_clip_runs(runs, cli):
+def test_peftvlm_eval_command_dispatches_clip_runs(runs, cli_in_process):
     recipe, run_dir = runs["vpt"]
     (run_dir / "recipe_copy.yaml").write_text(recipe.to_yaml())
-    result = cli("eval", run_dir / "recipe_copy.yaml", "--run", run_dir)
+    result = cli_in_process("eval", run_dir / "recipe_copy.yaml", "--run", run_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert f"{summary['eval']['accuracy']['after']:.4f}" in result.stdout
@@ -181,8 +181,8 @@ def test_merge_is_refused_when_the_image_side_is_learned(runs, method, tmp_path)
         export_run(runs[method][1], merge=True, out=tmp_path / "m", log=lambda *_: None)
 
 
-def test_cli_exports_a_clip_run(runs, tmp_path, cli):
-    result = cli("export", runs["coop"][1], "--merge", "--out", tmp_path / "m")
+def test_cli_exports_a_clip_run(runs, tmp_path, cli_in_process):
+    result = cli_in_process("export", runs["coop"][1], "--merge", "--out", tmp_path / "m")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "export ok" in result.stdout
     assert json.loads((tmp_path / "m" / "export_report.json").read_text())["passed"]

@@ -425,7 +425,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
     import yaml
 
-    from conftest import REPO, run_cli
+    from conftest import REPO, run_cli_in_process
 
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
@@ -437,7 +437,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
                      "shots": 8},
             "train": {"max_steps": 4, "per_device_train_batch_size": per_device,
                       "logging_steps": 1, "learning_rate": 0.05}}))
-    res = run_cli("train", tmp_path / "one.yaml", "-o", tmp_path / "run1")
+    res = run_cli_in_process("train", tmp_path / "one.yaml", "-o", tmp_path / "run1")
     assert res.returncode == 0, res.stderr[-3000:]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29519", "-m",

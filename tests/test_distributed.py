@@ -12,14 +12,14 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli_in_process
 from test_train_run import tiny_recipe
 
 
 def loss_curves_of_one_and_two_processes(tmp_path, port: int, timeout: int):
     """Train `one.yaml` in one process and `two.yaml` under `torchrun --nproc_per_node 2`
     (both in tmp_path); their summaries' loss curves."""
-    res = run_cli("train", tmp_path / "one.yaml", "-o", tmp_path / "run1")
+    res = run_cli_in_process("train", tmp_path / "one.yaml", "-o", tmp_path / "run1")
     assert res.returncode == 0, res.stderr
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -60,28 +60,28 @@ def test_eval_reproduces_the_summary_exactly_and_writes_its_files(finished_run):
     assert (run / "eval" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_predictions_file_rescores_with_peftvlm_metrics(finished_run, cli):
+def test_predictions_file_rescores_with_peftvlm_metrics(finished_run, cli_in_process):
     _, run, summary = finished_run
     preds = run / "eval" / "predictions.jsonl"
     if not preds.exists():
         api.evaluate(load_recipe(finished_run[0]), run, log=lambda *_: None)
-    res = cli("metrics", "-p", preds, "-r", preds, "-m", "exact_match", "--json")
+    res = cli_in_process("metrics", "-p", preds, "-r", preds, "-m", "exact_match", "--json")
     assert res.returncode == 0, res.stderr
     rescored = json.loads(res.stdout)["scores"]["exact_match"]
     assert rescored == pytest.approx(summary["eval"]["exact_match"]["after"])
 
 
 @pytest.mark.slow
-def test_cli_prints_base_vs_fine_tuned_with_options(finished_run, cli, cli_in_process):
+def test_cli_prints_base_vs_fine_tuned_with_options(finished_run, cli_in_process):
+    """`peftvlm eval` through main() in this process (test_readme.py runs it as a command)."""
     recipe_path, run, _ = finished_run
-    res = cli("eval", recipe_path, "--run", run, "--max-samples", "4", "--split", "train")
+    res = cli_in_process("eval", recipe_path, "--run", run, "--max-samples", "4", "--split", "train")
     assert res.returncode == 0, res.stderr
     assert "base" in res.stdout and "fine-tuned" in res.stdout and "delta" in res.stdout
     assert "exact_match" in res.stdout and "train split, 4 examples" in res.stdout
     rows = (run / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(rows) == 4 and json.loads(rows[0])["id"] == "train-0"
 
-    # the same main() in-process: the entry point was just shown, a new interpreter adds nothing
     res = cli_in_process("eval", recipe_path, "--run", run, "--no-base", "--max-samples", "2")
     assert res.returncode == 0, res.stderr
     assert "n/a" in res.stdout
@@ -89,7 +89,8 @@ def test_cli_prints_base_vs_fine_tuned_with_options(finished_run, cli, cli_in_pr
 
 
 def error_of(cli, *args):
-    """`cli` is the real entry point for the first error below, main() in-process after it."""
+    """`peftvlm eval ARGS` must fail with one `error: ...` paragraph (main() in this process; a
+    real process's error path is tested by test_export.py's test_cli_missing_run)."""
     res = cli("eval", *args)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "Traceback" not in res.stderr
@@ -97,10 +98,10 @@ def error_of(cli, *args):
     return res.stderr
 
 
-def test_cli_errors_are_one_clear_message(finished_run, tmp_path, cli, cli_in_process):
+def test_cli_errors_are_one_clear_message(finished_run, tmp_path, cli_in_process):
     recipe_path, run, _ = finished_run
-    assert "does not exist" in error_of(cli, recipe_path, "--run", tmp_path / "nope")
     cli = cli_in_process
+    assert "does not exist" in error_of(cli, recipe_path, "--run", tmp_path / "nope")
     (tmp_path / "unfinished").mkdir()
     assert "unfinished" in error_of(cli, recipe_path, "--run", tmp_path / "unfinished")
     (tmp_path / "unfinished" / "summary.json").write_text('{"model": ')

@@ -604,8 +604,9 @@ def test_cli_push_without_token(fake_run, tmp_path):
     assert "no Hugging Face token found" in result.stderr and "HF_TOKEN" in result.stderr
 
 
-def test_cli_dry_run_and_out_dir_safety(fake_run, tmp_path, cli, cli_in_process):
-    result = cli("export", str(fake_run), "--merge", "--dtype", "bfloat16", "--dry-run")
+def test_cli_dry_run_and_out_dir_safety(fake_run, tmp_path, cli_in_process):
+    result = cli_in_process("export", str(fake_run), "--merge", "--dtype", "bfloat16",
+                            "--dry-run")
     assert result.returncode == 0, result.stderr
     assert re.search(r"merge\s+True", result.stdout) and re.search(r"dtype\s+bfloat16",
                                                                    result.stdout)

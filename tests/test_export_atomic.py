@@ -84,7 +84,8 @@ export.export_run(sys.argv[1], merge=True, out=sys.argv[2], log=print)
 
 
 @pytest.mark.slow
-def test_sigkill_mid_merge_leaves_no_target_and_the_next_export_cleans_up(run, tmp_path, cli):
+def test_sigkill_mid_merge_leaves_no_target_and_the_next_export_cleans_up(run, tmp_path,
+                                                                         cli_in_process):
     target = tmp_path / "merged"
     res = subprocess.run([sys.executable, "-c", KILL_MID_EXPORT, run, target], cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
@@ -94,7 +95,7 @@ def test_sigkill_mid_merge_leaves_no_target_and_the_next_export_cleans_up(run, t
     partial = tmp_path / leftovers(tmp_path)[0]
     assert partial.name.startswith(".merged.partial-") and list(partial.glob("*.safetensors"))
 
-    result = cli("export", run, "--merge", "--out", target)
+    result = cli_in_process("export", run, "--merge", "--out", target)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"removed {partial}: left by an export that was interrupted" in result.stdout
     assert_reported(target, run)

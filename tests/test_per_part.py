@@ -262,9 +262,9 @@ def test_api_train_runs_and_reloads(tmp_path, llava_path):
 
 @pytest.mark.slow
 def test_shipped_recipe_improves_held_out_exact_match(tmp_path):
-    from conftest import run_cli
+    from conftest import run_cli_in_process
 
-    res = run_cli("train", "recipes/llava-vpt-lora-tiny.yaml", "-o", tmp_path / "run")
+    res = run_cli_in_process("train", "recipes/llava-vpt-lora-tiny.yaml", "-o", tmp_path / "run")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     em = summary["eval"]["exact_match"]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli_in_process
 from peftvlm import memory
 from peftvlm.cli import shipped_recipes
 from peftvlm.errors import ModelError, PeftVLMError
@@ -111,7 +111,7 @@ def test_memory_terms_add_up_by_hand():
 
 
 def test_cli_prints_published_counts_a_memory_table_and_assumptions():
-    res = run_cli("plan", "recipes/llava-1.5-7b-qlora.yaml")
+    res = run_cli_in_process("plan", "recipes/llava-1.5-7b-qlora.yaml")
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "7,063,427,072 (7.063 B)" in out and "bundled copy" in out

@@ -7,13 +7,14 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli_in_process
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tiny", ["tiny-qwen3-vl", "tiny-gemma3"])
 def test_quickstart_learns_on_the_2026_twins(tmp_path, tiny):
-    res = run_cli("train", "recipes/quickstart.yaml", f"model.id={tiny}", "-o", tmp_path / "qs")
+    res = run_cli_in_process("train", "recipes/quickstart.yaml", f"model.id={tiny}", "-o",
+                             tmp_path / "qs")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert summary["eval"]["exact_match"]["after"] >= 0.95

@@ -6,7 +6,6 @@ answers one request from the `openai` client, as the README says to ask it."""
 from __future__ import annotations
 
 import base64
-import importlib.util
 import re
 import shlex
 import subprocess
@@ -19,7 +18,6 @@ import pytest
 from conftest import REPO, run_cli
 
 SECTION = "## From recipe to served model, end to end"
-RETRIEVAL_PREDICT = "retrieval predict lands with branch serve (peftvlm.serving.retrieval)"
 
 
 def readme_blocks() -> list[list[list[str]]]:
@@ -93,45 +91,40 @@ def test_readme_quickstart_train_eval_export_predict_serve(tmp_path):
         res = run(argv, tmp_path)
         if argv[:2] == ["peftvlm", "predict"]:
             assert "red.png" in res.stdout, res.stdout
+        if argv == ["peftvlm", "export", "runs/quickstart"]:
+            assert_relative_run_path_exported(res, tmp_path, "runs/quickstart")
     run_dir = tmp_path / "runs" / "quickstart"
     assert (run_dir / "summary.json").is_file() and (run_dir / "eval").is_dir()
     assert (run_dir / "export" / "adapter_model.safetensors").is_file()
     assert (run_dir / "merged" / "config.json").is_file()
 
 
-def retrieval_commands(verbs: set[str]) -> list[list[str]]:
+def assert_relative_run_path_exported(res, cwd: Path, run: str):
+    """`peftvlm export runs/x` from the folder holding runs/ (it died with a TypeError on the
+    model card after writing the weights): it says where it wrote, and the card names the run
+    relative to its folder, not by this machine's path."""
+    assert f"export ok: {run}/export" in res.stdout, res.stdout
+    card = (cwd / run / "export" / "README.md").read_text()
+    assert str(cwd) not in card
+
+
+def test_quickstart_block_exports_a_relative_run_path():
+    """The quickstart test above checks the relative-path export on its `export` line."""
+    assert ["peftvlm", "export", "runs/quickstart"] in readme_blocks()[0]
+
+
+@pytest.mark.slow
+def test_readme_retrieval_train_eval_export_predict(tmp_path):
+    """Every line of the retrieval block, as written: train, eval, export, then predict ranks
+    the given captions."""
     block = readme_blocks()[1]
     assert [argv[1] for argv in block if argv[0] == "peftvlm"] == \
         ["train", "eval", "export", "predict"], block
-    return [argv for argv in block if argv[0] != "peftvlm" or argv[1] in verbs]
-
-
-@pytest.mark.slow
-def test_readme_retrieval_train_eval_export(tmp_path):
-    for argv in retrieval_commands({"train", "eval", "export"}):
-        run(argv, tmp_path)
-    run_dir = tmp_path / "runs" / "clip-retrieval-tiny"
-    assert (run_dir / "summary.json").is_file() and (run_dir / "eval").is_dir()
-    assert (run_dir / "merged" / "config.json").is_file()
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("peftvlm.serving.retrieval") is None,
-                    reason=RETRIEVAL_PREDICT)
-def test_readme_retrieval_predict(tmp_path):
-    """Every line of the retrieval block, predict included (it ranks the given captions)."""
-    for argv in retrieval_commands({"train", "eval", "export", "predict"}):
+    for argv in block:
         res = run(argv, tmp_path)
+        if argv[:2] == ["peftvlm", "export"]:
+            run_dir = tmp_path / "runs" / "clip-retrieval-tiny"
+            assert (run_dir / "summary.json").is_file() and (run_dir / "eval").is_dir()
+            assert (run_dir / "merged" / "config.json").is_file()
+    assert argv[:2] == ["peftvlm", "predict"]
     assert "a red circle" in res.stdout and "a blue square" in res.stdout
-
-
-def test_export_of_a_relative_run_path(tmp_path):
-    """`peftvlm export runs/q` from the folder holding runs/ (it died with a TypeError on the
-    model card after writing the weights)."""
-    trained = run_cli("train", "quickstart", "train.max_steps=2", "-o", "runs/q", cwd=tmp_path)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    res = run_cli("export", "runs/q", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "export ok: runs/q/export" in res.stdout
-    card = (tmp_path / "runs" / "q" / "export" / "README.md").read_text()
-    assert str(tmp_path) not in card  # named relative to the run folder, not this machine's

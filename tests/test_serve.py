@@ -12,7 +12,7 @@ import threading
 import httpx
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli_in_process
 from serve_helpers import (COLOURS, app_for, data_url, held_out_by_colour, noise_png,
                            quickstart_predictor, quiet_predictor, served,
                            trained_quickstart)
@@ -142,7 +142,8 @@ def test_predict_cli_answers_folders_and_skips_a_bad_image(images, tmp_path):
         (folder / f"{colour}.png").write_bytes(path.read_bytes())
     (folder / "broken.png").write_text("not an image")
     out = tmp_path / "pred.jsonl"
-    res = run_cli("predict", trained_quickstart(), "--image", folder, "--base", "--out", out)
+    res = run_cli_in_process("predict", trained_quickstart(), "--image", folder, "--base",
+                             "--out", out)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "skipped" in res.stderr and "broken.png" in res.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -152,7 +153,7 @@ def test_predict_cli_answers_folders_and_skips_a_bad_image(images, tmp_path):
 
 
 def test_serve_cli_refuses_a_folder_that_is_not_a_run(tmp_path):
-    res = run_cli("serve", tmp_path)
+    res = run_cli_in_process("serve", tmp_path)
     assert res.returncode == 2 and "neither a run folder" in res.stderr
     assert "Traceback" not in res.stderr
 

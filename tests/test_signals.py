@@ -15,7 +15,7 @@ import time
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli_in_process
 from data_helpers import save_image
 from peftvlm import api
 from peftvlm.checkpoints import MANIFEST, incomplete_reason
@@ -62,7 +62,8 @@ def check_interrupted_then_resume(result, run, recipe_file, signame="SIGTERM", c
     assert incomplete_reason(checkpoint) is None
     assert not (run / "summary.json").exists()
 
-    res = run_cli("train", recipe_file, "-o", run, "--resume", f"train.max_steps={step + 2}")
+    res = run_cli_in_process("train", recipe_file, "-o", run, "--resume",
+                             f"train.max_steps={step + 2}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming from {checkpoint} (step {step})" in res.stdout
     assert json.loads((run / "summary.json").read_text())["global_step"] == step + 2

@@ -1,4 +1,5 @@
-"""Every registry family trains through `peftvlm train` (the real entry point) for a few steps on
+"""Every registry family trains through `peftvlm train` (the CLI's `main`, in the test process:
+the CLI's own start-up is tested by test_readme.py and test_quickstart.py) for a few steps on
 its tiny twin: the run folder is written and the loss is finite. New releases of transformers or
 TRL that change a forward (TRL 1.16's fused LM head crashed BLIP-2 at step 0) fail here first.
 Also: the logits head used where TRL's fused head cannot run gives TRL's own outputs.
@@ -14,7 +15,7 @@ import math
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli_in_process
 from peftvlm.families import FAMILIES
 
 # One shipped recipe per kind of model, made tiny on the command line.
@@ -36,10 +37,10 @@ def test_a_family_trains_through_the_cli(tmp_path, name):
     spec = FAMILIES[name]
     recipe, eval_size = RECIPE_FOR_KIND[spec.kind]
     run = tmp_path / "run"
-    res = run_cli("train", recipe, f"model.id={spec.tiny_name}", "train.max_steps=2",
-                  "train.logging_steps=1", "train.save_steps=1000",
-                  "train.per_device_train_batch_size=4", "data.synthetic.train_size=8",
-                  eval_size, "eval.before_training=false", "-o", run)
+    res = run_cli_in_process("train", recipe, f"model.id={spec.tiny_name}", "train.max_steps=2",
+                             "train.logging_steps=1", "train.save_steps=1000",
+                             "train.per_device_train_batch_size=4", "data.synthetic.train_size=8",
+                             eval_size, "eval.before_training=false", "-o", run)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["global_step"] == 2 and summary["family"] == name

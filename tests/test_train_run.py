@@ -12,7 +12,7 @@ import time
 import pytest
 from transformers import TrainerCallback
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli_in_process
 from peftvlm import api
 from peftvlm.errors import DataError, RunError
 from peftvlm.recipe.load import validate_recipe_dict
@@ -159,7 +159,7 @@ def test_dry_run_prints_counts_and_the_loss_mask(tmp_path):
     import yaml
 
     recipe.write_text(yaml.safe_dump(tiny_recipe()))
-    res = run_cli("train", recipe, "--dry-run", "-o", tmp_path / "dry")
+    res = run_cli_in_process("train", recipe, "--dry-run", "-o", tmp_path / "dry")
     assert res.returncode == 0, res.stderr
     assert "trainable params:" in res.stdout and "carry loss" in res.stdout
     assert "<image>x16" in res.stdout and "ASSISTANT:" in res.stdout
@@ -185,7 +185,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     assert proc.returncode == 130, err  # the shell's code for SIGINT (test_signals.py: SIGTERM)
     assert "interrupted by SIGINT" in err and "--resume" in err
     assert list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
-    res = run_cli("train", recipe, "-o", tmp_path / "run", "--resume")
+    res = run_cli_in_process("train", recipe, "-o", tmp_path / "run", "--resume")
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 60
 
@@ -196,6 +196,7 @@ def test_unreachable_wandb_server_falls_back_to_offline(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")  # the wait a user may set; default 20 s
     notices = []
     recipe = validate_recipe_dict(tiny_recipe(tracking={"wandb": {"mode": "online"}}))
     run = start_wandb(recipe, tmp_path, log=notices.append)
