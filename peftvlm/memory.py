@@ -49,8 +49,8 @@ ASSUMPTIONS = [
     "beta > 0, the reference log-probabilities (no grad, per_device_train_batch_size "
     "completions at a time), then the loss step on per_device_train_batch_size completions "
     "(the loss head over the completions only: TRL labels nothing else); the peak is the "
-    "largest of these phases (on CPU the reference and the step add to what the rollouts "
-    "left: the C allocator keeps it)",
+    "largest of these phases (on CPU each adds to the ones before it: the C allocator "
+    "keeps what they freed)",
     "beyond PyTorch's peak allocation: CUDA context ~0.75 GiB and ~10% allocator slack "
     "(what nvidia-smi shows)",
 ]
@@ -242,19 +242,23 @@ def estimate(s: Shape, w: Workload) -> dict:
              "activations": activations, "logits": logits, "vision": vision}
     fixed = sum(parts[k] for k in ("weights", "adapter", "gradients", "optimizer"))
     rollout = rollout_bytes(s, w, a) if w.generated else None
-    # On CPU what the rollouts freed stays with the process (glibc keeps it: RSS measured
-    # +18-19 MiB after `generate` at 512 and 2,048 tokens on the twin) and later phases add to
-    # it; a GPU's caching allocator hands the same blocks to the later phases.
-    held = sum(rollout.values()) if rollout and w.device == "cpu" else 0
-    phases = {"step": held + activations + logits + vision}
+    # On CPU what GRPO's rollouts and reference forward freed stays with the process (glibc
+    # keeps it; RSS measured on the twin: +18-19 MiB after `generate`, +11-12 MiB after the
+    # reference, at 512 and 2,048 tokens), so there each phase adds to the ones before it; a
+    # GPU's caching allocator hands the same blocks to the later phases.
+    cpu = w.device == "cpu"
+    held = sum(rollout.values()) if rollout and cpu else 0
+    phases = {}
+    if rollout:
+        phases["rollout"] = sum(rollout.values())
     if w.reference and w.objective == "dpo":  # after the policy's forward, its activations held
         phases["reference"] = activations + vision * s.vision_trainable + no_grad_forward_bytes(
             s, tokens, patches, a, w.device)
     elif w.reference:  # GRPO: before the step, per_device_train_batch_size completions a time
         phases["reference"] = held + no_grad_forward_bytes(s, tokens, patches, a, w.device,
                                                            head_tokens)
-    if rollout:
-        phases["rollout"] = sum(rollout.values())
+        held = phases["reference"] if cpu else 0
+    phases["step"] = held + activations + logits + vision
     peak_phase = max(phases, key=phases.get)
     peak = fixed + phases[peak_phase]
     return {"parts": parts, "phases": phases, "peak_phase": peak_phase, "rollout": rollout,
