@@ -393,7 +393,9 @@ def objective_lines(w: dict, est: dict) -> list[str]:
                      f"{w['batch_size']} rows of {w['seq_len']:,} tokens through the policy |")
     if "reference" in phases:
         when = ("after the policy's forward, its activations held" if w["objective"] == "dpo"
-                else "before the step, nothing of it held")
+                else "after the rollouts, before the step" + (
+                    " (on CPU each phase adds to the ones before)" if w["device"] == "cpu"
+                    else ", nothing of it held"))
         lines.append(f"| reference phase | {_gib(phases['reference'])} | the base (adapter "
                      f"disabled), no grad, {when} |")
     if est.get("rollout"):
@@ -449,7 +451,9 @@ def render(result: dict) -> str:
                        f"{s['layers']} layers",
         "logits": f"vocabulary {s['vocab']:,}: " + (
             "logits + fp32 log-softmax + gradient" if s["unfused_lm_head"]
-            else "TRL's fused head, tiles of 4,096 tokens x 32,768 entries"),
+            else "TRL's fused head, tiles of 4,096 tokens x 32,768 entries")
+        + (f", over the {memory.scored_tokens(memory.Workload(**w), 0):,} completion tokens"
+           if w["objective"] == "grpo" else ""),
         "vision": "trainable: kept for backward" if s["vision_trainable"]
         else "frozen: one layer live at a time",
     }

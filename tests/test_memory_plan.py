@@ -65,6 +65,16 @@ def test_grpo_counts_rollouts_then_the_step_and_takes_the_larger_phase():
     assert set(est["phases"]) == {"step", "reference", "rollout"}
     fixed = sum(est["parts"][k] for k in ("weights", "adapter", "gradients", "optimizer"))
     assert est["peak_allocated"] == fixed + max(est["phases"].values())
+    # TRL labels only the completions (8 x 256 of the 8 x 768 positions): the head scores those
+    assert est["parts"]["logits"] == memory.loss_head_bytes(SHAPE, 8 * 256, 2)
+    assert est["phases"]["step"] == est["parts"]["activations"] + est["parts"]["logits"]
+    # on CPU each phase comes on top of what the ones before it left (glibc keeps it)
+    cpu = memory.with_changes(SHAPE, work, work={"device": "cpu"})
+    rollout = sum(cpu["rollout"].values())
+    reference = rollout + memory.no_grad_forward_bytes(SHAPE, 8 * 768, 0, 2, "cpu", 8 * 256)
+    assert cpu["phases"]["reference"] == reference
+    assert cpu["phases"]["step"] == reference + est["parts"]["activations"] \
+        + memory.loss_head_bytes(SHAPE, 8 * 256, 2, "cpu")
     # long replies sampled 256 at a time, 2 a step: the KV cache outgrows the step
     long = memory.estimate(SHAPE, memory.Workload(
         batch_size=2, seq_len=512 + 8192, objective="grpo", prompt_len=512, generated=256,
