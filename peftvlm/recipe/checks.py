@@ -10,7 +10,7 @@ from pathlib import Path
 from peftvlm.data.render.templates import load_template, merged_options
 from peftvlm.distributed import read_config_file
 from peftvlm.errors import DataError, RecipeError
-from peftvlm.families import FAMILIES, known_family as family_of_model, method_refusal, tiny_models
+from peftvlm.families import FAMILIES, known_family, method_refusal
 from peftvlm.metrics import available_metrics
 from peftvlm.recipe.schema import GRPOConfig, Recipe
 from peftvlm.registry import get_method
@@ -52,7 +52,7 @@ def check_recipe_files(recipe: Recipe) -> None:
     check_streaming(recipe)
     check_grpo(recipe)
     if recipe.train.packing:
-        check_packing(recipe, known_family(recipe))
+        check_packing(recipe, known_family(recipe.model))
 
 
 def _check_sharding_files(recipe: Recipe) -> None:
@@ -81,7 +81,7 @@ def check_streaming(recipe: Recipe) -> None:
                               hint="drop streaming there (max_samples caps the rows)")
     if not data.streams():
         return
-    family = known_family(recipe)
+    family = known_family(recipe.model)
     if family is not None and not family.is_generative:
         refuse_dual_encoder_stream(where, family.name)
     whole = "set it back to its default, or read the data whole (streaming: false)"
@@ -142,20 +142,12 @@ def check_grpo(recipe: Recipe) -> None:
         raise RecipeError(f"{where}.grpo.use_vllm: vLLM is not installed",
                           hint="vLLM rollouts need a CUDA GPU and `pip install vllm`; or set "
                                "use_vllm: false (transformers' generate)")
-    family = known_family(recipe)
+    family = known_family(recipe.model)
     if family is not None and family.encode_prompt is not None:
         raise RecipeError(f"{where}.objective: the {family.name} family cannot train with GRPO: "
                           "TRL's GRPOTrainer renders rollout prompts with the processor's chat "
                           "template, and this family has none (it encodes prompts itself)",
                           hint="use objective: sft for this family, or another model")
-
-
-def known_family(recipe: Recipe):
-    """The model's family when it is known without loading anything (model.family, or a
-    built-in tiny model); None for a Hub id or folder (checked again once loaded)."""
-    if recipe.model.family is not None:
-        return FAMILIES[recipe.model.family]
-    return tiny_models().get(recipe.model.id)
 
 
 def check_packing(recipe: Recipe, family) -> None:
@@ -170,7 +162,7 @@ def check_packing(recipe: Recipe, family) -> None:
 def check_method_fits_family(recipe: Recipe) -> None:
     """A method the model's family cannot take is refused here, before any weights load (the
     family is known for `model.family`, built-in tiny models and local folders)."""
-    family = family_of_model(recipe.model)
+    family = known_family(recipe.model)
     reason = method_refusal(family, recipe.method) if family else None
     if reason:
         raise RecipeError(f"{recipe.source_path}: {reason}",
@@ -180,7 +172,7 @@ def check_method_fits_family(recipe: Recipe) -> None:
 def check_objective_fits(recipe: Recipe) -> None:
     """`train.objective` must fit the model's family and the method (validate time; a Hub
     id's family is checked again once its config is read)."""
-    check_objective(recipe, family_of_model(recipe.model), get_method(recipe.method.name))
+    check_objective(recipe, known_family(recipe.model), get_method(recipe.method.name))
 
 
 def _check_template(recipe: Recipe, src, where: str) -> None:

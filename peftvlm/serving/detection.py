@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from peftvlm.data.batch.preview import draw_detections
 from peftvlm.data.read.images import load_rgb
-from peftvlm.errors import DataError, PeftVLMError
+from peftvlm.errors import DataError
 from peftvlm.serving.inputs import APIError, check_text_budget, read_image_url
 from peftvlm.serving.predictor import AdaptedPredictor
 from peftvlm.trainers.detection import detect, load_data, load_detector, prompt_for
@@ -52,12 +52,10 @@ class DetectionPredictor(AdaptedPredictor):
     @functools.cached_property
     def examples(self) -> list[dict]:
         """The first held-out images (`{"images": [image], "classes": [...]}`) for the demo."""
-        if self.files.recipe is None:
+        loaded = self.held_out_data(load_data)
+        if loaded is None:
             return []
-        try:
-            train, held_out, classes = load_data(self.files.recipe, 8)
-        except (PeftVLMError, OSError):
-            return []
+        train, held_out, classes = loaded
         records = (held_out or train).records[:8]
         return [{"images": [r["image"]], "classes": classes} for r in records]
 

@@ -331,6 +331,16 @@ class AdaptedPredictor:
     def has_base(self) -> bool:
         return self._base_switch is not None
 
+    def held_out_data(self, load, limit: int = 8):
+        """`load(recipe, limit)`: the run's own data, for the demo's examples; None for a merged
+        export without its recipe, or data that cannot be read from here."""
+        if self.files.recipe is None:
+            return None
+        try:
+            return load(self.files.recipe, limit)
+        except (PeftVLMError, OSError):
+            return None
+
     @contextmanager
     def model_for(self, base: bool):
         """The adapted model, or with `base` the same model with its adapter switched off."""

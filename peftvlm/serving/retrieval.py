@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 
-from peftvlm.errors import PeftVLMError, RunError
+from peftvlm.errors import RunError
 from peftvlm.models import load_base
 from peftvlm.serving.predictor import AdaptedPredictor
 from peftvlm.trainers.contrastive import Encoder, load_pairs, pooled
@@ -40,12 +40,10 @@ class RetrievalPredictor(AdaptedPredictor):
     def examples(self) -> list[dict]:
         """The first held-out pairs (`{"images": [image], "captions": [...]}`) for the demo;
         none for a merged export without its recipe, or data that cannot be read from here."""
-        if self.files.recipe is None:
+        loaded = self.held_out_data(load_pairs)
+        if loaded is None:
             return []
-        try:
-            _, train, held_out = load_pairs(self.files.recipe, 8)
-        except (PeftVLMError, OSError):
-            return []
+        _, train, held_out = loaded
         pairs = held_out or train
         return [{"images": [image], "captions": list(captions)}
                 for image, captions in zip(pairs.images[:8], pairs.captions[:8])]

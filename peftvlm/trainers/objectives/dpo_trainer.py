@@ -147,6 +147,6 @@ def build_dpo_trainer(recipe, model, processor, collator, data, run_dir: Path, r
                          callbacks=[*callbacks, FiniteDPOMetrics(), *filter(None, [scorer])])
     if scorer is not None:
         scorer.trainer = trainer
-    if collator.family.unfused_lm_head:
+    if collator.family.loss_head == "logits":
         use_logits_head(trainer.model.get_base_model())
     return trainer
