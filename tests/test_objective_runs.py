@@ -1,12 +1,18 @@
 """Everything else works on DPO and GRPO runs, through the CLI: a GRPO run (trained once, one
 step) is exported merged and verified, predicted from and served (one chat completion); a DPO
-run (one step) is served (test_dpo.py exports and predicts one). The learning proofs, guards
-and resume are in test_dpo.py / test_grpo.py."""
+run (one step) is served (test_dpo.py exports and predicts one); a run of either killed by
+SIGKILL resumes to the very weights of an uninterrupted run. The learning proofs, guards and
+the SIGTERM resume are in test_dpo.py / test_grpo.py."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +131,65 @@ def test_a_dpo_run_is_served(trained, image):
     """test_dpo.py exports a DPO run merged and predicts from it; serving is what it leaves:
     here the run folder itself (its adapter on the base)."""
     assert_one_completion(ask_served(trained("dpo"), image))
+
+
+# `peftvlm train ARGS`, killed by SIGKILL right after its third optimizer step: checkpoint-2 is
+# complete, step 3 is done and saved nowhere, nothing is cleaned up (no lock release, no summary)
+KILLED_AFTER_STEP_3 = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import Trainer
+    from peftvlm.cli import main
+
+    after_step = Trainer._maybe_log_save_evaluate
+
+    def killed_after_step_3(self, *args, **kwargs):
+        after_step(self, *args, **kwargs)
+        if self.state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    Trainer._maybe_log_save_evaluate = killed_after_step_3
+    sys.argv = ["peftvlm", *sys.argv[1:]]
+    main()
+""")
+
+
+def adapter_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", sorted(RUNS))
+def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_weights(objective, tmp_path,
+                                                                      cli_in_process):
+    """kill -9 after step 3 of 4, then --resume: checkpoint-2's optimizer, scheduler, data
+    position and RNG (GRPO samples its rollouts from it) give steps 3-4 again, bit for bit."""
+    recipe, *overrides = RUNS[objective]
+    settings = ("train.max_steps=4", "train.save_steps=2", "train.logging_steps=1",
+                "eval.metrics=[]", *overrides)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert cli_here("train", recipe, "-o", straight, *settings) == 0
+
+    repo = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "-c", KILLED_AFTER_STEP_3, "train", recipe, "-o",
+                          str(killed), *settings], env={**os.environ, "PYTHONPATH": str(repo)},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    assert not (killed / "summary.json").exists()
+    assert not (killed / "checkpoints" / "checkpoint-4").exists()
+
+    resumed = cli_in_process("train", recipe, "-o", killed, "--resume", *settings)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {killed / 'checkpoints' / 'checkpoint-2'} (step 2)" in resumed.stdout
+    first, second = (json.loads((run / "summary.json").read_text()) for run in (straight, killed))
+    assert second["global_step"] == first["global_step"] == 4
+    losses = dict(second["loss_curve"])
+    assert set(losses) >= {3, 4}  # the two steps trained again after the resume
+    for step, loss in first["loss_curve"]:
+        if step in losses:
+            assert losses[step] == pytest.approx(loss, abs=1e-6), step
+    expected, got = adapter_weights(straight), adapter_weights(killed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert (expected[key] - got[key]).abs().max() <= 1e-6, key
