@@ -46,14 +46,15 @@ def prompt_batch(spec, processor, prompts):
         processor.tokenizer.padding_side = "right"
 
 
-def image(colour=(255, 0, 0)):
+def image(colour=(255, 0, 0), seed=None):
     """A shape on grey: a uniform image would give identical patches, hence uniform attention
-    and exactly zero gradients for the vision tower's queries and keys."""
+    and exactly zero gradients for the vision tower's queries and keys. The same `seed` gives
+    the same shape, place and grey in any colour."""
     import random
 
     from peftvlm.data.read.synthetic import draw_shape
 
-    return draw_shape(random.Random(sum(colour)), colour, 32)
+    return draw_shape(random.Random(sum(colour) if seed is None else seed), colour, 32)
 
 
 def user(text, with_image=True):
@@ -178,10 +179,20 @@ def test_qwen_needs_its_processor_class(tiny_dirs, name):
 
 def test_forward_backward_and_generate(loaded):
     spec, model, processor = loaded
-    batch = training_batch(spec, processor, [single_turn("red"), single_turn("blue circle")])
-    loss = model(**batch).loss
+    # the third row differs from the first only in the shape's colour
+    blue = [{"role": "user", "content": [{"type": "image", "image": image((0, 0, 255), seed=255)},
+                                         *single_turn("red")[0]["content"][1:]]},
+            assistant("red")]
+    batch = training_batch(spec, processor, [single_turn("red"), single_turn("blue circle"), blue])
+    out = model(**batch)
+    loss = out.loss
     assert math.isfinite(loss.item())
     loss.backward()
+    # the image reaches the language model: a collator or processor that dropped the pixels
+    # would leave image tokens as plain text, and every answer blind (nothing else fails)
+    answer = batch["labels"][0] != -100
+    red_logits, blue_logits = out.logits[0][answer].detach(), out.logits[2][answer].detach()
+    assert (red_logits - blue_logits).abs().max() > 1e-4 * red_logits.abs().max()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
     # a longer second prompt (a whole earlier turn where the family supports it)
