@@ -1,9 +1,9 @@
 """Florence-2: our `florence2` box parser equals the processor's own `post_process_generation`,
 the encoder-decoder encode (prompt -> encoder, answer -> labels), generation decoding that keeps
-`<loc_N>` tokens, and a detection run through the CLI (train, then eval with mAP). Whether the
-tiny twin learns detection is measured by scripts/detection_learning.py (docs/benchmarks.md: it
-does not read the class in CPU-sized runs; tests/test_detection_data.py holds the learning test
-of the twin that does)."""
+`<loc_N>` tokens, a detection run through the CLI (train, then eval with mAP), and that the
+image reaches the decoder with its colour. Whether the tiny twin learns detection (it does, with
+LoRA on the language model and projector at a low learning rate: the script's MODEL_DEFAULTS)
+is measured by scripts/detection_learning.py (docs/benchmarks.md), minutes of CPU."""
 
 from __future__ import annotations
 
@@ -105,7 +105,8 @@ def test_detection_run_trains_and_reports_map(tmp_path, data_cache, cli_in_proce
                  "template": "detection"},
         "train": {"max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 2,
                   "max_length": 64},
-        "eval": {"metrics": ["detection_map"], "max_new_tokens": 6, "max_samples": 4}}))
+        "eval": {"metrics": ["detection_map"], "max_new_tokens": 6, "max_samples": 2,
+                 "before_training": False}}))
     # in-process: `peftvlm train` / `eval` keep their subprocess tests elsewhere
     out = cli_in_process("train", str(recipe), "-o", str(tmp_path / "run"))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -120,3 +121,46 @@ def test_detection_run_trains_and_reports_map(tmp_path, data_cache, cli_in_proce
     assert "detection_mAP" in metrics["metrics"]
     assert sorted(p.name for p in (tmp_path / "run" / "eval" / "boxes").iterdir()) == \
         ["row-0.png", "row-1.png"]
+
+
+def test_the_image_reaches_the_decoder_with_its_colour(processor):
+    """Two training rows that differ only in the square's colour, batched by our collator:
+    the pixels arrive normalised as the processor says, the image tokens lead the encoder
+    input, and the decoder's logits at the answer's first token (the colour) differ, so the
+    colour is there to learn (the twin's random tower does not wash it out)."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from peftvlm.data.batch.collate import ConversationCollator
+    from peftvlm.data.read.synthetic import COLOURS
+    from peftvlm.models import model_class, tiny_model_path
+
+    family = FAMILIES["florence2"]
+    model = model_class(family).from_pretrained(tiny_model_path("tiny-florence2")).eval()
+    images = []
+    for colour in ("red", "blue"):
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+        ImageDraw.Draw(image).rectangle([16, 16, 47, 47], fill=COLOURS[colour])
+        images.append(image)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<OD>"}]},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "red<loc_250><loc_250><loc_750><loc_750>"}]}]
+    batch = ConversationCollator(processor, family)(
+        [{"messages": messages, "images": [image]} for image in images])
+
+    proc = processor.image_processor
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)  # not resized away
+    mean, std = torch.tensor(proc.image_mean), torch.tensor(proc.image_std)
+    for row, colour in enumerate(("red", "blue")):
+        want = (torch.tensor(COLOURS[colour]) / 255 - mean) / std
+        torch.testing.assert_close(batch["pixel_values"][row, :, 32, 32], want, atol=1e-3, rtol=0)
+    image_id = model.config.image_token_id
+    n = proc.image_seq_length
+    assert (batch["input_ids"][:, :n] == image_id).all()
+    assert (batch["input_ids"][:, n:] != image_id).all()
+    assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])
+    assert torch.equal(batch["labels"][0], batch["labels"][1])
+
+    with torch.no_grad():
+        logits = model(**batch).logits[:, 0]
+    assert (logits[0] - logits[1]).abs().max() > 1e-3  # the colour reaches the first answer token
