@@ -105,8 +105,7 @@ def test_detection_run_trains_and_reports_map(tmp_path, data_cache, cli_in_proce
                  "template": "detection"},
         "train": {"max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 2,
                   "max_length": 64},
-        "eval": {"metrics": ["detection_map"], "max_new_tokens": 6, "max_samples": 2,
-                 "before_training": False}}))
+        "eval": {"metrics": ["detection_map"], "max_new_tokens": 6, "max_samples": 2}}))
     # in-process: `peftvlm train` / `eval` keep their subprocess tests elsewhere
     out = cli_in_process("train", str(recipe), "-o", str(tmp_path / "run"))
     assert out.returncode == 0, out.stderr[-3000:]
