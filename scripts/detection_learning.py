@@ -57,9 +57,9 @@ MODEL_DEFAULTS = {
     # lr 0.01 blows up the twin's residual stream (hidden 64) within a few steps: the image's
     # share of the answer's hidden state vanishes and the colour is guessed from the prompt
     "tiny-qwen2.5-vl": {"steps": 200, "lr": 0.002, "target": "all", "modules_to_save": ["lm_head"]},
-    # an encoder-decoder whose colour signal reaches the decoder's first answer token at ~1% of
-    # its norm: at lr 0.02 (or with LoRA in the DaViT tower) training settles on a constant answer
-    # that erases it; the language model and projector at lr 0.003 keep and learn it
+    # the colour reaches the decoder's first answer token at ~1% of its norm: at lr 0.02 training
+    # settles on a constant answer that erases it, LoRA in the DaViT tower hurts, and the colour
+    # is learnt late (after ~200 steps at lr 0.003-0.01)
     "tiny-florence2": {"steps": 300, "lr": 0.003, "target": ["language", "projector"],
                        "modules_to_save": ["lm_head"]},
     "tiny-paligemma": {"steps": 100, "lr": 0.01, "target": "all", "modules_to_save": ["lm_head"]},
