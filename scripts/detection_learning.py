@@ -298,7 +298,8 @@ def parse_args(argv=None):
 
 def print_lora_after_pretraining(args, workdir: Path) -> None:
     pre, r = lora_after_pretraining(args, workdir)
-    print(f"pretrained twin: {pre['steps']} full-training steps of {args.pretrain_batch} on {', '.join(COLOURS)}: "
+    print(f"pretrained twin: {pre['steps']} full-training steps of {args.pretrain_batch} on "
+          f"{', '.join(COLOURS)}: "
           f"held-out mAP50 {pre['map50']:.2f} (colour-blind baseline {pre['baseline']:.2f}), "
           f"{pre['seconds']:.0f} s")
     print(f"LoRA ({r['trainable']:,} parameters, the detector preset) on "

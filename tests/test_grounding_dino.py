@@ -29,14 +29,14 @@ SHORT = ["train.max_steps=3", "train.per_device_train_batch_size=4",
          "data.synthetic.train_size=16", "data.synthetic.eval_size=4"]
 
 
-def test_family_is_listed_and_its_detector_preset_adapts_fusion_and_decoder_only(cli):
+def test_family_is_listed_and_its_detector_preset_adapts_fusion_and_decoder_only(cli_in_process):
     from peftvlm.methods.lora import LoraMethod, target_regex
     from peftvlm.models import load_base
 
     spec = FAMILIES["grounding_dino"]
     assert spec.is_detector and not spec.is_generative and not spec.is_dual_encoder
     assert tiny_models()["tiny-grounding-dino"] is spec
-    listed = cli("ls", "models")
+    listed = cli_in_process("ls", "models")  # `ls` keeps subprocess tests (test_metrics)
     assert listed.returncode == 0 and "tiny-grounding-dino" in listed.stdout
     recipe = validate_recipe_dict({"model": {"id": "tiny-grounding-dino"},
                                    "method": {"name": "lora", "target": "detector"},
