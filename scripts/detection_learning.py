@@ -20,7 +20,8 @@ A model has learnt the class only where its mAP50 rises clearly above that basel
 Trains through `peftvlm train`'s own path (`api.train`: the `detection` template and eval with
 `detection_map`, or the `detection` kind for Grounding DINO) and prints held-out mAP50 / parse
 rate before -> after, the baseline and the loss curve's ends. tests/test_detection_data.py
-runs a 50-step PaliGemma case as its learning test; numbers in docs/benchmarks.md.
+runs a 50-step PaliGemma case as its learning test, tests/test_grounding_dino.py the default
+`--lora-after-pretraining` run; numbers in docs/benchmarks.md.
 
 LoRA on a pretrained detector (`--lora-after-pretraining`, Grounding DINO): a random twin has
 no detector for LoRA to adapt, so the script first makes a "released checkpoint": the tiny twin
