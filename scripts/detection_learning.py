@@ -202,9 +202,10 @@ def write_task(workdir: Path, args, colours: list[str], categories: bool,
 
 def run(model_id: str, args, workdir: Path, model_path: str | None = None,
         colours: list[str] | None = None, shift: int = 0) -> dict:
-    """Train `model_id` (its weights read from the folder `model_path` if given) on the squares
-    of `colours` (default: the first `--colours` of COLOURS): held-out mAP50 before / after,
-    the colour-blind baseline, parse rate, loss ends, trainable parameters, seconds."""
+    """Train `model_id` (its weights read from the folder `model_path` if given: a Grounding
+    DINO checkpoint, as `pretrain_twin` writes) on the squares of `colours` (default: the first
+    `--colours` of COLOURS): held-out mAP50 before / after, the colour-blind baseline, parse
+    rate, loss ends, trainable parameters, seconds."""
     from peftvlm import api
 
     detector = model_path is not None or tiny_models()[model_id].is_detector
