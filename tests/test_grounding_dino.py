@@ -270,5 +270,5 @@ def test_lora_alone_adapts_a_pretrained_twin_to_colours_it_never_saw(tmp_path):
     assert adapter["modules_to_save"] is None and "fusion_layer" in adapter["target_modules"]
     assert result["trainable"] < 50_000, result  # the adapters alone
     before, after = result["map50"]
-    assert result["baseline"] <= 0.4 and before <= result["baseline"] + 0.1, result
-    assert after >= result["baseline"] + 0.4, result
+    assert result["baseline"] <= 0.4 and after >= result["baseline"] + 0.4, result
+    assert after >= before + 0.3, result  # the adapter's doing, not the pretrained detector's
