@@ -1,14 +1,14 @@
 """The detection kind on the tiny Grounding DINO: family and LoRA presets, detection records,
-class scores and COCO mAP, and one trained run through eval, export (merged, verified),
-predict (drawn PNGs) and serve (`POST /v1/detections`). That the random twin learns (with its
-inner model trained in full: LoRA alone has no pretrained detector to adapt) takes a few hundred
-steps, minutes of CPU: scripts/detection_learning.py measures it (docs/benchmarks.md); the
-suite's detection learning test is PaliGemma's (tests/test_detection_data.py)."""
+class scores and COCO mAP, one trained run through eval, export (merged, verified), predict
+(drawn PNGs) and serve (`POST /v1/detections`), and LoRA alone (the `detector` preset)
+adapting a pretrained twin to classes it never saw (scripts/detection_learning.py
+--lora-after-pretraining; docs/benchmarks.md)."""
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 
 import httpx
 import pytest
@@ -29,14 +29,14 @@ SHORT = ["train.max_steps=3", "train.per_device_train_batch_size=4",
          "data.synthetic.train_size=16", "data.synthetic.eval_size=4"]
 
 
-def test_family_is_listed_and_its_detector_preset_adapts_fusion_and_decoder_only(cli):
+def test_family_is_listed_and_its_detector_preset_adapts_fusion_and_decoder_only(cli_in_process):
     from peftvlm.methods.lora import LoraMethod, target_regex
     from peftvlm.models import load_base
 
     spec = FAMILIES["grounding_dino"]
     assert spec.is_detector and not spec.is_generative and not spec.is_dual_encoder
     assert tiny_models()["tiny-grounding-dino"] is spec
-    listed = cli("ls", "models")
+    listed = cli_in_process("ls", "models")  # `ls` keeps subprocess tests (test_metrics)
     assert listed.returncode == 0 and "tiny-grounding-dino" in listed.stdout
     recipe = validate_recipe_dict({"model": {"id": "tiny-grounding-dino"},
                                    "method": {"name": "lora", "target": "detector"},
@@ -245,3 +245,30 @@ def test_serve_answers_detections_and_refuses_chat(trained):
         bad = httpx.post(f"{url}/v1/detections", json={
             "model": predictor.name, "image": data_url(image), "classes": ["a.b"]})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "classes"
+
+
+@pytest.mark.slow
+def test_lora_alone_adapts_a_pretrained_twin_to_colours_it_never_saw(tmp_path):
+    """The practitioner's case: a detector already trained (the twin trained in full on red,
+    green, blue and yellow squares, saved with save_pretrained) loaded as `model.id: <folder>`,
+    and LoRA alone, the family's `detector` preset, trained through `api.train` on orange,
+    purple, white and black squares. Held-out mAP50 must rise far above the new task's
+    colour-blind baseline (perfect boxes, classes scored at random): the adapter learnt to
+    read the new classes, which the pretrained detector cannot."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from detection_learning import lora_after_pretraining, parse_args
+
+    args = parse_args(["--lora-after-pretraining", "--train", "64", "--test", "32"])
+    pre, result = lora_after_pretraining(args, tmp_path)
+    saved = tmp_path / "pretrained-twin"
+    assert (saved / "model.safetensors").is_file() and (saved / "config.json").is_file()
+    assert pre["map50"] >= pre["baseline"] + 0.2, pre  # the stand-in checkpoint detects
+    run = tmp_path / "new-task" / "run"
+    assert json.loads((run / "summary.json").read_text())["model"] == str(saved)
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(saved)
+    assert adapter["modules_to_save"] is None and "fusion_layer" in adapter["target_modules"]
+    assert result["trainable"] < 50_000, result  # the adapters alone
+    before, after = result["map50"]
+    assert result["baseline"] <= 0.4 and after >= result["baseline"] + 0.4, result
+    assert after >= before + 0.3, result  # the adapter's doing, not the pretrained detector's

@@ -39,9 +39,9 @@ TINY_SIDE = 64  # the tiny twin's images are resized to this square
 # box head: its weights are tied to the detection head's (`bbox_embed`), so a merged adapter
 # there would also change the other copy's path. That final head (top-level `bbox_embed`,
 # outside `model`) is not a `detector` target either: on a released checkpoint the boxes move
-# through the decoder's hidden states; the random twin learns only with `model` trained in full
-# (docs/benchmarks.md). The names never reach into the backbones
-# (Swin: attention.q_proj, BERT: attention.self.query).
+# through the decoder's hidden states; the random twin learns only with `model` trained in full,
+# while a pretrained twin learns new classes with this preset alone (docs/benchmarks.md). The
+# names never reach into the backbones (Swin: attention.q_proj, BERT: attention.self.query).
 DETECTOR_TARGETS = (
     "fusion_layer.attn.vision_proj", "fusion_layer.attn.text_proj",
     "fusion_layer.attn.values_vision_proj", "fusion_layer.attn.values_text_proj",
