@@ -286,6 +286,7 @@ def plan(recipe, *, gpu: str | None = None, gpus: int | None = None, sharding: s
          text_tokens: int | None = None, labelled: float | None = None) -> dict:
     """Counts, token budget, memory estimate, GPU fits and suggestions for a recipe
     (`labelled`: the share of positions with a label; by default measured on the data)."""
+    target = pick_gpu(gpu)  # a GPU plan does not know is refused before any work
     source = find_config(recipe.model)
     model, config, family, base_total = build_on_meta(recipe, source)
     shape, parts = model_shape(recipe, model, config, family)
@@ -306,7 +307,6 @@ def plan(recipe, *, gpu: str | None = None, gpus: int | None = None, sharding: s
         "gpus": gpus or (2 if mode in ("fsdp", "zero2", "zero3") else 1),
         "labelled_share": labels["share"], **objective_workload(recipe.train, seq)})
     result = memory.estimate(shape, work)
-    target = pick_gpu(gpu)
     return {
         "recipe": str(recipe.source_path), "model": recipe.model.id, "family": family.name,
         "method": recipe.method.name, "config": {"folder": str(source.folder),

@@ -154,8 +154,8 @@ def test_plan_is_within_15_percent_of_the_measured_step_peak_per_head_and_object
     from bench_memory import compare
 
     # 1,024 tokens per SFT step and 512 through the policy of a DPO / GRPO step, all four in
-    # one child in turn, keep the run short; scripts/bench_memory.py records the 2,048-token
-    # figures, one process per step (docs/benchmarks.md)
+    # one child in turn (the objectives first), keep the run short; scripts/bench_memory.py
+    # records the 512- and 2,048-token figures, one process per step (docs/benchmarks.md)
     results = compare(tokens=1024, vocab=151_680, hidden=128, heads=("fused", "logits"),
                       objectives=("dpo", "grpo"), objective_tokens=512, one_child=True)
     heads = {k: results[k] for k in ("fused", "logits")}
@@ -165,6 +165,8 @@ def test_plan_is_within_15_percent_of_the_measured_step_peak_per_head_and_object
     # the fused head holds tiles, the logits head three (tokens x vocabulary) tensors
     assert heads["fused"]["peak_bytes"] < 0.7 * heads["logits"]["peak_bytes"]
     assert heads["fused"]["loss"] == pytest.approx(heads["logits"]["loss"], abs=1e-5)
-    # DPO's step holds both sequences of its pair, GRPO's the whole group
+    # DPO's step holds both sequences of its pair, GRPO's the whole group; DPO's head scores
+    # the replies only (3/4 of the positions), and plan was given that share
     assert objectives["dpo"]["row_tokens"] == 256
+    assert objectives["dpo"]["labelled_share"] == pytest.approx(0.75, abs=0.01)
     assert objectives["grpo"]["plan_phases"]["step"] > objectives["grpo"]["plan_phases"]["rollout"]

@@ -122,6 +122,9 @@ def test_cli_prints_published_counts_a_memory_table_and_assumptions():
 def test_json_plan_with_sharding_over_gpus():
     result = plan(load_recipe(REAL["llava-1.5-7b-qlora"]), gpus=2, sharding="fsdp")
     data = json.loads(json.dumps(result, default=str))
-    alone = plan(load_recipe(REAL["llava-1.5-7b-qlora"]))
+    alone = memory.with_changes(memory.Shape(**data["shape"]), memory.Workload(**data["workload"]),
+                                work={"gpus": 1, "sharding": "none"})
     assert data["workload"]["gpus"] == 2
-    assert data["estimate"]["parts"]["optimizer"] == alone["estimate"]["parts"]["optimizer"] / 2
+    # Hub data (and a bundled config without a tokenizer): every position counted as labelled
+    assert data["labels"]["share"] == 1.0 and data["labels"]["from"].startswith("default")
+    assert data["estimate"]["parts"]["optimizer"] == alone["parts"]["optimizer"] / 2
