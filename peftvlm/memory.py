@@ -37,7 +37,7 @@ ASSUMPTIONS = [
     "`FamilySpec.unfused_lm_head`) scores only the positions with a label (with Triton on a "
     "GPU, and on CPU as peftvlm fits it; the share is measured on the recipe's first training "
     "rows, else every position is counted) and projects at most 4,096 of them x 32,768 "
-    "vocabulary entries (4,096 on CPU) at a time (one tile buffer with Triton, ~5 on CPU) plus "
+    "vocabulary entries (4,096 on CPU) at a time (one tile buffer with Triton, 3 on CPU) plus "
     "fp32 per-token statistics and the fp32 gradient of the last hidden state; families on the "
     "logits head (BLIP-2) hold the full logits, their log-softmax and their gradient "
     "(3 x tokens x vocabulary, every position)",

@@ -111,9 +111,10 @@ def test_memory_terms_add_up_by_hand():
 
 
 def test_cli_prints_published_counts_a_memory_table_and_assumptions():
-    res = run_cli_in_process("plan", "recipes/llava-1.5-7b-qlora.yaml")
+    res = run_cli_in_process("plan", "recipes/llava-1.5-7b-qlora.yaml", "--labelled-share", "0.25")
     assert res.returncode == 0, res.stderr
     out = res.stdout
+    assert "labelled positions: 25.0% of each row (given)" in out
     assert "7,063,427,072 (7.063 B)" in out and "bundled copy" in out
     assert "576 per image" in out and "| **peak allocated** |" in out
     assert "fits: 24 GiB" in out and "assumptions:" in out
