@@ -237,14 +237,14 @@ def labelled_share(recipe, source: ConfigSource, family, limit: int = LABEL_SAMP
     with `train.assistant_only_loss: false`), DPO's final replies (`completion_mask`) over
     chosen and rejected. {"share", "from"}; `DEFAULT_LABELLED_SHARE` when the data is on the
     Hub or no processor (tokenizer) sits beside the config (a bundled copy)."""
-    default = {"share": DEFAULT_LABELLED_SHARE, "from": "default: every position; no local data "
-               "or no tokenizer beside the config to label it with (--labelled-share sets it)"}
     if not family.is_generative or recipe.train.objective == "grpo":
-        return {**default, "from": "not used"}  # GRPO: the completions, from the lengths
+        return {"share": DEFAULT_LABELLED_SHARE, "from": "not used"}  # GRPO: from the lengths
     rows = local_rows(recipe, family, limit)
     processor = local_processor(recipe, source, family) if rows else None
     if processor is None:
-        return default
+        why = "no tokenizer beside the config" if rows else "the training data is not local"
+        return {"share": DEFAULT_LABELLED_SHARE, "from": f"default: every position, as {why}; "
+                "--labelled-share sets it"}
     collator = ConversationCollator(processor, family, recipe.train.assistant_only_loss)
     if recipe.train.objective == "dpo" and is_preference_row(rows[0]):
         collator = PreferenceCollator(collator)
