@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from peftvlm import memory
-from peftvlm.plan import plan, render
+from peftvlm.models import detect_family
+from peftvlm.plan import find_config, labelled_share, plan, render
 from peftvlm.recipe.load import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,7 +112,8 @@ def test_grpo_counts_rollouts_then_the_step_and_takes_the_larger_phase():
 
 def test_plan_reads_the_objective_from_the_recipe_and_prints_its_phases():
     sizes = {"text_tokens": 40, "image_size": (64, 64), "images_per_row": 1}  # no image read
-    dpo = plan(load_recipe(REPO / "recipes" / "dpo-tiny.yaml"), **sizes)
+    dpo = plan(load_recipe(REPO / "recipes" / "dpo-tiny.yaml", ["data.synthetic.train_size=40"]),
+               **sizes)
     w = dpo["workload"]
     assert (w["objective"], w["reference"], w["generated"]) == ("dpo", True, 0)
     assert "reference phase" in render(dpo) and "rollout phase" not in render(dpo)
@@ -139,13 +141,13 @@ def test_plan_reads_the_objective_from_the_recipe_and_prints_its_phases():
     assert f"{w['generated']} completions of {w['prompt_len']}" in render(grpo)
 
 
-def test_sft_labels_the_replies_or_with_assistant_only_loss_off_every_token():
-    sizes = {"text_tokens": 40, "image_size": (64, 64), "images_per_row": 1}
-    path = REPO / "recipes" / "quickstart.yaml"
-    replies = plan(load_recipe(path), **sizes)["labels"]["share"]
-    every = plan(load_recipe(path, ["train.assistant_only_loss=false"]), **sizes)["labels"]
-    assert 0.01 < replies < 0.5
-    # every real token but each row's first (nothing predicts it)
+def test_sft_with_assistant_only_loss_off_labels_every_token():
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml",
+                         ["train.assistant_only_loss=false", "data.synthetic.train_size=40"])
+    source = find_config(recipe.model)
+    every = labelled_share(recipe, source, detect_family(str(source.folder), recipe.model))
+    # every real token but each row's first (nothing predicts it); the replies alone (the
+    # default, assistant-only loss) are a small share: dpo-tiny's case above
     assert 0.9 < every["share"] < 1.0 and every["from"].startswith("labelled by the collator")
 
 
