@@ -167,6 +167,10 @@ def plan(
     text_tokens: Optional[int] = typer.Option(None, "--text-tokens", min=1, help="Text tokens "
                                               "of the longest row (default: pad to "
                                               "train.max_length)."),
+    labelled_share: Optional[float] = typer.Option(
+        None, "--labelled-share", min=0.0, max=1.0, help="Share of a row's positions that "
+        "carry a label (the loss head scores only those; default: measured on the first "
+        "training rows, else 1)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ):
     """Will it fit? Parameter counts and peak GPU memory, built on the meta device (no weights)."""
@@ -186,7 +190,7 @@ def plan(
         size = (int(w), int(h))
     result = make_plan(load_recipe(resolve_recipe_path(recipe), overrides or []), gpu=gpu,
                        gpus=gpus, sharding=sharding, image_size=size, images_per_row=images,
-                       text_tokens=text_tokens)
+                       text_tokens=text_tokens, labelled=labelled_share)
     typer.echo(json.dumps(result, indent=2, default=str) if as_json else render(result))
 
 

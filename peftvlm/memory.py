@@ -34,10 +34,13 @@ ASSUMPTIONS = [
     "gradient checkpointing one layer input per layer plus one layer recomputed",
     "every row padded to the longest allowed (train.max_length) unless --text-tokens is given",
     "the loss head: TRL's fused LM head (every family but those with "
-    "`FamilySpec.unfused_lm_head`) projects at most 4,096 tokens x 32,768 vocabulary entries "
-    "(4,096 on CPU) at a time (one tile buffer with Triton, ~5 on CPU) plus fp32 per-token "
-    "statistics and the fp32 gradient of the last hidden state; families on the logits head "
-    "(BLIP-2) hold the full logits, their log-softmax and their gradient (3 x tokens x vocabulary)",
+    "`FamilySpec.unfused_lm_head`) scores only the positions with a label (with Triton on a "
+    "GPU, and on CPU as peftvlm fits it; the share is measured on the recipe's first training "
+    "rows, else every position is counted) and projects at most 4,096 of them x 32,768 "
+    "vocabulary entries (4,096 on CPU) at a time (one tile buffer with Triton, 3 on CPU) plus "
+    "fp32 per-token statistics and the fp32 gradient of the last hidden state; families on the "
+    "logits head (BLIP-2) hold the full logits, their log-softmax and their gradient "
+    "(3 x tokens x vocabulary, every position)",
     "a frozen vision tower keeps no activations (one layer's worth is live while it runs)",
     "FSDP / ZeRO-3 divide weights, gradients and optimizer states by the GPU count (plus one "
     "gathered layer); ZeRO-2 divides gradients and optimizer states; DDP divides nothing",
@@ -49,10 +52,9 @@ ASSUMPTIONS = [
     "beta > 0, the reference log-probabilities (no grad, per_device_train_batch_size "
     "completions at a time), then the loss step on per_device_train_batch_size completions "
     "(the loss head over the completions only: TRL labels nothing else); the peak is the "
-    "largest of these phases (on CPU each adds to the ones before it: the C allocator "
-    "keeps what they freed)",
+    "largest of these phases",
     "beyond PyTorch's peak allocation: CUDA context ~0.75 GiB and ~10% allocator slack "
-    "(what nvidia-smi shows)",
+    "(what nvidia-smi shows; on CPU, ~24 MiB of first-step code pages and runtime buffers)",
 ]
 
 
@@ -96,6 +98,7 @@ class Workload:
     reference: bool = False        # a no-grad reference forward (DPO; GRPO with beta > 0)
     prompt_len: int = 0            # GRPO: prompt tokens of a rollout (seq_len adds the reply)
     generated: int = 0             # GRPO: completions sampled at once (one generation batch)
+    labelled_share: float = 1.0    # SFT / DPO: share of positions with a label (see scored_tokens)
 
 
 def step_rows(w: Workload) -> int:
@@ -126,32 +129,45 @@ def layer_activation_values(s: Shape) -> int:
 # 32,768 with its Triton kernel (GPU), which folds a tile in place (one buffer). On CPU
 # `trainers.lm_head.fit_fused_head` gives TRL 4,096-entry chunks and folds them in place
 # (`trainers.cpu_fold`: the projection buffer, the scaled logits and their exponentials live
-# at once, 3 tiles); the peak RSS above the rest of the step measured 4.3-6.3 tiles' worth
-# over four runs on the large-vocabulary twin (scripts/bench_memory.py: glibc keeps some
-# freed ~32 MiB tiles), so 5 are counted. TRL's own CPU fallback kept ~9 tiles of 32,768
-# (2.3 GiB at 2k tokens).
+# at once, 3 tiles). RSS checkpoints on the large-vocabulary twin (scripts/bench_memory.py,
+# tiles mmapped so that a freed one goes back to the OS) put the step's peak at the end of the
+# forward, 3.0 tiles above what the forward holds at 512 and 2,048 tokens; the backward's
+# tiles (2) come after the forward's activations are partly freed. glibc's default heap can
+# keep 1-3 freed tiles more (4.3-6.3 measured without mmapped tiles). TRL's own CPU fallback
+# kept ~9 tiles of 32,768 (2.3 GiB at 2k tokens).
 FUSED_TOKEN_TILE = 4096
 FUSED_VOCAB_TILE = {"cuda": 32768, "cpu": 4096}
-FUSED_TILES = {"cuda": 1.0, "cpu": 5.0}
+FUSED_TILES = {"cuda": 1.0, "cpu": 3.0}
 # A forward without grad (a reference's log-probabilities) holds the forward's tiles only: on a
 # GPU one; on CPU, folded in place (`cpu_fold`), the projection buffer, the scaled logits and
 # their exponentials (3 tiles).
 FUSED_FORWARD_TILES = {"cuda": 1.0, "cpu": 3.0}
+# What a first training step adds to a CPU process's RSS beyond its tensors, the CPU's
+# counterpart of the CUDA context: the code pages of libtorch & co. it runs for the first time
+# (RssFile +16 MiB at an SFT step's peak on the twin, at 512 and 2,048 tokens alike; a GRPO
+# step's `generate` and reference forward page in ~17 MiB more before its loss step) and the
+# runtime's own buffers (RssAnon ~8 MiB above the counted tensors at 2,048 tokens; at 512,
+# where every activation is under the 1 MiB mmap threshold, glibc's heap holds ~10 MiB more).
+CPU_RUNTIME_BYTES = 24 * 1024 ** 2
 
 
-def loss_head_bytes(s: Shape, tokens: int, a: int, device: str = "cuda") -> float:
-    """Bytes the loss head adds at its peak. TRL's fused head keeps one projection tile
-    (reused tile by tile, allocated again in backward; `FUSED_TILES` of them on CPU, with
-    narrower chunks: `FUSED_VOCAB_TILE`), a few fp32 values per token (log-normaliser,
-    entropy, target logit, running sums) and the fp32 gradient of the hidden states it
-    projects; the logits head keeps the logits, the fp32 log-softmax saved for backward and
-    the logits' fp32 gradient."""
+def loss_head_bytes(s: Shape, tokens: int, a: int, device: str = "cuda",
+                    positions: int | None = None) -> float:
+    """Bytes the loss head adds at its peak over `tokens` scored positions of `positions` (by
+    default the same). TRL's fused head keeps one projection tile (reused tile by tile,
+    allocated again in backward; `FUSED_TILES` of them on CPU, with narrower chunks:
+    `FUSED_VOCAB_TILE`), a few fp32 values per scored token (log-normaliser, entropy, target
+    logit, running sums), the fp32 gradient of the hidden states it projects, and that
+    gradient scattered back over every position; the logits head keeps the logits, the fp32
+    log-softmax saved for backward and the logits' fp32 gradient."""
     if s.unfused_lm_head:
         return tokens * s.vocab * (a + 4 + 4)
+    positions = tokens if positions is None else positions
     tile_bytes = a if device == "cuda" else 4  # the CPU fallback folds in fp32
     vocab_tile = FUSED_VOCAB_TILE.get(device, FUSED_VOCAB_TILE["cuda"])
     tile = min(tokens, FUSED_TOKEN_TILE) * min(s.vocab, vocab_tile) * tile_bytes
-    return tile * FUSED_TILES.get(device, 1.0) + tokens * (8 * 4 + 2 * s.hidden * 4)
+    return (tile * FUSED_TILES.get(device, 1.0) + tokens * (8 * 4 + s.hidden * 4)
+            + positions * s.hidden * 4)
 
 
 def loss_head_forward_bytes(s: Shape, tokens: int, a: int, device: str = "cuda") -> float:
@@ -184,14 +200,19 @@ def no_grad_forward_bytes(s: Shape, tokens: int, patches: int, a: int, device: s
                tokens * s.hidden * a + loss_head_forward_bytes(s, scored, a, device))
 
 
-def scored_tokens(w: Workload, tokens: int) -> int:
-    """Positions the loss head projects in a step of `tokens`: GRPO labels only the
-    completions (TRL masks the prompt; its fused head, with Triton and as
-    `trainers.lm_head.fit_fused_head` fits it on CPU, scores the labelled positions alone);
-    SFT and DPO are counted over every position (their labelled share depends on the data)."""
+def scored_tokens(w: Workload, tokens: int, fused: bool = True) -> int:
+    """Positions the loss head projects in a step of `tokens`. TRL 1.16's fused head scores
+    only the labelled positions where `_use_triton(device)` holds (CUDA/XPU with Triton: every
+    Linux CUDA wheel of torch ships it, so a "cuda" plan assumes it) and, on CPU, as
+    `trainers.lm_head.fit_fused_head` fits it; elsewhere (XLA-like devices) TRL scores every
+    position. GRPO labels only the completions (TRL masks the prompt); SFT (assistant-only
+    loss) and DPO (`completion_mask`) label the replies: `w.labelled_share` of the positions,
+    which `plan` measures on the recipe's data. The logits head (`fused=False`) scores all."""
     if w.objective == "grpo" and w.prompt_len:
         return w.batch_size * (w.seq_len - w.prompt_len)
-    return tokens
+    if not fused:
+        return tokens
+    return min(tokens, round(tokens * w.labelled_share))
 
 
 def rollout_bytes(s: Shape, w: Workload, a: int) -> dict:
@@ -228,8 +249,8 @@ def estimate(s: Shape, w: Workload) -> dict:
         activations = tokens * (s.layers * s.hidden * a + per_layer)
     else:
         activations = tokens * s.layers * per_layer
-    head_tokens = scored_tokens(w, tokens)
-    logits = loss_head_bytes(s, head_tokens, a, w.device)
+    head_tokens = scored_tokens(w, tokens, fused=not s.unfused_lm_head)
+    logits = loss_head_bytes(s, head_tokens, a, w.device, tokens)
     patches = rows * w.vision_patches
     vision_layer = patches * vision_layer_values(s) * a
     if s.vision_trainable:
@@ -242,27 +263,32 @@ def estimate(s: Shape, w: Workload) -> dict:
              "activations": activations, "logits": logits, "vision": vision}
     fixed = sum(parts[k] for k in ("weights", "adapter", "gradients", "optimizer"))
     rollout = rollout_bytes(s, w, a) if w.generated else None
-    # On CPU what GRPO's rollouts and reference forward freed stays with the process (glibc
-    # keeps it; RSS measured on the twin: +18-19 MiB after `generate`, +11-12 MiB after the
-    # reference, at 512 and 2,048 tokens), so there each phase adds to the ones before it; a
-    # GPU's caching allocator hands the same blocks to the later phases.
-    cpu = w.device == "cpu"
-    held = sum(rollout.values()) if rollout and cpu else 0
+    # The phases do not add up, on a GPU (the caching allocator hands the freed blocks to the
+    # next phase) or on CPU: what RSS keeps after `generate` and the reference forward is the
+    # code they ran for the first time (RssFile +10 and +6 MiB on the twin at 2,048 tokens;
+    # RssAnon +2 and +5: their tensors went back), counted once in `with_overhead`.
     phases = {}
     if rollout:
         phases["rollout"] = sum(rollout.values())
     if w.reference and w.objective == "dpo":  # after the policy's forward, its activations held
         phases["reference"] = activations + vision * s.vision_trainable + no_grad_forward_bytes(
-            s, tokens, patches, a, w.device)
+            s, tokens, patches, a, w.device, head_tokens)
     elif w.reference:  # GRPO: before the step, per_device_train_batch_size completions a time
-        phases["reference"] = held + no_grad_forward_bytes(s, tokens, patches, a, w.device,
-                                                           head_tokens)
-        held = phases["reference"] if cpu else 0
-    phases["step"] = held + activations + logits + vision
+        phases["reference"] = no_grad_forward_bytes(s, tokens, patches, a, w.device, head_tokens)
+    phases["step"] = activations + logits + vision
     peak_phase = max(phases, key=phases.get)
     peak = fixed + phases[peak_phase]
     return {"parts": parts, "phases": phases, "peak_phase": peak_phase, "rollout": rollout,
-            "peak_allocated": peak, "with_overhead": peak * 1.10 + 0.75 * GIB}
+            "peak_allocated": peak, "with_overhead": with_overhead(peak, w.device)}
+
+
+def with_overhead(peak: float, device: str) -> float:
+    """What the system shows for a step that allocates `peak` bytes at most: on a GPU the CUDA
+    context and the caching allocator's slack (nvidia-smi); on CPU the runtime's first-step
+    code pages and buffers (peak RSS)."""
+    if device == "cpu":
+        return peak + CPU_RUNTIME_BYTES
+    return peak * 1.10 + 0.75 * GIB
 
 
 def fits(total_bytes: float) -> list[dict]:

@@ -4,7 +4,9 @@ without downloading weights.
 The model is built on the meta device from its config (a local folder, the Hugging Face cache,
 or the copies bundled for the shipped recipes in `peftvlm/families/configs/`), the recipe's
 method is applied to it, and image tokens are counted by running the model's own image
-processor on a blank image of the data's size. `peftvlm.memory` turns that into bytes.
+processor on a blank image of the data's size. The share of positions that carry a label (what
+TRL's fused LM head scores) is measured by the trainer's own collator on the first training rows
+when the processor's files are at hand. `peftvlm.memory` turns that into bytes.
 """
 
 from __future__ import annotations
@@ -13,17 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftvlm import memory
+from peftvlm.data.batch.collate import IGNORE_INDEX, ConversationCollator
 from peftvlm.data.prepare.loading import load_rows
+from peftvlm.data.read.preference import PreferenceCollator, is_preference_row
 from peftvlm.data.read.images import image_size
 from peftvlm.distributed import read_config_file, sharding_mode
 from peftvlm.errors import ModelError, PeftVLMError
 from peftvlm.families import tiny_models
-from peftvlm.models import detect_family, model_class, quantization_config
+from peftvlm.models import detect_family, load_processor, model_class, quantization_config
 from peftvlm.recipe.schema import GRPOConfig as GRPOSettings
 from peftvlm.registry import get_method
 
 BUNDLED = Path(__file__).resolve().parent / "families" / "configs"
 PLAN_IMAGE_SIDE = 4096  # larger than any shipped processor keeps: it resizes to its maximum
+LABEL_SAMPLE_ROWS = 32  # training rows the labelled share is measured on (collated, images too)
+# Without the data or the processor's files, every position is counted as labelled: an upper
+# bound (what TRL's head scores without Triton), never an under-estimate.
+DEFAULT_LABELLED_SHARE = 1.0
 
 
 @dataclass
@@ -203,17 +211,62 @@ def image_tokens(source: ConfigSource, config, family, size: tuple[int, int]) ->
             "processed": list(inputs["pixel_values"].shape)}
 
 
+def local_rows(recipe, family, limit: int = 256) -> list[dict] | None:
+    """The first `limit` training rows when the recipe's data is local (files or a synthetic
+    task); None for Hub datasets (planning downloads nothing)."""
+    if any(src.dataset for src in recipe.data.train or []):
+        return None
+    return list(load_rows(recipe, family.box_format).train[:limit])
+
+
 def data_images(recipe, family, limit: int = 256) -> tuple[tuple[int, int], int] | None:
     """The largest image (by area) and the most images a row holds, over the first `limit`
     training rows, when the recipe's data is local (files or a synthetic task); else None."""
-    if any(src.dataset for src in recipe.data.train or []):
-        return None  # a Hub dataset: planning downloads nothing
-
-    rows = load_rows(recipe, family.box_format).train[:limit]
+    rows = local_rows(recipe, family, limit)
+    if rows is None:
+        return None
     sizes = [image_size(image) for row in rows for image in row["images"]]
     if not sizes:
         return None
     return max(sizes, key=lambda wh: wh[0] * wh[1]), max(len(r["images"]) for r in rows)
+
+
+def labelled_share(recipe, source: ConfigSource, family, limit: int = LABEL_SAMPLE_ROWS) -> dict:
+    """The share of a row's positions that carry a label, as the trainer's collator labels the
+    first `limit` training rows (image tokens included): SFT's assistant tokens (all of them
+    with `train.assistant_only_loss: false`), DPO's final replies (`completion_mask`) over
+    chosen and rejected. {"share", "from"}; `DEFAULT_LABELLED_SHARE` when the data is on the
+    Hub or no processor (tokenizer) sits beside the config (a bundled copy)."""
+    if not family.is_generative or recipe.train.objective == "grpo":
+        return {"share": DEFAULT_LABELLED_SHARE, "from": "not used"}  # GRPO: from the lengths
+    rows = local_rows(recipe, family, limit)
+    processor = local_processor(recipe, source, family) if rows else None
+    if processor is None:
+        why = "no tokenizer beside the config" if rows else "the training data is not local"
+        return {"share": DEFAULT_LABELLED_SHARE, "from": f"default: every position, as {why}; "
+                "--labelled-share sets it"}
+    collator = ConversationCollator(processor, family, recipe.train.assistant_only_loss)
+    if recipe.train.objective == "dpo" and is_preference_row(rows[0]):
+        collator = PreferenceCollator(collator)
+    labelled = positions = 0
+    for start in range(0, len(rows), 8):
+        batch = collator(rows[start:start + 8])
+        marks = batch.get("completion_mask")  # DPO's replies; SFT: the labels
+        marks = batch["labels"] != IGNORE_INDEX if marks is None else marks.bool()
+        labelled += int(marks[:, 1:].sum())  # the head scores each position's next token
+        positions += int(batch["attention_mask"].sum())
+    return {"share": labelled / max(positions, 1),
+            "from": f"labelled by the collator on the first {len(rows)} training rows"}
+
+
+def local_processor(recipe, source: ConfigSource, family):
+    """The model's processor from the config's folder (nothing downloaded), or None when the
+    folder holds no usable tokenizer (bundled copies keep only the config files)."""
+    try:
+        processor = load_processor(str(source.folder), recipe.model, family)
+    except (OSError, ValueError, AttributeError, PeftVLMError):  # an image processor alone
+        return None
+    return processor if getattr(processor, "tokenizer", None) is not None else None
 
 
 def recipe_sharding(recipe) -> str:
@@ -230,12 +283,16 @@ def recipe_sharding(recipe) -> str:
 
 def plan(recipe, *, gpu: str | None = None, gpus: int | None = None, sharding: str | None = None,
          image_size: tuple[int, int] | None = None, images_per_row: int | None = None,
-         text_tokens: int | None = None) -> dict:
-    """Counts, token budget, memory estimate, GPU fits and suggestions for a recipe."""
+         text_tokens: int | None = None, labelled: float | None = None) -> dict:
+    """Counts, token budget, memory estimate, GPU fits and suggestions for a recipe
+    (`labelled`: the share of positions with a label; by default measured on the data)."""
+    target = pick_gpu(gpu)  # a GPU plan does not know is refused before any work
     source = find_config(recipe.model)
     model, config, family, base_total = build_on_meta(recipe, source)
     shape, parts = model_shape(recipe, model, config, family)
     images = image_budget(recipe, source, config, family, image_size, images_per_row)
+    labels = {"share": labelled, "from": "given"} if labelled is not None \
+        else labelled_share(recipe, source, family)
     seq = recipe.train.max_length
     if text_tokens is not None and images:
         seq = min(seq, text_tokens + images["per_row"] * images["tokens"])
@@ -248,9 +305,8 @@ def plan(recipe, *, gpu: str | None = None, gpus: int | None = None, sharding: s
         "gradient_checkpointing": recipe.train.gradient_checkpointing,
         "optim": recipe.train.optim, "sharding": mode,
         "gpus": gpus or (2 if mode in ("fsdp", "zero2", "zero3") else 1),
-        **objective_workload(recipe.train, seq)})
+        "labelled_share": labels["share"], **objective_workload(recipe.train, seq)})
     result = memory.estimate(shape, work)
-    target = pick_gpu(gpu)
     return {
         "recipe": str(recipe.source_path), "model": recipe.model.id, "family": family.name,
         "method": recipe.method.name, "config": {"folder": str(source.folder),
@@ -258,7 +314,8 @@ def plan(recipe, *, gpu: str | None = None, gpus: int | None = None, sharding: s
         "base_params": base_total, "total_params": shape.total_params,
         "trainable_params": shape.trainable_params, "params_by_part": parts,
         "quantized_params": shape.frozen_params_4bit + shape.frozen_params_8bit,
-        "images": images, "seq_len": seq, "max_length": recipe.train.max_length,
+        "images": images, "labels": labels, "seq_len": seq,
+        "max_length": recipe.train.max_length,
         "estimate": result, "fits": memory.fits(result["with_overhead"]),
         "gpu": target, "suggestions": suggestions(recipe, shape, work, result, target, images),
         "assumptions": memory.ASSUMPTIONS, **memory.as_dict(shape, work),
@@ -393,9 +450,7 @@ def objective_lines(w: dict, est: dict) -> list[str]:
                      f"{w['batch_size']} rows of {w['seq_len']:,} tokens through the policy |")
     if "reference" in phases:
         when = ("after the policy's forward, its activations held" if w["objective"] == "dpo"
-                else "after the rollouts, before the step" + (
-                    " (on CPU each phase adds to the ones before)" if w["device"] == "cpu"
-                    else ", nothing of it held"))
+                else "after the rollouts, before the step, nothing of it held")
         lines.append(f"| reference phase | {_gib(phases['reference'])} | the base (adapter "
                      f"disabled), no grad, {when} |")
     if est.get("rollout"):
@@ -409,6 +464,20 @@ def objective_lines(w: dict, est: dict) -> list[str]:
                      "another, so the peak adds only the largest to the weights, adapter, "
                      "gradients and optimizer |")
     return lines
+
+
+def head_positions(result: dict) -> str:
+    """What the loss head row counts: which head, and over which positions."""
+    s, w = result["shape"], result["workload"]
+    if s["unfused_lm_head"]:
+        return "logits + fp32 log-softmax + gradient, every position"
+    head = "TRL's fused head, tiles of 4,096 tokens x 32,768 entries"
+    work = memory.Workload(**w)
+    if w["objective"] == "grpo":
+        return f"{head}, over the {memory.scored_tokens(work, 0):,} completion tokens"
+    tokens = memory.step_rows(work) * w["seq_len"]
+    return (f"{head}, over the {memory.scored_tokens(work, tokens):,} labelled positions "
+            f"({100 * w['labelled_share']:.0f}% of {tokens:,})")
 
 
 def render(result: dict) -> str:
@@ -435,6 +504,10 @@ def render(result: dict) -> str:
     else:
         lines.append("image tokens: not counted (no image processor settings for this model)")
     lines.append(f"objective: {w['objective']}")
+    labels = result["labels"]
+    if w["objective"] != "grpo" and not s["unfused_lm_head"]:
+        lines.append(f"labelled positions: {100 * labels['share']:.1f}% of each row "
+                     f"({labels['from']}); TRL's fused head scores only these")
     lines.append(f"sequence: {result['seq_len']} tokens per row (train.max_length "
                  f"{result['max_length']}), batch {w['batch_size']} per GPU, gradient "
                  f"checkpointing {'on' if w['gradient_checkpointing'] else 'off'}, "
@@ -449,11 +522,7 @@ def render(result: dict) -> str:
                      "trainable parameter",
         "activations": f"{memory.step_rows(memory.Workload(**w)) * w['seq_len']:,} tokens x "
                        f"{s['layers']} layers",
-        "logits": f"vocabulary {s['vocab']:,}: " + (
-            "logits + fp32 log-softmax + gradient" if s["unfused_lm_head"]
-            else "TRL's fused head, tiles of 4,096 tokens x 32,768 entries")
-        + (f", over the {memory.scored_tokens(memory.Workload(**w), 0):,} completion tokens"
-           if w["objective"] == "grpo" else ""),
+        "logits": f"vocabulary {s['vocab']:,}: " + head_positions(result),
         "vision": "trainable: kept for backward" if s["vision_trainable"]
         else "frozen: one layer live at a time",
     }

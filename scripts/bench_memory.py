@@ -28,8 +28,10 @@ text-only, on the same twin, beside `plan`'s estimate for a recipe with that obj
   `--tokens`/`GRPO_COMPLETIONS` tokens each, a quarter of them generated (the random twin
   never samples its end token, so every completion reaches max_completion_length).
 
-Also prints `peftvlm plan`'s estimate (`peak_allocated`, fp32 on CPU) of the same step for the
-twin, per head. CPU load does not change these figures (they are bytes, not seconds).
+Also prints `peftvlm plan`'s estimate of the same step for the twin, per head (fp32, on CPU:
+`with_overhead`, the peak allocation plus the runtime's first-step code pages and buffers; over
+the positions the measured step labelled: `labelled_share`). CPU load does not change these
+figures (they are bytes, not seconds).
 
     python scripts/bench_memory.py [--tokens 2048] [--vocab 151680] [--hidden 128] [--trl-head]
                                    [--json]
@@ -137,9 +139,10 @@ def grpo_lengths(tokens: int) -> tuple[int, int]:
 
 
 def plan_estimate(folder: Path, tokens: int, unfused: bool, objective: str = "sft",
-                  row_tokens: int | None = None) -> dict:
+                  row_tokens: int | None = None, labelled_share: float = 1.0) -> dict:
     """`peftvlm plan`'s step estimate for the twin (text only, `row_tokens` per row: the
-    prompt for GRPO; by default `tokens`), through plan's own objective arithmetic."""
+    prompt for GRPO; by default `tokens`; `labelled_share` of the positions labelled, as the
+    measured step labelled them), through plan's own objective arithmetic."""
     from peftvlm import memory, plan
 
     recipe = recipe_for(folder, tokens, objective)
@@ -150,6 +153,7 @@ def plan_estimate(folder: Path, tokens: int, unfused: bool, objective: str = "sf
     seq = row_tokens or tokens
     work = memory.Workload(**{"batch_size": recipe.train.per_device_train_batch_size,
                               "seq_len": seq, "optim": recipe.train.optim, "device": "cpu",
+                              "labelled_share": labelled_share,
                               **plan.objective_workload(recipe.train, seq)})
     return memory.estimate(shape, work)
 
@@ -192,7 +196,8 @@ def measure(head: str, folder: Path, tokens: int) -> dict:
     opt.zero_grad(set_to_none=True)
     peak = peak_rss()
     return {"head": head, "peak_bytes": peak - baseline, "loss": float(loss),
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()),
+            "labelled_share": int(out.label_mask.sum()) / tokens if head != "unfused" else 1.0}
 
 
 def repeated(word: str, n: int, tokenizer) -> str:
@@ -241,6 +246,8 @@ def measure_objective(objective: str, folder: Path, tokens: int) -> dict:
                              processing_class=tokenizer)
         batch = trainer.data_collator([trainer.train_dataset[0]])
         row_tokens = batch["input_ids"].shape[1]
+        # the positions TRL labels (the replies: `completion_mask`), as plan measures them
+        labelled = int(batch["completion_mask"][:, 1:].sum()) / int(batch["attention_mask"].sum())
     else:
         prompt_len, completion_len = grpo_lengths(tokens)
         grpo = recipe.train.grpo
@@ -251,7 +258,7 @@ def measure_objective(objective: str, folder: Path, tokens: int) -> dict:
         trainer = GRPOTrainer(model=model, args=args, train_dataset=Dataset.from_list([row] * 8),
                               processing_class=processor,
                               reward_funcs=[lambda completions, **_: [0.0] * len(completions)])
-        row_tokens = prompt_len
+        row_tokens, labelled = prompt_len, 1.0  # plan counts GRPO's completions from the lengths
     if os.environ.get("BENCH_TRL_HEAD") is None:  # as `peftvlm train` (generative.py)
         fit_fused_head(torch.device("cpu"))
     trainer.train()
@@ -260,7 +267,7 @@ def measure_objective(objective: str, folder: Path, tokens: int) -> dict:
     if objective == "grpo":  # every completion ran to max_completion_length
         assert logged["completions/min_length"] == grpo_lengths(tokens)[1], logged
     return {"objective": objective, "peak_bytes": peak - baseline, "loss": logged["loss"],
-            "row_tokens": int(row_tokens)}
+            "row_tokens": int(row_tokens), "labelled_share": labelled}
 
 
 def measure_in_turn(steps: list[tuple[str, int]], folder: Path) -> dict:
@@ -318,21 +325,26 @@ def compare(tokens: int = 2048, vocab: int = 151_680, hidden: int = 128,
     folder = save_twin(Path(tempfile.mkdtemp(prefix="bench-memory-")) / "twin", vocab, hidden)
     objective_tokens = objective_tokens or tokens
     steps = [(h, tokens) for h in heads] + [(o, objective_tokens) for o in objectives]
-    if one_child:
-        done = measured_in_one_child(steps, folder, vocab, hidden)
+    if one_child:  # the objectives first: the step that runs first pays the code pages and
+        # runtime buffers a fresh process pays (`memory.CPU_RUNTIME_BYTES`), and a trainer
+        # pages in more code than a bare step
+        done = measured_in_one_child(steps[len(heads):] + steps[:len(heads)], folder, vocab,
+                                     hidden)
     else:
         done = {name: run_child(name, folder, n, vocab, hidden) for name, n in steps}
     results = {}
     for head in heads:
         measured = done[head]
-        estimate = plan_estimate(folder, tokens, unfused=head != "fused")
-        results[head] = {**measured, "plan_bytes": estimate["peak_allocated"],
+        estimate = plan_estimate(folder, tokens, unfused=head != "fused",
+                                 labelled_share=measured["labelled_share"])
+        results[head] = {**measured, "plan_bytes": estimate["with_overhead"],
                          "plan_parts": estimate["parts"]}
     for objective in objectives:
         measured = done[objective]
         estimate = plan_estimate(folder, objective_tokens, unfused=False, objective=objective,
-                                 row_tokens=measured["row_tokens"])
-        results[objective] = {**measured, "plan_bytes": estimate["peak_allocated"],
+                                 row_tokens=measured["row_tokens"],
+                                 labelled_share=measured["labelled_share"])
+        results[objective] = {**measured, "plan_bytes": estimate["with_overhead"],
                               "plan_parts": estimate["parts"],
                               "plan_phases": estimate["phases"]}
     return results
@@ -373,14 +385,15 @@ def main():
         return
     print(f"twin: vocab {args.vocab:,}, hidden {args.hidden}, 2 layers; {args.tokens} tokens, "
           "batch 1, LoRA r16, AdamW, fp32 on CPU")
-    print("| head / objective | measured peak MiB | plan MiB | plan / measured | vs unfused "
-          "| loss |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| head / objective | labelled | measured peak MiB | plan MiB | plan / measured "
+          "| vs unfused | loss |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     unfused = results.get("unfused", {}).get("peak_bytes")
     for head, r in results.items():
         ratio = f"{r['peak_bytes'] / unfused:.2f}" if unfused and head in HEADS else "-"
-        print(f"| {head} | {r['peak_bytes'] / MIB:.0f} | {r['plan_bytes'] / MIB:.0f} | "
-              f"{r['plan_bytes'] / r['peak_bytes']:.2f} | {ratio} | {r['loss']:.4f} |")
+        print(f"| {head} | {r['labelled_share']:.1%} | {r['peak_bytes'] / MIB:.0f} | "
+              f"{r['plan_bytes'] / MIB:.0f} | {r['plan_bytes'] / r['peak_bytes']:.2f} | {ratio} "
+              f"| {r['loss']:.4f} |")
 
 
 if __name__ == "__main__":

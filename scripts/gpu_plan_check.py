@@ -169,7 +169,8 @@ def run_case(name: str, steps: int, tiny: bool, tmp: Path) -> list[dict]:
         rows.append({"case": name, "contender": contender, "tokens": seq,
                      "tokens_per_s": seq / measured["step_s"], **measured})
     estimate = plan(recipe_for(model_id, family_name, method, seq), image_size=IMAGE_SIZE,
-                    text_tokens=TEXT_TOKENS)["estimate"]
+                    text_tokens=TEXT_TOKENS,  # the batch labels its text tokens only
+                    labelled=TEXT_TOKENS / seq)["estimate"]
     for row in rows:
         row["plan_peak_gib"] = estimate["peak_allocated"] / 1024 ** 3
     return rows

@@ -111,9 +111,10 @@ def test_memory_terms_add_up_by_hand():
 
 
 def test_cli_prints_published_counts_a_memory_table_and_assumptions():
-    res = run_cli_in_process("plan", "recipes/llava-1.5-7b-qlora.yaml")
+    res = run_cli_in_process("plan", "recipes/llava-1.5-7b-qlora.yaml", "--labelled-share", "0.25")
     assert res.returncode == 0, res.stderr
     out = res.stdout
+    assert "labelled positions: 25.0% of each row (given)" in out
     assert "7,063,427,072 (7.063 B)" in out and "bundled copy" in out
     assert "576 per image" in out and "| **peak allocated** |" in out
     assert "fits: 24 GiB" in out and "assumptions:" in out
@@ -122,6 +123,9 @@ def test_cli_prints_published_counts_a_memory_table_and_assumptions():
 def test_json_plan_with_sharding_over_gpus():
     result = plan(load_recipe(REAL["llava-1.5-7b-qlora"]), gpus=2, sharding="fsdp")
     data = json.loads(json.dumps(result, default=str))
-    alone = plan(load_recipe(REAL["llava-1.5-7b-qlora"]))
+    alone = memory.with_changes(memory.Shape(**data["shape"]), memory.Workload(**data["workload"]),
+                                work={"gpus": 1, "sharding": "none"})
     assert data["workload"]["gpus"] == 2
-    assert data["estimate"]["parts"]["optimizer"] == alone["estimate"]["parts"]["optimizer"] / 2
+    # Hub data (and a bundled config without a tokenizer): every position counted as labelled
+    assert data["labels"]["share"] == 1.0 and data["labels"]["from"].startswith("default")
+    assert data["estimate"]["parts"]["optimizer"] == alone["parts"]["optimizer"] / 2
