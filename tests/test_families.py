@@ -95,7 +95,7 @@ def reply_runs(processor, labels):
 
 
 def expected_reply(spec, answer):
-    return answer + spec.end_of_turn
+    return spec.start_of_reply + answer + spec.end_of_turn
 
 
 def fit(spec, conversation):

@@ -73,7 +73,8 @@ def test_encode_puts_the_prompt_in_the_encoder_and_the_answer_in_labels(processo
     assert "Locate the objects with category name in the image." in prompt  # task expanded
     labels = batch["labels"].tolist()
     first = [t for t in labels[0] if t != -100]
-    assert tok.decode(first[:-1]) == short and first[-1] == tok.eos_token_id
+    assert first[0] == tok.bos_token_id and first[-1] == tok.eos_token_id  # as published
+    assert tok.decode(first[1:-1]) == short
     assert labels[0][len(first):] == [-100] * (len(labels[0]) - len(first))  # padding
     assert labels[1][-1] == tok.eos_token_id
     assert "labels" not in encode_prompt(processor, [_conversation(image, "<OD>")])

@@ -95,6 +95,9 @@ class FamilySpec:
     # (None: the checkpoint's template is the source of truth).
     chat_template: str | None = None
     end_of_turn: str | None = None
+    # A token a reply's labels begin with where the checkpoint was trained that way (Florence-2:
+    # `<s>`, from its tokenizer's own `<s>answer</s>`); "" for chat-template families.
+    start_of_reply: str = ""
     # The box convention grounding data is written in and eval parses answers with: a name in
     # `peftvlm.data.boxes.CONVENTIONS` (writer + parser + coordinate grid, with its source).
     # Families whose checkpoints publish no convention use `norm1` (docs/grounding.md).

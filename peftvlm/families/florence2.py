@@ -39,7 +39,10 @@ def _parts(conversations):
 
 
 def encode(processor, conversations: list[list[dict]]) -> dict:
-    """Training inputs: prompt + image into the encoder, the answer (then EOS) as `labels`."""
+    """Training inputs: prompt + image into the encoder, `<s>` + the answer + `</s>` as
+    `labels`. The published checkpoints were trained on the tokenizer's own `<s>answer</s>`
+    (their decoder starts from `</s>` and writes `</s><s>answer</s>`; Hugging Face's fine-tuning
+    guide tokenises answers the same way): labels without `<s>` would first un-teach it."""
     prompts, images, answers = _parts(conversations)
     if any(a is None for a in answers):
         raise DataError("a Florence-2 training row has no assistant answer",
@@ -47,13 +50,13 @@ def encode(processor, conversations: list[list[dict]]) -> dict:
     batch = dict(processor(text=prompts, images=images, return_tensors="pt", padding="longest"))
     tok = processor.tokenizer
     target = tok(answers, return_tensors="pt", padding="longest", add_special_tokens=False)
-    ids = target["input_ids"]
     import torch
 
-    eos = torch.full((ids.shape[0], 1), tok.pad_token_id)
-    labels = torch.cat([ids, eos], dim=1)
-    lengths = target["attention_mask"].sum(dim=1)
-    labels[torch.arange(len(lengths)), lengths] = tok.eos_token_id  # EOS right after each answer
+    rows = target["input_ids"].shape[0]
+    bos = torch.full((rows, 1), tok.bos_token_id)
+    labels = torch.cat([bos, target["input_ids"], torch.full((rows, 1), tok.pad_token_id)], dim=1)
+    lengths = target["attention_mask"].sum(dim=1) + 1  # with <s>
+    labels[torch.arange(rows), lengths] = tok.eos_token_id  # EOS right after each answer
     keep = torch.arange(labels.shape[1])[None, :] <= lengths[:, None]
     batch["labels"] = labels.masked_fill(~keep, -100)
     return batch
@@ -146,6 +149,7 @@ SPEC = FamilySpec(
     projector_targets=("image_projection",),
     image_token="<image>",
     interleaved_images=False,
+    start_of_reply="<s>",  # `encode` writes it: see there
     end_of_turn="</s>",
     box_format="florence2",  # label<loc_x1><loc_y1><loc_x2><loc_y2>, 1000 bins
     tiny_name="tiny-florence2",
