@@ -33,6 +33,7 @@ from peftvlm.data.read.fixtures import SHAPES  # noqa: E402
 from peftvlm.data.read.synthetic import COLOURS  # noqa: E402
 from peftvlm.metrics.grounding import box_iou  # noqa: E402
 
+UNTIL_EVERY, UNTIL_ROWS = 20, 80  # --sft-until: how often, and on how many training rows
 SIZE, SIDES = 32, (8, 14)  # one-shape images: side of the image, range of the shape's side
 
 # Per model. LLaVA's norm1 boxes are long text (see docs/objectives.md: its warm start writes
@@ -40,11 +41,17 @@ SIZE, SIDES = 32, (8, 14)  # one-shape images: side of the image, range of the s
 # through LoRA alone (as in scripts/detection_learning.py): lm_head trains in full.
 MODEL_DEFAULTS = {
     "tiny-llava": {"target": "language", "modules_to_save": None, "sft_steps": 150,
-                   "sft_lr": 2e-3, "lr": 1e-3, "max_completion_length": 20,
-                   "temperature": 0.8, "top_k": 10},
-    "tiny-paligemma": {"target": "all", "modules_to_save": ["lm_head"], "sft_steps": 60,
-                       "sft_lr": 3e-3, "lr": 1e-3, "max_completion_length": 12,
-                       "temperature": 1.0, "top_k": 0},
+                   "sft_until": 0.0, "sft_lr": 2e-3, "lr": 1e-3, "batch": 32,
+                   "max_completion_length": 20,
+                   "temperature": 0.8, "top_k": 10,
+                   "format_pattern": r"\[[0-9.]+, [0-9.]+, [0-9.]+, [0-9.]+\]"},
+    "tiny-paligemma": {"target": "all", "modules_to_save": ["lm_head"], "sft_steps": 600,
+                       "sft_until": 0.4, "sft_lr": 3e-3, "lr": 1e-3, "batch": 64,
+                       "max_completion_length": 12,
+                       "temperature": 1.0, "top_k": 0,
+                       # the whole answer: four <loc> tokens and the expression, then EOS
+                       # (a reply cut at max_completion_length by a run of <loc> fails it)
+                       "format_pattern": r"(<loc\d{4}>){4} the \w+ \w+"},
 }
 
 
@@ -63,17 +70,26 @@ def parse_args(argv=None):
     p.add_argument("--eval-size", type=int, default=80, help="held-out images")
     p.add_argument("--sft-steps", type=int)
     p.add_argument("--sft-lr", type=float)
+    p.add_argument("--sft-until", type=float,
+                   help="stop the warm start (at most --sft-steps) once greedy Acc@0.5 on "
+                        "training rows reaches this; default: MODEL_DEFAULTS")
     p.add_argument("--sft-eval-every", type=int, default=0,
                    help="print held-out Acc@0.5 every N SFT steps (0: off)")
     p.add_argument("--steps", type=int, default=60, help="GRPO steps (0: the warm start only)")
+    p.add_argument("--compare-sft", action="store_true",
+                   help="also continue the warm start with SFT for --steps steps (then GRPO "
+                        "starts from the warm start again)")
     p.add_argument("--lr", type=float)
     p.add_argument("--beta", type=float, default=0.0)
     p.add_argument("--generations", type=int, default=8)
-    p.add_argument("--batch", type=int, default=32, help="completions per step")
+    p.add_argument("--batch", type=int, help="completions per step; default: MODEL_DEFAULTS")
     p.add_argument("--max-completion-length", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-k", type=int)
-    p.add_argument("--rewards", default="iou,box_accuracy")
+    p.add_argument("--rewards", default="iou,box_accuracy,format",
+                   help="peftvlm.rewards names, NAME:WEIGHT for a weight other than 1 (format's "
+                        "pattern: --format-pattern)")
+    p.add_argument("--format-pattern", help="default: MODEL_DEFAULTS")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/grpo-grounding"))
     args = p.parse_args(argv)
@@ -166,7 +182,28 @@ def build_recipe(args, data: dict):
                   "grpo": {"num_generations": args.generations, "beta": args.beta,
                            "max_completion_length": args.max_completion_length,
                            "temperature": args.temperature, "top_k": args.top_k},
-                  "rewards": [{"name": r} for r in args.rewards.split(",")]}})
+                  "rewards": [reward_spec(r, args) for r in args.rewards.split(",")]}})
+
+
+def reward_spec(text: str, args) -> dict:
+    """`name` or `name:weight` -> a `train.rewards` entry (format with the model's pattern)."""
+    name, _, weight = text.partition(":")
+    spec = {"name": name, "weight": float(weight or 1)}
+    return {**spec, "pattern": args.format_pattern} if name == "format" else spec
+
+
+def continue_sft_then_restore(model, make_trainer, score) -> None:
+    """The control: train the warm start with SFT for as many steps as GRPO will take, score
+    it, then put the trainable weights back (GRPO starts from the same warm start)."""
+    import torch
+
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    make_trainer().train()
+    score()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in saved:
+                param.copy_(saved[name])
 
 
 def main(argv=None) -> None:
@@ -203,9 +240,20 @@ def main(argv=None) -> None:
         return scores
 
     class SFTCurve(TrainerCallback):
+        """Prints the held-out curve (--sft-eval-every); stops the warm start once greedy
+        Acc@0.5 on training rows reaches --sft-until (held-out rows play no part in it)."""
+
         def on_step_end(self, _args, state, control, **kwargs):
-            if args.sft_eval_every and state.global_step % args.sft_eval_every == 0:
-                held_out(f"SFT step {state.global_step}")
+            step = state.global_step
+            if args.sft_eval_every and step % args.sft_eval_every == 0:
+                held_out(f"SFT step {step}")
+            if args.sft_until and step % UNTIL_EVERY == 0:
+                seen = evaluate_rows(model, loaded.processor, loaded.family,
+                                     data.train[:UNTIL_ROWS], recipe.eval)["scores"]
+                if seen["grounding_accuracy"] >= args.sft_until:
+                    print(f"SFT stops at step {step}: Acc@0.5 on {UNTIL_ROWS} training rows "
+                          f"{seen['grounding_accuracy']:.3f}", flush=True)
+                    control.should_training_stop = True
 
     warm = recipe.train.model_copy(update={
         "objective": "sft", "grpo": None, "rewards": None, "max_steps": args.sft_steps,
@@ -214,9 +262,14 @@ def main(argv=None) -> None:
                         sft_config(warm, args.out / "sft", [], "warm"))
     sft.add_callback(SFTCurve())
     sft.train()
-    held_out(f"after {args.sft_steps} SFT steps")
+    held_out(f"after {sft.state.global_step} SFT steps")
     if not args.steps:
         return
+    if args.compare_sft:
+        continue_sft_then_restore(model, lambda: build_trainer(
+            model, loaded.processor, collator, data.train,
+            sft_config(warm.model_copy(update={"max_steps": args.steps}), args.out / "sft2", [],
+                       "more")), lambda: held_out(f"SFT instead: {args.steps} more SFT steps"))
     trainer = build_grpo_trainer(recipe, model, loaded.processor, loaded.family, data.train,
                                  args.out / "grpo", [], None, [],
                                  build_rewards(recipe.train.rewards, Path(".")))
