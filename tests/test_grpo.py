@@ -362,6 +362,12 @@ def test_validate_refuses_families_trl_cannot_roll_out(family, cli_in_process):
     assert family.objective_refusal("grpo") in " ".join(text.split())
 
 
+def test_validate_takes_paligemma_which_has_no_chat_template_but_a_rollout_template(
+        cli_in_process):
+    res = cli_in_process("validate", "recipes/grpo-tiny.yaml", "model.id=tiny-paligemma")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_validate_refuses_methods_the_adapter_switch_does_not_cover(cli_in_process):
     res = cli_in_process("validate", "recipes/llava-vpt-lora-tiny.yaml", "train.objective=grpo",
                          "train.rewards=[{name: exact_match}]")
