@@ -41,12 +41,12 @@ SIZE, SIDES = 32, (8, 14)  # one-shape images: side of the image, range of the s
 # through LoRA alone (as in scripts/detection_learning.py): lm_head trains in full.
 MODEL_DEFAULTS = {
     "tiny-llava": {"target": "language", "modules_to_save": None, "sft_steps": 150,
-                   "sft_until": 0.0, "sft_lr": 2e-3, "lr": 1e-3, "batch": 32,
+                   "sft_until": 0.0, "sft_lr": 2e-3, "steps": 60, "lr": 1e-3, "batch": 32,
                    "max_completion_length": 20,
                    "temperature": 0.8, "top_k": 10,
                    "format_pattern": r"\[[0-9.]+, [0-9.]+, [0-9.]+, [0-9.]+\]"},
     "tiny-paligemma": {"target": "all", "modules_to_save": ["lm_head"], "sft_steps": 600,
-                       "sft_until": 0.4, "sft_lr": 3e-3, "lr": 1e-3, "batch": 64,
+                       "sft_until": 0.4, "sft_lr": 3e-3, "steps": 100, "lr": 5e-4, "batch": 64,
                        "max_completion_length": 12,
                        "temperature": 1.0, "top_k": 0,
                        # the whole answer: four <loc> tokens and the expression, then EOS
@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="one-shape", choices=["one-shape", "refcoco"],
                    help="one shape per image anywhere in it, or the refcoco fixture (two shapes "
                         "per image, 2 rows each)")
-    p.add_argument("--grid", type=int, default=3,
+    p.add_argument("--grid", type=int, default=2,
                    help="one-shape: the shape sits in one cell of a GRID x GRID layout (0: "
                         "anywhere, side 8-14 px)")
     p.add_argument("--train", type=int, default=400, help="training images")
@@ -75,7 +75,8 @@ def parse_args(argv=None):
                         "training rows reaches this; default: MODEL_DEFAULTS")
     p.add_argument("--sft-eval-every", type=int, default=0,
                    help="print held-out Acc@0.5 every N SFT steps (0: off)")
-    p.add_argument("--steps", type=int, default=60, help="GRPO steps (0: the warm start only)")
+    p.add_argument("--steps", type=int,
+                   help="GRPO steps (0: the warm start only); default: MODEL_DEFAULTS")
     p.add_argument("--compare-sft", action="store_true",
                    help="also continue the warm start with SFT for --steps steps (then GRPO "
                         "starts from the warm start again)")
