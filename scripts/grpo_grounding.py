@@ -1,19 +1,23 @@
 """Does GRPO with the IoU reward raise grounding Acc@0.5 on a tiny twin? A short SFT warm start,
-then GRPO from that adapter, held-out Acc@0.5 (peftvlm's `grounding_accuracy`, greedy) after each.
+then GRPO from that adapter; held-out Acc@0.5 (peftvlm's `grounding_accuracy`, greedy) after each.
 
-Data: the grounding template's RefCOCO-style fixture (`data.synthetic.name: refcoco`, two
-shapes per 32x32 image, `direction: locate`: "Where is the red circle?" -> its box in the
-family's convention: PaliGemma's `<locY1><locX1><locY2><locX2>`, one token per coordinate;
-LLaVA's norm1 `[x1, y1, x2, y2]` text, ~17 tokens). The SFT stage trains on the same rows'
-reference boxes for a few steps only, so the warm start grounds some rows and its samples
-differ in localisation; GRPO then samples `--generations` boxes per prompt and rewards them
-with `--rewards` (peftvlm.rewards). Prints the SFT and GRPO held-out scores, the first
-predictions and the rollouts' logged rewards. docs/objectives.md ("What the tiny models show")
-records what it measured and why; `--sft-eval-every N` prints the warm start's held-out curve
-(for choosing `--sft-steps`: a constant learning rate, so stopping at N matches the curve).
+Data, through the grounding template (`direction: locate`: "Where is the red circle?" -> its
+box in the family's convention: PaliGemma's `<locY1><locX1><locY2><locX2> expression`, one
+token per coordinate; LLaVA's norm1 `[x1, y1, x2, y2]`, ~17 text tokens):
+- `--data one-shape` (default): 32x32 images written here, one shape each, in one cell of a
+  `--grid` x `--grid` layout (default 2: a quadrant); the script prints the held-out Acc@0.5 of
+  the best single box (what ignoring the image reaches);
+- `--data refcoco`: the RefCOCO-style fixture (two shapes per image, any place and size).
+The warm start (SFT on the same rows, constant lr) stops once greedy Acc@0.5 on training rows
+reaches `--sft-until`, so it grounds some rows and its samples differ in localisation; GRPO
+then samples `--generations` boxes per prompt and rewards them with `--rewards`
+(peftvlm.rewards). `--compare-sft` also continues the warm start with SFT for as many steps
+(the control). Prints held-out scores and first predictions after each stage and the
+rollouts' logged rewards; `--sft-eval-every N` prints the warm start's held-out curve.
+Numbers: docs/benchmarks.md ("DPO and GRPO learning proofs"); why: docs/objectives.md.
 
-Run: python scripts/grpo_grounding.py [--model tiny-paligemma] [--sft-steps N] [--steps N]
-         [--rewards iou,box_accuracy] [--temperature 1.0] [--seed 0]
+Run: python scripts/grpo_grounding.py [--model tiny-paligemma] [--seed 0] [--compare-sft]
+         [--steps N] [--lr LR] [--rewards iou,box_accuracy,format] [--data one-shape]
 (each model has its own defaults: MODEL_DEFAULTS)
 """
 
