@@ -86,7 +86,8 @@ def generation_batch(trainer, rows: int) -> list[dict]:
     return [trainer.train_dataset[i] for i in range(rows) for _ in range(n)]
 
 
-@pytest.mark.parametrize("model_id", ["tiny-gemma3", "tiny-qwen2-vl", "tiny-llava"])
+# LLaVA (no token types) passes the same guard in every test below that samples rollouts
+@pytest.mark.parametrize("model_id", ["tiny-gemma3", "tiny-qwen2-vl"])
 def test_rollout_prompts_carry_exactly_their_images_tokens(model_id, tmp_path):
     trainer, loaded = make_trainer(model_id, image_rows(tmp_path, 2), tmp_path / "run")
     assert trainer.processing_class.tokenizer.padding_side == "left"
@@ -104,6 +105,41 @@ def test_rollout_prompts_carry_exactly_their_images_tokens(model_id, tmp_path):
         trainer.processing_class.tokenizer.padding_side = "right"
         with pytest.raises(RunError, match="padding sides disagree"):
             trainer._generate_and_score_completions(batch)
+
+
+def with_images(messages: list[dict], images: list) -> list[dict]:
+    """A prompt's messages with its images put into the image items, in order."""
+    pending = iter(images)
+    return [{**m, "content": [{**c, "image": next(pending)} if c["type"] == "image" else c
+                              for c in m["content"]]} for m in messages]
+
+
+def test_paligemma_rollouts_match_encode_prompt_and_completions_stay_causal(tmp_path):
+    """PaliGemma has no chat template: rollouts render prompts with its rollout template,
+    which must give the ids `encode_prompt` (eval, serving) gives; its token types mark the
+    prefix (0) and the answer (1), so the loss's forward must type the completion 1 (TRL
+    writes 0, putting it in the bidirectional prefix: a token's log-prob would see the next)."""
+    trainer, loaded = make_trainer("tiny-paligemma", image_rows(tmp_path, 2), tmp_path / "run")
+    assert loaded.processor.chat_template is None  # the copy TRL holds carries the template
+    batch = generation_batch(trainer, 2)
+    out = trainer._generate_and_score_completions(batch)  # the rollout guard passes
+    for i in (0, trainer.num_generations):
+        ids = out["prompt_ids"][i][out["prompt_mask"][i].bool()]
+        by_hand = loaded.family.encode_prompt(
+            loaded.processor, [with_images(batch[i]["prompt"], batch[i]["images"])])
+        assert ids.tolist() == by_hand["input_ids"][0].tolist()
+    assert not out["token_type_ids"][:, : out["prompt_ids"].shape[1]].any()
+    model, n = trainer.model.eval(), out["completion_ids"].shape[1]
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+    mask = torch.cat([out["prompt_mask"], torch.ones_like(out["completion_ids"])], dim=1)
+
+    def logps(keep: int):  # the completion's first `keep` tokens
+        cut = ids.shape[1] - n + keep
+        return trainer._get_per_token_logps_and_entropies(
+            model, ids[:, :cut], mask[:, :cut], keep, pixel_values=out["pixel_values"],
+            num_images=out["num_images"], token_type_ids=out["token_type_ids"][:, :cut])[0]
+
+    assert torch.allclose(logps(n)[:, :-1], logps(n - 1), atol=1e-5)
 
 
 def test_rollout_guard_names_a_prompt_without_its_image_tokens():
@@ -324,6 +360,12 @@ def test_validate_refuses_families_trl_cannot_roll_out(family, cli_in_process):
     assert res.returncode == 2
     assert f"the {family.name} family cannot train with TRL's GRPOTrainer" in text
     assert family.objective_refusal("grpo") in " ".join(text.split())
+
+
+def test_validate_takes_paligemma_which_has_no_chat_template_but_a_rollout_template(
+        cli_in_process):
+    res = cli_in_process("validate", "recipes/grpo-tiny.yaml", "model.id=tiny-paligemma")
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_validate_refuses_methods_the_adapter_switch_does_not_cover(cli_in_process):

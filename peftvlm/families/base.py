@@ -128,6 +128,15 @@ class FamilySpec:
     # Training objectives (`train.objective`: dpo, grpo) this family refuses at `validate`
     # time: (objective name, reason) pairs (peftvlm/trainers/objectives/).
     refused_objectives: tuple[tuple[str, str], ...] = ()
+    # GRPO on a family with no chat template (its `encode_prompt` builds prompts by hand): a
+    # `.jinja` in peftvlm/families/templates/ that renders a prompt conversation as the text
+    # `encode_prompt` gives the processor, for TRL's GRPOTrainer (which renders rollout prompts
+    # with the processor's chat template). None: the processor's own template.
+    rollout_template: str | None = None
+    # A prefix-LM family's `token_type_ids` value for the answer (PaliGemma: the prompt is 0,
+    # attended bidirectionally, the answer 1, causal), or None where token types mark media.
+    # TRL gives generated tokens type 0, which would put them in the bidirectional prefix.
+    answer_token_type: int | None = None
     # Dual encoders (CLIP-family methods). `text_padding`: "longest" (CLIP pools the end-of-text
     # token, so padding length is irrelevant) or "max_length" (SigLIP pools the last position:
     # texts must be padded to the text encoder's max_position_embeddings, as in training).

@@ -139,7 +139,8 @@ SPEC = FamilySpec(
     packing_refusal="PaliGemma attends bidirectionally over the image and prompt (a prefix-LM "
                     "mask built from token_type_ids), which packed position ids cannot confine "
                     "to one conversation",
-    refused_objectives=(("grpo", "it has no chat template (prompts are encoded by hand), and "
-                                 "TRL's GRPOTrainer renders rollout prompts with the "
-                                 "processor's chat template"),),
+    # GRPO: TRL renders rollout prompts with a chat template; this one writes the text
+    # `encode_prompt` gives the processor (tests/test_grpo.py checks the two agree)
+    rollout_template="paligemma-prompt",
+    answer_token_type=1,
 )

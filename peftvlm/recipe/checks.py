@@ -143,10 +143,11 @@ def check_grpo(recipe: Recipe) -> None:
                           hint="vLLM rollouts need a CUDA GPU and `pip install vllm`; or set "
                                "use_vllm: false (transformers' generate)")
     family = known_family(recipe.model)
-    if family is not None and family.encode_prompt is not None:
+    if family is not None and family.encode_prompt is not None and not family.rollout_template:
         raise RecipeError(f"{where}.objective: the {family.name} family cannot train with GRPO: "
                           "TRL's GRPOTrainer renders rollout prompts with the processor's chat "
-                          "template, and this family has none (it encodes prompts itself)",
+                          "template, and this family has none (it encodes prompts itself) and "
+                          "no `rollout_template` to render them with",
                           hint="use objective: sft for this family, or another model")
 
 

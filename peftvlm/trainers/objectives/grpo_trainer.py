@@ -10,12 +10,17 @@ ways VLM GRPO is known to go silently wrong.
 - One decoder (trl#6401): images are decoded by `peftvlm.data.read.images` (as for SFT and eval),
   once per row, before TRL sees them.
 - Reference: the base with the adapter disabled; TRL's "ref" copy of the adapter is dropped.
+- A family with no chat template (PaliGemma) renders rollout prompts with its
+  `rollout_template` (on a copy of the processor, so nothing saved carries it); a prefix-LM
+  family's generated tokens get its `answer_token_type` in the loss's forward (TRL gives them 0,
+  which would let every completion token attend to the ones after it).
 - Rewards: each one is checked finite per completion (`finite_rewards`) and logged by TRL as
   `rewards/<name>/mean`; with W&B on, a table of sampled completions is logged too.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -27,6 +32,7 @@ from peftvlm.data.boxes import box_format_for
 from peftvlm.data.prepare.table import image_struct
 from peftvlm.errors import DataError, RecipeError, RunError
 from peftvlm.eval.generate import row_references
+from peftvlm.families.base import read_template
 from peftvlm.recipe.schema import GRPOConfig as GRPOSettings
 from peftvlm.trainers.sft import PASSTHROUGH, StopsOnSignals
 
@@ -36,8 +42,10 @@ class GRPOTrainer(StopsOnSignals, trl.GRPOTrainer):
     generated batch's image tokens checked against its rows' images. Ctrl-C / SIGTERM save a
     checkpoint and raise `Interrupted`, as SFT's trainer does."""
 
-    def __init__(self, *args, image_token: str | None = None, **kwargs):
+    def __init__(self, *args, image_token: str | None = None,
+                 answer_token_type: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.answer_token_type = answer_token_type
         drop_reference_adapter(self.model)
         self.processing_class.tokenizer.padding_side = "left"  # see the module's docstring
         tokenizer = self.processing_class.tokenizer
@@ -49,8 +57,26 @@ class GRPOTrainer(StopsOnSignals, trl.GRPOTrainer):
         if self.image_token_id is not None:
             expected = [self.expected_image_tokens(x) for x in inputs]
             check_rollout_prompts(output, self.image_token_id, expected,
-                                  [x.get("row_id", "?") for x in inputs])
+                                  [x.get("row_id", "?") for x in inputs],
+                                  prefix_lm=self.answer_token_type is not None)
         return output
+
+    def _tokenize_prompts(self, prompts: list):
+        prompt_ids, images, fields = super()._tokenize_prompts(prompts)
+        fields.pop("labels", None)  # PaliGemma's processor adds them (all -100 with no answer)
+        return prompt_ids, images, fields
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask,
+                                           logits_to_keep, *args, token_type_ids=None, **kwargs):
+        # every log-probability TRL computes (policy, old, reference) passes here: the
+        # completion is the last `logits_to_keep` tokens
+        kwargs.pop("labels", None)  # the processor's prompt-only labels (PaliGemma): not inputs
+        if token_type_ids is not None and self.answer_token_type is not None:
+            token_type_ids = token_type_ids.clone()
+            token_type_ids[:, -logits_to_keep:] = self.answer_token_type
+        return super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args,
+            token_type_ids=token_type_ids, **kwargs)
 
     def expected_image_tokens(self, row: dict) -> int:
         """The image tokens the processor writes for this row's prompt alone (cached per row)."""
@@ -74,10 +100,11 @@ def drop_reference_adapter(model) -> None:
 
 
 def check_rollout_prompts(output: dict, image_token_id: int, expected: list[int],
-                          row_ids: list) -> None:
+                          row_ids: list, prefix_lm: bool = False) -> None:
     """Each rollout prompt (left-padded) holds exactly the image tokens its own images need,
     and where the batch carries token types (Gemma's token_type_ids, Qwen's mm_token_type_ids),
-    the image type marks exactly those positions; else a RunError naming the row."""
+    the image type marks exactly those positions (`prefix_lm`: PaliGemma's types mark the
+    answer, so every prompt token is 0); else a RunError naming the row."""
     ids, mask = output["prompt_ids"], output["prompt_mask"].bool()
     is_image = (ids == image_token_id) & mask
     for i, count in enumerate(is_image.sum(dim=1).tolist()):
@@ -90,7 +117,8 @@ def check_rollout_prompts(output: dict, image_token_id: int, expected: list[int]
     for key in ("token_type_ids", "mm_token_type_ids"):
         if key in output:
             types = output[key][:, : ids.shape[1]]
-            wrong = ((types == 1) & mask) != is_image
+            marked = is_image & (not prefix_lm)  # a prefix-LM prompt has no token of type 1
+            wrong = ((types == 1) & mask) != marked
             if wrong.any():
                 row = int(wrong.any(dim=1).nonzero()[0])
                 raise RunError(f"GRPO rollout of row {row_ids[row]}: {key} mark other positions "
@@ -180,5 +208,17 @@ def build_grpo_trainer(recipe, model, processor, family, train_rows, run_dir: Pa
     dataset = grpo_dataset(train_rows, box_format_for(family, processor))
     return GRPOTrainer(model=model, args=grpo_config(recipe, run_dir, report_to, sharding),
                        reward_funcs=[finite_rewards(f) for f in reward_funcs],
-                       train_dataset=dataset, processing_class=processor,
-                       callbacks=list(callbacks), image_token=family.image_token)
+                       train_dataset=dataset, processing_class=rollout_processor(processor, family),
+                       callbacks=list(callbacks), image_token=family.image_token,
+                       answer_token_type=family.answer_token_type)
+
+
+def rollout_processor(processor, family):
+    """The processor TRL renders rollout prompts with: the family's own, or, for a family with
+    a `rollout_template`, a shallow copy carrying it (the run's saved processor stays as the
+    checkpoint ships it)."""
+    if not family.rollout_template:
+        return processor
+    rollout = copy.copy(processor)
+    rollout.chat_template = read_template(family.rollout_template)
+    return rollout
