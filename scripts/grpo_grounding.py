@@ -33,8 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from peftvlm.data.read.fixtures import SHAPES  # noqa: E402
-from peftvlm.data.read.synthetic import COLOURS  # noqa: E402
+from peftvlm.data.read.synthetic import COLOURS, SHAPES, paint  # noqa: E402
 from peftvlm.metrics.grounding import box_iou  # noqa: E402
 
 UNTIL_EVERY, UNTIL_ROWS = 20, 80  # --sft-until: how often, and on how many training rows
@@ -130,14 +129,7 @@ def write_one_shape(folder: Path, n: int, rng: random.Random, prefix: str,
         x, y, side = place(rng, grid)
         grey = rng.randint(90, 160)
         image = Image.new("RGB", (SIZE, SIZE), (grey, grey, grey))
-        pen, inner = ImageDraw.Draw(image), [x, y, x + side - 1, y + side - 1]
-        if shape == "circle":
-            pen.ellipse(inner, fill=COLOURS[colour])
-        elif shape == "square":
-            pen.rectangle(inner, fill=COLOURS[colour])
-        else:
-            pen.polygon([(x + side // 2, y), (x, y + side - 1), (x + side - 1, y + side - 1)],
-                        fill=COLOURS[colour])
+        paint(ImageDraw.Draw(image), shape, x, y, side, COLOURS[colour])
         image.save(folder / f"{i}.png")
         rows.append({"image": f"{prefix}{i}.png", "expression": f"the {colour} {shape}",
                      "box": [x, y, x + side, y + side]})

@@ -19,10 +19,9 @@ import json
 import random
 from pathlib import Path
 
-from peftvlm.data.read.synthetic import COLOURS
+from peftvlm.data.read.synthetic import COLOURS, SHAPES, paint
 from peftvlm.recipe.schema import SourceConfig
 
-SHAPES = ("circle", "square", "triangle")
 FIXTURES = ("coco-captions", "vqav2", "refcoco", "coco-instances")
 DEFAULT_TEMPLATE = {"coco-captions": "caption", "vqav2": "vqa", "refcoco": "grounding",
                     "coco-instances": "detection"}
@@ -44,14 +43,7 @@ def draw(rng: random.Random, size: int, n_shapes: int):
         y = rng.randint(0, size - side)
         box = [x, y, x + side, y + side]
         shape = rng.choice(SHAPES)
-        inner = [x, y, x + side - 1, y + side - 1]
-        if shape == "circle":
-            pen.ellipse(inner, fill=COLOURS[colour])
-        elif shape == "square":
-            pen.rectangle(inner, fill=COLOURS[colour])
-        else:
-            pen.polygon([(x + side // 2, y), (x, y + side - 1), (x + side - 1, y + side - 1)],
-                        fill=COLOURS[colour])
+        paint(pen, shape, x, y, side, COLOURS[colour])
         objects.append((colour, shape, box))
     return img, objects
 

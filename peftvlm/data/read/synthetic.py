@@ -32,16 +32,21 @@ def draw_shape(rng: random.Random, colour: tuple[int, int, int], size: int):
     side = rng.randint(size // 3, size * 2 // 3)
     x, y = rng.randint(0, size - side), rng.randint(0, size - side)
     jitter = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in colour)
-    shape = rng.choice(SHAPES)
-    box = [x, y, x + side - 1, y + side - 1]
-    if shape == "circle":
-        draw.ellipse(box, fill=jitter)
-    elif shape == "square":
-        draw.rectangle(box, fill=jitter)
-    else:
-        draw.polygon([(x + side // 2, y), (x, y + side - 1), (x + side - 1, y + side - 1)],
-                     fill=jitter)
+    paint(draw, rng.choice(SHAPES), x, y, side, jitter)
     return img
+
+
+def paint(pen, shape: str, x: int, y: int, side: int, fill) -> None:
+    """`shape` (one of SHAPES) filling the `side`-pixel square at (x, y) on a PIL `ImageDraw`:
+    every synthetic image and fixture draws its shapes with this one painter."""
+    inner = [x, y, x + side - 1, y + side - 1]
+    if shape == "circle":
+        pen.ellipse(inner, fill=fill)
+    elif shape == "square":
+        pen.rectangle(inner, fill=fill)
+    else:
+        pen.polygon([(x + side // 2, y), (x, y + side - 1), (x + side - 1, y + side - 1)],
+                    fill=fill)
 
 
 def vqa_row(image_path: str, colour: str) -> dict:
