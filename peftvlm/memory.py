@@ -54,7 +54,7 @@ ASSUMPTIONS = [
     "(the loss head over the completions only: TRL labels nothing else); the peak is the "
     "largest of these phases",
     "beyond PyTorch's peak allocation: CUDA context ~0.75 GiB and ~10% allocator slack "
-    "(what nvidia-smi shows; on CPU, ~24 MiB of first-step code pages and runtime buffers)",
+    "(what nvidia-smi shows; on CPU, ~8 MiB of first-step runtime buffers)",
 ]
 
 
@@ -142,13 +142,12 @@ FUSED_TILES = {"cuda": 1.0, "cpu": 3.0}
 # GPU one; on CPU, folded in place (`cpu_fold`), the projection buffer, the scaled logits and
 # their exponentials (3 tiles).
 FUSED_FORWARD_TILES = {"cuda": 1.0, "cpu": 3.0}
-# What a first training step adds to a CPU process's RSS beyond its tensors, the CPU's
-# counterpart of the CUDA context: the code pages of libtorch & co. it runs for the first time
-# (RssFile +16 MiB at an SFT step's peak on the twin, at 512 and 2,048 tokens alike; a GRPO
-# step's `generate` and reference forward page in ~17 MiB more before its loss step) and the
-# runtime's own buffers (RssAnon ~8 MiB above the counted tensors at 2,048 tokens; at 512,
-# where every activation is under the 1 MiB mmap threshold, glibc's heap holds ~10 MiB more).
-CPU_RUNTIME_BYTES = 24 * 1024 ** 2
+# What a first training step adds to a CPU process's anonymous memory beyond its tensors, the
+# CPU's counterpart of the CUDA context: the runtime's own buffers (RssAnon ~8 MiB above the
+# counted tensors on the twin). The code pages a first step maps (RssFile +16 MiB at an SFT
+# step's peak, ~17 MiB more for a GRPO step's `generate`) are not counted: the kernel can drop
+# them at any time, and how many it maps depends on its page cache (scripts/bench_memory.py).
+CPU_RUNTIME_BYTES = 8 * 1024 ** 2
 
 
 def loss_head_bytes(s: Shape, tokens: int, a: int, device: str = "cuda",
@@ -285,7 +284,7 @@ def estimate(s: Shape, w: Workload) -> dict:
 def with_overhead(peak: float, device: str) -> float:
     """What the system shows for a step that allocates `peak` bytes at most: on a GPU the CUDA
     context and the caching allocator's slack (nvidia-smi); on CPU the runtime's first-step
-    code pages and buffers (peak RSS)."""
+    buffers (peak anonymous RSS: scripts/bench_memory.py)."""
     if device == "cpu":
         return peak + CPU_RUNTIME_BYTES
     return peak * 1.10 + 0.75 * GIB
