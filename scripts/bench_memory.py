@@ -248,7 +248,10 @@ def measure_objective(objective: str, folder: Path, tokens: int) -> dict:
                                      gradient_checkpointing=False)
     common = {"output_dir": tempfile.mkdtemp(prefix="bench-memory-run-"), "use_cpu": True,
               "max_steps": 1, "report_to": [], "save_strategy": "no", "disable_tqdm": True,
-              "logging_steps": 1}
+              "logging_steps": 1,
+              # the recipe's setting, as `peftvlm train` passes it (trainers.sft.PASSTHROUGH):
+              # TRL's configs default to True, which plan's recipe does not ask for
+              "gradient_checkpointing": recipe.train.gradient_checkpointing}
     if objective == "dpo":
         half = tokens // 2  # each sequence: a quarter prompt, the rest the reply and its end
         reply = half - half // 4 - 1
