@@ -284,7 +284,8 @@ def measure_objective(objective: str, folder: Path, tokens: int) -> dict:
     if objective == "grpo":  # every completion ran to max_completion_length
         assert logged["completions/min_length"] == grpo_lengths(tokens)[1], logged
     return {"objective": objective, "peak_bytes": peak - baseline, "loss": logged["loss"],
-            "row_tokens": int(row_tokens), "labelled_share": labelled}
+            "row_tokens": int(row_tokens), "labelled_share": labelled,
+            "gradient_checkpointing": trainer.args.gradient_checkpointing}
 
 
 def measure_in_turn(steps: list[tuple[str, int]], folder: Path) -> dict:
