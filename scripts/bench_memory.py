@@ -248,7 +248,10 @@ def measure_objective(objective: str, folder: Path, tokens: int) -> dict:
                                      gradient_checkpointing=False)
     common = {"output_dir": tempfile.mkdtemp(prefix="bench-memory-run-"), "use_cpu": True,
               "max_steps": 1, "report_to": [], "save_strategy": "no", "disable_tqdm": True,
-              "logging_steps": 1}
+              "logging_steps": 1,
+              # the recipe's setting, as `peftvlm train` passes it (trainers.sft.PASSTHROUGH):
+              # TRL's configs default to True, which plan's recipe does not ask for
+              "gradient_checkpointing": recipe.train.gradient_checkpointing}
     if objective == "dpo":
         half = tokens // 2  # each sequence: a quarter prompt, the rest the reply and its end
         reply = half - half // 4 - 1
@@ -281,7 +284,8 @@ def measure_objective(objective: str, folder: Path, tokens: int) -> dict:
     if objective == "grpo":  # every completion ran to max_completion_length
         assert logged["completions/min_length"] == grpo_lengths(tokens)[1], logged
     return {"objective": objective, "peak_bytes": peak - baseline, "loss": logged["loss"],
-            "row_tokens": int(row_tokens), "labelled_share": labelled}
+            "row_tokens": int(row_tokens), "labelled_share": labelled,
+            "gradient_checkpointing": trainer.args.gradient_checkpointing}
 
 
 def measure_in_turn(steps: list[tuple[str, int]], folder: Path) -> dict:
