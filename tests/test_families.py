@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 
 from peftvlm.data.batch.collate import ConversationCollator, encode_prompts
 from peftvlm.data.boxes import BOX_FORMATS
