@@ -264,8 +264,8 @@ def estimate(s: Shape, w: Workload) -> dict:
     rollout = rollout_bytes(s, w, a) if w.generated else None
     # The phases do not add up, on a GPU (the caching allocator hands the freed blocks to the
     # next phase) or on CPU: what RSS keeps after `generate` and the reference forward is the
-    # code they ran for the first time (RssFile +10 and +6 MiB on the twin at 2,048 tokens;
-    # RssAnon +2 and +5: their tensors went back), counted once in `with_overhead`.
+    # code they ran for the first time (RssFile +10 and +6 MiB on the twin at 2,048 tokens: not
+    # counted, see CPU_RUNTIME_BYTES; RssAnon +2 and +5: their tensors went back).
     phases = {}
     if rollout:
         phases["rollout"] = sum(rollout.values())

@@ -219,11 +219,10 @@ def local_rows(recipe, family, limit: int = 256) -> list[dict] | None:
     return list(load_rows(recipe, family.box_format).train[:limit])
 
 
-def data_images(recipe, family, limit: int = 256) -> tuple[tuple[int, int], int] | None:
-    """The largest image (by area) and the most images a row holds, over the first `limit`
-    training rows, when the recipe's data is local (files or a synthetic task); else None."""
-    rows = local_rows(recipe, family, limit)
-    if rows is None:
+def data_images(rows: list[dict] | None) -> tuple[tuple[int, int], int] | None:
+    """The largest image (by area) and the most images a row holds over `rows` (`local_rows`);
+    None without rows or images."""
+    if not rows:
         return None
     sizes = [image_size(image) for row in rows for image in row["images"]]
     if not sizes:
@@ -231,15 +230,17 @@ def data_images(recipe, family, limit: int = 256) -> tuple[tuple[int, int], int]
     return max(sizes, key=lambda wh: wh[0] * wh[1]), max(len(r["images"]) for r in rows)
 
 
-def labelled_share(recipe, source: ConfigSource, family, limit: int = LABEL_SAMPLE_ROWS) -> dict:
+def labelled_share(recipe, source: ConfigSource, family, rows: list[dict] | None = None) -> dict:
     """The share of a row's positions that carry a label, as the trainer's collator labels the
-    first `limit` training rows (image tokens included): SFT's assistant tokens (all of them
+    first `LABEL_SAMPLE_ROWS` training rows (of `rows` when given: `local_rows`; image tokens
+    included): SFT's assistant tokens (all of them
     with `train.assistant_only_loss: false`), DPO's final replies (`completion_mask`) over
     chosen and rejected. {"share", "from"}; `DEFAULT_LABELLED_SHARE` when the data is on the
     Hub or no processor (tokenizer) sits beside the config (a bundled copy)."""
     if not family.is_generative or recipe.train.objective == "grpo":
         return {"share": DEFAULT_LABELLED_SHARE, "from": "not used"}  # GRPO: from the lengths
-    rows = local_rows(recipe, family, limit)
+    rows = local_rows(recipe, family, LABEL_SAMPLE_ROWS) if rows is None \
+        else rows[:LABEL_SAMPLE_ROWS]
     processor = local_processor(recipe, source, family) if rows else None
     if processor is None:
         why = "no tokenizer beside the config" if rows else "the training data is not local"
@@ -290,9 +291,11 @@ def plan(recipe, *, gpu: str | None = None, gpus: int | None = None, sharding: s
     source = find_config(recipe.model)
     model, config, family, base_total = build_on_meta(recipe, source)
     shape, parts = model_shape(recipe, model, config, family)
-    images = image_budget(recipe, source, config, family, image_size, images_per_row)
+    # the data's first rows, read once for its image sizes and its labelled share
+    rows = local_rows(recipe, family) if image_size is None or labelled is None else None
+    images = image_budget(source, config, family, image_size, images_per_row, rows)
     labels = {"share": labelled, "from": "given"} if labelled is not None \
-        else labelled_share(recipe, source, family)
+        else labelled_share(recipe, source, family, rows)
     seq = recipe.train.max_length
     if text_tokens is not None and images:
         seq = min(seq, text_tokens + images["per_row"] * images["tokens"])
@@ -338,10 +341,10 @@ def objective_workload(train, seq: int) -> dict:
     return {"objective": train.objective}
 
 
-def image_budget(recipe, source, config, family, size, per_row) -> dict | None:
-    """Image tokens per image from the data's largest image (or `size`, or the processor's
+def image_budget(source, config, family, size, per_row, rows) -> dict | None:
+    """Image tokens per image from the largest image of `rows` (or `size`, or the processor's
     largest), and how many images a row holds."""
-    found = None if size else data_images(recipe, family)
+    found = None if size else data_images(rows)
     origin = "given" if size else "largest in the data" if found else "processor maximum"
     size = size or (found[0] if found else (PLAN_IMAGE_SIDE, PLAN_IMAGE_SIDE))
     counted = image_tokens(source, config, family, size)

@@ -29,9 +29,10 @@ text-only, on the same twin, beside `plan`'s estimate for a recipe with that obj
   never samples its end token, so every completion reaches max_completion_length).
 
 Also prints `peftvlm plan`'s estimate of the same step for the twin, per head (fp32, on CPU:
-`with_overhead`, the peak allocation plus the runtime's first-step code pages and buffers; over
-the positions the measured step labelled: `labelled_share`). CPU load does not change these
-figures (they are bytes, not seconds).
+`with_overhead`, the peak allocation plus the runtime's first-step buffers; over the positions
+the measured step labelled: `labelled_share`). Measured is the step's anonymous memory (peak RSS
+less file-backed code pages: `peak_anonymous_rss`). CPU load does not change these figures
+(they are bytes, not seconds).
 
     python scripts/bench_memory.py [--tokens 2048] [--vocab 151680] [--hidden 128] [--trl-head]
                                    [--json]
@@ -343,9 +344,9 @@ def compare(tokens: int = 2048, vocab: int = 151_680, hidden: int = 128,
     folder = save_twin(Path(tempfile.mkdtemp(prefix="bench-memory-")) / "twin", vocab, hidden)
     objective_tokens = objective_tokens or tokens
     steps = [(h, tokens) for h in heads] + [(o, objective_tokens) for o in objectives]
-    if one_child:  # the objectives first: the step that runs first pays the code pages and
-        # runtime buffers a fresh process pays (`memory.CPU_RUNTIME_BYTES`), and a trainer
-        # pages in more code than a bare step
+    if one_child:  # the objectives first: the step that runs first pays the runtime buffers a
+        # fresh process pays (`memory.CPU_RUNTIME_BYTES`), and a trainer sets up more of them
+        # than a bare step
         done = measured_in_one_child(steps[len(heads):] + steps[:len(heads)], folder, vocab,
                                      hidden)
     else:

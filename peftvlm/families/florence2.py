@@ -53,8 +53,9 @@ def encode(processor, conversations: list[list[dict]]) -> dict:
     import torch
 
     rows = target["input_ids"].shape[0]
-    bos = torch.full((rows, 1), tok.bos_token_id)
-    labels = torch.cat([bos, target["input_ids"], torch.full((rows, 1), tok.pad_token_id)], dim=1)
+    start = torch.full((rows, 1), tok.convert_tokens_to_ids(SPEC.start_of_reply))
+    labels = torch.cat([start, target["input_ids"], torch.full((rows, 1), tok.pad_token_id)],
+                       dim=1)
     lengths = target["attention_mask"].sum(dim=1) + 1  # with <s>
     labels[torch.arange(rows), lengths] = tok.eos_token_id  # EOS right after each answer
     keep = torch.arange(labels.shape[1])[None, :] <= lengths[:, None]
@@ -149,7 +150,7 @@ SPEC = FamilySpec(
     projector_targets=("image_projection",),
     image_token="<image>",
     interleaved_images=False,
-    start_of_reply="<s>",  # `encode` writes it: see there
+    start_of_reply="<s>",  # the tokenizer's BOS, which `encode` writes first: see there
     end_of_turn="</s>",
     box_format="florence2",  # label<loc_x1><loc_y1><loc_x2><loc_y2>, 1000 bins
     tiny_name="tiny-florence2",
