@@ -49,9 +49,11 @@ MODEL_DEFAULTS = {
                    "temperature": 0.8, "top_k": 10,
                    "format_pattern": r"\[[0-9.]+, [0-9.]+, [0-9.]+, [0-9.]+\]"},
     "tiny-paligemma": {"target": "all", "modules_to_save": ["lm_head"], "sft_steps": 600,
-                       "sft_until": 0.4, "sft_lr": 3e-3, "steps": 100, "lr": 5e-4, "batch": 64,
+                       "sft_until": 0.4, "sft_lr": 3e-3, "steps": 200, "lr": 5e-4, "batch": 64,
                        "max_completion_length": 12,
-                       "temperature": 1.0, "top_k": 0,
+                       # below 1: samples nearer the greedy answer, so what GRPO reinforces
+                       # moves the greedy box sooner (docs/benchmarks.md: 1.0 vs 0.7 vs 0.5)
+                       "temperature": 0.7, "top_k": 0,
                        # the whole answer: four <loc> tokens and the expression, then EOS
                        # (a reply cut at max_completion_length by a run of <loc> fails it)
                        "format_pattern": r"(<loc\d{4}>){4} the \w+ \w+"},
@@ -71,6 +73,10 @@ def parse_args(argv=None):
                         "anywhere, side 8-14 px)")
     p.add_argument("--train", type=int, default=400, help="training images")
     p.add_argument("--eval-size", type=int, default=80, help="held-out images")
+    p.add_argument("--warm-start", default="grounding", choices=["grounding", "shuffled"],
+                   help="SFT on the rows as they are, or on the rows with their boxes shuffled "
+                        "among them (teaches the answer's form and where boxes lie, nothing "
+                        "about which image has which: the start ignores the image)")
     p.add_argument("--sft-steps", type=int)
     p.add_argument("--sft-lr", type=float)
     p.add_argument("--sft-until", type=float,
@@ -136,6 +142,18 @@ def write_one_shape(folder: Path, n: int, rng: random.Random, prefix: str,
     return rows
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def shuffled_boxes(rows: list[dict], rng: random.Random) -> list[dict]:
+    """The rows, each with another row's box (a permutation): SFT on them learns the answer's
+    form and where boxes lie, and nothing about where this image's shape is."""
+    boxes = [r["box"] for r in rows]
+    rng.shuffle(boxes)
+    return [{**r, "box": box} for r, box in zip(rows, boxes)]
+
+
 def constant_box_baseline(train: list[dict], test: list[dict]) -> float:
     """Held-out Acc@0.5 of the best single box (any training box, written for every image):
     what a model that ignores the image can reach."""
@@ -157,8 +175,8 @@ def data_section(args, workdir: Path) -> tuple[dict, float | None]:
     rows = {}
     for name, n, sub in (("train", args.train, ""), ("test", args.eval_size, "test/")):
         rows[name] = write_one_shape(workdir / sub, n, rng, sub, args.grid)
-        (workdir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n"
-                                                       for r in rows[name]))
+        write_jsonl(workdir / f"{name}.jsonl", rows[name])
+    write_jsonl(workdir / "train-shuffled.jsonl", shuffled_boxes(rows["train"], rng))
     return ({"train": "train.jsonl", "eval": "test.jsonl", "template": "grounding",
              "template_options": options}, constant_box_baseline(rows["train"], rows["test"]))
 
@@ -203,8 +221,33 @@ def continue_sft_then_restore(model, make_trainer, score) -> None:
                 param.copy_(saved[name])
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def warm_start_rows(args, recipe, data_cfg: dict, collator, data):
+    """The warm start's training rows: the data's own, or (`--warm-start shuffled`) the same
+    images with each other's boxes."""
+    from peftvlm.data.pipeline import prepare_data
+
+    if args.warm_start == "grounding":
+        return data.train
+    if args.data != "one-shape":
+        sys.exit("--warm-start shuffled needs --data one-shape")
+    shuffled = build_recipe(args, {**data_cfg, "train": "train-shuffled.jsonl"})
+    shuffled.source_path = recipe.source_path
+    return prepare_data(shuffled, collator).train
+
+
+def rollout_means(log_history: list[dict]) -> list[dict]:
+    """Per logging step of GRPO: the step and each reward's mean over the rollouts."""
+    return [{"step": entry["step"], **{key.split("/")[1]: round(value, 3)
+                                       for key, value in entry.items()
+                                       if key.startswith("rewards/") and key.endswith("/mean")}}
+            for entry in log_history if "reward" in entry]
+
+
+def run(args) -> dict:
+    """The warm start, the control (`--compare-sft`) and GRPO; prints each stage and returns
+    `baseline` (best single box), `sft_steps`, held-out scores `warm_start`, `sft_control`
+    (None without --compare-sft) and `grpo`, and `rollouts`: the logged mean of each reward
+    per logging step."""
     import torch
     from transformers import TrainerCallback
 
@@ -255,28 +298,33 @@ def main(argv=None) -> None:
     warm = recipe.train.model_copy(update={
         "objective": "sft", "grpo": None, "rewards": None, "max_steps": args.sft_steps,
         "per_device_train_batch_size": 16, "learning_rate": args.sft_lr})
-    sft = build_trainer(model, loaded.processor, collator, data.train,
+    sft = build_trainer(model, loaded.processor, collator, warm_start_rows(args, recipe, data_cfg,
+                                                                           collator, data),
                         sft_config(warm, args.out / "sft", [], "warm"))
     sft.add_callback(SFTCurve())
     sft.train()
-    held_out(f"after {sft.state.global_step} SFT steps")
+    result = {"baseline": baseline, "sft_steps": sft.state.global_step, "sft_control": None,
+              "warm_start": held_out(f"after {sft.state.global_step} SFT steps")}
     if not args.steps:
-        return
+        return result
     if args.compare_sft:
+        def control() -> None:
+            result["sft_control"] = held_out(f"SFT instead: {args.steps} more SFT steps")
+
         continue_sft_then_restore(model, lambda: build_trainer(
             model, loaded.processor, collator, data.train,
             sft_config(warm.model_copy(update={"max_steps": args.steps}), args.out / "sft2", [],
-                       "more")), lambda: held_out(f"SFT instead: {args.steps} more SFT steps"))
+                       "more")), control)
     trainer = build_grpo_trainer(recipe, model, loaded.processor, loaded.family, data.train,
                                  args.out / "grpo", [], None, [],
                                  build_rewards(recipe.train.rewards, Path(".")))
     trainer.train()
-    for entry in trainer.state.log_history:
-        if "reward" in entry:
-            print(entry["step"], {k: round(v, 3) for k, v in entry.items()
-                                  if k.startswith("rewards/") and k.endswith("/mean")})
-    held_out(f"after {args.steps} GRPO steps")
+    result["rollouts"] = rollout_means(trainer.state.log_history)
+    for entry in result["rollouts"]:
+        print(entry)
+    result["grpo"] = held_out(f"after {args.steps} GRPO steps")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    run(parse_args())

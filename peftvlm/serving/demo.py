@@ -35,10 +35,10 @@ from peftvlm.data.batch.preview import PREDICTION_COLOUR, answer_boxes, draw_box
 from peftvlm.data.boxes import box_format_for
 from peftvlm.data.read.images import load_rgb
 from peftvlm.errors import DataError, PeftVLMError, RunError
+from peftvlm.families.grounding_dino import prompt_for
 from peftvlm.runs import MERGED
 from peftvlm.serving.detection import DEFAULT_THRESHOLD, parse_classes
 from peftvlm.serving.predictor import first_user_text, open_predictor, question_row
-from peftvlm.trainers.detection import prompt_for
 
 
 # --- what the page shows about the run ----------------------------------------------------------

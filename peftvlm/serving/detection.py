@@ -21,9 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from peftvlm.data.batch.preview import draw_detections
 from peftvlm.data.read.images import load_rgb
 from peftvlm.errors import DataError
+from peftvlm.families.grounding_dino import prompt_for
 from peftvlm.serving.inputs import APIError, check_text_budget, read_image_url
 from peftvlm.serving.predictor import AdaptedPredictor
-from peftvlm.trainers.detection import detect, load_data, load_detector, prompt_for
+from peftvlm.trainers.detection import detect, load_data, load_detector
 
 DEFAULT_THRESHOLD = 0.3
 def parse_classes(text: str) -> list[str]:

@@ -27,6 +27,7 @@ from peftvlm.data.prepare.detection import DetectionData, read_section
 from peftvlm.data.prepare.loading import recipe_sources
 from peftvlm.data.read.images import load_rgb
 from peftvlm.errors import DataError, RecipeError
+from peftvlm.families.grounding_dino import prompt_for
 from peftvlm.eval.report import compare, write_outputs as write_eval_outputs
 from peftvlm.metrics.detection import coco_evaluate
 from peftvlm.models import load_base
@@ -41,11 +42,6 @@ METRICS = {"mAP": "detection_mAP", "mAP50": "detection_mAP50", "mAP75": "detecti
 
 
 # --- prompts and batches ----------------------------------------------------------------------
-
-def prompt_for(classes: list[str]) -> str:
-    """Grounding DINO's prompt: class names, each closed by " ." ("cat . dog .")."""
-    return " . ".join(c.lower() for c in classes) + " ."
-
 
 def check_prompt(processor, model_config, classes: list[str]) -> None:
     """The prompt must fit the model's text length, or its last classes would be cut off."""
