@@ -298,8 +298,8 @@ def run(args) -> dict:
     warm = recipe.train.model_copy(update={
         "objective": "sft", "grpo": None, "rewards": None, "max_steps": args.sft_steps,
         "per_device_train_batch_size": 16, "learning_rate": args.sft_lr})
-    sft = build_trainer(model, loaded.processor, collator, warm_start_rows(args, recipe, data_cfg,
-                                                                           collator, data),
+    sft = build_trainer(model, loaded.processor, collator,
+                        warm_start_rows(args, recipe, data_cfg, collator, data),
                         sft_config(warm, args.out / "sft", [], "warm"))
     sft.add_callback(SFTCurve())
     sft.train()

@@ -10,11 +10,18 @@ tile folds (`cpu_fold`) must give TRL's values bit for bit, so training is uncha
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from peftvlm.families import FAMILIES
+from peftvlm.trainers.lm_head import fit_fused_head
+from peftvlm.trainers.objectives import OBJECTIVES
 from test_train_every_family import tiny_batch
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 GENERATIVE = sorted(name for name, spec in FAMILIES.items()
                     if spec.tiny_name and spec.is_generative)
@@ -150,3 +157,42 @@ def test_a_cpu_training_step_is_the_same_on_the_fitted_head_as_on_trls():
     assert len(trl) == len(ours) > 4
     for a, b in zip(trl, ours):
         assert torch.equal(a, b)
+
+
+def shipped_recipe_for(objective: str) -> Path:
+    """A shipped offline recipe that trains with `objective` (quickstart for SFT)."""
+    for path in [RECIPES / "quickstart.yaml", *sorted(RECIPES.glob("*-tiny.yaml"))]:
+        if (yaml.safe_load(path.read_text()).get("train") or {}).get("objective",
+                                                                     "sft") == objective:
+            return path
+    raise AssertionError(f"no shipped tiny recipe trains with objective {objective!r}")
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_every_objectives_trainer_fits_the_head_whatever_ran_before_it(objective, tmp_path):
+    """Built where TRL's stock head is in place (a fresh process), each objective's trainer
+    gets the CPU-fitted head, as `peftvlm train` runs: a script or test that builds trainers
+    itself must not train on other floats depending on what ran before it in the process."""
+    from trl.trainer import utils as trl_utils
+
+    from peftvlm.data.batch.collate import ConversationCollator
+    from peftvlm.data.pipeline import prepare_data
+    from peftvlm.recipe.load import load_recipe
+    from peftvlm.registry import get_method
+    from peftvlm.trainers.generative import load_model_with_method
+    from peftvlm.trainers.lm_head import use_trl_head
+    from peftvlm.trainers.objectives import objective_for
+
+    recipe = load_recipe(shipped_recipe_for(objective), ["data.synthetic.train_size=8",
+                                                          "data.synthetic.eval_size=2"])
+    loaded, model = load_model_with_method(recipe, get_method(recipe.method.name))
+    collator = ConversationCollator(loaded.processor, loaded.family, True)
+    data = prepare_data(recipe, collator)
+    use_trl_head()
+    try:
+        objective_for(recipe).build_trainer(recipe, model, loaded.processor, collator, data,
+                                            tmp_path / "run", [], None, [])
+        assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == 4096
+        assert trl_utils._use_triton(torch.device("cpu"))  # the labelled positions only
+    finally:
+        fit_fused_head(torch.device("cpu"))  # as every CPU training run leaves it

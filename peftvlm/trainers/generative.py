@@ -37,7 +37,6 @@ from peftvlm.registry import get_method
 from peftvlm.runs import eval_history, loss_history, plot_loss, prepare_run_dir, write_json
 from peftvlm.summary import before_after, parameter_counts, run_summary
 from peftvlm.tracking import active_run_info, start_wandb
-from peftvlm.trainers.lm_head import fit_fused_head
 from peftvlm.trainers.objectives import check_objective, objective_for
 from peftvlm.trainers.sft import (MarkCheckpointComplete, PeriodicEval, StopOnInterrupt,
                                   full_state_dict as gather_state_dict, last_checkpoint)
@@ -165,7 +164,6 @@ def run_trainer(recipe, model, loaded, collator, data, run_dir, resume, callback
     trainer = objective_for(recipe).build_trainer(
         recipe, model, loaded.processor, collator, data, run_dir, ["wandb"] if wandb_run else [],
         sharding, [stopper, MarkCheckpointComplete(), *callbacks], log)
-    fit_fused_head(trainer.args.device)
     add_periodic_eval(trainer, recipe, loaded, data)
     checkpoint = last_checkpoint(run_dir, log) if resume else None
     if resume and checkpoint is None:

@@ -32,7 +32,8 @@ def fit_fused_head(device) -> None:
     TRL's values bit for bit, three tiles at most) and takes 4,096-entry chunks (the same
     online log-sum-exp over narrower tiles). On any other device (a GPU: Triton) TRL's head is
     left as it is. TRL looks these up by name on every fused forward, so this holds for the
-    process; each training run sets them again for its own device."""
+    process; every trainer peftvlm builds (SFT, DPO, GRPO) sets them again for its own device,
+    so a run's floats never depend on what ran before it in the process."""
     import torch
 
     trl_utils = trl_head_settings()

@@ -16,7 +16,7 @@ from peftvlm.checkpoints import (complete_checkpoints, describe_resume, last_com
 from peftvlm.data.batch.packing import PackedRows, group_by_default, seeded_length_grouped_sampler
 from peftvlm.data.prepare.table import Rows
 from peftvlm.data.stream.streaming import StreamingRows
-from peftvlm.trainers.lm_head import use_logits_head
+from peftvlm.trainers.lm_head import fit_fused_head, use_logits_head
 from peftvlm.trainers.signals import Interrupted, StopSignals, any_rank
 
 # Recipe `train` fields passed to SFTConfig unchanged (the names are Hugging Face's).
@@ -233,6 +233,7 @@ def build_trainer(model, processor, collator, train_rows, args, callbacks=(), fa
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                          processing_class=processor, callbacks=list(callbacks))
     trainer.loss_head = family.loss_head if family is not None else "fused"
+    fit_fused_head(trainer.args.device)
     if trainer.loss_head == "logits":
         from accelerate.utils import is_peft_model
 

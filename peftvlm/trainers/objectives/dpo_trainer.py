@@ -14,7 +14,7 @@ from peftvlm.data.prepare.table import Rows
 from peftvlm.data.read.preference import PreferenceCollator, is_preference_row
 from peftvlm.errors import RunError
 from peftvlm.recipe.schema import DPOConfig as DPOSettings
-from peftvlm.trainers.lm_head import outputs_from_logits
+from peftvlm.trainers.lm_head import fit_fused_head, outputs_from_logits
 from peftvlm.trainers.sft import PASSTHROUGH, StopsOnSignals
 
 
@@ -147,6 +147,7 @@ def build_dpo_trainer(recipe, model, processor, collator, data, run_dir: Path, r
                          callbacks=[*callbacks, FiniteDPOMetrics(), *filter(None, [scorer])])
     if scorer is not None:
         scorer.trainer = trainer
+    fit_fused_head(trainer.args.device)
     if collator.family.loss_head == "logits":
         use_logits_head(trainer.model.get_base_model())
     return trainer

@@ -34,6 +34,7 @@ from peftvlm.errors import DataError, RecipeError, RunError
 from peftvlm.eval.generate import row_references
 from peftvlm.families.base import read_template
 from peftvlm.recipe.schema import GRPOConfig as GRPOSettings
+from peftvlm.trainers.lm_head import fit_fused_head
 from peftvlm.trainers.sft import PASSTHROUGH, StopsOnSignals
 
 
@@ -206,11 +207,14 @@ def build_grpo_trainer(recipe, model, processor, family, train_rows, run_dir: Pa
                        report_to: list[str], sharding, callbacks, reward_funcs: list):
     """A GRPOTrainer over the training rows, rewarded by `reward_funcs` (`build_rewards`)."""
     dataset = grpo_dataset(train_rows, box_format_for(family, processor))
-    return GRPOTrainer(model=model, args=grpo_config(recipe, run_dir, report_to, sharding),
-                       reward_funcs=[finite_rewards(f) for f in reward_funcs],
-                       train_dataset=dataset, processing_class=rollout_processor(processor, family),
-                       callbacks=list(callbacks), image_token=family.image_token,
-                       answer_token_type=family.answer_token_type)
+    trainer = GRPOTrainer(model=model, args=grpo_config(recipe, run_dir, report_to, sharding),
+                          reward_funcs=[finite_rewards(f) for f in reward_funcs],
+                          train_dataset=dataset,
+                          processing_class=rollout_processor(processor, family),
+                          callbacks=list(callbacks), image_token=family.image_token,
+                          answer_token_type=family.answer_token_type)
+    fit_fused_head(trainer.args.device)
+    return trainer
 
 
 def rollout_processor(processor, family):
