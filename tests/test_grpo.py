@@ -304,7 +304,7 @@ def test_grpo_with_exact_match_raises_held_out_reward(tmp_path):
 
 @pytest.mark.slow
 def test_grpo_with_the_iou_reward_raises_held_out_grounding_accuracy(tmp_path):
-    """scripts/grpo_grounding.py at its defaults (~100 s on one core): the tiny PaliGemma, one
+    """scripts/grpo_grounding.py at its defaults (~55 s on one core): the tiny PaliGemma, one
     shape per image in one quadrant, rows through the grounding template (`direction: locate`,
     PaliGemma's <loc> boxes). The SFT warm start stops once greedy Acc@0.5 on training rows
     reaches 0.4 (it grounds some rows, so sampled boxes differ in reward); then 200 GRPO steps
@@ -314,7 +314,7 @@ def test_grpo_with_the_iou_reward_raises_held_out_grounding_accuracy(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     from grpo_grounding import parse_args, run
 
-    result = run(parse_args(["--seed", "3", "--out", str(tmp_path)]))
+    result = run(parse_args(["--seed", "0", "--out", str(tmp_path)]))
     start, end = (result[k]["grounding_accuracy"] for k in ("warm_start", "grpo"))
     assert result["warm_start"]["box_parse_rate"] >= 0.9, result  # it writes <loc> boxes
     rollouts = [r["box_accuracy"] for r in result["rollouts"]]
