@@ -4,24 +4,24 @@ SFTTrainer (TRL 1.16) patches each model with its fused LM head (`add_fused_lm_h
 outputs it asks for); families that opt out (`FamilySpec.unfused_lm_head`: BLIP-2) get our
 logits head (`peftvlm.trainers.lm_head`) instead. Either way the loss must equal the model's own
 full-logits cross-entropy on the same collated batch (within 1e-5), and gradients must flow.
-On CPU `peftvlm train` fits TRL's head to the device (`lm_head.fit_fused_head`): our in-place
-tile folds (`cpu_fold`) must give TRL's values bit for bit, so training is unchanged.
+On CPU every trainer peftvlm builds fits TRL's head to the device (`lm_head.fit_fused_head`):
+our in-place tile folds (`cpu_fold`) must give TRL's values bit for bit, so training is
+unchanged.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from conftest import REPO
 from peftvlm.families import FAMILIES
 from peftvlm.trainers.lm_head import fit_fused_head
 from peftvlm.trainers.objectives import OBJECTIVES
 from test_train_every_family import tiny_batch
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = REPO / "recipes"
 
 GENERATIVE = sorted(name for name, spec in FAMILIES.items()
                     if spec.tiny_name and spec.is_generative)
@@ -159,7 +159,7 @@ def test_a_cpu_training_step_is_the_same_on_the_fitted_head_as_on_trls():
         assert torch.equal(a, b)
 
 
-def shipped_recipe_for(objective: str) -> Path:
+def shipped_recipe_for(objective: str):
     """A shipped offline recipe that trains with `objective` (quickstart for SFT)."""
     for path in [RECIPES / "quickstart.yaml", *sorted(RECIPES.glob("*-tiny.yaml"))]:
         if (yaml.safe_load(path.read_text()).get("train") or {}).get("objective",

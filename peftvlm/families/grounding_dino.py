@@ -29,6 +29,7 @@ TINY_WORDS = ("red green blue yellow orange purple white black circle square tri
               "object cat dog person car a an the of and , - ! ( ) / : ;").split()
 TINY_SIDE = 64  # the tiny twin's images are resized to this square
 
+
 def prompt_for(classes: list[str]) -> str:
     """Grounding DINO's prompt: class names, each closed by " ." ("cat . dog .")."""
     return " . ".join(c.lower() for c in classes) + " ."

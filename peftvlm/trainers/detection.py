@@ -27,8 +27,8 @@ from peftvlm.data.prepare.detection import DetectionData, read_section
 from peftvlm.data.prepare.loading import recipe_sources
 from peftvlm.data.read.images import load_rgb
 from peftvlm.errors import DataError, RecipeError
-from peftvlm.families.grounding_dino import prompt_for
 from peftvlm.eval.report import compare, write_outputs as write_eval_outputs
+from peftvlm.families.grounding_dino import prompt_for
 from peftvlm.metrics.detection import coco_evaluate
 from peftvlm.models import load_base
 from peftvlm.registry import get_method
