@@ -90,18 +90,25 @@ def test_sigterm_saves_a_checkpoint_says_so_and_resume_finishes_dual_encoder(tmp
 
 
 def test_stop_signals_record_the_first_signal_and_a_second_stops_at_once():
+    # The second signal hands SIGINT back to the handler before it: Python's Ctrl-C handler
+    # here. A process started with SIGINT ignored (a job started with `&` by a script, as a CI
+    # runner may start the suite) has none, and the second signal would be ignored as asked.
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)
     stop = StopSignals()
-    stop.install()
     try:
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.received == signal.SIGTERM  # Python ran the handler: the process lives
-        with pytest.raises(KeyboardInterrupt):  # the second signal: the usual behaviour
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        stop.install()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.received == signal.SIGTERM  # Python ran the handler: the process lives
+            with pytest.raises(KeyboardInterrupt):  # the second signal: the usual behaviour
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        finally:
+            stop.uninstall()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
-        stop.uninstall()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, started_with)
 
 
 def test_interrupted_exit_codes_are_the_shells():
