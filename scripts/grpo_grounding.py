@@ -12,8 +12,11 @@ The warm start (SFT on the same rows, constant lr) stops once greedy Acc@0.5 on 
 reaches `--sft-until`, so it grounds some rows and its samples differ in localisation; GRPO
 then samples `--generations` boxes per prompt and rewards them with `--rewards`
 (peftvlm.rewards). `--compare-sft` also continues the warm start with SFT for as many steps
-(the control). Prints held-out scores and first predictions after each stage and the
-rollouts' logged rewards; `--sft-eval-every N` prints the warm start's held-out curve.
+(the control); `--warm-start shuffled` starts instead from SFT on the rows with their boxes
+shuffled among them (a start that writes boxes but ignores the image). Prints held-out scores
+and first predictions after each stage and the rollouts' logged rewards; `--sft-eval-every N`
+prints the warm start's held-out curve. `run(parse_args([...]))` returns the numbers
+(tests/test_grpo.py's IoU learning test runs it at the defaults).
 Numbers: docs/benchmarks.md ("DPO and GRPO learning proofs"); why: docs/objectives.md.
 
 Run: python scripts/grpo_grounding.py [--model tiny-paligemma] [--seed 0] [--compare-sft]
