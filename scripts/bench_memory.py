@@ -191,7 +191,7 @@ def measure(head: str, folder: Path, tokens: int) -> dict:
     base = model_class(family).from_config(config)
     if head in ("fused", "logits"):  # as SFTTrainer: patched before PEFT wraps the model
         add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
-        if os.environ.get("BENCH_TRL_HEAD") is None:  # as `peftvlm train` (generative.py)
+        if os.environ.get("BENCH_TRL_HEAD") is None:  # as every trainer peftvlm builds
             fit_fused_head(torch.device("cpu"))
     if head == "logits":
         use_logits_head(base)
@@ -277,7 +277,7 @@ def measure_objective(objective: str, folder: Path, tokens: int) -> dict:
                               processing_class=processor,
                               reward_funcs=[lambda completions, **_: [0.0] * len(completions)])
         row_tokens, labelled = prompt_len, 1.0  # plan counts GRPO's completions from the lengths
-    if os.environ.get("BENCH_TRL_HEAD") is None:  # as `peftvlm train` (generative.py)
+    if os.environ.get("BENCH_TRL_HEAD") is None:  # as every trainer peftvlm builds
         fit_fused_head(torch.device("cpu"))
     trainer.train()
     peak = peak_anonymous_rss()

@@ -54,7 +54,7 @@ def test_the_training_loss_head_equals_the_models_own_loss(name):
     model.eval()  # no dropout: both forwards see the same network
     own = model(**batch).loss
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer
-    fit_fused_head(torch.device("cpu"))  # as trainers.generative.run_trainer
+    fit_fused_head(torch.device("cpu"))  # as every trainer builder (sft.build_trainer...)
     if spec.loss_head == "logits":
         use_logits_head(model)  # as peftvlm.trainers.sft.build_trainer
     out = model(**batch, fused_lm_head=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from serve_helpers import data_url, free_port, serve_process, server_output, wait_healthy
 
 QUESTION = "What color is the shape?"
@@ -171,9 +172,8 @@ def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_weights(objective,
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert cli_here("train", recipe, "-o", straight, *settings) == 0
 
-    repo = Path(__file__).resolve().parent.parent
     res = subprocess.run([sys.executable, "-c", KILLED_AFTER_STEP_3, "train", recipe, "-o",
-                          str(killed), *settings], env={**os.environ, "PYTHONPATH": str(repo)},
+                          str(killed), *settings], env={**os.environ, "PYTHONPATH": str(REPO)},
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
     assert not (killed / "summary.json").exists()
